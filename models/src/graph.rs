@@ -1,0 +1,670 @@
+//! The model-graph file format (TOML) and its validation.
+//!
+//! A graph names data sources (the dataset's features and labels), nodes (one VNode each) and
+//! edges between them. `ModelGraph::parse` only checks syntax; `ModelGraph::validate` checks
+//! everything a VNode relies on and returns a [`ValidGraph`], so code that holds a `ValidGraph`
+//! never re-checks shapes or reachability.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// Largest feature width a node may have; beyond it a typo, not a model, is the likely cause.
+pub const MAX_FEATURES: usize = 1 << 20;
+/// Largest parameter count of one VNode (256 Mi floats = 1 GiB).
+pub const MAX_PARAMS_PER_NODE: usize = 1 << 28;
+/// Most nodes in one graph.
+pub const MAX_NODES: usize = 4096;
+/// Largest batch size accepted.
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// Errors in a model graph, each naming the offending part.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum GraphError {
+    /// The TOML itself does not parse or has unknown/missing fields.
+    #[error("model graph is not valid TOML for the DCNR format: {0}")]
+    Syntax(String),
+    /// A node has a kind this version does not know.
+    #[error("node `{node}`: unknown kind `{kind}` (known kinds: {known})")]
+    UnknownKind { node: String, kind: String, known: String },
+    /// Two nodes or sources share one name.
+    #[error("name `{0}` is used twice (node and source names must be unique)")]
+    DuplicateName(String),
+    /// An edge names a node or source that does not exist.
+    #[error("edge {from} -> {to}: unknown {which} `{name}`")]
+    DanglingEdge { from: String, to: String, which: &'static str, name: String },
+    /// An edge targets an input port the node kind does not have.
+    #[error("edge {from} -> {to}: node `{to}` (kind {kind}) has no input port `{port}` (ports: {ports})")]
+    UnknownPort { from: String, to: String, kind: String, port: String, ports: String },
+    /// An input port is fed by zero or several edges.
+    #[error("node `{node}`: input port `{port}` has {count} incoming edges (exactly 1 required)")]
+    PortArity { node: String, port: String, count: usize },
+    /// A node's output goes nowhere and it is not a loss.
+    #[error("node `{0}` has no consumer: every non-loss node must feed another node")]
+    Unused(String),
+    /// The graph has a cycle.
+    #[error("the graph has a cycle through node `{0}`")]
+    Cycle(String),
+    /// The graph has no loss node, or more than one.
+    #[error("the graph must have exactly one loss node, found {0}")]
+    LossCount(usize),
+    /// Shapes of connected nodes disagree.
+    #[error("shape mismatch on edge {from} -> {to}.{port}: {detail}")]
+    ShapeMismatch { from: String, to: String, port: String, detail: String },
+    /// A size is zero or absurdly large.
+    #[error("{what} = {value} is out of range ({range})")]
+    OutOfRange { what: String, value: String, range: String },
+    /// A loss consumes something that is not the labels source, or labels feed a non-loss.
+    #[error("labels source `{0}` may only feed the `labels` port of a loss node")]
+    LabelsMisuse(String),
+}
+
+/// A whole model-graph file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelGraph {
+    /// Name and root seed.
+    pub model: ModelMeta,
+    /// Where samples come from.
+    pub data: DataSpec,
+    /// Training recipe.
+    pub training: TrainingSpec,
+    /// Optimizer applied by every VNode to its own parameters.
+    pub optimizer: OptimizerSpec,
+    /// Nodes in file order; their position is their VNode id.
+    #[serde(rename = "node", default)]
+    pub nodes: Vec<NodeSpec>,
+    /// Directed edges `from -> to[.port]`.
+    #[serde(rename = "edge", default)]
+    pub edges: Vec<Edge>,
+}
+
+/// The `[model]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMeta {
+    /// Human name of the model.
+    pub name: String,
+    /// Root seed of every random stream of a job on this graph.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// The `[data]` table: a dataset and the names under which its features and labels enter the graph.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Dataset name: `mnist` or `fashion-mnist`.
+    pub dataset: String,
+    /// Source name of the features (a flat f32 vector per sample).
+    #[serde(default = "default_features")]
+    pub features: String,
+    /// Source name of the integer class labels.
+    #[serde(default = "default_labels")]
+    pub labels: String,
+    /// Per-sample feature width (784 for 28x28 images).
+    pub feature_size: usize,
+    /// Number of classes of the labels.
+    pub classes: usize,
+    /// Pixel normalisation `(x/255 - mean) / std`.
+    #[serde(default)]
+    pub normalize: Normalize,
+}
+
+fn default_features() -> String {
+    "image".into()
+}
+fn default_labels() -> String {
+    "label".into()
+}
+
+/// Feature normalisation constants.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Normalize {
+    /// Subtracted after scaling to [0, 1].
+    pub mean: f32,
+    /// Divisor after subtracting the mean.
+    pub std: f32,
+}
+
+impl Default for Normalize {
+    fn default() -> Self {
+        Normalize { mean: 0.0, std: 1.0 }
+    }
+}
+
+/// The `[training]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSpec {
+    /// Samples per micro-batch (one step = one micro-batch = one parameter update).
+    pub batch_size: usize,
+    /// Passes over the training set (ignored when `steps` is set).
+    #[serde(default = "default_epochs")]
+    pub epochs: u32,
+    /// Exact number of steps; overrides `epochs`.
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Micro-batches in flight in the pipeline (1 = synchronous).
+    #[serde(default = "default_in_flight")]
+    pub in_flight: u32,
+    /// Test-set batch size for evaluation.
+    #[serde(default = "default_eval_batch")]
+    pub eval_batch_size: usize,
+}
+
+fn default_epochs() -> u32 {
+    1
+}
+fn default_in_flight() -> u32 {
+    1
+}
+fn default_eval_batch() -> usize {
+    1000
+}
+
+/// The `[optimizer]` table.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OptimizerSpec {
+    /// Stochastic gradient descent with (heavy-ball) momentum.
+    Sgd {
+        /// Learning rate.
+        lr: f32,
+        /// Momentum factor (0 disables).
+        #[serde(default)]
+        momentum: f32,
+    },
+    /// Adam (Kingma & Ba), without weight decay.
+    Adam {
+        /// Learning rate.
+        lr: f32,
+        /// First-moment decay.
+        #[serde(default = "default_beta1")]
+        beta1: f32,
+        /// Second-moment decay.
+        #[serde(default = "default_beta2")]
+        beta2: f32,
+        /// Denominator epsilon.
+        #[serde(default = "default_eps")]
+        eps: f32,
+    },
+}
+
+fn default_beta1() -> f32 {
+    0.9
+}
+fn default_beta2() -> f32 {
+    0.999
+}
+fn default_eps() -> f32 {
+    1e-8
+}
+
+/// One `[[node]]`: a layer, activation or loss, which becomes one VNode.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Unique name.
+    pub id: String,
+    /// Kind name, resolved by validation (kept as text so an unknown kind gets a precise error).
+    pub kind: String,
+    /// Input width (linear).
+    #[serde(default)]
+    pub inputs: Option<usize>,
+    /// Output width (linear).
+    #[serde(default)]
+    pub outputs: Option<usize>,
+}
+
+/// One `[[edge]]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Edge {
+    /// Producer: a node id or a data source name.
+    pub from: String,
+    /// Consumer node id.
+    pub to: String,
+    /// Input port of the consumer; defaults to its only port.
+    #[serde(default)]
+    pub port: Option<String>,
+}
+
+/// Node kinds this version runs. New kinds add a variant here, a shape rule in `output_width`,
+/// and a layer in the vnode crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    /// Affine map `y = x W + b`, W of shape [inputs, outputs].
+    Linear {
+        /// Input width.
+        inputs: usize,
+        /// Output width.
+        outputs: usize,
+    },
+    /// Elementwise max(x, 0).
+    Relu,
+    /// Elementwise tanh.
+    Tanh,
+    /// Mean softmax cross-entropy of logits against integer labels; starts the backward wave.
+    SoftmaxCrossEntropy {
+        /// Number of classes (logit width).
+        classes: usize,
+    },
+}
+
+/// Names accepted in `kind = "..."`.
+pub const KNOWN_KINDS: &[&str] = &["linear", "relu", "tanh", "softmax_cross_entropy"];
+
+impl NodeKind {
+    /// Input port names, in port order.
+    pub fn ports(&self) -> &'static [&'static str] {
+        match self {
+            NodeKind::SoftmaxCrossEntropy { .. } => &["logits", "labels"],
+            _ => &["in"],
+        }
+    }
+
+    /// Whether this node is a loss (has no consumer and starts backward).
+    pub fn is_loss(&self) -> bool {
+        matches!(self, NodeKind::SoftmaxCrossEntropy { .. })
+    }
+
+    /// Number of trainable parameters.
+    pub fn param_count(&self) -> usize {
+        match *self {
+            NodeKind::Linear { inputs, outputs } => inputs * outputs + outputs,
+            _ => 0,
+        }
+    }
+
+    /// Short kind name as written in graph files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            NodeKind::Linear { .. } => "linear",
+            NodeKind::Relu => "relu",
+            NodeKind::Tanh => "tanh",
+            NodeKind::SoftmaxCrossEntropy { .. } => "softmax_cross_entropy",
+        }
+    }
+}
+
+/// Where one input port of a validated node gets its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// The output of another VNode (by id).
+    Node(u32),
+    /// The features of the current micro-batch.
+    Features,
+    /// The labels of the current micro-batch.
+    Labels,
+}
+
+/// A node after validation: its VNode id, resolved kind, input sources by port, and consumers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidNode {
+    /// VNode id (position in the file).
+    pub id: u32,
+    /// Name from the file.
+    pub name: String,
+    /// Resolved kind.
+    pub kind: NodeKind,
+    /// One source per input port, in port order.
+    pub inputs: Vec<Source>,
+    /// Consumers of this node's output as (vnode id, port index), in edge order.
+    pub consumers: Vec<(u32, u32)>,
+    /// Per-sample output width.
+    pub output_width: usize,
+}
+
+/// A graph that passed validation; nodes are in id order and `topo` is a topological order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidGraph {
+    /// The file as parsed.
+    pub spec: ModelGraph,
+    /// Nodes by id.
+    pub nodes: Vec<ValidNode>,
+    /// Node ids in a topological order (ties broken by id, so the order is canonical).
+    pub topo: Vec<u32>,
+    /// The loss node's id.
+    pub loss: u32,
+}
+
+impl ModelGraph {
+    /// Parses TOML text; unknown fields are errors.
+    pub fn parse(text: &str) -> Result<ModelGraph, GraphError> {
+        toml::from_str(text).map_err(|e| GraphError::Syntax(e.to_string()))
+    }
+
+    /// Parses and validates.
+    pub fn parse_valid(text: &str) -> Result<ValidGraph, GraphError> {
+        Self::parse(text)?.validate()
+    }
+
+    /// Checks names, kinds, edges, arity, acyclicity, shapes and sizes.
+    pub fn validate(self) -> Result<ValidGraph, GraphError> {
+        check_sizes(&self)?;
+        let kinds = self
+            .nodes
+            .iter()
+            .map(|n| resolve_kind(n, self.data.classes))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut ids: HashMap<&str, u32> = HashMap::new();
+        for name in [&self.data.features, &self.data.labels] {
+            if ids.insert(name.as_str(), u32::MAX).is_some() {
+                return Err(GraphError::DuplicateName(name.clone()));
+            }
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if ids.insert(n.id.as_str(), i as u32).is_some() {
+                return Err(GraphError::DuplicateName(n.id.clone()));
+            }
+        }
+
+        let mut inputs: Vec<Vec<Vec<Source>>> =
+            kinds.iter().map(|k| vec![Vec::new(); k.ports().len()]).collect();
+        let mut consumers: Vec<Vec<(u32, u32)>> = vec![Vec::new(); self.nodes.len()];
+        for e in &self.edges {
+            let dangling = |which, name: &str| GraphError::DanglingEdge {
+                from: e.from.clone(),
+                to: e.to.clone(),
+                which,
+                name: name.to_string(),
+            };
+            let to = match ids.get(e.to.as_str()) {
+                Some(&id) if id != u32::MAX => id as usize,
+                Some(_) => return Err(dangling("consumer node (a data source cannot consume)", &e.to)),
+                None => return Err(dangling("consumer node", &e.to)),
+            };
+            let src = if e.from == self.data.features {
+                Source::Features
+            } else if e.from == self.data.labels {
+                Source::Labels
+            } else {
+                match ids.get(e.from.as_str()) {
+                    Some(&id) => Source::Node(id),
+                    None => return Err(dangling("producer", &e.from)),
+                }
+            };
+            let kind = kinds[to];
+            let ports = kind.ports();
+            let port = match &e.port {
+                None if ports.len() == 1 => 0,
+                None => default_port(kind, &src).ok_or_else(|| GraphError::UnknownPort {
+                    from: e.from.clone(),
+                    to: e.to.clone(),
+                    kind: kind.name().into(),
+                    port: "(none given)".into(),
+                    ports: ports.join(", "),
+                })?,
+                Some(p) => ports.iter().position(|q| q == p).ok_or_else(|| GraphError::UnknownPort {
+                    from: e.from.clone(),
+                    to: e.to.clone(),
+                    kind: kind.name().into(),
+                    port: p.clone(),
+                    ports: ports.join(", "),
+                })?,
+            };
+            let is_labels_port = kind.is_loss() && port == 1;
+            if (src == Source::Labels) != is_labels_port {
+                return Err(GraphError::LabelsMisuse(self.data.labels.clone()));
+            }
+            if let Source::Node(p) = src {
+                consumers[p as usize].push((to as u32, port as u32));
+            }
+            inputs[to][port].push(src);
+        }
+
+        let mut resolved_inputs = Vec::with_capacity(self.nodes.len());
+        for (i, ports) in inputs.into_iter().enumerate() {
+            let mut one = Vec::with_capacity(ports.len());
+            for (p, srcs) in ports.into_iter().enumerate() {
+                if srcs.len() != 1 {
+                    return Err(GraphError::PortArity {
+                        node: self.nodes[i].id.clone(),
+                        port: kinds[i].ports()[p].into(),
+                        count: srcs.len(),
+                    });
+                }
+                one.extend(srcs);
+            }
+            resolved_inputs.push(one);
+        }
+
+        let losses: Vec<usize> = (0..kinds.len()).filter(|&i| kinds[i].is_loss()).collect();
+        if losses.len() != 1 {
+            return Err(GraphError::LossCount(losses.len()));
+        }
+        for (i, k) in kinds.iter().enumerate() {
+            if k.is_loss() && !consumers[i].is_empty() {
+                return Err(GraphError::ShapeMismatch {
+                    from: self.nodes[i].id.clone(),
+                    to: self.nodes[consumers[i][0].0 as usize].id.clone(),
+                    port: "?".into(),
+                    detail: "a loss produces a scalar and cannot feed other nodes".into(),
+                });
+            }
+            if !k.is_loss() && consumers[i].is_empty() {
+                return Err(GraphError::Unused(self.nodes[i].id.clone()));
+            }
+        }
+
+        let topo = topo_order(&resolved_inputs).map_err(|i| GraphError::Cycle(self.nodes[i].id.clone()))?;
+
+        let mut widths = vec![0usize; kinds.len()];
+        for &i in &topo {
+            let i = i as usize;
+            let in_widths: Vec<usize> = resolved_inputs[i]
+                .iter()
+                .map(|s| match s {
+                    Source::Node(p) => widths[*p as usize],
+                    Source::Features => self.data.feature_size,
+                    Source::Labels => self.data.classes,
+                })
+                .collect();
+            widths[i] = output_width(kinds[i], &in_widths).map_err(|(port, detail)| {
+                let from = match &resolved_inputs[i][port] {
+                    Source::Node(p) => self.nodes[*p as usize].id.clone(),
+                    Source::Features => self.data.features.clone(),
+                    Source::Labels => self.data.labels.clone(),
+                };
+                GraphError::ShapeMismatch {
+                    from,
+                    to: self.nodes[i].id.clone(),
+                    port: kinds[i].ports()[port].into(),
+                    detail,
+                }
+            })?;
+        }
+
+        let nodes = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| ValidNode {
+                id: i as u32,
+                name: n.id.clone(),
+                kind: kinds[i],
+                inputs: resolved_inputs[i].clone(),
+                consumers: consumers[i].clone(),
+                output_width: widths[i],
+            })
+            .collect();
+        Ok(ValidGraph { loss: losses[0] as u32, spec: self, nodes, topo })
+    }
+}
+
+fn default_port(kind: NodeKind, src: &Source) -> Option<usize> {
+    match (kind, src) {
+        (NodeKind::SoftmaxCrossEntropy { .. }, Source::Labels) => Some(1),
+        (NodeKind::SoftmaxCrossEntropy { .. }, _) => Some(0),
+        _ => None,
+    }
+}
+
+fn out_of_range(what: impl Into<String>, value: impl ToString, range: &str) -> GraphError {
+    GraphError::OutOfRange { what: what.into(), value: value.to_string(), range: range.into() }
+}
+
+fn check_sizes(g: &ModelGraph) -> Result<(), GraphError> {
+    let t = &g.training;
+    if t.batch_size == 0 || t.batch_size > MAX_BATCH {
+        return Err(out_of_range("training.batch_size", t.batch_size, "1..=65536"));
+    }
+    if t.eval_batch_size == 0 || t.eval_batch_size > MAX_BATCH {
+        return Err(out_of_range("training.eval_batch_size", t.eval_batch_size, "1..=65536"));
+    }
+    if t.in_flight == 0 || t.in_flight > 64 {
+        return Err(out_of_range("training.in_flight", t.in_flight, "1..=64"));
+    }
+    if t.steps == Some(0) || (t.steps.is_none() && t.epochs == 0) {
+        return Err(out_of_range("training.steps/epochs", 0, ">= 1"));
+    }
+    if g.nodes.is_empty() || g.nodes.len() > MAX_NODES {
+        return Err(out_of_range("number of nodes", g.nodes.len(), "1..=4096"));
+    }
+    if g.data.feature_size == 0 || g.data.feature_size > MAX_FEATURES {
+        return Err(out_of_range("data.feature_size", g.data.feature_size, "1..=1048576"));
+    }
+    if g.data.classes < 2 || g.data.classes > MAX_FEATURES {
+        return Err(out_of_range("data.classes", g.data.classes, "2..=1048576"));
+    }
+    if !(g.data.normalize.std.is_finite() && g.data.normalize.std > 0.0 && g.data.normalize.mean.is_finite()) {
+        return Err(out_of_range("data.normalize", format!("{:?}", g.data.normalize), "finite mean, std > 0"));
+    }
+    let lr_ok = |lr: f32| lr.is_finite() && lr > 0.0 && lr < 100.0;
+    match g.optimizer {
+        OptimizerSpec::Sgd { lr, momentum } => {
+            if !lr_ok(lr) {
+                return Err(out_of_range("optimizer.lr", lr, "0 < lr < 100"));
+            }
+            if !(0.0..1.0).contains(&momentum) {
+                return Err(out_of_range("optimizer.momentum", momentum, "0 <= momentum < 1"));
+            }
+        }
+        OptimizerSpec::Adam { lr, beta1, beta2, eps } => {
+            if !lr_ok(lr) {
+                return Err(out_of_range("optimizer.lr", lr, "0 < lr < 100"));
+            }
+            for (n, b) in [("optimizer.beta1", beta1), ("optimizer.beta2", beta2)] {
+                if !(0.0..1.0).contains(&b) {
+                    return Err(out_of_range(n, b, "0 <= beta < 1"));
+                }
+            }
+            if !(eps.is_finite() && eps > 0.0) {
+                return Err(out_of_range("optimizer.eps", eps, "eps > 0"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn resolve_kind(n: &NodeSpec, classes: usize) -> Result<NodeKind, GraphError> {
+    let width = |field: &str, v: Option<usize>| -> Result<usize, GraphError> {
+        match v {
+            Some(w) if (1..=MAX_FEATURES).contains(&w) => Ok(w),
+            Some(w) => Err(out_of_range(format!("node `{}`: {field}", n.id), w, "1..=1048576")),
+            None => Err(out_of_range(format!("node `{}`: {field}", n.id), "missing", "required for this kind")),
+        }
+    };
+    let no_widths = || -> Result<(), GraphError> {
+        match (n.inputs, n.outputs) {
+            (None, None) => Ok(()),
+            _ => Err(out_of_range(format!("node `{}`: inputs/outputs", n.id), "set", "only linear nodes take widths")),
+        }
+    };
+    let kind = match n.kind.as_str() {
+        "linear" => {
+            let k = NodeKind::Linear { inputs: width("inputs", n.inputs)?, outputs: width("outputs", n.outputs)? };
+            if k.param_count() > MAX_PARAMS_PER_NODE {
+                return Err(out_of_range(format!("node `{}`: parameter count", n.id), k.param_count(), "<= 268435456"));
+            }
+            k
+        }
+        "relu" => {
+            no_widths()?;
+            NodeKind::Relu
+        }
+        "tanh" => {
+            no_widths()?;
+            NodeKind::Tanh
+        }
+        // The class count is a property of the labels, so it comes from `[data]`.
+        "softmax_cross_entropy" => {
+            no_widths()?;
+            NodeKind::SoftmaxCrossEntropy { classes }
+        }
+        other => {
+            return Err(GraphError::UnknownKind {
+                node: n.id.clone(),
+                kind: other.into(),
+                known: KNOWN_KINDS.join(", "),
+            });
+        }
+    };
+    Ok(kind)
+}
+
+/// Output width of a node given the widths arriving on its ports, or (port, reason) on mismatch.
+fn output_width(kind: NodeKind, ins: &[usize]) -> Result<usize, (usize, String)> {
+    match kind {
+        NodeKind::Linear { inputs, outputs } => {
+            if ins[0] != inputs {
+                return Err((0, format!("linear expects {inputs} input features, gets {}", ins[0])));
+            }
+            Ok(outputs)
+        }
+        NodeKind::Relu | NodeKind::Tanh => Ok(ins[0]),
+        NodeKind::SoftmaxCrossEntropy { .. } => {
+            if ins[0] != ins[1] {
+                return Err((0, format!("logits have width {}, but the labels have {} classes", ins[0], ins[1])));
+            }
+            Ok(1)
+        }
+    }
+}
+
+/// Kahn's algorithm with a min-heap so the order is canonical; Err(node) names a node on a cycle.
+fn topo_order(inputs: &[Vec<Source>]) -> Result<Vec<u32>, usize> {
+    let n = inputs.len();
+    let mut indeg = vec![0usize; n];
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, srcs) in inputs.iter().enumerate() {
+        for s in srcs {
+            if let Source::Node(p) = s {
+                indeg[i] += 1;
+                out[*p as usize].push(i);
+            }
+        }
+    }
+    let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<usize>> =
+        (0..n).filter(|&i| indeg[i] == 0).map(std::cmp::Reverse).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(std::cmp::Reverse(i)) = ready.pop() {
+        order.push(i as u32);
+        for &j in &out[i] {
+            indeg[j] -= 1;
+            if indeg[j] == 0 {
+                ready.push(std::cmp::Reverse(j));
+            }
+        }
+    }
+    if order.len() == n {
+        Ok(order)
+    } else {
+        Err((0..n).find(|&i| indeg[i] > 0).unwrap_or(0))
+    }
+}
+
+impl ValidGraph {
+    /// Total trainable parameters.
+    pub fn param_count(&self) -> usize {
+        self.nodes.iter().map(|n| n.kind.param_count()).sum()
+    }
+
+    /// Node names by id, for messages.
+    pub fn names(&self) -> BTreeMap<u32, String> {
+        self.nodes.iter().map(|n| (n.id, n.name.clone())).collect()
+    }
+}

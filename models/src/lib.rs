@@ -1,0 +1,12 @@
+//! The DCNR model-graph format, its validation, and the datasets jobs train on.
+//!
+//! Architecture invariant: this crate does no networking and knows no tensor library; it is the
+//! shared vocabulary of the orchestrator (which decomposes graphs) and the VNodes (which run them).
+
+pub mod dataset;
+pub mod graph;
+
+pub use graph::{
+    DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, TrainingSpec,
+    ValidGraph,
+};

@@ -1,0 +1,115 @@
+//! Checked conversion between wire tensors and plain host tensors.
+
+use crate::limits::{MAX_ELEMENTS, MAX_RANK};
+use crate::v1;
+
+/// A tensor off the wire whose shape, dtype and byte length are consistent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostData {
+    /// 32-bit floats.
+    F32(Vec<f32>),
+    /// 32-bit signed integers (class labels).
+    I32(Vec<i32>),
+}
+
+/// Why a wire tensor was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TensorError {
+    /// The tensor field was absent.
+    #[error("message carries no tensor")]
+    Missing,
+    /// Rank above the protocol limit.
+    #[error("tensor rank {0} exceeds the limit of {MAX_RANK}")]
+    Rank(usize),
+    /// Element count overflowed or is above the limit.
+    #[error("tensor shape {0:?} has too many elements (limit {MAX_ELEMENTS})")]
+    TooLarge(Vec<u64>),
+    /// Unknown or unspecified dtype.
+    #[error("tensor dtype {0} is not supported (f32 or i32)")]
+    DType(i32),
+    /// Byte length disagrees with shape and dtype.
+    #[error("tensor of shape {shape:?} needs {expected} bytes but carries {actual}")]
+    Length { shape: Vec<u64>, expected: u64, actual: usize },
+}
+
+/// Shape plus checked element data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Elements.
+    pub data: HostData,
+}
+
+/// Encodes f32 elements.
+pub fn encode_f32(shape: &[usize], data: &[f32]) -> v1::Tensor {
+    let mut bytes = Vec::with_capacity(data.len() * 4);
+    for x in data {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    v1::Tensor { shape: shape.iter().map(|&d| d as u64).collect(), dtype: v1::Dtype::F32 as i32, data: bytes }
+}
+
+/// Encodes i32 elements.
+pub fn encode_i32(shape: &[usize], data: &[i32]) -> v1::Tensor {
+    let mut bytes = Vec::with_capacity(data.len() * 4);
+    for x in data {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    v1::Tensor { shape: shape.iter().map(|&d| d as u64).collect(), dtype: v1::Dtype::I32 as i32, data: bytes }
+}
+
+/// Decodes and checks a wire tensor.
+pub fn decode(t: Option<&v1::Tensor>) -> Result<Decoded, TensorError> {
+    let t = t.ok_or(TensorError::Missing)?;
+    if t.shape.len() > MAX_RANK {
+        return Err(TensorError::Rank(t.shape.len()));
+    }
+    let elements = t
+        .shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS)
+        .ok_or_else(|| TensorError::TooLarge(t.shape.clone()))?;
+    let expected = elements * 4;
+    if t.data.len() as u64 != expected {
+        return Err(TensorError::Length { shape: t.shape.clone(), expected, actual: t.data.len() });
+    }
+    let words = t.data.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
+    let data = match v1::Dtype::try_from(t.dtype) {
+        Ok(v1::Dtype::F32) => HostData::F32(words.map(f32::from_le_bytes).collect()),
+        Ok(v1::Dtype::I32) => HostData::I32(words.map(i32::from_le_bytes).collect()),
+        _ => return Err(TensorError::DType(t.dtype)),
+    };
+    Ok(Decoded { shape: t.shape.iter().map(|&d| d as usize).collect(), data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_f32_and_i32() {
+        let t = encode_f32(&[2, 3], &[1.0, -2.5, 3.0, 0.0, f32::MIN_POSITIVE, 7.0]);
+        let d = decode(Some(&t)).unwrap();
+        assert_eq!(d.shape, vec![2, 3]);
+        assert_eq!(d.data, HostData::F32(vec![1.0, -2.5, 3.0, 0.0, f32::MIN_POSITIVE, 7.0]));
+        let t = encode_i32(&[3], &[0, 9, -1]);
+        assert_eq!(decode(Some(&t)).unwrap().data, HostData::I32(vec![0, 9, -1]));
+    }
+
+    #[test]
+    fn refuses_garbled_tensors() {
+        let mut t = encode_f32(&[2, 2], &[1.0; 4]);
+        t.data.pop();
+        assert!(matches!(decode(Some(&t)), Err(TensorError::Length { .. })));
+        let mut t = encode_f32(&[2], &[1.0; 2]);
+        t.dtype = 99;
+        assert_eq!(decode(Some(&t)), Err(TensorError::DType(99)));
+        let t = v1::Tensor { shape: vec![u64::MAX, 2], dtype: 1, data: vec![] };
+        assert!(matches!(decode(Some(&t)), Err(TensorError::TooLarge(_))));
+        let t = v1::Tensor { shape: vec![1; 9], dtype: 1, data: vec![0; 4] };
+        assert_eq!(decode(Some(&t)), Err(TensorError::Rank(9)));
+        assert_eq!(decode(None), Err(TensorError::Missing));
+    }
+}

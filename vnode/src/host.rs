@@ -1,0 +1,75 @@
+//! Host-side tensors: the plain data a VNode receives and emits.
+
+use burn::tensor::{Tensor, TensorData};
+
+/// Element data of a host tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostData {
+    /// Activations, gradients, parameters.
+    F32(Vec<f32>),
+    /// Class labels.
+    I32(Vec<i32>),
+}
+
+/// A row-major tensor in host memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Elements (`product(shape)` of them).
+    pub data: HostData,
+}
+
+impl HostTensor {
+    /// A float tensor.
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> HostTensor {
+        HostTensor { shape, data: HostData::F32(data) }
+    }
+
+    /// An integer tensor.
+    pub fn i32(shape: Vec<usize>, data: Vec<i32>) -> HostTensor {
+        HostTensor { shape, data: HostData::I32(data) }
+    }
+
+    /// Float elements, if this is a float tensor.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            HostData::F32(v) => Some(v),
+            HostData::I32(_) => None,
+        }
+    }
+
+    /// Rows of a rank-2 tensor (the batch size).
+    pub fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(0)
+    }
+
+    /// Number of elements implied by the shape.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the element count matches the shape.
+    pub fn is_consistent(&self) -> bool {
+        let len = match &self.data {
+            HostData::F32(v) => v.len(),
+            HostData::I32(v) => v.len(),
+        };
+        len == self.numel()
+    }
+
+    /// Moves a rank-2 float tensor onto `device`.
+    pub(crate) fn to_burn(&self, device: &burn::tensor::Device) -> Option<Tensor<2>> {
+        match (&self.data, self.shape.as_slice()) {
+            (HostData::F32(v), &[r, c]) => Some(Tensor::from_data(TensorData::new(v.clone(), [r, c]), device)),
+            _ => None,
+        }
+    }
+
+    /// Copies a rank-2 burn tensor back to the host.
+    pub(crate) fn from_burn(t: Tensor<2>) -> Result<HostTensor, String> {
+        let shape = t.dims().to_vec();
+        let v = t.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        Ok(HostTensor::f32(shape, v))
+    }
+}

@@ -1,0 +1,38 @@
+//! VNode kinds on burn: per-layer forward, local backward, optimizers, and the state machine
+//! that orders a VNode's work so its results never depend on message timing.
+//!
+//! Architecture invariant: no networking and no actor framework here. A [`VNode`] consumes
+//! plain [`Inbound`] messages and returns [`Outbound`] ones; whoever hosts it (a PNode actor, a
+//! test, the single-process reference) moves them.
+
+pub mod batches;
+pub mod host;
+pub mod layer;
+pub mod optim;
+pub mod reference;
+pub mod seed;
+mod vnode;
+
+pub use host::{HostData, HostTensor};
+pub use vnode::{Inbound, Outbound, Phase, VNode, VNodeError, VNodeSpec};
+
+/// The burn device all VNode math runs on (CPU, pure Rust).
+pub fn device() -> burn::tensor::Device {
+    burn::tensor::Device::flex()
+}
+
+/// SHA-256 over f32 values as little-endian bytes: the canonical parameter and activation hash.
+pub fn sha256_f32<'a>(chunks: impl IntoIterator<Item = &'a [f32]>) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut buf = Vec::new();
+    for c in chunks {
+        buf.clear();
+        buf.reserve(c.len() * 4);
+        for x in c {
+            buf.extend_from_slice(&x.to_le_bytes());
+        }
+        h.update(&buf);
+    }
+    h.finalize().into()
+}

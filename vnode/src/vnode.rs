@@ -1,0 +1,565 @@
+//! The VNode state machine: buffers whatever arrives, and runs forward and backward passes in
+//! one canonical order so that results depend only on the job, never on message timing.
+//!
+//! With `in_flight = K`, a VNode processes training micro-batches in the order
+//! F0..F(K-1), B0, FK, B1, F(K+1), ... in effect: the forward of micro-batch m uses exactly
+//! parameter version max(0, m-K+1) (the parameters after the updates of micro-batches
+//! 0..=m-K), kept in a small stash when later updates have already been applied, and the
+//! backward of micro-batch j is applied as update number j+1. K = 1 is plain synchronous SGD,
+//! bit-identical to whole-graph training; K > 1 is SGD with a fixed gradient delay of K-1
+//! (weight stashing as in PipeDream), identical from run to run and for every placement.
+
+use crate::host::{HostData, HostTensor};
+use crate::layer;
+use crate::optim::Optimizer;
+use burn::tensor::{Device, Tensor};
+use dcnr_model::graph::{Source, ValidNode};
+use dcnr_model::{NodeKind, OptimizerSpec};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+/// Training or evaluation traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    /// Forward with a recorded graph, then backward and update.
+    Train,
+    /// Forward only, with the current parameters.
+    Eval,
+}
+
+/// What a VNode needs to exist: its own node, its optimizer, the job's root seed, the window.
+#[derive(Debug, Clone)]
+pub struct VNodeSpec {
+    /// The node (kind, input sources, consumers) from the validated graph.
+    pub node: ValidNode,
+    /// Optimizer for its parameters.
+    pub optimizer: OptimizerSpec,
+    /// Root seed of the job.
+    pub root_seed: u64,
+    /// Micro-batches in flight (>= 1).
+    pub in_flight: u32,
+}
+
+/// A message into a VNode.
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    /// An input value for port `port` of micro-batch `mb`.
+    Forward {
+        /// Micro-batch index.
+        mb: u64,
+        /// Train or eval.
+        phase: Phase,
+        /// Input port.
+        port: u32,
+        /// `[batch, width]` values (i32 labels for a loss's `labels` port).
+        tensor: HostTensor,
+    },
+    /// The gradient of the loss w.r.t. this VNode's output, from consumer `from` = (vnode, port).
+    Backward {
+        /// Micro-batch index.
+        mb: u64,
+        /// The consumer that sent it.
+        from: (u32, u32),
+        /// `[batch, width]` gradient.
+        tensor: HostTensor,
+    },
+}
+
+/// A message out of a VNode.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// An activation for input `port` of VNode `to`.
+    Forward {
+        /// Consumer VNode id.
+        to: u32,
+        /// Consumer port.
+        port: u32,
+        /// Micro-batch index.
+        mb: u64,
+        /// Train or eval.
+        phase: Phase,
+        /// The activation.
+        tensor: HostTensor,
+    },
+    /// A gradient for producer `to`, sent as consumer `from` = (this vnode, port).
+    Backward {
+        /// Producer VNode id.
+        to: u32,
+        /// This VNode and the port the producer feeds.
+        from: (u32, u32),
+        /// Micro-batch index.
+        mb: u64,
+        /// The gradient.
+        tensor: HostTensor,
+    },
+    /// Training micro-batch `mb` is complete here: its update is applied.
+    Done {
+        /// Micro-batch index.
+        mb: u64,
+        /// Forward plus backward compute time.
+        compute_us: u64,
+        /// SHA-256 of this VNode's output for `mb` (the loss's input gradient for a loss).
+        output_sha256: [u8; 32],
+    },
+    /// A loss VNode's result for one micro-batch.
+    Loss {
+        /// Micro-batch index.
+        mb: u64,
+        /// Train or eval.
+        phase: Phase,
+        /// Mean loss of the micro-batch.
+        loss: f32,
+        /// Correct arg-max predictions.
+        correct: u32,
+        /// Samples in the micro-batch.
+        count: u32,
+    },
+}
+
+/// Why a VNode refused a message or failed.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum VNodeError {
+    /// Port index out of range.
+    #[error("vnode {vnode}: no input port {port} (it has {ports})")]
+    Port { vnode: u32, port: u32, ports: usize },
+    /// A gradient from something that is not a consumer.
+    #[error("vnode {vnode}: gradient from ({from:?}), which is not one of its consumers")]
+    NotConsumer { vnode: u32, from: (u32, u32) },
+    /// Wrong shape or dtype.
+    #[error("vnode {vnode}: micro-batch {mb}: {detail}")]
+    Shape { vnode: u32, mb: u64, detail: String },
+    /// The same input arrived twice.
+    #[error("vnode {vnode}: duplicate {what} for micro-batch {mb}")]
+    Duplicate { vnode: u32, mb: u64, what: &'static str },
+    /// A message for a micro-batch already processed or not yet admissible.
+    #[error("vnode {vnode}: {what} for micro-batch {mb} is outside the window (next forward {next_f}, next backward {next_b})")]
+    Window { vnode: u32, mb: u64, what: &'static str, next_f: u64, next_b: u64 },
+    /// A tensor operation failed.
+    #[error("vnode {vnode}: tensor backend error: {detail}")]
+    Backend { vnode: u32, detail: String },
+    /// A label out of range.
+    #[error("vnode {vnode}: micro-batch {mb}: label {label} is not in 0..{classes}")]
+    Label { vnode: u32, mb: u64, label: i32, classes: usize },
+}
+
+/// Most eval micro-batches buffered at once.
+const MAX_PENDING_EVAL: usize = 4096;
+
+struct Saved {
+    /// Output of the recorded forward (non-loss nodes).
+    output: Option<Tensor<2>>,
+    /// Input leaves, present where the source is another VNode (its gradient is wanted).
+    inputs: Vec<Option<Tensor<2>>>,
+    params: Vec<Tensor<2>>,
+    /// A loss's input gradients, computed together with its forward.
+    loss_grads: Vec<Option<HostTensor>>,
+    output_sha256: [u8; 32],
+    forward_us: u64,
+    rows: usize,
+}
+
+/// One VNode: a node of the graph with its parameters, optimizer state and pending work.
+pub struct VNode {
+    spec: VNodeSpec,
+    device: Device,
+    /// Parameter versions still needed, oldest first; the last is current.
+    versions: VecDeque<(u64, Vec<Tensor<2>>)>,
+    optimizer: Optimizer,
+    next_f: u64,
+    next_b: u64,
+    train_inputs: BTreeMap<u64, Vec<Option<HostTensor>>>,
+    eval_inputs: BTreeMap<u64, Vec<Option<HostTensor>>>,
+    grads: BTreeMap<u64, Vec<Option<HostTensor>>>,
+    saved: BTreeMap<u64, Saved>,
+}
+
+impl VNode {
+    /// Creates the VNode with parameters drawn from its seed stream.
+    pub fn new(spec: VNodeSpec) -> VNode {
+        let device = crate::device();
+        let host = layer::init_params(spec.node.kind, spec.root_seed, spec.node.id);
+        let params = layer::params_to_device(&host, &device);
+        let optimizer = Optimizer::new(spec.optimizer, params.len());
+        let mut spec = spec;
+        spec.in_flight = spec.in_flight.max(1);
+        VNode {
+            spec,
+            device,
+            versions: VecDeque::from([(0, params)]),
+            optimizer,
+            next_f: 0,
+            next_b: 0,
+            train_inputs: BTreeMap::new(),
+            eval_inputs: BTreeMap::new(),
+            grads: BTreeMap::new(),
+            saved: BTreeMap::new(),
+        }
+    }
+
+    /// VNode id.
+    pub fn id(&self) -> u32 {
+        self.spec.node.id
+    }
+
+    /// Number of updates applied.
+    pub fn version(&self) -> u64 {
+        self.next_b
+    }
+
+    /// Current parameters in canonical order, on the host.
+    pub fn params(&self) -> Result<Vec<HostTensor>, VNodeError> {
+        self.current()
+            .iter()
+            .map(|p| HostTensor::from_burn(p.clone()).map_err(|detail| self.backend(detail)))
+            .collect()
+    }
+
+    fn current(&self) -> &[Tensor<2>] {
+        self.versions.back().map(|v| v.1.as_slice()).unwrap_or(&[])
+    }
+
+    fn backend(&self, detail: String) -> VNodeError {
+        VNodeError::Backend { vnode: self.id(), detail }
+    }
+
+    fn window_err(&self, mb: u64, what: &'static str) -> VNodeError {
+        VNodeError::Window { vnode: self.id(), mb, what, next_f: self.next_f, next_b: self.next_b }
+    }
+
+    /// Accepts one message and runs every pass that became possible, in canonical order.
+    pub fn handle(&mut self, msg: Inbound) -> Result<Vec<Outbound>, VNodeError> {
+        let mut out = Vec::new();
+        match msg {
+            Inbound::Forward { mb, phase, port, tensor } => {
+                let ports = self.spec.node.inputs.len();
+                if port as usize >= ports {
+                    return Err(VNodeError::Port { vnode: self.id(), port, ports });
+                }
+                self.check_input(mb, port as usize, &tensor)?;
+                let k = self.spec.in_flight as u64;
+                let slots = match phase {
+                    Phase::Train => {
+                        if mb < self.next_f || mb >= self.next_f + 2 * k + 8 {
+                            return Err(self.window_err(mb, "forward input"));
+                        }
+                        &mut self.train_inputs
+                    }
+                    Phase::Eval => {
+                        if self.eval_inputs.len() >= MAX_PENDING_EVAL && !self.eval_inputs.contains_key(&mb) {
+                            return Err(self.window_err(mb, "eval input (too many pending)"));
+                        }
+                        &mut self.eval_inputs
+                    }
+                };
+                let entry = slots.entry(mb).or_insert_with(|| vec![None; ports]);
+                if entry[port as usize].is_some() {
+                    return Err(VNodeError::Duplicate { vnode: self.spec.node.id, mb, what: "forward input" });
+                }
+                entry[port as usize] = Some(tensor);
+                if phase == Phase::Eval {
+                    if let Some(inputs) = take_complete(&mut self.eval_inputs, mb) {
+                        self.eval(mb, inputs, &mut out)?;
+                    }
+                }
+            }
+            Inbound::Backward { mb, from, tensor } => {
+                let consumers = &self.spec.node.consumers;
+                let Some(slot) = consumers.iter().position(|c| *c == from) else {
+                    return Err(VNodeError::NotConsumer { vnode: self.id(), from });
+                };
+                let n = consumers.len();
+                if mb < self.next_b || mb >= self.next_f {
+                    return Err(self.window_err(mb, "gradient"));
+                }
+                let rows = self.saved.get(&mb).map(|s| s.rows).unwrap_or(0);
+                let width = self.spec.node.output_width;
+                if tensor.shape != [rows, width] || tensor.as_f32().is_none() || !tensor.is_consistent() {
+                    return Err(VNodeError::Shape {
+                        vnode: self.id(),
+                        mb,
+                        detail: format!("gradient must be f32 [{rows}, {width}], got {:?}", tensor.shape),
+                    });
+                }
+                let entry = self.grads.entry(mb).or_insert_with(|| vec![None; n]);
+                if entry[slot].is_some() {
+                    return Err(VNodeError::Duplicate { vnode: self.spec.node.id, mb, what: "gradient" });
+                }
+                entry[slot] = Some(tensor);
+            }
+        }
+        self.pump(&mut out)?;
+        Ok(out)
+    }
+
+    fn check_input(&self, mb: u64, port: usize, t: &HostTensor) -> Result<(), VNodeError> {
+        let node = &self.spec.node;
+        let shape_err = |detail: String| VNodeError::Shape { vnode: node.id, mb, detail };
+        if !t.is_consistent() {
+            return Err(shape_err(format!("{} elements do not fill shape {:?}", t.numel(), t.shape)));
+        }
+        if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind {
+            if port == 1 {
+                let HostData::I32(labels) = &t.data else {
+                    return Err(shape_err("labels must be i32".into()));
+                };
+                if t.shape.len() != 1 || t.shape[0] == 0 {
+                    return Err(shape_err(format!("labels must have shape [batch], got {:?}", t.shape)));
+                }
+                if let Some(&label) = labels.iter().find(|&&l| l < 0 || l as usize >= classes) {
+                    return Err(VNodeError::Label { vnode: node.id, mb, label, classes });
+                }
+                return Ok(());
+            }
+        }
+        let width = match node.kind {
+            NodeKind::Linear { inputs, .. } => Some(inputs),
+            NodeKind::SoftmaxCrossEntropy { classes } => Some(classes),
+            _ => None,
+        };
+        let ok = t.as_f32().is_some()
+            && t.shape.len() == 2
+            && t.shape[0] > 0
+            && width.is_none_or(|w| t.shape[1] == w);
+        if !ok {
+            return Err(shape_err(format!("input port {port} wants f32 [batch, {:?}], got {:?}", width, t.shape)));
+        }
+        Ok(())
+    }
+
+    fn needed_version(&self, mb: u64) -> u64 {
+        (mb + 1).saturating_sub(self.spec.in_flight as u64)
+    }
+
+    fn pump(&mut self, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
+        loop {
+            let f_ready = self.next_b >= self.needed_version(self.next_f)
+                && self.train_inputs.get(&self.next_f).is_some_and(|v| v.iter().all(Option::is_some));
+            if f_ready {
+                let mb = self.next_f;
+                let inputs = take_complete(&mut self.train_inputs, mb).unwrap_or_default();
+                self.train_forward(mb, inputs, out)?;
+                self.next_f += 1;
+                continue;
+            }
+            let b_ready = self.next_b < self.next_f
+                && (self.spec.node.consumers.is_empty()
+                    || self.grads.get(&self.next_b).is_some_and(|v| v.iter().all(Option::is_some)));
+            if b_ready {
+                let mb = self.next_b;
+                self.train_backward(mb, out)?;
+                self.next_b += 1;
+                let keep_from = self.needed_version(self.next_f);
+                while self.versions.len() > 1 && self.versions.front().is_some_and(|v| v.0 < keep_from) {
+                    self.versions.pop_front();
+                }
+                continue;
+            }
+            return Ok(());
+        }
+    }
+
+    fn params_at(&self, version: u64) -> Vec<Tensor<2>> {
+        self.versions
+            .iter()
+            .find(|v| v.0 == version)
+            .or(self.versions.back())
+            .map(|v| v.1.clone())
+            .unwrap_or_default()
+    }
+
+    fn inputs_on(&self, inputs: &[HostTensor], device: &Device, track: bool) -> Vec<Tensor<2>> {
+        inputs
+            .iter()
+            .zip(&self.spec.node.inputs)
+            .filter_map(|(t, src)| {
+                let x = t.to_burn(device)?;
+                Some(if track && matches!(src, Source::Node(_)) { x.require_grad() } else { x })
+            })
+            .collect()
+    }
+
+    fn train_forward(&mut self, mb: u64, inputs: Vec<HostTensor>, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
+        let started = Instant::now();
+        let ad = self.device.clone().autodiff();
+        let rows = inputs.first().map(HostTensor::rows).unwrap_or(0);
+        if let NodeKind::SoftmaxCrossEntropy { classes } = self.spec.node.kind {
+            let (loss, correct, dlogits) = self.loss_pass(mb, &inputs, classes, true)?;
+            let dlogits = dlogits.ok_or_else(|| self.backend("loss produced no logits gradient".into()))?;
+            out.push(Outbound::Loss { mb, phase: Phase::Train, loss, correct, count: rows as u32 });
+            let hash = crate::sha256_f32([dlogits.as_f32().unwrap_or(&[])]);
+            self.saved.insert(
+                mb,
+                Saved {
+                    output: None,
+                    inputs: Vec::new(),
+                    params: Vec::new(),
+                    loss_grads: vec![Some(dlogits), None],
+                    output_sha256: hash,
+                    forward_us: started.elapsed().as_micros() as u64,
+                    rows,
+                },
+            );
+            return Ok(());
+        }
+        let params: Vec<Tensor<2>> = self
+            .params_at(self.needed_version(mb))
+            .into_iter()
+            .map(|p| p.autodiff().require_grad())
+            .collect();
+        let leaves = self.inputs_on(&inputs, &ad, true);
+        if leaves.len() != inputs.len() {
+            return Err(self.backend("input could not be loaded".into()));
+        }
+        let y = layer::forward(self.spec.node.kind, &params, &leaves);
+        let y_host = HostTensor::from_burn(y.clone()).map_err(|d| self.backend(d))?;
+        let hash = crate::sha256_f32([y_host.as_f32().unwrap_or(&[])]);
+        self.emit_forward(mb, Phase::Train, y_host, out);
+        let tracked = leaves
+            .into_iter()
+            .zip(&self.spec.node.inputs)
+            .map(|(x, s)| matches!(s, Source::Node(_)).then_some(x))
+            .collect();
+        self.saved.insert(
+            mb,
+            Saved {
+                output: Some(y),
+                inputs: tracked,
+                params,
+                loss_grads: Vec::new(),
+                output_sha256: hash,
+                forward_us: started.elapsed().as_micros() as u64,
+                rows,
+            },
+        );
+        Ok(())
+    }
+
+    fn emit_forward(&self, mb: u64, phase: Phase, y: HostTensor, out: &mut Vec<Outbound>) {
+        for &(to, port) in &self.spec.node.consumers {
+            out.push(Outbound::Forward { to, port, mb, phase, tensor: y.clone() });
+        }
+    }
+
+    /// Loss, correct count and (when training) the logits gradient.
+    fn loss_pass(
+        &self,
+        mb: u64,
+        inputs: &[HostTensor],
+        classes: usize,
+        train: bool,
+    ) -> Result<(f32, u32, Option<HostTensor>), VNodeError> {
+        let (logits, labels) = match (inputs.first(), inputs.get(1).map(|t| &t.data)) {
+            (Some(l), Some(HostData::I32(y))) => (l, y),
+            _ => return Err(VNodeError::Shape { vnode: self.id(), mb, detail: "loss needs logits and labels".into() }),
+        };
+        if logits.rows() != labels.len() {
+            return Err(VNodeError::Shape {
+                vnode: self.id(),
+                mb,
+                detail: format!("{} logits rows but {} labels", logits.rows(), labels.len()),
+            });
+        }
+        let device = if train { self.device.clone().autodiff() } else { self.device.clone() };
+        let x = logits.to_burn(&device).ok_or_else(|| self.backend("logits not rank 2".into()))?;
+        let x = if train { x.require_grad() } else { x };
+        let target = HostTensor::f32(vec![labels.len(), classes], layer::one_hot(labels, classes));
+        let target = target.to_burn(&device).ok_or_else(|| self.backend("one-hot".into()))?;
+        let l = layer::loss(x.clone(), target);
+        let value = l.clone().into_data().try_to_vec::<f32>().map_err(|e| self.backend(format!("{e:?}")))?;
+        let correct = layer::correct(logits.as_f32().unwrap_or(&[]), labels, classes);
+        let grad = if train {
+            let grads = l.backward();
+            let g = x.grad(&grads).ok_or_else(|| self.backend("no gradient for logits".into()))?;
+            Some(HostTensor::from_burn(g).map_err(|d| self.backend(d))?)
+        } else {
+            None
+        };
+        Ok((value.first().copied().unwrap_or(f32::NAN), correct, grad))
+    }
+
+    fn train_backward(&mut self, mb: u64, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
+        let started = Instant::now();
+        let saved = self.saved.remove(&mb).ok_or_else(|| self.backend(format!("no saved forward for {mb}")))?;
+        let input_grads: Vec<Option<HostTensor>> = if let Some(y) = saved.output {
+            let gs = self.grads.remove(&mb).unwrap_or_default();
+            let g = sum_in_order(gs).ok_or_else(|| self.backend("missing gradient".into()))?;
+            let needs_backward = !saved.params.is_empty() || saved.inputs.iter().any(Option::is_some);
+            if !needs_backward {
+                Vec::new()
+            } else {
+                let g = g.to_burn(&self.device.clone().autodiff()).ok_or_else(|| self.backend("gradient".into()))?;
+                let grads = (y * g).sum().backward();
+                let pgrads: Vec<Tensor<2>> = saved
+                    .params
+                    .iter()
+                    .map(|p| p.grad(&grads))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| self.backend("parameter without gradient".into()))?;
+                if !pgrads.is_empty() {
+                    let current = self.current().to_vec();
+                    let updated = self.optimizer.update(&current, pgrads);
+                    self.versions.push_back((mb + 1, updated));
+                }
+                saved
+                    .inputs
+                    .iter()
+                    .map(|x| match x {
+                        Some(x) => x
+                            .grad(&grads)
+                            .map(HostTensor::from_burn)
+                            .transpose()
+                            .map_err(|d| self.backend(d)),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        } else {
+            saved.loss_grads
+        };
+        for (port, (g, src)) in input_grads.into_iter().zip(&self.spec.node.inputs).enumerate() {
+            if let (Some(tensor), Source::Node(to)) = (g, src) {
+                out.push(Outbound::Backward { to: *to, from: (self.id(), port as u32), mb, tensor });
+            }
+        }
+        let compute_us = saved.forward_us + started.elapsed().as_micros() as u64;
+        out.push(Outbound::Done { mb, compute_us, output_sha256: saved.output_sha256 });
+        Ok(())
+    }
+
+    fn eval(&mut self, mb: u64, inputs: Vec<HostTensor>, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
+        if let NodeKind::SoftmaxCrossEntropy { classes } = self.spec.node.kind {
+            let (loss, correct, _) = self.loss_pass(mb, &inputs, classes, false)?;
+            let count = inputs.first().map(HostTensor::rows).unwrap_or(0) as u32;
+            out.push(Outbound::Loss { mb, phase: Phase::Eval, loss, correct, count });
+            return Ok(());
+        }
+        let xs = self.inputs_on(&inputs, &self.device, false);
+        let y = layer::forward(self.spec.node.kind, self.current(), &xs);
+        let y = HostTensor::from_burn(y).map_err(|d| self.backend(d))?;
+        self.emit_forward(mb, Phase::Eval, y, out);
+        Ok(())
+    }
+}
+
+fn take_complete(map: &mut BTreeMap<u64, Vec<Option<HostTensor>>>, mb: u64) -> Option<Vec<HostTensor>> {
+    if map.get(&mb)?.iter().all(Option::is_some) {
+        map.remove(&mb).map(|v| v.into_iter().flatten().collect())
+    } else {
+        None
+    }
+}
+
+/// Sums gradients from several consumers in consumer order, so the float result is canonical.
+fn sum_in_order(gs: Vec<Option<HostTensor>>) -> Option<HostTensor> {
+    let mut it = gs.into_iter();
+    let mut acc = it.next()??;
+    for g in it {
+        let g = g?;
+        if let (HostData::F32(a), HostData::F32(b)) = (&mut acc.data, &g.data) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += *y;
+            }
+        }
+    }
+    Some(acc)
+}
