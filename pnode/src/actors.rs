@@ -1,0 +1,186 @@
+//! VNode actors and the host actor that creates and stops them.
+//!
+//! Each VNode actor owns one `dcnr_vnode::VNode` and runs on an arbiter (thread) of its own, so
+//! tensor math never blocks the async I/O threads and VNodes of one PNode compute in parallel.
+
+use crate::router::Router;
+use actix::prelude::*;
+use dcnr_vnode::{HostTensor, Inbound, VNode, VNodeSpec};
+use std::collections::HashMap;
+
+/// A message for a VNode.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver(pub Inbound);
+
+/// Asks a VNode for its current parameters and version.
+#[derive(Message)]
+#[rtype(result = "Result<(Vec<HostTensor>, u64), String>")]
+pub struct GetParams;
+
+/// One hosted VNode.
+pub struct VNodeActor {
+    job: String,
+    vnode: VNode,
+    router: Router,
+    failed: bool,
+}
+
+impl Actor for VNodeActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Deliver> for VNodeActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
+        if self.failed {
+            return;
+        }
+        let mb = match &msg.0 {
+            Inbound::Forward { mb, .. } | Inbound::Backward { mb, .. } => *mb,
+        };
+        match self.vnode.handle(msg.0) {
+            Ok(outs) => {
+                let id = self.vnode.id();
+                for o in outs {
+                    self.router.send(&self.job, id, o);
+                }
+            }
+            Err(e) => {
+                // A VNode that refused input has state the job can no longer trust; it stops
+                // computing and the orchestrator decides what happens to the job.
+                tracing::error!(job = %self.job, vnode = self.vnode.id(), error = %e, "VNode failed");
+                self.failed = true;
+                self.router.fail(&self.job, self.vnode.id(), mb, e.to_string());
+            }
+        }
+    }
+}
+
+impl Handler<GetParams> for VNodeActor {
+    type Result = Result<(Vec<HostTensor>, u64), String>;
+
+    fn handle(&mut self, _: GetParams, _: &mut Context<Self>) -> Self::Result {
+        let p = self.vnode.params().map_err(|e| e.to_string())?;
+        Ok((p, self.vnode.version()))
+    }
+}
+
+struct Hosted {
+    vnode: u32,
+    addr: Addr<VNodeActor>,
+    arbiter: Arbiter,
+}
+
+/// Creates, finds and stops the VNode actors of this PNode.
+pub struct Host {
+    router: Router,
+    max_vnodes: usize,
+    jobs: HashMap<String, Vec<Hosted>>,
+}
+
+impl Host {
+    /// Starts the host actor on the current arbiter.
+    pub fn start_new(router: Router, max_vnodes: usize) -> Addr<Host> {
+        Host { router, max_vnodes, jobs: HashMap::new() }.start()
+    }
+
+    fn hosted(&self) -> usize {
+        self.jobs.values().map(Vec::len).sum()
+    }
+
+    fn release(&mut self, job: &str) -> u32 {
+        self.router.forget_job(job);
+        let gone = self.jobs.remove(job).unwrap_or_default();
+        for h in &gone {
+            h.arbiter.stop();
+        }
+        gone.len() as u32
+    }
+}
+
+impl Actor for Host {
+    type Context = Context<Self>;
+}
+
+/// Creates the VNodes of one job on this PNode (replacing any it already had).
+#[derive(Message)]
+#[rtype(result = "Result<u32, String>")]
+pub struct Allocate {
+    /// Job id.
+    pub job: String,
+    /// One spec per VNode to host.
+    pub specs: Vec<VNodeSpec>,
+}
+
+impl Handler<Allocate> for Host {
+    type Result = Result<u32, String>;
+
+    fn handle(&mut self, msg: Allocate, _: &mut Context<Self>) -> Self::Result {
+        self.release(&msg.job);
+        if self.hosted() + msg.specs.len() > self.max_vnodes {
+            return Err(format!(
+                "this pnode hosts {} VNodes and allows at most {}; refusing {} more",
+                self.hosted(),
+                self.max_vnodes,
+                msg.specs.len()
+            ));
+        }
+        let mut hosted = Vec::with_capacity(msg.specs.len());
+        for spec in msg.specs {
+            let arbiter = Arbiter::new();
+            let (job, router, vnode) = (msg.job.clone(), self.router.clone(), spec.node.id);
+            let addr = VNodeActor::start_in_arbiter(&arbiter.handle(), move |_| VNodeActor {
+                job,
+                vnode: VNode::new(spec),
+                router,
+                failed: false,
+            });
+            self.router.add_local((msg.job.clone(), vnode), addr.clone().recipient());
+            hosted.push(Hosted { vnode, addr, arbiter });
+        }
+        let n = hosted.len() as u32;
+        self.jobs.insert(msg.job, hosted);
+        Ok(n)
+    }
+}
+
+/// Stops every VNode of a job.
+#[derive(Message)]
+#[rtype(result = "u32")]
+pub struct Release(pub String);
+
+impl Handler<Release> for Host {
+    type Result = u32;
+
+    fn handle(&mut self, msg: Release, _: &mut Context<Self>) -> u32 {
+        self.release(&msg.0)
+    }
+}
+
+/// Finds the actor of a hosted VNode.
+#[derive(Message)]
+#[rtype(result = "Option<Addr<VNodeActor>>")]
+pub struct Find(pub String, pub u32);
+
+impl Handler<Find> for Host {
+    type Result = Option<Addr<VNodeActor>>;
+
+    fn handle(&mut self, msg: Find, _: &mut Context<Self>) -> Self::Result {
+        self.jobs.get(&msg.0)?.iter().find(|h| h.vnode == msg.1).map(|h| h.addr.clone())
+    }
+}
+
+/// Number of hosted VNodes.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Count;
+
+impl Handler<Count> for Host {
+    type Result = usize;
+
+    fn handle(&mut self, _: Count, _: &mut Context<Self>) -> usize {
+        self.hosted()
+    }
+}

@@ -1,0 +1,87 @@
+//! Conversions between wire messages and VNode messages, in one place for PNodes and the
+//! orchestrator's data feeder alike.
+
+use dcnr_proto::tensor::{self, TensorError};
+use dcnr_proto::v1::{self, v_node_message::Body};
+use dcnr_vnode::{HostData, HostTensor, Inbound, Phase};
+
+/// Why a wire message could not become a VNode message.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The tensor is garbled.
+    #[error("job {job} vnode {vnode} micro-batch {mb}: {source}")]
+    Tensor { job: String, vnode: u32, mb: u64, source: TensorError },
+    /// No body or an unspecified phase.
+    #[error("job {job} vnode {vnode} micro-batch {mb}: {what}")]
+    Malformed { job: String, vnode: u32, mb: u64, what: &'static str },
+}
+
+/// Wire tensor of a host tensor.
+pub fn tensor_to_wire(t: &HostTensor) -> v1::Tensor {
+    match &t.data {
+        HostData::F32(v) => tensor::encode_f32(&t.shape, v),
+        HostData::I32(v) => tensor::encode_i32(&t.shape, v),
+    }
+}
+
+/// Host tensor of a wire tensor (checked).
+pub fn tensor_from_wire(t: Option<&v1::Tensor>) -> Result<HostTensor, TensorError> {
+    let d = tensor::decode(t)?;
+    Ok(match d.data {
+        tensor::HostData::F32(v) => HostTensor::f32(d.shape, v),
+        tensor::HostData::I32(v) => HostTensor::i32(d.shape, v),
+    })
+}
+
+/// Wire phase.
+pub fn phase_to_wire(p: Phase) -> i32 {
+    match p {
+        Phase::Train => v1::Phase::Train as i32,
+        Phase::Eval => v1::Phase::Eval as i32,
+    }
+}
+
+/// A forward message on the wire.
+pub fn forward_message(job: &str, to: u32, mb: u64, phase: Phase, port: u32, t: &HostTensor) -> v1::VNodeMessage {
+    v1::VNodeMessage {
+        job_id: job.to_string(),
+        to_vnode: to,
+        micro_batch: mb,
+        body: Some(Body::Forward(v1::Forward { port, phase: phase_to_wire(phase), tensor: Some(tensor_to_wire(t)) })),
+    }
+}
+
+/// A backward message on the wire.
+pub fn backward_message(job: &str, to: u32, mb: u64, from: (u32, u32), t: &HostTensor) -> v1::VNodeMessage {
+    v1::VNodeMessage {
+        job_id: job.to_string(),
+        to_vnode: to,
+        micro_batch: mb,
+        body: Some(Body::Backward(v1::Backward { from_vnode: from.0, from_port: from.1, tensor: Some(tensor_to_wire(t)) })),
+    }
+}
+
+/// Decodes a wire message into (job, vnode, inbound), checking every field.
+pub fn inbound_from_wire(m: v1::VNodeMessage) -> Result<(String, u32, Inbound), ConvertError> {
+    let (job, vnode, mb) = (m.job_id, m.to_vnode, m.micro_batch);
+    let malformed = |job: &str, what| ConvertError::Malformed { job: job.to_string(), vnode, mb, what };
+    let inbound = match m.body {
+        Some(Body::Forward(f)) => {
+            let phase = match v1::Phase::try_from(f.phase) {
+                Ok(v1::Phase::Train) => Phase::Train,
+                Ok(v1::Phase::Eval) => Phase::Eval,
+                _ => return Err(malformed(&job, "unknown phase")),
+            };
+            let tensor = tensor_from_wire(f.tensor.as_ref())
+                .map_err(|source| ConvertError::Tensor { job: job.clone(), vnode, mb, source })?;
+            Inbound::Forward { mb, phase, port: f.port, tensor }
+        }
+        Some(Body::Backward(b)) => {
+            let tensor = tensor_from_wire(b.tensor.as_ref())
+                .map_err(|source| ConvertError::Tensor { job: job.clone(), vnode, mb, source })?;
+            Inbound::Backward { mb, from: (b.from_vnode, b.from_port), tensor }
+        }
+        None => return Err(malformed(&job, "message has no body")),
+    };
+    Ok((job, vnode, inbound))
+}

@@ -1,0 +1,117 @@
+//! Joining the orchestrator: registration with protocol version and capabilities, heartbeats,
+//! and the client calls a PNode makes to the orchestrator.
+
+use crate::actors::{Count, Host};
+use crate::config::PnodeArgs;
+use actix::Addr;
+use anyhow::{Context as _, bail};
+use dcnr_proto::limits::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
+use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// A connection to the orchestrator's gRPC service.
+#[derive(Clone)]
+pub struct OrchestratorLink {
+    client: OrchestratorClient<Channel>,
+}
+
+impl OrchestratorLink {
+    /// Connects, retrying until `patience` has passed (the orchestrator may still be starting).
+    pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<OrchestratorLink> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("`{url}` is not a valid orchestrator URL (expected e.g. http://127.0.0.1:7070)"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(UNARY_TIMEOUT)
+            .tcp_nodelay(true);
+        let deadline = Instant::now() + patience;
+        let mut wait = Duration::from_millis(50);
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() + wait < deadline => {
+                    tracing::debug!(error = %e, "orchestrator not reachable yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e).context("connection failed"),
+            }
+        };
+        Ok(OrchestratorLink {
+            client: OrchestratorClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        })
+    }
+
+    /// The generated client, for callers that need a call not wrapped here.
+    pub fn client(&self) -> OrchestratorClient<Channel> {
+        self.client.clone()
+    }
+
+    /// Endpoint of the PNode hosting (job, vnode).
+    pub async fn resolve(&self, job: &str, vnode: u32) -> Result<String, tonic::Status> {
+        let r = self.client.clone().resolve(v1::ResolveRequest { job_id: job.to_string(), vnode }).await?;
+        Ok(r.into_inner().endpoint)
+    }
+
+    /// Streams reports until `rx` closes or the call fails.
+    pub async fn report_stream(&self, rx: mpsc::Receiver<v1::VNodeReport>) -> Result<(), tonic::Status> {
+        // A long-lived stream must not inherit the unary deadline.
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.set_timeout(Duration::from_secs(365 * 24 * 3600));
+        self.client.clone().report(req).await.map(|_| ())
+    }
+}
+
+/// Who the orchestrator says we are.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Id assigned at registration.
+    pub pnode_id: String,
+    /// Heartbeat period asked for by the orchestrator.
+    pub heartbeat: Duration,
+}
+
+/// Registers this PNode; a refused protocol version is an error that names both versions.
+pub async fn register(link: &OrchestratorLink, args: &PnodeArgs, endpoint: &str) -> anyhow::Result<Identity> {
+    let req = v1::RegisterRequest {
+        protocol_version: args.protocol_version,
+        name: args.name.clone(),
+        endpoint: endpoint.to_string(),
+        capabilities: Some(crate::capabilities::detect(args.cores, args.memory_mib)),
+    };
+    let resp = match link.client().register(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => bail!("registration refused: {}", s.message()),
+        Err(s) => bail!("registration failed: {} ({:?})", s.message(), s.code()),
+    };
+    Ok(Identity {
+        pnode_id: resp.pnode_id,
+        heartbeat: Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(50))),
+    })
+}
+
+/// Heartbeats forever; registers again if the orchestrator has forgotten this PNode.
+pub async fn heartbeat_loop(
+    link: OrchestratorLink,
+    args: PnodeArgs,
+    endpoint: String,
+    mut identity: Identity,
+    host: Addr<Host>,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::time::sleep(identity.heartbeat).await;
+        let hosted = host.send(Count).await.unwrap_or(0) as u32;
+        let req = v1::HeartbeatRequest { pnode_id: identity.pnode_id.clone(), hosted_vnodes: hosted };
+        match link.client().heartbeat(req).await {
+            Ok(r) if r.get_ref().known => {}
+            Ok(_) => {
+                tracing::warn!("orchestrator forgot this pnode; registering again");
+                identity = register(&link, &args, &endpoint).await?;
+            }
+            Err(s) => tracing::warn!(status = %s, "heartbeat failed"),
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Where a VNode's outbound message goes: straight into a local actor's mailbox (no encoding),
+//! or encoded onto a gRPC stream to the PNode that hosts the target, found by asking the
+//! orchestrator once and caching the answer.
+
+use crate::actors::Deliver;
+use crate::convert;
+use crate::membership::OrchestratorLink;
+use actix::Recipient;
+use dcnr_proto::limits::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES};
+use dcnr_proto::v1::{self, p_node_client::PNodeClient};
+use dcnr_vnode::{Inbound, Outbound};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use tokio::sync::mpsc;
+
+/// Identifies a VNode across the mesh.
+pub type VKey = (String, u32);
+
+/// Why a message could not be delivered locally.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The target VNode is not hosted on this PNode.
+    #[error("vnode {1} of job {0} is not hosted on this pnode")]
+    NotHosted(String, u32),
+}
+
+enum Egress {
+    Message(v1::VNodeMessage),
+    ForgetJob(String),
+}
+
+struct Inner {
+    pnode_id: String,
+    local: RwLock<HashMap<VKey, Recipient<Deliver>>>,
+    egress: mpsc::UnboundedSender<Egress>,
+    reports: mpsc::UnboundedSender<v1::VNodeReport>,
+}
+
+/// Cheap-to-clone handle used by actors (to send) and the gRPC service (to deliver).
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+impl Router {
+    /// Starts the egress and report tasks on the current tokio runtime.
+    pub fn start(orchestrator: OrchestratorLink, pnode_id: String) -> Router {
+        let (egress, egress_rx) = mpsc::unbounded_channel();
+        let (reports, reports_rx) = mpsc::unbounded_channel();
+        tokio::spawn(egress_loop(egress_rx, orchestrator.clone()));
+        tokio::spawn(report_loop(reports_rx, orchestrator));
+        Router { inner: Arc::new(Inner { pnode_id, local: RwLock::default(), egress, reports }) }
+    }
+
+    /// This PNode's id.
+    pub fn pnode_id(&self) -> &str {
+        &self.inner.pnode_id
+    }
+
+    /// Makes a local VNode reachable.
+    pub fn add_local(&self, key: VKey, to: Recipient<Deliver>) {
+        if let Ok(mut m) = self.inner.local.write() {
+            m.insert(key, to);
+        }
+    }
+
+    /// Forgets every VNode of a job, local and cached remote locations alike.
+    pub fn forget_job(&self, job: &str) {
+        if let Ok(mut m) = self.inner.local.write() {
+            m.retain(|k, _| k.0 != job);
+        }
+        let _ = self.inner.egress.send(Egress::ForgetJob(job.to_string()));
+    }
+
+    fn local(&self, job: &str, vnode: u32) -> Option<Recipient<Deliver>> {
+        self.inner.local.read().ok()?.get(&(job.to_string(), vnode)).cloned()
+    }
+
+    /// Delivers a message that arrived from the network to a local VNode.
+    pub fn deliver_local(&self, job: &str, vnode: u32, msg: Inbound) -> Result<(), RouteError> {
+        match self.local(job, vnode) {
+            Some(r) => {
+                r.do_send(Deliver(msg));
+                Ok(())
+            }
+            None => Err(RouteError::NotHosted(job.to_string(), vnode)),
+        }
+    }
+
+    /// Sends one output of VNode `from` of `job` to wherever it must go.
+    pub fn send(&self, job: &str, from: u32, out: Outbound) {
+        match out {
+            Outbound::Forward { to, port, mb, phase, tensor } => match self.local(job, to) {
+                Some(r) => r.do_send(Deliver(Inbound::Forward { mb, phase, port, tensor })),
+                None => self.egress(convert::forward_message(job, to, mb, phase, port, &tensor)),
+            },
+            Outbound::Backward { to, from, mb, tensor } => match self.local(job, to) {
+                Some(r) => r.do_send(Deliver(Inbound::Backward { mb, from, tensor })),
+                None => self.egress(convert::backward_message(job, to, mb, from, &tensor)),
+            },
+            Outbound::Done { mb, compute_us, output_sha256 } => self.report(
+                job,
+                from,
+                mb,
+                v1::v_node_report::Body::Done(v1::StepDone { compute_us, output_sha256: output_sha256.to_vec() }),
+            ),
+            Outbound::Loss { mb, phase, loss, correct, count } => self.report(
+                job,
+                from,
+                mb,
+                v1::v_node_report::Body::Loss(v1::LossReport {
+                    phase: convert::phase_to_wire(phase),
+                    loss,
+                    correct,
+                    count,
+                }),
+            ),
+        }
+    }
+
+    /// Reports a VNode failure to the orchestrator.
+    pub fn fail(&self, job: &str, vnode: u32, mb: u64, message: String) {
+        self.report(job, vnode, mb, v1::v_node_report::Body::Failure(v1::VNodeFailure { message }));
+    }
+
+    fn report(&self, job: &str, vnode: u32, mb: u64, body: v1::v_node_report::Body) {
+        let _ = self.inner.reports.send(v1::VNodeReport {
+            job_id: job.to_string(),
+            vnode,
+            micro_batch: mb,
+            pnode_id: self.inner.pnode_id.clone(),
+            body: Some(body),
+        });
+    }
+
+    fn egress(&self, m: v1::VNodeMessage) {
+        let _ = self.inner.egress.send(Egress::Message(m));
+    }
+}
+
+/// Sender half of one gRPC stream to a remote PNode.
+pub type Link = mpsc::Sender<v1::VNodeMessage>;
+
+/// Opens a client stream of VNode messages to `endpoint`; messages sent on the returned
+/// sender are delivered in order until the stream fails.
+pub fn open_link(endpoint: &str) -> Result<Link, tonic::transport::Error> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let (tx, rx) = mpsc::channel(1024);
+    let endpoint = endpoint.to_string();
+    tokio::spawn(async move {
+        let mut client = PNodeClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        if let Err(status) = client.exchange(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            tracing::warn!(%endpoint, %status, "VNode traffic stream ended with an error");
+        }
+    });
+    Ok(tx)
+}
+
+async fn egress_loop(mut rx: mpsc::UnboundedReceiver<Egress>, orchestrator: OrchestratorLink) {
+    let mut locations: HashMap<VKey, String> = HashMap::new();
+    let mut links: HashMap<String, Link> = HashMap::new();
+    while let Some(e) = rx.recv().await {
+        let m = match e {
+            Egress::Message(m) => m,
+            Egress::ForgetJob(job) => {
+                locations.retain(|k, _| k.0 != job);
+                continue;
+            }
+        };
+        let key = (m.job_id.clone(), m.to_vnode);
+        let endpoint = match locations.get(&key) {
+            Some(e) => e.clone(),
+            None => match orchestrator.resolve(&key.0, key.1).await {
+                Ok(e) => {
+                    locations.insert(key.clone(), e.clone());
+                    e
+                }
+                Err(err) => {
+                    tracing::warn!(job = %key.0, vnode = key.1, %err, "cannot resolve VNode location; message dropped");
+                    continue;
+                }
+            },
+        };
+        let link = match links.get(&endpoint) {
+            Some(l) if !l.is_closed() => l.clone(),
+            _ => match open_link(&endpoint) {
+                Ok(l) => {
+                    links.insert(endpoint.clone(), l.clone());
+                    l
+                }
+                Err(err) => {
+                    tracing::warn!(%endpoint, %err, "bad PNode endpoint; message dropped");
+                    continue;
+                }
+            },
+        };
+        if link.send(m).await.is_err() {
+            links.remove(&endpoint);
+            tracing::warn!(%endpoint, "link to PNode closed; message dropped");
+        }
+    }
+}
+
+async fn report_loop(mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>, orchestrator: OrchestratorLink) {
+    loop {
+        let (tx, stream_rx) = mpsc::channel::<v1::VNodeReport>(4096);
+        let call = {
+            let o = orchestrator.clone();
+            tokio::spawn(async move { o.report_stream(stream_rx).await })
+        };
+        let mut broken = false;
+        while let Some(r) = rx.recv().await {
+            if tx.send(r).await.is_err() {
+                broken = true;
+                break;
+            }
+        }
+        drop(tx);
+        if let Ok(Err(status)) = call.await {
+            tracing::warn!(%status, "report stream to orchestrator failed; reconnecting");
+        }
+        if !broken {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,112 @@
+//! The gRPC adapter of the `PNode` service: decodes and checks wire messages, then hands plain
+//! values to the host actor and the router.
+
+use crate::actors::{Allocate, Find, GetParams, Host, Release};
+use crate::convert;
+use crate::router::Router;
+use actix::Addr;
+use dcnr_model::ValidGraph;
+use dcnr_proto::limits::{MAX_CONCURRENT_STREAMS, MAX_MESSAGE_BYTES};
+use dcnr_proto::v1::{self, p_node_server::PNodeServer};
+use dcnr_vnode::VNodeSpec;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The `PNode` gRPC service.
+pub struct PNodeService {
+    host: Addr<Host>,
+    router: Router,
+}
+
+fn unavailable<E: std::fmt::Display>(e: E) -> Status {
+    Status::unavailable(format!("pnode host actor is gone: {e}"))
+}
+
+#[tonic::async_trait]
+impl v1::p_node_server::PNode for PNodeService {
+    async fn allocate(&self, req: Request<v1::AllocateRequest>) -> Result<Response<v1::AllocateResponse>, Status> {
+        let req = req.into_inner();
+        let graph: ValidGraph = serde_json::from_str(&req.graph_json)
+            .map_err(|e| Status::invalid_argument(format!("graph_json is not a validated graph: {e}")))?;
+        if req.in_flight == 0 {
+            return Err(Status::invalid_argument("in_flight must be at least 1"));
+        }
+        let specs = req
+            .vnodes
+            .iter()
+            .map(|a| {
+                let node = graph
+                    .nodes
+                    .get(a.vnode as usize)
+                    .ok_or_else(|| Status::invalid_argument(format!("vnode {} is not in the graph", a.vnode)))?;
+                Ok(VNodeSpec {
+                    node: node.clone(),
+                    optimizer: graph.spec.optimizer,
+                    root_seed: req.root_seed,
+                    in_flight: req.in_flight,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let n = self
+            .host
+            .send(Allocate { job: req.job_id.clone(), specs })
+            .await
+            .map_err(unavailable)?
+            .map_err(Status::resource_exhausted)?;
+        tracing::info!(job = %req.job_id, vnodes = n, "allocated VNodes");
+        Ok(Response::new(v1::AllocateResponse { allocated: n }))
+    }
+
+    async fn release(&self, req: Request<v1::ReleaseRequest>) -> Result<Response<v1::ReleaseResponse>, Status> {
+        let job = req.into_inner().job_id;
+        let released = self.host.send(Release(job.clone())).await.map_err(unavailable)?;
+        tracing::info!(%job, released, "released VNodes");
+        Ok(Response::new(v1::ReleaseResponse { released }))
+    }
+
+    async fn exchange(
+        &self,
+        req: Request<Streaming<v1::VNodeMessage>>,
+    ) -> Result<Response<v1::ExchangeAck>, Status> {
+        let mut stream = req.into_inner();
+        let mut received = 0u64;
+        while let Some(m) = stream.message().await? {
+            let (job, vnode, inbound) =
+                convert::inbound_from_wire(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            self.router.deliver_local(&job, vnode, inbound).map_err(|e| Status::not_found(e.to_string()))?;
+            received += 1;
+        }
+        Ok(Response::new(v1::ExchangeAck { received }))
+    }
+
+    async fn fetch_params(
+        &self,
+        req: Request<v1::FetchParamsRequest>,
+    ) -> Result<Response<v1::FetchParamsResponse>, Status> {
+        let req = req.into_inner();
+        let actor = self
+            .host
+            .send(Find(req.job_id.clone(), req.vnode))
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| Status::not_found(format!("vnode {} of job {} is not hosted here", req.vnode, req.job_id)))?;
+        let (params, version) = actor.send(GetParams).await.map_err(unavailable)?.map_err(Status::internal)?;
+        Ok(Response::new(v1::FetchParamsResponse {
+            params: params.iter().map(convert::tensor_to_wire).collect(),
+            version,
+        }))
+    }
+}
+
+/// Serves the `PNode` service on `listener` with Nagle off and explicit limits.
+pub async fn serve(listener: TcpListener, host: Addr<Host>, router: Router) -> Result<(), tonic::transport::Error> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let svc = PNodeServer::new(PNodeService { host, router })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .add_service(svc)
+        .serve_with_incoming(incoming)
+        .await
+}
