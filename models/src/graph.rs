@@ -441,7 +441,7 @@ impl ModelGraph {
                 return Err(GraphError::ShapeMismatch {
                     from: self.nodes[i].id.clone(),
                     to: self.nodes[consumers[i][0].0 as usize].id.clone(),
-                    port: "?".into(),
+                    port: kinds[consumers[i][0].0 as usize].ports()[consumers[i][0].1 as usize].into(),
                     detail: "a loss produces a scalar and cannot feed other nodes".into(),
                 });
             }
@@ -651,10 +651,22 @@ fn topo_order(inputs: &[Vec<Source>]) -> Result<Vec<u32>, usize> {
         }
     }
     if order.len() == n {
-        Ok(order)
-    } else {
-        Err((0..n).find(|&i| indeg[i] > 0).unwrap_or(0))
+        return Ok(order);
     }
+    // A node left over may merely sit downstream of a cycle. Every left-over node has a left-over
+    // input, so walking back along those n times from any of them ends on the cycle itself.
+    let mut i = (0..n).find(|&i| indeg[i] > 0).unwrap_or(0);
+    for _ in 0..n {
+        let back = inputs[i].iter().find_map(|s| match s {
+            Source::Node(p) if indeg[*p as usize] > 0 => Some(*p as usize),
+            _ => None,
+        });
+        match back {
+            Some(p) => i = p,
+            None => break,
+        }
+    }
+    Err(i)
 }
 
 impl ValidGraph {

@@ -1,1 +1,22 @@
+//! The orchestrator: PNode registry, placement, one actor per job, the gRPC service, and the CLI.
+//!
+//! Module map: [`registry`] (PNodes and their health), [`placement`] (pure: which PNode hosts
+//! which VNode), [`job`] (the actor that drives one job), [`jobs`] (the job table), [`service`]
+//! (gRPC adapter; the only module here besides `client` and `server` that names tonic),
+//! [`server`] (starts actors and the gRPC server), [`client`] + [`cli`] + [`progress`] (the
+//! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
 
+pub mod cli;
+pub mod client;
+pub mod data;
+pub mod demo;
+pub mod job;
+pub mod jobs;
+pub mod local;
+pub mod placement;
+pub mod progress;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod status;
+pub mod summary;

@@ -1,0 +1,640 @@
+//! Parsing and validation of model graphs: the shipped example, every `GraphError` with its message, and random chains.
+
+use dcnr_model::graph::{Edge, NodeSpec, OptimizerSpec, Source};
+use dcnr_model::{GraphError, ModelGraph, NodeKind};
+use proptest::prelude::*;
+
+/// image(4) -> fc1 linear(4,5) -> relu1 -> fc2 linear(5,3) -> loss.logits; label -> loss.labels.
+const BASE: &str = r#"
+[model]
+name = "small"
+seed = 3
+
+[data]
+dataset = "mnist"
+feature_size = 4
+classes = 3
+
+[training]
+batch_size = 8
+
+[optimizer]
+kind = "sgd"
+lr = 0.1
+
+[[node]]
+id = "fc1"
+kind = "linear"
+inputs = 4
+outputs = 5
+
+[[node]]
+id = "relu1"
+kind = "relu"
+
+[[node]]
+id = "fc2"
+kind = "linear"
+inputs = 5
+outputs = 3
+
+[[node]]
+id = "loss"
+kind = "softmax_cross_entropy"
+
+[[edge]]
+from = "image"
+to = "fc1"
+
+[[edge]]
+from = "fc1"
+to = "relu1"
+
+[[edge]]
+from = "relu1"
+to = "fc2"
+
+[[edge]]
+from = "fc2"
+to = "loss"
+port = "logits"
+
+[[edge]]
+from = "label"
+to = "loss"
+port = "labels"
+"#;
+
+fn base() -> ModelGraph {
+    ModelGraph::parse(BASE).unwrap()
+}
+
+fn node(id: &str, kind: &str, widths: Option<(usize, usize)>) -> NodeSpec {
+    NodeSpec { id: id.into(), kind: kind.into(), inputs: widths.map(|w| w.0), outputs: widths.map(|w| w.1) }
+}
+
+fn edge(from: &str, to: &str, port: Option<&str>) -> Edge {
+    Edge { from: from.into(), to: to.into(), port: port.map(str::to_string) }
+}
+
+fn find_node(g: &ModelGraph, id: &str) -> usize {
+    g.nodes.iter().position(|n| n.id == id).unwrap()
+}
+
+/// Validates `g`, expecting an error; returns it with its message.
+fn fails(g: ModelGraph) -> (GraphError, String) {
+    let err = g.validate().unwrap_err();
+    let msg = err.to_string();
+    (err, msg)
+}
+
+#[test]
+fn shipped_mnist_mlp_validates() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/mnist-mlp.toml")).unwrap();
+    let g = ModelGraph::parse_valid(&text).unwrap();
+    assert_eq!(g.nodes.len(), 6);
+    let names: Vec<&str> = g.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["fc1", "relu1", "fc2", "relu2", "fc3", "loss"]);
+    assert_eq!(g.topo, vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(g.loss, 5);
+    assert_eq!(g.param_count(), 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10);
+    assert_eq!(g.nodes[0].kind, NodeKind::Linear { inputs: 784, outputs: 256 });
+    assert_eq!(g.nodes[5].kind, NodeKind::SoftmaxCrossEntropy { classes: 10 });
+    assert_eq!(g.nodes[0].inputs, vec![Source::Features]);
+    assert_eq!(g.nodes[5].inputs, vec![Source::Node(4), Source::Labels]);
+    assert_eq!(g.nodes[4].consumers, vec![(5, 0)]);
+    assert!(g.nodes[5].consumers.is_empty());
+    let widths: Vec<usize> = g.nodes.iter().map(|n| n.output_width).collect();
+    assert_eq!(widths, [256, 256, 256, 256, 10, 1]);
+    assert_eq!(g.spec.optimizer, OptimizerSpec::Adam { lr: 0.001, beta1: 0.9, beta2: 0.999, eps: 1e-8 });
+    assert_eq!(g.spec.data.normalize.std, 0.3081);
+}
+
+#[test]
+fn base_graph_validates_with_defaults() {
+    let g = base().validate().unwrap();
+    assert_eq!(g.topo, vec![0, 1, 2, 3]);
+    assert_eq!(g.loss, 3);
+    assert_eq!(g.spec.data.features, "image");
+    assert_eq!(g.spec.data.labels, "label");
+    assert_eq!(g.spec.training.epochs, 1);
+    assert_eq!(g.spec.training.in_flight, 1);
+    assert_eq!(g.spec.training.eval_batch_size, 1000);
+    assert_eq!(g.spec.training.steps, None);
+    assert_eq!(g.spec.optimizer, OptimizerSpec::Sgd { lr: 0.1, momentum: 0.0 });
+}
+
+#[test]
+fn loss_ports_default_by_source() {
+    // Without `port`, the labels source goes to `labels` and anything else to `logits`.
+    let text = BASE.replace("port = \"logits\"\n", "").replace("port = \"labels\"\n", "");
+    let g = ModelGraph::parse_valid(&text).unwrap();
+    assert_eq!(g.nodes[3].inputs, vec![Source::Node(2), Source::Labels]);
+    assert_eq!(g.nodes[2].consumers, vec![(3, 0)]);
+}
+
+#[test]
+fn topo_order_does_not_depend_on_file_order() {
+    let mut g = base();
+    g.nodes.reverse(); // loss, fc2, relu1, fc1: ids 0..=3
+    let v = g.validate().unwrap();
+    assert_eq!(v.topo, vec![3, 2, 1, 0]);
+    assert_eq!(v.loss, 0);
+}
+
+#[test]
+fn unknown_kind_is_named() {
+    let mut g = base();
+    let i = find_node(&g, "relu1");
+    g.nodes[i].kind = "gelu".into();
+    let (err, msg) = fails(g);
+    assert_eq!(
+        err,
+        GraphError::UnknownKind {
+            node: "relu1".into(),
+            kind: "gelu".into(),
+            known: "linear, relu, tanh, softmax_cross_entropy".into()
+        }
+    );
+    assert!(msg.contains("`relu1`") && msg.contains("`gelu`") && msg.contains("softmax_cross_entropy"), "{msg}");
+}
+
+#[test]
+fn unknown_fields_are_syntax_errors_naming_the_field() {
+    let cases = [
+        (BASE.replace("kind = \"relu\"", "kind = \"relu\"\nslope = 0.1"), "slope"),
+        (BASE.replace("batch_size = 8", "batch_size = 8\nlearning_rate = 0.1"), "learning_rate"),
+        (BASE.replace("lr = 0.1", "lr = 0.1\nnesterov = true"), "nesterov"),
+        (BASE.replace("to = \"fc1\"", "to = \"fc1\"\nweight = 2"), "weight"),
+        (BASE.replace("[model]", "[extra]\nx = 1\n[model]"), "extra"),
+    ];
+    for (text, field) in cases {
+        let err = ModelGraph::parse(&text).unwrap_err();
+        let GraphError::Syntax(detail) = &err else { panic!("{field}: expected Syntax, got {err:?}") };
+        assert!(detail.contains(&format!("`{field}`")), "{field}: {detail}");
+        assert!(err.to_string().starts_with("model graph is not valid TOML for the DCNR format: "));
+        assert_eq!(ModelGraph::parse_valid(&text).unwrap_err(), err);
+    }
+}
+
+#[test]
+fn missing_required_fields_are_syntax_errors() {
+    let err = ModelGraph::parse(&BASE.replace("batch_size = 8", "")).unwrap_err();
+    let GraphError::Syntax(detail) = &err else { panic!("{err:?}") };
+    assert!(detail.contains("batch_size"), "{detail}");
+    let err = ModelGraph::parse(&BASE.replace("kind = \"sgd\"", "kind = \"rmsprop\"")).unwrap_err();
+    let GraphError::Syntax(detail) = &err else { panic!("{err:?}") };
+    assert!(detail.contains("rmsprop"), "{detail}");
+}
+
+#[test]
+fn duplicate_names_are_rejected() {
+    let mut g = base();
+    g.nodes.push(node("fc1", "relu", None));
+    let (err, msg) = fails(g);
+    assert_eq!(err, GraphError::DuplicateName("fc1".into()));
+    assert!(msg.contains("`fc1`"), "{msg}");
+
+    // A node may not reuse a data source's name either.
+    let mut g = base();
+    let i = find_node(&g, "relu1");
+    g.nodes[i].id = "image".into();
+    assert_eq!(fails(g).0, GraphError::DuplicateName("image".into()));
+
+    let mut g = base();
+    g.data.labels = "image".into();
+    assert_eq!(fails(g).0, GraphError::DuplicateName("image".into()));
+}
+
+#[test]
+fn dangling_edges_name_the_missing_end() {
+    let mut g = base();
+    g.edges[1] = edge("fc9", "relu1", None);
+    let (err, msg) = fails(g);
+    assert_eq!(
+        err,
+        GraphError::DanglingEdge { from: "fc9".into(), to: "relu1".into(), which: "producer", name: "fc9".into() }
+    );
+    assert_eq!(msg, "edge fc9 -> relu1: unknown producer `fc9`");
+
+    let mut g = base();
+    g.edges.push(edge("relu1", "nowhere", None));
+    let (err, msg) = fails(g);
+    assert_eq!(
+        err,
+        GraphError::DanglingEdge {
+            from: "relu1".into(),
+            to: "nowhere".into(),
+            which: "consumer node",
+            name: "nowhere".into()
+        }
+    );
+    assert_eq!(msg, "edge relu1 -> nowhere: unknown consumer node `nowhere`");
+
+    let mut g = base();
+    g.edges.push(edge("relu1", "image", None));
+    let (err, msg) = fails(g);
+    assert!(matches!(&err, GraphError::DanglingEdge { name, .. } if name == "image"), "{err:?}");
+    assert!(msg.contains("a data source cannot consume") && msg.contains("`image`"), "{msg}");
+}
+
+#[test]
+fn unknown_ports_are_named_with_the_valid_ones() {
+    let mut g = base();
+    g.edges[3].port = Some("logit".into());
+    let (err, msg) = fails(g);
+    assert_eq!(
+        err,
+        GraphError::UnknownPort {
+            from: "fc2".into(),
+            to: "loss".into(),
+            kind: "softmax_cross_entropy".into(),
+            port: "logit".into(),
+            ports: "logits, labels".into()
+        }
+    );
+    assert_eq!(
+        msg,
+        "edge fc2 -> loss: node `loss` (kind softmax_cross_entropy) has no input port `logit` (ports: logits, labels)"
+    );
+
+    let mut g = base();
+    g.edges[1].port = Some("x".into());
+    let (err, msg) = fails(g);
+    assert!(matches!(&err, GraphError::UnknownPort { to, port, ports, .. } if to == "relu1" && port == "x" && ports == "in"));
+    assert!(msg.contains("`relu1`") && msg.contains("`x`"), "{msg}");
+
+    // Naming the only port explicitly is fine.
+    let mut g = base();
+    g.edges[1].port = Some("in".into());
+    g.validate().unwrap();
+}
+
+#[test]
+fn ports_need_exactly_one_edge() {
+    let mut g = base();
+    g.edges.push(edge("image", "relu1", None));
+    let (err, msg) = fails(g);
+    assert_eq!(err, GraphError::PortArity { node: "relu1".into(), port: "in".into(), count: 2 });
+    assert_eq!(msg, "node `relu1`: input port `in` has 2 incoming edges (exactly 1 required)");
+
+    let mut g = base();
+    g.edges.remove(1); // fc1 -> relu1
+    let (err, msg) = fails(g);
+    assert_eq!(err, GraphError::PortArity { node: "relu1".into(), port: "in".into(), count: 0 });
+    assert!(msg.contains("`relu1`") && msg.contains("has 0 incoming"), "{msg}");
+
+    let mut g = base();
+    g.edges.remove(4); // label -> loss
+    assert_eq!(fails(g).0, GraphError::PortArity { node: "loss".into(), port: "labels".into(), count: 0 });
+}
+
+/// fc1 <-> relu1 loop; relu1 also feeds fc2 -> loss, so every port has exactly one edge and
+/// every node a consumer. `first` is placed first in the file.
+fn cyclic(first: &str) -> ModelGraph {
+    let mut g = base();
+    g.edges[0] = edge("relu1", "fc1", None); // replaces image -> fc1
+    g.nodes[0].inputs = Some(5);
+    g.nodes[0].outputs = Some(5);
+    let i = find_node(&g, first);
+    let n = g.nodes.remove(i);
+    g.nodes.insert(0, n);
+    g
+}
+
+#[test]
+fn cycles_are_rejected_naming_a_node_on_the_cycle() {
+    for first in ["fc1", "relu1", "fc2", "loss"] {
+        let (err, msg) = fails(cyclic(first));
+        let GraphError::Cycle(name) = &err else { panic!("{first} first: expected Cycle, got {err:?}") };
+        assert!(name == "fc1" || name == "relu1", "{first} first: `{name}` is not on the cycle fc1 -> relu1 -> fc1");
+        assert_eq!(msg, format!("the graph has a cycle through node `{name}`"));
+    }
+
+    // A self-loop.
+    let mut g = base();
+    g.edges[0] = edge("fc1", "fc1", None);
+    g.nodes[0].outputs = Some(4);
+    g.nodes[2].inputs = Some(4);
+    assert_eq!(fails(g).0, GraphError::Cycle("fc1".into()));
+}
+
+#[test]
+fn exactly_one_loss() {
+    let mut g = base();
+    g.nodes.truncate(1);
+    g.edges.truncate(1);
+    let (err, msg) = fails(g);
+    assert_eq!(err, GraphError::LossCount(0));
+    assert_eq!(msg, "the graph must have exactly one loss node, found 0");
+
+    let mut g = base();
+    g.nodes.push(node("loss2", "softmax_cross_entropy", None));
+    g.edges.push(edge("fc2", "loss2", None));
+    g.edges.push(edge("label", "loss2", None));
+    let (err, msg) = fails(g);
+    assert_eq!(err, GraphError::LossCount(2));
+    assert!(msg.ends_with("found 2"), "{msg}");
+}
+
+#[test]
+fn a_loss_cannot_feed_another_node() {
+    let mut g = base();
+    g.nodes.push(node("after", "relu", None));
+    g.edges.push(edge("loss", "after", None));
+    let (err, msg) = fails(g);
+    let GraphError::ShapeMismatch { from, to, port, .. } = &err else { panic!("{err:?}") };
+    assert_eq!((from.as_str(), to.as_str(), port.as_str()), ("loss", "after", "in"));
+    assert!(msg.contains("loss -> after.in") && msg.contains("cannot feed"), "{msg}");
+}
+
+#[test]
+fn shape_mismatches_name_the_edge() {
+    let mut g = base();
+    g.nodes[2].inputs = Some(6);
+    let (err, msg) = fails(g);
+    assert_eq!(
+        err,
+        GraphError::ShapeMismatch {
+            from: "relu1".into(),
+            to: "fc2".into(),
+            port: "in".into(),
+            detail: "linear expects 6 input features, gets 5".into()
+        }
+    );
+    assert_eq!(msg, "shape mismatch on edge relu1 -> fc2.in: linear expects 6 input features, gets 5");
+
+    let mut g = base();
+    g.nodes[2].outputs = Some(4);
+    let (err, msg) = fails(g);
+    assert_eq!(
+        err,
+        GraphError::ShapeMismatch {
+            from: "fc2".into(),
+            to: "loss".into(),
+            port: "logits".into(),
+            detail: "logits have width 4, but the labels have 3 classes".into()
+        }
+    );
+    assert!(msg.contains("fc2 -> loss.logits"), "{msg}");
+
+    let mut g = base();
+    g.data.feature_size = 7;
+    let (err, msg) = fails(g);
+    assert!(matches!(&err, GraphError::ShapeMismatch { from, to, .. } if from == "image" && to == "fc1"), "{err:?}");
+    assert!(msg.contains("expects 4 input features, gets 7"), "{msg}");
+
+    let mut g = base();
+    g.data.classes = 5;
+    let (err, _) = fails(g);
+    assert!(matches!(&err, GraphError::ShapeMismatch { to, port, .. } if to == "loss" && port == "logits"), "{err:?}");
+}
+
+fn out_of_range(g: ModelGraph) -> (String, String, String) {
+    match fails(g) {
+        (GraphError::OutOfRange { what, value, range }, msg) => {
+            assert_eq!(msg, format!("{what} = {value} is out of range ({range})"));
+            (what, value, range)
+        }
+        (other, _) => panic!("expected OutOfRange, got {other:?}"),
+    }
+}
+
+#[test]
+fn absurd_sizes_are_out_of_range() {
+    let mut g = base();
+    g.training.batch_size = 0;
+    assert_eq!(out_of_range(g), ("training.batch_size".into(), "0".into(), "1..=65536".into()));
+
+    let mut g = base();
+    g.training.batch_size = 1 << 20;
+    assert_eq!(out_of_range(g).0, "training.batch_size");
+
+    let mut g = base();
+    g.training.eval_batch_size = 0;
+    assert_eq!(out_of_range(g).0, "training.eval_batch_size");
+
+    let mut g = base();
+    g.training.in_flight = 0;
+    assert_eq!(out_of_range(g), ("training.in_flight".into(), "0".into(), "1..=64".into()));
+
+    let mut g = base();
+    g.training.in_flight = 65;
+    assert_eq!(out_of_range(g).1, "65");
+
+    let mut g = base();
+    g.training.epochs = 0;
+    assert_eq!(out_of_range(g).0, "training.steps/epochs");
+
+    let mut g = base();
+    g.training.steps = Some(0);
+    assert_eq!(out_of_range(g).0, "training.steps/epochs");
+
+    // `steps` overrides `epochs`, so epochs = 0 is fine when steps is set.
+    let mut g = base();
+    g.training.epochs = 0;
+    g.training.steps = Some(10);
+    g.validate().unwrap();
+
+    let mut g = base();
+    g.nodes[0].outputs = Some(1_000_000_000);
+    assert_eq!(out_of_range(g), ("node `fc1`: outputs".into(), "1000000000".into(), "1..=1048576".into()));
+
+    let mut g = base();
+    g.nodes[2].inputs = Some(0);
+    assert_eq!(out_of_range(g).0, "node `fc2`: inputs");
+
+    let mut g = base();
+    g.nodes[2].outputs = None;
+    assert_eq!(out_of_range(g), ("node `fc2`: outputs".into(), "missing".into(), "required for this kind".into()));
+
+    let mut g = base();
+    g.nodes[0].inputs = Some(1 << 20);
+    g.nodes[0].outputs = Some(1 << 9);
+    assert_eq!(out_of_range(g), ("node `fc1`: parameter count".into(), "536871424".into(), "<= 268435456".into()));
+
+    let mut g = base();
+    g.nodes[1].inputs = Some(5);
+    assert_eq!(out_of_range(g).0, "node `relu1`: inputs/outputs");
+
+    let mut g = base();
+    g.data.feature_size = 0;
+    assert_eq!(out_of_range(g).0, "data.feature_size");
+
+    let mut g = base();
+    g.data.classes = 1;
+    assert_eq!(out_of_range(g).0, "data.classes");
+
+    let mut g = base();
+    g.data.normalize.std = 0.0;
+    assert_eq!(out_of_range(g).0, "data.normalize");
+
+    let mut g = base();
+    g.nodes.clear();
+    g.edges.clear();
+    assert_eq!(out_of_range(g), ("number of nodes".into(), "0".into(), "1..=4096".into()));
+}
+
+#[test]
+fn bad_optimizer_settings_are_out_of_range() {
+    for lr in [-0.1f32, 0.0, f32::NAN, f32::INFINITY, 100.0] {
+        let mut g = base();
+        g.optimizer = OptimizerSpec::Sgd { lr, momentum: 0.0 };
+        let (what, value, range) = out_of_range(g);
+        assert_eq!((what.as_str(), range.as_str()), ("optimizer.lr", "0 < lr < 100"));
+        assert_eq!(value, lr.to_string());
+    }
+    // The TOML spelling of NaN reaches the same check.
+    let g = ModelGraph::parse(&BASE.replace("lr = 0.1", "lr = nan")).unwrap();
+    assert_eq!(out_of_range(g), ("optimizer.lr".into(), "NaN".into(), "0 < lr < 100".into()));
+    let g = ModelGraph::parse(&BASE.replace("lr = 0.1", "lr = -0.5")).unwrap();
+    assert_eq!(out_of_range(g).1, "-0.5");
+
+    let mut g = base();
+    g.optimizer = OptimizerSpec::Sgd { lr: 0.1, momentum: 1.0 };
+    assert_eq!(out_of_range(g).0, "optimizer.momentum");
+
+    let mut g = base();
+    g.optimizer = OptimizerSpec::Adam { lr: f32::NAN, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+    assert_eq!(out_of_range(g).0, "optimizer.lr");
+
+    let mut g = base();
+    g.optimizer = OptimizerSpec::Adam { lr: 0.01, beta1: 0.9, beta2: 1.5, eps: 1e-8 };
+    assert_eq!(out_of_range(g).0, "optimizer.beta2");
+
+    let mut g = base();
+    g.optimizer = OptimizerSpec::Adam { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 0.0 };
+    assert_eq!(out_of_range(g).0, "optimizer.eps");
+}
+
+#[test]
+fn unused_outputs_are_rejected() {
+    let mut g = base();
+    g.nodes.push(node("dead", "tanh", None));
+    g.edges.push(edge("relu1", "dead", None));
+    let (err, msg) = fails(g);
+    assert_eq!(err, GraphError::Unused("dead".into()));
+    assert_eq!(msg, "node `dead` has no consumer: every non-loss node must feed another node");
+}
+
+#[test]
+fn labels_only_feed_the_labels_port_of_a_loss() {
+    let mut g = base();
+    g.edges[0] = edge("label", "fc1", None);
+    let (err, msg) = fails(g);
+    assert_eq!(err, GraphError::LabelsMisuse("label".into()));
+    assert_eq!(msg, "labels source `label` may only feed the `labels` port of a loss node");
+
+    let mut g = base();
+    g.edges[4].port = Some("logits".into());
+    assert_eq!(fails(g).0, GraphError::LabelsMisuse("label".into()));
+
+    // Features on the labels port are refused by the same rule.
+    let mut g = base();
+    g.edges[4] = edge("image", "loss", Some("labels"));
+    assert_eq!(fails(g).0, GraphError::LabelsMisuse("label".into()));
+
+    // A renamed labels source is reported by its own name.
+    let mut g = base();
+    g.data.labels = "digit".into();
+    g.edges[4].from = "digit".into();
+    g.edges[0].from = "digit".into();
+    assert_eq!(fails(g).0, GraphError::LabelsMisuse("digit".into()));
+}
+
+/// One layer of a random chain: 0 = linear to the given width, 1 = relu, 2 = tanh.
+type Layer = (u8, usize);
+
+/// A chain image(w0) -> layers... -> linear(classes) -> loss with the nodes placed in the file
+/// in the order given by `perm` (a permutation of chain positions).
+fn chain(w0: usize, layers: &[Layer], classes: usize, perm: &[usize]) -> (ModelGraph, Vec<NodeSpec>) {
+    let mut g = base();
+    g.data.feature_size = w0;
+    g.data.classes = classes;
+    let mut nodes = Vec::new();
+    let mut cur = w0;
+    for (i, &(kind, w)) in layers.iter().chain(std::iter::once(&(0u8, classes))).enumerate() {
+        let id = format!("n{i}");
+        nodes.push(match kind {
+            0 => {
+                let n = node(&id, "linear", Some((cur, w)));
+                cur = w;
+                n
+            }
+            1 => node(&id, "relu", None),
+            _ => node(&id, "tanh", None),
+        });
+    }
+    nodes.push(node("loss", "softmax_cross_entropy", None));
+    let mut edges = vec![edge("image", &nodes[0].id, None)];
+    for pair in nodes.windows(2) {
+        edges.push(edge(&pair[0].id, &pair[1].id, None));
+    }
+    edges.push(edge("label", "loss", None));
+    g.nodes = perm.iter().map(|&p| nodes[p].clone()).collect();
+    g.edges = edges;
+    (g, nodes)
+}
+
+fn chain_strategy() -> impl Strategy<Value = (usize, Vec<Layer>, usize, Vec<usize>)> {
+    (1usize..64, prop::collection::vec((0u8..3, 1usize..64), 0..10), 2usize..64).prop_flat_map(|(w0, layers, classes)| {
+        let perm: Vec<usize> = (0..layers.len() + 2).collect();
+        (Just(w0), Just(layers), Just(classes), Just(perm).prop_shuffle())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn random_consistent_chains_validate(
+        (w0, layers, classes, perm) in chain_strategy(),
+        pick in any::<prop::sample::Index>(),
+        bump in 1usize..63,
+        on_inputs in any::<bool>(),
+    ) {
+        let (g, chain_nodes) = chain(w0, &layers, classes, &perm);
+        let v = g.clone().validate().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let n = chain_nodes.len();
+        let mut sorted = v.topo.clone();
+        sorted.sort_unstable();
+        prop_assert_eq!(sorted, (0..n as u32).collect::<Vec<_>>());
+        let pos = |id: u32| v.topo.iter().position(|&t| t == id).unwrap_or(usize::MAX);
+        for node in &v.nodes {
+            for src in &node.inputs {
+                if let Source::Node(p) = src {
+                    prop_assert!(pos(*p) < pos(node.id), "{} must come before {}", p, node.id);
+                }
+            }
+        }
+        // File position i holds chain position perm[i]; the chain order is the only topo order.
+        let by_chain: Vec<u32> = (0..n).map(|c| perm.iter().position(|&p| p == c).unwrap_or(0) as u32).collect();
+        prop_assert_eq!(&v.topo, &by_chain);
+        prop_assert_eq!(v.loss, by_chain[n - 1]);
+        prop_assert_eq!(v.nodes[v.loss as usize].output_width, 1);
+
+        // Make one linear width inconsistent with its neighbour.
+        let linears: Vec<usize> = (0..n).filter(|&c| chain_nodes[c].kind == "linear").collect();
+        let target = linears[pick.index(linears.len())];
+        let mut bad = g.clone();
+        let file_pos = by_chain[target] as usize;
+        let field = if on_inputs { &mut bad.nodes[file_pos].inputs } else { &mut bad.nodes[file_pos].outputs };
+        let old = field.unwrap_or(1);
+        *field = Some((old - 1 + bump) % 63 + 1); // another value in 1..=63
+        let err = bad.validate().unwrap_err();
+        // The mismatch shows at the target itself (inputs) or at the next width-checking node.
+        let checker = if on_inputs {
+            target
+        } else {
+            (target + 1..n).find(|&c| chain_nodes[c].kind != "relu" && chain_nodes[c].kind != "tanh").unwrap_or(n - 1)
+        };
+        let want_from = if checker == 0 { "image".to_string() } else { chain_nodes[checker - 1].id.clone() };
+        match err {
+            GraphError::ShapeMismatch { from, to, .. } => {
+                prop_assert_eq!(to, chain_nodes[checker].id.clone());
+                prop_assert_eq!(from, want_from);
+            }
+            other => prop_assert!(false, "expected ShapeMismatch, got {:?}", other),
+        }
+    }
+}

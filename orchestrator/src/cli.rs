@@ -1,0 +1,332 @@
+//! Command-line interface of the `orchestrator` binary.
+
+use crate::client::{self, ClientError, Overrides};
+use crate::demo::{self, DemoArgs};
+use crate::jobs::JobDefaults;
+use crate::server::{self, ServerConfig};
+use crate::summary::JobSummary;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 the job failed or an internal error; 2 invalid input \
+(flags, model graph, dataset); 3 the orchestrator could not be reached; 130 interrupted.";
+
+/// DCNR orchestrator: trains model graphs on a mesh of volunteer PNodes.
+#[derive(Parser)]
+#[command(version, about, long_about = None, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an orchestrator, 3 local PNodes and the MNIST MLP end to end.
+    Demo {
+        #[command(flatten)]
+        args: DemoArgs,
+        /// Print the summary as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the orchestrator.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "DCNR_LISTEN", default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// Dataset directory.
+        #[arg(long, env = "DCNR_DATA")]
+        data: Option<PathBuf>,
+        /// Heartbeat period asked of PNodes, in milliseconds.
+        #[arg(long, env = "DCNR_HEARTBEAT_MS", default_value_t = 250)]
+        heartbeat_ms: u64,
+        /// Silence after which a PNode is lost, in milliseconds.
+        #[arg(long, env = "DCNR_HEARTBEAT_TIMEOUT_MS", default_value_t = 1500)]
+        heartbeat_timeout_ms: u64,
+        /// Fail a job when no step completes for this many seconds.
+        #[arg(long, env = "DCNR_STALL_TIMEOUT_S", default_value_t = 120)]
+        stall_timeout_s: u64,
+        /// Most PNodes one job spreads over.
+        #[arg(long, env = "DCNR_MAX_PNODES_PER_JOB", default_value_t = 16)]
+        max_pnodes: usize,
+    },
+    /// Submit a model graph to a running orchestrator.
+    Submit {
+        /// Model-graph TOML file.
+        file: PathBuf,
+        /// Orchestrator URL.
+        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "http://127.0.0.1:7070")]
+        orchestrator: String,
+        #[command(flatten)]
+        overrides: Overrides,
+        /// Block until the job ends and print its summary.
+        #[arg(long)]
+        wait: bool,
+        /// Show live progress while waiting (implies --wait).
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON (with --wait: the summary as the last line).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs and their state.
+    Jobs {
+        /// Orchestrator URL.
+        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "http://127.0.0.1:7070")]
+        orchestrator: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List PNodes and their health.
+    Pnodes {
+        /// Orchestrator URL.
+        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "http://127.0.0.1:7070")]
+        orchestrator: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Train a model graph in this process with whole-graph autodiff (the reference).
+    TrainLocal {
+        /// Model-graph TOML file.
+        file: PathBuf,
+        #[command(flatten)]
+        overrides: Overrides,
+        /// Dataset directory.
+        #[arg(long, env = "DCNR_DATA")]
+        data: Option<PathBuf>,
+        /// Print the summary as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a PNode (the same runtime as the `pnode` binary; the demo starts its PNodes this way).
+    #[command(hide = true)]
+    Pnode {
+        #[command(flatten)]
+        args: dcnr_pnode::PnodeArgs,
+    },
+}
+
+/// Prints a summary: human lines, or one JSON line.
+pub fn print_summary(s: &JobSummary, json: bool) {
+    if json {
+        match serde_json::to_string(s) {
+            Ok(line) => println!("{line}"),
+            Err(e) => eprintln!("error: cannot encode the summary: {e}"),
+        }
+        return;
+    }
+    println!(
+        "job {} {}: {} steps on {} pnode(s) in {:.1} s ({:.0} samples/s)",
+        s.job_id, s.status, s.steps, s.pnodes, s.wall_s, s.samples_per_s
+    );
+    if let Some(a) = s.test_accuracy {
+        println!("test accuracy {:.2}% (test loss {:.4})", a * 100.0, s.test_loss.unwrap_or(f64::NAN));
+    }
+    if let Some(h) = &s.params_sha256 {
+        println!("params sha256 {h}");
+    }
+    if let Some(e) = &s.error {
+        println!("error: {e}");
+    }
+}
+
+fn summary_exit(s: &JobSummary) -> ExitCode {
+    if s.status == "succeeded" { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(code)
+}
+
+fn client_fail(e: ClientError) -> ExitCode {
+    fail(e.exit_code(), e)
+}
+
+fn runtime<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    match rt {
+        Ok(rt) => actix_rt::System::with_tokio_rt(|| rt).block_on(f),
+        Err(e) => fail(1, format!("cannot start the async runtime: {e}")),
+    }
+}
+
+/// Runs the parsed command line.
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Pnode { args } => match dcnr_pnode::run_blocking(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, format!("{e:#}")),
+        },
+        Command::TrainLocal { file, overrides, data, json } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => return fail(2, format!("cannot read {}: {e}", file.display())),
+            };
+            match crate::local::run(&text, overrides, data, true) {
+                Ok(s) => {
+                    print_summary(&s, json);
+                    summary_exit(&s)
+                }
+                Err(e) => fail(2, format!("{e:#}")),
+            }
+        }
+        Command::Demo { args, json } => runtime(async move {
+            match demo::run(args).await {
+                Ok(s) => {
+                    print_summary(&s, json);
+                    summary_exit(&s)
+                }
+                Err(e) if e.to_string() == "interrupted" => fail(130, "interrupted; pnodes stopped"),
+                Err(e) => match e.downcast_ref::<ClientError>() {
+                    Some(c) => fail(c.exit_code(), format!("{e:#}")),
+                    None => fail(1, format!("{e:#}")),
+                },
+            }
+        }),
+        Command::Serve { listen, data, heartbeat_ms, heartbeat_timeout_ms, stall_timeout_s, max_pnodes } => {
+            runtime(async move {
+                let cfg = ServerConfig {
+                    listen,
+                    data,
+                    heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
+                    heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(heartbeat_ms.max(10) * 2)),
+                    jobs: JobDefaults {
+                        stall_timeout: Duration::from_secs(stall_timeout_s.max(1)),
+                        placement_timeout: Duration::from_secs(60),
+                        max_pnodes: max_pnodes.max(1),
+                    },
+                };
+                let srv = match server::start(cfg).await {
+                    Ok(s) => s,
+                    Err(e) => return fail(3, format!("{e:#}")),
+                };
+                println!("orchestrator listening on {}", srv.url());
+                tokio::select! {
+                    r = srv.task => match r {
+                        Ok(Ok(())) => ExitCode::SUCCESS,
+                        Ok(Err(e)) => fail(1, format!("gRPC server failed: {e}")),
+                        Err(e) => fail(1, format!("gRPC server task failed: {e}")),
+                    },
+                    _ = dcnr_pnode::shutdown_signal() => ExitCode::SUCCESS,
+                }
+            })
+        }
+        Command::Submit { file, orchestrator, overrides, wait, watch, json } => runtime(async move {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => return fail(2, format!("cannot read {}: {e}", file.display())),
+            };
+            let mut c = match client::connect(&orchestrator).await {
+                Ok(c) => c,
+                Err(e) => return client_fail(e),
+            };
+            let job = match client::submit(&mut c, text, overrides).await {
+                Ok(j) => j,
+                Err(e) => return client_fail(e),
+            };
+            if !(wait || watch) {
+                if json {
+                    println!("{}", serde_json::json!({ "job_id": job }));
+                } else {
+                    println!("{job}");
+                }
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("submitted {job}");
+            match client::wait(&mut c, &job, watch || !json).await {
+                Ok(s) => {
+                    print_summary(&s, json);
+                    summary_exit(&s)
+                }
+                Err(e) => client_fail(e),
+            }
+        }),
+        Command::Jobs { orchestrator, json } => runtime(async move {
+            let mut c = match client::connect(&orchestrator).await {
+                Ok(c) => c,
+                Err(e) => return client_fail(e),
+            };
+            let jobs = match client::jobs(&mut c).await {
+                Ok(j) => j,
+                Err(e) => return client_fail(e),
+            };
+            if json {
+                let rows: Vec<_> = jobs
+                    .iter()
+                    .map(|j| {
+                        serde_json::json!({
+                            "job_id": j.job_id, "state": state_name(j.state), "model": j.model,
+                            "steps_done": j.steps_done, "steps_total": j.steps_total,
+                            "error": j.error,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!("{:<22} {:<10} {:<14} {:>15} {:>8}", "JOB", "STATE", "MODEL", "STEPS", "LOSS");
+                for j in &jobs {
+                    println!(
+                        "{:<22} {:<10} {:<14} {:>15} {:>8.4}",
+                        j.job_id,
+                        state_name(j.state),
+                        j.model,
+                        format!("{}/{}", j.steps_done, j.steps_total),
+                        j.last_loss
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }),
+        Command::Pnodes { orchestrator, json } => runtime(async move {
+            let mut c = match client::connect(&orchestrator).await {
+                Ok(c) => c,
+                Err(e) => return client_fail(e),
+            };
+            let pnodes = match client::pnodes(&mut c).await {
+                Ok(p) => p,
+                Err(e) => return client_fail(e),
+            };
+            if json {
+                let rows: Vec<_> = pnodes
+                    .iter()
+                    .map(|p| {
+                        let caps = p.capabilities.clone().unwrap_or_default();
+                        serde_json::json!({
+                            "pnode_id": p.pnode_id, "name": p.name, "endpoint": p.endpoint, "health": p.health,
+                            "cores": caps.cores, "memory_bytes": caps.memory_bytes, "arch": caps.arch,
+                            "hosted_vnodes": p.hosted_vnodes,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!("{:<8} {:<16} {:<24} {:<8} {:>5} {:>7}", "PNODE", "NAME", "ENDPOINT", "HEALTH", "CORES", "VNODES");
+                for p in &pnodes {
+                    let cores = p.capabilities.as_ref().map(|c| c.cores).unwrap_or(0);
+                    println!(
+                        "{:<8} {:<16} {:<24} {:<8} {:>5} {:>7}",
+                        p.pnode_id, p.name, p.endpoint, p.health, cores, p.hosted_vnodes
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }),
+    }
+}
+
+fn state_name(s: i32) -> &'static str {
+    use dcnr_proto::v1::JobState;
+    match JobState::try_from(s) {
+        Ok(JobState::Pending) => "pending",
+        Ok(JobState::Running) => "running",
+        Ok(JobState::Succeeded) => "succeeded",
+        Ok(JobState::Failed) => "failed",
+        _ => "unknown",
+    }
+}

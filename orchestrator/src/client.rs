@@ -1,0 +1,142 @@
+//! The CLI's side of the `Orchestrator` service: submit, watch with progress, list.
+
+use crate::progress::Progress;
+use crate::summary::JobSummary;
+use dcnr_proto::limits::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
+use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
+use tonic::transport::Channel;
+
+/// A failure with the process exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The orchestrator cannot be reached.
+    #[error("cannot reach the orchestrator at {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    /// The request was refused as invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// Anything else the orchestrator answered.
+    #[error("orchestrator error: {0}")]
+    Other(String),
+}
+
+impl ClientError {
+    /// Exit code: 2 invalid input, 3 unreachable, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Invalid(_) => 2,
+            ClientError::Unreachable { .. } => 3,
+            ClientError::Other(_) => 1,
+        }
+    }
+}
+
+fn from_status(s: tonic::Status) -> ClientError {
+    match s.code() {
+        tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::NotFound => {
+            ClientError::Invalid(s.message().to_string())
+        }
+        _ => ClientError::Other(format!("{} ({:?})", s.message(), s.code())),
+    }
+}
+
+/// Connects to an orchestrator.
+pub async fn connect(url: &str) -> Result<OrchestratorClient<Channel>, ClientError> {
+    let unreachable = |detail: String| ClientError::Unreachable { url: url.to_string(), detail };
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| ClientError::Invalid(format!("`{url}` is not a valid URL: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| unreachable(format!("{e}")))?;
+    Ok(OrchestratorClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Training-length overrides.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct Overrides {
+    /// Train exactly this many steps (micro-batches).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Train this many epochs (ignored with --steps).
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    /// Micro-batches in flight (1 = synchronous).
+    #[arg(long = "in-flight")]
+    pub in_flight: Option<u32>,
+}
+
+/// Submits a graph; returns the job id.
+pub async fn submit(
+    client: &mut OrchestratorClient<Channel>,
+    graph_toml: String,
+    o: Overrides,
+) -> Result<String, ClientError> {
+    let mut req = tonic::Request::new(v1::SubmitJobRequest {
+        graph_toml,
+        steps: o.steps.unwrap_or(0),
+        epochs: o.epochs.unwrap_or(0),
+        in_flight: o.in_flight.unwrap_or(0),
+        label: String::new(),
+    });
+    // Loading a dataset on first use can take a moment; allow it.
+    req.set_timeout(UNARY_TIMEOUT);
+    let r = client.submit_job(req).await.map_err(from_status)?;
+    Ok(r.into_inner().job_id)
+}
+
+/// Follows a job until it ends, showing progress; returns its summary.
+pub async fn wait(
+    client: &mut OrchestratorClient<Channel>,
+    job_id: &str,
+    show_progress: bool,
+) -> Result<JobSummary, ClientError> {
+    use v1::job_event::Body;
+    let mut stream = client
+        .watch_job(v1::WatchJobRequest { job_id: job_id.to_string() })
+        .await
+        .map_err(from_status)?
+        .into_inner();
+    let mut progress = show_progress.then(Progress::new);
+    while let Some(ev) = stream.message().await.map_err(from_status)? {
+        match ev.body {
+            Some(Body::Progress(p)) => {
+                if let Some(bar) = progress.as_mut() {
+                    bar.update(p.step, p.steps_total, p.loss, p.samples_per_s, p.epoch);
+                }
+            }
+            Some(Body::Evaluation(e)) => {
+                if let Some(bar) = progress.as_mut() {
+                    bar.line(&format!("epoch {}: test accuracy {:.2}%, test loss {:.4}", e.epoch, e.accuracy * 100.0, e.loss));
+                }
+            }
+            Some(Body::Log(text)) => {
+                if let Some(bar) = progress.as_mut() {
+                    bar.line(&text);
+                }
+            }
+            Some(Body::Finished(s)) => {
+                if let Some(bar) = progress.take() {
+                    bar.finish();
+                }
+                return serde_json::from_str(&s.summary_json)
+                    .map_err(|e| ClientError::Other(format!("job ended without a readable summary ({e}): {}", s.error)));
+            }
+            None => {}
+        }
+    }
+    Err(ClientError::Other(format!("the orchestrator closed the watch of job {job_id} before it ended")))
+}
+
+/// All jobs.
+pub async fn jobs(client: &mut OrchestratorClient<Channel>) -> Result<Vec<v1::JobStatus>, ClientError> {
+    Ok(client.list_jobs(v1::ListJobsRequest {}).await.map_err(from_status)?.into_inner().jobs)
+}
+
+/// All PNodes.
+pub async fn pnodes(client: &mut OrchestratorClient<Channel>) -> Result<Vec<v1::PNodeInfo>, ClientError> {
+    Ok(client.list_p_nodes(v1::ListPNodesRequest {}).await.map_err(from_status)?.into_inner().pnodes)
+}

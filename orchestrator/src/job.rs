@@ -1,0 +1,639 @@
+//! One actor per job: places its VNodes, feeds micro-batches, keeps `in_flight` of them in the
+//! pipeline, evaluates on the test set at every epoch end, collects the parameters, and writes
+//! the summary.
+//!
+//! Update order: every VNode applies the update of micro-batch j as its (j+1)-th update and runs
+//! the forward of micro-batch m on parameter version max(0, m - in_flight + 1) (see
+//! `dcnr_vnode::VNode`); the job only decides *when* micro-batches enter, never what they compute,
+//! so results do not depend on message timing or placement.
+
+use crate::data::Splits;
+use crate::jobs::{Jobs, Placed, StatusUpdate};
+use crate::placement::{self, Demand, Offer};
+use crate::registry::{Health, PNodeView, Registry, Snapshot};
+use crate::status::{JobEvent, JobState, JobStatus};
+use crate::summary::{JobSummary, VNodeSummary, params_hashes};
+use actix::prelude::*;
+use dcnr_model::ValidGraph;
+use dcnr_model::graph::Source;
+use dcnr_pnode::convert;
+use dcnr_pnode::router::{Link, open_link};
+use dcnr_proto::limits::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
+use dcnr_proto::v1::{self, p_node_client::PNodeClient};
+use dcnr_vnode::batches::BatchPlan;
+use dcnr_vnode::{HostData, HostTensor, Phase};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+/// Everything fixed about a job at submission.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Job id.
+    pub job_id: String,
+    /// The validated graph (with overrides applied).
+    pub graph: ValidGraph,
+    /// Training steps (micro-batches) to run.
+    pub steps: u64,
+    /// Micro-batches in flight.
+    pub in_flight: u32,
+    /// Root of every random stream.
+    pub root_seed: u64,
+    /// Most PNodes to spread over.
+    pub max_pnodes: usize,
+    /// Fail when no step completes for this long.
+    pub stall_timeout: Duration,
+    /// How long to wait for a PNode to place on.
+    pub placement_timeout: Duration,
+}
+
+/// A report from a VNode, as plain data.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Job id.
+    pub job_id: String,
+    /// Reporting VNode.
+    pub vnode: u32,
+    /// Micro-batch.
+    pub mb: u64,
+    /// PNode it ran on.
+    pub pnode: String,
+    /// What happened.
+    pub body: ReportBody,
+}
+
+/// What a VNode reports.
+#[derive(Debug, Clone)]
+pub enum ReportBody {
+    /// A training micro-batch completed at this VNode.
+    Done {
+        /// Compute time.
+        compute_us: u64,
+    },
+    /// Loss VNode result.
+    Loss {
+        /// Train or eval.
+        phase: Phase,
+        /// Mean loss.
+        loss: f32,
+        /// Correct predictions.
+        correct: u32,
+        /// Samples.
+        count: u32,
+    },
+    /// The VNode failed.
+    Failure(String),
+}
+
+impl Message for Report {
+    type Result = ();
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Placing,
+    Training,
+    Evaluating,
+    Collecting,
+    Ended,
+}
+
+struct Eval {
+    batches: Vec<Range<usize>>,
+    next: usize,
+    outstanding: usize,
+    correct: u64,
+    count: u64,
+    loss_sum: f64,
+}
+
+/// Most eval micro-batches in the mesh at once.
+const EVAL_WINDOW: usize = 4;
+
+/// The actor driving one job.
+pub struct JobActor {
+    spec: JobSpec,
+    registry: Addr<Registry>,
+    jobs: Addr<Jobs>,
+    data: Arc<Splits>,
+    events: broadcast::Sender<JobEvent>,
+    plan: BatchPlan,
+    stage: Stage,
+    placement: BTreeMap<u32, PNodeView>,
+    links: HashMap<String, Link>,
+    feeders: Vec<(u32, u32, Source)>,
+    fed: u64,
+    completed: u64,
+    done: BTreeMap<u64, u32>,
+    finished_mbs: BTreeSet<u64>,
+    epochs_evaluated: u64,
+    eval: Option<Eval>,
+    eval_seq: u64,
+    loss_window: (f64, u32),
+    last_loss: Option<f32>,
+    test: Option<(f64, f64)>,
+    started: Instant,
+    train_time: Duration,
+    train_mark: Option<Instant>,
+    last_activity: Instant,
+    rate_mark: (Instant, u64),
+    samples_per_s: f64,
+    error: Option<String>,
+}
+
+impl JobActor {
+    /// A job actor that starts working when started.
+    pub fn new(
+        spec: JobSpec,
+        registry: Addr<Registry>,
+        jobs: Addr<Jobs>,
+        data: Arc<Splits>,
+        events: broadcast::Sender<JobEvent>,
+    ) -> JobActor {
+        let plan = BatchPlan::new(data.train.len(), spec.graph.spec.training.batch_size, spec.root_seed);
+        let feeders = spec
+            .graph
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                n.inputs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| !matches!(s, Source::Node(_)))
+                    .map(move |(p, s)| (n.id, p as u32, s.clone()))
+            })
+            .collect();
+        let now = Instant::now();
+        JobActor {
+            spec,
+            registry,
+            jobs,
+            data,
+            events,
+            plan,
+            stage: Stage::Placing,
+            placement: BTreeMap::new(),
+            links: HashMap::new(),
+            feeders,
+            fed: 0,
+            completed: 0,
+            done: BTreeMap::new(),
+            finished_mbs: BTreeSet::new(),
+            epochs_evaluated: 0,
+            eval: None,
+            eval_seq: 0,
+            loss_window: (0.0, 0),
+            last_loss: None,
+            test: None,
+            started: now,
+            train_time: Duration::ZERO,
+            train_mark: None,
+            last_activity: now,
+            rate_mark: (now, 0),
+            samples_per_s: 0.0,
+            error: None,
+        }
+    }
+
+    fn status(&self) -> JobStatus {
+        let state = match self.stage {
+            Stage::Placing => JobState::Pending,
+            Stage::Ended if self.error.is_some() => JobState::Failed,
+            Stage::Ended => JobState::Succeeded,
+            _ => JobState::Running,
+        };
+        JobStatus {
+            job_id: self.spec.job_id.clone(),
+            state,
+            model: self.spec.graph.spec.model.name.clone(),
+            steps_done: self.completed,
+            steps_total: self.spec.steps,
+            last_loss: self.last_loss,
+            samples_per_s: self.samples_per_s,
+            error: self.error.clone(),
+            summary: None,
+        }
+    }
+
+    fn log(&self, text: String) {
+        tracing::info!(job = %self.spec.job_id, "{text}");
+        let _ = self.events.send(JobEvent::Log(text));
+    }
+
+    fn fail(&mut self, ctx: &mut Context<Self>, why: String) {
+        if self.stage == Stage::Ended || self.error.is_some() {
+            return;
+        }
+        tracing::error!(job = %self.spec.job_id, error = %why, "job failed");
+        self.error = Some(why);
+        self.finish(ctx, None);
+    }
+
+    fn on_placed(&mut self, placed: Result<BTreeMap<u32, PNodeView>, String>, ctx: &mut Context<Self>) {
+        let placement = match placed {
+            Ok(p) => p,
+            Err(e) => return self.fail(ctx, e),
+        };
+        let names = self.spec.graph.names();
+        let text: Vec<String> = placement
+            .iter()
+            .map(|(v, p)| format!("{}->{}", names.get(v).map(String::as_str).unwrap_or("?"), p.id))
+            .collect();
+        self.log(format!("placed {} VNodes: {}", placement.len(), text.join(", ")));
+        self.jobs.do_send(Placed {
+            job_id: self.spec.job_id.clone(),
+            locations: placement.iter().map(|(v, p)| (*v, p.endpoint.clone())).collect(),
+        });
+        for (vnode, _, _) in &self.feeders {
+            let Some(p) = placement.get(vnode) else { continue };
+            if !self.links.contains_key(&p.endpoint) {
+                match open_link(&p.endpoint) {
+                    Ok(l) => {
+                        self.links.insert(p.endpoint.clone(), l);
+                    }
+                    Err(e) => return self.fail(ctx, format!("bad endpoint {}: {e}", p.endpoint)),
+                }
+            }
+        }
+        self.placement = placement;
+        self.stage = Stage::Training;
+        self.train_mark = Some(Instant::now());
+        self.rate_mark = (Instant::now(), 0);
+        ctx.run_interval(Duration::from_millis(250), |act, ctx| act.tick(ctx));
+        self.push_status();
+        self.pump(ctx);
+    }
+
+    fn push_status(&self) {
+        self.jobs.do_send(StatusUpdate(self.status()));
+    }
+
+    fn send_data(&mut self, mb: u64, phase: Phase, features: &HostTensor, labels: &HostTensor) -> Result<(), String> {
+        for (vnode, port, src) in &self.feeders {
+            let tensor = if *src == Source::Labels { labels } else { features };
+            let msg = convert::forward_message(&self.spec.job_id, *vnode, mb, phase, *port, tensor);
+            let endpoint = self.placement.get(vnode).map(|p| p.endpoint.as_str()).unwrap_or("");
+            let link = self.links.get(endpoint).ok_or_else(|| format!("no link to the pnode of vnode {vnode}"))?;
+            link.try_send(msg).map_err(|e| format!("cannot feed vnode {vnode} at {endpoint}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn batch(&self, set: &dcnr_model::dataset::ImageSet, idx: &[usize]) -> (HostTensor, HostTensor) {
+        let norm = self.spec.graph.spec.data.normalize;
+        let x = set.gather_features(idx, norm.mean, norm.std);
+        let y = set.gather_labels(idx);
+        (HostTensor::f32(vec![idx.len(), set.features()], x), HostTensor { shape: vec![idx.len()], data: HostData::I32(y) })
+    }
+
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        loop {
+            match self.stage {
+                Stage::Training => {
+                    let spe = self.plan.steps_per_epoch();
+                    let limit = self.spec.steps.min((self.epochs_evaluated + 1) * spe);
+                    let k = self.spec.in_flight as u64;
+                    while self.fed < limit && self.fed < self.completed + k {
+                        let idx = self.plan.indices(self.fed);
+                        let (x, y) = self.batch(&self.data.train, &idx);
+                        if let Err(e) = self.send_data(self.fed, Phase::Train, &x, &y) {
+                            return self.fail(ctx, e);
+                        }
+                        self.fed += 1;
+                    }
+                    if self.completed < limit {
+                        return;
+                    }
+                    if let Some(m) = self.train_mark.take() {
+                        self.train_time += m.elapsed();
+                    }
+                    let test = self.data.test.len();
+                    let eb = self.spec.graph.spec.training.eval_batch_size;
+                    self.eval = Some(Eval {
+                        batches: (0..test).step_by(eb).map(|s| s..(s + eb).min(test)).collect(),
+                        next: 0,
+                        outstanding: 0,
+                        correct: 0,
+                        count: 0,
+                        loss_sum: 0.0,
+                    });
+                    self.stage = Stage::Evaluating;
+                }
+                Stage::Evaluating => {
+                    let Some(mut ev) = self.eval.take() else { return };
+                    while ev.outstanding < EVAL_WINDOW && ev.next < ev.batches.len() {
+                        let idx: Vec<usize> = ev.batches[ev.next].clone().collect();
+                        let (x, y) = self.batch(&self.data.test, &idx);
+                        let mb = self.eval_seq;
+                        self.eval_seq += 1;
+                        if let Err(e) = self.send_data(mb, Phase::Eval, &x, &y) {
+                            return self.fail(ctx, e);
+                        }
+                        ev.next += 1;
+                        ev.outstanding += 1;
+                    }
+                    if ev.outstanding > 0 || ev.next < ev.batches.len() {
+                        self.eval = Some(ev);
+                        return;
+                    }
+                    let acc = ev.correct as f64 / ev.count.max(1) as f64;
+                    let loss = ev.loss_sum / ev.count.max(1) as f64;
+                    self.test = Some((acc, loss));
+                    self.epochs_evaluated += 1;
+                    let _ = self.events.send(JobEvent::Evaluation { epoch: self.epochs_evaluated as u32, accuracy: acc, loss });
+                    self.log(format!(
+                        "evaluation after {} steps: test accuracy {:.2}%, test loss {:.4}",
+                        self.completed,
+                        acc * 100.0,
+                        loss
+                    ));
+                    if self.completed >= self.spec.steps {
+                        self.stage = Stage::Collecting;
+                        self.collect(ctx);
+                        return;
+                    }
+                    self.stage = Stage::Training;
+                    self.train_mark = Some(Instant::now());
+                }
+                _ => return,
+            }
+        }
+    }
+
+    fn collect(&mut self, ctx: &mut Context<Self>) {
+        let job = self.spec.job_id.clone();
+        let targets: Vec<(u32, String)> = self.placement.iter().map(|(v, p)| (*v, p.endpoint.clone())).collect();
+        let fut = async move {
+            let mut all = Vec::with_capacity(targets.len());
+            for (vnode, endpoint) in targets {
+                let mut client = pnode_client(&endpoint).map_err(|e| format!("{endpoint}: {e}"))?;
+                let r = client
+                    .fetch_params(v1::FetchParamsRequest { job_id: job.clone(), vnode })
+                    .await
+                    .map_err(|s| format!("fetching parameters of vnode {vnode} from {endpoint}: {}", s.message()))?
+                    .into_inner();
+                let mut ps = Vec::with_capacity(r.params.len());
+                for t in &r.params {
+                    let t = convert::tensor_from_wire(Some(t)).map_err(|e| format!("vnode {vnode} parameters: {e}"))?;
+                    match t.data {
+                        HostData::F32(v) => ps.push(v),
+                        HostData::I32(_) => return Err(format!("vnode {vnode} sent integer parameters")),
+                    }
+                }
+                all.push(ps);
+            }
+            Ok::<_, String>(all)
+        };
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
+            Ok(params) => act.finish(ctx, Some(params)),
+            Err(e) => act.fail(ctx, e),
+        }));
+    }
+
+    fn summary(&self, params: Option<&[Vec<Vec<f32>>]>) -> JobSummary {
+        let (all, each) = match params {
+            Some(p) => {
+                let (a, e) = params_hashes(p);
+                (Some(a), e)
+            }
+            None => (None, Vec::new()),
+        };
+        let train_s = self.train_time.as_secs_f64() + self.train_mark.map(|m| m.elapsed().as_secs_f64()).unwrap_or(0.0);
+        let batch = self.spec.graph.spec.training.batch_size;
+        let samples = (self.completed as f64) * batch as f64;
+        let pnodes: BTreeSet<&str> = self.placement.values().map(|p| p.id.as_str()).collect();
+        JobSummary {
+            job_id: self.spec.job_id.clone(),
+            status: if self.error.is_some() { "failed" } else { "succeeded" }.into(),
+            model: self.spec.graph.spec.model.name.clone(),
+            steps: self.completed,
+            test_accuracy: self.test.map(|t| t.0),
+            test_loss: self.test.map(|t| t.1),
+            train_loss: self.last_loss.map(f64::from),
+            wall_s: self.started.elapsed().as_secs_f64(),
+            samples_per_s: if train_s > 0.0 { samples / train_s } else { 0.0 },
+            pnodes: pnodes.len(),
+            in_flight: self.spec.in_flight,
+            batch_size: batch,
+            params_sha256: all,
+            vnodes: self
+                .spec
+                .graph
+                .nodes
+                .iter()
+                .map(|n| VNodeSummary {
+                    id: n.id,
+                    name: n.name.clone(),
+                    kind: n.kind.name().into(),
+                    pnode: self.placement.get(&n.id).map(|p| p.id.clone()).unwrap_or_default(),
+                    params_sha256: each.get(n.id as usize).cloned().unwrap_or_default(),
+                })
+                .collect(),
+            error: self.error.clone(),
+        }
+    }
+
+    fn finish(&mut self, ctx: &mut Context<Self>, params: Option<Vec<Vec<Vec<f32>>>>) {
+        let summary = self.summary(params.as_deref());
+        self.stage = Stage::Ended;
+        let mut status = self.status();
+        status.summary = Some(summary);
+        let job = self.spec.job_id.clone();
+        let endpoints: BTreeSet<String> = self.placement.values().map(|p| p.endpoint.clone()).collect();
+        self.links.clear();
+        let release = async move {
+            for e in endpoints {
+                if let Ok(mut c) = pnode_client(&e) {
+                    if let Err(s) = c.release(v1::ReleaseRequest { job_id: job.clone() }).await {
+                        tracing::warn!(endpoint = %e, status = %s, "release failed");
+                    }
+                }
+            }
+        };
+        ctx.wait(release.into_actor(self).map(move |_, act, ctx| {
+            // The job table announces the end, so a watcher never misses it.
+            act.jobs.do_send(StatusUpdate(status));
+            ctx.stop();
+        }));
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.stage == Stage::Ended {
+            return;
+        }
+        let now = Instant::now();
+        let (mark, at) = self.rate_mark;
+        let dt = now.duration_since(mark).as_secs_f64();
+        if dt >= 1.0 && self.stage == Stage::Training {
+            let batch = self.spec.graph.spec.training.batch_size as f64;
+            self.samples_per_s = (self.completed - at) as f64 * batch / dt;
+            self.rate_mark = (now, self.completed);
+        }
+        if self.loss_window.1 > 0 {
+            self.last_loss = Some((self.loss_window.0 / self.loss_window.1 as f64) as f32);
+            self.loss_window = (0.0, 0);
+        }
+        if self.stage == Stage::Training {
+            let _ = self.events.send(JobEvent::Progress {
+                step: self.completed,
+                steps_total: self.spec.steps,
+                loss: self.last_loss.unwrap_or(f32::NAN),
+                samples_per_s: self.samples_per_s,
+                epoch: self.plan.epoch_of(self.completed) as u32,
+            });
+        }
+        self.push_status();
+        if self.last_activity.elapsed() > self.spec.stall_timeout {
+            let why = format!(
+                "no progress for {:?} (stage {:?}, {} of {} steps done)",
+                self.spec.stall_timeout, self.stage, self.completed, self.spec.steps
+            );
+            return self.fail(ctx, why);
+        }
+        let placed: BTreeSet<String> = self.placement.values().map(|p| p.id.clone()).collect();
+        ctx.spawn(self.registry.send(Snapshot).into_actor(self).map(move |snap, act, ctx| {
+            let Ok(snap) = snap else { return };
+            if let Some(lost) = snap.iter().find(|p| placed.contains(&p.id) && p.health == Health::Lost) {
+                let why = format!("pnode {} ({}) stopped heartbeating; its VNodes are lost", lost.id, lost.endpoint);
+                act.fail(ctx, why);
+            }
+        }));
+    }
+}
+
+/// A client for a PNode's service with the protocol's limits.
+pub fn pnode_client(endpoint: &str) -> Result<PNodeClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(UNARY_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(PNodeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Memory and work estimates of each VNode, for placement.
+fn demands(spec: &JobSpec) -> Vec<Demand> {
+    let batch = spec.graph.spec.training.batch_size as u64;
+    spec.graph
+        .topo
+        .iter()
+        .map(|&id| {
+            let n = &spec.graph.nodes[id as usize];
+            let params = n.kind.param_count() as u64;
+            let acts = batch * n.output_width as u64;
+            Demand {
+                vnode: id,
+                work: params + acts,
+                // Parameters, two optimizer moments, the stash of in-flight versions, activations.
+                memory: 4 * (params * (3 + spec.in_flight as u64) + acts * (2 + spec.in_flight as u64)),
+            }
+        })
+        .collect()
+}
+
+async fn place_and_allocate(spec: JobSpec, registry: Addr<Registry>) -> Result<BTreeMap<u32, PNodeView>, String> {
+    let deadline = Instant::now() + spec.placement_timeout;
+    let healthy = loop {
+        let snap = registry.send(Snapshot).await.map_err(|e| format!("registry unavailable: {e}"))?;
+        let healthy: Vec<PNodeView> = snap.into_iter().filter(|p| p.health == Health::Healthy).collect();
+        if !healthy.is_empty() {
+            break healthy;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no healthy pnode joined within {:?}", spec.placement_timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let offers: Vec<Offer> = healthy
+        .iter()
+        .map(|p| Offer { pnode: p.id.clone(), cores: p.caps.cores, memory: p.caps.memory_bytes })
+        .collect();
+    let assignment = placement::place(&demands(&spec), &offers, spec.max_pnodes).map_err(|e| e.to_string())?;
+    let by_id: HashMap<&str, &PNodeView> = healthy.iter().map(|p| (p.id.as_str(), p)).collect();
+    let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (v, p) in &assignment {
+        groups.entry(p.clone()).or_default().push(*v);
+    }
+    let graph_json = serde_json::to_string(&spec.graph).map_err(|e| e.to_string())?;
+    let calls = groups.iter().map(|(pnode, vnodes)| {
+        let endpoint = by_id.get(pnode.as_str()).map(|p| p.endpoint.clone()).unwrap_or_default();
+        let req = v1::AllocateRequest {
+            job_id: spec.job_id.clone(),
+            graph_json: graph_json.clone(),
+            root_seed: spec.root_seed,
+            in_flight: spec.in_flight,
+            vnodes: vnodes.iter().map(|&vnode| v1::VNodeAssignment { vnode }).collect(),
+        };
+        async move {
+            let mut c = pnode_client(&endpoint).map_err(|e| format!("{endpoint}: {e}"))?;
+            c.allocate(req).await.map_err(|s| format!("allocating on {endpoint}: {}", s.message()))?;
+            Ok::<_, String>(())
+        }
+    });
+    for r in futures::future::join_all(calls).await {
+        r?;
+    }
+    Ok(assignment
+        .into_iter()
+        .filter_map(|(v, p)| by_id.get(p.as_str()).map(|view| (v, (*view).clone())))
+        .collect())
+}
+
+impl Actor for JobActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.push_status();
+        let fut = place_and_allocate(self.spec.clone(), self.registry.clone());
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| act.on_placed(res, ctx)));
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        // The job's arbiter exists for this actor alone.
+        Arbiter::current().stop();
+    }
+}
+
+impl Handler<Report> for JobActor {
+    type Result = ();
+
+    fn handle(&mut self, r: Report, ctx: &mut Context<Self>) {
+        if self.stage == Stage::Ended {
+            return;
+        }
+        self.last_activity = Instant::now();
+        match r.body {
+            ReportBody::Done { .. } => {
+                let n = self.spec.graph.nodes.len() as u32;
+                let c = self.done.entry(r.mb).or_insert(0);
+                *c += 1;
+                if *c == n {
+                    self.done.remove(&r.mb);
+                    self.finished_mbs.insert(r.mb);
+                    while self.finished_mbs.remove(&self.completed) {
+                        self.completed += 1;
+                    }
+                }
+            }
+            ReportBody::Loss { phase: Phase::Train, loss, .. } => {
+                self.loss_window.0 += f64::from(loss);
+                self.loss_window.1 += 1;
+            }
+            ReportBody::Loss { phase: Phase::Eval, loss, correct, count } => {
+                if let Some(ev) = self.eval.as_mut() {
+                    ev.outstanding = ev.outstanding.saturating_sub(1);
+                    ev.correct += u64::from(correct);
+                    ev.count += u64::from(count);
+                    ev.loss_sum += f64::from(loss) * f64::from(count);
+                }
+            }
+            ReportBody::Failure(msg) => {
+                let name = self.spec.graph.names().get(&r.vnode).cloned().unwrap_or_default();
+                return self.fail(ctx, format!("vnode {} ({name}) on {} failed: {msg}", r.vnode, r.pnode));
+            }
+        }
+        self.pump(ctx);
+    }
+}

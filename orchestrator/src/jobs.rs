@@ -1,0 +1,244 @@
+//! The job table: accepts submissions, starts one [`JobActor`] per job on its own arbiter,
+//! answers status queries, routes VNode reports, and resolves VNode locations.
+
+use crate::data::DataCache;
+use crate::job::{JobActor, JobSpec, Report};
+use crate::registry::Registry;
+use crate::status::{JobEvent, JobState, JobStatus};
+use actix::prelude::*;
+use dcnr_model::{GraphError, ModelGraph};
+use sha2::Digest;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Settings every job inherits from the orchestrator.
+#[derive(Debug, Clone)]
+pub struct JobDefaults {
+    /// Fail a job when no step completes for this long.
+    pub stall_timeout: Duration,
+    /// How long a job waits for a PNode.
+    pub placement_timeout: Duration,
+    /// Most PNodes one job spreads over.
+    pub max_pnodes: usize,
+}
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The graph is invalid.
+    #[error("invalid model graph: {0}")]
+    Graph(#[from] GraphError),
+    /// An override is out of range.
+    #[error("invalid job setting: {0}")]
+    Setting(String),
+    /// The dataset cannot be loaded.
+    #[error("dataset unavailable: {0}")]
+    Data(String),
+}
+
+struct Entry {
+    status: JobStatus,
+    events: broadcast::Sender<JobEvent>,
+    actor: Option<Addr<JobActor>>,
+}
+
+/// Actor owning every job's status.
+pub struct Jobs {
+    registry: Addr<Registry>,
+    data: DataCache,
+    defaults: JobDefaults,
+    next: u64,
+    jobs: BTreeMap<String, Entry>,
+    locations: HashMap<(String, u32), String>,
+}
+
+impl Jobs {
+    /// An empty table.
+    pub fn new(registry: Addr<Registry>, data: DataCache, defaults: JobDefaults) -> Jobs {
+        Jobs { registry, data, defaults, next: 1, jobs: BTreeMap::new(), locations: HashMap::new() }
+    }
+}
+
+impl Actor for Jobs {
+    type Context = Context<Self>;
+}
+
+/// A submission.
+#[derive(Message, Debug, Clone, Default)]
+#[rtype(result = "Result<String, SubmitError>")]
+pub struct Submit {
+    /// Model-graph TOML.
+    pub graph_toml: String,
+    /// Steps override (0 = from the graph).
+    pub steps: u64,
+    /// Epochs override (0 = from the graph).
+    pub epochs: u32,
+    /// In-flight override (0 = from the graph).
+    pub in_flight: u32,
+}
+
+impl Handler<Submit> for Jobs {
+    type Result = Result<String, SubmitError>;
+
+    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
+        let mut spec = ModelGraph::parse(&msg.graph_toml)?;
+        if msg.steps > 0 {
+            spec.training.steps = Some(msg.steps);
+        } else if msg.epochs > 0 {
+            spec.training.epochs = msg.epochs;
+            spec.training.steps = None;
+        }
+        if msg.in_flight > 0 {
+            spec.training.in_flight = msg.in_flight;
+        }
+        let graph = spec.validate()?;
+        let data = self.data.get(&graph.spec.data.dataset).map_err(|e| SubmitError::Data(e.to_string()))?;
+        if data.train.features() != graph.spec.data.feature_size {
+            return Err(SubmitError::Setting(format!(
+                "dataset {} has {} features per sample but the graph declares feature_size = {}",
+                graph.spec.data.dataset,
+                data.train.features(),
+                graph.spec.data.feature_size
+            )));
+        }
+        let t = &graph.spec.training;
+        let spe = data.train.len().div_ceil(t.batch_size) as u64;
+        let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
+        let digest = hex::encode(sha2::Sha256::digest(msg.graph_toml.as_bytes()));
+        let job_id = format!("job-{:04}-{}", self.next, &digest[..8]);
+        self.next += 1;
+        let spec = JobSpec {
+            job_id: job_id.clone(),
+            in_flight: t.in_flight,
+            root_seed: graph.spec.model.seed,
+            steps,
+            graph,
+            max_pnodes: self.defaults.max_pnodes,
+            stall_timeout: self.defaults.stall_timeout,
+            placement_timeout: self.defaults.placement_timeout,
+        };
+        let (events, _) = broadcast::channel(1024);
+        let status = JobStatus {
+            job_id: job_id.clone(),
+            state: JobState::Pending,
+            model: spec.graph.spec.model.name.clone(),
+            steps_done: 0,
+            steps_total: steps,
+            last_loss: None,
+            samples_per_s: 0.0,
+            error: None,
+            summary: None,
+        };
+        let (registry, me, tx) = (self.registry.clone(), ctx.address(), events.clone());
+        let actor = JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            JobActor::new(spec, registry, me, data, tx)
+        });
+        tracing::info!(job = %job_id, steps, "job submitted");
+        self.jobs.insert(job_id.clone(), Entry { status, events, actor: Some(actor) });
+        Ok(job_id)
+    }
+}
+
+/// Status pushed by a job actor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StatusUpdate(pub JobStatus);
+
+impl Handler<StatusUpdate> for Jobs {
+    type Result = ();
+
+    fn handle(&mut self, msg: StatusUpdate, _: &mut Context<Self>) {
+        if let Some(e) = self.jobs.get_mut(&msg.0.job_id) {
+            if msg.0.state.is_final() {
+                e.actor = None;
+                self.locations.retain(|k, _| k.0 != msg.0.job_id);
+                let _ = e.events.send(JobEvent::Finished(Box::new(msg.0.clone())));
+            }
+            e.status = msg.0;
+        }
+    }
+}
+
+/// Where a job's VNodes were placed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Placed {
+    /// Job id.
+    pub job_id: String,
+    /// (vnode, endpoint) pairs.
+    pub locations: Vec<(u32, String)>,
+}
+
+impl Handler<Placed> for Jobs {
+    type Result = ();
+
+    fn handle(&mut self, msg: Placed, _: &mut Context<Self>) {
+        for (v, e) in msg.locations {
+            self.locations.insert((msg.job_id.clone(), v), e);
+        }
+    }
+}
+
+/// Endpoint of the PNode hosting (job, vnode).
+#[derive(Message)]
+#[rtype(result = "Option<String>")]
+pub struct Resolve(pub String, pub u32);
+
+impl Handler<Resolve> for Jobs {
+    type Result = Option<String>;
+
+    fn handle(&mut self, msg: Resolve, _: &mut Context<Self>) -> Option<String> {
+        self.locations.get(&(msg.0, msg.1)).cloned()
+    }
+}
+
+impl Handler<Report> for Jobs {
+    type Result = ();
+
+    fn handle(&mut self, msg: Report, _: &mut Context<Self>) {
+        match self.jobs.get(&msg.job_id).and_then(|e| e.actor.as_ref()) {
+            Some(a) => a.do_send(msg),
+            None => tracing::debug!(job = %msg.job_id, "report for a job that is not running"),
+        }
+    }
+}
+
+/// One job's status.
+#[derive(Message)]
+#[rtype(result = "Option<JobStatus>")]
+pub struct Get(pub String);
+
+impl Handler<Get> for Jobs {
+    type Result = Option<JobStatus>;
+
+    fn handle(&mut self, msg: Get, _: &mut Context<Self>) -> Option<JobStatus> {
+        self.jobs.get(&msg.0).map(|e| e.status.clone())
+    }
+}
+
+/// Every job's status.
+#[derive(Message)]
+#[rtype(result = "Vec<JobStatus>")]
+pub struct List;
+
+impl Handler<List> for Jobs {
+    type Result = Vec<JobStatus>;
+
+    fn handle(&mut self, _: List, _: &mut Context<Self>) -> Vec<JobStatus> {
+        self.jobs.values().map(|e| e.status.clone()).collect()
+    }
+}
+
+/// Current status plus a subscription to later events.
+#[derive(Message)]
+#[rtype(result = "Option<(JobStatus, broadcast::Receiver<JobEvent>)>")]
+pub struct Watch(pub String);
+
+impl Handler<Watch> for Jobs {
+    type Result = Option<(JobStatus, broadcast::Receiver<JobEvent>)>;
+
+    fn handle(&mut self, msg: Watch, _: &mut Context<Self>) -> Self::Result {
+        self.jobs.get(&msg.0).map(|e| (e.status.clone(), e.events.subscribe()))
+    }
+}

@@ -1,0 +1,125 @@
+//! `train-local`: the single-process reference run, with the same data order, seeds, update
+//! rule and summary as a mesh job.
+
+use crate::client::Overrides;
+use crate::data::DataCache;
+use crate::progress::Progress;
+use crate::summary::{JobSummary, VNodeSummary, params_hashes};
+use anyhow::{Context as _, anyhow};
+use dcnr_model::ModelGraph;
+use dcnr_model::dataset::ImageSet;
+use dcnr_vnode::HostTensor;
+use dcnr_vnode::batches::BatchPlan;
+use dcnr_vnode::reference::Reference;
+use sha2::Digest;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Trains `graph_toml` in this process and returns the summary.
+pub fn run(graph_toml: &str, o: Overrides, data: Option<PathBuf>, show_progress: bool) -> anyhow::Result<JobSummary> {
+    let started = Instant::now();
+    let mut spec = ModelGraph::parse(graph_toml)?;
+    if let Some(s) = o.steps {
+        spec.training.steps = Some(s);
+    } else if let Some(e) = o.epochs {
+        spec.training.epochs = e;
+        spec.training.steps = None;
+    }
+    if let Some(k) = o.in_flight {
+        spec.training.in_flight = k;
+    }
+    let graph = spec.validate()?;
+    if graph.spec.training.in_flight != 1 {
+        return Err(anyhow!("train-local is the synchronous reference; use --in-flight 1 (the graph says {})", graph.spec.training.in_flight));
+    }
+    let splits = DataCache::new(data).get(&graph.spec.data.dataset).context("loading the dataset")?;
+    let t = &graph.spec.training;
+    let norm = graph.spec.data.normalize;
+    let seed = graph.spec.model.seed;
+    let mut plan = BatchPlan::new(splits.train.len(), t.batch_size, seed);
+    let spe = plan.steps_per_epoch();
+    let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
+    let mut reference = Reference::new(&graph, graph.spec.optimizer, seed);
+    let batch = |set: &ImageSet, idx: &[usize]| {
+        (HostTensor::f32(vec![idx.len(), set.features()], set.gather_features(idx, norm.mean, norm.std)), set.gather_labels(idx))
+    };
+    let evaluate = |r: &Reference| -> anyhow::Result<(f64, f64)> {
+        let (mut correct, mut loss, n) = (0u64, 0f64, splits.test.len());
+        for s in (0..n).step_by(t.eval_batch_size) {
+            let idx: Vec<usize> = (s..(s + t.eval_batch_size).min(n)).collect();
+            let (x, y) = batch(&splits.test, &idx);
+            let b = r.evaluate(&x, &y).map_err(|e| anyhow!(e))?;
+            correct += u64::from(b.correct);
+            loss += f64::from(b.loss) * idx.len() as f64;
+        }
+        Ok((correct as f64 / n.max(1) as f64, loss / n.max(1) as f64))
+    };
+    let mut progress = show_progress.then(Progress::new);
+    let (mut train_time, mut test, mut window, mut last_loss) = (Duration::ZERO, None, (0f64, 0u32), None);
+    let mut mark = (Instant::now(), 0u64);
+    for step in 0..steps {
+        let t0 = Instant::now();
+        let idx = plan.indices(step);
+        let (x, y) = batch(&splits.train, &idx);
+        let r = reference.train_step(&x, &y).map_err(|e| anyhow!(e))?;
+        train_time += t0.elapsed();
+        window = (window.0 + f64::from(r.loss), window.1 + 1);
+        if mark.0.elapsed() >= Duration::from_millis(500) {
+            let rate = (step + 1 - mark.1) as f64 * t.batch_size as f64 / mark.0.elapsed().as_secs_f64();
+            last_loss = Some(window.0 / f64::from(window.1));
+            if let Some(p) = progress.as_mut() {
+                p.update(step + 1, steps, last_loss.unwrap_or(0.0) as f32, rate, plan.epoch_of(step) as u32);
+            }
+            window = (0.0, 0);
+            mark = (Instant::now(), step + 1);
+        }
+        if (step + 1) % spe == 0 || step + 1 == steps {
+            let (acc, loss) = evaluate(&reference)?;
+            if let Some(p) = progress.as_ref() {
+                p.line(&format!("after {} steps: test accuracy {:.2}%, test loss {loss:.4}", step + 1, acc * 100.0));
+            }
+            test = Some((acc, loss));
+        }
+    }
+    if let Some(p) = progress {
+        p.finish();
+    }
+    if window.1 > 0 {
+        last_loss = Some(window.0 / f64::from(window.1));
+    }
+    let params: Vec<Vec<Vec<f32>>> = reference
+        .params()
+        .map_err(|e| anyhow!(e))?
+        .into_iter()
+        .map(|ps| ps.into_iter().filter_map(|p| p.as_f32().map(<[f32]>::to_vec)).collect())
+        .collect();
+    let (all, each) = params_hashes(&params);
+    let digest = hex::encode(sha2::Sha256::digest(graph_toml.as_bytes()));
+    Ok(JobSummary {
+        job_id: format!("local-{}", &digest[..8]),
+        status: "succeeded".into(),
+        model: graph.spec.model.name.clone(),
+        steps,
+        test_accuracy: test.map(|t| t.0),
+        test_loss: test.map(|t| t.1),
+        train_loss: last_loss,
+        wall_s: started.elapsed().as_secs_f64(),
+        samples_per_s: steps as f64 * t.batch_size as f64 / train_time.as_secs_f64().max(1e-9),
+        pnodes: 0,
+        in_flight: 1,
+        batch_size: t.batch_size,
+        params_sha256: Some(all),
+        vnodes: graph
+            .nodes
+            .iter()
+            .map(|n| VNodeSummary {
+                id: n.id,
+                name: n.name.clone(),
+                kind: n.kind.name().into(),
+                pnode: "local".into(),
+                params_sha256: each.get(n.id as usize).cloned().unwrap_or_default(),
+            })
+            .collect(),
+        error: None,
+    })
+}

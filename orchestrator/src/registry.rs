@@ -1,0 +1,185 @@
+//! The PNode registry: who has joined, what they offer, and whether they are alive.
+
+use actix::prelude::*;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// What a PNode offers, as plain data.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Caps {
+    /// CPU cores.
+    pub cores: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// CPU architecture.
+    pub arch: String,
+    /// Operating system.
+    pub os: String,
+    /// GPU description, empty without one.
+    pub gpu: String,
+    /// Nodes of the same class produce bit-identical results.
+    pub determinism_class: String,
+}
+
+/// Liveness judged from heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Heartbeats arrive on time.
+    Healthy,
+    /// Some heartbeats missed.
+    Suspect,
+    /// Silent past the timeout.
+    Lost,
+}
+
+impl Health {
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Suspect => "suspect",
+            Health::Lost => "lost",
+        }
+    }
+}
+
+/// A PNode as the rest of the orchestrator sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PNodeView {
+    /// Assigned id.
+    pub id: String,
+    /// Operator-chosen name.
+    pub name: String,
+    /// Where its `PNode` service listens.
+    pub endpoint: String,
+    /// What it offers.
+    pub caps: Caps,
+    /// Liveness now.
+    pub health: Health,
+    /// VNodes it reported hosting.
+    pub hosted_vnodes: u32,
+}
+
+/// Heartbeat timing.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthPolicy {
+    /// Period PNodes are asked to heartbeat at.
+    pub interval: Duration,
+    /// Silence after which a PNode is lost.
+    pub timeout: Duration,
+}
+
+impl HealthPolicy {
+    /// Health of a PNode last heard from `silence` ago.
+    pub fn judge(&self, silence: Duration) -> Health {
+        if silence >= self.timeout {
+            Health::Lost
+        } else if silence >= self.interval * 2 {
+            Health::Suspect
+        } else {
+            Health::Healthy
+        }
+    }
+}
+
+struct Record {
+    view: PNodeView,
+    last_seen: Instant,
+}
+
+/// Actor owning the table of PNodes.
+pub struct Registry {
+    policy: HealthPolicy,
+    next_id: u64,
+    pnodes: BTreeMap<String, Record>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(policy: HealthPolicy) -> Registry {
+        Registry { policy, next_id: 1, pnodes: BTreeMap::new() }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+/// A registration request that already passed the protocol-version check.
+#[derive(Message)]
+#[rtype(result = "String")]
+pub struct Register {
+    /// Operator-chosen name.
+    pub name: String,
+    /// Where its `PNode` service listens.
+    pub endpoint: String,
+    /// What it offers.
+    pub caps: Caps,
+}
+
+impl Handler<Register> for Registry {
+    type Result = String;
+
+    fn handle(&mut self, msg: Register, _: &mut Context<Self>) -> String {
+        let id = format!("pn-{:04}", self.next_id);
+        self.next_id += 1;
+        tracing::info!(pnode = %id, name = %msg.name, endpoint = %msg.endpoint, cores = msg.caps.cores, "pnode joined");
+        let view = PNodeView {
+            id: id.clone(),
+            name: msg.name,
+            endpoint: msg.endpoint,
+            caps: msg.caps,
+            health: Health::Healthy,
+            hosted_vnodes: 0,
+        };
+        self.pnodes.insert(id.clone(), Record { view, last_seen: Instant::now() });
+        id
+    }
+}
+
+/// A heartbeat; answers whether the PNode is known.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Heartbeat {
+    /// PNode id.
+    pub id: String,
+    /// VNodes it hosts.
+    pub hosted_vnodes: u32,
+}
+
+impl Handler<Heartbeat> for Registry {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> bool {
+        match self.pnodes.get_mut(&msg.id) {
+            Some(r) => {
+                r.last_seen = Instant::now();
+                r.view.hosted_vnodes = msg.hosted_vnodes;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// All PNodes with their health now.
+#[derive(Message)]
+#[rtype(result = "Vec<PNodeView>")]
+pub struct Snapshot;
+
+impl Handler<Snapshot> for Registry {
+    type Result = Vec<PNodeView>;
+
+    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Vec<PNodeView> {
+        let now = Instant::now();
+        self.pnodes
+            .values()
+            .map(|r| {
+                let mut v = r.view.clone();
+                v.health = self.policy.judge(now.duration_since(r.last_seen));
+                v
+            })
+            .collect()
+    }
+}

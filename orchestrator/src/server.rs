@@ -1,0 +1,66 @@
+//! Starting an orchestrator: its actors and its gRPC server, in the current actix System.
+
+use crate::data::DataCache;
+use crate::jobs::{JobDefaults, Jobs};
+use crate::registry::{HealthPolicy, Registry};
+use crate::service::{OrchestratorService, server};
+use actix::{Actor, Addr};
+use anyhow::Context as _;
+use dcnr_proto::limits::MAX_CONCURRENT_STREAMS;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Orchestrator settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to serve gRPC on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Dataset directory (else DCNR_DATA, else the default search list).
+    pub data: Option<PathBuf>,
+    /// Heartbeat period asked of PNodes.
+    pub heartbeat: Duration,
+    /// Silence after which a PNode is lost.
+    pub heartbeat_timeout: Duration,
+    /// Job defaults.
+    pub jobs: JobDefaults,
+}
+
+/// A running orchestrator.
+pub struct ServerHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Job table.
+    pub jobs: Addr<Jobs>,
+    /// PNode registry.
+    pub registry: Addr<Registry>,
+    /// The gRPC server task.
+    pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl ServerHandle {
+    /// The URL PNodes and clients use.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Binds, starts the actors and serves; must be called inside an actix System.
+pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let registry = Registry::new(HealthPolicy { interval: cfg.heartbeat, timeout: cfg.heartbeat_timeout }).start();
+    let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone()).start();
+    let svc = OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .add_service(server(svc))
+            .serve_with_incoming(incoming),
+    );
+    tracing::info!(%addr, "orchestrator listening");
+    Ok(ServerHandle { addr, jobs, registry, task })
+}

@@ -1,0 +1,233 @@
+//! The gRPC adapter of the `Orchestrator` service: checks and converts wire messages, then asks
+//! the registry and job-table actors.
+
+use crate::job::{Report, ReportBody};
+use crate::jobs::{Get, Jobs, List, Resolve, Submit, SubmitError, Watch};
+use crate::registry::{Caps, Heartbeat, PNodeView, Register, Registry, Snapshot};
+use crate::status::{JobEvent, JobState, JobStatus};
+use actix::Addr;
+use dcnr_proto::PROTOCOL_VERSION;
+use dcnr_proto::v1::{self, orchestrator_server::OrchestratorServer};
+use dcnr_vnode::Phase;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The `Orchestrator` gRPC service.
+pub struct OrchestratorService {
+    /// PNode registry.
+    pub registry: Addr<Registry>,
+    /// Job table.
+    pub jobs: Addr<Jobs>,
+    /// Heartbeat period asked of PNodes.
+    pub heartbeat: Duration,
+}
+
+fn gone<E: std::fmt::Display>(e: E) -> Status {
+    Status::unavailable(format!("orchestrator actor unavailable: {e}"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Wire form of a job status.
+pub fn status_to_wire(s: &JobStatus) -> v1::JobStatus {
+    v1::JobStatus {
+        job_id: s.job_id.clone(),
+        state: match s.state {
+            JobState::Pending => v1::JobState::Pending,
+            JobState::Running => v1::JobState::Running,
+            JobState::Succeeded => v1::JobState::Succeeded,
+            JobState::Failed => v1::JobState::Failed,
+        } as i32,
+        model: s.model.clone(),
+        steps_done: s.steps_done,
+        steps_total: s.steps_total,
+        last_loss: s.last_loss.unwrap_or(f32::NAN),
+        error: s.error.clone().unwrap_or_default(),
+        summary_json: s.summary.as_ref().and_then(|x| serde_json::to_string(x).ok()).unwrap_or_default(),
+        samples_per_s: s.samples_per_s,
+    }
+}
+
+fn event_to_wire(job: &str, e: JobEvent) -> v1::JobEvent {
+    use v1::job_event::Body;
+    let body = match e {
+        JobEvent::Progress { step, steps_total, loss, samples_per_s, epoch } => {
+            Body::Progress(v1::Progress { step, steps_total, loss, samples_per_s, epoch })
+        }
+        JobEvent::Evaluation { epoch, accuracy, loss } => Body::Evaluation(v1::Evaluation { epoch, accuracy, loss }),
+        JobEvent::Log(text) => Body::Log(text),
+        JobEvent::Finished(s) => Body::Finished(status_to_wire(&s)),
+    };
+    v1::JobEvent { job_id: job.to_string(), at_ms: now_ms(), body: Some(body) }
+}
+
+fn pnode_to_wire(p: &PNodeView) -> v1::PNodeInfo {
+    v1::PNodeInfo {
+        pnode_id: p.id.clone(),
+        name: p.name.clone(),
+        endpoint: p.endpoint.clone(),
+        capabilities: Some(v1::Capabilities {
+            cores: p.caps.cores,
+            memory_bytes: p.caps.memory_bytes,
+            arch: p.caps.arch.clone(),
+            os: p.caps.os.clone(),
+            gpu: p.caps.gpu.clone(),
+            determinism_class: p.caps.determinism_class.clone(),
+        }),
+        health: p.health.name().into(),
+        hosted_vnodes: p.hosted_vnodes,
+    }
+}
+
+fn report_from_wire(r: v1::VNodeReport) -> Result<Report, Status> {
+    use v1::v_node_report::Body;
+    let body = match r.body {
+        Some(Body::Done(d)) => ReportBody::Done { compute_us: d.compute_us },
+        Some(Body::Loss(l)) => ReportBody::Loss {
+            phase: match v1::Phase::try_from(l.phase) {
+                Ok(v1::Phase::Train) => Phase::Train,
+                Ok(v1::Phase::Eval) => Phase::Eval,
+                _ => return Err(Status::invalid_argument("loss report with unknown phase")),
+            },
+            loss: l.loss,
+            correct: l.correct,
+            count: l.count,
+        },
+        Some(Body::Failure(f)) => ReportBody::Failure(f.message),
+        None => return Err(Status::invalid_argument("report has no body")),
+    };
+    Ok(Report { job_id: r.job_id, vnode: r.vnode, mb: r.micro_batch, pnode: r.pnode_id, body })
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::orchestrator_server::Orchestrator for OrchestratorService {
+    async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+        let r = req.into_inner();
+        if r.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported: this orchestrator speaks dcnr.v1 protocol version {}; upgrade the pnode",
+                r.protocol_version, PROTOCOL_VERSION
+            )));
+        }
+        let url_ok = r.endpoint.starts_with("http://") || r.endpoint.starts_with("https://");
+        if !url_ok || r.endpoint.len() > 512 || r.name.len() > 256 {
+            return Err(Status::invalid_argument(format!("bad endpoint {:?} or name", r.endpoint)));
+        }
+        let c = r.capabilities.unwrap_or_default();
+        let caps = Caps {
+            cores: c.cores.max(1),
+            memory_bytes: c.memory_bytes,
+            arch: c.arch,
+            os: c.os,
+            gpu: c.gpu,
+            determinism_class: c.determinism_class,
+        };
+        let id = self.registry.send(Register { name: r.name, endpoint: r.endpoint, caps }).await.map_err(gone)?;
+        Ok(Response::new(v1::RegisterResponse {
+            pnode_id: id,
+            heartbeat_interval_ms: self.heartbeat.as_millis() as u32,
+            protocol_version: PROTOCOL_VERSION,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let known = self.registry.send(Heartbeat { id: r.pnode_id, hosted_vnodes: r.hosted_vnodes }).await.map_err(gone)?;
+        Ok(Response::new(v1::HeartbeatResponse { known }))
+    }
+
+    async fn resolve(&self, req: Request<v1::ResolveRequest>) -> Result<Response<v1::ResolveResponse>, Status> {
+        let r = req.into_inner();
+        let endpoint = self
+            .jobs
+            .send(Resolve(r.job_id.clone(), r.vnode))
+            .await
+            .map_err(gone)?
+            .ok_or_else(|| Status::not_found(format!("vnode {} of job {} is not placed", r.vnode, r.job_id)))?;
+        Ok(Response::new(v1::ResolveResponse { pnode_id: String::new(), endpoint }))
+    }
+
+    async fn report(&self, req: Request<Streaming<v1::VNodeReport>>) -> Result<Response<v1::ReportAck>, Status> {
+        let mut s = req.into_inner();
+        let mut received = 0;
+        while let Some(r) = s.message().await? {
+            self.jobs.do_send(report_from_wire(r)?);
+            received += 1;
+        }
+        Ok(Response::new(v1::ReportAck { received }))
+    }
+
+    async fn submit_job(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
+        let r = req.into_inner();
+        let submit = Submit { graph_toml: r.graph_toml, steps: r.steps, epochs: r.epochs, in_flight: r.in_flight };
+        let job_id = self.jobs.send(submit).await.map_err(gone)?.map_err(|e| match e {
+            SubmitError::Data(_) => Status::failed_precondition(e.to_string()),
+            _ => Status::invalid_argument(e.to_string()),
+        })?;
+        Ok(Response::new(v1::SubmitJobResponse { job_id }))
+    }
+
+    async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        let s = self.jobs.send(Get(id.clone())).await.map_err(gone)?;
+        s.map(|s| Response::new(status_to_wire(&s))).ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    async fn list_jobs(&self, _: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let all = self.jobs.send(List).await.map_err(gone)?;
+        Ok(Response::new(v1::ListJobsResponse { jobs: all.iter().map(status_to_wire).collect() }))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<EventStream>, Status> {
+        let id = req.into_inner().job_id;
+        let (status, rx) =
+            self.jobs.send(Watch(id.clone())).await.map_err(gone)?.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        let stream = watch_stream(id, status, rx);
+        Ok(Response::new(stream))
+    }
+
+    async fn list_p_nodes(&self, _: Request<v1::ListPNodesRequest>) -> Result<Response<v1::ListPNodesResponse>, Status> {
+        let all = self.registry.send(Snapshot).await.map_err(gone)?;
+        Ok(Response::new(v1::ListPNodesResponse { pnodes: all.iter().map(pnode_to_wire).collect() }))
+    }
+}
+
+/// The event stream of one watcher: the current state first, then events until the job ends.
+fn watch_stream(job: String, status: JobStatus, mut rx: tokio::sync::broadcast::Receiver<JobEvent>) -> EventStream {
+    use tokio::sync::broadcast::error::RecvError;
+    let (tx, out) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        if status.state.is_final() {
+            let _ = tx.send(Ok(event_to_wire(&job, JobEvent::Finished(Box::new(status))))).await;
+            return;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(event) => {
+                    let last = matches!(event, JobEvent::Finished(_));
+                    if tx.send(Ok(event_to_wire(&job, event))).await.is_err() || last {
+                        return;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+}
+
+/// Wraps the service with the protocol's size limits.
+pub fn server(svc: OrchestratorService) -> OrchestratorServer<OrchestratorService> {
+    OrchestratorServer::new(svc)
+        .max_decoding_message_size(dcnr_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(dcnr_proto::limits::MAX_MESSAGE_BYTES)
+}
