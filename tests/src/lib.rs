@@ -1,1 +1,176 @@
+//! Helpers that start real `orchestrator` and `pnode` processes on loopback for the
+//! integration tests, and always stop them.
 
+use anyhow::{Context, Result, anyhow, bail};
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary built beside the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().and_then(|d| d.parent()).map(PathBuf::from).unwrap_or_default();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build the workspace binaries first (cargo test --workspace builds them)", path.display());
+    path
+}
+
+/// Path of a fixture file.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// Path of a shipped model.
+pub fn model(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("models").join(name)
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An orchestrator process plus PNode processes on loopback.
+pub struct Mesh {
+    /// Orchestrator URL.
+    pub url: String,
+    orchestrator: Proc,
+    pnodes: Vec<Proc>,
+}
+
+impl Mesh {
+    /// Starts an orchestrator on a free loopback port and `n` PNodes, and waits until all joined.
+    pub fn start(n: usize) -> Result<Mesh> {
+        let mut child = Command::new(bin("orchestrator"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--stall-timeout-s", "60"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start orchestrator")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let orchestrator = Proc(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).context("orchestrator did not report its address")?;
+        let url = line.rsplit(' ').next().unwrap_or_default().to_string();
+        if !url.starts_with("http://127.0.0.1:") {
+            bail!("unexpected first line from orchestrator: {line}");
+        }
+        let mut mesh = Mesh { url, orchestrator, pnodes: Vec::new() };
+        for _ in 0..n {
+            mesh.add_pnode()?;
+        }
+        mesh.wait_for_pnodes(n)?;
+        Ok(mesh)
+    }
+
+    /// Starts one more PNode.
+    pub fn add_pnode(&mut self) -> Result<()> {
+        let child = Command::new(bin("pnode"))
+            .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start pnode")?;
+        self.pnodes.push(Proc(child));
+        Ok(())
+    }
+
+    /// Waits until `n` PNodes are healthy.
+    pub fn wait_for_pnodes(&mut self, n: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = run(&["pnodes", "--json", "--orchestrator", &self.url], Duration::from_secs(10))?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let healthy = v.as_array().map(|a| a.iter().filter(|p| p["health"] == "healthy").count()).unwrap_or(0);
+            if healthy >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("only {healthy} of {n} pnodes joined");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Submits a graph and waits; returns the JSON summary.
+    pub fn submit_wait(&self, graph: &PathBuf, extra: &[&str]) -> Result<serde_json::Value> {
+        let g = graph.to_string_lossy().to_string();
+        let mut args = vec!["submit", g.as_str(), "--orchestrator", &self.url, "--wait", "--json"];
+        args.extend_from_slice(extra);
+        let out = run(&args, Duration::from_secs(240))?;
+        if !out.status.success() {
+            bail!("submit failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        last_json(&out.stdout)
+    }
+
+    /// Whether the orchestrator is still running.
+    pub fn orchestrator_alive(&mut self) -> bool {
+        matches!(self.orchestrator.0.try_wait(), Ok(None))
+    }
+}
+
+/// The JSON object on the last line of `stdout`.
+pub fn last_json(stdout: &[u8]) -> Result<serde_json::Value> {
+    let text = String::from_utf8_lossy(stdout);
+    let line = text.lines().last().ok_or_else(|| anyhow!("no output"))?;
+    serde_json::from_str(line).with_context(|| format!("last line is not JSON: {line}"))
+}
+
+/// Runs `orchestrator ARGS` to completion within `limit`, killing it past the limit.
+pub fn run(args: &[&str], limit: Duration) -> Result<Output> {
+    run_bin("orchestrator", args, limit)
+}
+
+/// Runs a workspace binary to completion within `limit`.
+pub fn run_bin(name: &str, args: &[&str], limit: Duration) -> Result<Output> {
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {name}"))?;
+    let mut so = child.stdout.take().ok_or_else(|| anyhow!("stdout"))?;
+    let mut se = child.stderr.take().ok_or_else(|| anyhow!("stderr"))?;
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{name} {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output { status, stdout: t1.join().unwrap_or_default(), stderr: t2.join().unwrap_or_default() })
+}
