@@ -4,6 +4,7 @@
 //! shared vocabulary of the orchestrator (which decomposes graphs) and the VNodes (which run them).
 
 pub mod dataset;
+pub mod envelope;
 pub mod graph;
 
 pub use graph::{

@@ -74,7 +74,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<JobSummary> {
     let mut children = Children(Vec::new());
     for i in 0..args.pnodes {
         let child = Command::new(&exe)
-            .args(["pnode", "--orchestrator", &srv.url(), "--listen", "127.0.0.1:0", "--name"])
+            .args(["pnode", "--orchestrator", &srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5", "--name"])
             .arg(format!("demo-pnode-{i}"))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(std::process::Stdio::null())

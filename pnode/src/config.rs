@@ -33,6 +33,9 @@ pub struct PnodeArgs {
     /// Async I/O threads (tensor math runs on separate per-VNode threads).
     #[arg(long, env = "DCNR_IO_THREADS", default_value_t = 2)]
     pub io_threads: usize,
+    /// Exit when the orchestrator has been unreachable this many seconds (0 = retry forever).
+    #[arg(long, env = "DCNR_ORPHAN_TIMEOUT_S", default_value_t = 0)]
+    pub orphan_timeout_s: u64,
     /// Protocol version to announce; a testing aid for version negotiation.
     #[arg(long, hide = true, default_value_t = dcnr_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,

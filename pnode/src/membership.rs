@@ -101,15 +101,21 @@ pub async fn heartbeat_loop(
     mut identity: Identity,
     host: Addr<Host>,
 ) -> anyhow::Result<()> {
+    let mut last_ok = Instant::now();
+    let orphan = Duration::from_secs(args.orphan_timeout_s);
     loop {
         tokio::time::sleep(identity.heartbeat).await;
+        if !orphan.is_zero() && last_ok.elapsed() > orphan {
+            bail!("the orchestrator has been unreachable for {:?}; exiting", orphan);
+        }
         let hosted = host.send(Count).await.unwrap_or(0) as u32;
         let req = v1::HeartbeatRequest { pnode_id: identity.pnode_id.clone(), hosted_vnodes: hosted };
         match link.client().heartbeat(req).await {
-            Ok(r) if r.get_ref().known => {}
+            Ok(r) if r.get_ref().known => last_ok = Instant::now(),
             Ok(_) => {
                 tracing::warn!("orchestrator forgot this pnode; registering again");
                 identity = register(&link, &args, &endpoint).await?;
+                last_ok = Instant::now();
             }
             Err(s) => tracing::warn!(status = %s, "heartbeat failed"),
         }

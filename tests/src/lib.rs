@@ -81,7 +81,7 @@ impl Mesh {
     /// Starts one more PNode.
     pub fn add_pnode(&mut self) -> Result<()> {
         let child = Command::new(bin("pnode"))
-            .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0"])
+            .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "10"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -1,0 +1,398 @@
+//! The job envelope: everything that defines a job — context, the model graph and recipe, the
+//! placement policy, the seed, and which artifacts to keep — in one canonical document.
+//!
+//! A bare model graph is accepted wherever an envelope is and becomes an envelope with defaults
+//! and an explicit seed taken from the graph's `[model].seed`.
+
+use crate::graph::{GraphError, ModelGraph, OptimizerSpec, ValidGraph};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Errors in an envelope.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EnvelopeError {
+    /// Not valid JSON/TOML, or an unknown field (named in the message).
+    #[error("job envelope is not valid: {0}")]
+    Syntax(String),
+    /// Neither or both of `op.model` and `op.model_toml`.
+    #[error("op must give the model graph either by path (`model`) or inline (`model_toml`), not {0}")]
+    ModelSource(&'static str),
+    /// The model's SHA-256 differs from `op.model_sha256`.
+    #[error("op.model_sha256 is {expected} but the model graph hashes to {actual}")]
+    ModelHash { expected: String, actual: String },
+    /// The graph is invalid.
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    /// A field value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole envelope.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// Identity and labels of the run.
+    #[serde(default)]
+    pub ctx: Ctx,
+    /// What to run.
+    pub op: Op,
+    /// Where and how to run it.
+    #[serde(default)]
+    pub policy: Policy,
+    /// Root seed.
+    #[serde(default)]
+    pub seed: SeedSpec,
+    /// What to keep.
+    #[serde(default)]
+    pub artifacts: ArtifactsSpec,
+}
+
+/// `[ctx]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Ctx {
+    /// Job id; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// Groups jobs of one experiment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// Correlates logs across systems.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// Free-form labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `[op]`: the model graph and the training recipe (overrides of the graph's own settings).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Op {
+    /// Path of the model graph, relative to the envelope file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The model graph inline (TOML text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_toml: Option<String>,
+    /// Expected SHA-256 of the model graph text; filled in when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
+    /// Exact number of steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    /// Epochs (ignored when `steps` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u32>,
+    /// Samples per step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Micro-batches in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u32>,
+    /// Optimizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<OptimizerSpec>,
+}
+
+/// Kind of PNode the job may use.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// CPU PNodes only.
+    Cpu,
+    /// PNodes with a GPU only.
+    Gpu,
+    /// Any PNode.
+    #[default]
+    Any,
+}
+
+/// Redundant-execution policy (recorded; enforced by the trust layer).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Verify {
+    /// No redundancy.
+    #[default]
+    None,
+    /// A fraction of executions re-run elsewhere.
+    Spotcheck,
+    /// Every execution replicated, quorum decides.
+    Full,
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Kind of PNode.
+    #[serde(default)]
+    pub target: Target,
+    /// Wait for at least this many healthy PNodes before placing.
+    #[serde(default = "one")]
+    pub min_pnodes: u32,
+    /// Spread over at most this many PNodes.
+    #[serde(default = "sixteen")]
+    pub max_pnodes: u32,
+    /// Fail the job after this many seconds.
+    #[serde(default = "hour")]
+    pub timeout_s: u64,
+    /// Validation of untrusted work.
+    #[serde(default)]
+    pub verify: Verify,
+}
+
+fn one() -> u32 {
+    1
+}
+fn sixteen() -> u32 {
+    16
+}
+fn hour() -> u64 {
+    3600
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { target: Target::Any, min_pnodes: 1, max_pnodes: 16, timeout_s: 3600, verify: Verify::None }
+    }
+}
+
+/// How the root seed is chosen.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SeedMode {
+    /// From the content hash of the op (model hash and recipe).
+    #[default]
+    Derived,
+    /// The given value.
+    Explicit,
+}
+
+/// `[seed]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SeedSpec {
+    /// Derived or explicit.
+    #[serde(default)]
+    pub mode: SeedMode,
+    /// The seed (required for explicit; filled in for derived once resolved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<u64>,
+}
+
+/// An artifact a job can write.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactKind {
+    /// Summary and per-VNode parameter hashes.
+    Result,
+    /// Which PNode ran which VNode, times, bytes, per-step output hashes.
+    Executions,
+    /// Loss and accuracy curves.
+    Metrics,
+    /// The resolved envelope.
+    Envelope,
+}
+
+/// `[artifacts]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactsSpec {
+    /// Write artifacts at all.
+    #[serde(default = "yes")]
+    pub persist: bool,
+    /// Which ones.
+    #[serde(default = "all_kinds")]
+    pub write: Vec<ArtifactKind>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn all_kinds() -> Vec<ArtifactKind> {
+    vec![ArtifactKind::Result, ArtifactKind::Executions, ArtifactKind::Metrics, ArtifactKind::Envelope]
+}
+
+impl Default for ArtifactsSpec {
+    fn default() -> Self {
+        ArtifactsSpec { persist: true, write: all_kinds() }
+    }
+}
+
+/// An envelope whose model is inline, hashed, validated, and whose seed is fixed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The canonical envelope (model inline, hash and seed value filled in).
+    pub envelope: Envelope,
+    /// The validated graph with the recipe applied.
+    pub graph: ValidGraph,
+    /// Root seed.
+    pub root_seed: u64,
+}
+
+/// Hex SHA-256 of text.
+pub fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+impl Envelope {
+    /// Parses a job file: a JSON or TOML envelope, or a bare model graph (TOML with `[model]`).
+    pub fn parse(text: &str) -> Result<Envelope, EnvelopeError> {
+        if text.trim_start().starts_with('{') {
+            return serde_json::from_str(text).map_err(|e| EnvelopeError::Syntax(e.to_string()));
+        }
+        let value: toml::Table = toml::from_str(text).map_err(|e| EnvelopeError::Syntax(e.to_string()))?;
+        if value.contains_key("model") && !value.contains_key("op") {
+            return Ok(Envelope::from_graph(text)?);
+        }
+        toml::from_str(text).map_err(|e| EnvelopeError::Syntax(e.to_string()))
+    }
+
+    /// An envelope around a bare graph: defaults, and the graph's own seed.
+    pub fn from_graph(graph_toml: &str) -> Result<Envelope, EnvelopeError> {
+        let g = ModelGraph::parse(graph_toml)?;
+        Ok(Envelope {
+            op: Op { model_toml: Some(graph_toml.to_string()), ..Op::default() },
+            seed: SeedSpec { mode: SeedMode::Explicit, value: Some(g.model.seed) },
+            ..Envelope::default()
+        })
+    }
+
+    /// Inlines, hashes, validates and fixes the seed.
+    pub fn resolve(mut self) -> Result<Resolved, EnvelopeError> {
+        let text = match (&self.op.model, &self.op.model_toml) {
+            (None, Some(t)) => t.clone(),
+            (Some(_), None) => return Err(EnvelopeError::ModelSource("a path that was not loaded (submit inlines it)")),
+            (None, None) => return Err(EnvelopeError::ModelSource("neither")),
+            (Some(_), Some(_)) => return Err(EnvelopeError::ModelSource("both")),
+        };
+        let actual = sha256_hex(&text);
+        if let Some(expected) = &self.op.model_sha256 {
+            if !expected.eq_ignore_ascii_case(&actual) {
+                return Err(EnvelopeError::ModelHash { expected: expected.clone(), actual });
+            }
+        }
+        self.op.model_sha256 = Some(actual);
+        let mut spec = ModelGraph::parse(&text)?;
+        let op = &self.op;
+        if let Some(s) = op.steps {
+            spec.training.steps = Some(s);
+        } else if let Some(e) = op.epochs {
+            spec.training.epochs = e;
+            spec.training.steps = None;
+        }
+        if let Some(b) = op.batch_size {
+            spec.training.batch_size = b;
+        }
+        if let Some(k) = op.in_flight {
+            spec.training.in_flight = k;
+        }
+        if let Some(o) = op.optimizer {
+            spec.optimizer = o;
+        }
+        let graph = spec.validate()?;
+        let p = &self.policy;
+        if p.min_pnodes == 0 || p.max_pnodes == 0 || p.min_pnodes > p.max_pnodes || p.max_pnodes > 4096 {
+            return Err(EnvelopeError::Invalid(format!(
+                "policy: need 1 <= min_pnodes ({}) <= max_pnodes ({}) <= 4096",
+                p.min_pnodes, p.max_pnodes
+            )));
+        }
+        if p.timeout_s == 0 {
+            return Err(EnvelopeError::Invalid("policy.timeout_s must be at least 1".into()));
+        }
+        if let Some(id) = &self.ctx.job_id {
+            let ok = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !ok {
+                return Err(EnvelopeError::Invalid(format!(
+                    "ctx.job_id `{id}` must be 1-64 characters of A-Z a-z 0-9 . _ -"
+                )));
+            }
+        }
+        let root_seed = match self.seed.mode {
+            SeedMode::Explicit => self
+                .seed
+                .value
+                .ok_or_else(|| EnvelopeError::Invalid("seed.mode = explicit needs seed.value".into()))?,
+            SeedMode::Derived => self.derived_seed(&graph),
+        };
+        self.seed.value = Some(root_seed);
+        Ok(Resolved { envelope: self, graph, root_seed })
+    }
+
+    /// SHA-256 over the model hash and the effective recipe; its first 8 bytes (LE) are the seed.
+    fn derived_seed(&self, graph: &ValidGraph) -> u64 {
+        let t = &graph.spec.training;
+        let recipe = serde_json::json!({
+            "model_sha256": self.op.model_sha256,
+            "batch_size": t.batch_size,
+            "steps": t.steps,
+            "epochs": t.epochs,
+            "in_flight": t.in_flight,
+            "optimizer": graph.spec.optimizer,
+        });
+        let mut h = Sha256::new();
+        h.update(b"dcnr-envelope-seed-v1");
+        h.update(recipe.to_string().as_bytes());
+        let d = h.finalize();
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d[..8]);
+        u64::from_le_bytes(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRAPH: &str = include_str!("../mnist-mlp.toml");
+
+    #[test]
+    fn bare_graph_becomes_an_envelope_with_its_own_seed() {
+        let r = Envelope::parse(GRAPH).unwrap().resolve().unwrap();
+        assert_eq!(r.root_seed, 42);
+        assert_eq!(r.envelope.op.model_sha256.as_deref(), Some(sha256_hex(GRAPH).as_str()));
+    }
+
+    #[test]
+    fn derived_seed_depends_on_content_only() {
+        let env = |steps: u64, job: &str| Envelope {
+            ctx: Ctx { job_id: Some(job.into()), ..Ctx::default() },
+            op: Op { model_toml: Some(GRAPH.into()), steps: Some(steps), ..Op::default() },
+            ..Envelope::default()
+        };
+        let a = env(10, "a").resolve().unwrap().root_seed;
+        assert_eq!(a, env(10, "b").resolve().unwrap().root_seed, "ctx does not change the seed");
+        assert_ne!(a, env(11, "a").resolve().unwrap().root_seed);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let e = Envelope::parse("[op]\nmodel_toml = \"x\"\nstepz = 3\n").unwrap_err();
+        assert!(e.to_string().contains("stepz"), "{e}");
+        let e = Envelope::parse("[op]\nmodel_toml = \"x\"\n[policy]\nverify = \"maybe\"\n").unwrap_err();
+        assert!(e.to_string().contains("maybe"), "{e}");
+        let mut env = Envelope::from_graph(GRAPH).unwrap();
+        env.op.model_sha256 = Some("00".into());
+        assert!(matches!(env.resolve(), Err(EnvelopeError::ModelHash { .. })));
+        let mut env = Envelope::from_graph(GRAPH).unwrap();
+        env.ctx.job_id = Some("../etc".into());
+        assert!(matches!(env.resolve(), Err(EnvelopeError::Invalid(_))));
+        let mut env = Envelope::from_graph(GRAPH).unwrap();
+        env.policy.min_pnodes = 5;
+        env.policy.max_pnodes = 2;
+        assert!(matches!(env.resolve(), Err(EnvelopeError::Invalid(_))));
+    }
+
+    #[test]
+    fn resolved_envelope_round_trips_through_json() {
+        let r = Envelope::from_graph(GRAPH).unwrap().resolve().unwrap();
+        let json = serde_json::to_string(&r.envelope).unwrap();
+        let again = Envelope::parse(&json).unwrap().resolve().unwrap();
+        assert_eq!(again.root_seed, r.root_seed);
+        assert_eq!(again.graph, r.graph);
+    }
+}
