@@ -52,10 +52,13 @@ enum Command {
         /// Most PNodes one job spreads over.
         #[arg(long, env = "DCNR_MAX_PNODES_PER_JOB", default_value_t = 16)]
         max_pnodes: usize,
+        /// Directory of the artifact store.
+        #[arg(long, env = "DCNR_ARTIFACTS", default_value = "dcnr-artifacts")]
+        artifacts: PathBuf,
     },
-    /// Submit a model graph to a running orchestrator.
+    /// Submit a job (an envelope, JSON or TOML, or a bare model graph) to a running orchestrator.
     Submit {
-        /// Model-graph TOML file.
+        /// Job envelope or model-graph file.
         file: PathBuf,
         /// Orchestrator URL.
         #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "http://127.0.0.1:7070")]
@@ -90,9 +93,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Train a model graph in this process with whole-graph autodiff (the reference).
+    /// Train a job in this process with whole-graph autodiff (the reference).
     TrainLocal {
-        /// Model-graph TOML file.
+        /// Job envelope or model-graph file.
         file: PathBuf,
         #[command(flatten)]
         overrides: Overrides,
@@ -100,6 +103,14 @@ enum Command {
         #[arg(long, env = "DCNR_DATA")]
         data: Option<PathBuf>,
         /// Print the summary as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-run a recorded job from its envelope and check every recorded hash.
+    Replay {
+        #[command(flatten)]
+        args: crate::replay::ReplayArgs,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -164,11 +175,11 @@ pub fn main(cli: Cli) -> ExitCode {
             Err(e) => fail(1, format!("{e:#}")),
         },
         Command::TrainLocal { file, overrides, data, json } => {
-            let text = match std::fs::read_to_string(&file) {
-                Ok(t) => t,
-                Err(e) => return fail(2, format!("cannot read {}: {e}", file.display())),
+            let envelope = match client::load_job(&file, overrides) {
+                Ok(e) => e,
+                Err(e) => return client_fail(e),
             };
-            match crate::local::run(&text, overrides, data, true) {
+            match crate::local::run(envelope, data, true) {
                 Ok(s) => {
                     print_summary(&s, json);
                     summary_exit(&s)
@@ -176,6 +187,33 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => fail(2, format!("{e:#}")),
             }
         }
+        Command::Replay { args, json } => runtime(async move {
+            match crate::replay::run(args).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else if r.differences.is_empty() {
+                        println!("replay {} of {}: all {} recorded hashes reproduced", r.replay, r.original, r.compared);
+                    } else {
+                        println!(
+                            "replay {} of {}: {} of {} recorded hashes differ",
+                            r.replay,
+                            r.original,
+                            r.differences.len(),
+                            r.compared
+                        );
+                        for d in r.differences.iter().take(20) {
+                            println!("  {d}");
+                        }
+                    }
+                    if r.differences.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+                }
+                Err(e) => match e.downcast_ref::<crate::artifacts::StoreError>() {
+                    Some(_) => fail(2, format!("{e:#}")),
+                    None => fail(1, format!("{e:#}")),
+                },
+            }
+        }),
         Command::Demo { args, json } => runtime(async move {
             match demo::run(args).await {
                 Ok(s) => {
@@ -189,7 +227,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 },
             }
         }),
-        Command::Serve { listen, data, heartbeat_ms, heartbeat_timeout_ms, stall_timeout_s, max_pnodes } => {
+        Command::Serve { listen, data, heartbeat_ms, heartbeat_timeout_ms, stall_timeout_s, max_pnodes, artifacts } => {
             runtime(async move {
                 let cfg = ServerConfig {
                     listen,
@@ -201,6 +239,7 @@ pub fn main(cli: Cli) -> ExitCode {
                         placement_timeout: Duration::from_secs(60),
                         max_pnodes: max_pnodes.max(1),
                     },
+                    artifacts: Some(artifacts),
                 };
                 let srv = match server::start(cfg).await {
                     Ok(s) => s,
@@ -218,15 +257,15 @@ pub fn main(cli: Cli) -> ExitCode {
             })
         }
         Command::Submit { file, orchestrator, overrides, wait, watch, json } => runtime(async move {
-            let text = match std::fs::read_to_string(&file) {
-                Ok(t) => t,
-                Err(e) => return fail(2, format!("cannot read {}: {e}", file.display())),
+            let envelope = match client::load_job(&file, overrides) {
+                Ok(e) => e,
+                Err(e) => return client_fail(e),
             };
             let mut c = match client::connect(&orchestrator).await {
                 Ok(c) => c,
                 Err(e) => return client_fail(e),
             };
-            let job = match client::submit(&mut c, text, overrides).await {
+            let job = match client::submit(&mut c, &envelope).await {
                 Ok(j) => j,
                 Err(e) => return client_fail(e),
             };

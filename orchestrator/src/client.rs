@@ -4,6 +4,8 @@ use crate::progress::Progress;
 use crate::summary::JobSummary;
 use dcnr_proto::limits::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
 use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
+use dcnr_model::envelope::Envelope;
+use std::path::Path;
 use tonic::transport::Channel;
 
 /// A failure with the process exit code it maps to.
@@ -69,19 +71,46 @@ pub struct Overrides {
     pub in_flight: Option<u32>,
 }
 
-/// Submits a graph; returns the job id.
-pub async fn submit(
-    client: &mut OrchestratorClient<Channel>,
-    graph_toml: String,
-    o: Overrides,
-) -> Result<String, ClientError> {
-    let mut req = tonic::Request::new(v1::SubmitJobRequest {
-        graph_toml,
-        steps: o.steps.unwrap_or(0),
-        epochs: o.epochs.unwrap_or(0),
-        in_flight: o.in_flight.unwrap_or(0),
-        label: String::new(),
-    });
+impl Overrides {
+    /// Writes the overrides into an envelope's recipe.
+    pub fn apply(&self, env: &mut Envelope) {
+        if let Some(s) = self.steps {
+            env.op.steps = Some(s);
+            env.op.epochs = None;
+        } else if let Some(e) = self.epochs {
+            env.op.epochs = Some(e);
+            env.op.steps = None;
+        }
+        if let Some(k) = self.in_flight {
+            env.op.in_flight = Some(k);
+        }
+    }
+}
+
+/// Reads a job file (envelope or bare graph), inlines a model given by path (relative to the
+/// file), and applies the overrides.
+pub fn load_job(path: &Path, o: Overrides) -> Result<Envelope, ClientError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ClientError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+    let mut env = Envelope::parse(&text).map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))?;
+    if let Some(model) = env.op.model.take() {
+        if env.op.model_toml.is_some() {
+            return Err(ClientError::Invalid(format!("{}: op gives both `model` and `model_toml`", path.display())));
+        }
+        let p = path.parent().unwrap_or(Path::new(".")).join(&model);
+        let t = std::fs::read_to_string(&p)
+            .map_err(|e| ClientError::Invalid(format!("cannot read model graph {}: {e}", p.display())))?;
+        env.op.model_toml = Some(t);
+    }
+    o.apply(&mut env);
+    Ok(env)
+}
+
+/// Submits a job; returns its id.
+pub async fn submit(client: &mut OrchestratorClient<Channel>, envelope: &Envelope) -> Result<String, ClientError> {
+    let envelope_json =
+        serde_json::to_string(envelope).map_err(|e| ClientError::Invalid(format!("cannot encode the envelope: {e}")))?;
+    let mut req = tonic::Request::new(v1::SubmitJobRequest { envelope_json, ..Default::default() });
     // Loading a dataset on first use can take a moment; allow it.
     req.set_timeout(UNARY_TIMEOUT);
     let r = client.submit_job(req).await.map_err(from_status)?;

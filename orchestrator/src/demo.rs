@@ -1,6 +1,7 @@
 //! `demo`: an orchestrator in this process, PNodes as child processes on loopback, one job.
 
-use crate::client::{self, Overrides};
+use crate::client::{self, ClientError, Overrides};
+use dcnr_model::envelope::Envelope;
 use crate::jobs::JobDefaults;
 use crate::registry::{Health, Snapshot};
 use crate::server::{self, ServerConfig};
@@ -28,6 +29,9 @@ pub struct DemoArgs {
     /// Training length and pipelining.
     #[command(flatten)]
     pub overrides: Overrides,
+    /// Directory of the artifact store.
+    #[arg(long, env = "DCNR_ARTIFACTS", default_value = "dcnr-artifacts")]
+    pub artifacts: PathBuf,
 }
 
 /// Reads the model file, or the built-in MNIST MLP.
@@ -52,66 +56,97 @@ impl Children {
     }
 }
 
-/// Runs the demo; the summary is returned whether the job succeeded or failed.
-pub async fn run(args: DemoArgs) -> anyhow::Result<JobSummary> {
-    if args.pnodes == 0 || args.pnodes > 64 {
-        bail!("--pnodes must be between 1 and 64");
-    }
-    let graph = model_text(args.model.as_ref())?;
-    let cfg = ServerConfig {
-        listen: "127.0.0.1:0".parse()?,
-        data: args.data.clone(),
-        heartbeat: Duration::from_millis(250),
-        heartbeat_timeout: Duration::from_millis(1500),
-        jobs: JobDefaults {
-            stall_timeout: Duration::from_secs(60),
-            placement_timeout: Duration::from_secs(30),
-            max_pnodes: args.pnodes,
-        },
-    };
-    let srv = server::start(cfg).await?;
-    let exe = std::env::current_exe().context("cannot find this executable to start PNodes")?;
-    let mut children = Children(Vec::new());
-    for i in 0..args.pnodes {
-        let child = Command::new(&exe)
-            .args(["pnode", "--orchestrator", &srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5", "--name"])
-            .arg(format!("demo-pnode-{i}"))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start a pnode process")?;
-        children.0.push(child);
-    }
-    let result = tokio::select! {
-        r = drive(&srv, &mut children, &args, graph) => r,
-        _ = dcnr_pnode::shutdown_signal() => Err(anyhow!("interrupted")),
-    };
-    children.stop().await;
-    srv.task.abort();
-    result
+/// An orchestrator in this process with PNode child processes on loopback.
+pub struct LocalMesh {
+    srv: server::ServerHandle,
+    children: Children,
 }
 
-async fn drive(srv: &server::ServerHandle, children: &mut Children, args: &DemoArgs, graph: String) -> anyhow::Result<JobSummary> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let healthy = srv.registry.send(Snapshot).await?.iter().filter(|p| p.health == Health::Healthy).count();
-        if healthy >= args.pnodes {
-            break;
+impl LocalMesh {
+    /// Starts the orchestrator and `pnodes` PNodes and waits until all joined.
+    pub async fn start(pnodes: usize, data: Option<PathBuf>, artifacts: Option<PathBuf>) -> anyhow::Result<LocalMesh> {
+        if pnodes == 0 || pnodes > 64 {
+            return Err(ClientError::Invalid("--pnodes must be between 1 and 64".into()).into());
         }
-        for c in &mut children.0 {
-            if let Some(status) = c.try_wait()? {
-                bail!("a pnode process exited before joining ({status})");
+        let cfg = ServerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data,
+            heartbeat: Duration::from_millis(250),
+            heartbeat_timeout: Duration::from_millis(1500),
+            jobs: JobDefaults {
+                stall_timeout: Duration::from_secs(60),
+                placement_timeout: Duration::from_secs(30),
+                max_pnodes: pnodes,
+            },
+            artifacts,
+        };
+        let srv = server::start(cfg).await?;
+        let mut mesh = LocalMesh { srv, children: Children(Vec::new()) };
+        let exe = std::env::current_exe().context("cannot find this executable to start PNodes")?;
+        for i in 0..pnodes {
+            let child = Command::new(&exe)
+                .args(["pnode", "--orchestrator", &mesh.srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5"])
+                .arg("--name")
+                .arg(format!("local-pnode-{i}"))
+                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("cannot start a pnode process")?;
+            mesh.children.0.push(child);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let snap = mesh.srv.registry.send(Snapshot).await?;
+            let healthy = snap.iter().filter(|p| p.health == Health::Healthy).count();
+            if healthy >= pnodes {
+                return Ok(mesh);
             }
+            for c in &mut mesh.children.0 {
+                if let Some(status) = c.try_wait()? {
+                    bail!("a pnode process exited before joining ({status})");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("only {healthy} of {pnodes} pnodes joined within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if Instant::now() > deadline {
-            bail!("only {healthy} of {} pnodes joined within 60 s", args.pnodes);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("orchestrator at {} with {} pnodes", srv.url(), args.pnodes);
-    let mut c = client::connect(&srv.url()).await?;
-    let job = client::submit(&mut c, graph, args.overrides).await?;
-    eprintln!("submitted {job}");
-    Ok(client::wait(&mut c, &job, true).await?)
+
+    /// The orchestrator's URL.
+    pub fn url(&self) -> String {
+        self.srv.url()
+    }
+
+    /// Submits a job and follows it to the end.
+    pub async fn run_job(&self, envelope: &Envelope, progress: bool) -> anyhow::Result<JobSummary> {
+        let mut c = client::connect(&self.srv.url()).await?;
+        let job = client::submit(&mut c, envelope).await?;
+        if progress {
+            eprintln!("submitted {job}");
+        }
+        Ok(client::wait(&mut c, &job, progress).await?)
+    }
+
+    /// Stops the PNodes and the orchestrator.
+    pub async fn stop(mut self) {
+        self.children.stop().await;
+        self.srv.task.abort();
+    }
+}
+
+/// Runs the demo; the summary is returned whether the job succeeded or failed.
+pub async fn run(args: DemoArgs) -> anyhow::Result<JobSummary> {
+    let graph = model_text(args.model.as_ref())?;
+    let mut envelope = Envelope::from_graph(&graph).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    args.overrides.apply(&mut envelope);
+    let mesh = LocalMesh::start(args.pnodes, args.data.clone(), Some(args.artifacts.clone())).await?;
+    eprintln!("orchestrator at {} with {} pnodes", mesh.url(), args.pnodes);
+    let result = tokio::select! {
+        r = mesh.run_job(&envelope, true) => r,
+        _ = dcnr_pnode::shutdown_signal() => Err(anyhow!("interrupted")),
+    };
+    mesh.stop().await;
+    result
 }

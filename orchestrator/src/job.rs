@@ -7,7 +7,10 @@
 //! `dcnr_vnode::VNode`); the job only decides *when* micro-batches enter, never what they compute,
 //! so results do not depend on message timing or placement.
 
+use crate::artifacts::{JobRecord, ObjectStore, write_record};
 use crate::data::Splits;
+use dcnr_model::envelope::{ArtifactKind, Envelope, Target};
+use serde::Serialize;
 use crate::jobs::{Jobs, Placed, StatusUpdate};
 use crate::placement::{self, Demand, Offer};
 use crate::registry::{Health, PNodeView, Registry, Snapshot};
@@ -45,8 +48,22 @@ pub struct JobSpec {
     pub max_pnodes: usize,
     /// Fail when no step completes for this long.
     pub stall_timeout: Duration,
-    /// How long to wait for a PNode to place on.
+    /// How long to wait for enough PNodes to place on.
     pub placement_timeout: Duration,
+    /// Healthy PNodes required before placing.
+    pub min_pnodes: usize,
+    /// Fail the job when it runs longer than this.
+    pub timeout: Duration,
+    /// The resolved envelope, recorded with the artifacts.
+    pub envelope: Envelope,
+    /// Where artifacts go (none: keep nothing).
+    pub store: Option<Arc<dyn ObjectStore>>,
+}
+
+impl std::fmt::Debug for dyn ObjectStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ObjectStore({})", self.location())
+    }
 }
 
 /// A report from a VNode, as plain data.
@@ -69,8 +86,16 @@ pub struct Report {
 pub enum ReportBody {
     /// A training micro-batch completed at this VNode.
     Done {
-        /// Compute time.
+        /// Wall time of its compute.
         compute_us: u64,
+        /// CPU time of its compute.
+        cpu_us: u64,
+        /// Tensor bytes in.
+        bytes_in: u64,
+        /// Tensor bytes out.
+        bytes_out: u64,
+        /// Hex SHA-256 of its output.
+        output_sha256: String,
     },
     /// Loss VNode result.
     Loss {
@@ -141,6 +166,45 @@ pub struct JobActor {
     rate_mark: (Instant, u64),
     samples_per_s: f64,
     error: Option<String>,
+    error_code: Option<&'static str>,
+    executions: BTreeMap<u32, Execution>,
+    metrics: Metrics,
+}
+
+/// What one VNode did, for `executions.json`.
+#[derive(Debug, Clone, Default, Serialize)]
+struct Execution {
+    vnode: u32,
+    name: String,
+    pnode: String,
+    endpoint: String,
+    determinism_class: String,
+    steps: u64,
+    compute_s: f64,
+    cpu_s: f64,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// Output hash of every training step, in step order.
+    output_sha256: Vec<String>,
+}
+
+/// Curves for `metrics.json`.
+#[derive(Debug, Clone, Default, Serialize)]
+struct Metrics {
+    /// (step, loss) of every training step.
+    train_loss: Vec<(u64, f32)>,
+    /// Test-set evaluations.
+    evaluations: Vec<EvalPoint>,
+    /// (seconds since start, samples/s), sampled once a second.
+    samples_per_s: Vec<(f64, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct EvalPoint {
+    epoch: u64,
+    step: u64,
+    accuracy: f64,
+    loss: f64,
 }
 
 impl JobActor {
@@ -194,6 +258,9 @@ impl JobActor {
             rate_mark: (now, 0),
             samples_per_s: 0.0,
             error: None,
+            error_code: None,
+            executions: BTreeMap::new(),
+            metrics: Metrics::default(),
         }
     }
 
@@ -222,19 +289,20 @@ impl JobActor {
         let _ = self.events.send(JobEvent::Log(text));
     }
 
-    fn fail(&mut self, ctx: &mut Context<Self>, why: String) {
+    fn fail(&mut self, ctx: &mut Context<Self>, code: &'static str, why: String) {
         if self.stage == Stage::Ended || self.error.is_some() {
             return;
         }
-        tracing::error!(job = %self.spec.job_id, error = %why, "job failed");
+        tracing::error!(job = %self.spec.job_id, code, error = %why, "job failed");
         self.error = Some(why);
+        self.error_code = Some(code);
         self.finish(ctx, None);
     }
 
     fn on_placed(&mut self, placed: Result<BTreeMap<u32, PNodeView>, String>, ctx: &mut Context<Self>) {
         let placement = match placed {
             Ok(p) => p,
-            Err(e) => return self.fail(ctx, e),
+            Err(e) => return self.fail(ctx, "placement", e),
         };
         let names = self.spec.graph.names();
         let text: Vec<String> = placement
@@ -253,10 +321,24 @@ impl JobActor {
                     Ok(l) => {
                         self.links.insert(p.endpoint.clone(), l);
                     }
-                    Err(e) => return self.fail(ctx, format!("bad endpoint {}: {e}", p.endpoint)),
+                    Err(e) => return self.fail(ctx, "placement", format!("bad endpoint {}: {e}", p.endpoint)),
                 }
             }
         }
+        self.executions = placement
+            .iter()
+            .map(|(v, p)| {
+                let e = Execution {
+                    vnode: *v,
+                    name: names.get(v).cloned().unwrap_or_default(),
+                    pnode: p.id.clone(),
+                    endpoint: p.endpoint.clone(),
+                    determinism_class: p.caps.determinism_class.clone(),
+                    ..Execution::default()
+                };
+                (*v, e)
+            })
+            .collect();
         self.placement = placement;
         self.stage = Stage::Training;
         self.train_mark = Some(Instant::now());
@@ -299,7 +381,7 @@ impl JobActor {
                         let idx = self.plan.indices(self.fed);
                         let (x, y) = self.batch(&self.data.train, &idx);
                         if let Err(e) = self.send_data(self.fed, Phase::Train, &x, &y) {
-                            return self.fail(ctx, e);
+                            return self.fail(ctx, "feed", e);
                         }
                         self.fed += 1;
                     }
@@ -329,7 +411,7 @@ impl JobActor {
                         let mb = self.eval_seq;
                         self.eval_seq += 1;
                         if let Err(e) = self.send_data(mb, Phase::Eval, &x, &y) {
-                            return self.fail(ctx, e);
+                            return self.fail(ctx, "feed", e);
                         }
                         ev.next += 1;
                         ev.outstanding += 1;
@@ -342,6 +424,12 @@ impl JobActor {
                     let loss = ev.loss_sum / ev.count.max(1) as f64;
                     self.test = Some((acc, loss));
                     self.epochs_evaluated += 1;
+                    self.metrics.evaluations.push(EvalPoint {
+                        epoch: self.epochs_evaluated,
+                        step: self.completed,
+                        accuracy: acc,
+                        loss,
+                    });
                     let _ = self.events.send(JobEvent::Evaluation { epoch: self.epochs_evaluated as u32, accuracy: acc, loss });
                     self.log(format!(
                         "evaluation after {} steps: test accuracy {:.2}%, test loss {:.4}",
@@ -388,7 +476,7 @@ impl JobActor {
         };
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
             Ok(params) => act.finish(ctx, Some(params)),
-            Err(e) => act.fail(ctx, e),
+            Err(e) => act.fail(ctx, "collect", e),
         }));
     }
 
@@ -435,8 +523,56 @@ impl JobActor {
         }
     }
 
+    /// Writes the job's artifacts and record; a failed job gets a record too.
+    fn write_artifacts(&self, summary: &JobSummary) {
+        let Some(store) = self.spec.store.as_ref() else { return };
+        let wanted = &self.spec.envelope.artifacts;
+        if !wanted.persist {
+            return;
+        }
+        let json = |v: serde_json::Value| serde_json::to_vec_pretty(&v).unwrap_or_default();
+        let mut files: Vec<(&str, Vec<u8>)> = Vec::new();
+        for kind in &wanted.write {
+            match kind {
+                ArtifactKind::Result => files.push((
+                    "result.json",
+                    json(serde_json::json!({
+                        "summary": summary,
+                        "error_code": self.error_code,
+                        "last_state": { "stage": format!("{:?}", self.stage), "steps_done": self.completed, "steps_fed": self.fed },
+                    })),
+                )),
+                ArtifactKind::Executions => files.push((
+                    "executions.json",
+                    json(serde_json::json!({
+                        "job_id": self.spec.job_id,
+                        "vnodes": self.executions.values().collect::<Vec<_>>(),
+                    })),
+                )),
+                ArtifactKind::Metrics => files.push(("metrics.json", json(serde_json::json!(self.metrics)))),
+                ArtifactKind::Envelope => files.push(("envelope.json", json(serde_json::json!(self.spec.envelope)))),
+            }
+        }
+        let record = JobRecord {
+            job_id: self.spec.job_id.clone(),
+            status: summary.status.clone(),
+            error_code: self.error_code.map(str::to_string),
+            error: self.error.clone(),
+            artifacts: BTreeMap::new(),
+        };
+        match write_record(store.as_ref(), record, &files) {
+            Ok(h) => self.log(format!("artifacts: record {h} in {}", store.location())),
+            Err(e) => tracing::error!(job = %self.spec.job_id, error = %e, "cannot write artifacts"),
+        }
+    }
+
     fn finish(&mut self, ctx: &mut Context<Self>, params: Option<Vec<Vec<Vec<f32>>>>) {
+        if self.loss_window.1 > 0 {
+            self.last_loss = Some((self.loss_window.0 / f64::from(self.loss_window.1)) as f32);
+            self.loss_window = (0.0, 0);
+        }
         let summary = self.summary(params.as_deref());
+        self.write_artifacts(&summary);
         self.stage = Stage::Ended;
         let mut status = self.status();
         status.summary = Some(summary);
@@ -470,6 +606,7 @@ impl JobActor {
             let batch = self.spec.graph.spec.training.batch_size as f64;
             self.samples_per_s = (self.completed - at) as f64 * batch / dt;
             self.rate_mark = (now, self.completed);
+            self.metrics.samples_per_s.push((self.started.elapsed().as_secs_f64(), self.samples_per_s));
         }
         if self.loss_window.1 > 0 {
             self.last_loss = Some((self.loss_window.0 / self.loss_window.1 as f64) as f32);
@@ -490,14 +627,18 @@ impl JobActor {
                 "no progress for {:?} (stage {:?}, {} of {} steps done)",
                 self.spec.stall_timeout, self.stage, self.completed, self.spec.steps
             );
-            return self.fail(ctx, why);
+            return self.fail(ctx, "stalled", why);
+        }
+        if self.started.elapsed() > self.spec.timeout {
+            let why = format!("the job exceeded its timeout of {:?} ({} of {} steps done)", self.spec.timeout, self.completed, self.spec.steps);
+            return self.fail(ctx, "timeout", why);
         }
         let placed: BTreeSet<String> = self.placement.values().map(|p| p.id.clone()).collect();
         ctx.spawn(self.registry.send(Snapshot).into_actor(self).map(move |snap, act, ctx| {
             let Ok(snap) = snap else { return };
             if let Some(lost) = snap.iter().find(|p| placed.contains(&p.id) && p.health == Health::Lost) {
                 let why = format!("pnode {} ({}) stopped heartbeating; its VNodes are lost", lost.id, lost.endpoint);
-                act.fail(ctx, why);
+                act.fail(ctx, "pnode_lost", why);
             }
         }));
     }
@@ -537,12 +678,22 @@ async fn place_and_allocate(spec: JobSpec, registry: Addr<Registry>) -> Result<B
     let deadline = Instant::now() + spec.placement_timeout;
     let healthy = loop {
         let snap = registry.send(Snapshot).await.map_err(|e| format!("registry unavailable: {e}"))?;
-        let healthy: Vec<PNodeView> = snap.into_iter().filter(|p| p.health == Health::Healthy).collect();
-        if !healthy.is_empty() {
+        let target = spec.envelope.policy.target;
+        let healthy: Vec<PNodeView> = snap
+            .into_iter()
+            .filter(|p| p.health == Health::Healthy && (target != Target::Gpu || !p.caps.gpu.is_empty()))
+            .collect();
+        if !healthy.is_empty() && healthy.len() >= spec.min_pnodes {
             break healthy;
         }
         if Instant::now() > deadline {
-            return Err(format!("no healthy pnode joined within {:?}", spec.placement_timeout));
+            return Err(format!(
+                "{} suitable healthy pnode(s) (target {:?}) within {:?}; the job needs at least {}",
+                healthy.len(),
+                target,
+                spec.placement_timeout,
+                spec.min_pnodes.max(1)
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -605,7 +756,16 @@ impl Handler<Report> for JobActor {
         }
         self.last_activity = Instant::now();
         match r.body {
-            ReportBody::Done { .. } => {
+            ReportBody::Done { compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => {
+                if let Some(e) = self.executions.get_mut(&r.vnode) {
+                    e.steps += 1;
+                    e.compute_s += compute_us as f64 / 1e6;
+                    e.cpu_s += cpu_us as f64 / 1e6;
+                    e.bytes_in += bytes_in;
+                    e.bytes_out += bytes_out;
+                    // Done reports of one VNode arrive in step order (one stream, in-order updates).
+                    e.output_sha256.push(output_sha256);
+                }
                 let n = self.spec.graph.nodes.len() as u32;
                 let c = self.done.entry(r.mb).or_insert(0);
                 *c += 1;
@@ -618,6 +778,7 @@ impl Handler<Report> for JobActor {
                 }
             }
             ReportBody::Loss { phase: Phase::Train, loss, .. } => {
+                self.metrics.train_loss.push((r.mb, loss));
                 self.loss_window.0 += f64::from(loss);
                 self.loss_window.1 += 1;
             }
@@ -631,7 +792,7 @@ impl Handler<Report> for JobActor {
             }
             ReportBody::Failure(msg) => {
                 let name = self.spec.graph.names().get(&r.vnode).cloned().unwrap_or_default();
-                return self.fail(ctx, format!("vnode {} ({name}) on {} failed: {msg}", r.vnode, r.pnode));
+                return self.fail(ctx, "vnode_failure", format!("vnode {} ({name}) on {} failed: {msg}", r.vnode, r.pnode));
             }
         }
         self.pump(ctx);

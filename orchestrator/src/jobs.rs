@@ -6,10 +6,12 @@ use crate::job::{JobActor, JobSpec, Report};
 use crate::registry::Registry;
 use crate::status::{JobEvent, JobState, JobStatus};
 use actix::prelude::*;
-use dcnr_model::{GraphError, ModelGraph};
+use dcnr_model::envelope::{Envelope, EnvelopeError};
 use sha2::Digest;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
+use crate::artifacts::ObjectStore;
 use tokio::sync::broadcast;
 
 /// Settings every job inherits from the orchestrator.
@@ -26,9 +28,12 @@ pub struct JobDefaults {
 /// Why a submission was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    /// The graph is invalid.
-    #[error("invalid model graph: {0}")]
-    Graph(#[from] GraphError),
+    /// The envelope or its graph is invalid.
+    #[error("invalid job: {0}")]
+    Envelope(#[from] EnvelopeError),
+    /// The job id is taken.
+    #[error("job id {0} is already in use")]
+    Duplicate(String),
     /// An override is out of range.
     #[error("invalid job setting: {0}")]
     Setting(String),
@@ -46,6 +51,7 @@ struct Entry {
 /// Actor owning every job's status.
 pub struct Jobs {
     registry: Addr<Registry>,
+    store: Option<Arc<dyn ObjectStore>>,
     data: DataCache,
     defaults: JobDefaults,
     next: u64,
@@ -55,8 +61,13 @@ pub struct Jobs {
 
 impl Jobs {
     /// An empty table.
-    pub fn new(registry: Addr<Registry>, data: DataCache, defaults: JobDefaults) -> Jobs {
-        Jobs { registry, data, defaults, next: 1, jobs: BTreeMap::new(), locations: HashMap::new() }
+    pub fn new(
+        registry: Addr<Registry>,
+        data: DataCache,
+        defaults: JobDefaults,
+        store: Option<Arc<dyn ObjectStore>>,
+    ) -> Jobs {
+        Jobs { registry, store, data, defaults, next: 1, jobs: BTreeMap::new(), locations: HashMap::new() }
     }
 }
 
@@ -65,34 +76,16 @@ impl Actor for Jobs {
 }
 
 /// A submission.
-#[derive(Message, Debug, Clone, Default)]
+#[derive(Message, Debug, Clone)]
 #[rtype(result = "Result<String, SubmitError>")]
-pub struct Submit {
-    /// Model-graph TOML.
-    pub graph_toml: String,
-    /// Steps override (0 = from the graph).
-    pub steps: u64,
-    /// Epochs override (0 = from the graph).
-    pub epochs: u32,
-    /// In-flight override (0 = from the graph).
-    pub in_flight: u32,
-}
+pub struct Submit(pub Envelope);
 
 impl Handler<Submit> for Jobs {
     type Result = Result<String, SubmitError>;
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
-        let mut spec = ModelGraph::parse(&msg.graph_toml)?;
-        if msg.steps > 0 {
-            spec.training.steps = Some(msg.steps);
-        } else if msg.epochs > 0 {
-            spec.training.epochs = msg.epochs;
-            spec.training.steps = None;
-        }
-        if msg.in_flight > 0 {
-            spec.training.in_flight = msg.in_flight;
-        }
-        let graph = spec.validate()?;
+        let resolved = msg.0.resolve()?;
+        let graph = resolved.graph;
         let data = self.data.get(&graph.spec.data.dataset).map_err(|e| SubmitError::Data(e.to_string()))?;
         if data.train.features() != graph.spec.data.feature_size {
             return Err(SubmitError::Setting(format!(
@@ -105,18 +98,43 @@ impl Handler<Submit> for Jobs {
         let t = &graph.spec.training;
         let spe = data.train.len().div_ceil(t.batch_size) as u64;
         let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
-        let digest = hex::encode(sha2::Sha256::digest(msg.graph_toml.as_bytes()));
-        let job_id = format!("job-{:04}-{}", self.next, &digest[..8]);
-        self.next += 1;
+        let job_id = match &resolved.envelope.ctx.job_id {
+            Some(id) if self.jobs.contains_key(id) => return Err(SubmitError::Duplicate(id.clone())),
+            Some(id) => id.clone(),
+            None => {
+                let digest = hex::encode(sha2::Sha256::digest(
+                    serde_json::to_string(&resolved.envelope).unwrap_or_default().as_bytes(),
+                ));
+                // Ids must be unique in this table and in the artifact store, which outlives
+                // orchestrator restarts.
+                loop {
+                    let id = format!("job-{:04}-{}", self.next, &digest[..8]);
+                    self.next += 1;
+                    let recorded = self
+                        .store
+                        .as_ref()
+                        .and_then(|s| s.get_ref(&format!("jobs/{id}")).ok().flatten())
+                        .is_some();
+                    if !recorded && !self.jobs.contains_key(&id) {
+                        break id;
+                    }
+                }
+            }
+        };
+        let policy = &resolved.envelope.policy;
         let spec = JobSpec {
             job_id: job_id.clone(),
             in_flight: t.in_flight,
-            root_seed: graph.spec.model.seed,
+            root_seed: resolved.root_seed,
             steps,
-            graph,
-            max_pnodes: self.defaults.max_pnodes,
+            max_pnodes: self.defaults.max_pnodes.min(policy.max_pnodes as usize),
+            min_pnodes: policy.min_pnodes as usize,
             stall_timeout: self.defaults.stall_timeout,
-            placement_timeout: self.defaults.placement_timeout,
+            placement_timeout: self.defaults.placement_timeout.min(Duration::from_secs(policy.timeout_s)),
+            timeout: Duration::from_secs(policy.timeout_s),
+            graph,
+            envelope: resolved.envelope,
+            store: self.store.clone(),
         };
         let (events, _) = broadcast::channel(1024);
         let status = JobStatus {

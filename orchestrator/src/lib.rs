@@ -6,6 +6,7 @@
 //! [`server`] (starts actors and the gRPC server), [`client`] + [`cli`] + [`progress`] (the
 //! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
 
+pub mod artifacts;
 pub mod cli;
 pub mod client;
 pub mod data;
@@ -16,6 +17,7 @@ pub mod local;
 pub mod placement;
 pub mod progress;
 pub mod registry;
+pub mod replay;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -1,41 +1,30 @@
 //! `train-local`: the single-process reference run, with the same data order, seeds, update
 //! rule and summary as a mesh job.
 
-use crate::client::Overrides;
 use crate::data::DataCache;
 use crate::progress::Progress;
 use crate::summary::{JobSummary, VNodeSummary, params_hashes};
 use anyhow::{Context as _, anyhow};
-use dcnr_model::ModelGraph;
+use dcnr_model::envelope::Envelope;
 use dcnr_model::dataset::ImageSet;
 use dcnr_vnode::HostTensor;
 use dcnr_vnode::batches::BatchPlan;
 use dcnr_vnode::reference::Reference;
-use sha2::Digest;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Trains `graph_toml` in this process and returns the summary.
-pub fn run(graph_toml: &str, o: Overrides, data: Option<PathBuf>, show_progress: bool) -> anyhow::Result<JobSummary> {
+/// Trains a job envelope (or bare graph) in this process and returns the summary.
+pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> anyhow::Result<JobSummary> {
     let started = Instant::now();
-    let mut spec = ModelGraph::parse(graph_toml)?;
-    if let Some(s) = o.steps {
-        spec.training.steps = Some(s);
-    } else if let Some(e) = o.epochs {
-        spec.training.epochs = e;
-        spec.training.steps = None;
-    }
-    if let Some(k) = o.in_flight {
-        spec.training.in_flight = k;
-    }
-    let graph = spec.validate()?;
+    let resolved = envelope.resolve()?;
+    let graph = resolved.graph;
     if graph.spec.training.in_flight != 1 {
         return Err(anyhow!("train-local is the synchronous reference; use --in-flight 1 (the graph says {})", graph.spec.training.in_flight));
     }
     let splits = DataCache::new(data).get(&graph.spec.data.dataset).context("loading the dataset")?;
     let t = &graph.spec.training;
     let norm = graph.spec.data.normalize;
-    let seed = graph.spec.model.seed;
+    let seed = resolved.root_seed;
     let mut plan = BatchPlan::new(splits.train.len(), t.batch_size, seed);
     let spe = plan.steps_per_epoch();
     let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
@@ -94,9 +83,9 @@ pub fn run(graph_toml: &str, o: Overrides, data: Option<PathBuf>, show_progress:
         .map(|ps| ps.into_iter().filter_map(|p| p.as_f32().map(<[f32]>::to_vec)).collect())
         .collect();
     let (all, each) = params_hashes(&params);
-    let digest = hex::encode(sha2::Sha256::digest(graph_toml.as_bytes()));
+    let digest = resolved.envelope.op.model_sha256.clone().unwrap_or_default();
     Ok(JobSummary {
-        job_id: format!("local-{}", &digest[..8]),
+        job_id: format!("local-{}", digest.get(..8).unwrap_or("")),
         status: "succeeded".into(),
         model: graph.spec.model.name.clone(),
         steps,

@@ -1,6 +1,8 @@
 //! Starting an orchestrator: its actors and its gRPC server, in the current actix System.
 
+use crate::artifacts::{DirStore, ObjectStore};
 use crate::data::DataCache;
+use std::sync::Arc;
 use crate::jobs::{JobDefaults, Jobs};
 use crate::registry::{HealthPolicy, Registry};
 use crate::service::{OrchestratorService, server};
@@ -24,6 +26,8 @@ pub struct ServerConfig {
     pub heartbeat_timeout: Duration,
     /// Job defaults.
     pub jobs: JobDefaults,
+    /// Artifact store directory (none: keep no artifacts).
+    pub artifacts: Option<PathBuf>,
 }
 
 /// A running orchestrator.
@@ -52,7 +56,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let registry = Registry::new(HealthPolicy { interval: cfg.heartbeat, timeout: cfg.heartbeat_timeout }).start();
-    let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone()).start();
+    let store: Option<Arc<dyn ObjectStore>> =
+        cfg.artifacts.clone().map(|d| Arc::new(DirStore::new(d)) as Arc<dyn ObjectStore>);
+    let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store).start();
     let svc = OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(

@@ -6,6 +6,7 @@ use crate::jobs::{Get, Jobs, List, Resolve, Submit, SubmitError, Watch};
 use crate::registry::{Caps, Heartbeat, PNodeView, Register, Registry, Snapshot};
 use crate::status::{JobEvent, JobState, JobStatus};
 use actix::Addr;
+use dcnr_model::envelope::Envelope;
 use dcnr_proto::PROTOCOL_VERSION;
 use dcnr_proto::v1::{self, orchestrator_server::OrchestratorServer};
 use dcnr_vnode::Phase;
@@ -86,7 +87,13 @@ fn pnode_to_wire(p: &PNodeView) -> v1::PNodeInfo {
 fn report_from_wire(r: v1::VNodeReport) -> Result<Report, Status> {
     use v1::v_node_report::Body;
     let body = match r.body {
-        Some(Body::Done(d)) => ReportBody::Done { compute_us: d.compute_us },
+        Some(Body::Done(d)) => ReportBody::Done {
+            compute_us: d.compute_us,
+            cpu_us: d.cpu_us,
+            bytes_in: d.bytes_in,
+            bytes_out: d.bytes_out,
+            output_sha256: hex::encode(&d.output_sha256),
+        },
         Some(Body::Loss(l)) => ReportBody::Loss {
             phase: match v1::Phase::try_from(l.phase) {
                 Ok(v1::Phase::Train) => Phase::Train,
@@ -165,9 +172,18 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
 
     async fn submit_job(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
         let r = req.into_inner();
-        let submit = Submit { graph_toml: r.graph_toml, steps: r.steps, epochs: r.epochs, in_flight: r.in_flight };
-        let job_id = self.jobs.send(submit).await.map_err(gone)?.map_err(|e| match e {
+        let envelope = if r.envelope_json.is_empty() {
+            let mut env = Envelope::from_graph(&r.graph_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            env.op.steps = (r.steps > 0).then_some(r.steps);
+            env.op.epochs = (r.epochs > 0).then_some(r.epochs);
+            env.op.in_flight = (r.in_flight > 0).then_some(r.in_flight);
+            env
+        } else {
+            Envelope::parse(&r.envelope_json).map_err(|e| Status::invalid_argument(e.to_string()))?
+        };
+        let job_id = self.jobs.send(Submit(envelope)).await.map_err(gone)?.map_err(|e| match e {
             SubmitError::Data(_) => Status::failed_precondition(e.to_string()),
+            SubmitError::Duplicate(_) => Status::already_exists(e.to_string()),
             _ => Status::invalid_argument(e.to_string()),
         })?;
         Ok(Response::new(v1::SubmitJobResponse { job_id }))

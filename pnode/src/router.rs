@@ -98,11 +98,17 @@ impl Router {
                 Some(r) => r.do_send(Deliver(Inbound::Backward { mb, from, tensor })),
                 None => self.egress(convert::backward_message(job, to, mb, from, &tensor)),
             },
-            Outbound::Done { mb, compute_us, output_sha256 } => self.report(
+            Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => self.report(
                 job,
                 from,
                 mb,
-                v1::v_node_report::Body::Done(v1::StepDone { compute_us, output_sha256: output_sha256.to_vec() }),
+                v1::v_node_report::Body::Done(v1::StepDone {
+                    compute_us,
+                    cpu_us,
+                    bytes_in,
+                    bytes_out,
+                    output_sha256: output_sha256.to_vec(),
+                }),
             ),
             Outbound::Loss { mb, phase, loss, correct, count } => self.report(
                 job,

@@ -41,6 +41,8 @@ impl Drop for Proc {
 pub struct Mesh {
     /// Orchestrator URL.
     pub url: String,
+    /// The orchestrator's artifact store.
+    pub artifacts: tempfile::TempDir,
     orchestrator: Proc,
     pnodes: Vec<Proc>,
 }
@@ -48,8 +50,10 @@ pub struct Mesh {
 impl Mesh {
     /// Starts an orchestrator on a free loopback port and `n` PNodes, and waits until all joined.
     pub fn start(n: usize) -> Result<Mesh> {
+        let artifacts = tempfile::tempdir()?;
         let mut child = Command::new(bin("orchestrator"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--stall-timeout-s", "60"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--stall-timeout-s", "60", "--artifacts"])
+            .arg(artifacts.path())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -70,7 +74,7 @@ impl Mesh {
         if !url.starts_with("http://127.0.0.1:") {
             bail!("unexpected first line from orchestrator: {line}");
         }
-        let mut mesh = Mesh { url, orchestrator, pnodes: Vec::new() };
+        let mut mesh = Mesh { url, artifacts, orchestrator, pnodes: Vec::new() };
         for _ in 0..n {
             mesh.add_pnode()?;
         }
@@ -109,15 +113,20 @@ impl Mesh {
     }
 
     /// Submits a graph and waits; returns the JSON summary.
-    pub fn submit_wait(&self, graph: &PathBuf, extra: &[&str]) -> Result<serde_json::Value> {
-        let g = graph.to_string_lossy().to_string();
-        let mut args = vec!["submit", g.as_str(), "--orchestrator", &self.url, "--wait", "--json"];
-        args.extend_from_slice(extra);
-        let out = run(&args, Duration::from_secs(240))?;
+    pub fn submit_wait(&self, graph: &std::path::Path, extra: &[&str]) -> Result<serde_json::Value> {
+        let out = self.submit_raw(graph, extra)?;
         if !out.status.success() {
             bail!("submit failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
         }
         last_json(&out.stdout)
+    }
+
+    /// Submits and waits; returns the process output whatever the outcome.
+    pub fn submit_raw(&self, graph: &std::path::Path, extra: &[&str]) -> Result<Output> {
+        let g = graph.to_string_lossy().to_string();
+        let mut args = vec!["submit", g.as_str(), "--orchestrator", &self.url, "--wait", "--json"];
+        args.extend_from_slice(extra);
+        run(&args, Duration::from_secs(240))
     }
 
     /// Whether the orchestrator is still running.
@@ -173,4 +182,10 @@ pub fn run_bin(name: &str, args: &[&str], limit: Duration) -> Result<Output> {
         std::thread::sleep(Duration::from_millis(20));
     };
     Ok(Output { status, stdout: t1.join().unwrap_or_default(), stderr: t2.join().unwrap_or_default() })
+}
+
+/// Hex SHA-256 of bytes (computed here independently of the code under test).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }

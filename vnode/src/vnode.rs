@@ -96,8 +96,14 @@ pub enum Outbound {
     Done {
         /// Micro-batch index.
         mb: u64,
-        /// Forward plus backward compute time.
+        /// Forward plus backward wall time.
         compute_us: u64,
+        /// Forward plus backward CPU time of the computing thread.
+        cpu_us: u64,
+        /// Tensor bytes received for `mb` (inputs and gradients).
+        bytes_in: u64,
+        /// Tensor bytes sent for `mb` (activations to each consumer and gradients).
+        bytes_out: u64,
         /// SHA-256 of this VNode's output for `mb` (the loss's input gradient for a loss).
         output_sha256: [u8; 32],
     },
@@ -155,7 +161,22 @@ struct Saved {
     loss_grads: Vec<Option<HostTensor>>,
     output_sha256: [u8; 32],
     forward_us: u64,
+    forward_cpu_us: u64,
+    bytes_in: u64,
+    bytes_out: u64,
     rows: usize,
+}
+
+fn bytes_of(t: &HostTensor) -> u64 {
+    t.numel() as u64 * 4
+}
+
+fn cpu_now() -> Option<cpu_time::ThreadTime> {
+    cpu_time::ThreadTime::try_now().ok()
+}
+
+fn cpu_us(since: Option<cpu_time::ThreadTime>) -> u64 {
+    since.map(|t| t.elapsed().as_micros() as u64).unwrap_or(0)
 }
 
 /// One VNode: a node of the graph with its parameters, optimizer state and pending work.
@@ -380,6 +401,8 @@ impl VNode {
 
     fn train_forward(&mut self, mb: u64, inputs: Vec<HostTensor>, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
         let started = Instant::now();
+        let cpu = cpu_now();
+        let bytes_in: u64 = inputs.iter().map(bytes_of).sum();
         let ad = self.device.clone().autodiff();
         let rows = inputs.first().map(HostTensor::rows).unwrap_or(0);
         if let NodeKind::SoftmaxCrossEntropy { classes } = self.spec.node.kind {
@@ -396,6 +419,9 @@ impl VNode {
                     loss_grads: vec![Some(dlogits), None],
                     output_sha256: hash,
                     forward_us: started.elapsed().as_micros() as u64,
+                    forward_cpu_us: cpu_us(cpu),
+                    bytes_in,
+                    bytes_out: 0,
                     rows,
                 },
             );
@@ -413,6 +439,7 @@ impl VNode {
         let y = layer::forward(self.spec.node.kind, &params, &leaves);
         let y_host = HostTensor::from_burn(y.clone()).map_err(|d| self.backend(d))?;
         let hash = crate::sha256_f32([y_host.as_f32().unwrap_or(&[])]);
+        let bytes_out = bytes_of(&y_host) * self.spec.node.consumers.len() as u64;
         self.emit_forward(mb, Phase::Train, y_host, out);
         let tracked = leaves
             .into_iter()
@@ -428,6 +455,9 @@ impl VNode {
                 loss_grads: Vec::new(),
                 output_sha256: hash,
                 forward_us: started.elapsed().as_micros() as u64,
+                forward_cpu_us: cpu_us(cpu),
+                bytes_in,
+                bytes_out,
                 rows,
             },
         );
@@ -479,9 +509,12 @@ impl VNode {
 
     fn train_backward(&mut self, mb: u64, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
         let started = Instant::now();
+        let cpu = cpu_now();
         let saved = self.saved.remove(&mb).ok_or_else(|| self.backend(format!("no saved forward for {mb}")))?;
+        let (mut bytes_in, mut bytes_out) = (saved.bytes_in, saved.bytes_out);
         let input_grads: Vec<Option<HostTensor>> = if let Some(y) = saved.output {
             let gs = self.grads.remove(&mb).unwrap_or_default();
+            bytes_in += gs.iter().flatten().map(bytes_of).sum::<u64>();
             let g = sum_in_order(gs).ok_or_else(|| self.backend("missing gradient".into()))?;
             let needs_backward = !saved.params.is_empty() || saved.inputs.iter().any(Option::is_some);
             if !needs_backward {
@@ -518,11 +551,13 @@ impl VNode {
         };
         for (port, (g, src)) in input_grads.into_iter().zip(&self.spec.node.inputs).enumerate() {
             if let (Some(tensor), Source::Node(to)) = (g, src) {
+                bytes_out += bytes_of(&tensor);
                 out.push(Outbound::Backward { to: *to, from: (self.id(), port as u32), mb, tensor });
             }
         }
         let compute_us = saved.forward_us + started.elapsed().as_micros() as u64;
-        out.push(Outbound::Done { mb, compute_us, output_sha256: saved.output_sha256 });
+        let cpu_us = saved.forward_cpu_us + cpu_us(cpu);
+        out.push(Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256: saved.output_sha256 });
         Ok(())
     }
 
