@@ -106,6 +106,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure training throughput (reference vs meshes) and message latency side by side.
+    Bench {
+        #[command(flatten)]
+        args: crate::bench::BenchArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-run a recorded job from its envelope and check every recorded hash.
     Replay {
         #[command(flatten)]
@@ -187,6 +195,19 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => fail(2, format!("{e:#}")),
             }
         }
+        Command::Bench { args, json } => runtime(async move {
+            match crate::bench::run(args).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        crate::bench::print(&r);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, format!("{e:#}")),
+            }
+        }),
         Command::Replay { args, json } => runtime(async move {
             match crate::replay::run(args).await {
                 Ok(r) => {

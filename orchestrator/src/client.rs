@@ -2,7 +2,7 @@
 
 use crate::progress::Progress;
 use crate::summary::JobSummary;
-use dcnr_proto::limits::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
+use dcnr_proto::limits::{MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
 use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
 use dcnr_model::envelope::Envelope;
 use std::path::Path;
@@ -45,10 +45,9 @@ fn from_status(s: tonic::Status) -> ClientError {
 /// Connects to an orchestrator.
 pub async fn connect(url: &str) -> Result<OrchestratorClient<Channel>, ClientError> {
     let unreachable = |detail: String| ClientError::Unreachable { url: url.to_string(), detail };
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+    // No blanket deadline: watching a job streams for as long as the job runs.
+    let channel = dcnr_proto::transport::endpoint(url, None)
         .map_err(|e| ClientError::Invalid(format!("`{url}` is not a valid URL: {e}")))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
         .connect()
         .await
         .map_err(|e| unreachable(format!("{e}")))?;

@@ -114,6 +114,11 @@ impl LocalMesh {
         }
     }
 
+    /// The registry of the in-process orchestrator.
+    pub fn registry(&self) -> &actix::Addr<crate::registry::Registry> {
+        &self.srv.registry
+    }
+
     /// The orchestrator's URL.
     pub fn url(&self) -> String {
         self.srv.url()

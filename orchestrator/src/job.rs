@@ -21,7 +21,7 @@ use dcnr_model::ValidGraph;
 use dcnr_model::graph::Source;
 use dcnr_pnode::convert;
 use dcnr_pnode::router::{Link, open_link};
-use dcnr_proto::limits::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
+use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, p_node_client::PNodeClient};
 use dcnr_vnode::batches::BatchPlan;
 use dcnr_vnode::{HostData, HostTensor, Phase};
@@ -133,6 +133,9 @@ struct Eval {
     count: u64,
     loss_sum: f64,
 }
+
+/// Micro-batches of data sent ahead of the in-flight window.
+const PREFETCH: u64 = 2;
 
 /// Most eval micro-batches in the mesh at once.
 const EVAL_WINDOW: usize = 4;
@@ -377,7 +380,9 @@ impl JobActor {
                     let spe = self.plan.steps_per_epoch();
                     let limit = self.spec.steps.min((self.epochs_evaluated + 1) * spe);
                     let k = self.spec.in_flight as u64;
-                    while self.fed < limit && self.fed < self.completed + k {
+                    // Data may arrive up to PREFETCH steps early: VNodes hold it until the update
+                    // order lets them run, so feeding never sits on a step's critical path.
+                    while self.fed < limit && self.fed < self.completed + k + PREFETCH {
                         let idx = self.plan.indices(self.fed);
                         let (x, y) = self.batch(&self.data.train, &idx);
                         if let Err(e) = self.send_data(self.fed, Phase::Train, &x, &y) {
@@ -646,11 +651,7 @@ impl JobActor {
 
 /// A client for a PNode's service with the protocol's limits.
 pub fn pnode_client(endpoint: &str) -> Result<PNodeClient<tonic::transport::Channel>, tonic::transport::Error> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(UNARY_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect_lazy();
+    let channel = dcnr_proto::transport::unary_endpoint(endpoint)?.connect_lazy();
     Ok(PNodeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 

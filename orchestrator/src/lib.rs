@@ -7,6 +7,7 @@
 //! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
 
 pub mod artifacts;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod data;

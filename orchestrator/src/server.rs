@@ -8,7 +8,6 @@ use crate::registry::{HealthPolicy, Registry};
 use crate::service::{OrchestratorService, server};
 use actix::{Actor, Addr};
 use anyhow::Context as _;
-use dcnr_proto::limits::MAX_CONCURRENT_STREAMS;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -62,8 +61,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let svc = OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        dcnr_proto::transport::server()
             .add_service(server(svc))
             .serve_with_incoming(incoming),
     );

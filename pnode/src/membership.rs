@@ -5,7 +5,7 @@ use crate::actors::{Count, Host};
 use crate::config::PnodeArgs;
 use actix::Addr;
 use anyhow::{Context as _, bail};
-use dcnr_proto::limits::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
+use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -20,11 +20,8 @@ pub struct OrchestratorLink {
 impl OrchestratorLink {
     /// Connects, retrying until `patience` has passed (the orchestrator may still be starting).
     pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<OrchestratorLink> {
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-            .with_context(|| format!("`{url}` is not a valid orchestrator URL (expected e.g. http://127.0.0.1:7070)"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(UNARY_TIMEOUT)
-            .tcp_nodelay(true);
+        let endpoint = dcnr_proto::transport::unary_endpoint(url)
+            .with_context(|| format!("`{url}` is not a valid orchestrator URL (expected e.g. http://127.0.0.1:7070)"))?;
         let deadline = Instant::now() + patience;
         let mut wait = Duration::from_millis(50);
         let channel = loop {

@@ -6,7 +6,7 @@ use crate::actors::Deliver;
 use crate::convert;
 use crate::membership::OrchestratorLink;
 use actix::Recipient;
-use dcnr_proto::limits::{CONNECT_TIMEOUT, MAX_MESSAGE_BYTES};
+use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, p_node_client::PNodeClient};
 use dcnr_vnode::{Inbound, Outbound};
 use std::collections::HashMap;
@@ -150,10 +150,7 @@ pub type Link = mpsc::Sender<v1::VNodeMessage>;
 /// Opens a client stream of VNode messages to `endpoint`; messages sent on the returned
 /// sender are delivered in order until the stream fails.
 pub fn open_link(endpoint: &str) -> Result<Link, tonic::transport::Error> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect_lazy();
+    let channel = dcnr_proto::transport::endpoint(endpoint, None)?.connect_lazy();
     let (tx, rx) = mpsc::channel(1024);
     let endpoint = endpoint.to_string();
     tokio::spawn(async move {

@@ -6,7 +6,7 @@ use crate::convert;
 use crate::router::Router;
 use actix::Addr;
 use dcnr_model::ValidGraph;
-use dcnr_proto::limits::{MAX_CONCURRENT_STREAMS, MAX_MESSAGE_BYTES};
+use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, p_node_server::PNodeServer};
 use dcnr_vnode::VNodeSpec;
 use tokio::net::TcpListener;
@@ -79,6 +79,11 @@ impl v1::p_node_server::PNode for PNodeService {
         Ok(Response::new(v1::ExchangeAck { received }))
     }
 
+    async fn ping(&self, req: Request<v1::PingRequest>) -> Result<Response<v1::PingResponse>, Status> {
+        let t = convert::tensor_from_wire(req.get_ref().payload.as_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(v1::PingResponse { bytes: t.numel() as u64 * 4 }))
+    }
+
     async fn fetch_params(
         &self,
         req: Request<v1::FetchParamsRequest>,
@@ -104,8 +109,7 @@ pub async fn serve(listener: TcpListener, host: Addr<Host>, router: Router) -> R
     let svc = PNodeServer::new(PNodeService { host, router })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+    dcnr_proto::transport::server()
         .add_service(svc)
         .serve_with_incoming(incoming)
         .await

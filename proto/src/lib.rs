@@ -11,6 +11,7 @@ pub mod v1 {
 
 pub mod limits;
 pub mod tensor;
+pub mod transport;
 
 pub use tonic;
 

@@ -41,21 +41,24 @@ pub struct Decoded {
     pub data: HostData,
 }
 
+/// Little-endian bytes of 4-byte elements: a plain copy on little-endian machines.
+fn le_bytes<T: bytemuck::Pod>(data: &[T], to_le: impl Fn(&T) -> [u8; 4]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(data).to_vec()
+    } else {
+        data.iter().flat_map(to_le).collect()
+    }
+}
+
 /// Encodes f32 elements.
 pub fn encode_f32(shape: &[usize], data: &[f32]) -> v1::Tensor {
-    let mut bytes = Vec::with_capacity(data.len() * 4);
-    for x in data {
-        bytes.extend_from_slice(&x.to_le_bytes());
-    }
+    let bytes = le_bytes(data, |x| x.to_le_bytes());
     v1::Tensor { shape: shape.iter().map(|&d| d as u64).collect(), dtype: v1::Dtype::F32 as i32, data: bytes }
 }
 
 /// Encodes i32 elements.
 pub fn encode_i32(shape: &[usize], data: &[i32]) -> v1::Tensor {
-    let mut bytes = Vec::with_capacity(data.len() * 4);
-    for x in data {
-        bytes.extend_from_slice(&x.to_le_bytes());
-    }
+    let bytes = le_bytes(data, |x| x.to_le_bytes());
     v1::Tensor { shape: shape.iter().map(|&d| d as u64).collect(), dtype: v1::Dtype::I32 as i32, data: bytes }
 }
 
@@ -75,10 +78,14 @@ pub fn decode(t: Option<&v1::Tensor>) -> Result<Decoded, TensorError> {
     if t.data.len() as u64 != expected {
         return Err(TensorError::Length { shape: t.shape.clone(), expected, actual: t.data.len() });
     }
-    let words = t.data.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
+    let little = cfg!(target_endian = "little");
+    let words = || t.data.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
+    // The bytes of a protobuf field carry no alignment, so the copy is what makes them typed.
     let data = match v1::Dtype::try_from(t.dtype) {
-        Ok(v1::Dtype::F32) => HostData::F32(words.map(f32::from_le_bytes).collect()),
-        Ok(v1::Dtype::I32) => HostData::I32(words.map(i32::from_le_bytes).collect()),
+        Ok(v1::Dtype::F32) if little => HostData::F32(bytemuck::pod_collect_to_vec(&t.data)),
+        Ok(v1::Dtype::I32) if little => HostData::I32(bytemuck::pod_collect_to_vec(&t.data)),
+        Ok(v1::Dtype::F32) => HostData::F32(words().map(f32::from_le_bytes).collect()),
+        Ok(v1::Dtype::I32) => HostData::I32(words().map(i32::from_le_bytes).collect()),
         _ => return Err(TensorError::DType(t.dtype)),
     };
     Ok(Decoded { shape: t.shape.iter().map(|&d| d as usize).collect(), data })

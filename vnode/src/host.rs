@@ -58,10 +58,15 @@ impl HostTensor {
         len == self.numel()
     }
 
-    /// Moves a rank-2 float tensor onto `device`.
+    /// Copies a rank-2 float tensor onto `device`.
     pub(crate) fn to_burn(&self, device: &burn::tensor::Device) -> Option<Tensor<2>> {
-        match (&self.data, self.shape.as_slice()) {
-            (HostData::F32(v), &[r, c]) => Some(Tensor::from_data(TensorData::new(v.clone(), [r, c]), device)),
+        self.clone().into_burn(device)
+    }
+
+    /// Moves a rank-2 float tensor onto `device` without copying it on the host.
+    pub(crate) fn into_burn(self, device: &burn::tensor::Device) -> Option<Tensor<2>> {
+        match (self.data, self.shape.as_slice()) {
+            (HostData::F32(v), &[r, c]) => Some(Tensor::from_data(TensorData::new(v, [r, c]), device)),
             _ => None,
         }
     }
@@ -69,7 +74,7 @@ impl HostTensor {
     /// Copies a rank-2 burn tensor back to the host.
     pub(crate) fn from_burn(t: Tensor<2>) -> Result<HostTensor, String> {
         let shape = t.dims().to_vec();
-        let v = t.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        let v = t.into_data().try_into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
         Ok(HostTensor::f32(shape, v))
     }
 }

@@ -25,14 +25,14 @@ pub fn device() -> burn::tensor::Device {
 pub fn sha256_f32<'a>(chunks: impl IntoIterator<Item = &'a [f32]>) -> [u8; 32] {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
-    let mut buf = Vec::new();
     for c in chunks {
-        buf.clear();
-        buf.reserve(c.len() * 4);
-        for x in c {
-            buf.extend_from_slice(&x.to_le_bytes());
+        if cfg!(target_endian = "little") {
+            h.update(bytemuck::cast_slice::<f32, u8>(c));
+        } else {
+            for x in c {
+                h.update(x.to_le_bytes());
+            }
         }
-        h.update(&buf);
     }
     h.finalize().into()
 }

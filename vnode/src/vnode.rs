@@ -388,12 +388,12 @@ impl VNode {
             .unwrap_or_default()
     }
 
-    fn inputs_on(&self, inputs: &[HostTensor], device: &Device, track: bool) -> Vec<Tensor<2>> {
+    fn inputs_on(&self, inputs: Vec<HostTensor>, device: &Device, track: bool) -> Vec<Tensor<2>> {
         inputs
-            .iter()
+            .into_iter()
             .zip(&self.spec.node.inputs)
             .filter_map(|(t, src)| {
-                let x = t.to_burn(device)?;
+                let x = t.into_burn(device)?;
                 Some(if track && matches!(src, Source::Node(_)) { x.require_grad() } else { x })
             })
             .collect()
@@ -432,8 +432,9 @@ impl VNode {
             .into_iter()
             .map(|p| p.autodiff().require_grad())
             .collect();
-        let leaves = self.inputs_on(&inputs, &ad, true);
-        if leaves.len() != inputs.len() {
+        let n_inputs = inputs.len();
+        let leaves = self.inputs_on(inputs, &ad, true);
+        if leaves.len() != n_inputs {
             return Err(self.backend("input could not be loaded".into()));
         }
         let y = layer::forward(self.spec.node.kind, &params, &leaves);
@@ -465,8 +466,13 @@ impl VNode {
     }
 
     fn emit_forward(&self, mb: u64, phase: Phase, y: HostTensor, out: &mut Vec<Outbound>) {
-        for &(to, port) in &self.spec.node.consumers {
-            out.push(Outbound::Forward { to, port, mb, phase, tensor: y.clone() });
+        let mut y = Some(y);
+        let n = self.spec.node.consumers.len();
+        for (i, &(to, port)) in self.spec.node.consumers.iter().enumerate() {
+            let tensor = if i + 1 == n { y.take() } else { y.clone() };
+            if let Some(tensor) = tensor {
+                out.push(Outbound::Forward { to, port, mb, phase, tensor });
+            }
         }
     }
 
@@ -520,7 +526,7 @@ impl VNode {
             if !needs_backward {
                 Vec::new()
             } else {
-                let g = g.to_burn(&self.device.clone().autodiff()).ok_or_else(|| self.backend("gradient".into()))?;
+                let g = g.into_burn(&self.device.clone().autodiff()).ok_or_else(|| self.backend("gradient".into()))?;
                 let grads = (y * g).sum().backward();
                 let pgrads: Vec<Tensor<2>> = saved
                     .params
@@ -568,7 +574,7 @@ impl VNode {
             out.push(Outbound::Loss { mb, phase: Phase::Eval, loss, correct, count });
             return Ok(());
         }
-        let xs = self.inputs_on(&inputs, &self.device, false);
+        let xs = self.inputs_on(inputs, &self.device, false);
         let y = layer::forward(self.spec.node.kind, self.current(), &xs);
         let y = HostTensor::from_burn(y).map_err(|d| self.backend(d))?;
         self.emit_forward(mb, Phase::Eval, y, out);

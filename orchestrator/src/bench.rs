@@ -1,0 +1,148 @@
+//! `bench`: training throughput of the single-process reference and of local meshes of 1, 2
+//! and 3 PNodes (synchronous and pipelined), measured side by side in one run, plus the
+//! round-trip latency of one 64 KiB VNode message over loopback gRPC.
+
+use crate::client::Overrides;
+use crate::demo::{LocalMesh, model_text};
+use crate::job::pnode_client;
+use crate::registry::Snapshot;
+use anyhow::Context as _;
+use dcnr_model::envelope::Envelope;
+use dcnr_proto::v1;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Flags of `bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Model graph (default: models/mnist-mlp.toml).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training steps per measurement.
+    #[arg(long, default_value_t = 600)]
+    pub steps: u64,
+    /// Repetitions of every measurement (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Micro-batches in flight for the pipelined runs.
+    #[arg(long, default_value_t = 4)]
+    pub pipelined: u32,
+    /// Mesh sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub pnodes: Vec<usize>,
+    /// Round trips for the latency measurement.
+    #[arg(long, default_value_t = 2000)]
+    pub pings: usize,
+    /// Dataset directory.
+    #[arg(long, env = "DCNR_DATA")]
+    pub data: Option<PathBuf>,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    /// Name.
+    pub config: String,
+    /// Every repetition's samples/s.
+    pub samples_per_s: Vec<f64>,
+    /// Median samples/s.
+    pub median: f64,
+    /// Median / the reference's median.
+    pub ratio: f64,
+}
+
+/// Everything measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    /// Throughput rows.
+    pub rows: Vec<Row>,
+    /// 64 KiB round trip p50 in microseconds.
+    pub hop_rtt_p50_us: f64,
+    /// 64 KiB round trip p99 in microseconds.
+    pub hop_rtt_p99_us: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() { 0.0 } else { s[s.len() / 2] }
+}
+
+/// Runs every measurement.
+pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+    let graph = model_text(args.model.as_ref())?;
+    let base = Envelope::from_graph(&graph)?;
+    let with = |k: u32| {
+        let mut e = base.clone();
+        Overrides { steps: Some(args.steps), epochs: None, in_flight: Some(k) }.apply(&mut e);
+        e.artifacts.persist = false;
+        e
+    };
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut local = Vec::new();
+    for _ in 0..args.repeat {
+        let s = crate::local::run(with(1), args.data.clone(), false)?;
+        local.push(s.samples_per_s);
+    }
+    eprintln!("train-local: {:.0} samples/s (median)", median(&local));
+    rows.push(("train-local (1 process)".into(), local));
+    let (mut rtts, mut rtt_done) = (Vec::new(), false);
+    for &p in &args.pnodes {
+        let mesh = LocalMesh::start(p, args.data.clone(), None).await?;
+        for (label, k) in [("sync", 1), ("pipelined", args.pipelined)] {
+            let mut v = Vec::new();
+            for _ in 0..args.repeat {
+                let s = mesh.run_job(&with(k), false).await?;
+                anyhow::ensure!(s.status == "succeeded", "benchmark job failed: {:?}", s.error);
+                v.push(s.samples_per_s);
+            }
+            eprintln!("mesh {p} pnode(s) {label} (in-flight {k}): {:.0} samples/s (median)", median(&v));
+            rows.push((format!("mesh {p} pnode(s), {label} (in-flight {k})"), v));
+        }
+        if !rtt_done {
+            rtts = ping(&mesh, args.pings).await?;
+            rtt_done = true;
+        }
+        mesh.stop().await;
+    }
+    let reference = median(&rows[0].1).max(1e-9);
+    let rows = rows
+        .into_iter()
+        .map(|(config, v)| {
+            let m = median(&v);
+            Row { config, samples_per_s: v, median: m, ratio: m / reference }
+        })
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    let pct = |q: f64| rtts.get(((rtts.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
+    Ok(BenchReport { rows, hop_rtt_p50_us: pct(0.5), hop_rtt_p99_us: pct(0.99) })
+}
+
+/// Round trips of a 64 KiB tensor message to a PNode, in microseconds.
+async fn ping(mesh: &LocalMesh, n: usize) -> anyhow::Result<Vec<f64>> {
+    let snap = mesh.registry().send(Snapshot).await?;
+    let endpoint = snap.first().map(|p| p.endpoint.clone()).context("no pnode to ping")?;
+    let mut client = pnode_client(&endpoint)?;
+    let payload = dcnr_proto::tensor::encode_f32(&[64, 256], &vec![0.5f32; 64 * 256]);
+    let req = v1::PingRequest { payload: Some(payload) };
+    for _ in 0..50 {
+        client.ping(req.clone()).await?;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        client.ping(req.clone()).await?;
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(out)
+}
+
+/// Prints the report as a table.
+pub fn print(r: &BenchReport) {
+    println!("{:<44} {:>12} {:>8}   runs", "configuration", "samples/s", "ratio");
+    for row in &r.rows {
+        let runs: Vec<String> = row.samples_per_s.iter().map(|v| format!("{v:.0}")).collect();
+        println!("{:<44} {:>12.0} {:>7.2}x   {}", row.config, row.median, row.ratio, runs.join(" "));
+    }
+    println!("64 KiB message round trip over loopback gRPC: p50 {:.0} us, p99 {:.0} us", r.hop_rtt_p50_us, r.hop_rtt_p99_us);
+}
