@@ -42,82 +42,42 @@ pub enum DatasetError {
     NotFound { searched: Vec<PathBuf> },
     /// The file could not be opened or read.
     #[error("cannot read {}: {source}", .path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// The gzip stream is corrupt or truncated.
     #[error("{} is not a valid gzip stream (corrupt or truncated download?): {source}", .path.display())]
-    Gzip {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Gzip { path: PathBuf, source: std::io::Error },
     /// The file decompresses to more than the cap, which no real dataset file does.
     #[error("{} decompresses to more than {limit} bytes; refusing it as a likely gzip bomb", .path.display())]
     TooLarge { path: PathBuf, limit: u64 },
     /// The decompressed data ends before the header or the data the header declares.
     #[error("{} is truncated: expected {expected} bytes (header included), found {found}", .path.display())]
-    Truncated {
-        path: PathBuf,
-        expected: u64,
-        found: u64,
-    },
+    Truncated { path: PathBuf, expected: u64, found: u64 },
     /// The decompressed data continues past what the header declares.
     #[error("{} has {extra} trailing bytes after the {expected} bytes its header declares", .path.display())]
-    TrailingBytes {
-        path: PathBuf,
-        expected: u64,
-        extra: u64,
-    },
+    TrailingBytes { path: PathBuf, expected: u64, extra: u64 },
     /// The file is not the IDX kind expected (e.g. labels given where images belong).
     #[error("{} has IDX magic {found:#010x}, expected {expected:#010x}", .path.display())]
-    BadMagic {
-        path: PathBuf,
-        expected: u32,
-        found: u32,
-    },
+    BadMagic { path: PathBuf, expected: u32, found: u32 },
     /// A header field is too large to be genuine; refused before allocating anything.
     #[error("{}: header field `{field}` is {value}, above the sanity limit {max}", .path.display())]
-    AbsurdHeader {
-        path: PathBuf,
-        field: &'static str,
-        value: u64,
-        max: u64,
-    },
+    AbsurdHeader { path: PathBuf, field: &'static str, value: u64, max: u64 },
     /// The images have a zero dimension, which no model can consume.
     #[error("{}: image dimensions {rows}x{cols} are invalid (each side must be at least 1)", .path.display())]
-    BadDimensions {
-        path: PathBuf,
-        rows: usize,
-        cols: usize,
-    },
+    BadDimensions { path: PathBuf, rows: usize, cols: usize },
     /// The images and labels files of one split disagree on the sample count.
     #[error(
         "sample count mismatch: {} holds {images} images but {} holds {labels} labels",
         .images_path.display(), .labels_path.display()
     )]
-    CountMismatch {
-        images_path: PathBuf,
-        images: usize,
-        labels_path: PathBuf,
-        labels: usize,
-    },
+    CountMismatch { images_path: PathBuf, images: usize, labels_path: PathBuf, labels: usize },
     /// A label lies outside the ten classes, so the file cannot be this kind of dataset.
     #[error("{}: label {value} at index {index} is out of range 0..={MAX_LABEL}", .path.display())]
-    LabelOutOfRange {
-        path: PathBuf,
-        index: usize,
-        value: u8,
-    },
+    LabelOutOfRange { path: PathBuf, index: usize, value: u8 },
 }
 
 /// Renders paths for the `NotFound` message.
 fn join_paths(paths: &[PathBuf]) -> String {
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// Which split; the two have separate files and must never be mixed.
@@ -212,27 +172,14 @@ pub fn load_split(dir: &Path, split: Split) -> Result<ImageSet, DatasetError> {
     let labels = parse_idx_labels(&raw, &labels_path)?;
 
     if labels.len() != count {
-        return Err(DatasetError::CountMismatch {
-            images_path,
-            images: count,
-            labels_path,
-            labels: labels.len(),
-        });
+        return Err(DatasetError::CountMismatch { images_path, images: count, labels_path, labels: labels.len() });
     }
-    Ok(ImageSet {
-        rows,
-        cols,
-        images,
-        labels,
-    })
+    Ok(ImageSet { rows, cols, images, labels })
 }
 
 /// Parses a decompressed IDX images file into `(rows, cols, pixels)`; the count is implied by
 /// the pixel length. `path` only labels errors, which lets tests parse in-memory bytes.
-pub fn parse_idx_images(
-    bytes: &[u8],
-    path: &Path,
-) -> Result<(usize, usize, Vec<u8>), DatasetError> {
+pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<(usize, usize, Vec<u8>), DatasetError> {
     let (_, rows, cols) = check_images(bytes, path)?;
     Ok((rows, cols, bytes[IMAGES_HEADER..].to_vec()))
 }
@@ -242,22 +189,14 @@ pub fn parse_idx_images(
 pub fn parse_idx_labels(bytes: &[u8], path: &Path) -> Result<Vec<u8>, DatasetError> {
     let magic = header_u32(bytes, 0, LABELS_HEADER, path)?;
     if magic != LABELS_MAGIC {
-        return Err(DatasetError::BadMagic {
-            path: path.to_path_buf(),
-            expected: LABELS_MAGIC,
-            found: magic,
-        });
+        return Err(DatasetError::BadMagic { path: path.to_path_buf(), expected: LABELS_MAGIC, found: magic });
     }
     let count = header_u32(bytes, 1, LABELS_HEADER, path)?;
     let count = check_limit(u64::from(count), "count", MAX_COUNT, path)?;
     check_length(bytes.len(), LABELS_HEADER as u64 + count, path)?;
     let labels = &bytes[LABELS_HEADER..];
     if let Some((index, &value)) = labels.iter().enumerate().find(|&(_, &v)| v > MAX_LABEL) {
-        return Err(DatasetError::LabelOutOfRange {
-            path: path.to_path_buf(),
-            index,
-            value,
-        });
+        return Err(DatasetError::LabelOutOfRange { path: path.to_path_buf(), index, value });
     }
     Ok(labels.to_vec())
 }
@@ -267,36 +206,13 @@ pub fn parse_idx_labels(bytes: &[u8], path: &Path) -> Result<Vec<u8>, DatasetErr
 fn check_images(bytes: &[u8], path: &Path) -> Result<(usize, usize, usize), DatasetError> {
     let magic = header_u32(bytes, 0, IMAGES_HEADER, path)?;
     if magic != IMAGES_MAGIC {
-        return Err(DatasetError::BadMagic {
-            path: path.to_path_buf(),
-            expected: IMAGES_MAGIC,
-            found: magic,
-        });
+        return Err(DatasetError::BadMagic { path: path.to_path_buf(), expected: IMAGES_MAGIC, found: magic });
     }
-    let count = check_limit(
-        u64::from(header_u32(bytes, 1, IMAGES_HEADER, path)?),
-        "count",
-        MAX_COUNT,
-        path,
-    )?;
-    let rows = check_limit(
-        u64::from(header_u32(bytes, 2, IMAGES_HEADER, path)?),
-        "rows",
-        MAX_SIDE,
-        path,
-    )?;
-    let cols = check_limit(
-        u64::from(header_u32(bytes, 3, IMAGES_HEADER, path)?),
-        "cols",
-        MAX_SIDE,
-        path,
-    )?;
+    let count = check_limit(u64::from(header_u32(bytes, 1, IMAGES_HEADER, path)?), "count", MAX_COUNT, path)?;
+    let rows = check_limit(u64::from(header_u32(bytes, 2, IMAGES_HEADER, path)?), "rows", MAX_SIDE, path)?;
+    let cols = check_limit(u64::from(header_u32(bytes, 3, IMAGES_HEADER, path)?), "cols", MAX_SIDE, path)?;
     if rows == 0 || cols == 0 {
-        return Err(DatasetError::BadDimensions {
-            path: path.to_path_buf(),
-            rows: rows as usize,
-            cols: cols as usize,
-        });
+        return Err(DatasetError::BadDimensions { path: path.to_path_buf(), rows: rows as usize, cols: cols as usize });
     }
     // Bounded by the limits above (1e7 * 4096 * 4096 < 2^48), so no overflow in u64.
     let expected = IMAGES_HEADER as u64 + count * rows * cols;
@@ -307,12 +223,7 @@ fn check_images(bytes: &[u8], path: &Path) -> Result<(usize, usize, usize), Data
 
 /// Reads big-endian header word `index`, reporting a too-short file as truncated at the full
 /// header length so the message states what a valid header needs.
-fn header_u32(
-    bytes: &[u8],
-    index: usize,
-    header_len: usize,
-    path: &Path,
-) -> Result<u32, DatasetError> {
+fn header_u32(bytes: &[u8], index: usize, header_len: usize, path: &Path) -> Result<u32, DatasetError> {
     let start = index * 4;
     match bytes.get(start..start + 4) {
         Some(&[a, b, c, d]) => Ok(u32::from_be_bytes([a, b, c, d])),
@@ -325,19 +236,9 @@ fn header_u32(
 }
 
 /// Refuses a header value above its sanity limit.
-fn check_limit(
-    value: u64,
-    field: &'static str,
-    max: u64,
-    path: &Path,
-) -> Result<u64, DatasetError> {
+fn check_limit(value: u64, field: &'static str, max: u64, path: &Path) -> Result<u64, DatasetError> {
     if value > max {
-        return Err(DatasetError::AbsurdHeader {
-            path: path.to_path_buf(),
-            field,
-            value,
-            max,
-        });
+        return Err(DatasetError::AbsurdHeader { path: path.to_path_buf(), field, value, max });
     }
     Ok(value)
 }
@@ -346,42 +247,23 @@ fn check_limit(
 fn check_length(actual: usize, expected: u64, path: &Path) -> Result<(), DatasetError> {
     let actual = actual as u64;
     if actual < expected {
-        return Err(DatasetError::Truncated {
-            path: path.to_path_buf(),
-            expected,
-            found: actual,
-        });
+        return Err(DatasetError::Truncated { path: path.to_path_buf(), expected, found: actual });
     }
     if actual > expected {
-        return Err(DatasetError::TrailingBytes {
-            path: path.to_path_buf(),
-            expected,
-            extra: actual - expected,
-        });
+        return Err(DatasetError::TrailingBytes { path: path.to_path_buf(), expected, extra: actual - expected });
     }
     Ok(())
 }
 
 /// Decompresses a whole gzip file, refusing anything that expands past `limit` bytes.
 fn read_gz(path: &Path, limit: u64) -> Result<Vec<u8>, DatasetError> {
-    let file = File::open(path).map_err(|source| DatasetError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
     let mut decoder = MultiGzDecoder::new(BufReader::with_capacity(1 << 16, file)).take(limit + 1);
     let mut out = Vec::new();
     // The file opened fine, so a read failure here is almost always a bad stream.
-    decoder
-        .read_to_end(&mut out)
-        .map_err(|source| DatasetError::Gzip {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    decoder.read_to_end(&mut out).map_err(|source| DatasetError::Gzip { path: path.to_path_buf(), source })?;
     if out.len() as u64 > limit {
-        return Err(DatasetError::TooLarge {
-            path: path.to_path_buf(),
-            limit,
-        });
+        return Err(DatasetError::TooLarge { path: path.to_path_buf(), limit });
     }
     Ok(out)
 }
@@ -414,12 +296,7 @@ fn locate_in(
 }
 
 /// Every directory [`locate_in`] tries, in priority order.
-fn candidates(
-    name: &str,
-    explicit: Option<&Path>,
-    env_value: Option<&OsStr>,
-    cwd: &Path,
-) -> Vec<PathBuf> {
+fn candidates(name: &str, explicit: Option<&Path>, env_value: Option<&OsStr>, cwd: &Path) -> Vec<PathBuf> {
     // An empty DCNR_DATA is treated as unset, as shells make clearing a variable awkward.
     let root = explicit.or_else(|| env_value.filter(|v| !v.is_empty()).map(Path::new));
     if let Some(root) = root {
@@ -427,18 +304,11 @@ fn candidates(
         let root = cwd.join(root);
         return vec![root.clone(), root.join(name)];
     }
-    let vendored = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("data")
-        .join(name);
+    let vendored = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("data").join(name);
     vec![
         cwd.join("data").join(name),
         cwd.join("..").join("shared").join("data").join(name),
-        cwd.join("..")
-            .join("..")
-            .join("shared")
-            .join("data")
-            .join(name),
+        cwd.join("..").join("..").join("shared").join("data").join(name),
         vendored,
     ]
 }
@@ -484,11 +354,7 @@ mod tests {
         let (img, lab) = split.file_names();
         let pixels: Vec<u8> = (0..12).collect();
         std::fs::write(dir.join(img), gz(&images_bytes(3, 2, 2, &pixels))).unwrap();
-        std::fs::write(
-            dir.join(lab),
-            gz(&labels_bytes(labels.len() as u32, labels)),
-        )
-        .unwrap();
+        std::fs::write(dir.join(lab), gz(&labels_bytes(labels.len() as u32, labels))).unwrap();
     }
 
     #[test]
@@ -508,180 +374,58 @@ mod tests {
     fn bad_magic_is_reported_with_both_values() {
         // A labels file handed to the images parser, and vice versa.
         let err = parse_idx_images(&labels_bytes(0, &[]), p()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::BadMagic {
-                    expected: 2051,
-                    found: 2049,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::BadMagic { expected: 2051, found: 2049, .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.contains("mem/test.idx") && msg.contains("0x00000803"),
-            "{msg}"
-        );
+        assert!(msg.contains("mem/test.idx") && msg.contains("0x00000803"), "{msg}");
         let err = parse_idx_labels(&images_bytes(0, 1, 1, &[]), p()).unwrap_err();
-        assert!(matches!(
-            err,
-            DatasetError::BadMagic {
-                expected: 2049,
-                found: 2051,
-                ..
-            }
-        ));
+        assert!(matches!(err, DatasetError::BadMagic { expected: 2049, found: 2051, .. }));
     }
 
     #[test]
     fn truncated_header_and_pixels_are_refused() {
         let err = parse_idx_images(&[0, 0, 8, 3, 0, 0], p()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::Truncated {
-                    expected: 16,
-                    found: 6,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::Truncated { expected: 16, found: 6, .. }), "{err:?}");
         let err = parse_idx_labels(&[], p()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::Truncated {
-                    expected: 8,
-                    found: 0,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::Truncated { expected: 8, found: 0, .. }), "{err:?}");
         let err = parse_idx_images(&images_bytes(2, 2, 2, &[1; 7]), p()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::Truncated {
-                    expected: 24,
-                    found: 23,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::Truncated { expected: 24, found: 23, .. }), "{err:?}");
         assert!(err.to_string().contains("truncated"));
         let err = parse_idx_labels(&labels_bytes(4, &[1, 2, 3]), p()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::Truncated {
-                    expected: 12,
-                    found: 11,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::Truncated { expected: 12, found: 11, .. }), "{err:?}");
     }
 
     #[test]
     fn trailing_bytes_are_refused() {
         let err = parse_idx_images(&images_bytes(1, 2, 2, &[0; 5]), p()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::TrailingBytes {
-                    expected: 20,
-                    extra: 1,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::TrailingBytes { expected: 20, extra: 1, .. }), "{err:?}");
         let err = parse_idx_labels(&labels_bytes(1, &[1, 2]), p()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::TrailingBytes {
-                    expected: 9,
-                    extra: 1,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::TrailingBytes { expected: 9, extra: 1, .. }), "{err:?}");
     }
 
     #[test]
     fn label_out_of_range_names_value_and_index() {
         let err = parse_idx_labels(&labels_bytes(4, &[0, 9, 10, 200]), p()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::LabelOutOfRange {
-                    index: 2,
-                    value: 10,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::LabelOutOfRange { index: 2, value: 10, .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.contains("label 10 at index 2") && msg.contains("mem/test.idx"),
-            "{msg}"
-        );
+        assert!(msg.contains("label 10 at index 2") && msg.contains("mem/test.idx"), "{msg}");
     }
 
     #[test]
     fn absurd_headers_are_refused_before_length_checks() {
         // No pixel data at all: the sanity check must fire first, not a truncation error.
         let err = parse_idx_images(&images_bytes(10_000_001, 28, 28, &[]), p()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::AbsurdHeader {
-                    field: "count",
-                    value: 10_000_001,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::AbsurdHeader { field: "count", value: 10_000_001, .. }), "{err:?}");
         let err = parse_idx_images(&images_bytes(1, 4097, 28, &[]), p()).unwrap_err();
-        assert!(
-            matches!(err, DatasetError::AbsurdHeader { field: "rows", .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::AbsurdHeader { field: "rows", .. }), "{err:?}");
         let err = parse_idx_images(&images_bytes(1, 28, u32::MAX, &[]), p()).unwrap_err();
-        assert!(
-            matches!(err, DatasetError::AbsurdHeader { field: "cols", .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::AbsurdHeader { field: "cols", .. }), "{err:?}");
         let err = parse_idx_labels(&labels_bytes(u32::MAX, &[]), p()).unwrap_err();
-        assert!(
-            matches!(err, DatasetError::AbsurdHeader { field: "count", .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::AbsurdHeader { field: "count", .. }), "{err:?}");
         // The largest sane header is merely truncated, not refused as absurd.
         let err = parse_idx_images(&images_bytes(10_000_000, 4096, 4096, &[]), p()).unwrap_err();
         assert!(matches!(err, DatasetError::Truncated { .. }), "{err:?}");
         let err = parse_idx_images(&images_bytes(1, 0, 28, &[]), p()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::BadDimensions {
-                    rows: 0,
-                    cols: 28,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::BadDimensions { rows: 0, cols: 28, .. }), "{err:?}");
     }
 
     #[test]
@@ -689,20 +433,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_split(dir.path(), Split::Test, &[3, 1, 4]);
         let set = load_split(dir.path(), Split::Test).unwrap();
-        assert_eq!(
-            (set.len(), set.rows, set.cols, set.features()),
-            (3, 2, 2, 4)
-        );
+        assert_eq!((set.len(), set.rows, set.cols, set.features()), (3, 2, 2, 4));
         assert_eq!(set.images, (0..12).collect::<Vec<u8>>());
         assert_eq!(set.labels, vec![3, 1, 4]);
         assert!(!set.is_empty());
         // The other split's files are absent: an Io error naming the missing file.
         let err = load_split(dir.path(), Split::Train).unwrap_err();
         assert!(matches!(err, DatasetError::Io { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains("train-images-idx3-ubyte.gz"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("train-images-idx3-ubyte.gz"), "{err}");
     }
 
     #[test]
@@ -710,23 +448,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_split(dir.path(), Split::Train, &[1, 2]);
         let err = load_split(dir.path(), Split::Train).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DatasetError::CountMismatch {
-                    images: 3,
-                    labels: 2,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::CountMismatch { images: 3, labels: 2, .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.contains("train-images-idx3-ubyte.gz")
-                && msg.contains("train-labels-idx1-ubyte.gz"),
-            "{msg}"
-        );
+        assert!(msg.contains("train-images-idx3-ubyte.gz") && msg.contains("train-labels-idx1-ubyte.gz"), "{msg}");
     }
 
     #[test]
@@ -738,20 +462,14 @@ mod tests {
         std::fs::write(&img, b"this is not gzip at all").unwrap();
         let err = load_split(dir.path(), Split::Test).unwrap_err();
         assert!(matches!(err, DatasetError::Gzip { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains(&img.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&img.display().to_string()), "{err}");
 
         // A download cut short: a valid gzip prefix without its end.
         let full = gz(&images_bytes(3, 2, 2, &(0..12).collect::<Vec<u8>>()));
         std::fs::write(&img, &full[..full.len() - 6]).unwrap();
         let err = load_split(dir.path(), Split::Test).unwrap_err();
         assert!(matches!(err, DatasetError::Gzip { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains(&img.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&img.display().to_string()), "{err}");
 
         // Flipped bytes inside the stream fail the CRC or the inflate.
         let mut bad = full.clone();
@@ -769,10 +487,7 @@ mod tests {
         let path = dir.path().join("bomb.gz");
         std::fs::write(&path, gz(&vec![0u8; 10_000])).unwrap();
         let err = read_gz(&path, 9_999).unwrap_err();
-        assert!(
-            matches!(err, DatasetError::TooLarge { limit: 9_999, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, DatasetError::TooLarge { limit: 9_999, .. }), "{err:?}");
         assert_eq!(read_gz(&path, 10_000).unwrap().len(), 10_000);
     }
 
@@ -781,9 +496,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cwd = dir.path();
         let err = locate_in("no-such-set", None, None, cwd).unwrap_err();
-        let DatasetError::NotFound { searched } = &err else {
-            panic!("{err:?}")
-        };
+        let DatasetError::NotFound { searched } = &err else { panic!("{err:?}") };
         assert_eq!(searched.len(), 4);
         assert_eq!(searched[0], cwd.join("data/no-such-set"));
         assert_eq!(searched[1], cwd.join("../shared/data/no-such-set"));
@@ -797,9 +510,7 @@ mod tests {
         // An explicit dir is the only place looked at, as itself and as a parent.
         let missing = cwd.join("nowhere");
         let err = locate_in("mnist", Some(&missing), None, cwd).unwrap_err();
-        let DatasetError::NotFound { searched } = err else {
-            panic!()
-        };
+        let DatasetError::NotFound { searched } = err else { panic!() };
         assert_eq!(searched, vec![missing.clone(), missing.join("mnist")]);
     }
 
@@ -812,46 +523,26 @@ mod tests {
         let elsewhere = tempfile::tempdir().unwrap();
         let cwd = elsewhere.path();
 
-        assert_eq!(
-            locate_in("mnist", Some(&set_dir), None, cwd).unwrap(),
-            set_dir
-        );
-        assert_eq!(
-            locate_in("mnist", Some(root.path()), None, cwd).unwrap(),
-            set_dir
-        );
+        assert_eq!(locate_in("mnist", Some(&set_dir), None, cwd).unwrap(), set_dir);
+        assert_eq!(locate_in("mnist", Some(root.path()), None, cwd).unwrap(), set_dir);
         // The environment value behaves the same, but an explicit dir overrides it.
         let env = set_dir.as_os_str();
         assert_eq!(locate_in("mnist", None, Some(env), cwd).unwrap(), set_dir);
-        assert_eq!(
-            locate_in("mnist", None, Some(root.path().as_os_str()), cwd).unwrap(),
-            set_dir
-        );
+        assert_eq!(locate_in("mnist", None, Some(root.path().as_os_str()), cwd).unwrap(), set_dir);
         let err = locate_in("mnist", Some(cwd), Some(env), cwd).unwrap_err();
         assert!(matches!(err, DatasetError::NotFound { .. }));
         // A relative explicit path is anchored at `cwd`.
-        assert_eq!(
-            locate_in("mnist", Some(Path::new("mnist")), None, root.path()).unwrap(),
-            set_dir
-        );
+        assert_eq!(locate_in("mnist", Some(Path::new("mnist")), None, root.path()).unwrap(), set_dir);
         // The default list finds `<cwd>/data/<name>`; an empty env value means unset.
         let data = elsewhere.path().join("data").join("mnist");
         std::fs::create_dir_all(&data).unwrap();
         std::fs::write(data.join(MARKER_FILE), b"").unwrap();
-        assert_eq!(
-            locate_in("mnist", None, Some(OsStr::new("")), cwd).unwrap(),
-            data
-        );
+        assert_eq!(locate_in("mnist", None, Some(OsStr::new("")), cwd).unwrap(), data);
     }
 
     #[test]
     fn gather_normalises_and_orders_samples() {
-        let set = ImageSet {
-            rows: 1,
-            cols: 3,
-            images: vec![0, 255, 51, 102, 0, 0],
-            labels: vec![7, 2],
-        };
+        let set = ImageSet { rows: 1, cols: 3, images: vec![0, 255, 51, 102, 0, 0], labels: vec![7, 2] };
         let f = set.gather_features(&[1, 0, 1], 0.0, 1.0);
         let want = [0.4, 0.0, 0.0, 0.0, 1.0, 0.2, 0.4, 0.0, 0.0];
         assert_eq!(f.len(), want.len());
@@ -880,10 +571,7 @@ mod tests {
         for &l in &set.labels {
             counts[usize::from(l)] += 1;
         }
-        assert_eq!(
-            counts,
-            [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-        );
+        assert_eq!(counts, [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]);
     }
 
     #[test]

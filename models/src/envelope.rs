@@ -246,7 +246,7 @@ impl Envelope {
         }
         let value: toml::Table = toml::from_str(text).map_err(|e| EnvelopeError::Syntax(e.to_string()))?;
         if value.contains_key("model") && !value.contains_key("op") {
-            return Ok(Envelope::from_graph(text)?);
+            return Envelope::from_graph(text);
         }
         toml::from_str(text).map_err(|e| EnvelopeError::Syntax(e.to_string()))
     }
@@ -265,15 +265,17 @@ impl Envelope {
     pub fn resolve(mut self) -> Result<Resolved, EnvelopeError> {
         let text = match (&self.op.model, &self.op.model_toml) {
             (None, Some(t)) => t.clone(),
-            (Some(_), None) => return Err(EnvelopeError::ModelSource("a path that was not loaded (submit inlines it)")),
+            (Some(_), None) => {
+                return Err(EnvelopeError::ModelSource("a path that was not loaded (submit inlines it)"));
+            }
             (None, None) => return Err(EnvelopeError::ModelSource("neither")),
             (Some(_), Some(_)) => return Err(EnvelopeError::ModelSource("both")),
         };
         let actual = sha256_hex(&text);
-        if let Some(expected) = &self.op.model_sha256 {
-            if !expected.eq_ignore_ascii_case(&actual) {
-                return Err(EnvelopeError::ModelHash { expected: expected.clone(), actual });
-            }
+        if let Some(expected) = &self.op.model_sha256
+            && !expected.eq_ignore_ascii_case(&actual)
+        {
+            return Err(EnvelopeError::ModelHash { expected: expected.clone(), actual });
         }
         self.op.model_sha256 = Some(actual);
         let mut spec = ModelGraph::parse(&text)?;
@@ -305,7 +307,8 @@ impl Envelope {
             return Err(EnvelopeError::Invalid("policy.timeout_s must be at least 1".into()));
         }
         if let Some(id) = &self.ctx.job_id {
-            let ok = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            let ok =
+                !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
             if !ok {
                 return Err(EnvelopeError::Invalid(format!(
                     "ctx.job_id `{id}` must be 1-64 characters of A-Z a-z 0-9 . _ -"
@@ -313,10 +316,9 @@ impl Envelope {
             }
         }
         let root_seed = match self.seed.mode {
-            SeedMode::Explicit => self
-                .seed
-                .value
-                .ok_or_else(|| EnvelopeError::Invalid("seed.mode = explicit needs seed.value".into()))?,
+            SeedMode::Explicit => {
+                self.seed.value.ok_or_else(|| EnvelopeError::Invalid("seed.mode = explicit needs seed.value".into()))?
+            }
             SeedMode::Derived => self.derived_seed(&graph),
         };
         self.seed.value = Some(root_seed);

@@ -344,11 +344,7 @@ impl ModelGraph {
     /// Checks names, kinds, edges, arity, acyclicity, shapes and sizes.
     pub fn validate(self) -> Result<ValidGraph, GraphError> {
         check_sizes(&self)?;
-        let kinds = self
-            .nodes
-            .iter()
-            .map(|n| resolve_kind(n, self.data.classes))
-            .collect::<Result<Vec<_>, _>>()?;
+        let kinds = self.nodes.iter().map(|n| resolve_kind(n, self.data.classes)).collect::<Result<Vec<_>, _>>()?;
 
         let mut ids: HashMap<&str, u32> = HashMap::new();
         for name in [&self.data.features, &self.data.labels] {
@@ -362,8 +358,7 @@ impl ModelGraph {
             }
         }
 
-        let mut inputs: Vec<Vec<Vec<Source>>> =
-            kinds.iter().map(|k| vec![Vec::new(); k.ports().len()]).collect();
+        let mut inputs: Vec<Vec<Vec<Source>>> = kinds.iter().map(|k| vec![Vec::new(); k.ports().len()]).collect();
         let mut consumers: Vec<Vec<(u32, u32)>> = vec![Vec::new(); self.nodes.len()];
         for e in &self.edges {
             let dangling = |which, name: &str| GraphError::DanglingEdge {

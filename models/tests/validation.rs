@@ -261,7 +261,9 @@ fn unknown_ports_are_named_with_the_valid_ones() {
     let mut g = base();
     g.edges[1].port = Some("x".into());
     let (err, msg) = fails(g);
-    assert!(matches!(&err, GraphError::UnknownPort { to, port, ports, .. } if to == "relu1" && port == "x" && ports == "in"));
+    assert!(
+        matches!(&err, GraphError::UnknownPort { to, port, ports, .. } if to == "relu1" && port == "x" && ports == "in")
+    );
     assert!(msg.contains("`relu1`") && msg.contains("`x`"), "{msg}");
 
     // Naming the only port explicitly is fine.
@@ -577,10 +579,12 @@ fn chain(w0: usize, layers: &[Layer], classes: usize, perm: &[usize]) -> (ModelG
 }
 
 fn chain_strategy() -> impl Strategy<Value = (usize, Vec<Layer>, usize, Vec<usize>)> {
-    (1usize..64, prop::collection::vec((0u8..3, 1usize..64), 0..10), 2usize..64).prop_flat_map(|(w0, layers, classes)| {
-        let perm: Vec<usize> = (0..layers.len() + 2).collect();
-        (Just(w0), Just(layers), Just(classes), Just(perm).prop_shuffle())
-    })
+    (1usize..64, prop::collection::vec((0u8..3, 1usize..64), 0..10), 2usize..64).prop_flat_map(
+        |(w0, layers, classes)| {
+            let perm: Vec<usize> = (0..layers.len() + 2).collect();
+            (Just(w0), Just(layers), Just(classes), Just(perm).prop_shuffle())
+        },
+    )
 }
 
 proptest! {

@@ -182,10 +182,8 @@ pub fn write_record(
     for (name, bytes) in artifacts {
         record.artifacts.insert((*name).to_string(), store.put(bytes)?);
     }
-    let bytes = serde_json::to_vec_pretty(&record).map_err(|e| StoreError::Io {
-        path: PathBuf::from("record.json"),
-        source: std::io::Error::other(e),
-    })?;
+    let bytes = serde_json::to_vec_pretty(&record)
+        .map_err(|e| StoreError::Io { path: PathBuf::from("record.json"), source: std::io::Error::other(e) })?;
     let hash = store.put(&bytes)?;
     store.set_ref(&format!("jobs/{}", record.job_id), &hash)?;
     Ok(hash)
@@ -197,22 +195,21 @@ pub fn find_record(store: &dyn ObjectStore, key: &str) -> Result<(String, JobRec
         let bytes = store.get(hash)?;
         serde_json::from_slice(&bytes).map_err(|_| StoreError::Missing(format!("{hash} (not a job record)")))
     };
-    if valid_ref(&format!("jobs/{key}")) {
-        if let Some(h) = store.get_ref(&format!("jobs/{key}"))? {
-            return Ok((h.clone(), parse(&h)?));
-        }
+    if valid_ref(&format!("jobs/{key}"))
+        && let Some(h) = store.get_ref(&format!("jobs/{key}"))?
+    {
+        return Ok((h.clone(), parse(&h)?));
     }
     if valid_hash(key) {
         if let Ok(r) = parse(key) {
             return Ok((key.to_string(), r));
         }
         for name in store.list_refs("jobs")? {
-            if let Some(h) = store.get_ref(&name)? {
-                if let Ok(r) = parse(&h) {
-                    if r.artifacts.get("result.json").map(String::as_str) == Some(key) {
-                        return Ok((h, r));
-                    }
-                }
+            if let Some(h) = store.get_ref(&name)?
+                && let Ok(r) = parse(&h)
+                && r.artifacts.get("result.json").map(String::as_str) == Some(key)
+            {
+                return Ok((h, r));
             }
         }
     }
@@ -240,7 +237,13 @@ mod tests {
     fn records_are_found_by_job_id_record_hash_or_result_hash() {
         let dir = tempfile::tempdir().unwrap();
         let s = DirStore::new(dir.path());
-        let rec = JobRecord { job_id: "j1".into(), status: "succeeded".into(), error_code: None, error: None, artifacts: BTreeMap::new() };
+        let rec = JobRecord {
+            job_id: "j1".into(),
+            status: "succeeded".into(),
+            error_code: None,
+            error: None,
+            artifacts: BTreeMap::new(),
+        };
         let h = write_record(&s, rec, &[("result.json", b"{\"a\":1}".to_vec())]).unwrap();
         let result = sha256_hex(b"{\"a\":1}");
         assert_eq!(find_record(&s, "j1").unwrap().0, h);

@@ -144,5 +144,8 @@ pub fn print(r: &BenchReport) {
         let runs: Vec<String> = row.samples_per_s.iter().map(|v| format!("{v:.0}")).collect();
         println!("{:<44} {:>12.0} {:>7.2}x   {}", row.config, row.median, row.ratio, runs.join(" "));
     }
-    println!("64 KiB message round trip over loopback gRPC: p50 {:.0} us, p99 {:.0} us", r.hop_rtt_p50_us, r.hop_rtt_p99_us);
+    println!(
+        "64 KiB message round trip over loopback gRPC: p50 {:.0} us, p99 {:.0} us",
+        r.hop_rtt_p50_us, r.hop_rtt_p99_us
+    );
 }

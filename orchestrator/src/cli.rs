@@ -214,7 +214,10 @@ pub fn main(cli: Cli) -> ExitCode {
                     if json {
                         println!("{}", serde_json::to_string(&r).unwrap_or_default());
                     } else if r.differences.is_empty() {
-                        println!("replay {} of {}: all {} recorded hashes reproduced", r.replay, r.original, r.compared);
+                        println!(
+                            "replay {} of {}: all {} recorded hashes reproduced",
+                            r.replay, r.original, r.compared
+                        );
                     } else {
                         println!(
                             "replay {} of {}: {} of {} recorded hashes differ",
@@ -366,7 +369,10 @@ pub fn main(cli: Cli) -> ExitCode {
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
-                println!("{:<8} {:<16} {:<24} {:<8} {:>5} {:>7}", "PNODE", "NAME", "ENDPOINT", "HEALTH", "CORES", "VNODES");
+                println!(
+                    "{:<8} {:<16} {:<24} {:<8} {:>5} {:>7}",
+                    "PNODE", "NAME", "ENDPOINT", "HEALTH", "CORES", "VNODES"
+                );
                 for p in &pnodes {
                     let cores = p.capabilities.as_ref().map(|c| c.cores).unwrap_or(0);
                     println!(

@@ -2,9 +2,9 @@
 
 use crate::progress::Progress;
 use crate::summary::JobSummary;
+use dcnr_model::envelope::Envelope;
 use dcnr_proto::limits::{MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
 use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
-use dcnr_model::envelope::Envelope;
 use std::path::Path;
 use tonic::transport::Channel;
 
@@ -107,8 +107,8 @@ pub fn load_job(path: &Path, o: Overrides) -> Result<Envelope, ClientError> {
 
 /// Submits a job; returns its id.
 pub async fn submit(client: &mut OrchestratorClient<Channel>, envelope: &Envelope) -> Result<String, ClientError> {
-    let envelope_json =
-        serde_json::to_string(envelope).map_err(|e| ClientError::Invalid(format!("cannot encode the envelope: {e}")))?;
+    let envelope_json = serde_json::to_string(envelope)
+        .map_err(|e| ClientError::Invalid(format!("cannot encode the envelope: {e}")))?;
     let mut req = tonic::Request::new(v1::SubmitJobRequest { envelope_json, ..Default::default() });
     // Loading a dataset on first use can take a moment; allow it.
     req.set_timeout(UNARY_TIMEOUT);
@@ -123,11 +123,8 @@ pub async fn wait(
     show_progress: bool,
 ) -> Result<JobSummary, ClientError> {
     use v1::job_event::Body;
-    let mut stream = client
-        .watch_job(v1::WatchJobRequest { job_id: job_id.to_string() })
-        .await
-        .map_err(from_status)?
-        .into_inner();
+    let mut stream =
+        client.watch_job(v1::WatchJobRequest { job_id: job_id.to_string() }).await.map_err(from_status)?.into_inner();
     let mut progress = show_progress.then(Progress::new);
     while let Some(ev) = stream.message().await.map_err(from_status)? {
         match ev.body {
@@ -138,7 +135,12 @@ pub async fn wait(
             }
             Some(Body::Evaluation(e)) => {
                 if let Some(bar) = progress.as_mut() {
-                    bar.line(&format!("epoch {}: test accuracy {:.2}%, test loss {:.4}", e.epoch, e.accuracy * 100.0, e.loss));
+                    bar.line(&format!(
+                        "epoch {}: test accuracy {:.2}%, test loss {:.4}",
+                        e.epoch,
+                        e.accuracy * 100.0,
+                        e.loss
+                    ));
                 }
             }
             Some(Body::Log(text)) => {
@@ -150,8 +152,9 @@ pub async fn wait(
                 if let Some(bar) = progress.take() {
                     bar.finish();
                 }
-                return serde_json::from_str(&s.summary_json)
-                    .map_err(|e| ClientError::Other(format!("job ended without a readable summary ({e}): {}", s.error)));
+                return serde_json::from_str(&s.summary_json).map_err(|e| {
+                    ClientError::Other(format!("job ended without a readable summary ({e}): {}", s.error))
+                });
             }
             None => {}
         }

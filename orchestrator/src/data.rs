@@ -1,6 +1,8 @@
 //! Datasets loaded once per orchestrator process and shared by its jobs.
 
 use dcnr_model::dataset::{self, DatasetError, ImageSet, Split};
+use dcnr_model::graph::Normalize;
+use dcnr_vnode::HostTensor;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -12,6 +14,12 @@ pub struct Splits {
     pub train: ImageSet,
     /// Test samples.
     pub test: ImageSet,
+}
+
+/// The normalised features `[n, width]` and labels of samples `idx` of `set`.
+pub fn batch(set: &ImageSet, idx: &[usize], norm: Normalize) -> (HostTensor, Vec<i32>) {
+    let x = set.gather_features(idx, norm.mean, norm.std);
+    (HostTensor::f32(vec![idx.len(), set.features()], x), set.gather_labels(idx))
 }
 
 /// Loads datasets by name on first use and keeps them.

@@ -1,12 +1,12 @@
 //! `demo`: an orchestrator in this process, PNodes as child processes on loopback, one job.
 
 use crate::client::{self, ClientError, Overrides};
-use dcnr_model::envelope::Envelope;
 use crate::jobs::JobDefaults;
 use crate::registry::{Health, Snapshot};
 use crate::server::{self, ServerConfig};
 use crate::summary::JobSummary;
 use anyhow::{Context as _, anyhow, bail};
+use dcnr_model::envelope::Envelope;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
@@ -85,7 +85,15 @@ impl LocalMesh {
         let exe = std::env::current_exe().context("cannot find this executable to start PNodes")?;
         for i in 0..pnodes {
             let child = Command::new(&exe)
-                .args(["pnode", "--orchestrator", &mesh.srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5"])
+                .args([
+                    "pnode",
+                    "--orchestrator",
+                    &mesh.srv.url(),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--orphan-timeout-s",
+                    "5",
+                ])
                 .arg("--name")
                 .arg(format!("local-pnode-{i}"))
                 .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))

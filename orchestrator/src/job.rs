@@ -9,15 +9,14 @@
 
 use crate::artifacts::{JobRecord, ObjectStore, write_record};
 use crate::data::Splits;
-use dcnr_model::envelope::{ArtifactKind, Envelope, Target};
-use serde::Serialize;
 use crate::jobs::{Jobs, Placed, StatusUpdate};
 use crate::placement::{self, Demand, Offer};
 use crate::registry::{Health, PNodeView, Registry, Snapshot};
 use crate::status::{JobEvent, JobState, JobStatus};
-use crate::summary::{JobSummary, VNodeSummary, params_hashes};
+use crate::summary::{JobSummary, params_hashes, vnode_summaries};
 use actix::prelude::*;
 use dcnr_model::ValidGraph;
+use dcnr_model::envelope::{ArtifactKind, Envelope, Target};
 use dcnr_model::graph::Source;
 use dcnr_pnode::convert;
 use dcnr_pnode::router::{Link, open_link};
@@ -25,6 +24,7 @@ use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, p_node_client::PNodeClient};
 use dcnr_vnode::batches::BatchPlan;
 use dcnr_vnode::{HostData, HostTensor, Phase};
+use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::Arc;
@@ -367,10 +367,8 @@ impl JobActor {
     }
 
     fn batch(&self, set: &dcnr_model::dataset::ImageSet, idx: &[usize]) -> (HostTensor, HostTensor) {
-        let norm = self.spec.graph.spec.data.normalize;
-        let x = set.gather_features(idx, norm.mean, norm.std);
-        let y = set.gather_labels(idx);
-        (HostTensor::f32(vec![idx.len(), set.features()], x), HostTensor { shape: vec![idx.len()], data: HostData::I32(y) })
+        let (x, y) = crate::data::batch(set, idx, self.spec.graph.spec.data.normalize);
+        (x, HostTensor::i32(vec![idx.len()], y))
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
@@ -435,7 +433,11 @@ impl JobActor {
                         accuracy: acc,
                         loss,
                     });
-                    let _ = self.events.send(JobEvent::Evaluation { epoch: self.epochs_evaluated as u32, accuracy: acc, loss });
+                    let _ = self.events.send(JobEvent::Evaluation {
+                        epoch: self.epochs_evaluated as u32,
+                        accuracy: acc,
+                        loss,
+                    });
                     self.log(format!(
                         "evaluation after {} steps: test accuracy {:.2}%, test loss {:.4}",
                         self.completed,
@@ -511,19 +513,9 @@ impl JobActor {
             in_flight: self.spec.in_flight,
             batch_size: batch,
             params_sha256: all,
-            vnodes: self
-                .spec
-                .graph
-                .nodes
-                .iter()
-                .map(|n| VNodeSummary {
-                    id: n.id,
-                    name: n.name.clone(),
-                    kind: n.kind.name().into(),
-                    pnode: self.placement.get(&n.id).map(|p| p.id.clone()).unwrap_or_default(),
-                    params_sha256: each.get(n.id as usize).cloned().unwrap_or_default(),
-                })
-                .collect(),
+            vnodes: vnode_summaries(&self.spec.graph, &each, |id| {
+                self.placement.get(&id).map(|p| p.id.clone()).unwrap_or_default()
+            }),
             error: self.error.clone(),
         }
     }
@@ -586,10 +578,10 @@ impl JobActor {
         self.links.clear();
         let release = async move {
             for e in endpoints {
-                if let Ok(mut c) = pnode_client(&e) {
-                    if let Err(s) = c.release(v1::ReleaseRequest { job_id: job.clone() }).await {
-                        tracing::warn!(endpoint = %e, status = %s, "release failed");
-                    }
+                if let Ok(mut c) = pnode_client(&e)
+                    && let Err(s) = c.release(v1::ReleaseRequest { job_id: job.clone() }).await
+                {
+                    tracing::warn!(endpoint = %e, status = %s, "release failed");
                 }
             }
         };
@@ -635,7 +627,10 @@ impl JobActor {
             return self.fail(ctx, "stalled", why);
         }
         if self.started.elapsed() > self.spec.timeout {
-            let why = format!("the job exceeded its timeout of {:?} ({} of {} steps done)", self.spec.timeout, self.completed, self.spec.steps);
+            let why = format!(
+                "the job exceeded its timeout of {:?} ({} of {} steps done)",
+                self.spec.timeout, self.completed, self.spec.steps
+            );
             return self.fail(ctx, "timeout", why);
         }
         let placed: BTreeSet<String> = self.placement.values().map(|p| p.id.clone()).collect();
@@ -652,7 +647,9 @@ impl JobActor {
 /// A client for a PNode's service with the protocol's limits.
 pub fn pnode_client(endpoint: &str) -> Result<PNodeClient<tonic::transport::Channel>, tonic::transport::Error> {
     let channel = dcnr_proto::transport::unary_endpoint(endpoint)?.connect_lazy();
-    Ok(PNodeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(PNodeClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// Memory and work estimates of each VNode, for placement.
@@ -727,10 +724,7 @@ async fn place_and_allocate(spec: JobSpec, registry: Addr<Registry>) -> Result<B
     for r in futures::future::join_all(calls).await {
         r?;
     }
-    Ok(assignment
-        .into_iter()
-        .filter_map(|(v, p)| by_id.get(p.as_str()).map(|view| (v, (*view).clone())))
-        .collect())
+    Ok(assignment.into_iter().filter_map(|(v, p)| by_id.get(p.as_str()).map(|view| (v, (*view).clone()))).collect())
 }
 
 impl Actor for JobActor {
@@ -793,7 +787,11 @@ impl Handler<Report> for JobActor {
             }
             ReportBody::Failure(msg) => {
                 let name = self.spec.graph.names().get(&r.vnode).cloned().unwrap_or_default();
-                return self.fail(ctx, "vnode_failure", format!("vnode {} ({name}) on {} failed: {msg}", r.vnode, r.pnode));
+                return self.fail(
+                    ctx,
+                    "vnode_failure",
+                    format!("vnode {} ({name}) on {} failed: {msg}", r.vnode, r.pnode),
+                );
             }
         }
         self.pump(ctx);

@@ -1,6 +1,7 @@
 //! The job table: accepts submissions, starts one [`JobActor`] per job on its own arbiter,
 //! answers status queries, routes VNode reports, and resolves VNode locations.
 
+use crate::artifacts::ObjectStore;
 use crate::data::DataCache;
 use crate::job::{JobActor, JobSpec, Report};
 use crate::registry::Registry;
@@ -11,7 +12,6 @@ use sha2::Digest;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use crate::artifacts::ObjectStore;
 use tokio::sync::broadcast;
 
 /// Settings every job inherits from the orchestrator.
@@ -110,11 +110,8 @@ impl Handler<Submit> for Jobs {
                 loop {
                     let id = format!("job-{:04}-{}", self.next, &digest[..8]);
                     self.next += 1;
-                    let recorded = self
-                        .store
-                        .as_ref()
-                        .and_then(|s| s.get_ref(&format!("jobs/{id}")).ok().flatten())
-                        .is_some();
+                    let recorded =
+                        self.store.as_ref().and_then(|s| s.get_ref(&format!("jobs/{id}")).ok().flatten()).is_some();
                     if !recorded && !self.jobs.contains_key(&id) {
                         break id;
                     }
@@ -149,9 +146,8 @@ impl Handler<Submit> for Jobs {
             summary: None,
         };
         let (registry, me, tx) = (self.registry.clone(), ctx.address(), events.clone());
-        let actor = JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            JobActor::new(spec, registry, me, data, tx)
-        });
+        let actor =
+            JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| JobActor::new(spec, registry, me, data, tx));
         tracing::info!(job = %job_id, steps, "job submitted");
         self.jobs.insert(job_id.clone(), Entry { status, events, actor: Some(actor) });
         Ok(job_id)

@@ -3,11 +3,10 @@
 
 use crate::data::DataCache;
 use crate::progress::Progress;
-use crate::summary::{JobSummary, VNodeSummary, params_hashes};
+use crate::summary::{JobSummary, params_hashes, vnode_summaries};
 use anyhow::{Context as _, anyhow};
-use dcnr_model::envelope::Envelope;
 use dcnr_model::dataset::ImageSet;
-use dcnr_vnode::HostTensor;
+use dcnr_model::envelope::Envelope;
 use dcnr_vnode::batches::BatchPlan;
 use dcnr_vnode::reference::Reference;
 use std::path::PathBuf;
@@ -19,7 +18,10 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
     let resolved = envelope.resolve()?;
     let graph = resolved.graph;
     if graph.spec.training.in_flight != 1 {
-        return Err(anyhow!("train-local is the synchronous reference; use --in-flight 1 (the graph says {})", graph.spec.training.in_flight));
+        return Err(anyhow!(
+            "train-local is the synchronous reference; use --in-flight 1 (the graph says {})",
+            graph.spec.training.in_flight
+        ));
     }
     let splits = DataCache::new(data).get(&graph.spec.data.dataset).context("loading the dataset")?;
     let t = &graph.spec.training;
@@ -29,9 +31,7 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
     let spe = plan.steps_per_epoch();
     let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
     let mut reference = Reference::new(&graph, graph.spec.optimizer, seed);
-    let batch = |set: &ImageSet, idx: &[usize]| {
-        (HostTensor::f32(vec![idx.len(), set.features()], set.gather_features(idx, norm.mean, norm.std)), set.gather_labels(idx))
-    };
+    let batch = |set: &ImageSet, idx: &[usize]| crate::data::batch(set, idx, norm);
     let evaluate = |r: &Reference| -> anyhow::Result<(f64, f64)> {
         let (mut correct, mut loss, n) = (0u64, 0f64, splits.test.len());
         for s in (0..n).step_by(t.eval_batch_size) {
@@ -98,17 +98,7 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
         in_flight: 1,
         batch_size: t.batch_size,
         params_sha256: Some(all),
-        vnodes: graph
-            .nodes
-            .iter()
-            .map(|n| VNodeSummary {
-                id: n.id,
-                name: n.name.clone(),
-                kind: n.kind.name().into(),
-                pnode: "local".into(),
-                params_sha256: each.get(n.id as usize).cloned().unwrap_or_default(),
-            })
-            .collect(),
+        vnodes: vnode_summaries(&graph, &each, |_| "local".into()),
         error: None,
     })
 }

@@ -86,7 +86,7 @@ fn split(demands: &[Demand], parts: usize) -> Vec<std::ops::Range<usize>> {
             lo = mid + 1;
         }
     }
-    greedy(&work, lo, parts).unwrap_or_else(|| vec![0..demands.len()])
+    greedy(&work, lo, parts).unwrap_or_else(|| std::iter::once(0..demands.len()).collect())
 }
 
 /// Cuts runs of at most `cap` work, leaving at least one item for every later run.

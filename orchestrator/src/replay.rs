@@ -38,10 +38,7 @@ pub struct ReplayReport {
 }
 
 fn load_json(store: &dyn ObjectStore, record: &JobRecord, name: &str) -> anyhow::Result<Value> {
-    let hash = record
-        .artifacts
-        .get(name)
-        .ok_or_else(|| anyhow!("job {} recorded no {name}", record.job_id))?;
+    let hash = record.artifacts.get(name).ok_or_else(|| anyhow!("job {} recorded no {name}", record.job_id))?;
     let bytes = store.get(hash)?;
     serde_json::from_slice(&bytes).with_context(|| format!("{name} of job {} is not JSON", record.job_id))
 }
@@ -54,10 +51,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ReplayReport> {
         .context("the recorded envelope does not parse")?;
     let old_result = load_json(&store, &original, "result.json")?;
     let old_exec = load_json(&store, &original, "executions.json").ok();
-    let pnodes = args
-        .pnodes
-        .unwrap_or_else(|| old_result["summary"]["pnodes"].as_u64().unwrap_or(1) as usize)
-        .max(1);
+    let pnodes = args.pnodes.unwrap_or_else(|| old_result["summary"]["pnodes"].as_u64().unwrap_or(1) as usize).max(1);
     let mut envelope = envelope;
     // The replay is a new job: it must not take over the original's id.
     envelope.ctx.job_id = None;

@@ -2,7 +2,6 @@
 
 use crate::artifacts::{DirStore, ObjectStore};
 use crate::data::DataCache;
-use std::sync::Arc;
 use crate::jobs::{JobDefaults, Jobs};
 use crate::registry::{HealthPolicy, Registry};
 use crate::service::{OrchestratorService, server};
@@ -10,6 +9,7 @@ use actix::{Actor, Addr};
 use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Orchestrator settings.
@@ -50,9 +50,8 @@ impl ServerHandle {
 
 /// Binds, starts the actors and serves; must be called inside an actix System.
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let registry = Registry::new(HealthPolicy { interval: cfg.heartbeat, timeout: cfg.heartbeat_timeout }).start();
     let store: Option<Arc<dyn ObjectStore>> =
@@ -60,11 +59,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store).start();
     let svc = OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let task = tokio::spawn(
-        dcnr_proto::transport::server()
-            .add_service(server(svc))
-            .serve_with_incoming(incoming),
-    );
+    let task = tokio::spawn(dcnr_proto::transport::server().add_service(server(svc)).serve_with_incoming(incoming));
     tracing::info!(%addr, "orchestrator listening");
     Ok(ServerHandle { addr, jobs, registry, task })
 }

@@ -145,7 +145,8 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
 
     async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let r = req.into_inner();
-        let known = self.registry.send(Heartbeat { id: r.pnode_id, hosted_vnodes: r.hosted_vnodes }).await.map_err(gone)?;
+        let known =
+            self.registry.send(Heartbeat { id: r.pnode_id, hosted_vnodes: r.hosted_vnodes }).await.map_err(gone)?;
         Ok(Response::new(v1::HeartbeatResponse { known }))
     }
 
@@ -204,13 +205,20 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
 
     async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<EventStream>, Status> {
         let id = req.into_inner().job_id;
-        let (status, rx) =
-            self.jobs.send(Watch(id.clone())).await.map_err(gone)?.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        let (status, rx) = self
+            .jobs
+            .send(Watch(id.clone()))
+            .await
+            .map_err(gone)?
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))?;
         let stream = watch_stream(id, status, rx);
         Ok(Response::new(stream))
     }
 
-    async fn list_p_nodes(&self, _: Request<v1::ListPNodesRequest>) -> Result<Response<v1::ListPNodesResponse>, Status> {
+    async fn list_p_nodes(
+        &self,
+        _: Request<v1::ListPNodesRequest>,
+    ) -> Result<Response<v1::ListPNodesResponse>, Status> {
         let all = self.registry.send(Snapshot).await.map_err(gone)?;
         Ok(Response::new(v1::ListPNodesResponse { pnodes: all.iter().map(pnode_to_wire).collect() }))
     }

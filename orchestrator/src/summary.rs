@@ -1,5 +1,6 @@
 //! The summary of a finished job: the JSON object every CLI command prints.
 
+use dcnr_model::ValidGraph;
 use serde::{Deserialize, Serialize};
 
 /// Per-VNode part of a summary.
@@ -50,6 +51,21 @@ pub struct JobSummary {
     pub vnodes: Vec<VNodeSummary>,
     /// Why the job failed.
     pub error: Option<String>,
+}
+
+/// Per-VNode summaries in id order; `pnode_of` names where each VNode ran.
+pub fn vnode_summaries(graph: &ValidGraph, hashes: &[String], pnode_of: impl Fn(u32) -> String) -> Vec<VNodeSummary> {
+    graph
+        .nodes
+        .iter()
+        .map(|n| VNodeSummary {
+            id: n.id,
+            name: n.name.clone(),
+            kind: n.kind.name().into(),
+            pnode: pnode_of(n.id),
+            params_sha256: hashes.get(n.id as usize).cloned().unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// Hashes of a job's parameters: the whole (VNode id order) and per VNode.

@@ -57,7 +57,11 @@ pub fn backward_message(job: &str, to: u32, mb: u64, from: (u32, u32), t: &HostT
         job_id: job.to_string(),
         to_vnode: to,
         micro_batch: mb,
-        body: Some(Body::Backward(v1::Backward { from_vnode: from.0, from_port: from.1, tensor: Some(tensor_to_wire(t)) })),
+        body: Some(Body::Backward(v1::Backward {
+            from_vnode: from.0,
+            from_port: from.1,
+            tensor: Some(tensor_to_wire(t)),
+        })),
     }
 }
 
@@ -72,13 +76,21 @@ pub fn inbound_from_wire(m: v1::VNodeMessage) -> Result<(String, u32, Inbound), 
                 Ok(v1::Phase::Eval) => Phase::Eval,
                 _ => return Err(malformed(&job, "unknown phase")),
             };
-            let tensor = tensor_from_wire(f.tensor.as_ref())
-                .map_err(|source| ConvertError::Tensor { job: job.clone(), vnode, mb, source })?;
+            let tensor = tensor_from_wire(f.tensor.as_ref()).map_err(|source| ConvertError::Tensor {
+                job: job.clone(),
+                vnode,
+                mb,
+                source,
+            })?;
             Inbound::Forward { mb, phase, port: f.port, tensor }
         }
         Some(Body::Backward(b)) => {
-            let tensor = tensor_from_wire(b.tensor.as_ref())
-                .map_err(|source| ConvertError::Tensor { job: job.clone(), vnode, mb, source })?;
+            let tensor = tensor_from_wire(b.tensor.as_ref()).map_err(|source| ConvertError::Tensor {
+                job: job.clone(),
+                vnode,
+                mb,
+                source,
+            })?;
             Inbound::Backward { mb, from: (b.from_vnode, b.from_port), tensor }
         }
         None => return Err(malformed(&job, "message has no body")),

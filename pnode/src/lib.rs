@@ -26,9 +26,7 @@ use tokio::net::TcpListener;
 /// Runs a PNode until Ctrl-C/SIGTERM or until `shutdown` resolves. Must run inside an actix
 /// System (see [`run_blocking`]).
 pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let local: SocketAddr = listener.local_addr()?;
     let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
     let orchestrator = membership::OrchestratorLink::connect(&args.orchestrator, args.connect_timeout())
@@ -53,15 +51,11 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
 pub fn run_blocking(args: PnodeArgs) -> anyhow::Result<()> {
     let workers = args.io_threads.max(1);
     actix_rt::System::with_tokio_rt(move || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| {
-                // Without a runtime nothing can run; say why before exiting.
-                eprintln!("error: cannot start the async runtime: {e}");
-                std::process::exit(70)
-            })
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap_or_else(|e| {
+            // Without a runtime nothing can run; say why before exiting.
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(70)
+        })
     })
     .block_on(run(args))
 }

@@ -20,8 +20,9 @@ pub struct OrchestratorLink {
 impl OrchestratorLink {
     /// Connects, retrying until `patience` has passed (the orchestrator may still be starting).
     pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<OrchestratorLink> {
-        let endpoint = dcnr_proto::transport::unary_endpoint(url)
-            .with_context(|| format!("`{url}` is not a valid orchestrator URL (expected e.g. http://127.0.0.1:7070)"))?;
+        let endpoint = dcnr_proto::transport::unary_endpoint(url).with_context(|| {
+            format!("`{url}` is not a valid orchestrator URL (expected e.g. http://127.0.0.1:7070)")
+        })?;
         let deadline = Instant::now() + patience;
         let mut wait = Duration::from_millis(50);
         let channel = loop {

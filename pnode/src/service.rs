@@ -26,8 +26,10 @@ fn unavailable<E: std::fmt::Display>(e: E) -> Status {
 impl v1::p_node_server::PNode for PNodeService {
     async fn allocate(&self, req: Request<v1::AllocateRequest>) -> Result<Response<v1::AllocateResponse>, Status> {
         let req = req.into_inner();
-        let graph: ValidGraph = serde_json::from_str(&req.graph_json)
+        let sent: ValidGraph = serde_json::from_str(&req.graph_json)
             .map_err(|e| Status::invalid_argument(format!("graph_json is not a validated graph: {e}")))?;
+        // Validated again here: a PNode trusts no peer's word that a graph is consistent.
+        let graph = sent.spec.validate().map_err(|e| Status::invalid_argument(format!("graph_json: {e}")))?;
         if req.in_flight == 0 {
             return Err(Status::invalid_argument("in_flight must be at least 1"));
         }
@@ -64,10 +66,7 @@ impl v1::p_node_server::PNode for PNodeService {
         Ok(Response::new(v1::ReleaseResponse { released }))
     }
 
-    async fn exchange(
-        &self,
-        req: Request<Streaming<v1::VNodeMessage>>,
-    ) -> Result<Response<v1::ExchangeAck>, Status> {
+    async fn exchange(&self, req: Request<Streaming<v1::VNodeMessage>>) -> Result<Response<v1::ExchangeAck>, Status> {
         let mut stream = req.into_inner();
         let mut received = 0u64;
         while let Some(m) = stream.message().await? {
@@ -80,7 +79,8 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 
     async fn ping(&self, req: Request<v1::PingRequest>) -> Result<Response<v1::PingResponse>, Status> {
-        let t = convert::tensor_from_wire(req.get_ref().payload.as_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let t = convert::tensor_from_wire(req.get_ref().payload.as_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(v1::PingResponse { bytes: t.numel() as u64 * 4 }))
     }
 
@@ -89,12 +89,10 @@ impl v1::p_node_server::PNode for PNodeService {
         req: Request<v1::FetchParamsRequest>,
     ) -> Result<Response<v1::FetchParamsResponse>, Status> {
         let req = req.into_inner();
-        let actor = self
-            .host
-            .send(Find(req.job_id.clone(), req.vnode))
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| Status::not_found(format!("vnode {} of job {} is not hosted here", req.vnode, req.job_id)))?;
+        let actor =
+            self.host.send(Find(req.job_id.clone(), req.vnode)).await.map_err(unavailable)?.ok_or_else(|| {
+                Status::not_found(format!("vnode {} of job {} is not hosted here", req.vnode, req.job_id))
+            })?;
         let (params, version) = actor.send(GetParams).await.map_err(unavailable)?.map_err(Status::internal)?;
         Ok(Response::new(v1::FetchParamsResponse {
             params: params.iter().map(convert::tensor_to_wire).collect(),
@@ -109,8 +107,5 @@ pub async fn serve(listener: TcpListener, host: Addr<Host>, router: Router) -> R
     let svc = PNodeServer::new(PNodeService { host, router })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    dcnr_proto::transport::server()
-        .add_service(svc)
-        .serve_with_incoming(incoming)
-        .await
+    dcnr_proto::transport::server().add_service(svc).serve_with_incoming(incoming).await
 }

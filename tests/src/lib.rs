@@ -13,7 +13,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     let dir = exe.parent().and_then(|d| d.parent()).map(PathBuf::from).unwrap_or_default();
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build the workspace binaries first (cargo test --workspace builds them)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo test --workspace builds them)",
+        path.display()
+    );
     path
 }
 

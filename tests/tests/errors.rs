@@ -10,7 +10,8 @@ const T: Duration = Duration::from_secs(60);
 #[test]
 fn malformed_graph_is_rejected_with_a_precise_error() {
     let mesh = Mesh::start(1).unwrap();
-    let out = run(&["submit", fixture("bad-kind.toml").to_str().unwrap(), "--orchestrator", &mesh.url, "--wait"], T).unwrap();
+    let out =
+        run(&["submit", fixture("bad-kind.toml").to_str().unwrap(), "--orchestrator", &mesh.url, "--wait"], T).unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown kind `convolution9000`") && err.contains("fc1"), "{err}");
@@ -35,7 +36,9 @@ fn unreachable_orchestrator_and_bad_flags_have_distinct_exit_codes() {
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run(&["demo", "--no-such-flag"], T).unwrap();
     assert_eq!(out.status.code(), Some(2));
-    for (bin, args) in [("orchestrator", vec!["--help"]), ("orchestrator", vec!["demo", "--help"]), ("pnode", vec!["--help"])] {
+    for (bin, args) in
+        [("orchestrator", vec!["--help"]), ("orchestrator", vec!["demo", "--help"]), ("pnode", vec!["--help"])]
+    {
         let out = run_bin(bin, &args, T).unwrap();
         assert!(out.status.success() && !out.stdout.is_empty(), "{bin} {args:?}");
     }
@@ -78,12 +81,21 @@ fn garbled_and_oversized_vnode_messages_are_refused() {
         let err = pn.exchange(tokio_stream::iter(vec![stray])).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound);
         // Larger than the protocol's 64 MiB message limit.
-        let huge = v1::AllocateRequest { job_id: "x".into(), graph_json: "x".repeat(65 * 1024 * 1024), ..Default::default() };
+        let huge =
+            v1::AllocateRequest { job_id: "x".into(), graph_json: "x".repeat(65 * 1024 * 1024), ..Default::default() };
         let mut pn = pn.max_encoding_message_size(128 * 1024 * 1024);
         let err = pn.allocate(huge).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
         // Allocation with a graph that is not a validated graph.
-        let err = pn.allocate(v1::AllocateRequest { job_id: "x".into(), graph_json: "{}".into(), in_flight: 1, ..Default::default() }).await.unwrap_err();
+        let err = pn
+            .allocate(v1::AllocateRequest {
+                job_id: "x".into(),
+                graph_json: "{}".into(),
+                in_flight: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
     });
     assert!(mesh_alive(mesh));

@@ -59,6 +59,9 @@ mod tests {
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
         let mut q = BatchPlan::new(10, 3, 5);
         assert_eq!(q.indices(5), p.indices(5));
-        assert_ne!((0..4).flat_map(|s| q.indices(s)).collect::<Vec<_>>(), (4..8).flat_map(|s| q.indices(s)).collect::<Vec<_>>());
+        assert_ne!(
+            (0..4).flat_map(|s| q.indices(s)).collect::<Vec<_>>(),
+            (4..8).flat_map(|s| q.indices(s)).collect::<Vec<_>>()
+        );
     }
 }

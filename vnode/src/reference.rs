@@ -70,11 +70,8 @@ impl Reference {
     /// One synchronous SGD step on a batch.
     pub fn train_step(&mut self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
         let ad = self.device.clone().autodiff();
-        let leaves: Vec<Vec<Tensor<2>>> = self
-            .params
-            .iter()
-            .map(|ps| ps.iter().map(|p| p.clone().autodiff().require_grad()).collect())
-            .collect();
+        let leaves: Vec<Vec<Tensor<2>>> =
+            self.params.iter().map(|ps| ps.iter().map(|p| p.clone().autodiff().require_grad()).collect()).collect();
         let (loss, logits) = self.run(&leaves, features, labels, &ad)?;
         let value = loss.clone().into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
         let logits = HostTensor::from_burn(logits.inner())?;
@@ -83,7 +80,8 @@ impl Reference {
             if ps.is_empty() {
                 continue;
             }
-            let gs: Vec<Tensor<2>> = ps.iter().map(|p| p.grad(&grads)).collect::<Option<_>>().ok_or("missing gradient")?;
+            let gs: Vec<Tensor<2>> =
+                ps.iter().map(|p| p.grad(&grads)).collect::<Option<_>>().ok_or("missing gradient")?;
             self.params[i] = self.optimizers[i].update(&self.params[i], gs);
         }
         let classes = self.graph.spec.data.classes;

@@ -138,7 +138,9 @@ pub enum VNodeError {
     #[error("vnode {vnode}: duplicate {what} for micro-batch {mb}")]
     Duplicate { vnode: u32, mb: u64, what: &'static str },
     /// A message for a micro-batch already processed or not yet admissible.
-    #[error("vnode {vnode}: {what} for micro-batch {mb} is outside the window (next forward {next_f}, next backward {next_b})")]
+    #[error(
+        "vnode {vnode}: {what} for micro-batch {mb} is outside the window (next forward {next_f}, next backward {next_b})"
+    )]
     Window { vnode: u32, mb: u64, what: &'static str, next_f: u64, next_b: u64 },
     /// A tensor operation failed.
     #[error("vnode {vnode}: tensor backend error: {detail}")]
@@ -229,10 +231,7 @@ impl VNode {
 
     /// Current parameters in canonical order, on the host.
     pub fn params(&self) -> Result<Vec<HostTensor>, VNodeError> {
-        self.current()
-            .iter()
-            .map(|p| HostTensor::from_burn(p.clone()).map_err(|detail| self.backend(detail)))
-            .collect()
+        self.current().iter().map(|p| HostTensor::from_burn(p.clone()).map_err(|detail| self.backend(detail))).collect()
     }
 
     fn current(&self) -> &[Tensor<2>] {
@@ -277,10 +276,10 @@ impl VNode {
                     return Err(VNodeError::Duplicate { vnode: self.spec.node.id, mb, what: "forward input" });
                 }
                 entry[port as usize] = Some(tensor);
-                if phase == Phase::Eval {
-                    if let Some(inputs) = take_complete(&mut self.eval_inputs, mb) {
-                        self.eval(mb, inputs, &mut out)?;
-                    }
+                if phase == Phase::Eval
+                    && let Some(inputs) = take_complete(&mut self.eval_inputs, mb)
+                {
+                    self.eval(mb, inputs, &mut out)?;
                 }
             }
             Inbound::Backward { mb, from, tensor } => {
@@ -318,29 +317,26 @@ impl VNode {
         if !t.is_consistent() {
             return Err(shape_err(format!("{} elements do not fill shape {:?}", t.numel(), t.shape)));
         }
-        if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind {
-            if port == 1 {
-                let HostData::I32(labels) = &t.data else {
-                    return Err(shape_err("labels must be i32".into()));
-                };
-                if t.shape.len() != 1 || t.shape[0] == 0 {
-                    return Err(shape_err(format!("labels must have shape [batch], got {:?}", t.shape)));
-                }
-                if let Some(&label) = labels.iter().find(|&&l| l < 0 || l as usize >= classes) {
-                    return Err(VNodeError::Label { vnode: node.id, mb, label, classes });
-                }
-                return Ok(());
+        if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind
+            && port == 1
+        {
+            let HostData::I32(labels) = &t.data else {
+                return Err(shape_err("labels must be i32".into()));
+            };
+            if t.shape.len() != 1 || t.shape[0] == 0 {
+                return Err(shape_err(format!("labels must have shape [batch], got {:?}", t.shape)));
             }
+            if let Some(&label) = labels.iter().find(|&&l| l < 0 || l as usize >= classes) {
+                return Err(VNodeError::Label { vnode: node.id, mb, label, classes });
+            }
+            return Ok(());
         }
         let width = match node.kind {
             NodeKind::Linear { inputs, .. } => Some(inputs),
             NodeKind::SoftmaxCrossEntropy { classes } => Some(classes),
             _ => None,
         };
-        let ok = t.as_f32().is_some()
-            && t.shape.len() == 2
-            && t.shape[0] > 0
-            && width.is_none_or(|w| t.shape[1] == w);
+        let ok = t.as_f32().is_some() && t.shape.len() == 2 && t.shape[0] > 0 && width.is_none_or(|w| t.shape[1] == w);
         if !ok {
             return Err(shape_err(format!("input port {port} wants f32 [batch, {:?}], got {:?}", width, t.shape)));
         }
@@ -380,12 +376,7 @@ impl VNode {
     }
 
     fn params_at(&self, version: u64) -> Vec<Tensor<2>> {
-        self.versions
-            .iter()
-            .find(|v| v.0 == version)
-            .or(self.versions.back())
-            .map(|v| v.1.clone())
-            .unwrap_or_default()
+        self.versions.iter().find(|v| v.0 == version).or(self.versions.back()).map(|v| v.1.clone()).unwrap_or_default()
     }
 
     fn inputs_on(&self, inputs: Vec<HostTensor>, device: &Device, track: bool) -> Vec<Tensor<2>> {
@@ -427,11 +418,8 @@ impl VNode {
             );
             return Ok(());
         }
-        let params: Vec<Tensor<2>> = self
-            .params_at(self.needed_version(mb))
-            .into_iter()
-            .map(|p| p.autodiff().require_grad())
-            .collect();
+        let params: Vec<Tensor<2>> =
+            self.params_at(self.needed_version(mb)).into_iter().map(|p| p.autodiff().require_grad()).collect();
         let n_inputs = inputs.len();
         let leaves = self.inputs_on(inputs, &ad, true);
         if leaves.len() != n_inputs {
@@ -543,11 +531,7 @@ impl VNode {
                     .inputs
                     .iter()
                     .map(|x| match x {
-                        Some(x) => x
-                            .grad(&grads)
-                            .map(HostTensor::from_burn)
-                            .transpose()
-                            .map_err(|d| self.backend(d)),
+                        Some(x) => x.grad(&grads).map(HostTensor::from_burn).transpose().map_err(|d| self.backend(d)),
                         None => Ok(None),
                     })
                     .collect::<Result<_, _>>()?

@@ -70,7 +70,8 @@ to = "loss"
 "#;
 
 fn graph(opt: &str) -> ValidGraph {
-    let text = GRAPH.replace("OPT", opt).replace("kind = \"sgd\"\nlr = 0.05", "kind = \"sgd\"\nlr = 0.05\nmomentum = 0.9");
+    let text =
+        GRAPH.replace("OPT", opt).replace("kind = \"sgd\"\nlr = 0.05", "kind = \"sgd\"\nlr = 0.05\nmomentum = 0.9");
     ModelGraph::parse_valid(&text).unwrap()
 }
 

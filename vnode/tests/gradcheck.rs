@@ -123,10 +123,13 @@ fn train_step(v: &mut VNode, node: &ValidNode, x: &HostTensor, g: &HostTensor) -
         panic!("expected a backward and done, got {out:?}")
     };
     assert_eq!(*from, (node.id, 0));
-    assert_eq!(Some(*to), node.inputs.first().and_then(|s| match s {
-        dcnr_model::graph::Source::Node(p) => Some(*p),
-        _ => None,
-    }));
+    assert_eq!(
+        Some(*to),
+        node.inputs.first().and_then(|s| match s {
+            dcnr_model::graph::Source::Node(p) => Some(*p),
+            _ => None,
+        })
+    );
     assert_eq!(dx.shape, x.shape);
     (y.clone(), dx.clone())
 }
@@ -255,9 +258,8 @@ fn linear_parameter_gradient_equals_the_sgd_step() {
     assert_eq!(v.version(), 1);
     let after = v.params().unwrap();
     // lr = 1, no momentum: gradient = before - after.
-    let step = |b: &HostTensor, a: &HostTensor| -> Vec<f32> {
-        f32s(b).iter().zip(f32s(a)).map(|(b, a)| b - a).collect()
-    };
+    let step =
+        |b: &HostTensor, a: &HostTensor| -> Vec<f32> { f32s(b).iter().zip(f32s(a)).map(|(b, a)| b - a).collect() };
     let (dw, db) = (step(&before[0], &after[0]), step(&before[1], &after[1]));
 
     // Analytic: dW = x^T g, db = column sums of g.
@@ -419,10 +421,8 @@ fn chained_vnodes_backpropagate_the_gradient_of_the_loss() {
     let classes = 3;
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let x = random(&mut rng, BATCH * 5, -1.5, 1.5);
-    let labels: Vec<i32> = (0..BATCH).map(|_| rng.random_range(0..classes as i32)).collect();
-    let mesh = || -> Vec<Option<VNode>> {
-        g.nodes.iter().map(|n| (n.id != FC0).then(|| vnode(n))).collect()
-    };
+    let labels: Vec<i32> = (0..BATCH).map(|_| rng.random_range(0..classes)).collect();
+    let mesh = || -> Vec<Option<VNode>> { g.nodes.iter().map(|n| (n.id != FC0).then(|| vnode(n))).collect() };
     let feed = |mb: u64, phase: Phase, x: Vec<f32>| {
         vec![
             (TANH, Inbound::Forward { mb, phase, port: 0, tensor: HostTensor::f32(vec![BATCH, 5], x) }),
