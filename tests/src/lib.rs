@@ -133,6 +133,26 @@ impl Mesh {
         run(&args, Duration::from_secs(240))
     }
 
+    /// Kills PNode `i` with SIGKILL (a crash, not a graceful leave).
+    pub fn kill_pnode(&mut self, i: usize) {
+        if let Some(p) = self.pnodes.get_mut(i) {
+            let _ = p.0.kill();
+            let _ = p.0.wait();
+        }
+    }
+
+    /// Starts `orchestrator ARGS` in the background, killed when dropped.
+    pub fn spawn_cli(&self, args: &[&str]) -> Result<Child> {
+        Command::new(bin("orchestrator"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start orchestrator client")
+    }
+
     /// Whether the orchestrator is still running.
     pub fn orchestrator_alive(&mut self) -> bool {
         matches!(self.orchestrator.0.try_wait(), Ok(None))
