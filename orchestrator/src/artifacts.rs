@@ -1,9 +1,11 @@
 //! The artifact store: immutable objects keyed by the SHA-256 of their bytes, plus named
 //! references (`jobs/<job_id>` → the hash of that job's record).
 //!
-//! One trait, so an S3 implementation can stand beside the local directory one; every read is
-//! hash-checked, and every write goes to a temporary file renamed into place, so a crash never
-//! leaves a half-written object under a valid name.
+//! One trait with two implementations, chosen by URL ([`open_store`]): a local directory
+//! (`file:///path` or a plain path) and any S3-compatible service (`s3://bucket/prefix`, through
+//! rust-s3, path-style). Every read is hash-checked; local writes go to a temporary file renamed
+//! into place and S3 PUTs are atomic, so a crash never leaves a half-written object under a
+//! valid name.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -26,22 +28,54 @@ pub enum StoreError {
     /// A key that is not a hex SHA-256 or a reference name with odd characters.
     #[error("`{0}` is not a valid artifact key")]
     BadKey(String),
+    /// The S3 service refused or could not be reached.
+    #[error("S3 store {location}: {detail}")]
+    S3 { location: String, detail: String },
+    /// The store URL is not understood.
+    #[error("store URL `{0}` is not understood (use a directory, file:///path or s3://bucket/prefix)")]
+    BadUrl(String),
 }
 
 /// Content-addressed storage of job artifacts.
+#[async_trait::async_trait]
 pub trait ObjectStore: Send + Sync {
     /// Stores bytes; returns their hex SHA-256.
-    fn put(&self, bytes: &[u8]) -> Result<String, StoreError>;
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, StoreError>;
     /// Reads and verifies an object.
-    fn get(&self, hash: &str) -> Result<Vec<u8>, StoreError>;
+    async fn get(&self, hash: &str) -> Result<Vec<u8>, StoreError>;
     /// Points reference `name` at `hash`.
-    fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError>;
+    async fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError>;
     /// Reads a reference.
-    fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError>;
+    async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError>;
     /// Names of references under `prefix/`.
-    fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    async fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Where the store lives, for messages.
     fn location(&self) -> String;
+}
+
+/// Checks that a store can be written and read back, so a misconfigured store is reported when
+/// the orchestrator starts rather than when the first job ends.
+pub async fn probe(store: &dyn ObjectStore) -> Result<(), StoreError> {
+    let hash = store.put(b"dcnr store probe\n".to_vec()).await?;
+    store.get(&hash).await.map(|_| ())
+}
+
+/// Opens the store a URL names: a directory path, `file:///path`, or `s3://bucket[/prefix]`
+/// (endpoint from `endpoint`, region from AWS_REGION, credentials from AWS_ACCESS_KEY_ID and
+/// AWS_SECRET_ACCESS_KEY).
+pub fn open_store(url: &str, endpoint: Option<&str>) -> Result<std::sync::Arc<dyn ObjectStore>, StoreError> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(StoreError::BadUrl(url.to_string()));
+        }
+        return Ok(std::sync::Arc::new(S3Store::new(bucket, prefix, endpoint)?));
+    }
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    if path.is_empty() || url.contains("://") && !url.starts_with("file://") {
+        return Err(StoreError::BadUrl(url.to_string()));
+    }
+    Ok(std::sync::Arc::new(DirStore::new(path)))
 }
 
 /// Hex SHA-256 of bytes.
@@ -91,17 +125,18 @@ impl DirStore {
     }
 }
 
+#[async_trait::async_trait]
 impl ObjectStore for DirStore {
-    fn put(&self, bytes: &[u8]) -> Result<String, StoreError> {
-        let hash = sha256_hex(bytes);
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, StoreError> {
+        let hash = sha256_hex(&bytes);
         let path = self.object_path(&hash);
         if !path.exists() {
-            self.write_atomic(&path, bytes)?;
+            self.write_atomic(&path, &bytes)?;
         }
         Ok(hash)
     }
 
-    fn get(&self, hash: &str) -> Result<Vec<u8>, StoreError> {
+    async fn get(&self, hash: &str) -> Result<Vec<u8>, StoreError> {
         if !valid_hash(hash) {
             return Err(StoreError::BadKey(hash.to_string()));
         }
@@ -118,14 +153,14 @@ impl ObjectStore for DirStore {
         Ok(bytes)
     }
 
-    fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError> {
+    async fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError> {
         if !valid_ref(name) {
             return Err(StoreError::BadKey(name.to_string()));
         }
         self.write_atomic(&self.root.join("refs").join(name), hash.as_bytes())
     }
 
-    fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError> {
+    async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError> {
         if !valid_ref(name) {
             return Err(StoreError::BadKey(name.to_string()));
         }
@@ -137,7 +172,7 @@ impl ObjectStore for DirStore {
         }
     }
 
-    fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+    async fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let dir = self.root.join("refs").join(prefix);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
@@ -158,6 +193,104 @@ impl ObjectStore for DirStore {
     }
 }
 
+/// A store in an S3 bucket: `<prefix>/objects/<hash>` and `<prefix>/refs/<name>`.
+pub struct S3Store {
+    bucket: Box<s3::Bucket>,
+    prefix: String,
+    location: String,
+}
+
+impl S3Store {
+    /// A store in `bucket` under `prefix`, path-style (works with MinIO and other local servers).
+    pub fn new(bucket: &str, prefix: &str, endpoint: Option<&str>) -> Result<S3Store, StoreError> {
+        let location = format!("s3://{bucket}/{prefix}");
+        let err = |detail: String| StoreError::S3 { location: location.clone(), detail };
+        let region_name = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
+        let region = match endpoint {
+            Some(e) => s3::Region::Custom { region: region_name, endpoint: e.trim_end_matches('/').to_string() },
+            None => region_name.parse().map_err(|e| err(format!("bad AWS_REGION: {e}")))?,
+        };
+        let credentials = s3::creds::Credentials::from_env()
+            .or_else(|_| s3::creds::Credentials::anonymous())
+            .map_err(|e| err(format!("no credentials: {e}")))?;
+        let bucket = s3::Bucket::new(bucket, region, credentials).map_err(|e| err(e.to_string()))?.with_path_style();
+        Ok(S3Store { bucket, prefix: prefix.trim_matches('/').to_string(), location })
+    }
+
+    fn key(&self, rest: &str) -> String {
+        if self.prefix.is_empty() { rest.to_string() } else { format!("{}/{rest}", self.prefix) }
+    }
+
+    fn err(&self, e: s3::error::S3Error) -> StoreError {
+        StoreError::S3 { location: self.location.clone(), detail: e.to_string() }
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.bucket.get_object(key).await {
+            Ok(r) => Ok(Some(r.bytes().to_vec())),
+            Err(s3::error::S3Error::HttpFailWithBody(404, _)) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for S3Store {
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, StoreError> {
+        let hash = sha256_hex(&bytes);
+        self.bucket.put_object(self.key(&format!("objects/{hash}")), &bytes).await.map_err(|e| self.err(e))?;
+        Ok(hash)
+    }
+
+    async fn get(&self, hash: &str) -> Result<Vec<u8>, StoreError> {
+        if !valid_hash(hash) {
+            return Err(StoreError::BadKey(hash.to_string()));
+        }
+        let bytes = self
+            .read(&self.key(&format!("objects/{hash}")))
+            .await?
+            .ok_or_else(|| StoreError::Missing(hash.to_string()))?;
+        let actual = sha256_hex(&bytes);
+        if actual != hash {
+            return Err(StoreError::Corrupt { hash: hash.to_string(), actual });
+        }
+        Ok(bytes)
+    }
+
+    async fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError> {
+        if !valid_ref(name) {
+            return Err(StoreError::BadKey(name.to_string()));
+        }
+        self.bucket.put_object(self.key(&format!("refs/{name}")), hash.as_bytes()).await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError> {
+        if !valid_ref(name) {
+            return Err(StoreError::BadKey(name.to_string()));
+        }
+        let bytes = self.read(&self.key(&format!("refs/{name}"))).await?;
+        Ok(bytes.map(|b| String::from_utf8_lossy(&b).trim().to_string()))
+    }
+
+    async fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let base = self.key("refs/");
+        let pages = self.bucket.list(format!("{base}{prefix}/"), None).await.map_err(|e| self.err(e))?;
+        let mut names: Vec<String> = pages
+            .iter()
+            .flat_map(|p| p.contents.iter())
+            .filter_map(|o| o.key.strip_prefix(&base).map(str::to_string))
+            .filter(|n| valid_ref(n))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+}
+
 /// The record of one job: its outcome and the hashes of its artifacts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobRecord {
@@ -174,42 +307,44 @@ pub struct JobRecord {
 }
 
 /// Writes artifacts and the record; returns the record's hash.
-pub fn write_record(
+pub async fn write_record(
     store: &dyn ObjectStore,
     mut record: JobRecord,
-    artifacts: &[(&str, Vec<u8>)],
+    artifacts: Vec<(&str, Vec<u8>)>,
 ) -> Result<String, StoreError> {
     for (name, bytes) in artifacts {
-        record.artifacts.insert((*name).to_string(), store.put(bytes)?);
+        record.artifacts.insert(name.to_string(), store.put(bytes).await?);
     }
     let bytes = serde_json::to_vec_pretty(&record)
         .map_err(|e| StoreError::Io { path: PathBuf::from("record.json"), source: std::io::Error::other(e) })?;
-    let hash = store.put(&bytes)?;
-    store.set_ref(&format!("jobs/{}", record.job_id), &hash)?;
+    let hash = store.put(bytes).await?;
+    // The reference is written last, so it never points at a record whose parts are missing.
+    store.set_ref(&format!("jobs/{}", record.job_id), &hash).await?;
     Ok(hash)
 }
 
 /// Finds a job's record by job id, by the hash of its record, or by the hash of its result.
-pub fn find_record(store: &dyn ObjectStore, key: &str) -> Result<(String, JobRecord), StoreError> {
-    let parse = |hash: &str| -> Result<JobRecord, StoreError> {
-        let bytes = store.get(hash)?;
+pub async fn find_record(store: &dyn ObjectStore, key: &str) -> Result<(String, JobRecord), StoreError> {
+    async fn parse(store: &dyn ObjectStore, hash: &str) -> Result<JobRecord, StoreError> {
+        let bytes = store.get(hash).await?;
         serde_json::from_slice(&bytes).map_err(|_| StoreError::Missing(format!("{hash} (not a job record)")))
-    };
-    if valid_ref(&format!("jobs/{key}"))
-        && let Some(h) = store.get_ref(&format!("jobs/{key}"))?
-    {
-        return Ok((h.clone(), parse(&h)?));
+    }
+    if valid_ref(&format!("jobs/{key}")) {
+        if let Some(h) = store.get_ref(&format!("jobs/{key}")).await? {
+            return Ok((h.clone(), parse(store, &h).await?));
+        }
     }
     if valid_hash(key) {
-        if let Ok(r) = parse(key) {
+        if let Ok(r) = parse(store, key).await {
             return Ok((key.to_string(), r));
         }
-        for name in store.list_refs("jobs")? {
-            if let Some(h) = store.get_ref(&name)?
-                && let Ok(r) = parse(&h)
-                && r.artifacts.get("result.json").map(String::as_str) == Some(key)
-            {
-                return Ok((h, r));
+        for name in store.list_refs("jobs").await? {
+            if let Some(h) = store.get_ref(&name).await? {
+                if let Ok(r) = parse(store, &h).await {
+                    if r.artifacts.get("result.json").map(String::as_str) == Some(key) {
+                        return Ok((h, r));
+                    }
+                }
             }
         }
     }

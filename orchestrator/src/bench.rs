@@ -88,7 +88,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     rows.push(("train-local (1 process)".into(), local));
     let (mut rtts, mut rtt_done) = (Vec::new(), false);
     for &p in &args.pnodes {
-        let mesh = LocalMesh::start(p, args.data.clone(), None).await?;
+        let mesh = LocalMesh::start(p, args.data.clone(), None, None).await?;
         for (label, k) in [("sync", 1), ("pipelined", args.pipelined)] {
             let mut v = Vec::new();
             for _ in 0..args.repeat {

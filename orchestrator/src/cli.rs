@@ -52,9 +52,13 @@ enum Command {
         /// Most PNodes one job spreads over.
         #[arg(long, env = "DCNR_MAX_PNODES_PER_JOB", default_value_t = 16)]
         max_pnodes: usize,
-        /// Directory of the artifact store.
-        #[arg(long, env = "DCNR_ARTIFACTS", default_value = "dcnr-artifacts")]
-        artifacts: PathBuf,
+        /// Artifact store: a directory, file:///path or s3://bucket/prefix (credentials from
+        /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, region from AWS_REGION).
+        #[arg(long, env = "DCNR_STORE", default_value = "dcnr-artifacts")]
+        store: String,
+        /// S3 endpoint for an s3:// store (e.g. http://127.0.0.1:9000 for MinIO).
+        #[arg(long, env = "DCNR_S3_ENDPOINT")]
+        s3_endpoint: Option<String>,
     },
     /// Submit a job (an envelope, JSON or TOML, or a bare model graph) to a running orchestrator.
     Submit {
@@ -251,35 +255,43 @@ pub fn main(cli: Cli) -> ExitCode {
                 },
             }
         }),
-        Command::Serve { listen, data, heartbeat_ms, heartbeat_timeout_ms, stall_timeout_s, max_pnodes, artifacts } => {
-            runtime(async move {
-                let cfg = ServerConfig {
-                    listen,
-                    data,
-                    heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
-                    heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(heartbeat_ms.max(10) * 2)),
-                    jobs: JobDefaults {
-                        stall_timeout: Duration::from_secs(stall_timeout_s.max(1)),
-                        placement_timeout: Duration::from_secs(60),
-                        max_pnodes: max_pnodes.max(1),
-                    },
-                    artifacts: Some(artifacts),
-                };
-                let srv = match server::start(cfg).await {
-                    Ok(s) => s,
-                    Err(e) => return fail(3, format!("{e:#}")),
-                };
-                println!("orchestrator listening on {}", srv.url());
-                tokio::select! {
-                    r = srv.task => match r {
-                        Ok(Ok(())) => ExitCode::SUCCESS,
-                        Ok(Err(e)) => fail(1, format!("gRPC server failed: {e}")),
-                        Err(e) => fail(1, format!("gRPC server task failed: {e}")),
-                    },
-                    _ = dcnr_pnode::shutdown_signal() => ExitCode::SUCCESS,
-                }
-            })
-        }
+        Command::Serve {
+            listen,
+            data,
+            heartbeat_ms,
+            heartbeat_timeout_ms,
+            stall_timeout_s,
+            max_pnodes,
+            store,
+            s3_endpoint,
+        } => runtime(async move {
+            let cfg = ServerConfig {
+                listen,
+                data,
+                heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
+                heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(heartbeat_ms.max(10) * 2)),
+                jobs: JobDefaults {
+                    stall_timeout: Duration::from_secs(stall_timeout_s.max(1)),
+                    placement_timeout: Duration::from_secs(60),
+                    max_pnodes: max_pnodes.max(1),
+                },
+                store: Some(store),
+                s3_endpoint,
+            };
+            let srv = match server::start(cfg).await {
+                Ok(s) => s,
+                Err(e) => return fail(3, format!("{e:#}")),
+            };
+            println!("orchestrator listening on {}", srv.url());
+            tokio::select! {
+                r = srv.task => match r {
+                    Ok(Ok(())) => ExitCode::SUCCESS,
+                    Ok(Err(e)) => fail(1, format!("gRPC server failed: {e}")),
+                    Err(e) => fail(1, format!("gRPC server task failed: {e}")),
+                },
+                _ = dcnr_pnode::shutdown_signal() => ExitCode::SUCCESS,
+            }
+        }),
         Command::Submit { file, orchestrator, overrides, wait, watch, json } => runtime(async move {
             let envelope = match client::load_job(&file, overrides) {
                 Ok(e) => e,

@@ -29,9 +29,12 @@ pub struct DemoArgs {
     /// Training length and pipelining.
     #[command(flatten)]
     pub overrides: Overrides,
-    /// Directory of the artifact store.
-    #[arg(long, env = "DCNR_ARTIFACTS", default_value = "dcnr-artifacts")]
-    pub artifacts: PathBuf,
+    /// Artifact store: a directory, file:///path or s3://bucket/prefix.
+    #[arg(long, env = "DCNR_STORE", default_value = "dcnr-artifacts")]
+    pub store: String,
+    /// S3 endpoint for an s3:// store.
+    #[arg(long, env = "DCNR_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
 }
 
 /// Reads the model file, or the built-in MNIST MLP.
@@ -64,7 +67,12 @@ pub struct LocalMesh {
 
 impl LocalMesh {
     /// Starts the orchestrator and `pnodes` PNodes and waits until all joined.
-    pub async fn start(pnodes: usize, data: Option<PathBuf>, artifacts: Option<PathBuf>) -> anyhow::Result<LocalMesh> {
+    pub async fn start(
+        pnodes: usize,
+        data: Option<PathBuf>,
+        store: Option<String>,
+        s3_endpoint: Option<String>,
+    ) -> anyhow::Result<LocalMesh> {
         if pnodes == 0 || pnodes > 64 {
             return Err(ClientError::Invalid("--pnodes must be between 1 and 64".into()).into());
         }
@@ -78,7 +86,8 @@ impl LocalMesh {
                 placement_timeout: Duration::from_secs(30),
                 max_pnodes: pnodes,
             },
-            artifacts,
+            store,
+            s3_endpoint,
         };
         let srv = server::start(cfg).await?;
         let mut mesh = LocalMesh { srv, children: Children(Vec::new()) };
@@ -154,7 +163,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<JobSummary> {
     let graph = model_text(args.model.as_ref())?;
     let mut envelope = Envelope::from_graph(&graph).map_err(|e| ClientError::Invalid(e.to_string()))?;
     args.overrides.apply(&mut envelope);
-    let mesh = LocalMesh::start(args.pnodes, args.data.clone(), Some(args.artifacts.clone())).await?;
+    let mesh =
+        LocalMesh::start(args.pnodes, args.data.clone(), Some(args.store.clone()), args.s3_endpoint.clone()).await?;
     eprintln!("orchestrator at {} with {} pnodes", mesh.url(), args.pnodes);
     let result = tokio::select! {
         r = mesh.run_job(&envelope, true) => r,

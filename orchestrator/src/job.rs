@@ -520,15 +520,18 @@ impl JobActor {
         }
     }
 
-    /// Writes the job's artifacts and record; a failed job gets a record too.
-    fn write_artifacts(&self, summary: &JobSummary) {
-        let Some(store) = self.spec.store.as_ref() else { return };
+    /// The job's artifacts and record, to be written when it ends; a failed job gets one too.
+    fn artifacts(
+        &self,
+        summary: &JobSummary,
+    ) -> Option<(Arc<dyn ObjectStore>, JobRecord, Vec<(&'static str, Vec<u8>)>)> {
+        let store = self.spec.store.clone()?;
         let wanted = &self.spec.envelope.artifacts;
         if !wanted.persist {
-            return;
+            return None;
         }
         let json = |v: serde_json::Value| serde_json::to_vec_pretty(&v).unwrap_or_default();
-        let mut files: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut files: Vec<(&'static str, Vec<u8>)> = Vec::new();
         for kind in &wanted.write {
             match kind {
                 ArtifactKind::Result => files.push((
@@ -557,10 +560,7 @@ impl JobActor {
             error: self.error.clone(),
             artifacts: BTreeMap::new(),
         };
-        match write_record(store.as_ref(), record, &files) {
-            Ok(h) => self.log(format!("artifacts: record {h} in {}", store.location())),
-            Err(e) => tracing::error!(job = %self.spec.job_id, error = %e, "cannot write artifacts"),
-        }
+        Some((store, record, files))
     }
 
     fn finish(&mut self, ctx: &mut Context<Self>, params: Option<Vec<Vec<Vec<f32>>>>) {
@@ -569,14 +569,25 @@ impl JobActor {
             self.loss_window = (0.0, 0);
         }
         let summary = self.summary(params.as_deref());
-        self.write_artifacts(&summary);
+        let artifacts = self.artifacts(&summary);
         self.stage = Stage::Ended;
         let mut status = self.status();
         status.summary = Some(summary);
         let job = self.spec.job_id.clone();
         let endpoints: BTreeSet<String> = self.placement.values().map(|p| p.endpoint.clone()).collect();
         self.links.clear();
+        let events = self.events.clone();
         let release = async move {
+            if let Some((store, record, files)) = artifacts {
+                match write_record(store.as_ref(), record, files).await {
+                    Ok(h) => {
+                        let text = format!("artifacts: record {h} in {}", store.location());
+                        tracing::info!(job = %job, "{text}");
+                        let _ = events.send(JobEvent::Log(text));
+                    }
+                    Err(e) => tracing::error!(job = %job, error = %e, "cannot write artifacts"),
+                }
+            }
             for e in endpoints {
                 if let Ok(mut c) = pnode_client(&e)
                     && let Err(s) = c.release(v1::ReleaseRequest { job_id: job.clone() }).await

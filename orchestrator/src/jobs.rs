@@ -52,6 +52,8 @@ struct Entry {
 pub struct Jobs {
     registry: Addr<Registry>,
     store: Option<Arc<dyn ObjectStore>>,
+    /// Job ids the store already has records of (ids stay unique across restarts).
+    recorded: std::collections::HashSet<String>,
     data: DataCache,
     defaults: JobDefaults,
     next: u64,
@@ -66,8 +68,9 @@ impl Jobs {
         data: DataCache,
         defaults: JobDefaults,
         store: Option<Arc<dyn ObjectStore>>,
+        recorded: std::collections::HashSet<String>,
     ) -> Jobs {
-        Jobs { registry, store, data, defaults, next: 1, jobs: BTreeMap::new(), locations: HashMap::new() }
+        Jobs { registry, store, recorded, data, defaults, next: 1, jobs: BTreeMap::new(), locations: HashMap::new() }
     }
 }
 
@@ -99,7 +102,9 @@ impl Handler<Submit> for Jobs {
         let spe = data.train.len().div_ceil(t.batch_size) as u64;
         let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
         let job_id = match &resolved.envelope.ctx.job_id {
-            Some(id) if self.jobs.contains_key(id) => return Err(SubmitError::Duplicate(id.clone())),
+            Some(id) if self.jobs.contains_key(id) || self.recorded.contains(id) => {
+                return Err(SubmitError::Duplicate(id.clone()));
+            }
             Some(id) => id.clone(),
             None => {
                 let digest = hex::encode(sha2::Sha256::digest(
@@ -110,9 +115,7 @@ impl Handler<Submit> for Jobs {
                 loop {
                     let id = format!("job-{:04}-{}", self.next, &digest[..8]);
                     self.next += 1;
-                    let recorded =
-                        self.store.as_ref().and_then(|s| s.get_ref(&format!("jobs/{id}")).ok().flatten()).is_some();
-                    if !recorded && !self.jobs.contains_key(&id) {
+                    if !self.recorded.contains(&id) && !self.jobs.contains_key(&id) {
                         break id;
                     }
                 }

@@ -1,7 +1,7 @@
 //! `replay`: re-runs a recorded job from its envelope on a fresh local mesh and checks that
 //! every recorded hash comes out the same.
 
-use crate::artifacts::{DirStore, JobRecord, ObjectStore, find_record};
+use crate::artifacts::{JobRecord, ObjectStore, find_record, open_store};
 use crate::demo::LocalMesh;
 use anyhow::{Context as _, anyhow, bail};
 use dcnr_model::envelope::Envelope;
@@ -13,9 +13,12 @@ use std::path::PathBuf;
 pub struct ReplayArgs {
     /// Job id, record hash, or result.json hash of the job to replay.
     pub key: String,
-    /// Directory of the artifact store.
-    #[arg(long, env = "DCNR_ARTIFACTS", default_value = "dcnr-artifacts")]
-    pub artifacts: PathBuf,
+    /// Artifact store: a directory, file:///path or s3://bucket/prefix.
+    #[arg(long, env = "DCNR_STORE", default_value = "dcnr-artifacts")]
+    pub store: String,
+    /// S3 endpoint for an s3:// store.
+    #[arg(long, env = "DCNR_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
     /// PNodes to replay on (default: as many as the original run used).
     #[arg(long)]
     pub pnodes: Option<usize>,
@@ -37,35 +40,36 @@ pub struct ReplayReport {
     pub differences: Vec<String>,
 }
 
-fn load_json(store: &dyn ObjectStore, record: &JobRecord, name: &str) -> anyhow::Result<Value> {
+async fn load_json(store: &dyn ObjectStore, record: &JobRecord, name: &str) -> anyhow::Result<Value> {
     let hash = record.artifacts.get(name).ok_or_else(|| anyhow!("job {} recorded no {name}", record.job_id))?;
-    let bytes = store.get(hash)?;
+    let bytes = store.get(hash).await?;
     serde_json::from_slice(&bytes).with_context(|| format!("{name} of job {} is not JSON", record.job_id))
 }
 
 /// Replays and compares.
 pub async fn run(args: ReplayArgs) -> anyhow::Result<ReplayReport> {
-    let store = DirStore::new(&args.artifacts);
-    let (_, original) = find_record(&store, &args.key)?;
-    let envelope: Envelope = serde_json::from_value(load_json(&store, &original, "envelope.json")?)
+    let store = open_store(&args.store, args.s3_endpoint.as_deref())?;
+    let store = store.as_ref();
+    let (_, original) = find_record(store, &args.key).await?;
+    let envelope: Envelope = serde_json::from_value(load_json(store, &original, "envelope.json").await?)
         .context("the recorded envelope does not parse")?;
-    let old_result = load_json(&store, &original, "result.json")?;
-    let old_exec = load_json(&store, &original, "executions.json").ok();
+    let old_result = load_json(store, &original, "result.json").await?;
+    let old_exec = load_json(store, &original, "executions.json").await.ok();
     let pnodes = args.pnodes.unwrap_or_else(|| old_result["summary"]["pnodes"].as_u64().unwrap_or(1) as usize).max(1);
     let mut envelope = envelope;
     // The replay is a new job: it must not take over the original's id.
     envelope.ctx.job_id = None;
     envelope.ctx.labels.insert("replay_of".into(), original.job_id.clone());
-    let mesh = LocalMesh::start(pnodes, args.data.clone(), Some(args.artifacts.clone())).await?;
+    let mesh = LocalMesh::start(pnodes, args.data.clone(), Some(args.store.clone()), args.s3_endpoint.clone()).await?;
     let summary = mesh.run_job(&envelope, true).await;
     mesh.stop().await;
     let summary = summary?;
     if summary.status != "succeeded" {
         bail!("the replay failed: {}", summary.error.unwrap_or_default());
     }
-    let (_, replayed) = find_record(&store, &summary.job_id)?;
-    let new_result = load_json(&store, &replayed, "result.json")?;
-    let new_exec = load_json(&store, &replayed, "executions.json").ok();
+    let (_, replayed) = find_record(store, &summary.job_id).await?;
+    let new_result = load_json(store, &replayed, "result.json").await?;
+    let new_exec = load_json(store, &replayed, "executions.json").await.ok();
 
     let mut compared = 0;
     let mut differences = Vec::new();

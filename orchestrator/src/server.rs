@@ -1,6 +1,6 @@
 //! Starting an orchestrator: its actors and its gRPC server, in the current actix System.
 
-use crate::artifacts::{DirStore, ObjectStore};
+use crate::artifacts::{open_store, probe};
 use crate::data::DataCache;
 use crate::jobs::{JobDefaults, Jobs};
 use crate::registry::{HealthPolicy, Registry};
@@ -9,7 +9,6 @@ use actix::{Actor, Addr};
 use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Orchestrator settings.
@@ -25,8 +24,10 @@ pub struct ServerConfig {
     pub heartbeat_timeout: Duration,
     /// Job defaults.
     pub jobs: JobDefaults,
-    /// Artifact store directory (none: keep no artifacts).
-    pub artifacts: Option<PathBuf>,
+    /// Artifact store URL: a directory, file:///path or s3://bucket/prefix (none: keep nothing).
+    pub store: Option<String>,
+    /// S3 endpoint for an s3:// store (e.g. http://127.0.0.1:9000 for MinIO).
+    pub s3_endpoint: Option<String>,
 }
 
 /// A running orchestrator.
@@ -54,9 +55,21 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let registry = Registry::new(HealthPolicy { interval: cfg.heartbeat, timeout: cfg.heartbeat_timeout }).start();
-    let store: Option<Arc<dyn ObjectStore>> =
-        cfg.artifacts.clone().map(|d| Arc::new(DirStore::new(d)) as Arc<dyn ObjectStore>);
-    let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store).start();
+    let (store, recorded) = match &cfg.store {
+        Some(url) => {
+            let store = open_store(url, cfg.s3_endpoint.as_deref())?;
+            probe(store.as_ref()).await.with_context(|| format!("the artifact store {url} is not usable"))?;
+            let recorded = store
+                .list_refs("jobs")
+                .await?
+                .into_iter()
+                .filter_map(|n| n.strip_prefix("jobs/").map(str::to_string))
+                .collect();
+            (Some(store), recorded)
+        }
+        None => (None, Default::default()),
+    };
+    let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded).start();
     let svc = OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(dcnr_proto::transport::server().add_service(server(svc)).serve_with_incoming(incoming));

@@ -54,10 +54,21 @@ pub struct Mesh {
 impl Mesh {
     /// Starts an orchestrator on a free loopback port and `n` PNodes, and waits until all joined.
     pub fn start(n: usize) -> Result<Mesh> {
+        Self::start_with(n, &[], &[])
+    }
+
+    /// Like [`Mesh::start`], with extra `serve` flags and environment (e.g. an S3 store); the
+    /// local artifact directory is used unless the flags name a `--store`.
+    pub fn start_with(n: usize, serve_args: &[&str], envs: &[(&str, &str)]) -> Result<Mesh> {
         let artifacts = tempfile::tempdir()?;
-        let mut child = Command::new(bin("orchestrator"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--stall-timeout-s", "60", "--artifacts"])
-            .arg(artifacts.path())
+        let mut cmd = Command::new(bin("orchestrator"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--stall-timeout-s", "60"]);
+        if !serve_args.contains(&"--store") {
+            cmd.arg("--store").arg(artifacts.path());
+        }
+        let mut child = cmd
+            .args(serve_args)
+            .envs(envs.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -173,8 +184,14 @@ pub fn run(args: &[&str], limit: Duration) -> Result<Output> {
 
 /// Runs a workspace binary to completion within `limit`.
 pub fn run_bin(name: &str, args: &[&str], limit: Duration) -> Result<Output> {
+    run_bin_env(name, args, &[], limit)
+}
+
+/// Runs a workspace binary with extra environment variables to completion within `limit`.
+pub fn run_bin_env(name: &str, args: &[&str], envs: &[(&str, &str)], limit: Duration) -> Result<Output> {
     let mut child = Command::new(bin(name))
         .args(args)
+        .envs(envs.iter().copied())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -212,4 +229,77 @@ pub fn run_bin(name: &str, args: &[&str], limit: Duration) -> Result<Output> {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A real S3-compatible server (s3s-fs) on a free loopback port, serving a temporary directory.
+pub struct S3Server {
+    /// Endpoint URL.
+    pub endpoint: String,
+    /// Root directory: one subdirectory per bucket, one file per object.
+    pub root: tempfile::TempDir,
+    _proc: Proc,
+}
+
+/// Access key the test server accepts.
+pub const S3_KEY: &str = "dcnrtestkey";
+/// Secret key the test server accepts.
+pub const S3_SECRET: &str = "dcnrtestsecret";
+
+impl S3Server {
+    /// Starts s3s-fs with bucket directories `buckets` already created.
+    pub fn start(buckets: &[&str]) -> Result<S3Server> {
+        let exe = find_s3s_fs()?;
+        let root = tempfile::tempdir()?;
+        for b in buckets {
+            std::fs::create_dir_all(root.path().join(b))?;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new(exe)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                S3_KEY,
+                "--secret-key",
+                S3_SECRET,
+            ])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start s3s-fs")?;
+        let proc = Proc(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("s3s-fs did not start listening on port {port}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(S3Server { endpoint: format!("http://127.0.0.1:{port}"), root, _proc: proc })
+    }
+
+    /// Environment with the server's credentials.
+    pub fn env(&self) -> Vec<(&'static str, &'static str)> {
+        vec![("AWS_ACCESS_KEY_ID", S3_KEY), ("AWS_SECRET_ACCESS_KEY", S3_SECRET), ("AWS_REGION", "us-east-1")]
+    }
+}
+
+fn find_s3s_fs() -> Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("s3s-fs")).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        candidates.push(PathBuf::from(home).join("bin/s3s-fs"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join(".cargo/bin/s3s-fs"));
+    }
+    candidates.into_iter().find(|p| p.exists()).ok_or_else(|| {
+        anyhow!(
+            "s3s-fs not found: install it with `cargo install s3s-fs@0.14.1 --locked --features binary` (.ci/run does)"
+        )
+    })
 }

@@ -64,7 +64,7 @@ fn envelope_job_writes_artifacts_and_replays_bit_for_bit() {
     // Replay by the result's hash reproduces every recorded hash.
     let result_hash = rec["artifacts"]["result.json"].as_str().unwrap().to_string();
     let art = store.to_str().unwrap();
-    let out = run(&["replay", &result_hash, "--artifacts", art], Duration::from_secs(180)).unwrap();
+    let out = run(&["replay", &result_hash, "--store", art], Duration::from_secs(180)).unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("recorded hashes reproduced"), "{stdout}");
@@ -84,7 +84,7 @@ fn envelope_job_writes_artifacts_and_replays_bit_for_bit() {
     let obj = store.join("objects").join(&rec2_hash[..2]);
     std::fs::create_dir_all(&obj).unwrap();
     std::fs::write(obj.join(&rec2_hash), &rec2).unwrap();
-    let out = run(&["replay", &rec2_hash, "--artifacts", art], Duration::from_secs(180)).unwrap();
+    let out = run(&["replay", &rec2_hash, "--store", art], Duration::from_secs(180)).unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("summary.params_sha256"), "{stdout}");
