@@ -355,35 +355,51 @@ pub async fn find_record(store: &dyn ObjectStore, key: &str) -> Result<(String, 
 mod tests {
     use super::*;
 
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
     #[test]
     fn objects_are_content_addressed_and_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::new(dir.path());
-        let h = s.put(b"hello").unwrap();
-        assert_eq!(h, sha256_hex(b"hello"));
-        assert_eq!(s.get(&h).unwrap(), b"hello");
-        std::fs::write(dir.path().join("objects").join(&h[..2]).join(&h), b"hellO").unwrap();
-        assert!(matches!(s.get(&h), Err(StoreError::Corrupt { .. })));
-        assert!(matches!(s.get("zz"), Err(StoreError::BadKey(_))));
-        assert!(matches!(s.set_ref("../x", &h), Err(StoreError::BadKey(_))));
+        block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = DirStore::new(dir.path());
+            let h = s.put(b"hello".to_vec()).await.unwrap();
+            assert_eq!(h, sha256_hex(b"hello"));
+            assert_eq!(s.get(&h).await.unwrap(), b"hello");
+            std::fs::write(dir.path().join("objects").join(&h[..2]).join(&h), b"hellO").unwrap();
+            assert!(matches!(s.get(&h).await, Err(StoreError::Corrupt { .. })));
+            assert!(matches!(s.get("zz").await, Err(StoreError::BadKey(_))));
+            assert!(matches!(s.set_ref("../x", &h).await, Err(StoreError::BadKey(_))));
+        });
     }
 
     #[test]
     fn records_are_found_by_job_id_record_hash_or_result_hash() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::new(dir.path());
-        let rec = JobRecord {
-            job_id: "j1".into(),
-            status: "succeeded".into(),
-            error_code: None,
-            error: None,
-            artifacts: BTreeMap::new(),
-        };
-        let h = write_record(&s, rec, &[("result.json", b"{\"a\":1}".to_vec())]).unwrap();
-        let result = sha256_hex(b"{\"a\":1}");
-        assert_eq!(find_record(&s, "j1").unwrap().0, h);
-        assert_eq!(find_record(&s, &h).unwrap().0, h);
-        assert_eq!(find_record(&s, &result).unwrap().0, h);
-        assert!(find_record(&s, "nope").is_err());
+        block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = DirStore::new(dir.path());
+            let rec = JobRecord {
+                job_id: "j1".into(),
+                status: "succeeded".into(),
+                error_code: None,
+                error: None,
+                artifacts: BTreeMap::new(),
+            };
+            let h = write_record(&s, rec, vec![("result.json", b"{\"a\":1}".to_vec())]).await.unwrap();
+            let result = sha256_hex(b"{\"a\":1}");
+            assert_eq!(find_record(&s, "j1").await.unwrap().0, h);
+            assert_eq!(find_record(&s, &h).await.unwrap().0, h);
+            assert_eq!(find_record(&s, &result).await.unwrap().0, h);
+            assert!(find_record(&s, "nope").await.is_err());
+        });
+    }
+
+    #[test]
+    fn store_urls() {
+        assert!(open_store("dcnr-artifacts", None).is_ok());
+        assert!(open_store("file:///tmp/x", None).is_ok());
+        assert!(matches!(open_store("ftp://x", None), Err(StoreError::BadUrl(_))));
+        assert!(matches!(open_store("s3://", None), Err(StoreError::BadUrl(_))));
     }
 }
