@@ -6,6 +6,7 @@
 //! test, the single-process reference) moves them.
 
 pub mod batches;
+pub mod checkpoint;
 pub mod host;
 pub mod layer;
 pub mod optim;

@@ -23,6 +23,21 @@ impl Optimizer {
         self.step
     }
 
+    /// The moment estimates (first, second) per parameter, for checkpoints.
+    pub fn moments(&self) -> (&[Option<Tensor<2>>], &[Option<Tensor<2>>]) {
+        (&self.first, &self.second)
+    }
+
+    /// State restored from a checkpoint.
+    pub fn restored(
+        spec: OptimizerSpec,
+        step: u64,
+        first: Vec<Option<Tensor<2>>>,
+        second: Vec<Option<Tensor<2>>>,
+    ) -> Optimizer {
+        Optimizer { spec, step, first, second }
+    }
+
     /// Returns the parameters after one update with `grads` (same order and shapes).
     pub fn update(&mut self, params: &[Tensor<2>], grads: Vec<Tensor<2>>) -> Vec<Tensor<2>> {
         self.step += 1;

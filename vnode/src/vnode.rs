@@ -145,6 +145,12 @@ pub enum VNodeError {
     /// A tensor operation failed.
     #[error("vnode {vnode}: tensor backend error: {detail}")]
     Backend { vnode: u32, detail: String },
+    /// A snapshot was asked for while work is pending.
+    #[error("vnode {vnode}: cannot snapshot with work in flight (next forward {next_f}, next backward {next_b})")]
+    NotDrained { vnode: u32, next_f: u64, next_b: u64 },
+    /// Checkpoint bytes that do not fit this VNode.
+    #[error("vnode {vnode}: {source}")]
+    State { vnode: u32, source: crate::checkpoint::StateError },
     /// A label out of range.
     #[error("vnode {vnode}: micro-batch {mb}: label {label} is not in 0..{classes}")]
     Label { vnode: u32, mb: u64, label: i32, classes: usize },
@@ -217,6 +223,107 @@ impl VNode {
             grads: BTreeMap::new(),
             saved: BTreeMap::new(),
         }
+    }
+
+    /// The VNode's whole state in the checkpoint format; only when no work is in flight.
+    pub fn snapshot(&self) -> Result<Vec<u8>, VNodeError> {
+        use crate::checkpoint::{FORMAT, Header, Role, TensorEntry};
+        let drained = self.next_f == self.next_b
+            && self.train_inputs.is_empty()
+            && self.grads.is_empty()
+            && self.saved.is_empty();
+        if !drained {
+            return Err(VNodeError::NotDrained { vnode: self.id(), next_f: self.next_f, next_b: self.next_b });
+        }
+        let mut tensors = Vec::new();
+        let mut data = Vec::new();
+        let mut push = |role: Role, index: usize, version: Option<u64>, t: &Tensor<2>| -> Result<(), VNodeError> {
+            let h = HostTensor::from_burn(t.clone()).map_err(|d| self.backend(d))?;
+            tensors.push(TensorEntry { role, index, version, shape: h.shape.clone() });
+            data.push(h.as_f32().map(<[f32]>::to_vec).unwrap_or_default());
+            Ok(())
+        };
+        for (version, ps) in &self.versions {
+            for (i, p) in ps.iter().enumerate() {
+                push(Role::Param, i, Some(*version), p)?;
+            }
+        }
+        let (first, second) = self.optimizer.moments();
+        for (role, moments) in [(Role::First, first), (Role::Second, second)] {
+            for (i, m) in moments.iter().enumerate() {
+                if let Some(m) = m {
+                    push(role, i, None, m)?;
+                }
+            }
+        }
+        let header = Header {
+            format: FORMAT,
+            vnode: self.id(),
+            kind: self.spec.node.kind.name().into(),
+            updates: self.next_b,
+            optimizer_steps: self.optimizer.steps(),
+            tensors,
+        };
+        Ok(crate::checkpoint::encode(&header, &data))
+    }
+
+    /// A VNode restored from a snapshot taken by [`VNode::snapshot`].
+    pub fn restore(spec: VNodeSpec, bytes: &[u8]) -> Result<VNode, VNodeError> {
+        use crate::checkpoint::{Role, StateError, decode};
+        let vnode = spec.node.id;
+        let wrap = |source| VNodeError::State { vnode, source };
+        let (header, data) = decode(bytes).map_err(wrap)?;
+        let mismatch = |m: String| wrap(StateError::Mismatch(m));
+        if header.vnode != vnode || header.kind != spec.node.kind.name() {
+            return Err(mismatch(format!(
+                "it is the state of vnode {} ({}), not of vnode {vnode} ({})",
+                header.vnode,
+                header.kind,
+                spec.node.kind.name()
+            )));
+        }
+        let mut fresh = VNode::new(spec);
+        let shapes: Vec<Vec<usize>> = fresh.current().iter().map(|p| p.dims().to_vec()).collect();
+        let n = shapes.len();
+        let mut versions: std::collections::BTreeMap<u64, Vec<Option<Tensor<2>>>> = Default::default();
+        let (mut first, mut second) = (vec![None; n], vec![None; n]);
+        for (entry, values) in header.tensors.iter().zip(data) {
+            let Some(shape) = shapes.get(entry.index) else {
+                return Err(mismatch(format!("tensor index {} beyond {n} parameters", entry.index)));
+            };
+            if &entry.shape != shape {
+                return Err(mismatch(format!("shape {:?} where the graph says {:?}", entry.shape, shape)));
+            }
+            let t = HostTensor::f32(entry.shape.clone(), values).into_burn(&fresh.device);
+            let slot = match entry.role {
+                Role::Param => &mut versions
+                    .entry(entry.version.unwrap_or(header.updates))
+                    .or_insert_with(|| vec![None; n])[entry.index],
+                Role::First => &mut first[entry.index],
+                Role::Second => &mut second[entry.index],
+            };
+            *slot = t;
+        }
+        let mut restored = VecDeque::new();
+        for (version, ps) in versions {
+            let ps: Vec<Tensor<2>> = ps
+                .into_iter()
+                .collect::<Option<_>>()
+                .ok_or_else(|| mismatch(format!("a parameter of version {version} is missing")))?;
+            restored.push_back((version, ps));
+        }
+        if n > 0 && restored.back().map(|v| v.0) != Some(header.updates) {
+            return Err(mismatch("the current parameter version is missing".into()));
+        }
+        fresh.optimizer = Optimizer::restored(fresh.spec.optimizer, header.optimizer_steps, first, second);
+        if n > 0 {
+            fresh.versions = restored;
+        } else {
+            fresh.versions = VecDeque::from([(header.updates, Vec::new())]);
+        }
+        fresh.next_f = header.updates;
+        fresh.next_b = header.updates;
+        Ok(fresh)
     }
 
     /// VNode id.

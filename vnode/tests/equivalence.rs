@@ -180,3 +180,83 @@ fn training_reduces_the_loss() {
     let tail: f32 = losses[180..].iter().sum();
     assert!(tail < head, "loss went from {head} to {tail}");
 }
+
+/// Trains `first` steps, snapshots every VNode, restores them into fresh VNodes, and trains on.
+fn mesh_with_restart(g: &ValidGraph, first: u64, total: u64, in_flight: u32) -> Vec<Vec<HostTensor>> {
+    let spec = |n: &dcnr_model::graph::ValidNode| VNodeSpec {
+        node: n.clone(),
+        optimizer: g.spec.optimizer,
+        root_seed: 9,
+        in_flight,
+    };
+    let mut nodes: Vec<VNode> = g.nodes.iter().map(|n| VNode::new(spec(n))).collect();
+    let run = |nodes: &mut Vec<VNode>, from: u64, to: u64| {
+        let mut queue: Vec<(u32, Inbound)> = Vec::new();
+        let (mut fed, mut done) = (from, vec![0usize; total as usize]);
+        let mut completed = from;
+        loop {
+            while fed < to && fed < completed + in_flight as u64 {
+                let (x, y) = batch(fed);
+                for n in &g.nodes {
+                    for (port, src) in n.inputs.iter().enumerate() {
+                        let tensor = match src {
+                            Source::Features => x.clone(),
+                            Source::Labels => HostTensor::i32(vec![y.len()], y.clone()),
+                            Source::Node(_) => continue,
+                        };
+                        queue
+                            .push((n.id, Inbound::Forward { mb: fed, phase: Phase::Train, port: port as u32, tensor }));
+                    }
+                }
+                fed += 1;
+            }
+            let Some((to_id, msg)) = queue.pop() else { break };
+            for out in nodes[to_id as usize].handle(msg).unwrap() {
+                match out {
+                    Outbound::Forward { to, port, mb, phase, tensor } => {
+                        queue.push((to, Inbound::Forward { mb, phase, port, tensor }))
+                    }
+                    Outbound::Backward { to, from, mb, tensor } => {
+                        queue.push((to, Inbound::Backward { mb, from, tensor }))
+                    }
+                    Outbound::Done { mb, .. } => done[mb as usize] += 1,
+                    Outbound::Loss { .. } => {}
+                }
+            }
+            while completed < to && done[completed as usize] == g.nodes.len() {
+                completed += 1;
+            }
+        }
+    };
+    run(&mut nodes, 0, first);
+    let states: Vec<Vec<u8>> = nodes.iter().map(|n| n.snapshot().unwrap()).collect();
+    let mut restored: Vec<VNode> =
+        g.nodes.iter().zip(&states).map(|(n, s)| VNode::restore(spec(n), s).unwrap()).collect();
+    run(&mut restored, first, total);
+    restored.iter().map(|n| n.params().unwrap()).collect()
+}
+
+#[test]
+fn snapshot_and_restore_midway_changes_nothing() {
+    for (opt, k) in [("adam", 1), ("sgd", 1), ("adam", 3)] {
+        let g = graph(opt);
+        let straight = mesh_with_restart(&g, 40, 40, k);
+        let resumed = mesh_with_restart(&g, 17, 40, k);
+        assert_eq!(straight, resumed, "{opt} in-flight {k}");
+    }
+}
+
+#[test]
+fn corrupt_or_foreign_state_is_refused() {
+    let g = graph("adam");
+    let spec =
+        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 1 };
+    let state = VNode::new(spec(0)).snapshot().unwrap();
+    assert!(VNode::restore(spec(2), &state).is_err(), "state of fc1 must not load into fc2");
+    let mut cut = state.clone();
+    cut.truncate(cut.len() - 3);
+    let err = VNode::restore(spec(0), &cut).err().unwrap().to_string();
+    assert!(err.contains("truncated"), "{err}");
+    assert!(VNode::restore(spec(0), b"garbage").is_err());
+    assert!(VNode::restore(spec(0), &state).is_ok());
+}
