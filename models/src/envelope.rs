@@ -47,6 +47,41 @@ pub struct Envelope {
     /// What to keep.
     #[serde(default)]
     pub artifacts: ArtifactsSpec,
+    /// When to snapshot VNode state.
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+}
+
+/// `[checkpoint]`: snapshots of every VNode's state, for resume and relocation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Snapshot every this many steps (and at the end of training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_steps: Option<u64>,
+    /// Snapshot at the first step boundary after this many seconds since the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_s: Option<u64>,
+    /// Complete snapshots to keep; older ones are dropped.
+    #[serde(default = "three")]
+    pub keep: u32,
+}
+
+fn three() -> u32 {
+    3
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec { every_steps: None, every_s: None, keep: 3 }
+    }
+}
+
+impl CheckpointSpec {
+    /// Whether any snapshot is asked for.
+    pub fn enabled(&self) -> bool {
+        self.every_steps.is_some() || self.every_s.is_some()
+    }
 }
 
 /// `[ctx]`.
@@ -302,6 +337,10 @@ impl Envelope {
                 "policy: need 1 <= min_pnodes ({}) <= max_pnodes ({}) <= 4096",
                 p.min_pnodes, p.max_pnodes
             )));
+        }
+        let c = &self.checkpoint;
+        if c.every_steps == Some(0) || c.every_s == Some(0) || c.keep == 0 {
+            return Err(EnvelopeError::Invalid("checkpoint: every_steps, every_s and keep must be at least 1".into()));
         }
         if p.timeout_s == 0 {
             return Err(EnvelopeError::Invalid("policy.timeout_s must be at least 1".into()));

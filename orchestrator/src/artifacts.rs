@@ -49,6 +49,8 @@ pub trait ObjectStore: Send + Sync {
     async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError>;
     /// Names of references under `prefix/`.
     async fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Removes a reference (objects stay; they are immutable and may be shared).
+    async fn delete_ref(&self, name: &str) -> Result<(), StoreError>;
     /// Where the store lives, for messages.
     fn location(&self) -> String;
 }
@@ -188,6 +190,18 @@ impl ObjectStore for DirStore {
         Ok(names)
     }
 
+    async fn delete_ref(&self, name: &str) -> Result<(), StoreError> {
+        if !valid_ref(name) {
+            return Err(StoreError::BadKey(name.to_string()));
+        }
+        let path = self.root.join("refs").join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
+    }
+
     fn location(&self) -> String {
         self.root.display().to_string()
     }
@@ -284,6 +298,16 @@ impl ObjectStore for S3Store {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    async fn delete_ref(&self, name: &str) -> Result<(), StoreError> {
+        if !valid_ref(name) {
+            return Err(StoreError::BadKey(name.to_string()));
+        }
+        match self.bucket.delete_object(self.key(&format!("refs/{name}"))).await {
+            Ok(_) | Err(s3::error::S3Error::HttpFailWithBody(404, _)) => Ok(()),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     fn location(&self) -> String {

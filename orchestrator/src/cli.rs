@@ -79,6 +79,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Resume a job from its latest complete checkpoint (on any PNodes).
+    Resume {
+        /// Job id.
+        job_id: String,
+        /// New total step count (default: the recorded one).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Orchestrator URL.
+        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "http://127.0.0.1:7070")]
+        orchestrator: String,
+        /// Block until the job ends and print its summary.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON (with --wait: the summary as the last line).
+        #[arg(long)]
+        json: bool,
+    },
     /// List jobs and their state.
     Jobs {
         /// Orchestrator URL.
@@ -315,6 +332,27 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             eprintln!("submitted {job}");
             match client::wait(&mut c, &job, watch || !json).await {
+                Ok(s) => {
+                    print_summary(&s, json);
+                    summary_exit(&s)
+                }
+                Err(e) => client_fail(e),
+            }
+        }),
+        Command::Resume { job_id, steps, orchestrator, wait, json } => runtime(async move {
+            let mut c = match client::connect(&orchestrator).await {
+                Ok(c) => c,
+                Err(e) => return client_fail(e),
+            };
+            let job = match client::resume(&mut c, &job_id, steps).await {
+                Ok(j) => j,
+                Err(e) => return client_fail(e),
+            };
+            if !wait {
+                println!("{job}");
+                return ExitCode::SUCCESS;
+            }
+            match client::wait(&mut c, &job, !json).await {
                 Ok(s) => {
                     print_summary(&s, json);
                     summary_exit(&s)

@@ -116,6 +116,17 @@ pub async fn submit(client: &mut OrchestratorClient<Channel>, envelope: &Envelop
     Ok(r.into_inner().job_id)
 }
 
+/// Asks the orchestrator to resume a job from its latest snapshot; returns its id.
+pub async fn resume(
+    client: &mut OrchestratorClient<Channel>,
+    job_id: &str,
+    steps: Option<u64>,
+) -> Result<String, ClientError> {
+    let mut req = tonic::Request::new(v1::ResumeJobRequest { job_id: job_id.to_string(), steps: steps.unwrap_or(0) });
+    req.set_timeout(UNARY_TIMEOUT);
+    Ok(client.resume_job(req).await.map_err(from_status)?.into_inner().job_id)
+}
+
 /// Follows a job until it ends, showing progress; returns its summary.
 pub async fn wait(
     client: &mut OrchestratorClient<Channel>,

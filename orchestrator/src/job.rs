@@ -8,6 +8,7 @@
 //! so results do not depend on message timing or placement.
 
 use crate::artifacts::{JobRecord, ObjectStore, write_record};
+use crate::checkpoints::{self, ResumeFrom};
 use crate::data::Splits;
 use crate::jobs::{Jobs, Placed, StatusUpdate};
 use crate::placement::{self, Demand, Offer};
@@ -56,8 +57,10 @@ pub struct JobSpec {
     pub timeout: Duration,
     /// The resolved envelope, recorded with the artifacts.
     pub envelope: Envelope,
-    /// Where artifacts go (none: keep nothing).
+    /// Where artifacts and checkpoints go (none: keep nothing).
     pub store: Option<Arc<dyn ObjectStore>>,
+    /// The snapshot a resumed job starts from.
+    pub resume: Option<ResumeFrom>,
 }
 
 impl std::fmt::Debug for dyn ObjectStore {
@@ -120,6 +123,7 @@ impl Message for Report {
 enum Stage {
     Placing,
     Training,
+    Checkpointing,
     Evaluating,
     Collecting,
     Ended,
@@ -172,6 +176,11 @@ pub struct JobActor {
     error_code: Option<&'static str>,
     executions: BTreeMap<u32, Execution>,
     metrics: Metrics,
+    /// Step of the last snapshot taken (or resumed from).
+    last_checkpoint: Option<u64>,
+    last_checkpoint_at: Instant,
+    /// Snapshot uploads still running; the job's record waits for them.
+    uploads: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What one VNode did, for `executions.json`.
@@ -264,7 +273,80 @@ impl JobActor {
             error_code: None,
             executions: BTreeMap::new(),
             metrics: Metrics::default(),
+            last_checkpoint: None,
+            last_checkpoint_at: now,
+            uploads: Vec::new(),
         }
+        .resumed()
+    }
+
+    /// Starts the counters where a resumed job's snapshot left them.
+    fn resumed(mut self) -> JobActor {
+        if let Some(r) = &self.spec.resume {
+            self.fed = r.step;
+            self.completed = r.step;
+            self.epochs_evaluated = r.epochs_evaluated;
+            self.last_checkpoint = Some(r.step);
+        }
+        self
+    }
+
+    /// Whether the drained point `step` is where a snapshot is due.
+    fn checkpoint_due(&self, step: u64) -> bool {
+        let c = &self.spec.envelope.checkpoint;
+        if !c.enabled() || self.spec.store.is_none() || self.last_checkpoint == Some(step) || step == 0 {
+            return false;
+        }
+        let by_steps = c.every_steps.is_some_and(|n| step % n == 0);
+        let by_time = c.every_s.is_some_and(|s| self.last_checkpoint_at.elapsed() >= Duration::from_secs(s));
+        by_steps || by_time || step == self.spec.steps
+    }
+
+    /// Takes a snapshot of every (drained) VNode, then trains on while it uploads.
+    fn take_checkpoint(&mut self, ctx: &mut Context<Self>) {
+        self.stage = Stage::Checkpointing;
+        let step = self.completed;
+        let job = self.spec.job_id.clone();
+        let targets: Vec<(u32, String)> = self.placement.iter().map(|(v, p)| (*v, p.endpoint.clone())).collect();
+        let fut = async move {
+            let mut states = Vec::with_capacity(targets.len());
+            for (vnode, endpoint) in targets {
+                let mut c = pnode_client(&endpoint).map_err(|e| format!("{endpoint}: {e}"))?;
+                let r = c
+                    .snapshot(v1::SnapshotRequest { job_id: job.clone(), vnode })
+                    .await
+                    .map_err(|s| format!("snapshot of vnode {vnode} on {endpoint}: {}", s.message()))?;
+                states.push((vnode, r.into_inner().state));
+            }
+            Ok::<_, String>(states)
+        };
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(states) => {
+                act.last_checkpoint = Some(step);
+                act.last_checkpoint_at = Instant::now();
+                if let Some(store) = act.spec.store.clone() {
+                    let (job, events) = (act.spec.job_id.clone(), act.events.clone());
+                    let env = serde_json::to_vec(&act.spec.envelope).unwrap_or_default();
+                    let (evals, keep) = (act.epochs_evaluated, act.spec.envelope.checkpoint.keep);
+                    // The upload runs beside training; a slow store delays nothing but itself.
+                    act.uploads.retain(|h| !h.is_finished());
+                    act.uploads.push(actix::spawn(async move {
+                        let text =
+                            match checkpoints::write_with_retry(store.as_ref(), &job, step, evals, env, states, keep)
+                                .await
+                            {
+                                Ok(h) => format!("checkpoint at step {step}: manifest {h}"),
+                                Err(e) => format!("checkpoint at step {step} could not be written: {e}"),
+                            };
+                        tracing::info!(job = %job, "{text}");
+                        let _ = events.send(JobEvent::Log(text));
+                    }));
+                }
+                act.stage = Stage::Training;
+                act.pump(ctx);
+            }
+            Err(e) => act.fail(ctx, "checkpoint", e),
+        }));
     }
 
     fn status(&self) -> JobStatus {
@@ -376,7 +458,19 @@ impl JobActor {
             match self.stage {
                 Stage::Training => {
                     let spe = self.plan.steps_per_epoch();
-                    let limit = self.spec.steps.min((self.epochs_evaluated + 1) * spe);
+                    let mut limit = self.spec.steps.min((self.epochs_evaluated + 1) * spe);
+                    let c = &self.spec.envelope.checkpoint;
+                    if c.enabled() && self.spec.store.is_some() {
+                        if let Some(n) = c.every_steps {
+                            // Stop at the boundary just reached until its snapshot is taken.
+                            let boundary = self.completed / n * n;
+                            let taken = boundary == 0 || self.last_checkpoint.is_some_and(|l| l >= boundary);
+                            limit = limit.min(if taken { boundary + n } else { boundary });
+                        }
+                        if c.every_s.is_some_and(|s| self.last_checkpoint_at.elapsed() >= Duration::from_secs(s)) {
+                            limit = limit.min(self.fed.max(self.completed + 1));
+                        }
+                    }
                     let k = self.spec.in_flight as u64;
                     // Data may arrive up to PREFETCH steps early: VNodes hold it until the update
                     // order lets them run, so feeding never sits on a step's critical path.
@@ -390,6 +484,14 @@ impl JobActor {
                     }
                     if self.completed < limit {
                         return;
+                    }
+                    if self.checkpoint_due(self.completed) {
+                        return self.take_checkpoint(ctx);
+                    }
+                    let epoch_end = self.completed % spe == 0 || self.completed >= self.spec.steps;
+                    if !epoch_end {
+                        // A drained point for a snapshot only; training goes on.
+                        continue;
                     }
                     if let Some(m) = self.train_mark.take() {
                         self.train_time += m.elapsed();
@@ -577,7 +679,11 @@ impl JobActor {
         let endpoints: BTreeSet<String> = self.placement.values().map(|p| p.endpoint.clone()).collect();
         self.links.clear();
         let events = self.events.clone();
+        let uploads = std::mem::take(&mut self.uploads);
         let release = async move {
+            for u in uploads {
+                let _ = u.await;
+            }
             if let Some((store, record, files)) = artifacts {
                 match write_record(store.as_ref(), record, files).await {
                     Ok(h) => {
@@ -724,7 +830,13 @@ async fn place_and_allocate(spec: JobSpec, registry: Addr<Registry>) -> Result<B
             graph_json: graph_json.clone(),
             root_seed: spec.root_seed,
             in_flight: spec.in_flight,
-            vnodes: vnodes.iter().map(|&vnode| v1::VNodeAssignment { vnode }).collect(),
+            vnodes: vnodes
+                .iter()
+                .map(|&vnode| v1::VNodeAssignment {
+                    vnode,
+                    state: spec.resume.as_ref().and_then(|r| r.states.get(&vnode).cloned()).unwrap_or_default(),
+                })
+                .collect(),
         };
         async move {
             let mut c = pnode_client(&endpoint).map_err(|e| format!("{endpoint}: {e}"))?;

@@ -2,12 +2,13 @@
 //! answers status queries, routes VNode reports, and resolves VNode locations.
 
 use crate::artifacts::ObjectStore;
+use crate::checkpoints::{self, ResumeFrom};
 use crate::data::DataCache;
 use crate::job::{JobActor, JobSpec, Report};
 use crate::registry::Registry;
 use crate::status::{JobEvent, JobState, JobStatus};
 use actix::prelude::*;
-use dcnr_model::envelope::{Envelope, EnvelopeError};
+use dcnr_model::envelope::{Envelope, EnvelopeError, SeedMode, SeedSpec};
 use sha2::Digest;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -87,7 +88,19 @@ impl Handler<Submit> for Jobs {
     type Result = Result<String, SubmitError>;
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
-        let resolved = msg.0.resolve()?;
+        self.start_job(msg.0, None, ctx)
+    }
+}
+
+impl Jobs {
+    /// Validates a job and starts its actor; `resume` continues from a snapshot under the same id.
+    fn start_job(
+        &mut self,
+        envelope: Envelope,
+        resume: Option<ResumeFrom>,
+        ctx: &mut Context<Self>,
+    ) -> Result<String, SubmitError> {
+        let resolved = envelope.resolve()?;
         let graph = resolved.graph;
         let data = self.data.get(&graph.spec.data.dataset).map_err(|e| SubmitError::Data(e.to_string()))?;
         if data.train.features() != graph.spec.data.feature_size {
@@ -102,6 +115,12 @@ impl Handler<Submit> for Jobs {
         let spe = data.train.len().div_ceil(t.batch_size) as u64;
         let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
         let job_id = match &resolved.envelope.ctx.job_id {
+            Some(id) if resume.is_some() => {
+                if self.jobs.get(id).is_some_and(|e| !e.status.state.is_final()) {
+                    return Err(SubmitError::Duplicate(id.clone()));
+                }
+                id.clone()
+            }
             Some(id) if self.jobs.contains_key(id) || self.recorded.contains(id) => {
                 return Err(SubmitError::Duplicate(id.clone()));
             }
@@ -135,6 +154,7 @@ impl Handler<Submit> for Jobs {
             graph,
             envelope: resolved.envelope,
             store: self.store.clone(),
+            resume,
         };
         let (events, _) = broadcast::channel(1024);
         let status = JobStatus {
@@ -154,6 +174,41 @@ impl Handler<Submit> for Jobs {
         tracing::info!(job = %job_id, steps, "job submitted");
         self.jobs.insert(job_id.clone(), Entry { status, events, actor: Some(actor) });
         Ok(job_id)
+    }
+}
+
+/// Restart a job from its latest complete snapshot, optionally with a new total step count.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<String, SubmitError>")]
+pub struct Resume {
+    /// Job id.
+    pub job_id: String,
+    /// New total steps (None: as recorded).
+    pub steps: Option<u64>,
+}
+
+impl Handler<Resume> for Jobs {
+    type Result = ResponseActFuture<Self, Result<String, SubmitError>>;
+
+    fn handle(&mut self, msg: Resume, _: &mut Context<Self>) -> Self::Result {
+        let (store, job) = (self.store.clone(), msg.job_id.clone());
+        let fut = async move {
+            let store =
+                store.ok_or_else(|| SubmitError::Setting("this orchestrator has no store to resume from".into()))?;
+            checkpoints::load_latest(store.as_ref(), &job).await.map_err(|e| SubmitError::Data(e.to_string()))
+        };
+        Box::pin(fut.into_actor(self).map(move |loaded, act, ctx| {
+            let (mut envelope, from) = loaded?;
+            // The recorded seed is kept whatever the recipe becomes, so the run continues exactly.
+            envelope.seed = SeedSpec { mode: SeedMode::Explicit, value: envelope.seed.value };
+            envelope.ctx.job_id = Some(msg.job_id.clone());
+            if let Some(s) = msg.steps {
+                envelope.op.steps = Some(s);
+                envelope.op.epochs = None;
+            }
+            tracing::info!(job = %msg.job_id, step = from.step, "resuming from checkpoint");
+            act.start_job(envelope, Some(from), ctx)
+        }))
     }
 }
 

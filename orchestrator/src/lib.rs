@@ -8,6 +8,7 @@
 
 pub mod artifacts;
 pub mod bench;
+pub mod checkpoints;
 pub mod cli;
 pub mod client;
 pub mod data;

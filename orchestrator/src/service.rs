@@ -2,7 +2,7 @@
 //! the registry and job-table actors.
 
 use crate::job::{Report, ReportBody};
-use crate::jobs::{Get, Jobs, List, Resolve, Submit, SubmitError, Watch};
+use crate::jobs::{Get, Jobs, List, Resolve, Resume, Submit, SubmitError, Watch};
 use crate::registry::{Caps, Heartbeat, PNodeView, Register, Registry, Snapshot};
 use crate::status::{JobEvent, JobState, JobStatus};
 use actix::Addr;
@@ -183,6 +183,17 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             Envelope::parse(&r.envelope_json).map_err(|e| Status::invalid_argument(e.to_string()))?
         };
         let job_id = self.jobs.send(Submit(envelope)).await.map_err(gone)?.map_err(|e| match e {
+            SubmitError::Data(_) => Status::failed_precondition(e.to_string()),
+            SubmitError::Duplicate(_) => Status::already_exists(e.to_string()),
+            _ => Status::invalid_argument(e.to_string()),
+        })?;
+        Ok(Response::new(v1::SubmitJobResponse { job_id }))
+    }
+
+    async fn resume_job(&self, req: Request<v1::ResumeJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
+        let r = req.into_inner();
+        let resume = Resume { job_id: r.job_id, steps: (r.steps > 0).then_some(r.steps) };
+        let job_id = self.jobs.send(resume).await.map_err(gone)?.map_err(|e| match e {
             SubmitError::Data(_) => Status::failed_precondition(e.to_string()),
             SubmitError::Duplicate(_) => Status::already_exists(e.to_string()),
             _ => Status::invalid_argument(e.to_string()),

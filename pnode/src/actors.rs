@@ -18,6 +18,11 @@ pub struct Deliver(pub Inbound);
 #[rtype(result = "Result<(Vec<HostTensor>, u64), String>")]
 pub struct GetParams;
 
+/// Asks a VNode for its checkpoint state.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<u8>, String>")]
+pub struct TakeSnapshot;
+
 /// One hosted VNode.
 pub struct VNodeActor {
     job: String,
@@ -55,6 +60,14 @@ impl Handler<Deliver> for VNodeActor {
                 self.router.fail(&self.job, self.vnode.id(), mb, e.to_string());
             }
         }
+    }
+}
+
+impl Handler<TakeSnapshot> for VNodeActor {
+    type Result = Result<Vec<u8>, String>;
+
+    fn handle(&mut self, _: TakeSnapshot, _: &mut Context<Self>) -> Self::Result {
+        self.vnode.snapshot().map_err(|e| e.to_string())
     }
 }
 
@@ -110,8 +123,8 @@ impl Actor for Host {
 pub struct Allocate {
     /// Job id.
     pub job: String,
-    /// One spec per VNode to host.
-    pub specs: Vec<VNodeSpec>,
+    /// One spec per VNode to host, with an optional checkpointed state to restore.
+    pub specs: Vec<(VNodeSpec, Option<Vec<u8>>)>,
 }
 
 impl Handler<Allocate> for Host {
@@ -127,13 +140,22 @@ impl Handler<Allocate> for Host {
                 msg.specs.len()
             ));
         }
-        let mut hosted = Vec::with_capacity(msg.specs.len());
-        for spec in msg.specs {
+        // Restore first, so a bad state refuses the whole allocation before any actor starts.
+        let mut vnodes = Vec::with_capacity(msg.specs.len());
+        for (spec, state) in msg.specs {
+            let v = match state {
+                Some(bytes) => VNode::restore(spec, &bytes).map_err(|e| e.to_string())?,
+                None => VNode::new(spec),
+            };
+            vnodes.push(v);
+        }
+        let mut hosted = Vec::with_capacity(vnodes.len());
+        for v in vnodes {
             let arbiter = Arbiter::new();
-            let (job, router, vnode) = (msg.job.clone(), self.router.clone(), spec.node.id);
+            let (job, router, vnode) = (msg.job.clone(), self.router.clone(), v.id());
             let addr = VNodeActor::start_in_arbiter(&arbiter.handle(), move |_| VNodeActor {
                 job,
-                vnode: VNode::new(spec),
+                vnode: v,
                 router,
                 failed: false,
             });

@@ -1,7 +1,7 @@
 //! The gRPC adapter of the `PNode` service: decodes and checks wire messages, then hands plain
 //! values to the host actor and the router.
 
-use crate::actors::{Allocate, Find, GetParams, Host, Release};
+use crate::actors::{Allocate, Find, GetParams, Host, Release, TakeSnapshot};
 use crate::convert;
 use crate::router::Router;
 use actix::Addr;
@@ -41,12 +41,13 @@ impl v1::p_node_server::PNode for PNodeService {
                     .nodes
                     .get(a.vnode as usize)
                     .ok_or_else(|| Status::invalid_argument(format!("vnode {} is not in the graph", a.vnode)))?;
-                Ok(VNodeSpec {
+                let spec = VNodeSpec {
                     node: node.clone(),
                     optimizer: graph.spec.optimizer,
                     root_seed: req.root_seed,
                     in_flight: req.in_flight,
-                })
+                };
+                Ok((spec, (!a.state.is_empty()).then(|| a.state.clone())))
             })
             .collect::<Result<Vec<_>, Status>>()?;
         let n = self
@@ -54,7 +55,7 @@ impl v1::p_node_server::PNode for PNodeService {
             .send(Allocate { job: req.job_id.clone(), specs })
             .await
             .map_err(unavailable)?
-            .map_err(Status::resource_exhausted)?;
+            .map_err(Status::failed_precondition)?;
         tracing::info!(job = %req.job_id, vnodes = n, "allocated VNodes");
         Ok(Response::new(v1::AllocateResponse { allocated: n }))
     }
@@ -76,6 +77,16 @@ impl v1::p_node_server::PNode for PNodeService {
             received += 1;
         }
         Ok(Response::new(v1::ExchangeAck { received }))
+    }
+
+    async fn snapshot(&self, req: Request<v1::SnapshotRequest>) -> Result<Response<v1::SnapshotResponse>, Status> {
+        let req = req.into_inner();
+        let actor =
+            self.host.send(Find(req.job_id.clone(), req.vnode)).await.map_err(unavailable)?.ok_or_else(|| {
+                Status::not_found(format!("vnode {} of job {} is not hosted here", req.vnode, req.job_id))
+            })?;
+        let state = actor.send(TakeSnapshot).await.map_err(unavailable)?.map_err(Status::failed_precondition)?;
+        Ok(Response::new(v1::SnapshotResponse { state }))
     }
 
     async fn ping(&self, req: Request<v1::PingRequest>) -> Result<Response<v1::PingResponse>, Status> {

@@ -1,0 +1,160 @@
+//! Snapshots of a job: every VNode's state as an immutable object, and a manifest listing them
+//! written after all of them, so a snapshot either exists whole or not at all. Reading checks
+//! every hash and falls back to the previous complete snapshot when one is damaged.
+
+use crate::artifacts::{ObjectStore, StoreError};
+use dcnr_model::envelope::Envelope;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Manifest format this build writes.
+const FORMAT: u32 = 1;
+
+/// One VNode's entry in a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
+    /// VNode id.
+    pub vnode: u32,
+    /// Hash of its state object.
+    pub sha256: String,
+    /// Size of the state.
+    pub bytes: u64,
+}
+
+/// The manifest of one snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Format version.
+    pub format: u32,
+    /// Job id.
+    pub job_id: String,
+    /// Steps completed when it was taken.
+    pub step: u64,
+    /// Test-set evaluations done by then (epoch ends passed).
+    pub epochs_evaluated: u64,
+    /// Hash of the job's resolved envelope.
+    pub envelope: String,
+    /// Every VNode's state.
+    pub vnodes: Vec<Entry>,
+}
+
+/// What a resumed job starts from.
+#[derive(Debug, Clone)]
+pub struct ResumeFrom {
+    /// Steps already completed.
+    pub step: u64,
+    /// Evaluations already done.
+    pub epochs_evaluated: u64,
+    /// State bytes by VNode id.
+    pub states: BTreeMap<u32, Vec<u8>>,
+}
+
+/// Reference name of a job's snapshot at `step` (zero-padded so names sort by step).
+pub fn ref_name(job: &str, step: u64) -> String {
+    format!("checkpoints/{job}/{step:012}")
+}
+
+/// Writes one snapshot (states, envelope, manifest, then the reference) and drops snapshots
+/// beyond the newest `keep`; returns the manifest hash.
+pub async fn write(
+    store: &dyn ObjectStore,
+    job: &str,
+    step: u64,
+    epochs_evaluated: u64,
+    envelope_json: Vec<u8>,
+    states: Vec<(u32, Vec<u8>)>,
+    keep: u32,
+) -> Result<String, StoreError> {
+    let mut vnodes = Vec::with_capacity(states.len());
+    for (vnode, bytes) in states {
+        let len = bytes.len() as u64;
+        vnodes.push(Entry { vnode, sha256: store.put(bytes).await?, bytes: len });
+    }
+    let envelope = store.put(envelope_json).await?;
+    let manifest = Manifest { format: FORMAT, job_id: job.to_string(), step, epochs_evaluated, envelope, vnodes };
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    let hash = store.put(bytes).await?;
+    store.set_ref(&ref_name(job, step), &hash).await?;
+    let mut names = store.list_refs(&format!("checkpoints/{job}")).await?;
+    names.sort();
+    let excess = names.len().saturating_sub(keep.max(1) as usize);
+    for old in names.into_iter().take(excess) {
+        store.delete_ref(&old).await?;
+    }
+    Ok(hash)
+}
+
+/// [`write`] with retries and backoff, for a store that is briefly unavailable.
+pub async fn write_with_retry(
+    store: &dyn ObjectStore,
+    job: &str,
+    step: u64,
+    epochs_evaluated: u64,
+    envelope_json: Vec<u8>,
+    states: Vec<(u32, Vec<u8>)>,
+    keep: u32,
+) -> Result<String, StoreError> {
+    let mut wait = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match write(store, job, step, epochs_evaluated, envelope_json.clone(), states.clone(), keep).await {
+            Ok(h) => return Ok(h),
+            Err(e) if attempt < 5 => {
+                tracing::warn!(job, step, attempt, error = %e, "checkpoint upload failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Why no snapshot could be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No complete, intact snapshot exists.
+    #[error("job {job} has no complete checkpoint in the store{detail}")]
+    NoSnapshot { job: String, detail: String },
+}
+
+async fn load_one(store: &dyn ObjectStore, manifest_hash: &str) -> Result<(Envelope, ResumeFrom), String> {
+    let bytes = store.get(manifest_hash).await.map_err(|e| e.to_string())?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| format!("manifest {manifest_hash}: {e}"))?;
+    if m.format != FORMAT {
+        return Err(format!("manifest format {} is not supported", m.format));
+    }
+    let env_bytes = store.get(&m.envelope).await.map_err(|e| e.to_string())?;
+    let envelope: Envelope = serde_json::from_slice(&env_bytes).map_err(|e| format!("envelope: {e}"))?;
+    let mut states = BTreeMap::new();
+    for e in &m.vnodes {
+        states.insert(e.vnode, store.get(&e.sha256).await.map_err(|err| format!("vnode {}: {err}", e.vnode))?);
+    }
+    Ok((envelope, ResumeFrom { step: m.step, epochs_evaluated: m.epochs_evaluated, states }))
+}
+
+/// The newest snapshot of `job` whose every object is intact.
+pub async fn load_latest(store: &dyn ObjectStore, job: &str) -> Result<(Envelope, ResumeFrom), LoadError> {
+    let mut names = store.list_refs(&format!("checkpoints/{job}")).await?;
+    names.sort();
+    let mut skipped = Vec::new();
+    for name in names.iter().rev() {
+        let Some(hash) = store.get_ref(name).await? else { continue };
+        match load_one(store, &hash).await {
+            Ok(found) => {
+                for s in &skipped {
+                    tracing::warn!(job, "{s}");
+                }
+                return Ok(found);
+            }
+            Err(e) => skipped.push(format!("skipping damaged snapshot {name}: {e}")),
+        }
+    }
+    let detail = if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join("; ")) };
+    Err(LoadError::NoSnapshot { job: job.to_string(), detail })
+}
