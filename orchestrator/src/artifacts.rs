@@ -47,8 +47,12 @@ pub trait ObjectStore: Send + Sync {
     async fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError>;
     /// Reads a reference.
     async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError>;
-    /// Names of references under `prefix/`.
+    /// Names of references under `prefix/`, at any depth.
     async fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Every object's hash and age (None when the store cannot tell).
+    async fn list_objects(&self) -> Result<Vec<(String, Option<std::time::Duration>)>, StoreError>;
+    /// Deletes an object; only garbage collection calls this.
+    async fn delete_object(&self, hash: &str) -> Result<(), StoreError>;
     /// Removes a reference (objects stay; they are immutable and may be shared).
     async fn delete_ref(&self, name: &str) -> Result<(), StoreError>;
     /// Where the store lives, for messages.
@@ -175,19 +179,61 @@ impl ObjectStore for DirStore {
     }
 
     async fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let dir = self.root.join("refs").join(prefix);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(StoreError::Io { path: dir, source: e }),
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().map(|n| format!("{prefix}/{n}")))
-            .filter(|n| valid_ref(n))
-            .collect();
+        let base = self.root.join("refs");
+        let mut names = Vec::new();
+        let mut dirs = vec![base.join(prefix)];
+        while let Some(dir) = dirs.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::Io { path: dir, source: e }),
+            };
+            for e in entries.filter_map(Result::ok) {
+                let path = e.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if let Some(name) = path.strip_prefix(&base).ok().and_then(|p| p.to_str()) {
+                    if valid_ref(name) {
+                        names.push(name.to_string());
+                    }
+                }
+            }
+        }
         names.sort();
         Ok(names)
+    }
+
+    async fn list_objects(&self) -> Result<Vec<(String, Option<std::time::Duration>)>, StoreError> {
+        let mut out = Vec::new();
+        let root = self.root.join("objects");
+        let shards = match std::fs::read_dir(&root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(StoreError::Io { path: root, source: e }),
+        };
+        for shard in shards.filter_map(Result::ok) {
+            let Ok(files) = std::fs::read_dir(shard.path()) else { continue };
+            for f in files.filter_map(Result::ok) {
+                let name = f.file_name().to_string_lossy().to_string();
+                if valid_hash(&name) {
+                    let age = f.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+                    out.push((name, age));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_object(&self, hash: &str) -> Result<(), StoreError> {
+        if !valid_hash(hash) {
+            return Err(StoreError::BadKey(hash.to_string()));
+        }
+        let path = self.object_path(hash);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
     }
 
     async fn delete_ref(&self, name: &str) -> Result<(), StoreError> {
@@ -298,6 +344,31 @@ impl ObjectStore for S3Store {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    async fn list_objects(&self) -> Result<Vec<(String, Option<std::time::Duration>)>, StoreError> {
+        let base = self.key("objects/");
+        let pages = self.bucket.list(base.clone(), None).await.map_err(|e| self.err(e))?;
+        let now = std::time::SystemTime::now();
+        Ok(pages
+            .iter()
+            .flat_map(|p| p.contents.iter())
+            .filter_map(|o| {
+                let hash = o.key.strip_prefix(&base)?.to_string();
+                let age = humantime::parse_rfc3339_weak(&o.last_modified).ok().and_then(|t| now.duration_since(t).ok());
+                valid_hash(&hash).then_some((hash, age))
+            })
+            .collect())
+    }
+
+    async fn delete_object(&self, hash: &str) -> Result<(), StoreError> {
+        if !valid_hash(hash) {
+            return Err(StoreError::BadKey(hash.to_string()));
+        }
+        match self.bucket.delete_object(self.key(&format!("objects/{hash}"))).await {
+            Ok(_) | Err(s3::error::S3Error::HttpFailWithBody(404, _)) => Ok(()),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     async fn delete_ref(&self, name: &str) -> Result<(), StoreError> {

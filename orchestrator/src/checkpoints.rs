@@ -158,3 +158,51 @@ pub async fn load_latest(store: &dyn ObjectStore, job: &str) -> Result<(Envelope
     let detail = if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join("; ")) };
     Err(LoadError::NoSnapshot { job: job.to_string(), detail })
 }
+
+/// What a garbage collection did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Objects kept because a record or snapshot references them.
+    pub referenced: usize,
+    /// Unreferenced objects deleted.
+    pub deleted: usize,
+    /// Unreferenced objects kept because they are younger than the grace period (an upload may
+    /// not have written its manifest yet).
+    pub young: usize,
+}
+
+/// Deletes objects no job record or snapshot manifest references, if older than `grace`.
+pub async fn collect_garbage(store: &dyn ObjectStore, grace: Duration) -> Result<GcReport, StoreError> {
+    let mut live = std::collections::HashSet::new();
+    for name in store.list_refs("jobs").await? {
+        let Some(h) = store.get_ref(&name).await? else { continue };
+        if let Ok(bytes) = store.get(&h).await {
+            if let Ok(r) = serde_json::from_slice::<crate::artifacts::JobRecord>(&bytes) {
+                live.extend(r.artifacts.into_values());
+            }
+        }
+        live.insert(h);
+    }
+    for name in store.list_refs("checkpoints").await? {
+        let Some(h) = store.get_ref(&name).await? else { continue };
+        if let Ok(bytes) = store.get(&h).await {
+            if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
+                live.insert(m.envelope);
+                live.extend(m.vnodes.into_iter().map(|e| e.sha256));
+            }
+        }
+        live.insert(h);
+    }
+    let mut report = GcReport::default();
+    for (hash, age) in store.list_objects().await? {
+        if live.contains(&hash) {
+            report.referenced += 1;
+        } else if age.is_some_and(|a| a >= grace) {
+            store.delete_object(&hash).await?;
+            report.deleted += 1;
+        } else {
+            report.young += 1;
+        }
+    }
+    Ok(report)
+}

@@ -96,6 +96,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Delete store objects that no job record or checkpoint references.
+    Gc {
+        /// Artifact store: a directory, file:///path or s3://bucket/prefix.
+        #[arg(long, env = "DCNR_STORE", default_value = "dcnr-artifacts")]
+        store: String,
+        /// S3 endpoint for an s3:// store.
+        #[arg(long, env = "DCNR_S3_ENDPOINT")]
+        s3_endpoint: Option<String>,
+        /// Keep unreferenced objects younger than this many seconds (uploads in progress).
+        #[arg(long, default_value_t = 3600)]
+        grace_s: u64,
+    },
     /// List jobs and their state.
     Jobs {
         /// Orchestrator URL.
@@ -358,6 +370,22 @@ pub fn main(cli: Cli) -> ExitCode {
                     summary_exit(&s)
                 }
                 Err(e) => client_fail(e),
+            }
+        }),
+        Command::Gc { store, s3_endpoint, grace_s } => runtime(async move {
+            let s = match crate::artifacts::open_store(&store, s3_endpoint.as_deref()) {
+                Ok(s) => s,
+                Err(e) => return fail(2, e),
+            };
+            match crate::checkpoints::collect_garbage(s.as_ref(), Duration::from_secs(grace_s)).await {
+                Ok(r) => {
+                    println!(
+                        "{} objects referenced, {} deleted, {} unreferenced but younger than {grace_s} s",
+                        r.referenced, r.deleted, r.young
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(3, e),
             }
         }),
         Command::Jobs { orchestrator, json } => runtime(async move {

@@ -67,6 +67,17 @@ fn resume_after_stopping_everything_reproduces_the_straight_run() {
     std::fs::write(store.join("objects").join(&victim[..2]).join(victim), b"bit rot").unwrap();
     let fallback = resume(&mesh, "part2", "60");
     assert_eq!(fallback["params_sha256"], straight["params_sha256"]);
+
+    // Garbage collection deletes what nothing references (the dropped snapshots' manifests, the
+    // store probes) and keeps what the kept snapshots share with dropped ones.
+    let out = run(&["gc", "--store", &store_arg, "--grace-s", "0"], Duration::from_secs(60)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    let deleted: usize =
+        text.split(", ").nth(1).and_then(|p| p.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(deleted > 0, "{text}");
+    let again = resume(&mesh, "straight", "60");
+    assert_eq!(again["params_sha256"], straight["params_sha256"], "a kept snapshot lost an object to gc");
 }
 
 #[test]
