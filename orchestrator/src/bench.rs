@@ -36,6 +36,15 @@ pub struct BenchArgs {
     /// Dataset directory.
     #[arg(long, env = "DCNR_DATA")]
     pub data: Option<PathBuf>,
+    /// Also time checkpoint writes and restores against this store (e.g. s3://bucket/bench).
+    #[arg(long)]
+    pub checkpoint_store: Option<String>,
+    /// S3 endpoint for an s3:// checkpoint store.
+    #[arg(long, env = "DCNR_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Skip the throughput and latency measurements.
+    #[arg(long)]
+    pub only_checkpoints: bool,
 }
 
 /// One measured configuration.
@@ -51,9 +60,26 @@ pub struct Row {
     pub ratio: f64,
 }
 
+/// Checkpoint timings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointTimes {
+    /// Store URL.
+    pub store: String,
+    /// Bytes of all VNode states together.
+    pub bytes: u64,
+    /// Median milliseconds to snapshot every VNode and write the snapshot.
+    pub write_ms: f64,
+    /// Median milliseconds to load the newest snapshot and restore every VNode.
+    pub restore_ms: f64,
+    /// Every run's (write, restore) milliseconds.
+    pub runs: Vec<(f64, f64)>,
+}
+
 /// Everything measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
+    /// Checkpoint timings, when a store was given.
+    pub checkpoints: Option<CheckpointTimes>,
     /// Throughput rows.
     pub rows: Vec<Row>,
     /// 64 KiB round trip p50 in microseconds.
@@ -72,6 +98,13 @@ fn median(v: &[f64]) -> f64 {
 pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let graph = model_text(args.model.as_ref())?;
     let base = Envelope::from_graph(&graph)?;
+    let checkpoints = match &args.checkpoint_store {
+        Some(url) => Some(checkpoint_times(&base, url, args.s3_endpoint.as_deref(), args.repeat.max(1)).await?),
+        None => None,
+    };
+    if args.only_checkpoints {
+        return Ok(BenchReport { checkpoints, rows: Vec::new(), hop_rtt_p50_us: 0.0, hop_rtt_p99_us: 0.0 });
+    }
     let with = |k: u32| {
         let mut e = base.clone();
         Overrides { steps: Some(args.steps), epochs: None, in_flight: Some(k) }.apply(&mut e);
@@ -115,7 +148,85 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         .collect();
     rtts.sort_by(f64::total_cmp);
     let pct = |q: f64| rtts.get(((rtts.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
-    Ok(BenchReport { rows, hop_rtt_p50_us: pct(0.5), hop_rtt_p99_us: pct(0.99) })
+    Ok(BenchReport { checkpoints, rows, hop_rtt_p50_us: pct(0.5), hop_rtt_p99_us: pct(0.99) })
+}
+
+/// VNodes of the model after two synchronous training steps on synthetic data (so the optimizer
+/// state exists), wired in memory.
+fn trained_vnodes(envelope: &Envelope) -> anyhow::Result<(Vec<dcnr_vnode::VNodeSpec>, Vec<dcnr_vnode::VNode>)> {
+    use dcnr_model::graph::Source;
+    use dcnr_vnode::{HostTensor, Inbound, Outbound, Phase, VNode, VNodeSpec};
+    let r = envelope.clone().resolve()?;
+    let g = &r.graph;
+    let specs: Vec<VNodeSpec> = g
+        .nodes
+        .iter()
+        .map(|n| VNodeSpec { node: n.clone(), optimizer: g.spec.optimizer, root_seed: r.root_seed, in_flight: 1 })
+        .collect();
+    let mut nodes: Vec<VNode> = specs.iter().cloned().map(VNode::new).collect();
+    let b = g.spec.training.batch_size;
+    let (w, c) = (g.spec.data.feature_size, g.spec.data.classes);
+    for mb in 0..2u64 {
+        let x = HostTensor::f32(vec![b, w], (0..b * w).map(|i| ((i % 17) as f32) / 17.0).collect());
+        let y = HostTensor::i32(vec![b], (0..b).map(|i| (i % c) as i32).collect());
+        let mut queue = Vec::new();
+        for n in &g.nodes {
+            for (port, src) in n.inputs.iter().enumerate() {
+                let tensor = match src {
+                    Source::Features => x.clone(),
+                    Source::Labels => y.clone(),
+                    Source::Node(_) => continue,
+                };
+                queue.push((n.id, Inbound::Forward { mb, phase: Phase::Train, port: port as u32, tensor }));
+            }
+        }
+        while let Some((to, msg)) = queue.pop() {
+            for out in nodes[to as usize].handle(msg)? {
+                match out {
+                    Outbound::Forward { to, port, mb, phase, tensor } => {
+                        queue.push((to, Inbound::Forward { mb, phase, port, tensor }))
+                    }
+                    Outbound::Backward { to, from, mb, tensor } => {
+                        queue.push((to, Inbound::Backward { mb, from, tensor }))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok((specs, nodes))
+}
+
+async fn checkpoint_times(
+    envelope: &Envelope,
+    url: &str,
+    endpoint: Option<&str>,
+    repeat: usize,
+) -> anyhow::Result<CheckpointTimes> {
+    let store = crate::artifacts::open_store(url, endpoint)?;
+    let (specs, nodes) = trained_vnodes(envelope)?;
+    let env_json = serde_json::to_vec(envelope)?;
+    let mut runs = Vec::new();
+    let mut bytes = 0;
+    for r in 0..repeat {
+        let t = Instant::now();
+        let states: Vec<(u32, Vec<u8>)> =
+            nodes.iter().map(|n| Ok((n.id(), n.snapshot()?))).collect::<Result<_, dcnr_vnode::VNodeError>>()?;
+        bytes = states.iter().map(|s| s.1.len() as u64).sum();
+        crate::checkpoints::write(store.as_ref(), "bench-checkpoint", r as u64 + 1, 0, env_json.clone(), states, 2)
+            .await?;
+        let write = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let (_, from) = crate::checkpoints::load_latest(store.as_ref(), "bench-checkpoint").await?;
+        for spec in &specs {
+            let state = from.states.get(&spec.node.id).context("state missing")?;
+            dcnr_vnode::VNode::restore(spec.clone(), state)?;
+        }
+        runs.push((write, t.elapsed().as_secs_f64() * 1e3));
+    }
+    let w: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    let rs: Vec<f64> = runs.iter().map(|r| r.1).collect();
+    Ok(CheckpointTimes { store: url.to_string(), bytes, write_ms: median(&w), restore_ms: median(&rs), runs })
 }
 
 /// Round trips of a 64 KiB tensor message to a PNode, in microseconds.
@@ -139,6 +250,19 @@ async fn ping(mesh: &LocalMesh, n: usize) -> anyhow::Result<Vec<f64>> {
 
 /// Prints the report as a table.
 pub fn print(r: &BenchReport) {
+    if let Some(c) = &r.checkpoints {
+        println!(
+            "checkpoint of all VNodes ({} bytes) to {}: write {:.1} ms, restore {:.1} ms (medians of {})",
+            c.bytes,
+            c.store,
+            c.write_ms,
+            c.restore_ms,
+            c.runs.len()
+        );
+    }
+    if r.rows.is_empty() {
+        return;
+    }
     println!("{:<44} {:>12} {:>8}   runs", "configuration", "samples/s", "ratio");
     for row in &r.rows {
         let runs: Vec<String> = row.samples_per_s.iter().map(|v| format!("{v:.0}")).collect();

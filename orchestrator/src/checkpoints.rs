@@ -67,10 +67,11 @@ pub async fn write(
     states: Vec<(u32, Vec<u8>)>,
     keep: u32,
 ) -> Result<String, StoreError> {
-    let mut vnodes = Vec::with_capacity(states.len());
-    for (vnode, bytes) in states {
-        let len = bytes.len() as u64;
-        vnodes.push(Entry { vnode, sha256: store.put(bytes).await?, bytes: len });
+    let ids: Vec<(u32, u64)> = states.iter().map(|(v, b)| (*v, b.len() as u64)).collect();
+    let hashes = futures::future::join_all(states.into_iter().map(|(_, bytes)| store.put(bytes))).await;
+    let mut vnodes = Vec::with_capacity(ids.len());
+    for ((vnode, bytes), hash) in ids.into_iter().zip(hashes) {
+        vnodes.push(Entry { vnode, sha256: hash?, bytes });
     }
     let envelope = store.put(envelope_json).await?;
     let manifest = Manifest { format: FORMAT, job_id: job.to_string(), step, epochs_evaluated, envelope, vnodes };
@@ -131,9 +132,11 @@ async fn load_one(store: &dyn ObjectStore, manifest_hash: &str) -> Result<(Envel
     }
     let env_bytes = store.get(&m.envelope).await.map_err(|e| e.to_string())?;
     let envelope: Envelope = serde_json::from_slice(&env_bytes).map_err(|e| format!("envelope: {e}"))?;
+    // The states are independent objects: fetch them all at once.
+    let fetched = futures::future::join_all(m.vnodes.iter().map(|e| store.get(&e.sha256))).await;
     let mut states = BTreeMap::new();
-    for e in &m.vnodes {
-        states.insert(e.vnode, store.get(&e.sha256).await.map_err(|err| format!("vnode {}: {err}", e.vnode))?);
+    for (e, got) in m.vnodes.iter().zip(fetched) {
+        states.insert(e.vnode, got.map_err(|err| format!("vnode {}: {err}", e.vnode))?);
     }
     Ok((envelope, ResumeFrom { step: m.step, epochs_evaluated: m.epochs_evaluated, states }))
 }
