@@ -1,5 +1,5 @@
 //! The artifact store on a real S3-compatible server (s3s-fs over loopback): jobs write their
-//! records there, replay reads them back, and an unusable store (wrong credentials, server down)
+//! records and checkpoints there, replay and resume read them back, and an unusable store (wrong credentials, server down)
 //! is a clear error at start. (s3s-fs creates missing buckets on write, so a missing bucket is
 //! not testable against it.)
 
@@ -37,6 +37,40 @@ fn jobs_record_to_s3_and_replay_from_it() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("recorded hashes reproduced"), "{stdout}");
+}
+
+#[test]
+fn checkpoints_on_s3_resume_exactly() {
+    let s3 = S3Server::start(&["dcnr"]).unwrap();
+    let env = s3.env();
+    let mesh = Mesh::start_with(2, &["--store", "s3://dcnr/ck", "--s3-endpoint", &s3.endpoint], &env).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |job: &str, steps: u64| {
+        let path = dir.path().join(format!("{job}.json"));
+        let envelope = serde_json::json!({
+            "ctx": { "job_id": job },
+            "op": { "model_toml": std::fs::read_to_string(fixture("tiny-mlp.toml")).unwrap(), "steps": steps },
+            "seed": { "mode": "explicit", "value": 11 },
+            "checkpoint": { "every_steps": 10 }
+        });
+        std::fs::write(&path, envelope.to_string()).unwrap();
+        path
+    };
+    let straight = mesh.submit_wait(&write("s3-straight", 30), &[]).unwrap();
+    let part = mesh.submit_wait(&write("s3-part", 20), &[]).unwrap();
+    assert_ne!(part["params_sha256"], straight["params_sha256"]);
+    let snaps = std::fs::read_dir(s3.root.path().join("dcnr/ck/refs/checkpoints/s3-part")).unwrap().count();
+    assert_eq!(snaps, 2, "snapshots at steps 10 and 20");
+    let out = run_bin_env(
+        "orchestrator",
+        &["resume", "s3-part", "--steps", "30", "--orchestrator", &mesh.url, "--wait", "--json"],
+        &[],
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resumed = dcnr_tests::last_json(&out.stdout).unwrap();
+    assert_eq!(resumed["params_sha256"], straight["params_sha256"]);
 }
 
 #[test]
