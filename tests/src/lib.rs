@@ -281,6 +281,12 @@ impl S3Server {
         Ok(S3Server { endpoint: format!("http://127.0.0.1:{port}"), root, _proc: proc })
     }
 
+    /// Stops the server (S3 goes down).
+    pub fn kill(&mut self) {
+        let _ = self._proc.0.kill();
+        let _ = self._proc.0.wait();
+    }
+
     /// Environment with the server's credentials.
     pub fn env(&self) -> Vec<(&'static str, &'static str)> {
         vec![("AWS_ACCESS_KEY_ID", S3_KEY), ("AWS_SECRET_ACCESS_KEY", S3_SECRET), ("AWS_REGION", "us-east-1")]

@@ -74,6 +74,47 @@ fn checkpoints_on_s3_resume_exactly() {
 }
 
 #[test]
+fn s3_going_down_mid_training_loses_no_completed_snapshot_and_training_goes_on() {
+    let mut s3 = S3Server::start(&["dcnr"]).unwrap();
+    let env = s3.env();
+    let mesh = Mesh::start_with(2, &["--store", "s3://dcnr/down", "--s3-endpoint", &s3.endpoint], &env).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.json");
+    let envelope = serde_json::json!({
+        "ctx": { "job_id": "outage" },
+        "op": { "model_toml": std::fs::read_to_string(fixture("tiny-mlp.toml")).unwrap(), "steps": 3000 },
+        "checkpoint": { "every_steps": 100 }
+    });
+    std::fs::write(&path, envelope.to_string()).unwrap();
+    let url = mesh.url.clone();
+    let mut submit =
+        mesh.spawn_cli(&["submit", path.to_str().unwrap(), "--orchestrator", &url, "--wait", "--json"]).unwrap();
+    let refs = s3.root.path().join("dcnr/down/refs/checkpoints/outage");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_dir(&refs).map(|d| d.count()).unwrap_or(0) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no snapshot was written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s3.kill();
+    let status = submit.wait().unwrap();
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut submit.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "training must go on while the store is down");
+    assert_eq!(dcnr_tests::last_json(&out).unwrap()["steps"], 3000);
+    // Every snapshot that has a reference is whole: its manifest and states are all there.
+    let base = s3.root.path().join("dcnr/down");
+    for r in std::fs::read_dir(&refs).unwrap() {
+        let hash = std::fs::read_to_string(r.unwrap().path()).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(base.join("objects").join(hash.trim())).unwrap()).unwrap();
+        for v in manifest["vnodes"].as_array().unwrap() {
+            let h = v["sha256"].as_str().unwrap();
+            assert_eq!(sha256_hex(&std::fs::read(base.join("objects").join(h)).unwrap()), h);
+        }
+    }
+}
+
+#[test]
 fn unusable_s3_store_is_a_clear_error_at_start() {
     let s3 = S3Server::start(&["dcnr"]).unwrap();
     let serve = |store: &str, envs: &[(&str, &str)]| {
