@@ -192,10 +192,10 @@ impl ObjectStore for DirStore {
                 let path = e.path();
                 if path.is_dir() {
                     dirs.push(path);
-                } else if let Some(name) = path.strip_prefix(&base).ok().and_then(|p| p.to_str()) {
-                    if valid_ref(name) {
-                        names.push(name.to_string());
-                    }
+                } else if let Some(name) = path.strip_prefix(&base).ok().and_then(|p| p.to_str())
+                    && valid_ref(name)
+                {
+                    names.push(name.to_string());
                 }
             }
         }
@@ -424,22 +424,21 @@ pub async fn find_record(store: &dyn ObjectStore, key: &str) -> Result<(String, 
         let bytes = store.get(hash).await?;
         serde_json::from_slice(&bytes).map_err(|_| StoreError::Missing(format!("{hash} (not a job record)")))
     }
-    if valid_ref(&format!("jobs/{key}")) {
-        if let Some(h) = store.get_ref(&format!("jobs/{key}")).await? {
-            return Ok((h.clone(), parse(store, &h).await?));
-        }
+    if valid_ref(&format!("jobs/{key}"))
+        && let Some(h) = store.get_ref(&format!("jobs/{key}")).await?
+    {
+        return Ok((h.clone(), parse(store, &h).await?));
     }
     if valid_hash(key) {
         if let Ok(r) = parse(store, key).await {
             return Ok((key.to_string(), r));
         }
         for name in store.list_refs("jobs").await? {
-            if let Some(h) = store.get_ref(&name).await? {
-                if let Ok(r) = parse(store, &h).await {
-                    if r.artifacts.get("result.json").map(String::as_str) == Some(key) {
-                        return Ok((h, r));
-                    }
-                }
+            if let Some(h) = store.get_ref(&name).await?
+                && let Ok(r) = parse(store, &h).await
+                && r.artifacts.get("result.json").map(String::as_str) == Some(key)
+            {
+                return Ok((h, r));
             }
         }
     }

@@ -154,8 +154,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
 /// VNodes of the model after two synchronous training steps on synthetic data (so the optimizer
 /// state exists), wired in memory.
 fn trained_vnodes(envelope: &Envelope) -> anyhow::Result<(Vec<dcnr_vnode::VNodeSpec>, Vec<dcnr_vnode::VNode>)> {
-    use dcnr_model::graph::Source;
-    use dcnr_vnode::{HostTensor, Inbound, Outbound, Phase, VNode, VNodeSpec};
+    use dcnr_vnode::{HostTensor, VNode, VNodeSpec};
     let r = envelope.clone().resolve()?;
     let g = &r.graph;
     let specs: Vec<VNodeSpec> = g
@@ -166,34 +165,11 @@ fn trained_vnodes(envelope: &Envelope) -> anyhow::Result<(Vec<dcnr_vnode::VNodeS
     let mut nodes: Vec<VNode> = specs.iter().cloned().map(VNode::new).collect();
     let b = g.spec.training.batch_size;
     let (w, c) = (g.spec.data.feature_size, g.spec.data.classes);
-    for mb in 0..2u64 {
+    let batch = |_| {
         let x = HostTensor::f32(vec![b, w], (0..b * w).map(|i| ((i % 17) as f32) / 17.0).collect());
-        let y = HostTensor::i32(vec![b], (0..b).map(|i| (i % c) as i32).collect());
-        let mut queue = Vec::new();
-        for n in &g.nodes {
-            for (port, src) in n.inputs.iter().enumerate() {
-                let tensor = match src {
-                    Source::Features => x.clone(),
-                    Source::Labels => y.clone(),
-                    Source::Node(_) => continue,
-                };
-                queue.push((n.id, Inbound::Forward { mb, phase: Phase::Train, port: port as u32, tensor }));
-            }
-        }
-        while let Some((to, msg)) = queue.pop() {
-            for out in nodes[to as usize].handle(msg)? {
-                match out {
-                    Outbound::Forward { to, port, mb, phase, tensor } => {
-                        queue.push((to, Inbound::Forward { mb, phase, port, tensor }))
-                    }
-                    Outbound::Backward { to, from, mb, tensor } => {
-                        queue.push((to, Inbound::Backward { mb, from, tensor }))
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
+        (x, HostTensor::i32(vec![b], (0..b).map(|i| (i % c) as i32).collect()))
+    };
+    dcnr_vnode::memory::train(g, &mut nodes, 0..2, 1, batch, |n| n - 1)?;
     Ok((specs, nodes))
 }
 

@@ -179,20 +179,20 @@ pub async fn collect_garbage(store: &dyn ObjectStore, grace: Duration) -> Result
     let mut live = std::collections::HashSet::new();
     for name in store.list_refs("jobs").await? {
         let Some(h) = store.get_ref(&name).await? else { continue };
-        if let Ok(bytes) = store.get(&h).await {
-            if let Ok(r) = serde_json::from_slice::<crate::artifacts::JobRecord>(&bytes) {
-                live.extend(r.artifacts.into_values());
-            }
+        if let Ok(bytes) = store.get(&h).await
+            && let Ok(r) = serde_json::from_slice::<crate::artifacts::JobRecord>(&bytes)
+        {
+            live.extend(r.artifacts.into_values());
         }
         live.insert(h);
     }
     for name in store.list_refs("checkpoints").await? {
         let Some(h) = store.get_ref(&name).await? else { continue };
-        if let Ok(bytes) = store.get(&h).await {
-            if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
-                live.insert(m.envelope);
-                live.extend(m.vnodes.into_iter().map(|e| e.sha256));
-            }
+        if let Ok(bytes) = store.get(&h).await
+            && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
+        {
+            live.insert(m.envelope);
+            live.extend(m.vnodes.into_iter().map(|e| e.sha256));
         }
         live.insert(h);
     }

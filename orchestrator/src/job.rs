@@ -297,7 +297,7 @@ impl JobActor {
         if !c.enabled() || self.spec.store.is_none() || self.last_checkpoint == Some(step) || step == 0 {
             return false;
         }
-        let by_steps = c.every_steps.is_some_and(|n| step % n == 0);
+        let by_steps = c.every_steps.is_some_and(|n| step.is_multiple_of(n));
         let by_time = c.every_s.is_some_and(|s| self.last_checkpoint_at.elapsed() >= Duration::from_secs(s));
         by_steps || by_time || step == self.spec.steps
     }
@@ -488,7 +488,7 @@ impl JobActor {
                     if self.checkpoint_due(self.completed) {
                         return self.take_checkpoint(ctx);
                     }
-                    let epoch_end = self.completed % spe == 0 || self.completed >= self.spec.steps;
+                    let epoch_end = self.completed.is_multiple_of(spe) || self.completed >= self.spec.steps;
                     if !epoch_end {
                         // A drained point for a snapshot only; training goes on.
                         continue;

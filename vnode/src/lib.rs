@@ -9,6 +9,7 @@ pub mod batches;
 pub mod checkpoint;
 pub mod host;
 pub mod layer;
+pub mod memory;
 pub mod optim;
 pub mod reference;
 pub mod seed;

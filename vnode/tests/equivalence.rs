@@ -2,10 +2,9 @@
 //! whole-graph reference.
 
 use dcnr_model::ModelGraph;
-use dcnr_model::graph::{Source, ValidGraph};
+use dcnr_model::graph::ValidGraph;
 use dcnr_vnode::reference::Reference;
-use dcnr_vnode::{HostTensor, Inbound, Outbound, Phase, VNode, VNodeSpec};
-use rand::seq::SliceRandom;
+use dcnr_vnode::{HostTensor, VNode, VNodeSpec, memory};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -91,48 +90,13 @@ fn mesh(g: &ValidGraph, steps: u64, in_flight: u32, order_seed: u64) -> (Vec<Vec
         .map(|n| VNode::new(VNodeSpec { node: n.clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight }))
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(order_seed);
-    let mut queue: Vec<(u32, Inbound)> = Vec::new();
-    let mut done = vec![0usize; steps as usize];
-    let mut losses = vec![f32::NAN; steps as usize];
-    let (mut fed, mut completed) = (0u64, 0u64);
-    loop {
-        while fed < steps && fed < completed + in_flight as u64 {
-            let (x, y) = batch(fed);
-            for n in &g.nodes {
-                for (port, src) in n.inputs.iter().enumerate() {
-                    let tensor = match src {
-                        Source::Features => x.clone(),
-                        Source::Labels => HostTensor::i32(vec![y.len()], y.clone()),
-                        Source::Node(_) => continue,
-                    };
-                    queue.push((n.id, Inbound::Forward { mb: fed, phase: Phase::Train, port: port as u32, tensor }));
-                }
-            }
-            fed += 1;
-        }
-        if queue.is_empty() {
-            break;
-        }
-        let pick = rng.random_range(0..queue.len());
-        let (to, msg) = queue.swap_remove(pick);
-        for out in nodes[to as usize].handle(msg).unwrap() {
-            match out {
-                Outbound::Forward { to, port, mb, phase, tensor } => {
-                    queue.push((to, Inbound::Forward { mb, phase, port, tensor }))
-                }
-                Outbound::Backward { to, from, mb, tensor } => queue.push((to, Inbound::Backward { mb, from, tensor })),
-                Outbound::Done { mb, .. } => done[mb as usize] += 1,
-                Outbound::Loss { mb, loss, .. } => losses[mb as usize] = loss,
-            }
-        }
-        while completed < steps && done[completed as usize] == g.nodes.len() {
-            completed += 1;
-        }
-    }
-    assert_eq!(completed, steps, "every micro-batch completes");
-    let mut order: Vec<usize> = (0..nodes.len()).collect();
-    order.shuffle(&mut rng);
+    let losses = memory::train(g, &mut nodes, 0..steps, in_flight, labelled_batch, |n| rng.random_range(0..n)).unwrap();
     (nodes.iter().map(|n| n.params().unwrap()).collect(), losses)
+}
+
+fn labelled_batch(step: u64) -> (HostTensor, HostTensor) {
+    let (x, y) = batch(step);
+    (x, HostTensor::i32(vec![y.len()], y))
 }
 
 fn reference(g: &ValidGraph, steps: u64) -> (Vec<Vec<HostTensor>>, Vec<f32>) {
@@ -190,49 +154,12 @@ fn mesh_with_restart(g: &ValidGraph, first: u64, total: u64, in_flight: u32) -> 
         in_flight,
     };
     let mut nodes: Vec<VNode> = g.nodes.iter().map(|n| VNode::new(spec(n))).collect();
-    let run = |nodes: &mut Vec<VNode>, from: u64, to: u64| {
-        let mut queue: Vec<(u32, Inbound)> = Vec::new();
-        let (mut fed, mut done) = (from, vec![0usize; total as usize]);
-        let mut completed = from;
-        loop {
-            while fed < to && fed < completed + in_flight as u64 {
-                let (x, y) = batch(fed);
-                for n in &g.nodes {
-                    for (port, src) in n.inputs.iter().enumerate() {
-                        let tensor = match src {
-                            Source::Features => x.clone(),
-                            Source::Labels => HostTensor::i32(vec![y.len()], y.clone()),
-                            Source::Node(_) => continue,
-                        };
-                        queue
-                            .push((n.id, Inbound::Forward { mb: fed, phase: Phase::Train, port: port as u32, tensor }));
-                    }
-                }
-                fed += 1;
-            }
-            let Some((to_id, msg)) = queue.pop() else { break };
-            for out in nodes[to_id as usize].handle(msg).unwrap() {
-                match out {
-                    Outbound::Forward { to, port, mb, phase, tensor } => {
-                        queue.push((to, Inbound::Forward { mb, phase, port, tensor }))
-                    }
-                    Outbound::Backward { to, from, mb, tensor } => {
-                        queue.push((to, Inbound::Backward { mb, from, tensor }))
-                    }
-                    Outbound::Done { mb, .. } => done[mb as usize] += 1,
-                    Outbound::Loss { .. } => {}
-                }
-            }
-            while completed < to && done[completed as usize] == g.nodes.len() {
-                completed += 1;
-            }
-        }
-    };
-    run(&mut nodes, 0, first);
+    let last = |n: usize| n - 1;
+    memory::train(g, &mut nodes, 0..first, in_flight, labelled_batch, last).unwrap();
     let states: Vec<Vec<u8>> = nodes.iter().map(|n| n.snapshot().unwrap()).collect();
     let mut restored: Vec<VNode> =
         g.nodes.iter().zip(&states).map(|(n, s)| VNode::restore(spec(n), s).unwrap()).collect();
-    run(&mut restored, first, total);
+    memory::train(g, &mut restored, first..total, in_flight, labelled_batch, last).unwrap();
     restored.iter().map(|n| n.params().unwrap()).collect()
 }
 

@@ -1,0 +1,59 @@
+//! VNodes wired together in one process with no transport: the harness for order-independence
+//! tests, snapshot tests and benchmarks of the math alone.
+
+use crate::{HostTensor, Inbound, Outbound, Phase, VNode, VNodeError};
+use dcnr_model::graph::{Source, ValidGraph};
+use std::ops::Range;
+
+/// Trains micro-batches `steps` through `nodes` (indexed by VNode id), keeping at most
+/// `in_flight` incomplete; `batch(mb)` gives features and labels, and `pick(n)` chooses which of
+/// the `n` pending messages is delivered next, so callers can shuffle delivery. Returns the
+/// training loss of every micro-batch, in order.
+pub fn train(
+    graph: &ValidGraph,
+    nodes: &mut [VNode],
+    steps: Range<u64>,
+    in_flight: u32,
+    mut batch: impl FnMut(u64) -> (HostTensor, HostTensor),
+    mut pick: impl FnMut(usize) -> usize,
+) -> Result<Vec<f32>, VNodeError> {
+    let count = (steps.end - steps.start) as usize;
+    let mut queue: Vec<(u32, Inbound)> = Vec::new();
+    let mut done = vec![0usize; count];
+    let mut losses = vec![f32::NAN; count];
+    let (mut fed, mut completed) = (steps.start, steps.start);
+    loop {
+        while fed < steps.end && fed < completed + u64::from(in_flight.max(1)) {
+            let (x, y) = batch(fed);
+            for n in &graph.nodes {
+                for (port, src) in n.inputs.iter().enumerate() {
+                    let tensor = match src {
+                        Source::Features => x.clone(),
+                        Source::Labels => y.clone(),
+                        Source::Node(_) => continue,
+                    };
+                    queue.push((n.id, Inbound::Forward { mb: fed, phase: Phase::Train, port: port as u32, tensor }));
+                }
+            }
+            fed += 1;
+        }
+        if queue.is_empty() {
+            return Ok(losses);
+        }
+        let (to, msg) = queue.swap_remove(pick(queue.len()).min(queue.len() - 1));
+        let Some(node) = nodes.get_mut(to as usize) else { continue };
+        for out in node.handle(msg)? {
+            match out {
+                Outbound::Forward { to, port, mb, phase, tensor } => {
+                    queue.push((to, Inbound::Forward { mb, phase, port, tensor }))
+                }
+                Outbound::Backward { to, from, mb, tensor } => queue.push((to, Inbound::Backward { mb, from, tensor })),
+                Outbound::Done { mb, .. } => done[(mb - steps.start) as usize] += 1,
+                Outbound::Loss { mb, loss, .. } => losses[(mb - steps.start) as usize] = loss,
+            }
+        }
+        while completed < steps.end && done[(completed - steps.start) as usize] == graph.nodes.len() {
+            completed += 1;
+        }
+    }
+}
