@@ -138,6 +138,9 @@ struct Eval {
     loss_sum: f64,
 }
 
+/// A job record and its artifacts, to be written to a store.
+type PendingRecord = (Arc<dyn ObjectStore>, JobRecord, Vec<(&'static str, Vec<u8>)>);
+
 /// Micro-batches of data sent ahead of the in-flight window.
 const PREFETCH: u64 = 2;
 
@@ -623,10 +626,7 @@ impl JobActor {
     }
 
     /// The job's artifacts and record, to be written when it ends; a failed job gets one too.
-    fn artifacts(
-        &self,
-        summary: &JobSummary,
-    ) -> Option<(Arc<dyn ObjectStore>, JobRecord, Vec<(&'static str, Vec<u8>)>)> {
+    fn artifacts(&self, summary: &JobSummary) -> Option<PendingRecord> {
         let store = self.spec.store.clone()?;
         let wanted = &self.spec.envelope.artifacts;
         if !wanted.persist {
