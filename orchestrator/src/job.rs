@@ -777,13 +777,16 @@ fn demands(spec: &JobSpec) -> Vec<Demand> {
         .iter()
         .map(|&id| {
             let n = &spec.graph.nodes[id as usize];
-            let params = n.kind.param_count() as u64;
-            let acts = batch * n.output_width as u64;
+            let vspec = dcnr_vnode::VNodeSpec {
+                node: n.clone(),
+                optimizer: spec.graph.spec.optimizer,
+                root_seed: spec.root_seed,
+                in_flight: spec.in_flight,
+            };
             Demand {
                 vnode: id,
-                work: params + acts,
-                // Parameters, two optimizer moments, the stash of in-flight versions, activations.
-                memory: 4 * (params * (3 + spec.in_flight as u64) + acts * (2 + spec.in_flight as u64)),
+                work: n.kind.param_count() as u64 + batch * n.output_width as u64,
+                memory: vspec.memory_estimate(batch as usize),
             }
         })
         .collect()

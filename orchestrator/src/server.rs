@@ -58,7 +58,19 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let (store, recorded) = match &cfg.store {
         Some(url) => {
             let store = open_store(url, cfg.s3_endpoint.as_deref())?;
-            probe(store.as_ref()).await.with_context(|| format!("the artifact store {url} is not usable"))?;
+            // A store that is still starting (a container beside this one) gets a few seconds.
+            let mut tries = 0;
+            loop {
+                match probe(store.as_ref()).await {
+                    Ok(()) => break,
+                    Err(e) if tries < 4 => {
+                        tracing::warn!(store = %url, error = %e, "artifact store not usable yet; retrying");
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("the artifact store {url} is not usable")),
+                }
+            }
             let recorded = store
                 .list_refs("jobs")
                 .await?

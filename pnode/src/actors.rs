@@ -82,6 +82,7 @@ impl Handler<GetParams> for VNodeActor {
 
 struct Hosted {
     vnode: u32,
+    memory: u64,
     addr: Addr<VNodeActor>,
     arbiter: Arbiter,
 }
@@ -90,13 +91,19 @@ struct Hosted {
 pub struct Host {
     router: Router,
     max_vnodes: usize,
+    /// Bytes all hosted VNodes may use together (0 = no limit).
+    memory_limit: u64,
     jobs: HashMap<String, Vec<Hosted>>,
 }
 
 impl Host {
     /// Starts the host actor on the current arbiter.
-    pub fn start_new(router: Router, max_vnodes: usize) -> Addr<Host> {
-        Host { router, max_vnodes, jobs: HashMap::new() }.start()
+    pub fn start_new(router: Router, max_vnodes: usize, memory_limit: u64) -> Addr<Host> {
+        Host { router, max_vnodes, memory_limit, jobs: HashMap::new() }.start()
+    }
+
+    fn memory_in_use(&self) -> u64 {
+        self.jobs.values().flatten().map(|h| h.memory).sum()
     }
 
     fn hosted(&self) -> usize {
@@ -125,6 +132,8 @@ pub struct Allocate {
     pub job: String,
     /// One spec per VNode to host, with an optional checkpointed state to restore.
     pub specs: Vec<(VNodeSpec, Option<Vec<u8>>)>,
+    /// Bytes these VNodes will need (see `VNodeSpec::memory_estimate`).
+    pub memory: u64,
 }
 
 impl Handler<Allocate> for Host {
@@ -140,6 +149,14 @@ impl Handler<Allocate> for Host {
                 msg.specs.len()
             ));
         }
+        let (used, need) = (self.memory_in_use(), msg.memory);
+        if self.memory_limit > 0 && used + need > self.memory_limit {
+            return Err(format!(
+                "these VNodes need {need} bytes; {used} of this pnode's {} are in use",
+                self.memory_limit
+            ));
+        }
+        let per_vnode = need / msg.specs.len().max(1) as u64;
         // Restore first, so a bad state refuses the whole allocation before any actor starts.
         let mut vnodes = Vec::with_capacity(msg.specs.len());
         for (spec, state) in msg.specs {
@@ -160,7 +177,7 @@ impl Handler<Allocate> for Host {
                 failed: false,
             });
             self.router.add_local((msg.job.clone(), vnode), addr.clone().recipient());
-            hosted.push(Hosted { vnode, addr, arbiter });
+            hosted.push(Hosted { vnode, memory: per_vnode, addr, arbiter });
         }
         let n = hosted.len() as u32;
         self.jobs.insert(msg.job, hosted);

@@ -36,7 +36,8 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     tracing::info!(pnode = %identity.pnode_id, %endpoint, "registered with orchestrator");
 
     let router = router::Router::start(orchestrator.clone(), identity.pnode_id.clone());
-    let host = actors::Host::start_new(router.clone(), args.max_vnodes);
+    let memory_limit = args.memory_mib.map(|m| m * 1024 * 1024).unwrap_or(0);
+    let host = actors::Host::start_new(router.clone(), args.max_vnodes, memory_limit);
     let server = service::serve(listener, host.clone(), router.clone());
     let heartbeat = membership::heartbeat_loop(orchestrator, args.clone(), endpoint, identity, host);
     tokio::select! {

@@ -50,9 +50,11 @@ impl v1::p_node_server::PNode for PNodeService {
                 Ok((spec, (!a.state.is_empty()).then(|| a.state.clone())))
             })
             .collect::<Result<Vec<_>, Status>>()?;
+        let batch = graph.spec.training.batch_size.max(graph.spec.training.eval_batch_size);
+        let memory = specs.iter().map(|(s, _)| s.memory_estimate(batch)).sum();
         let n = self
             .host
-            .send(Allocate { job: req.job_id.clone(), specs })
+            .send(Allocate { job: req.job_id.clone(), specs, memory })
             .await
             .map_err(unavailable)?
             .map_err(Status::failed_precondition)?;

@@ -99,8 +99,14 @@ impl Mesh {
 
     /// Starts one more PNode.
     pub fn add_pnode(&mut self) -> Result<()> {
+        self.add_pnode_with(&[])
+    }
+
+    /// Starts one more PNode with extra flags.
+    pub fn add_pnode_with(&mut self, extra: &[&str]) -> Result<()> {
         let child = Command::new(bin("pnode"))
             .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "10"])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -253,32 +259,40 @@ impl S3Server {
         for b in buckets {
             std::fs::create_dir_all(root.path().join(b))?;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new(exe)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--access-key",
-                S3_KEY,
-                "--secret-key",
-                S3_SECRET,
-            ])
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start s3s-fs")?;
-        let proc = Proc(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("s3s-fs did not start listening on port {port}");
+        // The port is chosen by binding and releasing it, so another process may take it first;
+        // a start only counts when s3s-fs itself answers HTTP/1.1 on it.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let child = Command::new(&exe)
+                .args([
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--access-key",
+                    S3_KEY,
+                    "--secret-key",
+                    S3_SECRET,
+                ])
+                .arg(root.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start s3s-fs")?;
+            let mut proc = Proc(child);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if !matches!(proc.0.try_wait(), Ok(None)) {
+                    break;
+                }
+                if speaks_http1(port) {
+                    return Ok(S3Server { endpoint: format!("http://127.0.0.1:{port}"), root, _proc: proc });
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            let _ = proc.0.kill();
         }
-        Ok(S3Server { endpoint: format!("http://127.0.0.1:{port}"), root, _proc: proc })
+        bail!("s3s-fs did not start")
     }
 
     /// Stops the server (S3 goes down).
@@ -291,6 +305,17 @@ impl S3Server {
     pub fn env(&self) -> Vec<(&'static str, &'static str)> {
         vec![("AWS_ACCESS_KEY_ID", S3_KEY), ("AWS_SECRET_ACCESS_KEY", S3_SECRET), ("AWS_REGION", "us-east-1")]
     }
+}
+
+fn speaks_http1(port: u16) -> bool {
+    use std::io::Write;
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+    if c.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 8];
+    matches!(c.read(&mut buf), Ok(n) if n >= 7 && &buf[..7] == b"HTTP/1.")
 }
 
 fn find_s3s_fs() -> Result<PathBuf> {

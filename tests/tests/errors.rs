@@ -104,3 +104,20 @@ fn garbled_and_oversized_vnode_messages_are_refused() {
 fn mesh_alive(mut mesh: Mesh) -> bool {
     mesh.orchestrator_alive()
 }
+
+#[test]
+fn vnodes_that_do_not_fit_in_memory_are_refused_with_the_numbers() {
+    let mut mesh = Mesh::start(0).unwrap();
+    mesh.add_pnode_with(&["--memory-mib", "1"]).unwrap();
+    mesh.wait_for_pnodes(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join("job.toml");
+    let model = dcnr_tests::model("mnist-mlp.toml");
+    std::fs::write(&env, format!("[op]\nmodel = {:?}\nsteps = 5\n[policy]\ntimeout_s = 5\n", model.to_str().unwrap()))
+        .unwrap();
+    let out = mesh.submit_raw(&env, &[]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let s = dcnr_tests::last_json(&out.stdout).unwrap();
+    let err = s["error"].as_str().unwrap();
+    assert!(err.contains("need") && err.contains("offers 1048576"), "{err}");
+}

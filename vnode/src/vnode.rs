@@ -40,6 +40,18 @@ pub struct VNodeSpec {
     pub in_flight: u32,
 }
 
+impl VNodeSpec {
+    /// Bytes this VNode needs at batch size `batch`: parameters, two optimizer moments and the
+    /// stash of in-flight versions, plus activations and gradients of every micro-batch in flight.
+    /// The orchestrator places by it and the PNode enforces its limit with it.
+    pub fn memory_estimate(&self, batch: usize) -> u64 {
+        let params = self.node.kind.param_count() as u64;
+        let acts = (batch * self.node.output_width) as u64;
+        let k = u64::from(self.in_flight.max(1));
+        4 * (params * (3 + k) + acts * (2 + k))
+    }
+}
+
 /// A message into a VNode.
 #[derive(Debug, Clone)]
 pub enum Inbound {
