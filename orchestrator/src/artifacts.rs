@@ -93,6 +93,20 @@ fn valid_hash(h: &str) -> bool {
     h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+fn check_hash(hash: &str) -> Result<(), StoreError> {
+    if valid_hash(hash) { Ok(()) } else { Err(StoreError::BadKey(hash.to_string())) }
+}
+
+fn check_ref(name: &str) -> Result<(), StoreError> {
+    if valid_ref(name) { Ok(()) } else { Err(StoreError::BadKey(name.to_string())) }
+}
+
+/// The bytes of object `hash`, if they really hash to it.
+fn verified(hash: &str, bytes: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    let actual = sha256_hex(&bytes);
+    if actual == hash { Ok(bytes) } else { Err(StoreError::Corrupt { hash: hash.to_string(), actual }) }
+}
+
 fn valid_ref(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 200
@@ -143,33 +157,23 @@ impl ObjectStore for DirStore {
     }
 
     async fn get(&self, hash: &str) -> Result<Vec<u8>, StoreError> {
-        if !valid_hash(hash) {
-            return Err(StoreError::BadKey(hash.to_string()));
-        }
+        check_hash(hash)?;
         let path = self.object_path(hash);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::Missing(hash.to_string())),
             Err(e) => return Err(StoreError::Io { path, source: e }),
         };
-        let actual = sha256_hex(&bytes);
-        if actual != hash {
-            return Err(StoreError::Corrupt { hash: hash.to_string(), actual });
-        }
-        Ok(bytes)
+        verified(hash, bytes)
     }
 
     async fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError> {
-        if !valid_ref(name) {
-            return Err(StoreError::BadKey(name.to_string()));
-        }
+        check_ref(name)?;
         self.write_atomic(&self.root.join("refs").join(name), hash.as_bytes())
     }
 
     async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError> {
-        if !valid_ref(name) {
-            return Err(StoreError::BadKey(name.to_string()));
-        }
+        check_ref(name)?;
         let path = self.root.join("refs").join(name);
         match std::fs::read_to_string(&path) {
             Ok(s) => Ok(Some(s.trim().to_string())),
@@ -225,9 +229,7 @@ impl ObjectStore for DirStore {
     }
 
     async fn delete_object(&self, hash: &str) -> Result<(), StoreError> {
-        if !valid_hash(hash) {
-            return Err(StoreError::BadKey(hash.to_string()));
-        }
+        check_hash(hash)?;
         let path = self.object_path(hash);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -237,9 +239,7 @@ impl ObjectStore for DirStore {
     }
 
     async fn delete_ref(&self, name: &str) -> Result<(), StoreError> {
-        if !valid_ref(name) {
-            return Err(StoreError::BadKey(name.to_string()));
-        }
+        check_ref(name)?;
         let path = self.root.join("refs").join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -303,32 +303,22 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, hash: &str) -> Result<Vec<u8>, StoreError> {
-        if !valid_hash(hash) {
-            return Err(StoreError::BadKey(hash.to_string()));
-        }
+        check_hash(hash)?;
         let bytes = self
             .read(&self.key(&format!("objects/{hash}")))
             .await?
             .ok_or_else(|| StoreError::Missing(hash.to_string()))?;
-        let actual = sha256_hex(&bytes);
-        if actual != hash {
-            return Err(StoreError::Corrupt { hash: hash.to_string(), actual });
-        }
-        Ok(bytes)
+        verified(hash, bytes)
     }
 
     async fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError> {
-        if !valid_ref(name) {
-            return Err(StoreError::BadKey(name.to_string()));
-        }
+        check_ref(name)?;
         self.bucket.put_object(self.key(&format!("refs/{name}")), hash.as_bytes()).await.map_err(|e| self.err(e))?;
         Ok(())
     }
 
     async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError> {
-        if !valid_ref(name) {
-            return Err(StoreError::BadKey(name.to_string()));
-        }
+        check_ref(name)?;
         let bytes = self.read(&self.key(&format!("refs/{name}"))).await?;
         Ok(bytes.map(|b| String::from_utf8_lossy(&b).trim().to_string()))
     }
@@ -362,9 +352,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete_object(&self, hash: &str) -> Result<(), StoreError> {
-        if !valid_hash(hash) {
-            return Err(StoreError::BadKey(hash.to_string()));
-        }
+        check_hash(hash)?;
         match self.bucket.delete_object(self.key(&format!("objects/{hash}"))).await {
             Ok(_) | Err(s3::error::S3Error::HttpFailWithBody(404, _)) => Ok(()),
             Err(e) => Err(self.err(e)),
@@ -372,9 +360,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete_ref(&self, name: &str) -> Result<(), StoreError> {
-        if !valid_ref(name) {
-            return Err(StoreError::BadKey(name.to_string()));
-        }
+        check_ref(name)?;
         match self.bucket.delete_object(self.key(&format!("refs/{name}"))).await {
             Ok(_) | Err(s3::error::S3Error::HttpFailWithBody(404, _)) => Ok(()),
             Err(e) => Err(self.err(e)),

@@ -189,8 +189,15 @@ async fn checkpoint_times(
         let states: Vec<(u32, Vec<u8>)> =
             nodes.iter().map(|n| Ok((n.id(), n.snapshot()?))).collect::<Result<_, dcnr_vnode::VNodeError>>()?;
         bytes = states.iter().map(|s| s.1.len() as u64).sum();
-        crate::checkpoints::write(store.as_ref(), "bench-checkpoint", r as u64 + 1, 0, env_json.clone(), states, 2)
-            .await?;
+        let snapshot = crate::checkpoints::Snapshot {
+            job: "bench-checkpoint".into(),
+            step: r as u64 + 1,
+            epochs_evaluated: 0,
+            envelope_json: env_json.clone(),
+            states,
+            keep: 2,
+        };
+        crate::checkpoints::write(store.as_ref(), &snapshot).await?;
         let write = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         let (_, from) = crate::checkpoints::load_latest(store.as_ref(), "bench-checkpoint").await?;

@@ -56,31 +56,46 @@ pub fn ref_name(job: &str, step: u64) -> String {
     format!("checkpoints/{job}/{step:012}")
 }
 
+/// One snapshot to be written.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Job id.
+    pub job: String,
+    /// Steps completed.
+    pub step: u64,
+    /// Evaluations done.
+    pub epochs_evaluated: u64,
+    /// The job's resolved envelope as JSON.
+    pub envelope_json: Vec<u8>,
+    /// State bytes by VNode id.
+    pub states: Vec<(u32, Vec<u8>)>,
+    /// Newest snapshots to keep.
+    pub keep: u32,
+}
+
 /// Writes one snapshot (states, envelope, manifest, then the reference) and drops snapshots
 /// beyond the newest `keep`; returns the manifest hash.
-pub async fn write(
-    store: &dyn ObjectStore,
-    job: &str,
-    step: u64,
-    epochs_evaluated: u64,
-    envelope_json: Vec<u8>,
-    states: Vec<(u32, Vec<u8>)>,
-    keep: u32,
-) -> Result<String, StoreError> {
-    let ids: Vec<(u32, u64)> = states.iter().map(|(v, b)| (*v, b.len() as u64)).collect();
-    let hashes = futures::future::join_all(states.into_iter().map(|(_, bytes)| store.put(bytes))).await;
-    let mut vnodes = Vec::with_capacity(ids.len());
-    for ((vnode, bytes), hash) in ids.into_iter().zip(hashes) {
-        vnodes.push(Entry { vnode, sha256: hash?, bytes });
+pub async fn write(store: &dyn ObjectStore, s: &Snapshot) -> Result<String, StoreError> {
+    let hashes = futures::future::join_all(s.states.iter().map(|(_, bytes)| store.put(bytes.clone()))).await;
+    let mut vnodes = Vec::with_capacity(s.states.len());
+    for ((vnode, bytes), hash) in s.states.iter().zip(hashes) {
+        vnodes.push(Entry { vnode: *vnode, sha256: hash?, bytes: bytes.len() as u64 });
     }
-    let envelope = store.put(envelope_json).await?;
-    let manifest = Manifest { format: FORMAT, job_id: job.to_string(), step, epochs_evaluated, envelope, vnodes };
+    let envelope = store.put(s.envelope_json.clone()).await?;
+    let manifest = Manifest {
+        format: FORMAT,
+        job_id: s.job.clone(),
+        step: s.step,
+        epochs_evaluated: s.epochs_evaluated,
+        envelope,
+        vnodes,
+    };
     let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
     let hash = store.put(bytes).await?;
-    store.set_ref(&ref_name(job, step), &hash).await?;
-    let mut names = store.list_refs(&format!("checkpoints/{job}")).await?;
+    store.set_ref(&ref_name(&s.job, s.step), &hash).await?;
+    let mut names = store.list_refs(&format!("checkpoints/{}", s.job)).await?;
     names.sort();
-    let excess = names.len().saturating_sub(keep.max(1) as usize);
+    let excess = names.len().saturating_sub(s.keep.max(1) as usize);
     for old in names.into_iter().take(excess) {
         store.delete_ref(&old).await?;
     }
@@ -88,22 +103,14 @@ pub async fn write(
 }
 
 /// [`write`] with retries and backoff, for a store that is briefly unavailable.
-pub async fn write_with_retry(
-    store: &dyn ObjectStore,
-    job: &str,
-    step: u64,
-    epochs_evaluated: u64,
-    envelope_json: Vec<u8>,
-    states: Vec<(u32, Vec<u8>)>,
-    keep: u32,
-) -> Result<String, StoreError> {
+pub async fn write_with_retry(store: &dyn ObjectStore, s: &Snapshot) -> Result<String, StoreError> {
     let mut wait = Duration::from_millis(200);
     let mut attempt = 1;
     loop {
-        match write(store, job, step, epochs_evaluated, envelope_json.clone(), states.clone(), keep).await {
+        match write(store, s).await {
             Ok(h) => return Ok(h),
             Err(e) if attempt < 5 => {
-                tracing::warn!(job, step, attempt, error = %e, "checkpoint upload failed; retrying");
+                tracing::warn!(job = %s.job, step = s.step, attempt, error = %e, "checkpoint upload failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait *= 2;
                 attempt += 1;

@@ -328,20 +328,23 @@ impl JobActor {
                 act.last_checkpoint = Some(step);
                 act.last_checkpoint_at = Instant::now();
                 if let Some(store) = act.spec.store.clone() {
-                    let (job, events) = (act.spec.job_id.clone(), act.events.clone());
-                    let env = serde_json::to_vec(&act.spec.envelope).unwrap_or_default();
-                    let (evals, keep) = (act.epochs_evaluated, act.spec.envelope.checkpoint.keep);
+                    let events = act.events.clone();
+                    let snapshot = checkpoints::Snapshot {
+                        job: act.spec.job_id.clone(),
+                        step,
+                        epochs_evaluated: act.epochs_evaluated,
+                        envelope_json: serde_json::to_vec(&act.spec.envelope).unwrap_or_default(),
+                        states,
+                        keep: act.spec.envelope.checkpoint.keep,
+                    };
                     // The upload runs beside training; a slow store delays nothing but itself.
                     act.uploads.retain(|h| !h.is_finished());
                     act.uploads.push(actix::spawn(async move {
-                        let text =
-                            match checkpoints::write_with_retry(store.as_ref(), &job, step, evals, env, states, keep)
-                                .await
-                            {
-                                Ok(h) => format!("checkpoint at step {step}: manifest {h}"),
-                                Err(e) => format!("checkpoint at step {step} could not be written: {e}"),
-                            };
-                        tracing::info!(job = %job, "{text}");
+                        let text = match checkpoints::write_with_retry(store.as_ref(), &snapshot).await {
+                            Ok(h) => format!("checkpoint at step {step}: manifest {h}"),
+                            Err(e) => format!("checkpoint at step {step} could not be written: {e}"),
+                        };
+                        tracing::info!(job = %snapshot.job, "{text}");
                         let _ = events.send(JobEvent::Log(text));
                     }));
                 }
