@@ -218,7 +218,7 @@ async fn ping(mesh: &LocalMesh, n: usize) -> anyhow::Result<Vec<f64>> {
     let endpoint = snap.first().map(|p| p.endpoint.clone()).context("no pnode to ping")?;
     let mut client = pnode_client(&endpoint)?;
     let payload = dcnr_proto::tensor::encode_f32(&[64, 256], &vec![0.5f32; 64 * 256]);
-    let req = v1::PingRequest { payload: Some(payload) };
+    let req = v1::PingRequest { payload: Some(payload), job_id: String::new() };
     for _ in 0..50 {
         client.ping(req.clone()).await?;
     }

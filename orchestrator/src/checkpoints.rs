@@ -169,6 +169,66 @@ pub async fn load_latest(store: &dyn ObjectStore, job: &str) -> Result<(Envelope
     Err(LoadError::NoSnapshot { job: job.to_string(), detail })
 }
 
+/// Reference name recording that `job` is running (its value: the envelope's object hash).
+pub fn active_ref(job: &str) -> String {
+    format!("active/{job}")
+}
+
+/// Records that `job` is running, with its resolved envelope, so a restarted orchestrator can
+/// carry it on. The reference is replaced in one atomic write.
+pub async fn mark_active(store: &dyn ObjectStore, job: &str, envelope: &Envelope) -> Result<(), StoreError> {
+    // An Envelope always serializes; an empty object would only make the job unresumable.
+    let bytes = serde_json::to_vec(envelope).unwrap_or_default();
+    let hash = store.put(bytes).await?;
+    store.set_ref(&active_ref(job), &hash).await
+}
+
+/// Forgets that `job` is running (it ended and has a record).
+pub async fn clear_active(store: &dyn ObjectStore, job: &str) -> Result<(), StoreError> {
+    store.delete_ref(&active_ref(job)).await
+}
+
+/// Jobs recorded as running and without a final record: each with its envelope and the latest
+/// complete snapshot to continue from (none: start over, identically, from step 0).
+pub async fn load_active(
+    store: &dyn ObjectStore,
+) -> Result<Vec<(String, Envelope, Option<ResumeFrom>)>, StoreError> {
+    let mut found = Vec::new();
+    for name in store.list_refs("active").await? {
+        let Some(job) = name.strip_prefix("active/").map(str::to_string) else { continue };
+        if store.get_ref(&format!("jobs/{job}")).await?.is_some() {
+            // It ended, but the orchestrator stopped before forgetting it.
+            store.delete_ref(&name).await?;
+            continue;
+        }
+        let Some(hash) = store.get_ref(&name).await? else { continue };
+        let envelope: Envelope = match store.get(&hash).await {
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(%job, error = %e, "the recorded envelope of a running job is unreadable; skipped");
+                    continue;
+                }
+            },
+            Err(e) => {
+                tracing::error!(%job, error = %e, "the recorded envelope of a running job is missing; skipped");
+                continue;
+            }
+        };
+        match load_latest(store, &job).await {
+            Ok((env, from)) => found.push((job, env, Some(from))),
+            Err(LoadError::NoSnapshot { detail, .. }) => {
+                if !detail.is_empty() {
+                    tracing::warn!(%job, "no usable snapshot{detail}; starting over");
+                }
+                found.push((job, envelope, None));
+            }
+            Err(LoadError::Store(e)) => return Err(e),
+        }
+    }
+    Ok(found)
+}
+
 /// What a garbage collection did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
@@ -202,6 +262,11 @@ pub async fn collect_garbage(store: &dyn ObjectStore, grace: Duration) -> Result
             live.extend(m.vnodes.into_iter().map(|e| e.sha256));
         }
         live.insert(h);
+    }
+    for name in store.list_refs("active").await? {
+        if let Some(h) = store.get_ref(&name).await? {
+            live.insert(h);
+        }
     }
     let mut report = GcReport::default();
     for (hash, age) in store.list_objects().await? {

@@ -41,14 +41,20 @@ enum Command {
         #[arg(long, env = "DCNR_DATA")]
         data: Option<PathBuf>,
         /// Heartbeat period asked of PNodes, in milliseconds.
-        #[arg(long, env = "DCNR_HEARTBEAT_MS", default_value_t = 250)]
+        #[arg(long, env = "DCNR_HEARTBEAT_MS", default_value_t = 200)]
         heartbeat_ms: u64,
-        /// Silence after which a PNode is lost, in milliseconds.
-        #[arg(long, env = "DCNR_HEARTBEAT_TIMEOUT_MS", default_value_t = 1500)]
+        /// Silence after which a PNode is lost and its VNodes are relocated, in milliseconds
+        /// (at least twice the heartbeat period).
+        #[arg(long, env = "DCNR_HEARTBEAT_TIMEOUT_MS", default_value_t = 1000)]
         heartbeat_timeout_ms: u64,
-        /// Fail a job when no step completes for this many seconds.
-        #[arg(long, env = "DCNR_STALL_TIMEOUT_S", default_value_t = 120)]
-        stall_timeout_s: u64,
+        /// A placement that completes no training step for this many seconds has failed: the
+        /// PNodes that do not answer a probe are dropped and the job rolls back and goes on.
+        #[arg(long, env = "DCNR_STEP_DEADLINE_S", alias = "stall-timeout-s", default_value_t = 30)]
+        step_deadline_s: u64,
+        /// Take an in-memory recovery snapshot every this many seconds, so a failure recomputes
+        /// at most that much work (0 = only the job's own checkpoints).
+        #[arg(long, env = "DCNR_RECOVERY_SNAPSHOT_S", default_value_t = 5)]
+        recovery_snapshot_s: u64,
         /// Most PNodes one job spreads over.
         #[arg(long, env = "DCNR_MAX_PNODES_PER_JOB", default_value_t = 16)]
         max_pnodes: usize,
@@ -289,7 +295,8 @@ pub fn main(cli: Cli) -> ExitCode {
             data,
             heartbeat_ms,
             heartbeat_timeout_ms,
-            stall_timeout_s,
+            step_deadline_s,
+            recovery_snapshot_s,
             max_pnodes,
             store,
             s3_endpoint,
@@ -300,7 +307,8 @@ pub fn main(cli: Cli) -> ExitCode {
                 heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
                 heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(heartbeat_ms.max(10) * 2)),
                 jobs: JobDefaults {
-                    stall_timeout: Duration::from_secs(stall_timeout_s.max(1)),
+                    step_deadline: Duration::from_secs(step_deadline_s.max(1)),
+                    recovery_every: Duration::from_secs(recovery_snapshot_s),
                     placement_timeout: Duration::from_secs(60),
                     max_pnodes: max_pnodes.max(1),
                 },
@@ -471,6 +479,7 @@ fn state_name(s: i32) -> &'static str {
         Ok(JobState::Running) => "running",
         Ok(JobState::Succeeded) => "succeeded",
         Ok(JobState::Failed) => "failed",
+        Ok(JobState::Recovering) => "recovering",
         _ => "unknown",
     }
 }

@@ -79,10 +79,11 @@ impl LocalMesh {
         let cfg = ServerConfig {
             listen: "127.0.0.1:0".parse()?,
             data,
-            heartbeat: Duration::from_millis(250),
-            heartbeat_timeout: Duration::from_millis(1500),
+            heartbeat: Duration::from_millis(200),
+            heartbeat_timeout: Duration::from_millis(1000),
             jobs: JobDefaults {
-                stall_timeout: Duration::from_secs(60),
+                step_deadline: Duration::from_secs(30),
+                recovery_every: Duration::from_secs(5),
                 placement_timeout: Duration::from_secs(30),
                 max_pnodes: pnodes,
             },

@@ -6,15 +6,24 @@
 //! the forward of micro-batch m on parameter version max(0, m - in_flight + 1) (see
 //! `dcnr_vnode::VNode`); the job only decides *when* micro-batches enter, never what they compute,
 //! so results do not depend on message timing or placement.
+//!
+//! Recovery: every placement has a generation, stamped on every message and report. When a
+//! PNode is lost, misses a step deadline or fails an RPC, the job moves to the next generation:
+//! it re-places all VNodes on the PNodes left, restores them from the latest complete snapshot
+//! (kept in memory; the store has the same bytes) and feeds again from that snapshot's step.
+//! Anything of an older generation still in flight is dropped by the PNodes and ignored here.
+//! Because a snapshot is exact and the data order is a function of the step, a run with
+//! failures ends with the same parameters as one without. A drain (a PNode leaving) takes a
+//! fresh snapshot at a drained point first, so it moves work without recomputing any.
 
 use crate::artifacts::{JobRecord, ObjectStore, write_record};
 use crate::checkpoints::{self, ResumeFrom};
 use crate::data::Splits;
 use crate::jobs::{Jobs, Placed, StatusUpdate};
 use crate::placement::{self, Demand, Offer};
-use crate::registry::{Health, PNodeView, Registry, Snapshot};
+use crate::registry::{Health, MarkLost, PNodeView, Registry, Snapshot};
 use crate::status::{JobEvent, JobState, JobStatus};
-use crate::summary::{JobSummary, params_hashes, vnode_summaries};
+use crate::summary::{JobSummary, Recovery, params_hashes, vnode_summaries};
 use actix::prelude::*;
 use dcnr_model::ValidGraph;
 use dcnr_model::envelope::{ArtifactKind, Envelope, Target};
@@ -47,8 +56,10 @@ pub struct JobSpec {
     pub root_seed: u64,
     /// Most PNodes to spread over.
     pub max_pnodes: usize,
-    /// Fail when no step completes for this long.
-    pub stall_timeout: Duration,
+    /// A placement that completes no step for this long has failed (its VNodes are relocated).
+    pub step_deadline: Duration,
+    /// Take an in-memory recovery snapshot at least this often (zero: only with checkpoints).
+    pub recovery_every: Duration,
     /// How long to wait for enough PNodes to place on.
     pub placement_timeout: Duration,
     /// Healthy PNodes required before placing.
@@ -80,6 +91,8 @@ pub struct Report {
     pub mb: u64,
     /// PNode it ran on.
     pub pnode: String,
+    /// Placement generation of the VNode.
+    pub generation: u32,
     /// What happened.
     pub body: ReportBody,
 }
@@ -122,6 +135,7 @@ impl Message for Report {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Placing,
+    Recovering,
     Training,
     Checkpointing,
     Evaluating,
@@ -161,7 +175,8 @@ pub struct JobActor {
     feeders: Vec<(u32, u32, Source)>,
     fed: u64,
     completed: u64,
-    done: BTreeMap<u64, u32>,
+    /// VNodes that reported each unfinished micro-batch done.
+    done: BTreeMap<u64, BTreeSet<u32>>,
     finished_mbs: BTreeSet<u64>,
     epochs_evaluated: u64,
     eval: Option<Eval>,
@@ -184,7 +199,33 @@ pub struct JobActor {
     last_checkpoint_at: Instant,
     /// Snapshot uploads still running; the job's record waits for them.
     uploads: Vec<tokio::task::JoinHandle<()>>,
+    /// Current placement generation.
+    generation: u32,
+    /// Latest complete snapshot, where a recovery rolls back to (none: the job's start).
+    recovery: Option<ResumeFrom>,
+    /// When the last snapshot (checkpoint or recovery) was taken.
+    last_snapshot_at: Instant,
+    /// Step this run started from (0, or a resumed snapshot's step).
+    first_step: u64,
+    /// PNodes this job no longer uses (they failed it).
+    excluded: BTreeSet<String>,
+    /// PNodes leaving, whose VNodes are moved at the next drained point.
+    evacuating: BTreeSet<String>,
+    /// Every recovery so far, for the record.
+    recoveries: Vec<Recovery>,
+    /// When the pending recovery began and why.
+    recovering: Option<(Instant, String)>,
+    /// Reports of older generations that were ignored.
+    stale_reports: u64,
+    /// Step-deadline probe in flight.
+    probing: bool,
+    /// When the last recovery began, until the next step completes.
+    recovery_clock: Option<(Instant, u32)>,
+    /// Timer ticks so far.
+    ticks: u64,
 }
+
+
 
 /// What one VNode did, for `executions.json`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -201,6 +242,8 @@ struct Execution {
     bytes_out: u64,
     /// Output hash of every training step, in step order.
     output_sha256: Vec<String>,
+    /// (first step, pnode) of every placement it had: where each step ran.
+    placements: Vec<(u64, String)>,
 }
 
 /// Curves for `metrics.json`.
@@ -279,6 +322,18 @@ impl JobActor {
             last_checkpoint: None,
             last_checkpoint_at: now,
             uploads: Vec::new(),
+            generation: 1,
+            recovery: None,
+            last_snapshot_at: now,
+            first_step: 0,
+            excluded: BTreeSet::new(),
+            evacuating: BTreeSet::new(),
+            recoveries: Vec::new(),
+            recovering: None,
+            stale_reports: 0,
+            probing: false,
+            recovery_clock: None,
+            ticks: 0,
         }
         .resumed()
     }
@@ -290,8 +345,20 @@ impl JobActor {
             self.completed = r.step;
             self.epochs_evaluated = r.epochs_evaluated;
             self.last_checkpoint = Some(r.step);
+            self.first_step = r.step;
         }
+        self.recovery = self.spec.resume.clone();
         self
+    }
+
+    /// Whether an in-memory recovery snapshot is due (a drained point is then reached first).
+    fn recovery_snapshot_due(&self) -> bool {
+        let every = self.spec.recovery_every;
+        !every.is_zero() && self.last_snapshot_at.elapsed() >= every && self.completed > self.recovery_step()
+    }
+
+    fn recovery_step(&self) -> u64 {
+        self.recovery.as_ref().map(|r| r.step).unwrap_or(self.first_step)
     }
 
     /// Whether the drained point `step` is where a snapshot is due.
@@ -305,26 +372,40 @@ impl JobActor {
         by_steps || by_time || step == self.spec.steps
     }
 
-    /// Takes a snapshot of every (drained) VNode, then trains on while it uploads.
-    fn take_checkpoint(&mut self, ctx: &mut Context<Self>) {
+    /// Takes a snapshot of every (drained) VNode: kept in memory for recovery, uploaded as a
+    /// checkpoint when `persist`, then training goes on (on new PNodes if some are leaving).
+    fn take_checkpoint(&mut self, ctx: &mut Context<Self>, persist: bool) {
         self.stage = Stage::Checkpointing;
         let step = self.completed;
         let job = self.spec.job_id.clone();
-        let targets: Vec<(u32, String)> = self.placement.iter().map(|(v, p)| (*v, p.endpoint.clone())).collect();
+        let targets: Vec<(u32, String, String)> =
+            self.placement.iter().map(|(v, p)| (*v, p.endpoint.clone(), p.id.clone())).collect();
         let fut = async move {
             let mut states = Vec::with_capacity(targets.len());
-            for (vnode, endpoint) in targets {
-                let mut c = pnode_client(&endpoint).map_err(|e| format!("{endpoint}: {e}"))?;
+            for (vnode, endpoint, pnode) in targets {
+                let fail = |why: String| (pnode.clone(), why);
+                let mut c = pnode_client(&endpoint).map_err(|e| fail(format!("{endpoint}: {e}")))?;
+                let mut req = tonic::Request::new(v1::SnapshotRequest { job_id: job.clone(), vnode });
+                req.set_timeout(SNAPSHOT_TIMEOUT);
                 let r = c
-                    .snapshot(v1::SnapshotRequest { job_id: job.clone(), vnode })
+                    .snapshot(req)
                     .await
-                    .map_err(|s| format!("snapshot of vnode {vnode} on {endpoint}: {}", s.message()))?;
+                    .map_err(|s| fail(format!("snapshot of vnode {vnode} on {endpoint}: {}", s.message())))?;
                 states.push((vnode, r.into_inner().state));
             }
-            Ok::<_, String>(states)
+            Ok::<_, (String, String)>(states)
         };
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(states) => {
+                act.last_snapshot_at = Instant::now();
+                act.recovery = Some(ResumeFrom {
+                    step,
+                    epochs_evaluated: act.epochs_evaluated,
+                    states: states.iter().cloned().collect(),
+                });
+                if !persist {
+                    return act.after_snapshot(ctx);
+                }
                 act.last_checkpoint = Some(step);
                 act.last_checkpoint_at = Instant::now();
                 if let Some(store) = act.spec.store.clone() {
@@ -348,16 +429,109 @@ impl JobActor {
                         let _ = events.send(JobEvent::Log(text));
                     }));
                 }
-                act.stage = Stage::Training;
-                act.pump(ctx);
+                act.after_snapshot(ctx);
             }
-            Err(e) => act.fail(ctx, "checkpoint", e),
+            Err((pnode, why)) => act.recover(ctx, format!("snapshot failed: {why}"), vec![pnode]),
         }));
+    }
+
+    fn after_snapshot(&mut self, ctx: &mut Context<Self>) {
+        if self.evacuating.iter().any(|p| self.placement.values().any(|v| &v.id == p)) {
+            let leaving: Vec<String> = self.evacuating.iter().cloned().collect();
+            return self.recover(ctx, format!("moving VNodes off leaving pnode(s) {}", leaving.join(", ")), leaving);
+        }
+        self.stage = Stage::Training;
+        self.pump(ctx);
+    }
+
+    /// Moves the job to a new generation: drops PNodes `bad`, rolls back to the latest complete
+    /// snapshot, and places every VNode again on the PNodes left (waiting for capacity up to the
+    /// job's timeout).
+    fn recover(&mut self, ctx: &mut Context<Self>, reason: String, bad: Vec<String>) {
+        if matches!(self.stage, Stage::Ended | Stage::Recovering | Stage::Placing) || self.error.is_some() {
+            self.excluded.extend(bad);
+            return;
+        }
+        if let Some(m) = self.train_mark.take() {
+            self.train_time += m.elapsed();
+        }
+        let at_step = self.completed;
+        let to = self.recovery.clone();
+        let resumed_step = to.as_ref().map(|r| r.step).unwrap_or(self.first_step);
+        self.generation += 1;
+        self.stage = Stage::Recovering;
+        self.excluded.extend(bad.iter().cloned());
+        for p in &bad {
+            self.evacuating.remove(p);
+        }
+        self.recovering = Some((Instant::now(), reason.clone()));
+        self.recovery_clock = Some((Instant::now(), self.generation));
+        self.recoveries.push(Recovery {
+            generation: self.generation,
+            reason: reason.clone(),
+            pnodes: bad,
+            at_step,
+            resumed_step,
+            recomputed_steps: at_step.saturating_sub(resumed_step),
+            replace_s: 0.0,
+            first_step_s: None,
+        });
+        self.log(format!(
+            "recovering (generation {}): {reason}; rolling back from step {at_step} to {resumed_step}",
+            self.generation
+        ));
+        // Everything past the snapshot is forgotten and computed again, identically.
+        self.completed = resumed_step;
+        self.fed = resumed_step;
+        self.epochs_evaluated = to.as_ref().map(|r| r.epochs_evaluated).unwrap_or(self.epochs_evaluated_at_start());
+        self.done.clear();
+        self.finished_mbs.clear();
+        self.eval = None;
+        self.loss_window = (0.0, 0);
+        self.links.clear();
+        self.metrics.train_loss.retain(|(mb, _)| *mb < resumed_step);
+        let evaluated = self.epochs_evaluated;
+        self.metrics.evaluations.retain(|e| e.epoch <= evaluated);
+        self.test = self.metrics.evaluations.last().map(|e| (e.accuracy, e.loss));
+        let keep = (resumed_step - self.first_step) as usize;
+        for e in self.executions.values_mut() {
+            e.output_sha256.truncate(keep);
+            e.steps = e.steps.min(keep as u64);
+        }
+        let old: BTreeSet<String> = self
+            .placement
+            .values()
+            .filter(|p| !self.excluded.contains(&p.id))
+            .map(|p| p.endpoint.clone())
+            .collect();
+        let job = self.spec.job_id.clone();
+        let mut spec = self.spec.clone();
+        spec.resume = to;
+        let request = PlacementRequest {
+            generation: self.generation,
+            exclude: self.excluded.clone(),
+            deadline: self.started + self.spec.timeout,
+            min_pnodes: 1,
+        };
+        let registry = self.registry.clone();
+        self.push_status();
+        let fut = async move {
+            // PNodes that keep nothing of the job stop its old VNodes now; the others have them
+            // replaced by the allocation of the new generation.
+            release_everywhere(&job, old).await;
+            place_and_allocate(spec, registry, request).await
+        };
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| act.on_placed(res, ctx)));
+    }
+
+    fn epochs_evaluated_at_start(&self) -> u64 {
+        self.spec.resume.as_ref().map(|r| r.epochs_evaluated).unwrap_or(0)
     }
 
     fn status(&self) -> JobStatus {
         let state = match self.stage {
             Stage::Placing => JobState::Pending,
+            Stage::Recovering => JobState::Recovering,
             Stage::Ended if self.error.is_some() => JobState::Failed,
             Stage::Ended => JobState::Succeeded,
             _ => JobState::Running,
@@ -390,17 +564,29 @@ impl JobActor {
         self.finish(ctx, None);
     }
 
-    fn on_placed(&mut self, placed: Result<BTreeMap<u32, PNodeView>, String>, ctx: &mut Context<Self>) {
+    fn on_placed(&mut self, placed: Result<BTreeMap<u32, PNodeView>, PlaceError>, ctx: &mut Context<Self>) {
         let placement = match placed {
             Ok(p) => p,
-            Err(e) => return self.fail(ctx, "placement", e),
+            Err(PlaceError::Capacity(e)) if self.stage == Stage::Recovering => {
+                return self.fail(ctx, "no_capacity", format!("recovery could not place the job: {e}"));
+            }
+            Err(PlaceError::Capacity(e)) => return self.fail(ctx, "placement", e),
+            // An allocation that failed (a PNode died while being given work) is one more failure.
+            Err(PlaceError::Allocate { pnode, why }) => {
+                // `recover` starts from a placed job; this one was being placed.
+                self.stage = Stage::Training;
+                return self.recover(ctx, format!("allocation failed: {why}"), vec![pnode]);
+            }
         };
         let names = self.spec.graph.names();
         let text: Vec<String> = placement
             .iter()
             .map(|(v, p)| format!("{}->{}", names.get(v).map(String::as_str).unwrap_or("?"), p.id))
             .collect();
-        self.log(format!("placed {} VNodes: {}", placement.len(), text.join(", ")));
+        self.log(format!("placed {} VNodes (generation {}): {}", placement.len(), self.generation, text.join(", ")));
+        if let (Some((since, _)), Some(r)) = (self.recovering.take(), self.recoveries.last_mut()) {
+            r.replace_s = since.elapsed().as_secs_f64();
+        }
         self.jobs.do_send(Placed {
             job_id: self.spec.job_id.clone(),
             locations: placement.iter().map(|(v, p)| (*v, p.endpoint.clone())).collect(),
@@ -416,25 +602,22 @@ impl JobActor {
                 }
             }
         }
-        self.executions = placement
-            .iter()
-            .map(|(v, p)| {
-                let e = Execution {
-                    vnode: *v,
-                    name: names.get(v).cloned().unwrap_or_default(),
-                    pnode: p.id.clone(),
-                    endpoint: p.endpoint.clone(),
-                    determinism_class: p.caps.determinism_class.clone(),
-                    ..Execution::default()
-                };
-                (*v, e)
-            })
-            .collect();
+        for (v, p) in &placement {
+            let e = self.executions.entry(*v).or_insert_with(|| Execution {
+                vnode: *v,
+                name: names.get(v).cloned().unwrap_or_default(),
+                ..Execution::default()
+            });
+            e.pnode = p.id.clone();
+            e.endpoint = p.endpoint.clone();
+            e.determinism_class = p.caps.determinism_class.clone();
+            e.placements.push((self.completed, p.id.clone()));
+        }
         self.placement = placement;
         self.stage = Stage::Training;
         self.train_mark = Some(Instant::now());
-        self.rate_mark = (Instant::now(), 0);
-        ctx.run_interval(Duration::from_millis(250), |act, ctx| act.tick(ctx));
+        self.rate_mark = (Instant::now(), self.completed);
+        self.last_activity = Instant::now();
         self.push_status();
         self.pump(ctx);
     }
@@ -446,7 +629,8 @@ impl JobActor {
     fn send_data(&mut self, mb: u64, phase: Phase, features: &HostTensor, labels: &HostTensor) -> Result<(), String> {
         for (vnode, port, src) in &self.feeders {
             let tensor = if *src == Source::Labels { labels } else { features };
-            let msg = convert::forward_message(&self.spec.job_id, *vnode, mb, phase, *port, tensor);
+            let to = convert::Target { job: self.spec.job_id.clone(), vnode: *vnode, generation: self.generation };
+            let msg = convert::forward_message(&to, mb, phase, *port, tensor);
             let endpoint = self.placement.get(vnode).map(|p| p.endpoint.as_str()).unwrap_or("");
             let link = self.links.get(endpoint).ok_or_else(|| format!("no link to the pnode of vnode {vnode}"))?;
             link.try_send(msg).map_err(|e| format!("cannot feed vnode {vnode} at {endpoint}: {e}"))?;
@@ -477,6 +661,11 @@ impl JobActor {
                             limit = limit.min(self.fed.max(self.completed + 1));
                         }
                     }
+                    let leaving = self.evacuating.iter().any(|p| self.placement.values().any(|v| &v.id == p));
+                    if leaving || self.recovery_snapshot_due() {
+                        // Drain the pipeline: a snapshot needs every VNode idle.
+                        limit = limit.min(self.fed.max(self.completed + u64::from(!leaving)));
+                    }
                     let k = self.spec.in_flight as u64;
                     // Data may arrive up to PREFETCH steps early: VNodes hold it until the update
                     // order lets them run, so feeding never sits on a step's critical path.
@@ -492,7 +681,11 @@ impl JobActor {
                         return;
                     }
                     if self.checkpoint_due(self.completed) {
-                        return self.take_checkpoint(ctx);
+                        return self.take_checkpoint(ctx, true);
+                    }
+                    let leaving = self.evacuating.iter().any(|p| self.placement.values().any(|v| &v.id == p));
+                    if leaving || (self.recovery_snapshot_due() && self.completed == self.fed) {
+                        return self.take_checkpoint(ctx, false);
                     }
                     let epoch_end = self.completed.is_multiple_of(spe) || self.completed >= self.spec.steps;
                     if !epoch_end {
@@ -567,31 +760,41 @@ impl JobActor {
 
     fn collect(&mut self, ctx: &mut Context<Self>) {
         let job = self.spec.job_id.clone();
-        let targets: Vec<(u32, String)> = self.placement.iter().map(|(v, p)| (*v, p.endpoint.clone())).collect();
+        let targets: Vec<(u32, String, String)> =
+            self.placement.iter().map(|(v, p)| (*v, p.endpoint.clone(), p.id.clone())).collect();
         let fut = async move {
             let mut all = Vec::with_capacity(targets.len());
-            for (vnode, endpoint) in targets {
-                let mut client = pnode_client(&endpoint).map_err(|e| format!("{endpoint}: {e}"))?;
+            for (vnode, endpoint, pnode) in targets {
+                let unreachable = |why: String| CollectError::Unreachable(pnode.clone(), why);
+                let mut client = pnode_client(&endpoint).map_err(|e| unreachable(format!("{endpoint}: {e}")))?;
+                let mut req = tonic::Request::new(v1::FetchParamsRequest { job_id: job.clone(), vnode });
+                req.set_timeout(SNAPSHOT_TIMEOUT);
                 let r = client
-                    .fetch_params(v1::FetchParamsRequest { job_id: job.clone(), vnode })
+                    .fetch_params(req)
                     .await
-                    .map_err(|s| format!("fetching parameters of vnode {vnode} from {endpoint}: {}", s.message()))?
+                    .map_err(|s| {
+                        unreachable(format!("fetching parameters of vnode {vnode} from {endpoint}: {}", s.message()))
+                    })?
                     .into_inner();
                 let mut ps = Vec::with_capacity(r.params.len());
                 for t in &r.params {
-                    let t = convert::tensor_from_wire(Some(t)).map_err(|e| format!("vnode {vnode} parameters: {e}"))?;
+                    let t = convert::tensor_from_wire(Some(t))
+                        .map_err(|e| CollectError::Invalid(format!("vnode {vnode} parameters: {e}")))?;
                     match t.data {
                         HostData::F32(v) => ps.push(v),
-                        HostData::I32(_) => return Err(format!("vnode {vnode} sent integer parameters")),
+                        HostData::I32(_) => {
+                            return Err(CollectError::Invalid(format!("vnode {vnode} sent integer parameters")));
+                        }
                     }
                 }
                 all.push(ps);
             }
-            Ok::<_, String>(all)
+            Ok::<_, CollectError>(all)
         };
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
             Ok(params) => act.finish(ctx, Some(params)),
-            Err(e) => act.fail(ctx, "collect", e),
+            Err(CollectError::Unreachable(pnode, why)) => act.recover(ctx, why, vec![pnode]),
+            Err(CollectError::Invalid(why)) => act.fail(ctx, "collect", why),
         }));
     }
 
@@ -625,6 +828,7 @@ impl JobActor {
                 self.placement.get(&id).map(|p| p.id.clone()).unwrap_or_default()
             }),
             error: self.error.clone(),
+            recoveries: self.recoveries.clone(),
         }
     }
 
@@ -683,6 +887,7 @@ impl JobActor {
         self.links.clear();
         let events = self.events.clone();
         let uploads = std::mem::take(&mut self.uploads);
+        let active_store = self.spec.store.clone();
         let release = async move {
             for u in uploads {
                 let _ = u.await;
@@ -696,6 +901,12 @@ impl JobActor {
                     }
                     Err(e) => tracing::error!(job = %job, error = %e, "cannot write artifacts"),
                 }
+            }
+            // The job has ended: a restarted orchestrator must not run it again.
+            if let Some(store) = active_store
+                && let Err(e) = checkpoints::clear_active(store.as_ref(), &job).await
+            {
+                tracing::warn!(job = %job, error = %e, "cannot clear the job's active mark");
             }
             for e in endpoints {
                 if let Ok(mut c) = pnode_client(&e)
@@ -716,12 +927,59 @@ impl JobActor {
         if self.stage == Stage::Ended {
             return;
         }
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(3) {
+            self.report_progress();
+        }
+        if self.started.elapsed() > self.spec.timeout {
+            let why = format!(
+                "the job exceeded its timeout of {:?} ({} of {} steps done)",
+                self.spec.timeout, self.completed, self.spec.steps
+            );
+            return self.fail(ctx, "timeout", why);
+        }
+        if matches!(self.stage, Stage::Placing | Stage::Recovering) {
+            return;
+        }
+        if self.last_activity.elapsed() > self.spec.step_deadline && !self.probing {
+            self.probe(ctx);
+        }
+        let placed: BTreeSet<String> = self.placement.values().map(|p| p.id.clone()).collect();
+        let generation = self.generation;
+        ctx.spawn(self.registry.send(Snapshot).into_actor(self).map(move |snap, act, ctx| {
+            let Ok(snap) = snap else { return };
+            if act.generation != generation {
+                return;
+            }
+            let by_id: HashMap<&str, &PNodeView> = snap.iter().map(|p| (p.id.as_str(), p)).collect();
+            let lost: Vec<String> = placed
+                .iter()
+                .filter(|id| by_id.get(id.as_str()).is_none_or(|p| p.health == Health::Lost))
+                .cloned()
+                .collect();
+            if !lost.is_empty() {
+                let why = format!("pnode(s) {} lost (silent past the heartbeat timeout or unreachable)", lost.join(", "));
+                return act.recover(ctx, why, lost);
+            }
+            let leaving: Vec<String> = placed
+                .iter()
+                .filter(|id| by_id.get(id.as_str()).is_some_and(|p| p.health == Health::Draining))
+                .cloned()
+                .collect();
+            if leaving.iter().any(|p| act.evacuating.insert(p.clone())) {
+                act.log(format!("pnode(s) {} leaving; moving their VNodes at the next drained step", leaving.join(", ")));
+                act.pump(ctx);
+            }
+        }));
+    }
+
+    fn report_progress(&mut self) {
         let now = Instant::now();
         let (mark, at) = self.rate_mark;
         let dt = now.duration_since(mark).as_secs_f64();
         if dt >= 1.0 && self.stage == Stage::Training {
             let batch = self.spec.graph.spec.training.batch_size as f64;
-            self.samples_per_s = (self.completed - at) as f64 * batch / dt;
+            self.samples_per_s = self.completed.saturating_sub(at) as f64 * batch / dt;
             self.rate_mark = (now, self.completed);
             self.metrics.samples_per_s.push((self.started.elapsed().as_secs_f64(), self.samples_per_s));
         }
@@ -739,29 +997,114 @@ impl JobActor {
             });
         }
         self.push_status();
-        if self.last_activity.elapsed() > self.spec.stall_timeout {
-            let why = format!(
-                "no progress for {:?} (stage {:?}, {} of {} steps done)",
-                self.spec.stall_timeout, self.stage, self.completed, self.spec.steps
-            );
-            return self.fail(ctx, "stalled", why);
-        }
-        if self.started.elapsed() > self.spec.timeout {
-            let why = format!(
-                "the job exceeded its timeout of {:?} ({} of {} steps done)",
-                self.spec.timeout, self.completed, self.spec.steps
-            );
-            return self.fail(ctx, "timeout", why);
-        }
-        let placed: BTreeSet<String> = self.placement.values().map(|p| p.id.clone()).collect();
-        ctx.spawn(self.registry.send(Snapshot).into_actor(self).map(move |snap, act, ctx| {
-            let Ok(snap) = snap else { return };
-            if let Some(lost) = snap.iter().find(|p| placed.contains(&p.id) && p.health == Health::Lost) {
-                let why = format!("pnode {} ({}) stopped heartbeating; its VNodes are lost", lost.id, lost.endpoint);
-                act.fail(ctx, "pnode_lost", why);
+    }
+
+    /// No step completed within the deadline: asks every PNode of the job whether it answers and
+    /// whether its VNodes do; those that do not have failed the placement. If all answer, a
+    /// message was lost, and the job rolls back on the same PNodes.
+    fn probe(&mut self, ctx: &mut Context<Self>) {
+        self.probing = true;
+        let job = self.spec.job_id.clone();
+        let generation = self.generation;
+        let pnodes: BTreeMap<String, String> =
+            self.placement.values().map(|p| (p.id.clone(), p.endpoint.clone())).collect();
+        let fut = async move {
+            let calls = pnodes.into_iter().map(|(id, endpoint)| {
+                let job = job.clone();
+                async move {
+                    let busy = async {
+                        let mut c = pnode_client(&endpoint).map_err(|e| e.to_string())?;
+                        let mut req = tonic::Request::new(v1::PingRequest { payload: None, job_id: job });
+                        req.set_timeout(PROBE_TIMEOUT);
+                        let r = c.ping(req).await.map_err(|s| s.message().to_string())?.into_inner();
+                        Ok::<_, String>(r.busy_vnodes)
+                    };
+                    (id, busy.await)
+                }
+            });
+            futures::future::join_all(calls).await
+        };
+        ctx.spawn(fut.into_actor(self).map(move |answers, act, ctx| {
+            act.probing = false;
+            if act.generation != generation || act.last_activity.elapsed() <= act.spec.step_deadline {
+                return;
             }
+            let mut bad = Vec::new();
+            let mut why = Vec::new();
+            for (id, a) in answers {
+                match a {
+                    Err(e) => {
+                        why.push(format!("{id} does not answer ({e})"));
+                        act.registry.do_send(MarkLost(id.clone()));
+                        bad.push(id);
+                    }
+                    Ok(busy) if !busy.is_empty() => {
+                        why.push(format!("{id} is stuck in vnode(s) {busy:?}"));
+                        bad.push(id);
+                    }
+                    Ok(_) => {}
+                }
+            }
+            let reason = if why.is_empty() {
+                "a message was lost (every pnode answers)".to_string()
+            } else {
+                why.join("; ")
+            };
+            act.recover(ctx, format!("no step completed within {:?}: {reason}", act.spec.step_deadline), bad);
         }));
     }
+}
+
+/// Why the final parameters could not be collected.
+enum CollectError {
+    /// A PNode did not answer (a recovery repairs this).
+    Unreachable(String, String),
+    /// A PNode answered with something that is not parameters.
+    Invalid(String),
+}
+
+/// How long a probed PNode (and each of its VNodes) may take to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Deadline of snapshot and parameter calls; a PNode slower than this has failed the placement.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why VNodes could not be placed.
+#[derive(Debug)]
+pub enum PlaceError {
+    /// Not enough suitable PNodes before the deadline.
+    Capacity(String),
+    /// A PNode refused or failed the allocation.
+    Allocate {
+        /// The PNode.
+        pnode: String,
+        /// Its answer.
+        why: String,
+    },
+}
+
+/// What a placement must respect.
+#[derive(Debug, Clone)]
+struct PlacementRequest {
+    generation: u32,
+    exclude: BTreeSet<String>,
+    deadline: Instant,
+    min_pnodes: usize,
+}
+
+/// Stops a job's VNodes on the given PNodes, best effort and briefly: a PNode that does not
+/// answer is dead or hung, and its messages are stale either way.
+async fn release_everywhere(job: &str, endpoints: BTreeSet<String>) {
+    let calls = endpoints.into_iter().map(|e| async move {
+        if let Ok(mut c) = pnode_client(&e) {
+            let mut req = tonic::Request::new(v1::ReleaseRequest { job_id: job.to_string() });
+            req.set_timeout(Duration::from_millis(500));
+            if let Err(s) = c.release(req).await {
+                tracing::debug!(endpoint = %e, status = %s, "release failed");
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
 }
 
 /// A client for a PNode's service with the protocol's limits.
@@ -795,40 +1138,53 @@ fn demands(spec: &JobSpec) -> Vec<Demand> {
         .collect()
 }
 
-async fn place_and_allocate(spec: JobSpec, registry: Addr<Registry>) -> Result<BTreeMap<u32, PNodeView>, String> {
-    let deadline = Instant::now() + spec.placement_timeout;
-    let healthy = loop {
-        let snap = registry.send(Snapshot).await.map_err(|e| format!("registry unavailable: {e}"))?;
+async fn place_and_allocate(
+    spec: JobSpec,
+    registry: Addr<Registry>,
+    req: PlacementRequest,
+) -> Result<BTreeMap<u32, PNodeView>, PlaceError> {
+    let started = Instant::now();
+    let (healthy, assignment) = loop {
+        let snap =
+            registry.send(Snapshot).await.map_err(|e| PlaceError::Capacity(format!("registry unavailable: {e}")))?;
         let target = spec.envelope.policy.target;
         let healthy: Vec<PNodeView> = snap
             .into_iter()
-            .filter(|p| p.health == Health::Healthy && (target != Target::Gpu || !p.caps.gpu.is_empty()))
+            .filter(|p| {
+                p.health == Health::Healthy
+                    && !req.exclude.contains(&p.id)
+                    && (target != Target::Gpu || !p.caps.gpu.is_empty())
+            })
             .collect();
-        if !healthy.is_empty() && healthy.len() >= spec.min_pnodes {
-            break healthy;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{} suitable healthy pnode(s) (target {:?}) within {:?}; the job needs at least {}",
+        let offers: Vec<Offer> = healthy
+            .iter()
+            .map(|p| Offer { pnode: p.id.clone(), cores: p.caps.cores, memory: p.caps.memory_bytes })
+            .collect();
+        // Too few PNodes, or too little memory on them, is waited out: capacity may come back.
+        let why = if healthy.is_empty() || healthy.len() < req.min_pnodes {
+            format!(
+                "{} suitable healthy pnode(s) (target {:?}); the job needs at least {}",
                 healthy.len(),
                 target,
-                spec.placement_timeout,
-                spec.min_pnodes.max(1)
-            ));
+                req.min_pnodes.max(1)
+            )
+        } else {
+            match placement::place(&demands(&spec), &offers, spec.max_pnodes) {
+                Ok(a) => break (healthy, a),
+                Err(e) => e.to_string(),
+            }
+        };
+        if Instant::now() > req.deadline {
+            return Err(PlaceError::Capacity(format!("{why} (waited {:?})", started.elapsed())));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let offers: Vec<Offer> = healthy
-        .iter()
-        .map(|p| Offer { pnode: p.id.clone(), cores: p.caps.cores, memory: p.caps.memory_bytes })
-        .collect();
-    let assignment = placement::place(&demands(&spec), &offers, spec.max_pnodes).map_err(|e| e.to_string())?;
     let by_id: HashMap<&str, &PNodeView> = healthy.iter().map(|p| (p.id.as_str(), p)).collect();
     let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for (v, p) in &assignment {
         groups.entry(p.clone()).or_default().push(*v);
     }
-    let graph_json = serde_json::to_string(&spec.graph).map_err(|e| e.to_string())?;
+    let graph_json = serde_json::to_string(&spec.graph).map_err(|e| PlaceError::Capacity(e.to_string()))?;
     let calls = groups.iter().map(|(pnode, vnodes)| {
         let endpoint = by_id.get(pnode.as_str()).map(|p| p.endpoint.clone()).unwrap_or_default();
         let req = v1::AllocateRequest {
@@ -836,6 +1192,7 @@ async fn place_and_allocate(spec: JobSpec, registry: Addr<Registry>) -> Result<B
             graph_json: graph_json.clone(),
             root_seed: spec.root_seed,
             in_flight: spec.in_flight,
+            generation: req.generation,
             vnodes: vnodes
                 .iter()
                 .map(|&vnode| v1::VNodeAssignment {
@@ -844,10 +1201,14 @@ async fn place_and_allocate(spec: JobSpec, registry: Addr<Registry>) -> Result<B
                 })
                 .collect(),
         };
+        let pnode = pnode.clone();
         async move {
-            let mut c = pnode_client(&endpoint).map_err(|e| format!("{endpoint}: {e}"))?;
-            c.allocate(req).await.map_err(|s| format!("allocating on {endpoint}: {}", s.message()))?;
-            Ok::<_, String>(())
+            let fail = |why: String| PlaceError::Allocate { pnode: pnode.clone(), why };
+            let mut c = pnode_client(&endpoint).map_err(|e| fail(format!("{endpoint}: {e}")))?;
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(SNAPSHOT_TIMEOUT);
+            c.allocate(req).await.map_err(|s| fail(format!("allocating on {endpoint}: {}", s.message())))?;
+            Ok::<_, PlaceError>(())
         }
     });
     for r in futures::future::join_all(calls).await {
@@ -861,13 +1222,32 @@ impl Actor for JobActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.push_status();
-        let fut = place_and_allocate(self.spec.clone(), self.registry.clone());
+        ctx.run_interval(Duration::from_millis(100), |act, ctx| act.tick(ctx));
+        let request = PlacementRequest {
+            generation: self.generation,
+            exclude: BTreeSet::new(),
+            deadline: Instant::now() + self.spec.placement_timeout,
+            min_pnodes: self.spec.min_pnodes,
+        };
+        let fut = place_and_allocate(self.spec.clone(), self.registry.clone(), request);
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| act.on_placed(res, ctx)));
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         // The job's arbiter exists for this actor alone.
         Arbiter::current().stop();
+    }
+}
+
+impl Handler<crate::jobs::Evacuate> for JobActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: crate::jobs::Evacuate, ctx: &mut Context<Self>) {
+        let hosts = self.placement.values().any(|p| p.id == msg.0);
+        if hosts && self.stage != Stage::Ended && self.evacuating.insert(msg.0.clone()) {
+            self.log(format!("pnode {} is leaving; moving its VNodes at the next drained step", msg.0));
+            self.pump(ctx);
+        }
     }
 }
 
@@ -878,9 +1258,22 @@ impl Handler<Report> for JobActor {
         if self.stage == Stage::Ended {
             return;
         }
+        if r.generation != self.generation || self.stage == Stage::Recovering {
+            // From before a relocation: that work was rolled back and is being done again.
+            self.stale_reports += 1;
+            return;
+        }
         self.last_activity = Instant::now();
         match r.body {
             ReportBody::Done { compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => {
+                if r.mb < self.completed
+                    || self.finished_mbs.contains(&r.mb)
+                    || self.done.get(&r.mb).is_some_and(|d| d.contains(&r.vnode))
+                {
+                    // A repeat of a report already counted: counting it twice would skip a step.
+                    self.stale_reports += 1;
+                    return;
+                }
                 if let Some(e) = self.executions.get_mut(&r.vnode) {
                     e.steps += 1;
                     e.compute_s += compute_us as f64 / 1e6;
@@ -890,14 +1283,21 @@ impl Handler<Report> for JobActor {
                     // Done reports of one VNode arrive in step order (one stream, in-order updates).
                     e.output_sha256.push(output_sha256);
                 }
-                let n = self.spec.graph.nodes.len() as u32;
-                let c = self.done.entry(r.mb).or_insert(0);
-                *c += 1;
-                if *c == n {
+                let n = self.spec.graph.nodes.len();
+                let by = self.done.entry(r.mb).or_default();
+                by.insert(r.vnode);
+                if by.len() == n {
                     self.done.remove(&r.mb);
                     self.finished_mbs.insert(r.mb);
                     while self.finished_mbs.remove(&self.completed) {
                         self.completed += 1;
+                    }
+                    if let Some((since, _)) = &self.recovery_clock
+                        && let Some(r) = self.recoveries.last_mut()
+                        && r.first_step_s.is_none()
+                    {
+                        r.first_step_s = Some(since.elapsed().as_secs_f64());
+                        self.recovery_clock = None;
                     }
                 }
             }

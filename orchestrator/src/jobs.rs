@@ -18,8 +18,10 @@ use tokio::sync::broadcast;
 /// Settings every job inherits from the orchestrator.
 #[derive(Debug, Clone)]
 pub struct JobDefaults {
-    /// Fail a job when no step completes for this long.
-    pub stall_timeout: Duration,
+    /// A placement that completes no step for this long has failed; its VNodes are relocated.
+    pub step_deadline: Duration,
+    /// Take an in-memory recovery snapshot at least this often (zero: only with checkpoints).
+    pub recovery_every: Duration,
     /// How long a job waits for a PNode.
     pub placement_timeout: Duration,
     /// Most PNodes one job spreads over.
@@ -148,7 +150,8 @@ impl Jobs {
             steps,
             max_pnodes: self.defaults.max_pnodes.min(policy.max_pnodes as usize),
             min_pnodes: policy.min_pnodes as usize,
-            stall_timeout: self.defaults.stall_timeout,
+            step_deadline: self.defaults.step_deadline,
+            recovery_every: self.defaults.recovery_every,
             placement_timeout: self.defaults.placement_timeout.min(Duration::from_secs(policy.timeout_s)),
             timeout: Duration::from_secs(policy.timeout_s),
             graph,
@@ -168,6 +171,19 @@ impl Jobs {
             error: None,
             summary: None,
         };
+        if let Some(store) = self.store.clone() {
+            // The job is recorded as active before it runs, so an orchestrator that crashes and
+            // restarts finds it (with its latest snapshot) and carries on.
+            let (id, envelope) = (job_id.clone(), spec.envelope.clone());
+            ctx.wait(
+                async move {
+                    if let Err(e) = checkpoints::mark_active(store.as_ref(), &id, &envelope).await {
+                        tracing::error!(job = %id, error = %e, "cannot record the job as active; it will not survive a restart");
+                    }
+                }
+                .into_actor(self),
+            );
+        }
         let (registry, me, tx) = (self.registry.clone(), ctx.address(), events.clone());
         let actor =
             JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| JobActor::new(spec, registry, me, data, tx));
@@ -212,6 +228,41 @@ impl Handler<Resume> for Jobs {
     }
 }
 
+/// Restarts every job the store records as active (the orchestrator stopped while they ran):
+/// from its latest complete snapshot, or from the start if it had none.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct ResumeActive;
+
+impl Handler<ResumeActive> for Jobs {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: ResumeActive, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let fut = async move {
+            let Some(store) = store else { return Vec::new() };
+            match checkpoints::load_active(store.as_ref()).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot list the jobs that were running");
+                    Vec::new()
+                }
+            }
+        };
+        Box::pin(fut.into_actor(self).map(|found, act, ctx| {
+            for (job, mut envelope, from) in found {
+                envelope.seed = SeedSpec { mode: SeedMode::Explicit, value: envelope.seed.value };
+                envelope.ctx.job_id = Some(job.clone());
+                let step = from.as_ref().map(|f| f.step).unwrap_or(0);
+                match act.start_job(envelope, from, ctx) {
+                    Ok(_) => tracing::info!(%job, step, "resuming a job that was running before the restart"),
+                    Err(e) => tracing::error!(%job, error = %e, "cannot resume a job that was running before the restart"),
+                }
+            }
+        }))
+    }
+}
+
 /// Status pushed by a job actor.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -246,6 +297,8 @@ impl Handler<Placed> for Jobs {
     type Result = ();
 
     fn handle(&mut self, msg: Placed, _: &mut Context<Self>) {
+        // A new placement replaces the old one whole.
+        self.locations.retain(|k, _| k.0 != msg.job_id);
         for (v, e) in msg.locations {
             self.locations.insert((msg.job_id.clone(), v), e);
         }
@@ -273,6 +326,34 @@ impl Handler<Report> for Jobs {
             Some(a) => a.do_send(msg),
             None => tracing::debug!(job = %msg.job_id, "report for a job that is not running"),
         }
+    }
+}
+
+/// A PNode is leaving: every running job moves its VNodes off it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Evacuate(pub String);
+
+impl Handler<Evacuate> for Jobs {
+    type Result = ();
+
+    fn handle(&mut self, msg: Evacuate, _: &mut Context<Self>) {
+        for a in self.jobs.values().filter_map(|e| e.actor.as_ref()) {
+            a.do_send(Evacuate(msg.0.clone()));
+        }
+    }
+}
+
+/// How many VNodes of running jobs are placed on the PNode at `endpoint`.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct HostedOn(pub String);
+
+impl Handler<HostedOn> for Jobs {
+    type Result = usize;
+
+    fn handle(&mut self, msg: HostedOn, _: &mut Context<Self>) -> usize {
+        self.locations.values().filter(|e| **e == msg.0).count()
     }
 }
 

@@ -85,6 +85,7 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
     let (all, each) = params_hashes(&params);
     let digest = resolved.envelope.op.model_sha256.clone().unwrap_or_default();
     Ok(JobSummary {
+        recoveries: Vec::new(),
         job_id: format!("local-{}", digest.get(..8).unwrap_or("")),
         status: "succeeded".into(),
         model: graph.spec.model.name.clone(),

@@ -29,8 +29,10 @@ pub enum Health {
     Healthy,
     /// Some heartbeats missed.
     Suspect,
-    /// Silent past the timeout.
+    /// Silent past the timeout, or found dead when probed.
     Lost,
+    /// Leaving: its work is being moved away and it gets no new work.
+    Draining,
 }
 
 impl Health {
@@ -40,6 +42,7 @@ impl Health {
             Health::Healthy => "healthy",
             Health::Suspect => "suspect",
             Health::Lost => "lost",
+            Health::Draining => "draining",
         }
     }
 }
@@ -86,6 +89,20 @@ impl HealthPolicy {
 struct Record {
     view: PNodeView,
     last_seen: Instant,
+    /// Declared lost (a failed probe) before its heartbeats timed out.
+    lost: bool,
+    draining: bool,
+}
+
+impl Record {
+    fn health(&self, policy: &HealthPolicy, now: Instant) -> Health {
+        match policy.judge(now.duration_since(self.last_seen)) {
+            _ if self.lost => Health::Lost,
+            Health::Lost => Health::Lost,
+            _ if self.draining => Health::Draining,
+            h => h,
+        }
+    }
 }
 
 /// Actor owning the table of PNodes.
@@ -133,7 +150,7 @@ impl Handler<Register> for Registry {
             health: Health::Healthy,
             hosted_vnodes: 0,
         };
-        self.pnodes.insert(id.clone(), Record { view, last_seen: Instant::now() });
+        self.pnodes.insert(id.clone(), Record { view, last_seen: Instant::now(), lost: false, draining: false });
         id
     }
 }
@@ -152,9 +169,17 @@ impl Handler<Heartbeat> for Registry {
     type Result = bool;
 
     fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> bool {
+        let now = Instant::now();
         match self.pnodes.get_mut(&msg.id) {
+            // Once lost, its VNodes were relocated: it must join again with a clean slate, so a
+            // PNode that was only paused never mixes its old work into the job.
+            Some(r) if r.health(&self.policy, now) == Health::Lost => {
+                tracing::warn!(pnode = %msg.id, "a lost pnode is heartbeating again; asking it to register anew");
+                self.pnodes.remove(&msg.id);
+                false
+            }
             Some(r) => {
-                r.last_seen = Instant::now();
+                r.last_seen = now;
                 r.view.hosted_vnodes = msg.hosted_vnodes;
                 true
             }
@@ -177,9 +202,62 @@ impl Handler<Snapshot> for Registry {
             .values()
             .map(|r| {
                 let mut v = r.view.clone();
-                v.health = self.policy.judge(now.duration_since(r.last_seen));
+                v.health = r.health(&self.policy, now);
                 v
             })
             .collect()
+    }
+}
+
+/// Declares a PNode lost at once (it failed a probe after an RPC error), without waiting for
+/// its heartbeats to time out.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct MarkLost(pub String);
+
+impl Handler<MarkLost> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: MarkLost, _: &mut Context<Self>) {
+        if let Some(r) = self.pnodes.get_mut(&msg.0)
+            && !r.lost
+        {
+            tracing::warn!(pnode = %msg.0, "pnode is unreachable; declared lost");
+            r.lost = true;
+        }
+    }
+}
+
+/// Marks a PNode as leaving; answers its endpoint, or `None` if it is unknown.
+#[derive(Message)]
+#[rtype(result = "Option<String>")]
+pub struct Drain(pub String);
+
+impl Handler<Drain> for Registry {
+    type Result = Option<String>;
+
+    fn handle(&mut self, msg: Drain, _: &mut Context<Self>) -> Option<String> {
+        let r = self.pnodes.get_mut(&msg.0)?;
+        tracing::info!(pnode = %msg.0, "pnode is leaving; draining it");
+        r.draining = true;
+        Some(r.view.endpoint.clone())
+    }
+}
+
+/// One PNode's view, if known.
+#[derive(Message)]
+#[rtype(result = "Option<PNodeView>")]
+pub struct Lookup(pub String);
+
+impl Handler<Lookup> for Registry {
+    type Result = Option<PNodeView>;
+
+    fn handle(&mut self, msg: Lookup, _: &mut Context<Self>) -> Option<PNodeView> {
+        let now = Instant::now();
+        self.pnodes.get(&msg.0).map(|r| {
+            let mut v = r.view.clone();
+            v.health = r.health(&self.policy, now);
+            v
+        })
     }
 }

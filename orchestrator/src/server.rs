@@ -2,7 +2,7 @@
 
 use crate::artifacts::{open_store, probe};
 use crate::data::DataCache;
-use crate::jobs::{JobDefaults, Jobs};
+use crate::jobs::{JobDefaults, Jobs, ResumeActive};
 use crate::registry::{HealthPolicy, Registry};
 use crate::service::{OrchestratorService, server};
 use actix::{Actor, Addr};
@@ -82,6 +82,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         None => (None, Default::default()),
     };
     let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded).start();
+    // Jobs that were running when a previous orchestrator stopped go on; their placement waits
+    // for PNodes to register again.
+    jobs.do_send(ResumeActive);
     let svc = OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(dcnr_proto::transport::server().add_service(server(svc)).serve_with_incoming(incoming));

@@ -2,8 +2,8 @@
 //! the registry and job-table actors.
 
 use crate::job::{Report, ReportBody};
-use crate::jobs::{Get, Jobs, List, Resolve, Resume, Submit, SubmitError, Watch};
-use crate::registry::{Caps, Heartbeat, PNodeView, Register, Registry, Snapshot};
+use crate::jobs::{Evacuate, Get, HostedOn, Jobs, List, Resolve, Resume, Submit, SubmitError, Watch};
+use crate::registry::{self, Caps, Heartbeat, Lookup, MarkLost, PNodeView, Register, Registry, Snapshot};
 use crate::status::{JobEvent, JobState, JobStatus};
 use actix::Addr;
 use dcnr_model::envelope::Envelope;
@@ -42,6 +42,7 @@ pub fn status_to_wire(s: &JobStatus) -> v1::JobStatus {
             JobState::Running => v1::JobState::Running,
             JobState::Succeeded => v1::JobState::Succeeded,
             JobState::Failed => v1::JobState::Failed,
+            JobState::Recovering => v1::JobState::Recovering,
         } as i32,
         model: s.model.clone(),
         steps_done: s.steps_done,
@@ -107,7 +108,24 @@ fn report_from_wire(r: v1::VNodeReport) -> Result<Report, Status> {
         Some(Body::Failure(f)) => ReportBody::Failure(f.message),
         None => return Err(Status::invalid_argument("report has no body")),
     };
-    Ok(Report { job_id: r.job_id, vnode: r.vnode, mb: r.micro_batch, pnode: r.pnode_id, body })
+    Ok(Report { job_id: r.job_id, vnode: r.vnode, mb: r.micro_batch, pnode: r.pnode_id, generation: r.generation, body })
+}
+
+/// Longest a drain call waits, whatever the PNode asks for.
+const MAX_DRAIN: Duration = Duration::from_secs(600);
+
+/// Pings a PNode whose connection broke; declares it lost if it does not answer.
+async fn probe_pnode(registry: Addr<Registry>, id: String) {
+    let Ok(Some(view)) = registry.send(Lookup(id.clone())).await else { return };
+    let alive = async {
+        let mut c = crate::job::pnode_client(&view.endpoint).ok()?;
+        let mut req = Request::new(v1::PingRequest { payload: None, job_id: String::new() });
+        req.set_timeout(Duration::from_millis(500));
+        c.ping(req).await.ok()
+    };
+    if alive.await.is_none() {
+        registry.do_send(MarkLost(id));
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Send>>;
@@ -164,11 +182,48 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     async fn report(&self, req: Request<Streaming<v1::VNodeReport>>) -> Result<Response<v1::ReportAck>, Status> {
         let mut s = req.into_inner();
         let mut received = 0;
-        while let Some(r) = s.message().await? {
-            self.jobs.do_send(report_from_wire(r)?);
-            received += 1;
+        let mut sender = String::new();
+        let end = loop {
+            match s.message().await {
+                Ok(Some(r)) => {
+                    if sender != r.pnode_id {
+                        sender.clone_from(&r.pnode_id);
+                    }
+                    self.jobs.do_send(report_from_wire(r)?);
+                    received += 1;
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        // A PNode keeps its report stream open for life; when it breaks, the PNode has likely
+        // died, and a probe finds out now rather than after the heartbeat timeout.
+        if !sender.is_empty() {
+            tokio::spawn(probe_pnode(self.registry.clone(), sender));
         }
+        end?;
         Ok(Response::new(v1::ReportAck { received }))
+    }
+
+    async fn drain(&self, req: Request<v1::DrainRequest>) -> Result<Response<v1::DrainResponse>, Status> {
+        let r = req.into_inner();
+        let endpoint = self
+            .registry
+            .send(registry::Drain(r.pnode_id.clone()))
+            .await
+            .map_err(gone)?
+            .ok_or_else(|| Status::not_found(format!("pnode {} is not registered", r.pnode_id)))?;
+        self.jobs.do_send(Evacuate(r.pnode_id.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(r.timeout_ms)).min(MAX_DRAIN);
+        let remaining = loop {
+            let n = self.jobs.send(HostedOn(endpoint.clone())).await.map_err(gone)?;
+            if n == 0 || tokio::time::Instant::now() >= deadline {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tracing::info!(pnode = %r.pnode_id, remaining, "drain finished");
+        Ok(Response::new(v1::DrainResponse { remaining_vnodes: remaining as u32 }))
     }
 
     async fn submit_job(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {

@@ -14,6 +14,8 @@ pub enum JobState {
     Succeeded,
     /// Stopped by an error.
     Failed,
+    /// Moving VNodes after a failure or a drain, or waiting for capacity to do so.
+    Recovering,
 }
 
 impl JobState {

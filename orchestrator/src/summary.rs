@@ -51,6 +51,30 @@ pub struct JobSummary {
     pub vnodes: Vec<VNodeSummary>,
     /// Why the job failed.
     pub error: Option<String>,
+    /// Relocations after failures or drains, in order.
+    #[serde(default)]
+    pub recoveries: Vec<Recovery>,
+}
+
+/// One recovery: a move to a new placement generation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Recovery {
+    /// Generation it moved to.
+    pub generation: u32,
+    /// What happened.
+    pub reason: String,
+    /// PNodes it stopped using.
+    pub pnodes: Vec<String>,
+    /// Steps completed when it began.
+    pub at_step: u64,
+    /// Step training continued from.
+    pub resumed_step: u64,
+    /// Steps computed again because of it.
+    pub recomputed_steps: u64,
+    /// Seconds from its start until the VNodes were placed again.
+    pub replace_s: f64,
+    /// Seconds from its start until the next training step completed.
+    pub first_step_s: Option<f64>,
 }
 
 /// Per-VNode summaries in id order; `pnode_of` names where each VNode ran.

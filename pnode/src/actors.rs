@@ -8,10 +8,15 @@ use actix::prelude::*;
 use dcnr_vnode::{HostTensor, Inbound, VNode, VNodeSpec};
 use std::collections::HashMap;
 
-/// A message for a VNode.
+/// A message for a VNode, from the given placement generation of its job.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Deliver(pub Inbound);
+pub struct Deliver {
+    /// Generation of the sender; a VNode drops messages of any other.
+    pub generation: u32,
+    /// The message.
+    pub msg: Inbound,
+}
 
 /// Asks a VNode for its current parameters and version.
 #[derive(Message)]
@@ -23,9 +28,15 @@ pub struct GetParams;
 #[rtype(result = "Result<Vec<u8>, String>")]
 pub struct TakeSnapshot;
 
+/// Answers as soon as the VNode's thread is free: a probe of whether it is stuck in a step.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Alive;
+
 /// One hosted VNode.
 pub struct VNodeActor {
     job: String,
+    generation: u32,
     vnode: VNode,
     router: Router,
     failed: bool,
@@ -42,25 +53,42 @@ impl Handler<Deliver> for VNodeActor {
         if self.failed {
             return;
         }
-        let mb = match &msg.0 {
+        if msg.generation != self.generation {
+            // Sent before (or, from a PNode that missed a relocation, beside) the current placement.
+            tracing::debug!(job = %self.job, vnode = self.vnode.id(), got = msg.generation, want = self.generation, "stale message dropped");
+            self.router.count_stale();
+            return;
+        }
+        let mb = match &msg.msg {
             Inbound::Forward { mb, .. } | Inbound::Backward { mb, .. } => *mb,
         };
-        match self.vnode.handle(msg.0) {
+        match self.vnode.handle(msg.msg) {
             Ok(outs) => {
                 let id = self.vnode.id();
                 for o in outs {
-                    self.router.send(&self.job, id, o);
+                    self.router.send(&self.job, id, self.generation, o);
                 }
+            }
+            Err(e) if e.is_stale() => {
+                // Already applied once; applying it again is what must never happen.
+                tracing::debug!(job = %self.job, error = %e, "late or repeated message dropped");
+                self.router.count_stale();
             }
             Err(e) => {
                 // A VNode that refused input has state the job can no longer trust; it stops
                 // computing and the orchestrator decides what happens to the job.
                 tracing::error!(job = %self.job, vnode = self.vnode.id(), error = %e, "VNode failed");
                 self.failed = true;
-                self.router.fail(&self.job, self.vnode.id(), mb, e.to_string());
+                self.router.fail(&self.job, self.vnode.id(), self.generation, mb, e.to_string());
             }
         }
     }
+}
+
+impl Handler<Alive> for VNodeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Alive, _: &mut Context<Self>) {}
 }
 
 impl Handler<TakeSnapshot> for VNodeActor {
@@ -82,6 +110,7 @@ impl Handler<GetParams> for VNodeActor {
 
 struct Hosted {
     vnode: u32,
+    generation: u32,
     memory: u64,
     addr: Addr<VNodeActor>,
     arbiter: Arbiter,
@@ -110,6 +139,11 @@ impl Host {
         self.jobs.values().map(Vec::len).sum()
     }
 
+    fn release_all(&mut self) -> u32 {
+        let jobs: Vec<String> = self.jobs.keys().cloned().collect();
+        jobs.iter().map(|j| self.release(j)).sum()
+    }
+
     fn release(&mut self, job: &str) -> u32 {
         self.router.forget_job(job);
         let gone = self.jobs.remove(job).unwrap_or_default();
@@ -130,6 +164,8 @@ impl Actor for Host {
 pub struct Allocate {
     /// Job id.
     pub job: String,
+    /// Placement generation; an older one than the job's current one here is refused.
+    pub generation: u32,
     /// One spec per VNode to host, with an optional checkpointed state to restore.
     pub specs: Vec<(VNodeSpec, Option<Vec<u8>>)>,
     /// Bytes these VNodes will need (see `VNodeSpec::memory_estimate`).
@@ -140,6 +176,13 @@ impl Handler<Allocate> for Host {
     type Result = Result<u32, String>;
 
     fn handle(&mut self, msg: Allocate, _: &mut Context<Self>) -> Self::Result {
+        let current = self.jobs.get(&msg.job).and_then(|h| h.first()).map(|h| h.generation);
+        if let Some(g) = current.filter(|g| *g > msg.generation) {
+            return Err(format!(
+                "job {} is already placed here at generation {g}; refusing the older generation {}",
+                msg.job, msg.generation
+            ));
+        }
         self.release(&msg.job);
         if self.hosted() + msg.specs.len() > self.max_vnodes {
             return Err(format!(
@@ -169,15 +212,16 @@ impl Handler<Allocate> for Host {
         let mut hosted = Vec::with_capacity(vnodes.len());
         for v in vnodes {
             let arbiter = Arbiter::new();
-            let (job, router, vnode) = (msg.job.clone(), self.router.clone(), v.id());
+            let (job, router, vnode, generation) = (msg.job.clone(), self.router.clone(), v.id(), msg.generation);
             let addr = VNodeActor::start_in_arbiter(&arbiter.handle(), move |_| VNodeActor {
                 job,
+                generation,
                 vnode: v,
                 router,
                 failed: false,
             });
             self.router.add_local((msg.job.clone(), vnode), addr.clone().recipient());
-            hosted.push(Hosted { vnode, memory: per_vnode, addr, arbiter });
+            hosted.push(Hosted { vnode, generation, memory: per_vnode, addr, arbiter });
         }
         let n = hosted.len() as u32;
         self.jobs.insert(msg.job, hosted);
@@ -198,6 +242,19 @@ impl Handler<Release> for Host {
     }
 }
 
+/// Stops every VNode of every job (the orchestrator no longer knows this PNode's work).
+#[derive(Message)]
+#[rtype(result = "u32")]
+pub struct ReleaseAll;
+
+impl Handler<ReleaseAll> for Host {
+    type Result = u32;
+
+    fn handle(&mut self, _: ReleaseAll, _: &mut Context<Self>) -> u32 {
+        self.release_all()
+    }
+}
+
 /// Finds the actor of a hosted VNode.
 #[derive(Message)]
 #[rtype(result = "Option<Addr<VNodeActor>>")]
@@ -208,6 +265,19 @@ impl Handler<Find> for Host {
 
     fn handle(&mut self, msg: Find, _: &mut Context<Self>) -> Self::Result {
         self.jobs.get(&msg.0)?.iter().find(|h| h.vnode == msg.1).map(|h| h.addr.clone())
+    }
+}
+
+/// Every hosted VNode of a job.
+#[derive(Message)]
+#[rtype(result = "Vec<(u32, Addr<VNodeActor>)>")]
+pub struct JobVNodes(pub String);
+
+impl Handler<JobVNodes> for Host {
+    type Result = Vec<(u32, Addr<VNodeActor>)>;
+
+    fn handle(&mut self, msg: JobVNodes, _: &mut Context<Self>) -> Self::Result {
+        self.jobs.get(&msg.0).map(|hs| hs.iter().map(|h| (h.vnode, h.addr.clone())).collect()).unwrap_or_default()
     }
 }
 

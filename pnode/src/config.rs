@@ -37,6 +37,10 @@ pub struct PnodeArgs {
     /// Exit when the orchestrator has been unreachable this many seconds (0 = retry forever).
     #[arg(long, env = "DCNR_ORPHAN_TIMEOUT_S", default_value_t = 0)]
     pub orphan_timeout_s: u64,
+    /// On SIGTERM/Ctrl-C, wait up to this many seconds for the orchestrator to move this PNode's
+    /// VNodes before exiting (0 = leave at once; a second signal also leaves at once).
+    #[arg(long, env = "DCNR_DRAIN_TIMEOUT_S", default_value_t = 30)]
+    pub drain_timeout_s: u64,
     /// Protocol version to announce; a testing aid for version negotiation.
     #[arg(long, hide = true, default_value_t = dcnr_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,

@@ -41,22 +41,35 @@ pub fn phase_to_wire(p: Phase) -> i32 {
     }
 }
 
+/// Where a VNode message goes: job, target VNode and the placement generation it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Job id.
+    pub job: String,
+    /// Target VNode.
+    pub vnode: u32,
+    /// Placement generation of the sender.
+    pub generation: u32,
+}
+
 /// A forward message on the wire.
-pub fn forward_message(job: &str, to: u32, mb: u64, phase: Phase, port: u32, t: &HostTensor) -> v1::VNodeMessage {
+pub fn forward_message(to: &Target, mb: u64, phase: Phase, port: u32, t: &HostTensor) -> v1::VNodeMessage {
     v1::VNodeMessage {
-        job_id: job.to_string(),
-        to_vnode: to,
+        job_id: to.job.clone(),
+        to_vnode: to.vnode,
         micro_batch: mb,
         body: Some(Body::Forward(v1::Forward { port, phase: phase_to_wire(phase), tensor: Some(tensor_to_wire(t)) })),
+        generation: to.generation,
     }
 }
 
 /// A backward message on the wire.
-pub fn backward_message(job: &str, to: u32, mb: u64, from: (u32, u32), t: &HostTensor) -> v1::VNodeMessage {
+pub fn backward_message(to: &Target, mb: u64, from: (u32, u32), t: &HostTensor) -> v1::VNodeMessage {
     v1::VNodeMessage {
-        job_id: job.to_string(),
-        to_vnode: to,
+        job_id: to.job.clone(),
+        to_vnode: to.vnode,
         micro_batch: mb,
+        generation: to.generation,
         body: Some(Body::Backward(v1::Backward {
             from_vnode: from.0,
             from_port: from.1,
@@ -65,9 +78,9 @@ pub fn backward_message(job: &str, to: u32, mb: u64, from: (u32, u32), t: &HostT
     }
 }
 
-/// Decodes a wire message into (job, vnode, inbound), checking every field.
-pub fn inbound_from_wire(m: v1::VNodeMessage) -> Result<(String, u32, Inbound), ConvertError> {
-    let (job, vnode, mb) = (m.job_id, m.to_vnode, m.micro_batch);
+/// Decodes a wire message into its target and a VNode message, checking every field.
+pub fn inbound_from_wire(m: v1::VNodeMessage) -> Result<(Target, Inbound), ConvertError> {
+    let (job, vnode, mb, generation) = (m.job_id, m.to_vnode, m.micro_batch, m.generation);
     let malformed = |job: &str, what| ConvertError::Malformed { job: job.to_string(), vnode, mb, what };
     let inbound = match m.body {
         Some(Body::Forward(f)) => {
@@ -95,5 +108,5 @@ pub fn inbound_from_wire(m: v1::VNodeMessage) -> Result<(String, u32, Inbound), 
         }
         None => return Err(malformed(&job, "message has no body")),
     };
-    Ok((job, vnode, inbound))
+    Ok((Target { job, vnode, generation }, inbound))
 }

@@ -21,6 +21,7 @@ pub use config::PnodeArgs;
 
 use anyhow::Context as _;
 use std::net::SocketAddr;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Runs a PNode until Ctrl-C/SIGTERM or until `shutdown` resolves. Must run inside an actix
@@ -38,13 +39,37 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let router = router::Router::start(orchestrator.clone(), identity.pnode_id.clone());
     let memory_limit = args.memory_mib.map(|m| m * 1024 * 1024).unwrap_or(0);
     let host = actors::Host::start_new(router.clone(), args.max_vnodes, memory_limit);
-    let server = service::serve(listener, host.clone(), router.clone());
-    let heartbeat = membership::heartbeat_loop(orchestrator, args.clone(), endpoint, identity, host);
+    let mut server = tokio::spawn(service::serve(listener, host.clone(), router.clone()));
+    let mut heartbeat = tokio::spawn(membership::heartbeat_loop(
+        orchestrator.clone(),
+        args.clone(),
+        endpoint,
+        identity,
+        host,
+        router.clone(),
+    ));
     tokio::select! {
-        r = server => r.context("gRPC server failed")?,
-        r = heartbeat => r?,
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        r = &mut server => return r.context("gRPC server task failed")?.context("gRPC server failed"),
+        r = &mut heartbeat => return r.context("heartbeat task failed")?,
+        _ = shutdown_signal() => {}
     }
+    // A graceful leave: the service keeps running while the orchestrator moves our VNodes away.
+    let timeout = Duration::from_secs(args.drain_timeout_s);
+    if !timeout.is_zero() {
+        tracing::info!("leaving: asking the orchestrator to move this pnode's VNodes");
+        let id = router.pnode_id();
+        tokio::select! {
+            r = orchestrator.drain(&id, timeout) => match r {
+                Ok(0) => tracing::info!("drained; no work is lost"),
+                Ok(n) => tracing::warn!(remaining = n, "drain timed out; the orchestrator will recover these VNodes"),
+                Err(s) => tracing::warn!(status = %s, "drain failed; the orchestrator will recover this pnode's VNodes"),
+            },
+            _ = shutdown_signal() => tracing::warn!("second signal: leaving without draining"),
+        }
+    }
+    heartbeat.abort();
+    server.abort();
+    tracing::info!("shutting down");
     Ok(())
 }
 

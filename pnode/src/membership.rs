@@ -1,7 +1,8 @@
 //! Joining the orchestrator: registration with protocol version and capabilities, heartbeats,
 //! and the client calls a PNode makes to the orchestrator.
 
-use crate::actors::{Count, Host};
+use crate::actors::{Count, Host, ReleaseAll};
+use crate::router::Router;
 use crate::config::PnodeArgs;
 use actix::Addr;
 use anyhow::{Context as _, bail};
@@ -54,6 +55,16 @@ impl OrchestratorLink {
         Ok(r.into_inner().endpoint)
     }
 
+    /// Asks the orchestrator to move this PNode's VNodes elsewhere; returns how many remain here.
+    pub async fn drain(&self, pnode_id: &str, timeout: Duration) -> Result<u32, tonic::Status> {
+        let mut req = tonic::Request::new(v1::DrainRequest {
+            pnode_id: pnode_id.to_string(),
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        });
+        req.set_timeout(timeout + Duration::from_secs(2));
+        Ok(self.client.clone().drain(req).await?.into_inner().remaining_vnodes)
+    }
+
     /// Streams reports until `rx` closes or the call fails.
     pub async fn report_stream(&self, rx: mpsc::Receiver<v1::VNodeReport>) -> Result<(), tonic::Status> {
         // A long-lived stream must not inherit the unary deadline.
@@ -96,9 +107,11 @@ pub async fn heartbeat_loop(
     link: OrchestratorLink,
     args: PnodeArgs,
     endpoint: String,
-    mut identity: Identity,
+    identity: Identity,
     host: Addr<Host>,
+    router: Router,
 ) -> anyhow::Result<()> {
+    let mut identity = identity;
     let mut last_ok = Instant::now();
     let orphan = Duration::from_secs(args.orphan_timeout_s);
     loop {
@@ -111,8 +124,12 @@ pub async fn heartbeat_loop(
         match link.client().heartbeat(req).await {
             Ok(r) if r.get_ref().known => last_ok = Instant::now(),
             Ok(_) => {
-                tracing::warn!("orchestrator forgot this pnode; registering again");
+                // The orchestrator restarted or declared this PNode lost: whatever it hosts was
+                // already given up and relocated, so it is dropped rather than left computing.
+                let dropped = host.send(ReleaseAll).await.unwrap_or(0);
+                tracing::warn!(dropped, "orchestrator no longer knows this pnode; registering again");
                 identity = register(&link, &args, &endpoint).await?;
+                router.set_pnode_id(identity.pnode_id.clone());
                 last_ok = Instant::now();
             }
             Err(s) => tracing::warn!(status = %s, "heartbeat failed"),

@@ -3,7 +3,7 @@
 //! orchestrator once and caching the answer.
 
 use crate::actors::Deliver;
-use crate::convert;
+use crate::convert::{self, Target};
 use crate::membership::OrchestratorLink;
 use actix::Recipient;
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;
@@ -30,7 +30,8 @@ enum Egress {
 }
 
 struct Inner {
-    pnode_id: String,
+    pnode_id: RwLock<String>,
+    stale: std::sync::atomic::AtomicU64,
     local: RwLock<HashMap<VKey, Recipient<Deliver>>>,
     egress: mpsc::UnboundedSender<Egress>,
     reports: mpsc::UnboundedSender<v1::VNodeReport>,
@@ -49,12 +50,36 @@ impl Router {
         let (reports, reports_rx) = mpsc::unbounded_channel();
         tokio::spawn(egress_loop(egress_rx, orchestrator.clone()));
         tokio::spawn(report_loop(reports_rx, orchestrator));
-        Router { inner: Arc::new(Inner { pnode_id, local: RwLock::default(), egress, reports }) }
+        let inner = Inner {
+            pnode_id: RwLock::new(pnode_id),
+            stale: Default::default(),
+            local: RwLock::default(),
+            egress,
+            reports,
+        };
+        Router { inner: Arc::new(inner) }
     }
 
     /// This PNode's id.
-    pub fn pnode_id(&self) -> &str {
-        &self.inner.pnode_id
+    pub fn pnode_id(&self) -> String {
+        self.inner.pnode_id.read().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Adopts the id of a new registration.
+    pub fn set_pnode_id(&self, id: String) {
+        if let Ok(mut g) = self.inner.pnode_id.write() {
+            *g = id;
+        }
+    }
+
+    /// Counts one message dropped as stale.
+    pub fn count_stale(&self) {
+        self.inner.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Messages dropped as stale since start.
+    pub fn stale_dropped(&self) -> u64 {
+        self.inner.stale.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes a local VNode reachable.
@@ -77,30 +102,32 @@ impl Router {
     }
 
     /// Delivers a message that arrived from the network to a local VNode.
-    pub fn deliver_local(&self, job: &str, vnode: u32, msg: Inbound) -> Result<(), RouteError> {
-        match self.local(job, vnode) {
+    pub fn deliver_local(&self, to: Target, msg: Inbound) -> Result<(), RouteError> {
+        match self.local(&to.job, to.vnode) {
             Some(r) => {
-                r.do_send(Deliver(msg));
+                r.do_send(Deliver { generation: to.generation, msg });
                 Ok(())
             }
-            None => Err(RouteError::NotHosted(job.to_string(), vnode)),
+            None => Err(RouteError::NotHosted(to.job, to.vnode)),
         }
     }
 
-    /// Sends one output of VNode `from` of `job` to wherever it must go.
-    pub fn send(&self, job: &str, from: u32, out: Outbound) {
+    /// Sends one output of VNode `from` (of placement `generation` of `job`) to wherever it must go.
+    pub fn send(&self, job: &str, from: u32, generation: u32, out: Outbound) {
+        let target = |vnode| Target { job: job.to_string(), vnode, generation };
         match out {
             Outbound::Forward { to, port, mb, phase, tensor } => match self.local(job, to) {
-                Some(r) => r.do_send(Deliver(Inbound::Forward { mb, phase, port, tensor })),
-                None => self.egress(convert::forward_message(job, to, mb, phase, port, &tensor)),
+                Some(r) => r.do_send(Deliver { generation, msg: Inbound::Forward { mb, phase, port, tensor } }),
+                None => self.egress(convert::forward_message(&target(to), mb, phase, port, &tensor)),
             },
             Outbound::Backward { to, from, mb, tensor } => match self.local(job, to) {
-                Some(r) => r.do_send(Deliver(Inbound::Backward { mb, from, tensor })),
-                None => self.egress(convert::backward_message(job, to, mb, from, &tensor)),
+                Some(r) => r.do_send(Deliver { generation, msg: Inbound::Backward { mb, from, tensor } }),
+                None => self.egress(convert::backward_message(&target(to), mb, from, &tensor)),
             },
             Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => self.report(
                 job,
                 from,
+                generation,
                 mb,
                 v1::v_node_report::Body::Done(v1::StepDone {
                     compute_us,
@@ -113,6 +140,7 @@ impl Router {
             Outbound::Loss { mb, phase, loss, correct, count } => self.report(
                 job,
                 from,
+                generation,
                 mb,
                 v1::v_node_report::Body::Loss(v1::LossReport {
                     phase: convert::phase_to_wire(phase),
@@ -125,17 +153,18 @@ impl Router {
     }
 
     /// Reports a VNode failure to the orchestrator.
-    pub fn fail(&self, job: &str, vnode: u32, mb: u64, message: String) {
-        self.report(job, vnode, mb, v1::v_node_report::Body::Failure(v1::VNodeFailure { message }));
+    pub fn fail(&self, job: &str, vnode: u32, generation: u32, mb: u64, message: String) {
+        self.report(job, vnode, generation, mb, v1::v_node_report::Body::Failure(v1::VNodeFailure { message }));
     }
 
-    fn report(&self, job: &str, vnode: u32, mb: u64, body: v1::v_node_report::Body) {
+    fn report(&self, job: &str, vnode: u32, generation: u32, mb: u64, body: v1::v_node_report::Body) {
         let _ = self.inner.reports.send(v1::VNodeReport {
             job_id: job.to_string(),
             vnode,
             micro_batch: mb,
-            pnode_id: self.inner.pnode_id.clone(),
+            pnode_id: self.pnode_id(),
             body: Some(body),
+            generation,
         });
     }
 
@@ -202,9 +231,17 @@ async fn egress_loop(mut rx: mpsc::UnboundedReceiver<Egress>, orchestrator: Orch
                 }
             },
         };
-        if link.send(m).await.is_err() {
-            links.remove(&endpoint);
-            tracing::warn!(%endpoint, "link to PNode closed; message dropped");
+        // Never wait on one peer: a hung PNode must not hold up traffic to the others. A message
+        // lost here stalls its job, which the orchestrator detects and repairs by relocation.
+        match link.try_send(m) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(%endpoint, "link to PNode is backed up; message dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                links.remove(&endpoint);
+                tracing::warn!(%endpoint, "link to PNode closed; message dropped");
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The gRPC adapter of the `PNode` service: decodes and checks wire messages, then hands plain
 //! values to the host actor and the router.
 
-use crate::actors::{Allocate, Find, GetParams, Host, Release, TakeSnapshot};
+use crate::actors::{Alive, Allocate, Find, GetParams, Host, JobVNodes, Release, TakeSnapshot};
+use crate::router::RouteError;
 use crate::convert;
 use crate::router::Router;
 use actix::Addr;
@@ -11,6 +12,9 @@ use dcnr_proto::v1::{self, p_node_server::PNodeServer};
 use dcnr_vnode::VNodeSpec;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
+
+/// How long a VNode may take to answer a liveness probe before it counts as stuck.
+const VNODE_PROBE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The `PNode` gRPC service.
 pub struct PNodeService {
@@ -54,11 +58,11 @@ impl v1::p_node_server::PNode for PNodeService {
         let memory = specs.iter().map(|(s, _)| s.memory_estimate(batch)).sum();
         let n = self
             .host
-            .send(Allocate { job: req.job_id.clone(), specs, memory })
+            .send(Allocate { job: req.job_id.clone(), generation: req.generation, specs, memory })
             .await
             .map_err(unavailable)?
             .map_err(Status::failed_precondition)?;
-        tracing::info!(job = %req.job_id, vnodes = n, "allocated VNodes");
+        tracing::info!(job = %req.job_id, vnodes = n, generation = req.generation, "allocated VNodes");
         Ok(Response::new(v1::AllocateResponse { allocated: n }))
     }
 
@@ -73,9 +77,16 @@ impl v1::p_node_server::PNode for PNodeService {
         let mut stream = req.into_inner();
         let mut received = 0u64;
         while let Some(m) = stream.message().await? {
-            let (job, vnode, inbound) =
-                convert::inbound_from_wire(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            self.router.deliver_local(&job, vnode, inbound).map_err(|e| Status::not_found(e.to_string()))?;
+            let (to, inbound) = convert::inbound_from_wire(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            match self.router.deliver_local(to, inbound) {
+                Ok(()) => {}
+                // A message for a VNode released here (a relocation or a finished job) is stale,
+                // not a broken stream: later messages on it may be for VNodes still hosted.
+                Err(e @ RouteError::NotHosted(..)) => {
+                    tracing::debug!(error = %e, "message for a VNode not hosted here dropped");
+                    self.router.count_stale();
+                }
+            }
             received += 1;
         }
         Ok(Response::new(v1::ExchangeAck { received }))
@@ -92,9 +103,24 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 
     async fn ping(&self, req: Request<v1::PingRequest>) -> Result<Response<v1::PingResponse>, Status> {
-        let t = convert::tensor_from_wire(req.get_ref().payload.as_ref())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Response::new(v1::PingResponse { bytes: t.numel() as u64 * 4 }))
+        let req = req.into_inner();
+        let bytes = match &req.payload {
+            Some(p) => convert::tensor_from_wire(Some(p)).map_err(|e| Status::invalid_argument(e.to_string()))?.numel()
+                as u64
+                * 4,
+            None => 0,
+        };
+        let mut busy_vnodes = Vec::new();
+        if !req.job_id.is_empty() {
+            let vnodes = self.host.send(JobVNodes(req.job_id)).await.map_err(unavailable)?;
+            let answers = vnodes.into_iter().map(|(v, a)| async move { (v, a.send(Alive).timeout(VNODE_PROBE).await) });
+            busy_vnodes = futures::future::join_all(answers)
+                .await
+                .into_iter()
+                .filter_map(|(v, r)| r.is_err().then_some(v))
+                .collect();
+        }
+        Ok(Response::new(v1::PingResponse { bytes, stale_dropped: self.router.stale_dropped(), busy_vnodes }))
     }
 
     async fn fetch_params(

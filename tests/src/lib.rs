@@ -49,6 +49,8 @@ pub struct Mesh {
     pub artifacts: tempfile::TempDir,
     orchestrator: Proc,
     pnodes: Vec<Proc>,
+    serve_args: Vec<String>,
+    envs: Vec<(String, String)>,
 }
 
 impl Mesh {
@@ -61,10 +63,146 @@ impl Mesh {
     /// local artifact directory is used unless the flags name a `--store`.
     pub fn start_with(n: usize, serve_args: &[&str], envs: &[(&str, &str)]) -> Result<Mesh> {
         let artifacts = tempfile::tempdir()?;
+        let (orchestrator, url) = spawn_orchestrator("127.0.0.1:0", artifacts.path(), serve_args, envs)?;
+        let mut mesh = Mesh {
+            url,
+            artifacts,
+            orchestrator,
+            pnodes: Vec::new(),
+            serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
+            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        for _ in 0..n {
+            mesh.add_pnode()?;
+        }
+        mesh.wait_for_pnodes(n)?;
+        Ok(mesh)
+    }
+
+    /// Kills the orchestrator with SIGKILL (a crash).
+    pub fn kill_orchestrator(&mut self) {
+        let _ = self.orchestrator.0.kill();
+        let _ = self.orchestrator.0.wait();
+    }
+
+    /// Starts the orchestrator again on the same address and store (after [`Mesh::kill_orchestrator`]).
+    pub fn restart_orchestrator(&mut self) -> Result<()> {
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let args: Vec<&str> = self.serve_args.iter().map(String::as_str).collect();
+        let envs: Vec<(&str, &str)> = self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The old socket may linger a moment after the kill.
+        loop {
+            match spawn_orchestrator(&listen, self.artifacts.path(), &args, &envs) {
+                Ok((p, _)) => {
+                    self.orchestrator = p;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Sends a signal (e.g. "STOP", "CONT", "TERM") to PNode `i`.
+    pub fn signal_pnode(&self, i: usize, signal: &str) -> Result<()> {
+        let p = self.pnodes.get(i).ok_or_else(|| anyhow!("no pnode {i}"))?;
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(p.0.id().to_string()).status()?.success();
+        if !ok {
+            bail!("kill -{signal} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits up to `limit` for PNode `i` to exit; its exit code.
+    pub fn wait_pnode_exit(&mut self, i: usize, limit: Duration) -> Result<Option<i32>> {
+        let p = self.pnodes.get_mut(i).ok_or_else(|| anyhow!("no pnode {i}"))?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = p.0.try_wait()? {
+                return Ok(s.code());
+            }
+            if Instant::now() > deadline {
+                bail!("pnode {i} did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The orchestrator's PNode table (`orchestrator pnodes --json`).
+    pub fn pnodes(&self) -> Result<Vec<serde_json::Value>> {
+        let out = run(&["pnodes", "--json", "--orchestrator", &self.url], Duration::from_secs(10))?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Indices of the PNode processes that host VNodes now (by their `--name`).
+    pub fn busy_pnodes(&self) -> Result<Vec<usize>> {
+        let mut busy: Vec<usize> = self
+            .pnodes()?
+            .iter()
+            .filter(|p| p["hosted_vnodes"].as_u64().unwrap_or(0) > 0 && p["health"] == "healthy")
+            .filter_map(|p| p["name"].as_str()?.strip_prefix("test-pnode-")?.parse().ok())
+            .collect();
+        busy.sort();
+        Ok(busy)
+    }
+
+    /// The job table (`orchestrator jobs --json`), or an error while the orchestrator is down.
+    pub fn jobs(&self) -> Result<Vec<serde_json::Value>> {
+        let out = run(&["jobs", "--json", "--orchestrator", &self.url], Duration::from_secs(10))?;
+        if !out.status.success() {
+            bail!("jobs failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Steps done by the only job, waiting until it has at least `step` (or ended).
+    pub fn wait_for_step(&self, step: u64, limit: Duration) -> Result<u64> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(jobs) = self.jobs()
+                && let Some(j) = jobs.first()
+            {
+                let done = j["steps_done"].as_u64().unwrap_or(0);
+                if done >= step || j["state"] == "succeeded" || j["state"] == "failed" {
+                    return Ok(done);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the job did not reach step {step} within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A job's record in the local artifact store, and its `result.json`.
+    pub fn result(&self, job: &str) -> Result<serde_json::Value> {
+        let root = self.artifacts.path();
+        let object = |h: &str| -> Result<Vec<u8>> {
+            std::fs::read(root.join("objects").join(&h[..2]).join(h)).with_context(|| format!("object {h}"))
+        };
+        let h = std::fs::read_to_string(root.join("refs/jobs").join(job)).context("job record ref")?;
+        let rec: serde_json::Value = serde_json::from_slice(&object(h.trim())?)?;
+        let r = rec["artifacts"]["result.json"].as_str().ok_or_else(|| anyhow!("no result.json in {rec}"))?;
+        Ok(serde_json::from_slice(&object(r)?)?)
+    }
+}
+
+/// Starts `orchestrator serve` on `listen` with a local store at `store` (unless the flags name
+/// one); returns it and its URL once it has printed its address.
+fn spawn_orchestrator(
+    listen: &str,
+    store: &std::path::Path,
+    serve_args: &[&str],
+    envs: &[(&str, &str)],
+) -> Result<(Proc, String)> {
+    {
         let mut cmd = Command::new(bin("orchestrator"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--stall-timeout-s", "60"]);
+        cmd.args(["serve", "--listen", listen, "--step-deadline-s", "60"]);
         if !serve_args.contains(&"--store") {
-            cmd.arg("--store").arg(artifacts.path());
+            cmd.arg("--store").arg(store);
         }
         let mut child = cmd
             .args(serve_args)
@@ -89,13 +227,11 @@ impl Mesh {
         if !url.starts_with("http://127.0.0.1:") {
             bail!("unexpected first line from orchestrator: {line}");
         }
-        let mut mesh = Mesh { url, artifacts, orchestrator, pnodes: Vec::new() };
-        for _ in 0..n {
-            mesh.add_pnode()?;
-        }
-        mesh.wait_for_pnodes(n)?;
-        Ok(mesh)
+        Ok((orchestrator, url))
     }
+}
+
+impl Mesh {
 
     /// Starts one more PNode.
     pub fn add_pnode(&mut self) -> Result<()> {
@@ -104,8 +240,9 @@ impl Mesh {
 
     /// Starts one more PNode with extra flags.
     pub fn add_pnode_with(&mut self, extra: &[&str]) -> Result<()> {
+        let name = format!("test-pnode-{}", self.pnodes.len());
         let child = Command::new(bin("pnode"))
-            .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "10"])
+            .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "20", "--name", &name])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

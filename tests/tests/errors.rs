@@ -63,6 +63,7 @@ fn garbled_and_oversized_vnode_messages_are_refused() {
                 phase: v1::Phase::Train as i32,
                 tensor: Some(v1::Tensor { shape: vec![2, 2], dtype: v1::Dtype::F32 as i32, data: vec![0; 12] }),
             })),
+            generation: 1,
         };
         let err = pn.exchange(tokio_stream::iter(vec![bad])).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -77,9 +78,20 @@ fn garbled_and_oversized_vnode_messages_are_refused() {
                 phase: v1::Phase::Train as i32,
                 tensor: Some(v1::Tensor { shape: vec![1], dtype: v1::Dtype::F32 as i32, data: vec![0; 4] }),
             })),
+            generation: 1,
         };
-        let err = pn.exchange(tokio_stream::iter(vec![stray])).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::NotFound);
+        // ... is stale (a relocation moved it away), not a broken stream: dropped and counted.
+        let stale = |pn: &mut v1::p_node_client::PNodeClient<tonic::transport::Channel>| {
+            let mut pn = pn.clone();
+            async move {
+                let req = v1::PingRequest { payload: None, job_id: String::new() };
+                pn.ping(req).await.unwrap().into_inner().stale_dropped
+            }
+        };
+        let before = stale(&mut pn).await;
+        let ack = pn.exchange(tokio_stream::iter(vec![stray.clone(), stray])).await.unwrap().into_inner();
+        assert_eq!(ack.received, 2);
+        assert_eq!(stale(&mut pn).await, before + 2);
         // Larger than the protocol's 64 MiB message limit.
         let huge =
             v1::AllocateRequest { job_id: "x".into(), graph_json: "x".repeat(65 * 1024 * 1024), ..Default::default() };

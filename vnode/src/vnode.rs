@@ -168,6 +168,24 @@ pub enum VNodeError {
     Label { vnode: u32, mb: u64, label: i32, classes: usize },
 }
 
+impl VNodeError {
+    /// Whether the message was merely late or repeated (already applied, so dropping it changes
+    /// nothing), as opposed to a fault that leaves the VNode's state untrustworthy.
+    pub fn is_stale(&self) -> bool {
+        match self {
+            VNodeError::Duplicate { .. } => true,
+            VNodeError::Window { mb, what, next_f, next_b, .. } => {
+                if *what == "gradient" {
+                    mb < next_b
+                } else {
+                    mb < next_f
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Most eval micro-batches buffered at once.
 const MAX_PENDING_EVAL: usize = 4096;
 
