@@ -223,6 +223,12 @@ pub struct JobActor {
     recovery_clock: Option<(Instant, u32)>,
     /// Timer ticks so far.
     ticks: u64,
+    /// Smoothed seconds between completed steps.
+    step_interval: Option<f64>,
+    /// When the last step completed.
+    last_step_at: Instant,
+    /// No probe before this.
+    next_probe: Instant,
 }
 
 
@@ -334,6 +340,9 @@ impl JobActor {
             probing: false,
             recovery_clock: None,
             ticks: 0,
+            step_interval: None,
+            last_step_at: now,
+            next_probe: now,
         }
         .resumed()
     }
@@ -618,6 +627,7 @@ impl JobActor {
         self.train_mark = Some(Instant::now());
         self.rate_mark = (Instant::now(), self.completed);
         self.last_activity = Instant::now();
+        self.last_step_at = Instant::now();
         self.push_status();
         self.pump(ctx);
     }
@@ -941,7 +951,7 @@ impl JobActor {
         if matches!(self.stage, Stage::Placing | Stage::Recovering) {
             return;
         }
-        if self.last_activity.elapsed() > self.spec.step_deadline && !self.probing {
+        if self.last_activity.elapsed() > self.idle_limit() && !self.probing && Instant::now() >= self.next_probe {
             self.probe(ctx);
         }
         let placed: BTreeSet<String> = self.placement.values().map(|p| p.id.clone()).collect();
@@ -999,11 +1009,20 @@ impl JobActor {
         self.push_status();
     }
 
-    /// No step completed within the deadline: asks every PNode of the job whether it answers and
-    /// whether its VNodes do; those that do not have failed the placement. If all answer, a
-    /// message was lost, and the job rolls back on the same PNodes.
+    /// Silence after which the job asks its PNodes what is going on: far longer than a step
+    /// normally takes, and never longer than the step deadline.
+    fn idle_limit(&self) -> Duration {
+        let typical = Duration::from_secs_f64(self.step_interval.unwrap_or(0.0) * 20.0);
+        typical.max(MIN_IDLE).min(self.spec.step_deadline)
+    }
+
+    /// No progress for a while: asks every PNode of the job whether it answers and whether its
+    /// VNodes do. A PNode that does not answer has failed; one whose VNode stays busy past the
+    /// step deadline has too. If everything answers and is idle, a message was lost (a broken
+    /// connection takes what it buffered with it), and the job rolls back on the same PNodes.
     fn probe(&mut self, ctx: &mut Context<Self>) {
         self.probing = true;
+        self.next_probe = Instant::now() + self.idle_limit();
         let job = self.spec.job_id.clone();
         let generation = self.generation;
         let pnodes: BTreeMap<String, String> =
@@ -1026,11 +1045,13 @@ impl JobActor {
         };
         ctx.spawn(fut.into_actor(self).map(move |answers, act, ctx| {
             act.probing = false;
-            if act.generation != generation || act.last_activity.elapsed() <= act.spec.step_deadline {
+            if act.generation != generation || act.last_activity.elapsed() <= act.idle_limit() {
                 return;
             }
             let mut bad = Vec::new();
             let mut why = Vec::new();
+            let mut busy_within_deadline = false;
+            let overdue = act.last_activity.elapsed() > act.spec.step_deadline;
             for (id, a) in answers {
                 match a {
                     Err(e) => {
@@ -1038,19 +1059,25 @@ impl JobActor {
                         act.registry.do_send(MarkLost(id.clone()));
                         bad.push(id);
                     }
-                    Ok(busy) if !busy.is_empty() => {
+                    Ok(busy) if !busy.is_empty() && overdue => {
                         why.push(format!("{id} is stuck in vnode(s) {busy:?}"));
                         bad.push(id);
                     }
+                    // Slow is not failed until the step deadline passes.
+                    Ok(busy) if !busy.is_empty() => busy_within_deadline = true,
                     Ok(_) => {}
                 }
+            }
+            if bad.is_empty() && busy_within_deadline {
+                return;
             }
             let reason = if why.is_empty() {
                 "a message was lost (every pnode answers)".to_string()
             } else {
                 why.join("; ")
             };
-            act.recover(ctx, format!("no step completed within {:?}: {reason}", act.spec.step_deadline), bad);
+            let silent = act.last_activity.elapsed();
+            act.recover(ctx, format!("no progress for {:.1}s: {reason}", silent.as_secs_f64()), bad);
         }));
     }
 }
@@ -1062,6 +1089,9 @@ enum CollectError {
     /// A PNode answered with something that is not parameters.
     Invalid(String),
 }
+
+/// Shortest silence that makes a job probe its PNodes.
+const MIN_IDLE: Duration = Duration::from_secs(2);
 
 /// How long a probed PNode (and each of its VNodes) may take to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -1291,6 +1321,9 @@ impl Handler<Report> for JobActor {
                     self.finished_mbs.insert(r.mb);
                     while self.finished_mbs.remove(&self.completed) {
                         self.completed += 1;
+                        let dt = self.last_step_at.elapsed().as_secs_f64();
+                        self.last_step_at = Instant::now();
+                        self.step_interval = Some(self.step_interval.map_or(dt, |s| 0.9 * s + 0.1 * dt));
                     }
                     if let Some((since, _)) = &self.recovery_clock
                         && let Some(r) = self.recoveries.last_mut()

@@ -247,6 +247,9 @@ async fn egress_loop(mut rx: mpsc::UnboundedReceiver<Egress>, orchestrator: Orch
 }
 
 async fn report_loop(mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>, orchestrator: OrchestratorLink) {
+    // A report that met a broken stream is sent first on the next one: losing it would leave
+    // its step unfinished in the orchestrator's eyes.
+    let mut unsent: Option<v1::VNodeReport> = None;
     loop {
         let (tx, stream_rx) = mpsc::channel::<v1::VNodeReport>(4096);
         let call = {
@@ -254,8 +257,12 @@ async fn report_loop(mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>, orchestra
             tokio::spawn(async move { o.report_stream(stream_rx).await })
         };
         let mut broken = false;
-        while let Some(r) = rx.recv().await {
-            if tx.send(r).await.is_err() {
+        while let Some(r) = match unsent.take() {
+            Some(r) => Some(r),
+            None => rx.recv().await,
+        } {
+            if let Err(mpsc::error::SendError(r)) = tx.send(r).await {
+                unsent = Some(r);
                 broken = true;
                 break;
             }

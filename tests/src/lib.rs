@@ -207,7 +207,7 @@ fn spawn_orchestrator(
         let mut child = cmd
             .args(serve_args)
             .envs(envs.iter().copied())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("DCNR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -244,7 +244,7 @@ impl Mesh {
         let child = Command::new(bin("pnode"))
             .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "20", "--name", &name])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("DCNR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

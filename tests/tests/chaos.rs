@@ -19,7 +19,7 @@ fn envelope(dir: &std::path::Path, every: u64) -> std::path::PathBuf {
     let p = dir.join("job.toml");
     let model = fixture("tiny-mlp.toml");
     let text = format!(
-        "[op]\nmodel = {:?}\nsteps = {STEPS}\n[checkpoint]\nevery_steps = {every}\n[policy]\ntimeout_s = 170\n",
+        "[op]\nmodel = {:?}\nsteps = {STEPS}\n[checkpoint]\nevery_steps = {every}\n[policy]\ntimeout_s = 120\n",
         model.to_str().unwrap()
     );
     std::fs::write(&p, text).unwrap();
