@@ -190,9 +190,7 @@ pub async fn clear_active(store: &dyn ObjectStore, job: &str) -> Result<(), Stor
 
 /// Jobs recorded as running and without a final record: each with its envelope and the latest
 /// complete snapshot to continue from (none: start over, identically, from step 0).
-pub async fn load_active(
-    store: &dyn ObjectStore,
-) -> Result<Vec<(String, Envelope, Option<ResumeFrom>)>, StoreError> {
+pub async fn load_active(store: &dyn ObjectStore) -> Result<Vec<(String, Envelope, Option<ResumeFrom>)>, StoreError> {
     let mut found = Vec::new();
     for name in store.list_refs("active").await? {
         let Some(job) = name.strip_prefix("active/").map(str::to_string) else { continue };

@@ -53,7 +53,7 @@ enum Command {
         step_deadline_s: u64,
         /// Take an in-memory recovery snapshot every this many seconds, so a failure recomputes
         /// at most that much work (0 = only the job's own checkpoints).
-        #[arg(long, env = "DCNR_RECOVERY_SNAPSHOT_S", default_value_t = 5)]
+        #[arg(long, env = "DCNR_RECOVERY_SNAPSHOT_S", default_value_t = 2)]
         recovery_snapshot_s: u64,
         /// Most PNodes one job spreads over.
         #[arg(long, env = "DCNR_MAX_PNODES_PER_JOB", default_value_t = 16)]
@@ -153,6 +153,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure failure detection and recovery: SIGKILL PNodes of a training job, repeatedly.
+    BenchRecovery {
+        #[command(flatten)]
+        args: crate::recovery_bench::RecoveryBenchArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-run a recorded job from its envelope and check every recorded hash.
     Replay {
         #[command(flatten)]
@@ -234,6 +242,19 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => fail(2, format!("{e:#}")),
             }
         }
+        Command::BenchRecovery { args, json } => runtime(async move {
+            match crate::recovery_bench::run(args).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        crate::recovery_bench::print(&r);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, format!("{e:#}")),
+            }
+        }),
         Command::Bench { args, json } => runtime(async move {
             match crate::bench::run(args).await {
                 Ok(r) => {

@@ -45,14 +45,14 @@ pub fn model_text(path: Option<&PathBuf>) -> anyhow::Result<String> {
     }
 }
 
-struct Children(Vec<Child>);
+struct Children(Vec<(String, Child)>);
 
 impl Children {
     async fn stop(&mut self) {
-        for c in &mut self.0 {
+        for (_, c) in &mut self.0 {
             let _ = c.start_kill();
         }
-        for c in &mut self.0 {
+        for (_, c) in &mut self.0 {
             let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
         }
         self.0.clear();
@@ -83,7 +83,7 @@ impl LocalMesh {
             heartbeat_timeout: Duration::from_millis(1000),
             jobs: JobDefaults {
                 step_deadline: Duration::from_secs(30),
-                recovery_every: Duration::from_secs(5),
+                recovery_every: Duration::from_secs(2),
                 placement_timeout: Duration::from_secs(30),
                 max_pnodes: pnodes,
             },
@@ -92,26 +92,8 @@ impl LocalMesh {
         };
         let srv = server::start(cfg).await?;
         let mut mesh = LocalMesh { srv, children: Children(Vec::new()) };
-        let exe = std::env::current_exe().context("cannot find this executable to start PNodes")?;
         for i in 0..pnodes {
-            let child = Command::new(&exe)
-                .args([
-                    "pnode",
-                    "--orchestrator",
-                    &mesh.srv.url(),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--orphan-timeout-s",
-                    "5",
-                ])
-                .arg("--name")
-                .arg(format!("local-pnode-{i}"))
-                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-                .stdin(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .context("cannot start a pnode process")?;
-            mesh.children.0.push(child);
+            mesh.add_pnode(&format!("local-pnode-{i}"))?;
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -120,7 +102,7 @@ impl LocalMesh {
             if healthy >= pnodes {
                 return Ok(mesh);
             }
-            for c in &mut mesh.children.0 {
+            for (_, c) in &mut mesh.children.0 {
                 if let Some(status) = c.try_wait()? {
                     bail!("a pnode process exited before joining ({status})");
                 }
@@ -130,6 +112,36 @@ impl LocalMesh {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Starts one more PNode process named `name`.
+    pub fn add_pnode(&mut self, name: &str) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("cannot find this executable to start PNodes")?;
+        let child = Command::new(&exe)
+            .args(["pnode", "--orchestrator", &self.srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5"])
+            .arg("--name")
+            .arg(name)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start a pnode process")?;
+        self.children.0.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// SIGKILLs the PNode process named `name` (a crash); false if there is none.
+    pub async fn kill_pnode(&mut self, name: &str) -> bool {
+        let Some(i) = self.children.0.iter().position(|(n, _)| n == name) else { return false };
+        let (_, mut c) = self.children.0.remove(i);
+        let _ = c.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+        true
+    }
+
+    /// The job table of the in-process orchestrator.
+    pub fn jobs(&self) -> &actix::Addr<crate::jobs::Jobs> {
+        &self.srv.jobs
     }
 
     /// The registry of the in-process orchestrator.

@@ -231,8 +231,6 @@ pub struct JobActor {
     next_probe: Instant,
 }
 
-
-
 /// What one VNode did, for `executions.json`.
 #[derive(Debug, Clone, Default, Serialize)]
 struct Execution {
@@ -507,12 +505,8 @@ impl JobActor {
             e.output_sha256.truncate(keep);
             e.steps = e.steps.min(keep as u64);
         }
-        let old: BTreeSet<String> = self
-            .placement
-            .values()
-            .filter(|p| !self.excluded.contains(&p.id))
-            .map(|p| p.endpoint.clone())
-            .collect();
+        let old: BTreeSet<String> =
+            self.placement.values().filter(|p| !self.excluded.contains(&p.id)).map(|p| p.endpoint.clone()).collect();
         let job = self.spec.job_id.clone();
         let mut spec = self.spec.clone();
         spec.resume = to;
@@ -555,6 +549,7 @@ impl JobActor {
             samples_per_s: self.samples_per_s,
             error: self.error.clone(),
             summary: None,
+            recoveries: self.recoveries.clone(),
         }
     }
 
@@ -667,14 +662,17 @@ impl JobActor {
                             let taken = boundary == 0 || self.last_checkpoint.is_some_and(|l| l >= boundary);
                             limit = limit.min(if taken { boundary + n } else { boundary });
                         }
-                        if c.every_s.is_some_and(|s| self.last_checkpoint_at.elapsed() >= Duration::from_secs(s)) {
-                            limit = limit.min(self.fed.max(self.completed + 1));
+                        if c.every_s.is_some_and(|s| self.last_checkpoint_at.elapsed() >= Duration::from_secs(s))
+                            && self.last_checkpoint != Some(self.completed)
+                        {
+                            // Feed nothing more until the pipeline has drained for the snapshot.
+                            limit = limit.min(self.fed);
                         }
                     }
                     let leaving = self.evacuating.iter().any(|p| self.placement.values().any(|v| &v.id == p));
                     if leaving || self.recovery_snapshot_due() {
                         // Drain the pipeline: a snapshot needs every VNode idle.
-                        limit = limit.min(self.fed.max(self.completed + u64::from(!leaving)));
+                        limit = limit.min(self.fed);
                     }
                     let k = self.spec.in_flight as u64;
                     // Data may arrive up to PREFETCH steps early: VNodes hold it until the update
@@ -694,7 +692,7 @@ impl JobActor {
                         return self.take_checkpoint(ctx, true);
                     }
                     let leaving = self.evacuating.iter().any(|p| self.placement.values().any(|v| &v.id == p));
-                    if leaving || (self.recovery_snapshot_due() && self.completed == self.fed) {
+                    if leaving || self.recovery_snapshot_due() {
                         return self.take_checkpoint(ctx, false);
                     }
                     let epoch_end = self.completed.is_multiple_of(spe) || self.completed >= self.spec.steps;
@@ -968,7 +966,8 @@ impl JobActor {
                 .cloned()
                 .collect();
             if !lost.is_empty() {
-                let why = format!("pnode(s) {} lost (silent past the heartbeat timeout or unreachable)", lost.join(", "));
+                let why =
+                    format!("pnode(s) {} lost (silent past the heartbeat timeout or unreachable)", lost.join(", "));
                 return act.recover(ctx, why, lost);
             }
             let leaving: Vec<String> = placed
@@ -977,7 +976,10 @@ impl JobActor {
                 .cloned()
                 .collect();
             if leaving.iter().any(|p| act.evacuating.insert(p.clone())) {
-                act.log(format!("pnode(s) {} leaving; moving their VNodes at the next drained step", leaving.join(", ")));
+                act.log(format!(
+                    "pnode(s) {} leaving; moving their VNodes at the next drained step",
+                    leaving.join(", ")
+                ));
                 act.pump(ctx);
             }
         }));
@@ -1071,11 +1073,8 @@ impl JobActor {
             if bad.is_empty() && busy_within_deadline {
                 return;
             }
-            let reason = if why.is_empty() {
-                "a message was lost (every pnode answers)".to_string()
-            } else {
-                why.join("; ")
-            };
+            let reason =
+                if why.is_empty() { "a message was lost (every pnode answers)".to_string() } else { why.join("; ") };
             let silent = act.last_activity.elapsed();
             act.recover(ctx, format!("no progress for {:.1}s: {reason}", silent.as_secs_f64()), bad);
         }));

@@ -170,6 +170,7 @@ impl Jobs {
             samples_per_s: 0.0,
             error: None,
             summary: None,
+            recoveries: Vec::new(),
         };
         if let Some(store) = self.store.clone() {
             // The job is recorded as active before it runs, so an orchestrator that crashes and
@@ -256,7 +257,9 @@ impl Handler<ResumeActive> for Jobs {
                 let step = from.as_ref().map(|f| f.step).unwrap_or(0);
                 match act.start_job(envelope, from, ctx) {
                     Ok(_) => tracing::info!(%job, step, "resuming a job that was running before the restart"),
-                    Err(e) => tracing::error!(%job, error = %e, "cannot resume a job that was running before the restart"),
+                    Err(e) => {
+                        tracing::error!(%job, error = %e, "cannot resume a job that was running before the restart")
+                    }
                 }
             }
         }))

@@ -18,6 +18,7 @@ pub mod jobs;
 pub mod local;
 pub mod placement;
 pub mod progress;
+pub mod recovery_bench;
 pub mod registry;
 pub mod replay;
 pub mod server;

@@ -108,7 +108,14 @@ fn report_from_wire(r: v1::VNodeReport) -> Result<Report, Status> {
         Some(Body::Failure(f)) => ReportBody::Failure(f.message),
         None => return Err(Status::invalid_argument("report has no body")),
     };
-    Ok(Report { job_id: r.job_id, vnode: r.vnode, mb: r.micro_batch, pnode: r.pnode_id, generation: r.generation, body })
+    Ok(Report {
+        job_id: r.job_id,
+        vnode: r.vnode,
+        mb: r.micro_batch,
+        pnode: r.pnode_id,
+        generation: r.generation,
+        body,
+    })
 }
 
 /// Longest a drain call waits, whatever the PNode asks for.

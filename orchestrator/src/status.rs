@@ -46,6 +46,8 @@ pub struct JobStatus {
     pub error: Option<String>,
     /// Final summary once ended.
     pub summary: Option<JobSummary>,
+    /// Relocations so far.
+    pub recoveries: Vec<crate::summary::Recovery>,
 }
 
 /// Something that happened to a job, pushed to watchers.

@@ -2,8 +2,8 @@
 //! and the client calls a PNode makes to the orchestrator.
 
 use crate::actors::{Count, Host, ReleaseAll};
-use crate::router::Router;
 use crate::config::PnodeArgs;
+use crate::router::Router;
 use actix::Addr;
 use anyhow::{Context as _, bail};
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;

@@ -2,8 +2,8 @@
 //! values to the host actor and the router.
 
 use crate::actors::{Alive, Allocate, Find, GetParams, Host, JobVNodes, Release, TakeSnapshot};
-use crate::router::RouteError;
 use crate::convert;
+use crate::router::RouteError;
 use crate::router::Router;
 use actix::Addr;
 use dcnr_model::ValidGraph;
@@ -105,9 +105,10 @@ impl v1::p_node_server::PNode for PNodeService {
     async fn ping(&self, req: Request<v1::PingRequest>) -> Result<Response<v1::PingResponse>, Status> {
         let req = req.into_inner();
         let bytes = match &req.payload {
-            Some(p) => convert::tensor_from_wire(Some(p)).map_err(|e| Status::invalid_argument(e.to_string()))?.numel()
-                as u64
-                * 4,
+            Some(p) => {
+                convert::tensor_from_wire(Some(p)).map_err(|e| Status::invalid_argument(e.to_string()))?.numel() as u64
+                    * 4
+            }
             None => 0,
         };
         let mut busy_vnodes = Vec::new();

@@ -232,7 +232,6 @@ fn spawn_orchestrator(
 }
 
 impl Mesh {
-
     /// Starts one more PNode.
     pub fn add_pnode(&mut self) -> Result<()> {
         self.add_pnode_with(&[])
