@@ -45,6 +45,13 @@ impl Handler<Deliver> for VNodeActor {
         let mb = match &msg.0 {
             Inbound::Forward { mb, .. } | Inbound::Backward { mb, .. } => *mb,
         };
+        // Cheap checks first: a refused tensor never reaches the VNode, whose state stays valid,
+        // and the orchestrator learns who sent it.
+        if let Err(r) = self.vnode.screen(&msg.0) {
+            tracing::warn!(job = %self.job, vnode = self.vnode.id(), error = %r, "refused a tensor");
+            self.router.reject(&self.job, self.vnode.id(), &r);
+            return;
+        }
         match self.vnode.handle(msg.0) {
             Ok(outs) => {
                 let id = self.vnode.id();
