@@ -32,6 +32,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
+mod validation;
+
 /// Everything fixed about a job at submission.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -113,6 +115,13 @@ pub enum ReportBody {
     },
     /// The VNode failed.
     Failure(String),
+    /// The VNode refused a tensor that failed the cheap checks.
+    Rejected {
+        /// The VNode that produced it (`None`: the job's data).
+        from_vnode: Option<u32>,
+        /// Why, naming the sender.
+        reason: String,
+    },
 }
 
 impl Message for Report {
@@ -184,6 +193,8 @@ pub struct JobActor {
     last_checkpoint_at: Instant,
     /// Snapshot uploads still running; the job's record waits for them.
     uploads: Vec<tokio::task::JoinHandle<()>>,
+    /// What was checked and found, for `verification.json`.
+    verification: crate::verify::Report,
 }
 
 /// What one VNode did, for `executions.json`.
@@ -246,7 +257,6 @@ impl JobActor {
             .collect();
         let now = Instant::now();
         JobActor {
-            spec,
             registry,
             jobs,
             data,
@@ -279,6 +289,11 @@ impl JobActor {
             last_checkpoint: None,
             last_checkpoint_at: now,
             uploads: Vec::new(),
+            verification: crate::verify::Report::new(
+                &spec.job_id,
+                &crate::verify::Settings::from_policy(&spec.envelope.policy),
+            ),
+            spec,
         }
         .resumed()
     }
@@ -590,7 +605,7 @@ impl JobActor {
             Ok::<_, String>(all)
         };
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
-            Ok(params) => act.finish(ctx, Some(params)),
+            Ok(params) => act.accept_params(ctx, params),
             Err(e) => act.fail(ctx, "collect", e),
         }));
     }
@@ -656,6 +671,9 @@ impl JobActor {
                 )),
                 ArtifactKind::Metrics => files.push(("metrics.json", json(serde_json::json!(self.metrics)))),
                 ArtifactKind::Envelope => files.push(("envelope.json", json(serde_json::json!(self.spec.envelope)))),
+                ArtifactKind::Verification => {
+                    files.push(("verification.json", json(serde_json::json!(self.verification))))
+                }
             }
         }
         let record = JobRecord {
@@ -803,6 +821,8 @@ async fn place_and_allocate(spec: JobSpec, registry: Addr<Registry>) -> Result<B
         let healthy: Vec<PNodeView> = snap
             .into_iter()
             .filter(|p| p.health == Health::Healthy && (target != Target::Gpu || !p.caps.gpu.is_empty()))
+            // Quarantined identities get no work.
+            .filter(|p| p.standing != crate::trust::Standing::Quarantined)
             .collect();
         if !healthy.is_empty() && healthy.len() >= spec.min_pnodes {
             break healthy;
@@ -879,6 +899,9 @@ impl Handler<Report> for JobActor {
             return;
         }
         self.last_activity = Instant::now();
+        if !self.screen_report(ctx, &r) {
+            return;
+        }
         match r.body {
             ReportBody::Done { compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => {
                 if let Some(e) = self.executions.get_mut(&r.vnode) {
@@ -922,6 +945,8 @@ impl Handler<Report> for JobActor {
                     format!("vnode {} ({name}) on {} failed: {msg}", r.vnode, r.pnode),
                 );
             }
+            // Refused in `screen_report`.
+            ReportBody::Rejected { .. } => return,
         }
         self.pump(ctx);
     }
