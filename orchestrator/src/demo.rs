@@ -124,7 +124,11 @@ impl LocalMesh {
                 ])
                 .arg("--name")
                 .arg(format!("local-pnode-{i}"))
-                .args(trusted_token_file.iter().flat_map(|p| [std::ffi::OsStr::new("--trusted-token-file"), p.as_os_str()]))
+                .args(
+                    trusted_token_file
+                        .iter()
+                        .flat_map(|p| [std::ffi::OsStr::new("--trusted-token-file"), p.as_os_str()]),
+                )
                 .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true)

@@ -88,11 +88,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         None => (None, Default::default()),
     };
     let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded).start();
-    let admission = std::sync::Arc::new(crate::admission::Admission {
-        token: cfg.trusted_token.clone(),
-        ..Default::default()
-    });
-    let svc = OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat, admission };
+    let admission =
+        std::sync::Arc::new(crate::admission::Admission { token: cfg.trusted_token.clone(), ..Default::default() });
+    let svc =
+        OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat, admission };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(dcnr_proto::transport::server().add_service(server(svc)).serve_with_incoming(incoming));
     tracing::info!(%addr, "orchestrator listening");

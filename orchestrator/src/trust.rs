@@ -138,7 +138,8 @@ impl Reputation {
                 self.strikes = self.strikes.saturating_add(1);
                 self.last_invalid = Some(reason.clone());
                 if self.quarantined.is_none() && self.strikes >= policy.quarantine_after.max(1) {
-                    let why = format!("{} invalid result(s) without enough valid ones between; last: {reason}", self.strikes);
+                    let why =
+                        format!("{} invalid result(s) without enough valid ones between; last: {reason}", self.strikes);
                     self.quarantined = Some(why.clone());
                     return Transition::Quarantined(why);
                 }

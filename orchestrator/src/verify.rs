@@ -279,7 +279,10 @@ mod tests {
         assert_eq!(evaluate(&r, &[v("a", 1)]), Quorum::Pending { missing: 1 });
         assert_eq!(evaluate(&r, &[v("a", 1), v("b", 2)]), Quorum::NeedArbiter { more: 1 });
         let q = evaluate(&r, &[v("a", 1), v("b", 2), v("c", 1)]);
-        assert_eq!(q, Quorum::Accepted { hash: [1; 32], agree: vec!["a".into(), "c".into()], dissent: vec!["b".into()] });
+        assert_eq!(
+            q,
+            Quorum::Accepted { hash: [1; 32], agree: vec!["a".into(), "c".into()], dissent: vec!["b".into()] }
+        );
         let q = evaluate(&r, &[v("a", 1), v("b", 2), v("c", 3), v("d", 4)]);
         assert!(matches!(q, Quorum::Unresolved { results } if results.len() == 4));
     }

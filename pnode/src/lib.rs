@@ -48,7 +48,11 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     tracing::info!(pnode = %identity.pnode_id, trusted = identity.trusted, %endpoint, "registered with orchestrator");
     let fault = args.injector();
     if let Some(f) = &fault {
-        tracing::warn!(kind = f.spec().kind.name(), rate = f.spec().rate, "fault injection is on: this pnode misbehaves");
+        tracing::warn!(
+            kind = f.spec().kind.name(),
+            rate = f.spec().rate,
+            "fault injection is on: this pnode misbehaves"
+        );
     }
 
     let router = router::Router::start(orchestrator.clone(), identity.pnode_id.clone(), fault);

@@ -115,13 +115,13 @@ mod tests {
         let key = SigningKey::from_bytes(&[1; 32]);
         let req = request(&key);
         assert_eq!(verify_registration(&req).unwrap(), key.verifying_key().to_bytes());
-        let tampered: Vec<Box<dyn Fn(&mut v1::RegisterRequest)>> = vec![
-            Box::new(|r| r.endpoint = "http://127.0.0.1:2".into()),
-            Box::new(|r| r.nonce[0] ^= 1),
-            Box::new(|r| r.name.push('x')),
-            Box::new(|r| r.trusted_token = "t".into()),
-            Box::new(|r| r.capabilities.as_mut().unwrap().cores = 3),
-            Box::new(|r| r.protocol_version = 2),
+        let tampered: [fn(&mut v1::RegisterRequest); 6] = [
+            |r| r.endpoint = "http://127.0.0.1:2".into(),
+            |r| r.nonce[0] ^= 1,
+            |r| r.name.push('x'),
+            |r| r.trusted_token = "t".into(),
+            |r| r.capabilities.as_mut().unwrap().cores = 3,
+            |r| r.protocol_version = 2,
         ];
         for t in tampered {
             let mut r = req.clone();

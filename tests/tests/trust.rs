@@ -119,8 +119,8 @@ fn identity_persists_and_tokens_and_corrupt_keys_are_handled() {
     assert_eq!((plain["trusted"].as_bool(), plain["standing"].as_str()), (Some(false), Some("new")));
     let wrong = dirs.path().join("wrong");
     std::fs::write(&wrong, "guess").unwrap();
-    let out = run_bin("pnode", &["--orchestrator", &mesh.url, "--trusted-token-file", wrong.to_str().unwrap()], T)
-        .unwrap();
+    let out =
+        run_bin("pnode", &["--orchestrator", &mesh.url, "--trusted-token-file", wrong.to_str().unwrap()], T).unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("token does not match"));
 

@@ -20,7 +20,9 @@ impl JobActor {
                 let sender = from_vnode.and_then(|v| self.placement.get(&v)).cloned();
                 let on = self.placement.get(&r.vnode).map(|p| p.id.clone()).unwrap_or_default();
                 let text = match &sender {
-                    Some(p) => format!("pnode {} ({}) sent an invalid result ({on} refused it): {reason}", p.id, p.name),
+                    Some(p) => {
+                        format!("pnode {} ({}) sent an invalid result ({on} refused it): {reason}", p.id, p.name)
+                    }
                     None => format!("pnode {on} refused the job's own data: {reason}"),
                 };
                 self.invalid_result(ctx, sender, *from_vnode, Some(r.mb), text);
@@ -58,8 +60,10 @@ impl JobActor {
             self.verification.results_checked += 1;
             for (i, t) in ps.iter().enumerate() {
                 if let Err(e) = sanity::check_values(t, sanity::MAX_ABS) {
-                    let text =
-                        format!("pnode {} ({}) returned invalid parameters for vnode {vnode} (tensor {i}): {e}", p.id, p.name);
+                    let text = format!(
+                        "pnode {} ({}) returned invalid parameters for vnode {vnode} (tensor {i}): {e}",
+                        p.id, p.name
+                    );
                     return self.invalid_result(ctx, Some(p), Some(vnode), None, text);
                 }
             }
