@@ -65,6 +65,8 @@ fn nan_results_are_caught_named_and_the_sender_is_quarantined_for_good() {
     let ver_hash = rec["artifacts"]["verification.json"].as_str().unwrap_or_else(|| panic!("{rec}"));
     let ver: serde_json::Value = serde_json::from_slice(&object(ver_hash)).unwrap();
     assert_eq!(ver["invalid_results"][0]["pnode"], cheat_id.as_str(), "{ver}");
+    // Caught at the first micro-batch it sent: with rate 1 every output carries a NaN.
+    assert_eq!(ver["invalid_results"][0]["step"], 0, "{ver}");
     assert_eq!(ver["quarantines"][0]["pnode"], cheat_id.as_str(), "{ver}");
 
     let p = by_name(&mesh, "cheat");
