@@ -145,7 +145,7 @@ pub enum Target {
     Any,
 }
 
-/// Redundant-execution policy (recorded; enforced by the trust layer).
+/// Redundant-execution policy (see docs/TRUST.md).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Verify {
@@ -177,6 +177,59 @@ pub struct Policy {
     /// Validation of untrusted work.
     #[serde(default)]
     pub verify: Verify,
+    /// Fraction of executions re-executed elsewhere under `spotcheck` (and of earned
+    /// identities' executions under `full`); in (0, 1], default 0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spotcheck_fraction: Option<f64>,
+    /// Replicas per execution under `full` (n); 2..=9, default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// Agreeing replicas needed under `full` (k); n/2 < k <= n, default a strict majority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<u32>,
+}
+
+impl Policy {
+    /// The spot-check fraction in force.
+    pub fn spotcheck_fraction(&self) -> f64 {
+        self.spotcheck_fraction.unwrap_or(0.1)
+    }
+
+    /// Replicas per execution under `full`.
+    pub fn replicas(&self) -> u32 {
+        self.replicas.unwrap_or(2)
+    }
+
+    /// Agreeing replicas needed under `full`.
+    pub fn quorum(&self) -> u32 {
+        self.quorum.unwrap_or(self.replicas() / 2 + 1)
+    }
+
+    /// Checks the verification settings against each other.
+    fn check_verify(&self) -> Result<(), EnvelopeError> {
+        let bad = |m: String| Err(EnvelopeError::Invalid(m));
+        if let Some(f) = self.spotcheck_fraction {
+            if self.verify == Verify::None {
+                return bad("policy.spotcheck_fraction needs verify = \"spotcheck\" or \"full\"".into());
+            }
+            if !(f > 0.0 && f <= 1.0) {
+                return bad(format!("policy.spotcheck_fraction is {f}; it must be in (0, 1]"));
+            }
+        }
+        if (self.replicas.is_some() || self.quorum.is_some()) && self.verify != Verify::Full {
+            return bad("policy.replicas and policy.quorum need verify = \"full\"".into());
+        }
+        let (n, k) = (self.replicas(), self.quorum());
+        if !(2..=9).contains(&n) {
+            return bad(format!("policy.replicas is {n}; it must be between 2 and 9"));
+        }
+        if k * 2 <= n || k > n {
+            return bad(format!(
+                "policy.quorum is {k} of {n} replicas; it must be more than half of them and at most all"
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn one() -> u32 {
@@ -191,7 +244,16 @@ fn hour() -> u64 {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { target: Target::Any, min_pnodes: 1, max_pnodes: 16, timeout_s: 3600, verify: Verify::None }
+        Policy {
+            target: Target::Any,
+            min_pnodes: 1,
+            max_pnodes: 16,
+            timeout_s: 3600,
+            verify: Verify::None,
+            spotcheck_fraction: None,
+            replicas: None,
+            quorum: None,
+        }
     }
 }
 
@@ -230,6 +292,8 @@ pub enum ArtifactKind {
     Metrics,
     /// The resolved envelope.
     Envelope,
+    /// What was verified and found: invalid results, mismatches, quarantines.
+    Verification,
 }
 
 /// `[artifacts]`.
@@ -248,7 +312,13 @@ fn yes() -> bool {
     true
 }
 fn all_kinds() -> Vec<ArtifactKind> {
-    vec![ArtifactKind::Result, ArtifactKind::Executions, ArtifactKind::Metrics, ArtifactKind::Envelope]
+    vec![
+        ArtifactKind::Result,
+        ArtifactKind::Executions,
+        ArtifactKind::Metrics,
+        ArtifactKind::Envelope,
+        ArtifactKind::Verification,
+    ]
 }
 
 impl Default for ArtifactsSpec {
@@ -338,6 +408,7 @@ impl Envelope {
                 p.min_pnodes, p.max_pnodes
             )));
         }
+        p.check_verify()?;
         let c = &self.checkpoint;
         if c.every_steps == Some(0) || c.every_s == Some(0) || c.keep == 0 {
             return Err(EnvelopeError::Invalid("checkpoint: every_steps, every_s and keep must be at least 1".into()));
@@ -426,6 +497,27 @@ mod tests {
         env.policy.min_pnodes = 5;
         env.policy.max_pnodes = 2;
         assert!(matches!(env.resolve(), Err(EnvelopeError::Invalid(_))));
+    }
+
+    #[test]
+    fn verification_settings_are_checked_with_clear_errors() {
+        let with = |text: &str| {
+            let mut env = Envelope::parse(&format!("[op]\nmodel_toml = {GRAPH:?}\n[policy]\n{text}")).unwrap();
+            env.op.model = None;
+            env.resolve().map(|r| r.envelope.policy)
+        };
+        let p = with("verify = \"full\"\nreplicas = 3\n").unwrap();
+        assert_eq!((p.replicas(), p.quorum(), p.spotcheck_fraction()), (3, 2, 0.1));
+        let p = with("verify = \"spotcheck\"\nspotcheck_fraction = 0.25\n").unwrap();
+        assert_eq!(p.spotcheck_fraction(), 0.25);
+        let msg = |text: &str| with(text).unwrap_err().to_string();
+        assert!(msg("verify = \"spotcheck\"\nspotcheck_fraction = 0.0\n").contains("(0, 1]"));
+        assert!(msg("verify = \"spotcheck\"\nspotcheck_fraction = 1.5\n").contains("(0, 1]"));
+        assert!(msg("spotcheck_fraction = 0.5\n").contains("needs verify"));
+        assert!(msg("verify = \"spotcheck\"\nreplicas = 3\n").contains("need verify = \"full\""));
+        assert!(msg("verify = \"full\"\nreplicas = 4\nquorum = 2\n").contains("more than half"));
+        assert!(msg("verify = \"full\"\nreplicas = 1\n").contains("between 2 and 9"));
+        assert!(msg("verify = \"full\"\nquorum = 3\n").contains("at most all"));
     }
 
     #[test]

@@ -65,6 +65,8 @@ enum Command {
         /// S3 endpoint for an s3:// store (e.g. http://127.0.0.1:9000 for MinIO).
         #[arg(long, env = "DCNR_S3_ENDPOINT")]
         s3_endpoint: Option<String>,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
     /// Submit a job (an envelope, JSON or TOML, or a bare model graph) to a running orchestrator.
     Submit {
@@ -175,6 +177,41 @@ enum Command {
         #[command(flatten)]
         args: dcnr_pnode::PnodeArgs,
     },
+}
+
+/// Trust settings of `serve` (docs/TRUST.md).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrustArgs {
+    /// File holding the trusted-mode token; PNodes presenting it are trusted (reduced validation).
+    #[arg(long, env = "DCNR_TRUSTED_TOKEN_FILE")]
+    pub trusted_token_file: Option<PathBuf>,
+    /// Invalid results, not forgiven by valid ones since, that quarantine a PNode identity.
+    #[arg(long, env = "DCNR_QUARANTINE_AFTER", default_value_t = 3)]
+    pub quarantine_after: u32,
+    /// Consecutive valid results before a new identity counts as reliable (and one strike is
+    /// forgiven).
+    #[arg(long, env = "DCNR_EARN_AFTER", default_value_t = 100)]
+    pub earn_after: u64,
+}
+
+impl TrustArgs {
+    /// The token and the reputation rules; an unreadable or empty token file is an error.
+    pub fn resolve(&self) -> Result<(crate::admission::TrustedToken, crate::trust::TrustPolicy), String> {
+        let token = match &self.trusted_token_file {
+            Some(p) => crate::admission::TrustedToken::from_file(p)?,
+            None => crate::admission::TrustedToken::default(),
+        };
+        if self.quarantine_after == 0 || self.earn_after == 0 {
+            return Err("--quarantine-after and --earn-after must be at least 1".into());
+        }
+        let policy = crate::trust::TrustPolicy {
+            quarantine_after: self.quarantine_after,
+            earn_after: self.earn_after,
+            forgive_after: self.earn_after,
+            ..crate::trust::TrustPolicy::default()
+        };
+        Ok((token, policy))
+    }
 }
 
 /// Prints a summary: human lines, or one JSON line.
@@ -321,7 +358,12 @@ pub fn main(cli: Cli) -> ExitCode {
             max_pnodes,
             store,
             s3_endpoint,
+            trust,
         } => runtime(async move {
+            let (trusted_token, trust) = match trust.resolve() {
+                Ok(t) => t,
+                Err(e) => return fail(2, e),
+            };
             let cfg = ServerConfig {
                 listen,
                 data,
@@ -335,6 +377,8 @@ pub fn main(cli: Cli) -> ExitCode {
                 },
                 store: Some(store),
                 s3_endpoint,
+                trusted_token,
+                trust,
             };
             let srv = match server::start(cfg).await {
                 Ok(s) => s,
@@ -470,22 +514,27 @@ pub fn main(cli: Cli) -> ExitCode {
                         serde_json::json!({
                             "pnode_id": p.pnode_id, "name": p.name, "endpoint": p.endpoint, "health": p.health,
                             "cores": caps.cores, "memory_bytes": caps.memory_bytes, "arch": caps.arch,
-                            "hosted_vnodes": p.hosted_vnodes,
+                            "hosted_vnodes": p.hosted_vnodes, "trusted": p.trusted, "standing": p.standing,
+                            "reputation": p.reputation, "quarantine_reason": p.quarantine_reason,
+                            "public_key": p.public_key,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
                 println!(
-                    "{:<8} {:<16} {:<24} {:<8} {:>5} {:>7}",
-                    "PNODE", "NAME", "ENDPOINT", "HEALTH", "CORES", "VNODES"
+                    "{:<19} {:<16} {:<24} {:<8} {:<12} {:>5} {:>7}",
+                    "PNODE", "NAME", "ENDPOINT", "HEALTH", "TRUST", "CORES", "VNODES"
                 );
                 for p in &pnodes {
                     let cores = p.capabilities.as_ref().map(|c| c.cores).unwrap_or(0);
                     println!(
-                        "{:<8} {:<16} {:<24} {:<8} {:>5} {:>7}",
-                        p.pnode_id, p.name, p.endpoint, p.health, cores, p.hosted_vnodes
+                        "{:<19} {:<16} {:<24} {:<8} {:<12} {:>5} {:>7}",
+                        p.pnode_id, p.name, p.endpoint, p.health, p.standing, cores, p.hosted_vnodes
                     );
+                    if !p.quarantine_reason.is_empty() {
+                        println!("  quarantined: {}", p.quarantine_reason);
+                    }
                 }
             }
             ExitCode::SUCCESS

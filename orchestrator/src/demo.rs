@@ -35,6 +35,9 @@ pub struct DemoArgs {
     /// S3 endpoint for an s3:// store.
     #[arg(long, env = "DCNR_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
+    /// Trusted-mode token file: the orchestrator accepts it and every local PNode presents it.
+    #[arg(long, env = "DCNR_TRUSTED_TOKEN_FILE")]
+    pub trusted_token_file: Option<PathBuf>,
 }
 
 /// Reads the model file, or the built-in MNIST MLP.
@@ -63,6 +66,7 @@ impl Children {
 pub struct LocalMesh {
     srv: server::ServerHandle,
     children: Children,
+    trusted_token_file: Option<PathBuf>,
 }
 
 impl LocalMesh {
@@ -72,6 +76,17 @@ impl LocalMesh {
         data: Option<PathBuf>,
         store: Option<String>,
         s3_endpoint: Option<String>,
+    ) -> anyhow::Result<LocalMesh> {
+        Self::start_trusted(pnodes, data, store, s3_endpoint, None).await
+    }
+
+    /// Like [`LocalMesh::start`]; with a token file, the PNodes present it and are trusted.
+    pub async fn start_trusted(
+        pnodes: usize,
+        data: Option<PathBuf>,
+        store: Option<String>,
+        s3_endpoint: Option<String>,
+        trusted_token_file: Option<PathBuf>,
     ) -> anyhow::Result<LocalMesh> {
         if pnodes == 0 || pnodes > 64 {
             return Err(ClientError::Invalid("--pnodes must be between 1 and 64".into()).into());
@@ -89,9 +104,14 @@ impl LocalMesh {
             },
             store,
             s3_endpoint,
+            trusted_token: match &trusted_token_file {
+                Some(p) => crate::admission::TrustedToken::from_file(p).map_err(ClientError::Invalid)?,
+                None => crate::admission::TrustedToken::default(),
+            },
+            trust: crate::trust::TrustPolicy::default(),
         };
         let srv = server::start(cfg).await?;
-        let mut mesh = LocalMesh { srv, children: Children(Vec::new()) };
+        let mut mesh = LocalMesh { srv, children: Children(Vec::new()), trusted_token_file };
         for i in 0..pnodes {
             mesh.add_pnode(&format!("local-pnode-{i}"))?;
         }
@@ -121,6 +141,11 @@ impl LocalMesh {
             .args(["pnode", "--orchestrator", &self.srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5"])
             .arg("--name")
             .arg(name)
+            .args(
+                self.trusted_token_file
+                    .iter()
+                    .flat_map(|p| [std::ffi::OsStr::new("--trusted-token-file"), p.as_os_str()]),
+            )
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -176,8 +201,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<JobSummary> {
     let graph = model_text(args.model.as_ref())?;
     let mut envelope = Envelope::from_graph(&graph).map_err(|e| ClientError::Invalid(e.to_string()))?;
     args.overrides.apply(&mut envelope);
-    let mesh =
-        LocalMesh::start(args.pnodes, args.data.clone(), Some(args.store.clone()), args.s3_endpoint.clone()).await?;
+    let mesh = LocalMesh::start_trusted(
+        args.pnodes,
+        args.data.clone(),
+        Some(args.store.clone()),
+        args.s3_endpoint.clone(),
+        args.trusted_token_file.clone(),
+    )
+    .await?;
     eprintln!("orchestrator at {} with {} pnodes", mesh.url(), args.pnodes);
     let result = tokio::select! {
         r = mesh.run_job(&envelope, true) => r,

@@ -41,6 +41,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
+mod validation;
+
 /// Everything fixed about a job at submission.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -126,6 +128,13 @@ pub enum ReportBody {
     },
     /// The VNode failed.
     Failure(String),
+    /// The VNode refused a tensor that failed the cheap checks.
+    Rejected {
+        /// The VNode that produced it (`None`: the job's data).
+        from_vnode: Option<u32>,
+        /// Why, naming the sender.
+        reason: String,
+    },
 }
 
 impl Message for Report {
@@ -229,6 +238,8 @@ pub struct JobActor {
     last_step_at: Instant,
     /// No probe before this.
     next_probe: Instant,
+    /// What was checked and found, for `verification.json`.
+    verification: crate::verify::Report,
 }
 
 /// What one VNode did, for `executions.json`.
@@ -293,7 +304,6 @@ impl JobActor {
             .collect();
         let now = Instant::now();
         JobActor {
-            spec,
             registry,
             jobs,
             data,
@@ -341,6 +351,11 @@ impl JobActor {
             step_interval: None,
             last_step_at: now,
             next_probe: now,
+            verification: crate::verify::Report::new(
+                &spec.job_id,
+                &crate::verify::Settings::from_policy(&spec.envelope.policy),
+            ),
+            spec,
         }
         .resumed()
     }
@@ -800,7 +815,7 @@ impl JobActor {
             Ok::<_, CollectError>(all)
         };
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
-            Ok(params) => act.finish(ctx, Some(params)),
+            Ok(params) => act.accept_params(ctx, params),
             Err(CollectError::Unreachable(pnode, why)) => act.recover(ctx, why, vec![pnode]),
             Err(CollectError::Invalid(why)) => act.fail(ctx, "collect", why),
         }));
@@ -868,6 +883,9 @@ impl JobActor {
                 )),
                 ArtifactKind::Metrics => files.push(("metrics.json", json(serde_json::json!(self.metrics)))),
                 ArtifactKind::Envelope => files.push(("envelope.json", json(serde_json::json!(self.spec.envelope)))),
+                ArtifactKind::Verification => {
+                    files.push(("verification.json", json(serde_json::json!(self.verification))))
+                }
             }
         }
         let record = JobRecord {
@@ -1184,6 +1202,8 @@ async fn place_and_allocate(
                     && !req.exclude.contains(&p.id)
                     && (target != Target::Gpu || !p.caps.gpu.is_empty())
             })
+            // Quarantined identities get no work.
+            .filter(|p| p.standing != crate::trust::Standing::Quarantined)
             .collect();
         let offers: Vec<Offer> = healthy
             .iter()
@@ -1293,6 +1313,9 @@ impl Handler<Report> for JobActor {
             return;
         }
         self.last_activity = Instant::now();
+        if !self.screen_report(ctx, &r) {
+            return;
+        }
         match r.body {
             ReportBody::Done { compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => {
                 if r.mb < self.completed
@@ -1354,6 +1377,8 @@ impl Handler<Report> for JobActor {
                     format!("vnode {} ({name}) on {} failed: {msg}", r.vnode, r.pnode),
                 );
             }
+            // Refused in `screen_report`.
+            ReportBody::Rejected { .. } => return,
         }
         self.pump(ctx);
     }

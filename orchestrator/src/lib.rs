@@ -5,7 +5,10 @@
 //! (gRPC adapter; the only module here besides `client` and `server` that names tonic),
 //! [`server`] (starts actors and the gRPC server), [`client`] + [`cli`] + [`progress`] (the
 //! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
+//! Trust: [`admission`] (registration challenges, trusted token), [`trust`] (pure: reputation
+//! and quarantine), [`verify`] (pure: spot checks, quorum, the verification report).
 
+pub mod admission;
 pub mod artifacts;
 pub mod bench;
 pub mod checkpoints;
@@ -25,3 +28,5 @@ pub mod server;
 pub mod service;
 pub mod status;
 pub mod summary;
+pub mod trust;
+pub mod verify;

@@ -1,5 +1,6 @@
 //! The PNode registry: who has joined, what they offer, and whether they are alive.
 
+use crate::trust::{Outcome, Standing, Transition, TrustBook, TrustPolicy};
 use actix::prelude::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -62,6 +63,16 @@ pub struct PNodeView {
     pub health: Health,
     /// VNodes it reported hosting.
     pub hosted_vnodes: u32,
+    /// Hex of the ed25519 public key its id derives from.
+    pub public_key: String,
+    /// Presented the trusted-mode token.
+    pub trusted: bool,
+    /// Reputation standing now (see `trust`).
+    pub standing: Standing,
+    /// 1 − recent error rate.
+    pub reputation: f64,
+    /// Why it is quarantined, if it is.
+    pub quarantine_reason: Option<String>,
 }
 
 /// Heartbeat timing.
@@ -108,14 +119,21 @@ impl Record {
 /// Actor owning the table of PNodes.
 pub struct Registry {
     policy: HealthPolicy,
-    next_id: u64,
     pnodes: BTreeMap<String, Record>,
+    /// Reputation of every identity ever seen, kept when a PNode leaves.
+    trust: TrustBook,
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new(policy: HealthPolicy) -> Registry {
-        Registry { policy, next_id: 1, pnodes: BTreeMap::new() }
+        Registry { policy, pnodes: BTreeMap::new(), trust: TrustBook::new(TrustPolicy::default()) }
+    }
+
+    /// The same with other reputation rules.
+    pub fn with_trust(mut self, policy: TrustPolicy) -> Registry {
+        self.trust = TrustBook::new(policy);
+        self
     }
 }
 
@@ -123,10 +141,16 @@ impl Actor for Registry {
     type Context = Context<Self>;
 }
 
-/// A registration request that already passed the protocol-version check.
+/// A registration request that already passed the protocol-version, signature and token checks.
 #[derive(Message)]
-#[rtype(result = "String")]
+#[rtype(result = "Result<String, String>")]
 pub struct Register {
+    /// Id derived from the public key (`dcnr_proto::identity::pnode_id`).
+    pub id: String,
+    /// Hex of the public key.
+    pub public_key: String,
+    /// Presented the trusted-mode token.
+    pub trusted: bool,
     /// Operator-chosen name.
     pub name: String,
     /// Where its `PNode` service listens.
@@ -136,12 +160,14 @@ pub struct Register {
 }
 
 impl Handler<Register> for Registry {
-    type Result = String;
+    type Result = Result<String, String>;
 
-    fn handle(&mut self, msg: Register, _: &mut Context<Self>) -> String {
-        let id = format!("pn-{:04}", self.next_id);
-        self.next_id += 1;
-        tracing::info!(pnode = %id, name = %msg.name, endpoint = %msg.endpoint, cores = msg.caps.cores, "pnode joined");
+    /// Refuses a quarantined identity with the reason; an identity registering again (a restart)
+    /// replaces its old record and keeps its reputation.
+    fn handle(&mut self, msg: Register, _: &mut Context<Self>) -> Result<String, String> {
+        let id = msg.id;
+        let standing = self.trust.admit(&id, msg.trusted).map_err(|why| format!("pnode {id} is quarantined: {why}"))?;
+        tracing::info!(pnode = %id, name = %msg.name, endpoint = %msg.endpoint, cores = msg.caps.cores, standing = standing.name(), "pnode joined");
         let view = PNodeView {
             id: id.clone(),
             name: msg.name,
@@ -149,9 +175,14 @@ impl Handler<Register> for Registry {
             caps: msg.caps,
             health: Health::Healthy,
             hosted_vnodes: 0,
+            public_key: msg.public_key,
+            trusted: msg.trusted,
+            standing,
+            reputation: 1.0,
+            quarantine_reason: None,
         };
         self.pnodes.insert(id.clone(), Record { view, last_seen: Instant::now(), lost: false, draining: false });
-        id
+        Ok(id)
     }
 }
 
@@ -203,6 +234,11 @@ impl Handler<Snapshot> for Registry {
             .map(|r| {
                 let mut v = r.view.clone();
                 v.health = r.health(&self.policy, now);
+                v.standing = self.trust.standing(&v.id);
+                if let Some(rep) = self.trust.get(&v.id) {
+                    v.reputation = rep.score();
+                    v.quarantine_reason = rep.quarantined.clone();
+                }
                 v
             })
             .collect()
@@ -259,5 +295,30 @@ impl Handler<Lookup> for Registry {
             v.health = r.health(&self.policy, now);
             v
         })
+    }
+}
+
+/// The verdict on one execution of a PNode's work; answers what it changed.
+#[derive(Message)]
+#[rtype(result = "Transition")]
+pub struct RecordOutcome {
+    /// PNode id.
+    pub pnode: String,
+    /// Valid or invalid (with the reason).
+    pub outcome: Outcome,
+}
+
+impl Handler<RecordOutcome> for Registry {
+    type Result = MessageResult<RecordOutcome>;
+
+    fn handle(&mut self, msg: RecordOutcome, _: &mut Context<Self>) -> Self::Result {
+        let t = self.trust.record(&msg.pnode, &msg.outcome);
+        match &t {
+            Transition::Quarantined(why) => tracing::warn!(pnode = %msg.pnode, reason = %why, "pnode quarantined"),
+            Transition::Earned => tracing::info!(pnode = %msg.pnode, "pnode became reliable"),
+            Transition::Lost => tracing::info!(pnode = %msg.pnode, "pnode lost its reliable standing"),
+            Transition::None => {}
+        }
+        MessageResult(t)
     }
 }

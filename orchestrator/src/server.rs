@@ -28,6 +28,10 @@ pub struct ServerConfig {
     pub store: Option<String>,
     /// S3 endpoint for an s3:// store (e.g. http://127.0.0.1:9000 for MinIO).
     pub s3_endpoint: Option<String>,
+    /// Token that makes a PNode trusted (none: every PNode is untrusted).
+    pub trusted_token: crate::admission::TrustedToken,
+    /// Reputation rules.
+    pub trust: crate::trust::TrustPolicy,
 }
 
 /// A running orchestrator.
@@ -54,7 +58,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let registry = Registry::new(HealthPolicy { interval: cfg.heartbeat, timeout: cfg.heartbeat_timeout }).start();
+    let registry = Registry::new(HealthPolicy { interval: cfg.heartbeat, timeout: cfg.heartbeat_timeout })
+        .with_trust(cfg.trust)
+        .start();
     let (store, recorded) = match &cfg.store {
         Some(url) => {
             let store = open_store(url, cfg.s3_endpoint.as_deref())?;
@@ -85,7 +91,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     // Jobs that were running when a previous orchestrator stopped go on; their placement waits
     // for PNodes to register again.
     jobs.do_send(ResumeActive);
-    let svc = OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat };
+    let admission =
+        std::sync::Arc::new(crate::admission::Admission { token: cfg.trusted_token.clone(), ..Default::default() });
+    let svc =
+        OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat, admission };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(dcnr_proto::transport::server().add_service(server(svc)).serve_with_incoming(incoming));
     tracing::info!(%addr, "orchestrator listening");

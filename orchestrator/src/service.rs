@@ -1,6 +1,7 @@
 //! The gRPC adapter of the `Orchestrator` service: checks and converts wire messages, then asks
 //! the registry and job-table actors.
 
+use crate::admission::{AdmissionError, TokenCheck};
 use crate::job::{Report, ReportBody};
 use crate::jobs::{Evacuate, Get, HostedOn, Jobs, List, Resolve, Resume, Submit, SubmitError, Watch};
 use crate::registry::{self, Caps, Heartbeat, Lookup, MarkLost, PNodeView, Register, Registry, Snapshot};
@@ -11,7 +12,7 @@ use dcnr_proto::PROTOCOL_VERSION;
 use dcnr_proto::v1::{self, orchestrator_server::OrchestratorServer};
 use dcnr_vnode::Phase;
 use std::pin::Pin;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -23,6 +24,8 @@ pub struct OrchestratorService {
     pub jobs: Addr<Jobs>,
     /// Heartbeat period asked of PNodes.
     pub heartbeat: Duration,
+    /// Registration challenges and the trusted-mode token.
+    pub admission: std::sync::Arc<crate::admission::Admission>,
 }
 
 fn gone<E: std::fmt::Display>(e: E) -> Status {
@@ -82,6 +85,11 @@ fn pnode_to_wire(p: &PNodeView) -> v1::PNodeInfo {
         }),
         health: p.health.name().into(),
         hosted_vnodes: p.hosted_vnodes,
+        trusted: p.trusted,
+        standing: p.standing.name().into(),
+        reputation: p.reputation,
+        quarantine_reason: p.quarantine_reason.clone().unwrap_or_default(),
+        public_key: p.public_key.clone(),
     }
 }
 
@@ -106,6 +114,10 @@ fn report_from_wire(r: v1::VNodeReport) -> Result<Report, Status> {
             count: l.count,
         },
         Some(Body::Failure(f)) => ReportBody::Failure(f.message),
+        Some(Body::Rejected(x)) => ReportBody::Rejected {
+            from_vnode: (!x.from_data).then_some(x.from_vnode),
+            reason: x.reason.chars().take(1024).collect(),
+        },
         None => return Err(Status::invalid_argument("report has no body")),
     };
     Ok(Report {
@@ -151,6 +163,24 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         if !url_ok || r.endpoint.len() > 512 || r.name.len() > 256 {
             return Err(Status::invalid_argument(format!("bad endpoint {:?} or name", r.endpoint)));
         }
+        // Proof of identity: a valid signature over a nonce this orchestrator issued to this key.
+        let key = dcnr_proto::identity::verify_registration(&r).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        self.admission
+            .challenges
+            .lock()
+            .map_err(|_| Status::internal("admission state is poisoned"))?
+            .redeem(&r.nonce, &key, Instant::now())
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let trusted = match self.admission.token.check(&r.trusted_token) {
+            TokenCheck::Matches => true,
+            TokenCheck::Absent | TokenCheck::NotConfigured => false,
+            TokenCheck::Mismatch => {
+                return Err(Status::permission_denied(
+                    "the trusted-mode token does not match this orchestrator's; fix --trusted-token-file or leave it out",
+                ));
+            }
+        };
+        let id = dcnr_proto::identity::pnode_id(&key);
         let c = r.capabilities.unwrap_or_default();
         let caps = Caps {
             cores: c.cores.max(1),
@@ -160,11 +190,32 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             gpu: c.gpu,
             determinism_class: c.determinism_class,
         };
-        let id = self.registry.send(Register { name: r.name, endpoint: r.endpoint, caps }).await.map_err(gone)?;
+        let register = Register { id, public_key: hex::encode(key), trusted, name: r.name, endpoint: r.endpoint, caps };
+        let id = self.registry.send(register).await.map_err(gone)?.map_err(Status::permission_denied)?;
         Ok(Response::new(v1::RegisterResponse {
             pnode_id: id,
             heartbeat_interval_ms: self.heartbeat.as_millis() as u32,
             protocol_version: PROTOCOL_VERSION,
+            trusted,
+        }))
+    }
+
+    async fn challenge(&self, req: Request<v1::ChallengeRequest>) -> Result<Response<v1::ChallengeResponse>, Status> {
+        let mut nonce = [0u8; dcnr_proto::identity::NONCE_BYTES];
+        getrandom::fill(&mut nonce).map_err(|e| Status::internal(format!("no randomness for a nonce: {e}")))?;
+        let issued = self
+            .admission
+            .challenges
+            .lock()
+            .map_err(|_| Status::internal("admission state is poisoned"))?
+            .issue(&req.get_ref().public_key, nonce, Instant::now())
+            .map_err(|e| match e {
+                AdmissionError::Busy => Status::resource_exhausted(e.to_string()),
+                _ => Status::invalid_argument(e.to_string()),
+            })?;
+        Ok(Response::new(v1::ChallengeResponse {
+            nonce: issued.to_vec(),
+            ttl_ms: crate::admission::CHALLENGE_TTL.as_millis() as u32,
         }))
     }
 

@@ -62,6 +62,13 @@ impl Handler<Deliver> for VNodeActor {
         let mb = match &msg.msg {
             Inbound::Forward { mb, .. } | Inbound::Backward { mb, .. } => *mb,
         };
+        // Cheap checks first: a refused tensor never reaches the VNode, whose state stays valid,
+        // and the orchestrator learns who sent it.
+        if let Err(r) = self.vnode.screen(&msg.msg) {
+            tracing::warn!(job = %self.job, vnode = self.vnode.id(), error = %r, "refused a tensor");
+            self.router.reject(&self.job, self.vnode.id(), self.generation, &r);
+            return;
+        }
         match self.vnode.handle(msg.msg) {
             Ok(outs) => {
                 let id = self.vnode.id();

@@ -1,6 +1,7 @@
 //! Command-line flags of a PNode (every flag also reads an environment variable).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Flags of `pnode`.
@@ -41,6 +42,25 @@ pub struct PnodeArgs {
     /// VNodes before exiting (0 = leave at once; a second signal also leaves at once).
     #[arg(long, env = "DCNR_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,
+    /// Directory for this PNode's identity key (created on first start, mode 0700; the key file
+    /// is 0600). Without it the PNode gets a new identity, and no reputation, at every start.
+    #[arg(long, env = "DCNR_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// File holding the orchestrator's trusted-mode token; a PNode presenting it is trusted and
+    /// gets reduced validation (docs/TRUST.md).
+    #[arg(long, env = "DCNR_TRUSTED_TOKEN_FILE")]
+    pub trusted_token_file: Option<PathBuf>,
+    /// Testing aid: misbehave on purpose, to exercise the orchestrator's validation. KIND is
+    /// corrupt (noise), sign-flip (negated gradients), scale (x100), nan, lazy (zeros instead
+    /// of results) or slow (delays); RATE in (0, 1] is the fraction of executions hit (default 1).
+    #[arg(long, env = "DCNR_FAULT", value_name = "KIND[:RATE]")]
+    pub fault: Option<crate::fault::FaultSpec>,
+    /// Seed deciding which executions a --fault hits (same seed, same places).
+    #[arg(long, env = "DCNR_FAULT_SEED", default_value_t = 0)]
+    pub fault_seed: u64,
+    /// Delay of each message under --fault slow, in milliseconds.
+    #[arg(long, env = "DCNR_FAULT_DELAY_MS", default_value_t = 100)]
+    pub fault_delay_ms: u64,
     /// Protocol version to announce; a testing aid for version negotiation.
     #[arg(long, hide = true, default_value_t = dcnr_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
@@ -50,5 +70,24 @@ impl PnodeArgs {
     /// How long to retry reaching the orchestrator at start.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_s)
+    }
+
+    /// The trusted-mode token from `--trusted-token-file` (surrounding whitespace removed), or
+    /// an empty string without one.
+    pub fn trusted_token(&self) -> anyhow::Result<String> {
+        use anyhow::Context as _;
+        let Some(path) = &self.trusted_token_file else { return Ok(String::new()) };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the trusted token file {}", path.display()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            anyhow::bail!("the trusted token file {} is empty", path.display());
+        }
+        Ok(token.to_string())
+    }
+
+    /// The fault injector asked for, if any.
+    pub fn injector(&self) -> Option<crate::fault::Injector> {
+        self.fault.map(|f| crate::fault::Injector::new(f, self.fault_seed, Duration::from_millis(self.fault_delay_ms)))
     }
 }

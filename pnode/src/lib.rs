@@ -1,8 +1,10 @@
 //! The PNode runtime: joins an orchestrator, hosts VNodes as actors, and moves their traffic.
 //!
-//! Module map: [`config`] (flags), [`membership`] (register and heartbeat), [`actors`] (the
-//! VNode actors and their host), [`router`] (where an outbound message goes: a local actor or a
-//! remote PNode), [`service`] (the gRPC adapter; with `convert`, the only code here that sees
+//! Module map: [`config`] (flags), [`identity`] (the key pair behind the PNode id),
+//! [`membership`] (signed registration and heartbeat), [`actors`] (the VNode actors and their
+//! host; inbound tensors pass the cheap checks first), [`router`] (where an outbound message
+//! goes: a local actor or a remote PNode), [`fault`] (fault injection, a testing aid, hooked
+//! where outputs leave the router), [`service`] (the gRPC adapter; with `convert`, the only code here that sees
 //! wire types), [`capabilities`] (what this machine advertises).
 //!
 //! Architecture invariant: the training math lives in `dcnr-vnode`; this crate never computes,
@@ -13,6 +15,8 @@ pub mod actors;
 pub mod capabilities;
 pub mod config;
 pub mod convert;
+pub mod fault;
+pub mod identity;
 pub mod membership;
 pub mod router;
 pub mod service;
@@ -33,10 +37,26 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let orchestrator = membership::OrchestratorLink::connect(&args.orchestrator, args.connect_timeout())
         .await
         .with_context(|| format!("cannot reach orchestrator at {}", args.orchestrator))?;
-    let identity = membership::register(&orchestrator, &args, &endpoint).await?;
-    tracing::info!(pnode = %identity.pnode_id, %endpoint, "registered with orchestrator");
+    let key = match &args.data_dir {
+        Some(dir) => identity::NodeKey::load_or_create(dir)?,
+        None => {
+            tracing::warn!("no --data-dir: this pnode gets a new identity, with no reputation, at every start");
+            identity::NodeKey::ephemeral()?
+        }
+    };
+    let creds = membership::Credentials { key: std::sync::Arc::new(key), token: args.trusted_token()? };
+    let identity = membership::register(&orchestrator, &args, &endpoint, &creds).await?;
+    tracing::info!(pnode = %identity.pnode_id, trusted = identity.trusted, %endpoint, "registered with orchestrator");
+    let fault = args.injector();
+    if let Some(f) = &fault {
+        tracing::warn!(
+            kind = f.spec().kind.name(),
+            rate = f.spec().rate,
+            "fault injection is on: this pnode misbehaves"
+        );
+    }
 
-    let router = router::Router::start(orchestrator.clone(), identity.pnode_id.clone());
+    let router = router::Router::start(orchestrator.clone(), identity.pnode_id.clone(), fault);
     let memory_limit = args.memory_mib.map(|m| m * 1024 * 1024).unwrap_or(0);
     let host = actors::Host::start_new(router.clone(), args.max_vnodes, memory_limit);
     let mut server = tokio::spawn(service::serve(listener, host.clone(), router.clone()));
@@ -47,6 +67,7 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         identity,
         host,
         router.clone(),
+        creds,
     ));
     tokio::select! {
         r = &mut server => return r.context("gRPC server task failed")?.context("gRPC server failed"),

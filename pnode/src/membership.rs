@@ -81,24 +81,57 @@ pub struct Identity {
     pub pnode_id: String,
     /// Heartbeat period asked for by the orchestrator.
     pub heartbeat: Duration,
+    /// Whether the orchestrator accepted the trusted-mode token.
+    pub trusted: bool,
 }
 
-/// Registers this PNode; a refused protocol version is an error that names both versions.
-pub async fn register(link: &OrchestratorLink, args: &PnodeArgs, endpoint: &str) -> anyhow::Result<Identity> {
-    let req = v1::RegisterRequest {
+/// What a PNode proves and presents at registration: its key and the trusted-mode token.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The identity key.
+    pub key: std::sync::Arc<crate::identity::NodeKey>,
+    /// Trusted-mode token; empty for none.
+    pub token: String,
+}
+
+/// Registers this PNode, proving possession of its key by signing a fresh challenge. A refused
+/// protocol version, quarantined identity or wrong token is an error that says so.
+pub async fn register(
+    link: &OrchestratorLink,
+    args: &PnodeArgs,
+    endpoint: &str,
+    creds: &Credentials,
+) -> anyhow::Result<Identity> {
+    let refused = |s: tonic::Status| match s.code() {
+        tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            anyhow::anyhow!("registration refused: {}", s.message())
+        }
+        _ => anyhow::anyhow!("registration failed: {} ({:?})", s.message(), s.code()),
+    };
+    let public = creds.key.public();
+    let challenge =
+        link.client().challenge(v1::ChallengeRequest { public_key: public.to_vec() }).await.map_err(refused)?;
+    let mut req = v1::RegisterRequest {
         protocol_version: args.protocol_version,
         name: args.name.clone(),
         endpoint: endpoint.to_string(),
         capabilities: Some(crate::capabilities::detect(args.cores, args.memory_mib)),
+        nonce: challenge.into_inner().nonce,
+        trusted_token: creds.token.clone(),
+        ..Default::default()
     };
-    let resp = match link.client().register(req).await {
-        Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::FailedPrecondition => bail!("registration refused: {}", s.message()),
-        Err(s) => bail!("registration failed: {} ({:?})", s.message(), s.code()),
-    };
+    dcnr_proto::identity::sign_registration(creds.key.signing(), &mut req);
+    let resp = link.client().register(req).await.map_err(refused)?.into_inner();
+    if resp.pnode_id != creds.key.pnode_id() {
+        bail!("the orchestrator named this pnode {} but its key gives {}", resp.pnode_id, creds.key.pnode_id());
+    }
+    if !creds.token.is_empty() && !resp.trusted {
+        tracing::warn!("registered as untrusted: the orchestrator has no trusted-mode token configured");
+    }
     Ok(Identity {
         pnode_id: resp.pnode_id,
         heartbeat: Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(50))),
+        trusted: resp.trusted,
     })
 }
 
@@ -110,6 +143,7 @@ pub async fn heartbeat_loop(
     identity: Identity,
     host: Addr<Host>,
     router: Router,
+    creds: Credentials,
 ) -> anyhow::Result<()> {
     let mut identity = identity;
     let mut last_ok = Instant::now();
@@ -128,7 +162,7 @@ pub async fn heartbeat_loop(
                 // already given up and relocated, so it is dropped rather than left computing.
                 let dropped = host.send(ReleaseAll).await.unwrap_or(0);
                 tracing::warn!(dropped, "orchestrator no longer knows this pnode; registering again");
-                identity = register(&link, &args, &endpoint).await?;
+                identity = register(&link, &args, &endpoint, &creds).await?;
                 router.set_pnode_id(identity.pnode_id.clone());
                 last_ok = Instant::now();
             }

@@ -32,6 +32,8 @@ enum Egress {
 struct Inner {
     pnode_id: RwLock<String>,
     stale: std::sync::atomic::AtomicU64,
+    /// Fault injection (a testing aid); `None` in normal operation.
+    fault: Option<crate::fault::Injector>,
     local: RwLock<HashMap<VKey, Recipient<Deliver>>>,
     egress: mpsc::UnboundedSender<Egress>,
     reports: mpsc::UnboundedSender<v1::VNodeReport>,
@@ -45,7 +47,7 @@ pub struct Router {
 
 impl Router {
     /// Starts the egress and report tasks on the current tokio runtime.
-    pub fn start(orchestrator: OrchestratorLink, pnode_id: String) -> Router {
+    pub fn start(orchestrator: OrchestratorLink, pnode_id: String, fault: Option<crate::fault::Injector>) -> Router {
         let (egress, egress_rx) = mpsc::unbounded_channel();
         let (reports, reports_rx) = mpsc::unbounded_channel();
         tokio::spawn(egress_loop(egress_rx, orchestrator.clone()));
@@ -53,6 +55,7 @@ impl Router {
         let inner = Inner {
             pnode_id: RwLock::new(pnode_id),
             stale: Default::default(),
+            fault,
             local: RwLock::default(),
             egress,
             reports,
@@ -115,6 +118,10 @@ impl Router {
     /// Sends one output of VNode `from` (of placement `generation` of `job`) to wherever it must go.
     pub fn send(&self, job: &str, from: u32, generation: u32, out: Outbound) {
         let target = |vnode| Target { job: job.to_string(), vnode, generation };
+        let out = match &self.inner.fault {
+            Some(f) => f.apply(job, from, out),
+            None => out,
+        };
         match out {
             Outbound::Forward { to, port, mb, phase, tensor } => match self.local(job, to) {
                 Some(r) => r.do_send(Deliver { generation, msg: Inbound::Forward { mb, phase, port, tensor } }),
@@ -155,6 +162,17 @@ impl Router {
     /// Reports a VNode failure to the orchestrator.
     pub fn fail(&self, job: &str, vnode: u32, generation: u32, mb: u64, message: String) {
         self.report(job, vnode, generation, mb, v1::v_node_report::Body::Failure(v1::VNodeFailure { message }));
+    }
+
+    /// Reports a tensor that VNode `vnode` refused because it failed the cheap checks.
+    pub fn reject(&self, job: &str, vnode: u32, generation: u32, r: &dcnr_vnode::sanity::Rejection) {
+        use dcnr_vnode::sanity::Sender;
+        let (from_vnode, from_data) = match r.from {
+            Sender::VNode(v) => (v, false),
+            Sender::Data => (0, true),
+        };
+        let body = v1::Rejected { reason: r.to_string(), from_vnode, from_data };
+        self.report(job, vnode, generation, r.mb, v1::v_node_report::Body::Rejected(body));
     }
 
     fn report(&self, job: &str, vnode: u32, generation: u32, mb: u64, body: v1::v_node_report::Body) {

@@ -9,6 +9,7 @@ pub mod v1 {
     tonic::include_proto!("dcnr.v1");
 }
 
+pub mod identity;
 pub mod limits;
 pub mod tensor;
 pub mod transport;

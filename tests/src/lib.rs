@@ -239,9 +239,12 @@ impl Mesh {
 
     /// Starts one more PNode with extra flags.
     pub fn add_pnode_with(&mut self, extra: &[&str]) -> Result<()> {
+        // Named by index unless the caller names it.
         let name = format!("test-pnode-{}", self.pnodes.len());
+        let naming: &[&str] = if extra.contains(&"--name") { &[] } else { &["--name", &name] };
         let child = Command::new(bin("pnode"))
-            .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "20", "--name", &name])
+            .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "20"])
+            .args(naming)
             .args(extra)
             .env("RUST_LOG", std::env::var("DCNR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())

@@ -12,6 +12,7 @@ pub mod layer;
 pub mod memory;
 pub mod optim;
 pub mod reference;
+pub mod sanity;
 pub mod seed;
 mod vnode;
 

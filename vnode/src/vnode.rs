@@ -448,6 +448,46 @@ impl VNode {
         Ok(out)
     }
 
+    /// The cheap checks of an inbound tensor, naming its sender: dtype, shape, NaN/Inf and
+    /// magnitude. Messages this cannot attribute (an unknown port or consumer) pass, and
+    /// [`VNode::handle`] refuses them. A rejected message must not be handled: the VNode's state
+    /// stays as it was.
+    pub fn screen(&self, msg: &Inbound) -> Result<(), crate::sanity::Rejection> {
+        use crate::sanity::{Rejection, Sender, check_f32, check_labels};
+        let node = &self.spec.node;
+        match msg {
+            Inbound::Forward { mb, port, tensor, .. } => {
+                let Some(source) = node.inputs.get(*port as usize) else { return Ok(()) };
+                let (from, what) = match source {
+                    Source::Node(v) => (Sender::VNode(*v), "activation"),
+                    Source::Features => (Sender::Data, "features"),
+                    Source::Labels => (Sender::Data, "labels"),
+                };
+                let checked = match (node.kind, source) {
+                    (NodeKind::SoftmaxCrossEntropy { classes }, Source::Labels) => check_labels(tensor, classes),
+                    (NodeKind::Linear { inputs, .. }, _) => check_f32(tensor, &[None, Some(inputs)]),
+                    (NodeKind::SoftmaxCrossEntropy { classes }, _) => check_f32(tensor, &[None, Some(classes)]),
+                    // Element-wise kinds keep their input's width.
+                    _ => check_f32(tensor, &[None, Some(node.output_width)]),
+                };
+                checked.map_err(|error| Rejection { to: node.id, mb: *mb, from, what, error })
+            }
+            Inbound::Backward { mb, from, tensor } => {
+                if !node.consumers.contains(from) {
+                    return Ok(());
+                }
+                let rows = self.saved.get(mb).map(|s| s.rows);
+                check_f32(tensor, &[rows, Some(node.output_width)]).map_err(|error| Rejection {
+                    to: node.id,
+                    mb: *mb,
+                    from: Sender::VNode(from.0),
+                    what: "gradient",
+                    error,
+                })
+            }
+        }
+    }
+
     fn check_input(&self, mb: u64, port: usize, t: &HostTensor) -> Result<(), VNodeError> {
         let node = &self.spec.node;
         let shape_err = |detail: String| VNodeError::Shape { vnode: node.id, mb, detail };

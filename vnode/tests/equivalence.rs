@@ -187,3 +187,29 @@ fn corrupt_or_foreign_state_is_refused() {
     assert!(VNode::restore(spec(0), b"garbage").is_err());
     assert!(VNode::restore(spec(0), &state).is_ok());
 }
+
+#[test]
+fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
+    use dcnr_vnode::sanity::{SanityError, Sender};
+    use dcnr_vnode::{Inbound, Phase};
+    let g = graph("sgd");
+    let spec =
+        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 1 };
+    let act1 = VNode::new(spec(1));
+    let fwd = |t: HostTensor| Inbound::Forward { mb: 0, phase: Phase::Train, port: 0, tensor: t };
+    let good = HostTensor::f32(vec![5, 8], vec![0.5; 40]);
+    assert_eq!(act1.screen(&fwd(good)), Ok(()));
+    let mut v = vec![0.5; 40];
+    v[3] = f32::NAN;
+    let r = act1.screen(&fwd(HostTensor::f32(vec![5, 8], v))).unwrap_err();
+    assert_eq!(r.from, Sender::VNode(0));
+    assert!(matches!(r.error, SanityError::NonFinite { index: 3, .. }));
+    assert!(r.to_string().contains("from vnode 0") && r.to_string().contains("NaN"), "{r}");
+    let wide = act1.screen(&fwd(HostTensor::f32(vec![5, 9], vec![0.5; 45]))).unwrap_err();
+    assert!(matches!(wide.error, SanityError::Shape { .. }));
+    let fc1 = VNode::new(spec(0));
+    let r = fc1.screen(&fwd(HostTensor::f32(vec![5, 6], vec![1.0e9; 30]))).unwrap_err();
+    assert_eq!(r.from, Sender::Data);
+    let grad = Inbound::Backward { mb: 0, from: (2, 0), tensor: HostTensor::f32(vec![5, 8], vec![f32::INFINITY; 40]) };
+    assert_eq!(act1.screen(&grad).unwrap_err().from, Sender::VNode(2));
+}

@@ -1,0 +1,287 @@
+//! Reputation and quarantine, as plain data fed with outcomes (no IO, no clock).
+//!
+//! In the spirit of BOINC's adaptive replication, an identity is *new* until it has returned
+//! `earn_after` consecutive valid results; only then is it *reliable* and checked less often.
+//! One invalid result resets the run to zero and counts a strike; `forgive_after` consecutive
+//! valid results forgive one strike; `quarantine_after` unforgiven strikes quarantine the
+//! identity for good: it gets no work and cannot register again. A PNode presenting the
+//! trusted-mode token is *trusted* (reduced validation) but is quarantined like anyone else
+//! when it misbehaves: trust is a performance hint, never a correctness requirement.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Thresholds of the reputation rules.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrustPolicy {
+    /// Consecutive valid results before a new identity becomes reliable.
+    pub earn_after: u64,
+    /// Unforgiven invalid results that quarantine an identity.
+    pub quarantine_after: u32,
+    /// Consecutive valid results that forgive one strike.
+    pub forgive_after: u64,
+    /// Weight of each new result in the error-rate average.
+    pub rate_weight: f64,
+}
+
+impl Default for TrustPolicy {
+    fn default() -> Self {
+        TrustPolicy { earn_after: 100, quarantine_after: 3, forgive_after: 100, rate_weight: 0.05 }
+    }
+}
+
+/// The result of checking one execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It matched the quorum or a verified recomputation.
+    Valid,
+    /// It failed the cheap checks or disagreed with the quorum; the reason is kept.
+    Invalid(String),
+}
+
+/// How much an identity is trusted now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Standing {
+    /// Has not earned trust (yet, or since its last invalid result).
+    New,
+    /// Returned many consecutive valid results.
+    Reliable,
+    /// Presented the orchestrator's trusted-mode token.
+    Trusted,
+    /// Misbehaved repeatedly: no work, no re-registration.
+    Quarantined,
+}
+
+impl Standing {
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Standing::New => "new",
+            Standing::Reliable => "reliable",
+            Standing::Trusted => "trusted",
+            Standing::Quarantined => "quarantined",
+        }
+    }
+}
+
+/// What an outcome changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    /// Nothing worth telling.
+    None,
+    /// The identity just became reliable.
+    Earned,
+    /// A reliable identity fell back to new.
+    Lost,
+    /// The identity was quarantined just now, for this reason.
+    Quarantined(String),
+}
+
+/// The record of one identity.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reputation {
+    /// Valid results since the last invalid one.
+    pub consecutive_valid: u64,
+    /// Valid results in all.
+    pub valid: u64,
+    /// Invalid results in all.
+    pub invalid: u64,
+    /// Invalid results not yet forgiven.
+    pub strikes: u32,
+    /// Exponential average of invalid results, in [0, 1].
+    pub error_rate: f64,
+    /// Presented the trusted-mode token at its last registration.
+    pub token_trusted: bool,
+    /// Why it was quarantined, once it is.
+    pub quarantined: Option<String>,
+    /// The most recent invalid result's reason.
+    pub last_invalid: Option<String>,
+}
+
+impl Reputation {
+    /// Standing under `policy`.
+    pub fn standing(&self, policy: &TrustPolicy) -> Standing {
+        if self.quarantined.is_some() {
+            Standing::Quarantined
+        } else if self.token_trusted {
+            Standing::Trusted
+        } else if self.consecutive_valid >= policy.earn_after {
+            Standing::Reliable
+        } else {
+            Standing::New
+        }
+    }
+
+    /// 1 − error rate, in [0, 1].
+    pub fn score(&self) -> f64 {
+        (1.0 - self.error_rate).clamp(0.0, 1.0)
+    }
+
+    /// Applies one outcome. A quarantined identity stays quarantined whatever follows.
+    pub fn record(&mut self, outcome: &Outcome, policy: &TrustPolicy) -> Transition {
+        let before = self.standing(policy);
+        let w = policy.rate_weight.clamp(0.0, 1.0);
+        match outcome {
+            Outcome::Valid => {
+                self.valid += 1;
+                self.consecutive_valid += 1;
+                self.error_rate *= 1.0 - w;
+                if policy.forgive_after > 0 && self.consecutive_valid.is_multiple_of(policy.forgive_after) {
+                    self.strikes = self.strikes.saturating_sub(1);
+                }
+            }
+            Outcome::Invalid(reason) => {
+                self.invalid += 1;
+                self.consecutive_valid = 0;
+                self.error_rate = self.error_rate * (1.0 - w) + w;
+                self.strikes = self.strikes.saturating_add(1);
+                self.last_invalid = Some(reason.clone());
+                if self.quarantined.is_none() && self.strikes >= policy.quarantine_after.max(1) {
+                    let why =
+                        format!("{} invalid result(s) without enough valid ones between; last: {reason}", self.strikes);
+                    self.quarantined = Some(why.clone());
+                    return Transition::Quarantined(why);
+                }
+            }
+        }
+        match (before, self.standing(policy)) {
+            (Standing::New, Standing::Reliable) => Transition::Earned,
+            (Standing::Reliable, Standing::New) => Transition::Lost,
+            _ => Transition::None,
+        }
+    }
+}
+
+/// Every identity's reputation, kept for as long as the orchestrator runs, including after a
+/// PNode leaves (so leaving and coming back wipes nothing).
+#[derive(Debug, Clone, Default)]
+pub struct TrustBook {
+    policy: TrustPolicy,
+    by_id: BTreeMap<String, Reputation>,
+}
+
+impl TrustBook {
+    /// An empty book.
+    pub fn new(policy: TrustPolicy) -> TrustBook {
+        TrustBook { policy, by_id: BTreeMap::new() }
+    }
+
+    /// The rules in force.
+    pub fn policy(&self) -> &TrustPolicy {
+        &self.policy
+    }
+
+    /// Admits an identity at registration, noting whether it presented the token; a
+    /// quarantined identity is refused with the reason.
+    pub fn admit(&mut self, id: &str, token_trusted: bool) -> Result<Standing, String> {
+        let rep = self.by_id.entry(id.to_string()).or_default();
+        if let Some(why) = &rep.quarantined {
+            return Err(why.clone());
+        }
+        rep.token_trusted = token_trusted;
+        Ok(rep.standing(&self.policy))
+    }
+
+    /// Records an outcome of `id`'s work.
+    pub fn record(&mut self, id: &str, outcome: &Outcome) -> Transition {
+        let policy = self.policy;
+        self.by_id.entry(id.to_string()).or_default().record(outcome, &policy)
+    }
+
+    /// The record of `id`, if it was ever seen.
+    pub fn get(&self, id: &str) -> Option<&Reputation> {
+        self.by_id.get(id)
+    }
+
+    /// Standing of `id` (an unknown identity is new).
+    pub fn standing(&self, id: &str) -> Standing {
+        self.by_id.get(id).map_or(Standing::New, |r| r.standing(&self.policy))
+    }
+
+    /// Whether `id` may be given work.
+    pub fn placeable(&self, id: &str) -> bool {
+        self.standing(id) != Standing::Quarantined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bad() -> Outcome {
+        Outcome::Invalid("NaN".into())
+    }
+
+    #[test]
+    fn trust_is_earned_slowly_and_lost_at_once() {
+        let p = TrustPolicy { earn_after: 5, quarantine_after: 3, forgive_after: 5, rate_weight: 0.1 };
+        let mut r = Reputation::default();
+        for i in 1..5 {
+            assert_eq!(r.record(&Outcome::Valid, &p), Transition::None, "after {i}");
+        }
+        assert_eq!(r.record(&Outcome::Valid, &p), Transition::Earned);
+        assert_eq!(r.standing(&p), Standing::Reliable);
+        assert_eq!(r.record(&bad(), &p), Transition::Lost);
+        assert_eq!((r.standing(&p), r.consecutive_valid, r.strikes), (Standing::New, 0, 1));
+        assert!(r.score() < 1.0);
+    }
+
+    #[test]
+    fn repeated_misses_quarantine_for_good_and_block_admission() {
+        let p = TrustPolicy { earn_after: 5, quarantine_after: 2, forgive_after: 3, rate_weight: 0.1 };
+        let mut book = TrustBook::new(p);
+        assert_eq!(book.admit("a", true), Ok(Standing::Trusted));
+        book.record("a", &bad());
+        // Three valid results forgive the strike, so the next miss is only the first again.
+        for _ in 0..3 {
+            book.record("a", &Outcome::Valid);
+        }
+        assert_eq!(book.get("a").unwrap().strikes, 0);
+        assert_eq!(book.record("a", &bad()), Transition::None);
+        let t = book.record("a", &bad());
+        assert!(matches!(&t, Transition::Quarantined(why) if why.contains("NaN")), "{t:?}");
+        assert!(!book.placeable("a"));
+        for _ in 0..100 {
+            book.record("a", &Outcome::Valid);
+        }
+        assert_eq!(book.standing("a"), Standing::Quarantined, "quarantine is absorbing");
+        assert!(book.admit("a", true).unwrap_err().contains("invalid result"));
+        assert!(book.placeable("b") && book.admit("b", false) == Ok(Standing::New));
+    }
+
+    proptest! {
+        #[test]
+        fn standing_follows_the_rules(
+            outcomes in proptest::collection::vec(any::<bool>(), 0..300),
+            earn in 1u64..20, q in 1u32..6, forgive in 1u64..20, token in any::<bool>(),
+        ) {
+            let p = TrustPolicy { earn_after: earn, quarantine_after: q, forgive_after: forgive, rate_weight: 0.05 };
+            let mut r = Reputation { token_trusted: token, ..Reputation::default() };
+            let mut quarantined_at = None;
+            for (i, ok) in outcomes.iter().enumerate() {
+                let t = r.record(&if *ok { Outcome::Valid } else { bad() }, &p);
+                if matches!(t, Transition::Quarantined(_)) {
+                    prop_assert!(quarantined_at.is_none(), "quarantined twice");
+                    quarantined_at = Some(i);
+                }
+                prop_assert!((0.0..=1.0).contains(&r.score()));
+            }
+            let invalid = outcomes.iter().filter(|o| !**o).count() as u32;
+            prop_assert_eq!(r.invalid as u32, invalid);
+            prop_assert_eq!(r.valid as usize, outcomes.len() - invalid as usize);
+            // Fewer misses than the threshold can never quarantine.
+            if invalid < q { prop_assert!(quarantined_at.is_none()); }
+            // A run of misses as long as the threshold always does.
+            if outcomes.windows(q as usize).any(|w| w.iter().all(|o| !*o)) { prop_assert!(quarantined_at.is_some()); }
+            let tail = outcomes.iter().rev().take_while(|o| **o).count() as u64;
+            prop_assert_eq!(r.consecutive_valid, tail);
+            let expected = if quarantined_at.is_some() { Standing::Quarantined }
+                else if token { Standing::Trusted }
+                else if tail >= earn { Standing::Reliable }
+                else { Standing::New };
+            prop_assert_eq!(r.standing(&p), expected);
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Verification decisions, as plain functions (no IO): which (VNode, step) executions are
+//! re-executed under `spotcheck`, how many replicas an execution needs under `full`, how a
+//! quorum of output hashes is judged, and the per-job verification report.
+//!
+//! Honest replicas in one determinism class agree bit for bit (docs/DETERMINISM.md), so results
+//! are compared by SHA-256 of their canonical bytes, never by tolerance.
+
+use crate::trust::Standing;
+use dcnr_model::envelope::{Policy, Verify};
+use rand::{Rng as _, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Fraction of the usual check rate applied to reliable and trusted identities.
+pub const EARNED_FACTOR: f64 = 0.25;
+
+/// k of n: accept a result when at least `k` distinct replicas agree and no other result has as
+/// many; ask for arbiter replicas (up to `max_replicas` in all) when the first `n` disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuorumRule {
+    /// Agreeing replicas needed.
+    pub k: usize,
+    /// Replicas started at first.
+    pub n: usize,
+    /// Most replicas, arbiters included.
+    pub max_replicas: usize,
+}
+
+impl QuorumRule {
+    /// Strict majority of `n` (k = n/2 + 1), with up to two arbiters.
+    pub fn majority(n: usize) -> QuorumRule {
+        QuorumRule { k: n / 2 + 1, n, max_replicas: n + 2 }
+    }
+
+    /// A checked rule: 2 <= n, n/2 < k <= n (two disjoint quorums of the first n are impossible).
+    pub fn new(k: usize, n: usize) -> Result<QuorumRule, String> {
+        if n < 2 || k * 2 <= n || k > n {
+            return Err(format!("quorum {k} of {n} replicas: need n >= 2 and n/2 < k <= n"));
+        }
+        Ok(QuorumRule { k, n, max_replicas: n + 2 })
+    }
+}
+
+/// The verification settings of one job, from its envelope's policy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// none | spotcheck | full.
+    pub mode: Verify,
+    /// Spot-check rate for new identities (and for earned ones under `full`).
+    pub fraction: f64,
+    /// Quorum for `full`.
+    pub quorum: QuorumRule,
+}
+
+impl Settings {
+    /// Settings of a validated policy.
+    pub fn from_policy(p: &Policy) -> Settings {
+        let n = p.replicas() as usize;
+        Settings {
+            mode: p.verify,
+            fraction: p.spotcheck_fraction(),
+            quorum: QuorumRule { k: p.quorum() as usize, n, max_replicas: n + 2 },
+        }
+    }
+
+    /// Probability that an execution by an identity of `standing` is re-executed elsewhere.
+    pub fn check_rate(&self, standing: Standing) -> f64 {
+        let earned = matches!(standing, Standing::Reliable | Standing::Trusted);
+        match (self.mode, earned) {
+            (Verify::None, _) => 0.0,
+            (_, _) if standing == Standing::Quarantined => 1.0,
+            (Verify::Spotcheck, false) => self.fraction,
+            (Verify::Spotcheck, true) => self.fraction * EARNED_FACTOR,
+            // Full replication is for strangers; earned identities are spot-checked.
+            (Verify::Full, false) => 1.0,
+            (Verify::Full, true) => self.fraction,
+        }
+    }
+
+    /// Replicas an execution by an identity of `standing` starts with (1 = no redundancy
+    /// beyond spot checks).
+    pub fn replicas(&self, standing: Standing) -> usize {
+        match (self.mode, standing) {
+            (Verify::Full, Standing::New | Standing::Quarantined) => self.quorum.n,
+            _ => 1,
+        }
+    }
+}
+
+/// Picks spot-checked executions: a pure function of the job seed, the VNode, the step and
+/// the rate, so a replay checks the same executions and a PNode cannot know in advance.
+#[derive(Debug, Clone, Copy)]
+pub struct Spotcheck {
+    root_seed: u64,
+}
+
+impl Spotcheck {
+    /// The sampler of a job.
+    pub fn new(root_seed: u64) -> Spotcheck {
+        Spotcheck { root_seed }
+    }
+
+    /// A uniform draw in [0, 1) for (vnode, step).
+    pub fn draw(&self, vnode: u32, step: u64) -> f64 {
+        let mut h = Sha256::new();
+        h.update(b"dcnr-spotcheck-v1\0");
+        h.update(self.root_seed.to_le_bytes());
+        h.update(vnode.to_le_bytes());
+        h.update(step.to_le_bytes());
+        let mut rng = ChaCha20Rng::from_seed(h.finalize().into());
+        (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Whether execution (vnode, step) is checked at `rate`.
+    pub fn selected(&self, vnode: u32, step: u64, rate: f64) -> bool {
+        rate > 0.0 && self.draw(vnode, step) < rate
+    }
+}
+
+/// The verdict on a set of replica hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quorum {
+    /// `hash` won; `dissent` are the PNodes whose results are discarded (and downscored).
+    Accepted {
+        /// The accepted output hash.
+        hash: [u8; 32],
+        /// PNodes that returned it.
+        agree: Vec<String>,
+        /// PNodes that returned something else.
+        dissent: Vec<String>,
+    },
+    /// Fewer than `n` replicas have answered.
+    Pending {
+        /// Answers still expected.
+        missing: usize,
+    },
+    /// The first replicas disagree; start this many more on distinct PNodes.
+    NeedArbiter {
+        /// Extra replicas to start.
+        more: usize,
+    },
+    /// Every allowed replica answered and none reached a quorum: recompute on trusted PNodes
+    /// or fail the step.
+    Unresolved {
+        /// Distinct results seen, with their PNodes.
+        results: Vec<([u8; 32], Vec<String>)>,
+    },
+}
+
+/// Judges replica votes (pnode, output hash). A PNode counts once (its first vote), so one
+/// identity cannot outvote others by answering twice.
+pub fn evaluate(rule: &QuorumRule, votes: &[(String, [u8; 32])]) -> Quorum {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut tally: BTreeMap<[u8; 32], Vec<String>> = BTreeMap::new();
+    for (pnode, hash) in votes {
+        if seen.insert(pnode.clone()) {
+            tally.entry(*hash).or_default().push(pnode.clone());
+        }
+    }
+    let counted = seen.len();
+    let mut ranked: Vec<(&[u8; 32], &Vec<String>)> = tally.iter().collect();
+    // Most votes first; ties by hash so the verdict never depends on arrival order.
+    ranked.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(b.0)));
+    let best = ranked.first().map_or(0, |r| r.1.len());
+    let runner_up = ranked.get(1).map_or(0, |r| r.1.len());
+    if best >= rule.k
+        && best > runner_up
+        && let Some((hash, agree)) = ranked.first()
+    {
+        let dissent = ranked[1..].iter().flat_map(|r| r.1.iter().cloned()).collect();
+        return Quorum::Accepted { hash: **hash, agree: (*agree).clone(), dissent };
+    }
+    if counted < rule.n {
+        return Quorum::Pending { missing: rule.n - counted };
+    }
+    if counted < rule.max_replicas {
+        let needed = rule.k.saturating_sub(best).max(1);
+        return Quorum::NeedArbiter { more: needed.min(rule.max_replicas - counted) };
+    }
+    Quorum::Unresolved { results: tally.into_iter().collect() }
+}
+
+/// One result that disagreed with the accepted one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mismatch {
+    /// VNode.
+    pub vnode: u32,
+    /// Training step.
+    pub step: u64,
+    /// The dissenting PNode.
+    pub pnode: String,
+    /// Hex of the accepted hash.
+    pub expected_sha256: String,
+    /// Hex of the dissenting hash.
+    pub got_sha256: String,
+}
+
+/// A result refused by the cheap checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvalidResult {
+    /// The PNode that produced it.
+    pub pnode: String,
+    /// The VNode whose result it was.
+    pub vnode: Option<u32>,
+    /// Micro-batch or step.
+    pub step: Option<u64>,
+    /// What was wrong, naming the sender.
+    pub reason: String,
+}
+
+/// An identity quarantined during the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineEvent {
+    /// The PNode.
+    pub pnode: String,
+    /// Steps completed when it happened.
+    pub at_step: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// `verification.json`: what was checked in one job and what was found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Job id.
+    pub job_id: String,
+    /// none | spotcheck | full.
+    pub policy: String,
+    /// Spot-check rate for new identities.
+    pub spotcheck_fraction: f64,
+    /// Quorum (k of n) under `full`.
+    pub quorum: Option<(usize, usize)>,
+    /// Tensors and results that passed through the cheap checks at the orchestrator and PNodes
+    /// (all of them, whatever the policy); this counts the ones the orchestrator saw.
+    pub results_checked: u64,
+    /// Executions re-executed or replicated and compared by hash.
+    pub executions_compared: u64,
+    /// Results refused by the cheap checks.
+    pub invalid_results: Vec<InvalidResult>,
+    /// Replica disagreements.
+    pub mismatches: Vec<Mismatch>,
+    /// Identities quarantined while the job ran.
+    pub quarantines: Vec<QuarantineEvent>,
+}
+
+impl Report {
+    /// An empty report for a job with `settings`.
+    pub fn new(job_id: &str, settings: &Settings) -> Report {
+        let mode = match settings.mode {
+            Verify::None => "none",
+            Verify::Spotcheck => "spotcheck",
+            Verify::Full => "full",
+        };
+        Report {
+            job_id: job_id.to_string(),
+            policy: mode.into(),
+            spotcheck_fraction: settings.fraction,
+            quorum: (settings.mode == Verify::Full).then_some((settings.quorum.k, settings.quorum.n)),
+            ..Report::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn v(p: &str, h: u8) -> (String, [u8; 32]) {
+        (p.to_string(), [h; 32])
+    }
+
+    #[test]
+    fn majority_of_two_needs_both_then_an_arbiter() {
+        let r = QuorumRule::majority(2);
+        assert_eq!(r.k, 2);
+        assert_eq!(evaluate(&r, &[v("a", 1)]), Quorum::Pending { missing: 1 });
+        assert_eq!(evaluate(&r, &[v("a", 1), v("b", 2)]), Quorum::NeedArbiter { more: 1 });
+        let q = evaluate(&r, &[v("a", 1), v("b", 2), v("c", 1)]);
+        assert_eq!(
+            q,
+            Quorum::Accepted { hash: [1; 32], agree: vec!["a".into(), "c".into()], dissent: vec!["b".into()] }
+        );
+        let q = evaluate(&r, &[v("a", 1), v("b", 2), v("c", 3), v("d", 4)]);
+        assert!(matches!(q, Quorum::Unresolved { results } if results.len() == 4));
+    }
+
+    #[test]
+    fn one_identity_votes_once() {
+        let r = QuorumRule::majority(3);
+        let q = evaluate(&r, &[v("a", 1), v("a", 1), v("b", 2)]);
+        assert_eq!(q, Quorum::Pending { missing: 1 });
+    }
+
+    #[test]
+    fn rules_are_checked() {
+        assert!(QuorumRule::new(1, 2).is_err());
+        assert!(QuorumRule::new(3, 2).is_err());
+        assert!(QuorumRule::new(1, 1).is_err());
+        assert_eq!(QuorumRule::new(2, 3).unwrap().k, 2);
+    }
+
+    #[test]
+    fn rates_follow_policy_and_standing() {
+        let s = |mode| Settings { mode, fraction: 0.1, quorum: QuorumRule::majority(2) };
+        assert_eq!(s(Verify::None).check_rate(Standing::New), 0.0);
+        assert_eq!(s(Verify::Spotcheck).check_rate(Standing::New), 0.1);
+        assert!((s(Verify::Spotcheck).check_rate(Standing::Trusted) - 0.025).abs() < 1e-12);
+        assert_eq!(s(Verify::Full).check_rate(Standing::New), 1.0);
+        assert_eq!(s(Verify::Full).replicas(Standing::New), 2);
+        assert_eq!(s(Verify::Full).replicas(Standing::Reliable), 1);
+        assert_eq!(s(Verify::Spotcheck).replicas(Standing::New), 1);
+    }
+
+    #[test]
+    fn spotchecks_are_deterministic_and_near_the_rate() {
+        let a = Spotcheck::new(42);
+        let picks: Vec<bool> = (0..4000).map(|s| a.selected(3, s, 0.1)).collect();
+        assert_eq!(picks, (0..4000).map(|s| Spotcheck::new(42).selected(3, s, 0.1)).collect::<Vec<_>>());
+        let n = picks.iter().filter(|p| **p).count();
+        assert!((320..480).contains(&n), "{n} of 4000 at 10%");
+        assert_ne!(picks, (0..4000).map(|s| Spotcheck::new(43).selected(3, s, 0.1)).collect::<Vec<_>>());
+        assert!(!(0..1000).any(|s| a.selected(0, s, 0.0)));
+        assert!((0..1000).all(|s| a.selected(0, s, 1.0)));
+    }
+
+    #[test]
+    fn report_serialises() {
+        let mut r = Report::new("j", &Settings { mode: Verify::Full, fraction: 0.1, quorum: QuorumRule::majority(3) });
+        r.quarantines.push(QuarantineEvent { pnode: "pn-x".into(), at_step: 4, reason: "NaN".into() });
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"quorum\":[2,3]") && json.contains("pn-x"), "{json}");
+        assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), r);
+    }
+
+    proptest! {
+        #[test]
+        fn an_accepted_result_has_a_strict_quorum_and_dissent_is_everyone_else(
+            n in 2usize..6, hashes in proptest::collection::vec(0u8..3, 0..8),
+        ) {
+            let rule = QuorumRule::majority(n);
+            let votes: Vec<_> = hashes.iter().enumerate().map(|(i, h)| (format!("p{i}"), [*h; 32])).collect();
+            match evaluate(&rule, &votes) {
+                Quorum::Accepted { hash, agree, dissent } => {
+                    prop_assert!(agree.len() >= rule.k);
+                    prop_assert_eq!(agree.len() + dissent.len(), votes.len());
+                    for (p, h) in &votes {
+                        prop_assert_eq!(agree.contains(p), *h == hash);
+                    }
+                    let mut other = BTreeMap::new();
+                    for (_, h) in votes.iter().filter(|(_, h)| *h != hash) { *other.entry(*h).or_insert(0) += 1; }
+                    prop_assert!(other.values().all(|c| *c < agree.len()));
+                }
+                Quorum::Pending { missing } => prop_assert_eq!(missing + votes.len(), n),
+                Quorum::NeedArbiter { more } => {
+                    prop_assert!(more >= 1 && votes.len() + more <= rule.max_replicas);
+                }
+                Quorum::Unresolved { .. } => prop_assert!(votes.len() >= rule.max_replicas),
+            }
+        }
+    }
+}
