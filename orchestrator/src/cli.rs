@@ -59,6 +59,10 @@ enum Command {
         /// S3 endpoint for an s3:// store (e.g. http://127.0.0.1:9000 for MinIO).
         #[arg(long, env = "DCNR_S3_ENDPOINT")]
         s3_endpoint: Option<String>,
+        /// Serve the web dashboard, its JSON API and Prometheus /metrics on this address
+        /// (e.g. 127.0.0.1:8080; port 0 picks one).
+        #[arg(long, env = "DCNR_DASHBOARD")]
+        dashboard: Option<SocketAddr>,
     },
     /// Submit a job (an envelope, JSON or TOML, or a bare model graph) to a running orchestrator.
     Submit {
@@ -143,6 +147,14 @@ enum Command {
     Bench {
         #[command(flatten)]
         args: crate::bench::BenchArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the dashboard API's latency while a job of many VNodes trains on a local mesh.
+    BenchDashboard {
+        #[command(flatten)]
+        args: crate::dashbench::DashBenchArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -241,6 +253,22 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => fail(1, format!("{e:#}")),
             }
         }),
+        Command::BenchDashboard { args, json } => runtime(async move {
+            match crate::dashbench::run(args).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        crate::dashbench::print(&r);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => match e.downcast_ref::<ClientError>() {
+                    Some(c) => fail(c.exit_code(), format!("{e:#}")),
+                    None => fail(1, format!("{e:#}")),
+                },
+            }
+        }),
         Command::Replay { args, json } => runtime(async move {
             match crate::replay::run(args).await {
                 Ok(r) => {
@@ -293,6 +321,7 @@ pub fn main(cli: Cli) -> ExitCode {
             max_pnodes,
             store,
             s3_endpoint,
+            dashboard,
         } => runtime(async move {
             let cfg = ServerConfig {
                 listen,
@@ -306,12 +335,16 @@ pub fn main(cli: Cli) -> ExitCode {
                 },
                 store: Some(store),
                 s3_endpoint,
+                dashboard,
             };
             let srv = match server::start(cfg).await {
                 Ok(s) => s,
                 Err(e) => return fail(3, format!("{e:#}")),
             };
             println!("orchestrator listening on {}", srv.url());
+            if let Some(url) = srv.dashboard_url() {
+                println!("dashboard at {url}");
+            }
             tokio::select! {
                 r = srv.task => match r {
                     Ok(Ok(())) => ExitCode::SUCCESS,

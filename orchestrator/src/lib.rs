@@ -5,17 +5,23 @@
 //! (gRPC adapter; the only module here besides `client` and `server` that names tonic),
 //! [`server`] (starts actors and the gRPC server), [`client`] + [`cli`] + [`progress`] (the
 //! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
+//! Observability: [`events`] (the mesh's event log), [`telemetry`] (curves, placement, rates),
+//! [`metrics`] (Prometheus), [`dashboard`] (the web page, its JSON API and live stream).
 
 pub mod artifacts;
 pub mod bench;
 pub mod checkpoints;
 pub mod cli;
 pub mod client;
+pub mod dashbench;
+pub mod dashboard;
 pub mod data;
 pub mod demo;
+pub mod events;
 pub mod job;
 pub mod jobs;
 pub mod local;
+pub mod metrics;
 pub mod placement;
 pub mod progress;
 pub mod registry;
@@ -24,3 +30,4 @@ pub mod server;
 pub mod service;
 pub mod status;
 pub mod summary;
+pub mod telemetry;

@@ -1,6 +1,9 @@
 //! Starting an orchestrator: its actors and its gRPC server, in the current actix System.
 
 use crate::artifacts::{open_store, probe};
+use crate::dashboard::{self, DashState};
+use crate::events::EventLog;
+use crate::telemetry::Telemetry;
 use crate::data::DataCache;
 use crate::jobs::{JobDefaults, Jobs};
 use crate::registry::{HealthPolicy, Registry};
@@ -28,6 +31,8 @@ pub struct ServerConfig {
     pub store: Option<String>,
     /// S3 endpoint for an s3:// store (e.g. http://127.0.0.1:9000 for MinIO).
     pub s3_endpoint: Option<String>,
+    /// Address to serve the dashboard, its API and /metrics on (none: no dashboard).
+    pub dashboard: Option<SocketAddr>,
 }
 
 /// A running orchestrator.
@@ -40,12 +45,21 @@ pub struct ServerHandle {
     pub registry: Addr<Registry>,
     /// The gRPC server task.
     pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Curves, placement and the event log.
+    pub telemetry: Telemetry,
+    /// Where the dashboard listens, if it was asked for.
+    pub dashboard: Option<SocketAddr>,
 }
 
 impl ServerHandle {
     /// The URL PNodes and clients use.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The dashboard's URL, if it runs.
+    pub fn dashboard_url(&self) -> Option<String> {
+        self.dashboard.map(|a| format!("http://{a}/"))
     }
 }
 
@@ -81,10 +95,26 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         }
         None => (None, Default::default()),
     };
-    let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded).start();
-    let svc = OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat };
+    let telemetry = Telemetry::new(EventLog::default());
+    let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded)
+        .with_telemetry(telemetry.clone())
+        .start();
+    tokio::spawn(telemetry.clone().watch(registry.clone()));
+    let dashboard = match cfg.dashboard {
+        Some(at) => {
+            let state = DashState { jobs: jobs.clone(), registry: registry.clone(), telemetry: telemetry.clone() };
+            Some(dashboard::start(at, state).await?)
+        }
+        None => None,
+    };
+    let svc = OrchestratorService {
+        registry: registry.clone(),
+        jobs: jobs.clone(),
+        heartbeat: cfg.heartbeat,
+        telemetry: telemetry.clone(),
+    };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(dcnr_proto::transport::server().add_service(server(svc)).serve_with_incoming(incoming));
     tracing::info!(%addr, "orchestrator listening");
-    Ok(ServerHandle { addr, jobs, registry, task })
+    Ok(ServerHandle { addr, jobs, registry, task, telemetry, dashboard })
 }

@@ -23,6 +23,8 @@ pub struct OrchestratorService {
     pub jobs: Addr<Jobs>,
     /// Heartbeat period asked of PNodes.
     pub heartbeat: Duration,
+    /// Where reports are also counted for the dashboard and metrics.
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 fn gone<E: std::fmt::Display>(e: E) -> Status {
@@ -165,7 +167,10 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let mut s = req.into_inner();
         let mut received = 0;
         while let Some(r) = s.message().await? {
-            self.jobs.do_send(report_from_wire(r)?);
+            let r = report_from_wire(r)?;
+            crate::metrics::ORCHESTRATOR.report(&r);
+            self.telemetry.report(&r);
+            self.jobs.do_send(r);
             received += 1;
         }
         Ok(Response::new(v1::ReportAck { received }))

@@ -3,9 +3,10 @@
 //! Each VNode actor owns one `dcnr_vnode::VNode` and runs on an arbiter (thread) of its own, so
 //! tensor math never blocks the async I/O threads and VNodes of one PNode compute in parallel.
 
+use crate::metrics::PNODE;
 use crate::router::Router;
 use actix::prelude::*;
-use dcnr_vnode::{HostTensor, Inbound, VNode, VNodeSpec};
+use dcnr_vnode::{HostTensor, Inbound, Outbound, VNode, VNodeSpec};
 use std::collections::HashMap;
 
 /// A message for a VNode.
@@ -42,13 +43,16 @@ impl Handler<Deliver> for VNodeActor {
         if self.failed {
             return;
         }
-        let mb = match &msg.0 {
-            Inbound::Forward { mb, .. } | Inbound::Backward { mb, .. } => *mb,
+        let (mb, pass) = match &msg.0 {
+            Inbound::Forward { mb, .. } => (*mb, "forward"),
+            Inbound::Backward { mb, .. } => (*mb, "backward"),
         };
+        PNODE.vnode_messages_in.with_label_values(&[pass]).inc();
         match self.vnode.handle(msg.0) {
             Ok(outs) => {
                 let id = self.vnode.id();
                 for o in outs {
+                    count_outbound(&o);
                     self.router.send(&self.job, id, o);
                 }
             }
@@ -57,10 +61,28 @@ impl Handler<Deliver> for VNodeActor {
                 // computing and the orchestrator decides what happens to the job.
                 tracing::error!(job = %self.job, vnode = self.vnode.id(), error = %e, "VNode failed");
                 self.failed = true;
+                PNODE.vnode_failures.inc();
                 self.router.fail(&self.job, self.vnode.id(), mb, e.to_string());
             }
         }
     }
+}
+
+/// Counts one message a VNode emitted.
+fn count_outbound(o: &Outbound) {
+    let kind = match o {
+        Outbound::Forward { .. } => "forward",
+        Outbound::Backward { .. } => "backward",
+        Outbound::Done { compute_us, bytes_in, bytes_out, .. } => {
+            PNODE.vnode_steps.inc();
+            PNODE.compute_us.inc_by(*compute_us);
+            PNODE.tensor_bytes.with_label_values(&["in"]).inc_by(*bytes_in);
+            PNODE.tensor_bytes.with_label_values(&["out"]).inc_by(*bytes_out);
+            "done"
+        }
+        Outbound::Loss { .. } => "loss",
+    };
+    PNODE.vnode_messages_out.with_label_values(&[kind]).inc();
 }
 
 impl Handler<TakeSnapshot> for VNodeActor {
@@ -116,6 +138,7 @@ impl Host {
         for h in &gone {
             h.arbiter.stop();
         }
+        PNODE.hosted_vnodes.set(self.hosted() as i64);
         gone.len() as u32
     }
 }
@@ -181,6 +204,7 @@ impl Handler<Allocate> for Host {
         }
         let n = hosted.len() as u32;
         self.jobs.insert(msg.job, hosted);
+        PNODE.hosted_vnodes.set(self.hosted() as i64);
         Ok(n)
     }
 }

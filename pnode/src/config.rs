@@ -37,6 +37,9 @@ pub struct PnodeArgs {
     /// Exit when the orchestrator has been unreachable this many seconds (0 = retry forever).
     #[arg(long, env = "DCNR_ORPHAN_TIMEOUT_S", default_value_t = 0)]
     pub orphan_timeout_s: u64,
+    /// Serve Prometheus metrics on this address at /metrics (e.g. 127.0.0.1:9101; port 0 picks one).
+    #[arg(long, env = "DCNR_METRICS")]
+    pub metrics: Option<SocketAddr>,
     /// Protocol version to announce; a testing aid for version negotiation.
     #[arg(long, hide = true, default_value_t = dcnr_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,

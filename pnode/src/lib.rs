@@ -3,7 +3,8 @@
 //! Module map: [`config`] (flags), [`membership`] (register and heartbeat), [`actors`] (the
 //! VNode actors and their host), [`router`] (where an outbound message goes: a local actor or a
 //! remote PNode), [`service`] (the gRPC adapter; with `convert`, the only code here that sees
-//! wire types), [`capabilities`] (what this machine advertises).
+//! wire types), [`capabilities`] (what this machine advertises), [`metrics`] (Prometheus
+//! counters and the `/metrics` endpoint, shared with the orchestrator).
 //!
 //! Architecture invariant: the training math lives in `dcnr-vnode`; this crate never computes,
 //! it only hosts, routes and reports. Tensor math runs on each VNode actor's own thread, never on
@@ -14,6 +15,7 @@ pub mod capabilities;
 pub mod config;
 pub mod convert;
 pub mod membership;
+pub mod metrics;
 pub mod router;
 pub mod service;
 
@@ -28,6 +30,10 @@ use tokio::net::TcpListener;
 pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let local: SocketAddr = listener.local_addr()?;
+    if let Some(addr) = args.metrics {
+        let at = metrics::start_pnode_exporter(addr).await?;
+        tracing::info!(%at, "serving metrics at http://{at}/metrics");
+    }
     let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
     let orchestrator = membership::OrchestratorLink::connect(&args.orchestrator, args.connect_timeout())
         .await

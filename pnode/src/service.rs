@@ -3,6 +3,7 @@
 
 use crate::actors::{Allocate, Find, GetParams, Host, Release, TakeSnapshot};
 use crate::convert;
+use crate::metrics::PNODE;
 use crate::router::Router;
 use actix::Addr;
 use dcnr_model::ValidGraph;
@@ -73,6 +74,8 @@ impl v1::p_node_server::PNode for PNodeService {
         let mut stream = req.into_inner();
         let mut received = 0u64;
         while let Some(m) = stream.message().await? {
+            PNODE.wire_messages_received.inc();
+            PNODE.wire_bytes_received.inc_by(prost::Message::encoded_len(&m) as u64);
             let (job, vnode, inbound) =
                 convert::inbound_from_wire(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
             self.router.deliver_local(&job, vnode, inbound).map_err(|e| Status::not_found(e.to_string()))?;
