@@ -9,8 +9,8 @@
 
 use crate::artifacts::{JobRecord, ObjectStore, write_record};
 use crate::checkpoints::{self, ResumeFrom};
-use crate::events::{EventLog, NewEvent, Severity};
 use crate::data::Splits;
+use crate::events::{EventLog, NewEvent, Severity};
 use crate::jobs::{Jobs, Placed, StatusUpdate};
 use crate::placement::{self, Demand, Offer};
 use crate::registry::{Health, PNodeView, Registry, Snapshot};

@@ -66,10 +66,8 @@ impl Progress {
     pub fn new() -> Progress {
         let bar = live_terminal().then(|| {
             let b = ProgressBar::new(0);
-            let style = ProgressStyle::with_template(
-                "{bar:30.cyan/blue} step {pos}/{len}  {msg}  ETA {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style = ProgressStyle::with_template("{bar:30.cyan/blue} step {pos}/{len}  {msg}  ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
             b.set_style(style);
             b
         });

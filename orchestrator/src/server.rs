@@ -2,12 +2,12 @@
 
 use crate::artifacts::{open_store, probe};
 use crate::dashboard::{self, DashState};
-use crate::events::EventLog;
-use crate::telemetry::Telemetry;
 use crate::data::DataCache;
+use crate::events::EventLog;
 use crate::jobs::{JobDefaults, Jobs};
 use crate::registry::{HealthPolicy, Registry};
 use crate::service::{OrchestratorService, server};
+use crate::telemetry::Telemetry;
 use actix::{Actor, Addr};
 use anyhow::Context as _;
 use std::net::SocketAddr;

@@ -73,19 +73,6 @@ async fn dashboard_shows_live_curves_pnodes_and_placement_in_chromium() {
     mesh.add_pnode_with(&["--name", HOSTILE_NAME]).unwrap();
     mesh.wait_for_pnodes(2).unwrap();
     let dash = mesh.dashboard.clone().unwrap();
-    let _job = Proc(
-        mesh.spawn_cli(&[
-            "submit",
-            fixture("tiny-mlp.toml").to_str().unwrap(),
-            "--orchestrator",
-            &mesh.url,
-            "--steps",
-            "3000",
-            "--wait",
-        ])
-        .unwrap(),
-    );
-
     let profile = tempfile::tempdir().unwrap();
     let mut caps = serde_json::Map::new();
     caps.insert(
@@ -104,13 +91,25 @@ async fn dashboard_shows_live_curves_pnodes_and_placement_in_chromium() {
         .connect(&driver_url)
         .await
         .expect("a chromium session");
+    // The browser is up before the job starts, so the page sees the run from its beginning.
+    let _job = Proc(
+        mesh.spawn_cli(&[
+            "submit",
+            fixture("tiny-mlp.toml").to_str().unwrap(),
+            "--orchestrator",
+            &mesh.url,
+            "--steps",
+            "6000",
+            "--wait",
+        ])
+        .unwrap(),
+    );
     c.goto(&dash).await.unwrap();
 
     // The job is picked and its loss curve grows while training runs: by server push, the
     // page never reloads.
-    let points = |c: Client| async move {
-        attr(&c, "#loss-chart", "data-points").await.and_then(|v| v.parse::<usize>().ok())
-    };
+    let points =
+        |c: Client| async move { attr(&c, "#loss-chart", "data-points").await.and_then(|v| v.parse::<usize>().ok()) };
     let first = poll("loss points", Duration::from_secs(60), || {
         let c = c.clone();
         async move { points(c).await.filter(|n| *n >= 2) }
@@ -175,5 +174,6 @@ async fn dashboard_shows_live_curves_pnodes_and_placement_in_chromium() {
     let dir = artifacts_dir();
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("dashboard.png"), &png).unwrap();
-    c.close().await.unwrap();
+    // Closing can race chromedriver tearing the window down; the checks above are what count.
+    let _ = c.close().await;
 }

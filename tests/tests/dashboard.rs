@@ -5,11 +5,13 @@ use dcnr_tests::{Mesh, Proc, fixture, free_port, get_json, http_get, last_json, 
 use std::io::BufRead;
 use std::time::Duration;
 
-const STEPS: u64 = 400;
+/// Two epochs of tiny-mlp (1875 steps each): long enough to watch, with two evaluations.
+const STEPS: u64 = 3750;
 
 /// The value of the first sample line of `metric` (with its labels) in Prometheus text.
 fn sample(text: &str, metric: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(metric).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+    text.lines()
+        .find_map(|l| l.strip_prefix(metric).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.parse().ok()))
 }
 
 #[test]
@@ -32,10 +34,11 @@ fn api_stream_and_metrics_follow_a_training_run() {
     assert!(body.contains("no job no-such-job"), "{body}");
 
     let pnodes = api("pnodes");
-    let ids: Vec<String> =
-        pnodes.as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = pnodes.as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(ids.len(), 2, "{pnodes}");
-    assert!(pnodes.as_array().unwrap().iter().all(|p| p["health"] == "healthy" && p["caps"]["cores"].as_u64() > Some(0)));
+    assert!(
+        pnodes.as_array().unwrap().iter().all(|p| p["health"] == "healthy" && p["caps"]["cores"].as_u64() > Some(0))
+    );
 
     // A live stream, read on its own thread.
     let (tx, lines) = std::sync::mpsc::channel::<String>();
@@ -113,8 +116,8 @@ fn api_stream_and_metrics_follow_a_training_run() {
     })
     .unwrap();
 
-    let out = wait_for("the submit command to end", Duration::from_secs(180), || submit.0.try_wait().ok().flatten())
-        .unwrap();
+    let out =
+        wait_for("the submit command to end", Duration::from_secs(180), || submit.0.try_wait().ok().flatten()).unwrap();
     assert!(out.success());
     let mut stdout = String::new();
     std::io::Read::read_to_string(submit.0.stdout.as_mut().unwrap(), &mut stdout).unwrap();
@@ -129,16 +132,17 @@ fn api_stream_and_metrics_follow_a_training_run() {
     .unwrap();
     assert_eq!(done["job"]["steps_done"], STEPS);
     let test = done["test"].as_array().unwrap();
-    assert_eq!(test.len(), 1, "one evaluation at the end of a sub-epoch run: {test:?}");
-    assert_eq!(test[0]["accuracy"], summary["test_accuracy"]);
+    assert_eq!(test.len(), 2, "one evaluation per epoch: {test:?}");
+    assert_eq!(test[0]["step"], STEPS / 2);
+    assert_eq!(test[1]["accuracy"], summary["test_accuracy"]);
     assert_eq!(done["train"].as_array().unwrap().last().unwrap()["step"], STEPS);
     assert!(done["vnodes"].as_array().unwrap().iter().all(|v| v["step"] == STEPS && v["health"] == "finished"));
 
     let events = api("events");
     let kinds: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "pnode_joined").count(), 2, "{kinds:?}");
-    for k in ["job_submitted", "job_placed", "evaluation", "job_succeeded"] {
-        assert_eq!(kinds.iter().filter(|x| **x == k).count(), 1, "{k} in {kinds:?}");
+    for (k, n) in [("job_submitted", 1), ("job_placed", 1), ("evaluation", 2), ("job_succeeded", 1)] {
+        assert_eq!(kinds.iter().filter(|x| **x == k).count(), n, "{k} in {kinds:?}");
     }
     let seqs: Vec<u64> = events.as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
@@ -155,7 +159,11 @@ fn api_stream_and_metrics_follow_a_training_run() {
     assert_eq!(sample(&m, "dcnr_pnodes{health=\"healthy\"}"), Some(2.0));
     assert_eq!(sample(&m, "dcnr_train_steps_total"), Some(STEPS as f64), "one loss report per step");
     assert_eq!(sample(&m, &format!("dcnr_job_steps_done{{job=\"{id}\"}}")), Some(STEPS as f64));
-    assert_eq!(sample(&m, "dcnr_reports_total{kind=\"done\"}"), Some((STEPS * 4) as f64), "one Done per VNode and step");
+    assert_eq!(
+        sample(&m, "dcnr_reports_total{kind=\"done\"}"),
+        Some((STEPS * 4) as f64),
+        "one Done per VNode and step"
+    );
     assert!(sample(&m, "dcnr_tensor_bytes_total{direction=\"in\"}").unwrap() > 0.0);
     assert!(sample(&m, "dcnr_events_total{kind=\"pnode_joined\"}") == Some(2.0));
 

@@ -254,8 +254,9 @@ async fn stream(
 
 /// Binds `addr` and serves the dashboard in the background; returns the bound address.
 pub async fn start(addr: SocketAddr, state: DashState) -> anyhow::Result<SocketAddr> {
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen for the dashboard on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for the dashboard on {addr}"))?;
     let local = listener.local_addr()?;
     let app = router(state);
     tokio::spawn(async move {

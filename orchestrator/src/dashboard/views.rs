@@ -4,7 +4,7 @@
 use crate::registry::{Caps, Health, PNodeView};
 use crate::status::{JobState, JobStatus};
 use crate::summary::JobSummary;
-use crate::telemetry::{GraphNode, JobTrack, TestPoint, TrainPoint, Tracks};
+use crate::telemetry::{GraphNode, JobTrack, TestPoint, Tracks, TrainPoint};
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
 
@@ -288,7 +288,10 @@ mod tests {
             .expect("valid fixture");
         let mut t = Tracks::default();
         t.submitted("j", &graph, Instant::now());
-        t.placed("j", &[(0, "http://a".into()), (1, "http://a".into()), (2, "http://b".into()), (3, "http://b".into())]);
+        t.placed(
+            "j",
+            &[(0, "http://a".into()), (1, "http://a".into()), (2, "http://b".into()), (3, "http://b".into())],
+        );
         t.report(&Report {
             job_id: "j".into(),
             vnode: 2,
