@@ -138,7 +138,7 @@ async fn measure(mesh: &LocalMesh, envelope: &Envelope, args: &DashBenchArgs) ->
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(args.warmup_s)).await;
-    let paths = vec![
+    let paths = [
         "api/overview".to_string(),
         "api/jobs".to_string(),
         format!("api/jobs/{job}"),
