@@ -6,7 +6,8 @@
 //! [`server`] (starts actors and the gRPC server), [`client`] + [`cli`] + [`progress`] (the
 //! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
 //! Observability: [`events`] (the mesh's event log), [`telemetry`] (curves, placement, rates),
-//! [`metrics`] (Prometheus), [`dashboard`] (the web page, its JSON API and live stream).
+//! [`metrics`] (Prometheus), [`dashboard`] (the web page, its JSON API and live stream),
+//! [`dashbench`] (its latency benchmark).
 
 pub mod artifacts;
 pub mod bench;
