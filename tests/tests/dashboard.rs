@@ -181,3 +181,29 @@ fn api_stream_and_metrics_follow_a_training_run() {
     assert_eq!(sample(&pm, "dcnr_pnode_vnode_failures_total"), Some(0.0));
     assert!(sample(&pm, "dcnr_pnode_hosted_vnodes").is_some());
 }
+
+#[test]
+fn checkpoints_are_logged_as_events_with_their_step_and_manifest() {
+    let mesh = Mesh::start_with(2, &["--dashboard", "127.0.0.1:0"], &[]).unwrap();
+    let dash = mesh.dashboard.clone().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("ckpt.json");
+    let env = serde_json::json!({
+        "ctx": { "job_id": "ckpt" },
+        "op": { "model_toml": std::fs::read_to_string(fixture("tiny-mlp.toml")).unwrap(), "steps": 60 },
+        "checkpoint": { "every_steps": 20, "keep": 3 }
+    });
+    std::fs::write(&path, env.to_string()).unwrap();
+    let s = mesh.submit_wait(&path, &[]).unwrap();
+    assert_eq!(s["status"], "succeeded");
+    let events = get_json(&format!("{dash}api/events?job=ckpt")).unwrap();
+    let ckpts: Vec<&serde_json::Value> =
+        events.as_array().unwrap().iter().filter(|e| e["kind"] == "checkpoint").collect();
+    assert_eq!(ckpts.iter().map(|e| e["data"]["step"].as_u64().unwrap()).collect::<Vec<_>>(), [20, 40, 60]);
+    for e in &ckpts {
+        let manifest = e["data"]["manifest"].as_str().unwrap();
+        assert_eq!(manifest.len(), 64, "a SHA-256 manifest hash: {e}");
+        assert!(mesh.artifacts.path().join("objects").join(&manifest[..2]).join(manifest).exists());
+        assert_eq!(e["severity"], "info");
+    }
+}
