@@ -67,6 +67,10 @@ enum Command {
         s3_endpoint: Option<String>,
         #[command(flatten)]
         trust: TrustArgs,
+        /// Serve the web dashboard, its JSON API and Prometheus /metrics on this address
+        /// (e.g. 127.0.0.1:8080; port 0 picks one).
+        #[arg(long, env = "DCNR_DASHBOARD")]
+        dashboard: Option<SocketAddr>,
     },
     /// Submit a job (an envelope, JSON or TOML, or a bare model graph) to a running orchestrator.
     Submit {
@@ -159,6 +163,14 @@ enum Command {
     BenchRecovery {
         #[command(flatten)]
         args: crate::recovery_bench::RecoveryBenchArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the dashboard API's latency while a job of many VNodes trains on a local mesh.
+    BenchDashboard {
+        #[command(flatten)]
+        args: crate::dashbench::DashBenchArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -305,6 +317,22 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => fail(1, format!("{e:#}")),
             }
         }),
+        Command::BenchDashboard { args, json } => runtime(async move {
+            match crate::dashbench::run(args).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        crate::dashbench::print(&r);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => match e.downcast_ref::<ClientError>() {
+                    Some(c) => fail(c.exit_code(), format!("{e:#}")),
+                    None => fail(1, format!("{e:#}")),
+                },
+            }
+        }),
         Command::Replay { args, json } => runtime(async move {
             match crate::replay::run(args).await {
                 Ok(r) => {
@@ -359,6 +387,7 @@ pub fn main(cli: Cli) -> ExitCode {
             store,
             s3_endpoint,
             trust,
+            dashboard,
         } => runtime(async move {
             let (trusted_token, trust) = match trust.resolve() {
                 Ok(t) => t,
@@ -379,12 +408,16 @@ pub fn main(cli: Cli) -> ExitCode {
                 s3_endpoint,
                 trusted_token,
                 trust,
+                dashboard,
             };
             let srv = match server::start(cfg).await {
                 Ok(s) => s,
                 Err(e) => return fail(3, format!("{e:#}")),
             };
             println!("orchestrator listening on {}", srv.url());
+            if let Some(url) = srv.dashboard_url() {
+                println!("dashboard at {url}");
+            }
             tokio::select! {
                 r = srv.task => match r {
                     Ok(Ok(())) => ExitCode::SUCCESS,

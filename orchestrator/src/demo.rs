@@ -7,6 +7,7 @@ use crate::server::{self, ServerConfig};
 use crate::summary::JobSummary;
 use anyhow::{Context as _, anyhow, bail};
 use dcnr_model::envelope::Envelope;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
@@ -38,6 +39,12 @@ pub struct DemoArgs {
     /// Trusted-mode token file: the orchestrator accepts it and every local PNode presents it.
     #[arg(long, env = "DCNR_TRUSTED_TOKEN_FILE")]
     pub trusted_token_file: Option<PathBuf>,
+    /// Address of the web dashboard (port 0 picks a free one).
+    #[arg(long, env = "DCNR_DASHBOARD", default_value = "127.0.0.1:0")]
+    pub dashboard: SocketAddr,
+    /// Keep the mesh and the dashboard up after the job ends, until Ctrl-C.
+    #[arg(long)]
+    pub linger: bool,
 }
 
 /// Reads the model file, or the built-in MNIST MLP.
@@ -62,11 +69,31 @@ impl Children {
     }
 }
 
+/// What a [`LocalMesh`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct MeshConfig {
+    /// PNode processes to start.
+    pub pnodes: usize,
+    /// Dataset directory.
+    pub data: Option<PathBuf>,
+    /// Artifact store URL.
+    pub store: Option<String>,
+    /// S3 endpoint for an s3:// store.
+    pub s3_endpoint: Option<String>,
+    /// Where to serve the dashboard (none: no dashboard).
+    pub dashboard: Option<SocketAddr>,
+    /// Extra flags for every PNode (e.g. `--max-vnodes 256`).
+    pub pnode_args: Vec<String>,
+    /// Trusted-mode token file: the orchestrator accepts it and every PNode presents it.
+    pub trusted_token_file: Option<PathBuf>,
+}
+
 /// An orchestrator in this process with PNode child processes on loopback.
 pub struct LocalMesh {
     srv: server::ServerHandle,
     children: Children,
-    trusted_token_file: Option<PathBuf>,
+    /// Extra flags every PNode started here gets.
+    pnode_args: Vec<String>,
 }
 
 impl LocalMesh {
@@ -77,17 +104,15 @@ impl LocalMesh {
         store: Option<String>,
         s3_endpoint: Option<String>,
     ) -> anyhow::Result<LocalMesh> {
-        Self::start_trusted(pnodes, data, store, s3_endpoint, None).await
+        Self::start_with(MeshConfig { pnodes, data, store, s3_endpoint, ..MeshConfig::default() }).await
     }
 
-    /// Like [`LocalMesh::start`]; with a token file, the PNodes present it and are trusted.
-    pub async fn start_trusted(
-        pnodes: usize,
-        data: Option<PathBuf>,
-        store: Option<String>,
-        s3_endpoint: Option<String>,
-        trusted_token_file: Option<PathBuf>,
-    ) -> anyhow::Result<LocalMesh> {
+    /// Starts a mesh as `cfg` says and waits until all its PNodes joined.
+    pub async fn start_with(cfg: MeshConfig) -> anyhow::Result<LocalMesh> {
+        let MeshConfig { pnodes, data, store, s3_endpoint, dashboard, mut pnode_args, trusted_token_file } = cfg;
+        if let Some(p) = &trusted_token_file {
+            pnode_args.extend(["--trusted-token-file".to_string(), p.display().to_string()]);
+        }
         if pnodes == 0 || pnodes > 64 {
             return Err(ClientError::Invalid("--pnodes must be between 1 and 64".into()).into());
         }
@@ -109,9 +134,10 @@ impl LocalMesh {
                 None => crate::admission::TrustedToken::default(),
             },
             trust: crate::trust::TrustPolicy::default(),
+            dashboard,
         };
         let srv = server::start(cfg).await?;
-        let mut mesh = LocalMesh { srv, children: Children(Vec::new()), trusted_token_file };
+        let mut mesh = LocalMesh { srv, children: Children(Vec::new()), pnode_args };
         for i in 0..pnodes {
             mesh.add_pnode(&format!("local-pnode-{i}"))?;
         }
@@ -141,11 +167,7 @@ impl LocalMesh {
             .args(["pnode", "--orchestrator", &self.srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5"])
             .arg("--name")
             .arg(name)
-            .args(
-                self.trusted_token_file
-                    .iter()
-                    .flat_map(|p| [std::ffi::OsStr::new("--trusted-token-file"), p.as_os_str()]),
-            )
+            .args(&self.pnode_args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -179,6 +201,11 @@ impl LocalMesh {
         self.srv.url()
     }
 
+    /// The dashboard's URL, if it runs.
+    pub fn dashboard_url(&self) -> Option<String> {
+        self.srv.dashboard_url()
+    }
+
     /// Submits a job and follows it to the end.
     pub async fn run_job(&self, envelope: &Envelope, progress: bool) -> anyhow::Result<JobSummary> {
         let mut c = client::connect(&self.srv.url()).await?;
@@ -201,19 +228,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<JobSummary> {
     let graph = model_text(args.model.as_ref())?;
     let mut envelope = Envelope::from_graph(&graph).map_err(|e| ClientError::Invalid(e.to_string()))?;
     args.overrides.apply(&mut envelope);
-    let mesh = LocalMesh::start_trusted(
-        args.pnodes,
-        args.data.clone(),
-        Some(args.store.clone()),
-        args.s3_endpoint.clone(),
-        args.trusted_token_file.clone(),
-    )
+    let mesh = LocalMesh::start_with(MeshConfig {
+        pnodes: args.pnodes,
+        data: args.data.clone(),
+        store: Some(args.store.clone()),
+        s3_endpoint: args.s3_endpoint.clone(),
+        dashboard: Some(args.dashboard),
+        pnode_args: Vec::new(),
+        trusted_token_file: args.trusted_token_file.clone(),
+    })
     .await?;
     eprintln!("orchestrator at {} with {} pnodes", mesh.url(), args.pnodes);
+    if let Some(url) = mesh.dashboard_url() {
+        eprintln!("dashboard at {url}");
+    }
     let result = tokio::select! {
         r = mesh.run_job(&envelope, true) => r,
         _ = dcnr_pnode::shutdown_signal() => Err(anyhow!("interrupted")),
     };
+    if args.linger && result.is_ok() {
+        eprintln!("job ended; the dashboard stays up until Ctrl-C");
+        dcnr_pnode::shutdown_signal().await;
+    }
     mesh.stop().await;
     result
 }

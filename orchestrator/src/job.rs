@@ -19,6 +19,7 @@
 use crate::artifacts::{JobRecord, ObjectStore, write_record};
 use crate::checkpoints::{self, ResumeFrom};
 use crate::data::Splits;
+use crate::events::{EventLog, NewEvent, Severity};
 use crate::jobs::{Jobs, Placed, StatusUpdate};
 use crate::placement::{self, Demand, Offer};
 use crate::registry::{Health, MarkLost, PNodeView, Registry, Snapshot};
@@ -74,6 +75,8 @@ pub struct JobSpec {
     pub store: Option<Arc<dyn ObjectStore>>,
     /// The snapshot a resumed job starts from.
     pub resume: Option<ResumeFrom>,
+    /// The mesh's event log (checkpoints are pushed here).
+    pub events: EventLog,
 }
 
 impl std::fmt::Debug for dyn ObjectStore {
@@ -431,7 +434,7 @@ impl JobActor {
                 act.last_checkpoint = Some(step);
                 act.last_checkpoint_at = Instant::now();
                 if let Some(store) = act.spec.store.clone() {
-                    let events = act.events.clone();
+                    let (events, log) = (act.events.clone(), act.spec.events.clone());
                     let snapshot = checkpoints::Snapshot {
                         job: act.spec.job_id.clone(),
                         step,
@@ -443,10 +446,12 @@ impl JobActor {
                     // The upload runs beside training; a slow store delays nothing but itself.
                     act.uploads.retain(|h| !h.is_finished());
                     act.uploads.push(actix::spawn(async move {
-                        let text = match checkpoints::write_with_retry(store.as_ref(), &snapshot).await {
+                        let written = checkpoints::write_with_retry(store.as_ref(), &snapshot).await;
+                        let text = match &written {
                             Ok(h) => format!("checkpoint at step {step}: manifest {h}"),
                             Err(e) => format!("checkpoint at step {step} could not be written: {e}"),
                         };
+                        log.push(checkpoint_event(&snapshot.job, step, &written, &text));
                         tracing::info!(job = %snapshot.job, "{text}");
                         let _ = events.send(JobEvent::Log(text));
                     }));
@@ -498,10 +503,17 @@ impl JobActor {
             replace_s: 0.0,
             first_step_s: None,
         });
-        self.log(format!(
+        let text = format!(
             "recovering (generation {}): {reason}; rolling back from step {at_step} to {resumed_step}",
             self.generation
-        ));
+        );
+        self.log(text.clone());
+        if let Some(r) = self.recoveries.last() {
+            let kind = if r.recomputed_steps == 0 { "relocation" } else { "recovery" };
+            self.spec.events.push(
+                NewEvent::new(kind, text).severity(Severity::Warning).job(&self.spec.job_id).data(serde_json::json!(r)),
+            );
+        }
         // Everything past the snapshot is forgotten and computed again, identically.
         self.completed = resumed_step;
         self.fed = resumed_step;
@@ -1152,6 +1164,17 @@ async fn release_everywhere(job: &str, endpoints: BTreeSet<String>) {
         }
     });
     futures::future::join_all(calls).await;
+}
+
+/// The event for a snapshot written (or not) at `step`.
+fn checkpoint_event<E: std::fmt::Display>(job: &str, step: u64, written: &Result<String, E>, text: &str) -> NewEvent {
+    let e = match written {
+        Ok(h) => NewEvent::new("checkpoint", text).data(serde_json::json!({ "step": step, "manifest": h })),
+        Err(err) => NewEvent::new("checkpoint_failed", text)
+            .severity(Severity::Error)
+            .data(serde_json::json!({ "step": step, "error": err.to_string() })),
+    };
+    e.job(job)
 }
 
 /// A client for a PNode's service with the protocol's limits.

@@ -7,6 +7,7 @@ use crate::data::DataCache;
 use crate::job::{JobActor, JobSpec, Report};
 use crate::registry::Registry;
 use crate::status::{JobEvent, JobState, JobStatus};
+use crate::telemetry::Telemetry;
 use actix::prelude::*;
 use dcnr_model::envelope::{Envelope, EnvelopeError, SeedMode, SeedSpec};
 use sha2::Digest;
@@ -62,6 +63,7 @@ pub struct Jobs {
     next: u64,
     jobs: BTreeMap<String, Entry>,
     locations: HashMap<(String, u32), String>,
+    telemetry: Telemetry,
 }
 
 impl Jobs {
@@ -73,7 +75,23 @@ impl Jobs {
         store: Option<Arc<dyn ObjectStore>>,
         recorded: std::collections::HashSet<String>,
     ) -> Jobs {
-        Jobs { registry, store, recorded, data, defaults, next: 1, jobs: BTreeMap::new(), locations: HashMap::new() }
+        Jobs {
+            registry,
+            store,
+            recorded,
+            data,
+            defaults,
+            next: 1,
+            jobs: BTreeMap::new(),
+            locations: HashMap::new(),
+            telemetry: Telemetry::default(),
+        }
+    }
+
+    /// Reports submissions, placements and each job's events to `telemetry`.
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Jobs {
+        self.telemetry = telemetry;
+        self
     }
 }
 
@@ -158,8 +176,10 @@ impl Jobs {
             envelope: resolved.envelope,
             store: self.store.clone(),
             resume,
+            events: self.telemetry.events().clone(),
         };
         let (events, _) = broadcast::channel(1024);
+        self.telemetry.follow(&job_id, &spec.graph, steps, events.subscribe());
         let status = JobStatus {
             job_id: job_id.clone(),
             state: JobState::Pending,
@@ -302,6 +322,7 @@ impl Handler<Placed> for Jobs {
     fn handle(&mut self, msg: Placed, _: &mut Context<Self>) {
         // A new placement replaces the old one whole.
         self.locations.retain(|k, _| k.0 != msg.job_id);
+        self.telemetry.placed(&msg.job_id, &msg.locations);
         for (v, e) in msg.locations {
             self.locations.insert((msg.job_id.clone(), v), e);
         }

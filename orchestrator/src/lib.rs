@@ -7,6 +7,9 @@
 //! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
 //! Trust: [`admission`] (registration challenges, trusted token), [`trust`] (pure: reputation
 //! and quarantine), [`verify`] (pure: spot checks, quorum, the verification report).
+//! Observability: [`events`] (the mesh's event log), [`telemetry`] (curves, placement, rates),
+//! [`metrics`] (Prometheus), [`dashboard`] (the web page, its JSON API and live stream),
+//! [`dashbench`] (its latency benchmark).
 
 pub mod admission;
 pub mod artifacts;
@@ -14,11 +17,15 @@ pub mod bench;
 pub mod checkpoints;
 pub mod cli;
 pub mod client;
+pub mod dashbench;
+pub mod dashboard;
 pub mod data;
 pub mod demo;
+pub mod events;
 pub mod job;
 pub mod jobs;
 pub mod local;
+pub mod metrics;
 pub mod placement;
 pub mod progress;
 pub mod recovery_bench;
@@ -28,5 +35,6 @@ pub mod server;
 pub mod service;
 pub mod status;
 pub mod summary;
+pub mod telemetry;
 pub mod trust;
 pub mod verify;

@@ -1,10 +1,13 @@
 //! Starting an orchestrator: its actors and its gRPC server, in the current actix System.
 
 use crate::artifacts::{open_store, probe};
+use crate::dashboard::{self, DashState};
 use crate::data::DataCache;
+use crate::events::EventLog;
 use crate::jobs::{JobDefaults, Jobs, ResumeActive};
 use crate::registry::{HealthPolicy, Registry};
 use crate::service::{OrchestratorService, server};
+use crate::telemetry::Telemetry;
 use actix::{Actor, Addr};
 use anyhow::Context as _;
 use std::net::SocketAddr;
@@ -32,6 +35,8 @@ pub struct ServerConfig {
     pub trusted_token: crate::admission::TrustedToken,
     /// Reputation rules.
     pub trust: crate::trust::TrustPolicy,
+    /// Address to serve the dashboard, its API and /metrics on (none: no dashboard).
+    pub dashboard: Option<SocketAddr>,
 }
 
 /// A running orchestrator.
@@ -44,12 +49,21 @@ pub struct ServerHandle {
     pub registry: Addr<Registry>,
     /// The gRPC server task.
     pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Curves, placement and the event log.
+    pub telemetry: Telemetry,
+    /// Where the dashboard listens, if it was asked for.
+    pub dashboard: Option<SocketAddr>,
 }
 
 impl ServerHandle {
     /// The URL PNodes and clients use.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The dashboard's URL, if it runs.
+    pub fn dashboard_url(&self) -> Option<String> {
+        self.dashboard.map(|a| format!("http://{a}/"))
     }
 }
 
@@ -87,16 +101,33 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         }
         None => (None, Default::default()),
     };
-    let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded).start();
+    let telemetry = Telemetry::new(EventLog::default());
+    let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded)
+        .with_telemetry(telemetry.clone())
+        .start();
+    tokio::spawn(telemetry.clone().watch(registry.clone()));
     // Jobs that were running when a previous orchestrator stopped go on; their placement waits
     // for PNodes to register again.
     jobs.do_send(ResumeActive);
-    let admission =
-        std::sync::Arc::new(crate::admission::Admission { token: cfg.trusted_token.clone(), ..Default::default() });
-    let svc =
-        OrchestratorService { registry: registry.clone(), jobs: jobs.clone(), heartbeat: cfg.heartbeat, admission };
+    let dashboard = match cfg.dashboard {
+        Some(at) => {
+            let state = DashState { jobs: jobs.clone(), registry: registry.clone(), telemetry: telemetry.clone() };
+            Some(dashboard::start(at, state).await?)
+        }
+        None => None,
+    };
+    let svc = OrchestratorService {
+        registry: registry.clone(),
+        jobs: jobs.clone(),
+        heartbeat: cfg.heartbeat,
+        telemetry: telemetry.clone(),
+        admission: std::sync::Arc::new(crate::admission::Admission {
+            token: cfg.trusted_token.clone(),
+            ..Default::default()
+        }),
+    };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(dcnr_proto::transport::server().add_service(server(svc)).serve_with_incoming(incoming));
     tracing::info!(%addr, "orchestrator listening");
-    Ok(ServerHandle { addr, jobs, registry, task })
+    Ok(ServerHandle { addr, jobs, registry, task, telemetry, dashboard })
 }

@@ -26,6 +26,8 @@ pub struct OrchestratorService {
     pub heartbeat: Duration,
     /// Registration challenges and the trusted-mode token.
     pub admission: std::sync::Arc<crate::admission::Admission>,
+    /// Where reports are also counted for the dashboard and metrics.
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 fn gone<E: std::fmt::Display>(e: E) -> Status {
@@ -247,7 +249,10 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                     if sender != r.pnode_id {
                         sender.clone_from(&r.pnode_id);
                     }
-                    self.jobs.do_send(report_from_wire(r)?);
+                    let r = report_from_wire(r)?;
+                    crate::metrics::ORCHESTRATOR.report(&r);
+                    self.telemetry.report(&r);
+                    self.jobs.do_send(r);
                     received += 1;
                 }
                 Ok(None) => break Ok(()),

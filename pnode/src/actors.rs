@@ -3,9 +3,10 @@
 //! Each VNode actor owns one `dcnr_vnode::VNode` and runs on an arbiter (thread) of its own, so
 //! tensor math never blocks the async I/O threads and VNodes of one PNode compute in parallel.
 
+use crate::metrics::PNODE;
 use crate::router::Router;
 use actix::prelude::*;
-use dcnr_vnode::{HostTensor, Inbound, VNode, VNodeSpec};
+use dcnr_vnode::{HostTensor, Inbound, Outbound, VNode, VNodeSpec};
 use std::collections::HashMap;
 
 /// A message for a VNode, from the given placement generation of its job.
@@ -59,9 +60,11 @@ impl Handler<Deliver> for VNodeActor {
             self.router.count_stale();
             return;
         }
-        let mb = match &msg.msg {
-            Inbound::Forward { mb, .. } | Inbound::Backward { mb, .. } => *mb,
+        let (mb, pass) = match &msg.msg {
+            Inbound::Forward { mb, .. } => (*mb, "forward"),
+            Inbound::Backward { mb, .. } => (*mb, "backward"),
         };
+        PNODE.vnode_messages_in.with_label_values(&[pass]).inc();
         // Cheap checks first: a refused tensor never reaches the VNode, whose state stays valid,
         // and the orchestrator learns who sent it.
         if let Err(r) = self.vnode.screen(&msg.msg) {
@@ -73,6 +76,7 @@ impl Handler<Deliver> for VNodeActor {
             Ok(outs) => {
                 let id = self.vnode.id();
                 for o in outs {
+                    count_outbound(&o);
                     self.router.send(&self.job, id, self.generation, o);
                 }
             }
@@ -86,6 +90,7 @@ impl Handler<Deliver> for VNodeActor {
                 // computing and the orchestrator decides what happens to the job.
                 tracing::error!(job = %self.job, vnode = self.vnode.id(), error = %e, "VNode failed");
                 self.failed = true;
+                PNODE.vnode_failures.inc();
                 self.router.fail(&self.job, self.vnode.id(), self.generation, mb, e.to_string());
             }
         }
@@ -96,6 +101,23 @@ impl Handler<Alive> for VNodeActor {
     type Result = ();
 
     fn handle(&mut self, _: Alive, _: &mut Context<Self>) {}
+}
+
+/// Counts one message a VNode emitted.
+fn count_outbound(o: &Outbound) {
+    let kind = match o {
+        Outbound::Forward { .. } => "forward",
+        Outbound::Backward { .. } => "backward",
+        Outbound::Done { compute_us, bytes_in, bytes_out, .. } => {
+            PNODE.vnode_steps.inc();
+            PNODE.compute_us.inc_by(*compute_us);
+            PNODE.tensor_bytes.with_label_values(&["in"]).inc_by(*bytes_in);
+            PNODE.tensor_bytes.with_label_values(&["out"]).inc_by(*bytes_out);
+            "done"
+        }
+        Outbound::Loss { .. } => "loss",
+    };
+    PNODE.vnode_messages_out.with_label_values(&[kind]).inc();
 }
 
 impl Handler<TakeSnapshot> for VNodeActor {
@@ -157,6 +179,7 @@ impl Host {
         for h in &gone {
             h.arbiter.stop();
         }
+        PNODE.hosted_vnodes.set(self.hosted() as i64);
         gone.len() as u32
     }
 }
@@ -232,6 +255,7 @@ impl Handler<Allocate> for Host {
         }
         let n = hosted.len() as u32;
         self.jobs.insert(msg.job, hosted);
+        PNODE.hosted_vnodes.set(self.hosted() as i64);
         Ok(n)
     }
 }

@@ -61,6 +61,9 @@ pub struct PnodeArgs {
     /// Delay of each message under --fault slow, in milliseconds.
     #[arg(long, env = "DCNR_FAULT_DELAY_MS", default_value_t = 100)]
     pub fault_delay_ms: u64,
+    /// Serve Prometheus metrics on this address at /metrics (e.g. 127.0.0.1:9101; port 0 picks one).
+    #[arg(long, env = "DCNR_METRICS")]
+    pub metrics: Option<SocketAddr>,
     /// Protocol version to announce; a testing aid for version negotiation.
     #[arg(long, hide = true, default_value_t = dcnr_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,

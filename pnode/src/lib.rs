@@ -5,7 +5,8 @@
 //! host; inbound tensors pass the cheap checks first), [`router`] (where an outbound message
 //! goes: a local actor or a remote PNode), [`fault`] (fault injection, a testing aid, hooked
 //! where outputs leave the router), [`service`] (the gRPC adapter; with `convert`, the only code here that sees
-//! wire types), [`capabilities`] (what this machine advertises).
+//! wire types), [`capabilities`] (what this machine advertises), [`metrics`] (Prometheus
+//! counters and the `/metrics` endpoint, shared with the orchestrator).
 //!
 //! Architecture invariant: the training math lives in `dcnr-vnode`; this crate never computes,
 //! it only hosts, routes and reports. Tensor math runs on each VNode actor's own thread, never on
@@ -18,6 +19,7 @@ pub mod convert;
 pub mod fault;
 pub mod identity;
 pub mod membership;
+pub mod metrics;
 pub mod router;
 pub mod service;
 
@@ -33,6 +35,10 @@ use tokio::net::TcpListener;
 pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let local: SocketAddr = listener.local_addr()?;
+    if let Some(addr) = args.metrics {
+        let at = metrics::start_pnode_exporter(addr).await?;
+        tracing::info!(%at, "serving metrics at http://{at}/metrics");
+    }
     let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
     let orchestrator = membership::OrchestratorLink::connect(&args.orchestrator, args.connect_timeout())
         .await

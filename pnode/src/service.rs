@@ -3,6 +3,7 @@
 
 use crate::actors::{Alive, Allocate, Find, GetParams, Host, JobVNodes, Release, TakeSnapshot};
 use crate::convert;
+use crate::metrics::PNODE;
 use crate::router::RouteError;
 use crate::router::Router;
 use actix::Addr;
@@ -77,6 +78,8 @@ impl v1::p_node_server::PNode for PNodeService {
         let mut stream = req.into_inner();
         let mut received = 0u64;
         while let Some(m) = stream.message().await? {
+            PNODE.wire_messages_received.inc();
+            PNODE.wire_bytes_received.inc_by(prost::Message::encoded_len(&m) as u64);
             let (to, inbound) = convert::inbound_from_wire(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
             match self.router.deliver_local(to, inbound) {
                 Ok(()) => {}

@@ -47,6 +47,8 @@ pub struct Mesh {
     pub url: String,
     /// The orchestrator's artifact store.
     pub artifacts: tempfile::TempDir,
+    /// Dashboard URL (ends in `/`) when `serve` was given `--dashboard`.
+    pub dashboard: Option<String>,
     orchestrator: Proc,
     pnodes: Vec<Proc>,
     serve_args: Vec<String>,
@@ -63,9 +65,10 @@ impl Mesh {
     /// local artifact directory is used unless the flags name a `--store`.
     pub fn start_with(n: usize, serve_args: &[&str], envs: &[(&str, &str)]) -> Result<Mesh> {
         let artifacts = tempfile::tempdir()?;
-        let (orchestrator, url) = spawn_orchestrator("127.0.0.1:0", artifacts.path(), serve_args, envs)?;
+        let (orchestrator, url, dashboard) = spawn_orchestrator("127.0.0.1:0", artifacts.path(), serve_args, envs)?;
         let mut mesh = Mesh {
             url,
+            dashboard,
             artifacts,
             orchestrator,
             pnodes: Vec::new(),
@@ -94,7 +97,7 @@ impl Mesh {
         // The old socket may linger a moment after the kill.
         loop {
             match spawn_orchestrator(&listen, self.artifacts.path(), &args, &envs) {
-                Ok((p, _)) => {
+                Ok((p, _, _)) => {
                     self.orchestrator = p;
                     return Ok(());
                 }
@@ -191,13 +194,13 @@ impl Mesh {
 }
 
 /// Starts `orchestrator serve` on `listen` with a local store at `store` (unless the flags name
-/// one); returns it and its URL once it has printed its address.
+/// one); returns it, its URL and its dashboard URL (with `--dashboard`) once it has printed them.
 fn spawn_orchestrator(
     listen: &str,
     store: &std::path::Path,
     serve_args: &[&str],
     envs: &[(&str, &str)],
-) -> Result<(Proc, String)> {
+) -> Result<(Proc, String, Option<String>)> {
     {
         let mut cmd = Command::new(bin("orchestrator"));
         cmd.args(["serve", "--listen", listen, "--step-deadline-s", "60"]);
@@ -216,18 +219,27 @@ fn spawn_orchestrator(
         let orchestrator = Proc(child);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
+            for l in BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
                 let _ = tx.send(l);
             }
-            for _ in lines {}
         });
         let line = rx.recv_timeout(Duration::from_secs(30)).context("orchestrator did not report its address")?;
         let url = line.rsplit(' ').next().unwrap_or_default().to_string();
         if !url.starts_with("http://127.0.0.1:") {
             bail!("unexpected first line from orchestrator: {line}");
         }
-        Ok((orchestrator, url))
+        let dashboard = if serve_args.contains(&"--dashboard") {
+            let line = rx.recv_timeout(Duration::from_secs(10)).context("orchestrator did not report its dashboard")?;
+            let d = line.strip_prefix("dashboard at ").unwrap_or_default().to_string();
+            if !d.starts_with("http://127.0.0.1:") {
+                bail!("unexpected dashboard line from orchestrator: {line}");
+            }
+            Some(d)
+        } else {
+            None
+        };
+        Ok((orchestrator, url, dashboard))
     }
 }
 
@@ -312,6 +324,47 @@ impl Mesh {
     /// Whether the orchestrator is still running.
     pub fn orchestrator_alive(&mut self) -> bool {
         matches!(self.orchestrator.0.try_wait(), Ok(None))
+    }
+}
+
+/// A loopback port that was free a moment ago (another process may take it before use).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `GET url` with a timeout; returns the status and the body, whatever the status.
+pub fn http_get(url: &str) -> Result<(u16, String)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent.get(url).call().with_context(|| format!("GET {url}"))?;
+    let status = r.status().as_u16();
+    let body = r.body_mut().read_to_string().with_context(|| format!("body of {url}"))?;
+    Ok((status, body))
+}
+
+/// `GET url` that must answer 200 with JSON.
+pub fn get_json(url: &str) -> Result<serde_json::Value> {
+    let (status, body) = http_get(url)?;
+    if status != 200 {
+        bail!("GET {url}: {status} {body}");
+    }
+    serde_json::from_str(&body).with_context(|| format!("GET {url}: not JSON: {body}"))
+}
+
+/// Polls `f` every 100 ms until it returns `Some` or `limit` passes.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
