@@ -658,14 +658,25 @@ impl JobActor {
         self.jobs.do_send(StatusUpdate(self.status()));
     }
 
-    fn send_data(&mut self, mb: u64, phase: Phase, features: &HostTensor, labels: &HostTensor) -> Result<(), String> {
+    /// Sends one micro-batch of data to the VNodes that read data; on failure, names the PNode
+    /// that could not be fed.
+    fn send_data(
+        &mut self,
+        mb: u64,
+        phase: Phase,
+        features: &HostTensor,
+        labels: &HostTensor,
+    ) -> Result<(), (String, String)> {
         for (vnode, port, src) in &self.feeders {
             let tensor = if *src == Source::Labels { labels } else { features };
             let to = convert::Target { job: self.spec.job_id.clone(), vnode: *vnode, generation: self.generation };
             let msg = convert::forward_message(&to, mb, phase, *port, tensor);
-            let endpoint = self.placement.get(vnode).map(|p| p.endpoint.as_str()).unwrap_or("");
-            let link = self.links.get(endpoint).ok_or_else(|| format!("no link to the pnode of vnode {vnode}"))?;
-            link.try_send(msg).map_err(|e| format!("cannot feed vnode {vnode} at {endpoint}: {e}"))?;
+            let (endpoint, pnode) =
+                self.placement.get(vnode).map(|p| (p.endpoint.as_str(), p.id.clone())).unwrap_or_default();
+            let fail = |why: String| (pnode.clone(), why);
+            let link =
+                self.links.get(endpoint).ok_or_else(|| fail(format!("no link to the pnode of vnode {vnode}")))?;
+            link.try_send(msg).map_err(|e| fail(format!("cannot feed vnode {vnode} at {endpoint}: {e}")))?;
         }
         Ok(())
     }
@@ -708,7 +719,7 @@ impl JobActor {
                         let idx = self.plan.indices(self.fed);
                         let (x, y) = self.batch(&self.data.train, &idx);
                         if let Err(e) = self.send_data(self.fed, Phase::Train, &x, &y) {
-                            return self.fail(ctx, "feed", e);
+                            return self.recover(ctx, format!("feeding failed: {}", e.1), vec![e.0]);
                         }
                         self.fed += 1;
                     }
@@ -750,7 +761,7 @@ impl JobActor {
                         let mb = self.eval_seq;
                         self.eval_seq += 1;
                         if let Err(e) = self.send_data(mb, Phase::Eval, &x, &y) {
-                            return self.fail(ctx, "feed", e);
+                            return self.recover(ctx, format!("feeding failed: {}", e.1), vec![e.0]);
                         }
                         ev.next += 1;
                         ev.outstanding += 1;
