@@ -210,3 +210,60 @@ fn a_pnode_that_leaves_gracefully_hands_over_without_rollback() {
         assert_eq!(x["recomputed_steps"], 0, "a graceful leave must not roll back: {s}");
     }
 }
+
+#[test]
+fn with_no_pnode_left_the_job_waits_visibly_until_capacity_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = envelope(dir.path(), 300);
+    let expected = reference(&env);
+    let mut mesh = Mesh::start(1).unwrap();
+    let job = submit(&mesh, &env);
+    mesh.wait_for_step(points(10, 1, 300, 900)[0], LIMIT).unwrap();
+    mesh.kill_pnode(0);
+    let start = Instant::now();
+    loop {
+        let jobs = mesh.jobs().unwrap();
+        if jobs[0]["state"] == "recovering" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the job does not show that it waits: {jobs:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still waiting a while later: it neither fails nor pretends to run.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(mesh.jobs().unwrap()[0]["state"], "recovering");
+    mesh.add_pnode().unwrap();
+    let s = wait_summary(job);
+    assert_eq!(s["params_sha256"], expected.as_str(), "{s}");
+}
+
+#[test]
+fn pipelined_training_with_a_kill_ends_like_the_fault_free_pipelined_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = envelope(dir.path(), 500);
+    let mut mesh = Mesh::start(3).unwrap();
+    let clean = mesh.submit_wait(&env, &["--in-flight", "3"]).unwrap();
+    let url = mesh.url.clone();
+    let args = ["submit", env.to_str().unwrap(), "--orchestrator", &url, "--wait", "--json", "--in-flight", "3"];
+    let job = mesh.spawn_cli(&args).unwrap();
+    let start = Instant::now();
+    // The fault-free job is the first in the table; this one is the second.
+    while mesh.jobs().unwrap().len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let target = points(11, 1, 300, 900)[0];
+    loop {
+        let jobs = mesh.jobs().unwrap();
+        let done = jobs.last().unwrap()["steps_done"].as_u64().unwrap_or(0);
+        if done >= target {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    mesh.kill_pnode(victim(&mesh, &[]));
+    let s = wait_summary(job);
+    assert!(!recoveries(&s).is_empty(), "{s}");
+    assert_eq!(s["params_sha256"], clean["params_sha256"], "pipelined: {s}");
+}
