@@ -1,8 +1,8 @@
 //! The cheap checks at the orchestrator, and what follows any failed check: the result is
 //! refused, the PNode that produced it gets an invalid result in its reputation (which may
-//! quarantine it), the verification report records both, and the job fails with an error that
-//! names the PNode. Recomputing from verified state instead of failing needs relocation and
-//! comes with redundant execution (docs/TRUST.md).
+//! quarantine it), the verification report records both, and the job recovers without that
+//! PNode from its latest snapshot, whose state was built only from results that passed the same
+//! checks. A result no PNode can be blamed for fails the job (`invalid_result`).
 
 use super::{JobActor, Report, ReportBody, Stage};
 use crate::registry::{PNodeView, RecordOutcome};
@@ -71,7 +71,9 @@ impl JobActor {
         self.finish(ctx, Some(params))
     }
 
-    /// Refuses a result: downscores its producer, records it, and fails the job.
+    /// Refuses a result: downscores its producer, records it, and goes on from the latest
+    /// snapshot without that PNode (every result before the snapshot passed the same checks).
+    /// Without a PNode to blame, the job fails.
     fn invalid_result(
         &mut self,
         ctx: &mut Context<Self>,
@@ -94,7 +96,7 @@ impl JobActor {
                 act.log(format!("pnode {} ({}) quarantined: {why}", p.id, p.name));
                 act.verification.quarantines.push(QuarantineEvent { pnode: p.id.clone(), at_step, reason: why });
             }
-            act.fail(ctx, "invalid_result", text);
+            act.recover(ctx, format!("invalid result: {text}"), vec![p.id.clone()]);
         }));
     }
 }
