@@ -125,23 +125,31 @@ async fn dashboard_shows_live_curves_pnodes_and_placement_in_chromium() {
     assert!(polyline.split(' ').count() >= more, "the curve is drawn: {polyline}");
     assert!(attr(&c, "#acc-chart", "data-points").await.unwrap_or_default().parse::<usize>().unwrap_or(0) >= 2);
 
+    // The page re-renders on every push, so the DOM is read in one script each time (element
+    // handles could go stale between two WebDriver calls).
+    let js = |c: Client, script: &'static str| async move { c.execute(script, vec![]).await.unwrap() };
+
     // Mesh view: both PNodes with their health; the hostile name is shown as text.
-    let rows = c.find_all(Locator::Css("#pnodes tbody tr")).await.unwrap();
-    assert_eq!(rows.len(), 2);
+    let rows = js(
+        c.clone(),
+        "return Array.from(document.querySelectorAll('#pnodes tbody tr')).map(r => [r.getAttribute('data-pnode'), r.innerText])",
+    )
+    .await;
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 2, "{rows:?}");
     let mut pnode_ids = Vec::new();
     for r in &rows {
-        pnode_ids.push(r.attr("data-pnode").await.unwrap().unwrap());
-        let text = r.text().await.unwrap();
+        pnode_ids.push(r[0].as_str().unwrap_or_default().to_string());
+        let text = r[1].as_str().unwrap_or_default();
         assert!(text.contains("healthy"), "{text}");
     }
-    let names: Vec<String> = {
-        let cells = c.find_all(Locator::Css("#pnodes tbody td:nth-child(2)")).await.unwrap();
-        let mut v = Vec::new();
-        for cell in cells {
-            v.push(cell.text().await.unwrap());
-        }
-        v
-    };
+    let names = js(
+        c.clone(),
+        "return Array.from(document.querySelectorAll('#pnodes tbody td:nth-child(2)')).map(c => c.innerText)",
+    )
+    .await;
+    let names: Vec<String> =
+        names.as_array().cloned().unwrap_or_default().iter().filter_map(|n| n.as_str().map(str::to_string)).collect();
     assert!(names.iter().any(|n| n == HOSTILE_NAME), "the name is shown verbatim: {names:?}");
     assert!(c.find_all(Locator::Css("#pnodes img, #graph img")).await.unwrap().is_empty(), "no markup was injected");
     assert_ne!(c.title().await.unwrap(), "pwned");
@@ -150,24 +158,34 @@ async fn dashboard_shows_live_curves_pnodes_and_placement_in_chromium() {
     let vnodes = poll("placed VNodes", Duration::from_secs(10), || {
         let c = c.clone();
         async move {
-            let v = c.find_all(Locator::Css("#graph .vnode")).await.ok()?;
+            let v = c
+                .execute(
+                    "return Array.from(document.querySelectorAll('#graph .vnode')).map(v => [v.getAttribute('data-pnode'), v.innerText])",
+                    vec![],
+                )
+                .await
+                .ok()?;
+            let v = v.as_array().cloned().unwrap_or_default();
             (v.len() == 4).then_some(v)
         }
     })
     .await;
     for v in &vnodes {
-        let host = v.attr("data-pnode").await.unwrap().unwrap_or_default();
+        let host = v[0].as_str().unwrap_or_default().to_string();
         assert!(pnode_ids.contains(&host), "VNode placed on {host:?}, not one of {pnode_ids:?}");
-        assert!(v.text().await.unwrap().contains("step "));
+        assert!(v[1].as_str().unwrap_or_default().contains("step "), "{v:?}");
     }
-    let hosted = c.find(Locator::Css("#pnodes tbody")).await.unwrap().text().await.unwrap();
+    let hosted = js(c.clone(), "return document.querySelector('#pnodes tbody').innerText").await;
+    let hosted = hosted.as_str().unwrap_or_default();
     assert!(hosted.contains("fc1") && hosted.contains("loss"), "PNodes list their VNodes: {hosted}");
 
     // Events timeline: the joins and the job's start are there.
-    let joined = c.find_all(Locator::Css("#events li[data-kind='pnode_joined']")).await.unwrap();
-    assert_eq!(joined.len(), 2);
-    assert!(!c.find_all(Locator::Css("#events li[data-kind='job_placed']")).await.unwrap().is_empty());
-    assert_eq!(c.find(Locator::Css("#conn")).await.unwrap().text().await.unwrap(), "live");
+    let joined =
+        js(c.clone(), "return document.querySelectorAll(\"#events li[data-kind='pnode_joined']\").length").await;
+    assert_eq!(joined.as_u64(), Some(2));
+    let placed = js(c.clone(), "return document.querySelectorAll(\"#events li[data-kind='job_placed']\").length").await;
+    assert!(placed.as_u64().unwrap_or(0) > 0);
+    assert_eq!(js(c.clone(), "return document.querySelector('#conn').innerText").await.as_str(), Some("live"));
 
     let png = c.screenshot().await.unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
