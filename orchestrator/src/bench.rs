@@ -89,9 +89,18 @@ pub struct BenchReport {
 }
 
 fn median(v: &[f64]) -> f64 {
+    percentile(v, 0.5)
+}
+
+/// The value at rank `q` (0..=1, nearest rank) of `v`; 0 when empty. Shared by the benchmarks.
+pub fn percentile(v: &[f64], q: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    if s.is_empty() { 0.0 } else { s[s.len() / 2] }
+    if s.is_empty() {
+        return 0.0;
+    }
+    let i = ((s.len() as f64 - 1.0) * q).round() as usize;
+    s[i.min(s.len() - 1)]
 }
 
 /// Runs every measurement.

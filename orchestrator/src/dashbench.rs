@@ -2,6 +2,7 @@
 //! local mesh. Requests go one at a time over a kept-alive loopback connection, so each
 //! measures the server's answer time, not queueing behind other requests.
 
+use crate::bench::percentile;
 use crate::client;
 use crate::demo::{LocalMesh, MeshConfig};
 use anyhow::{Context as _, bail};
@@ -93,14 +94,6 @@ pub fn deep_mlp(n: usize) -> anyhow::Result<String> {
     }
     t.push_str("[[edge]]\nfrom = \"label\"\nto = \"loss\"\n");
     Ok(t)
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 /// Runs the benchmark.

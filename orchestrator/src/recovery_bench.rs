@@ -3,6 +3,7 @@
 //! next step, and how many steps each failure costs. A fresh PNode replaces every one killed,
 //! so each kill meets the same mesh size.
 
+use crate::bench::percentile;
 use crate::demo::{self, LocalMesh};
 use crate::jobs::{Get, Submit};
 use crate::registry::{Health, Snapshot};
@@ -61,15 +62,6 @@ pub struct RecoveryReport {
     pub recover_p99_s: f64,
     /// Median steps recomputed per failure.
     pub recomputed_p50: u64,
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return 0.0;
-    }
-    s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Runs the benchmark.
