@@ -225,14 +225,12 @@ pub struct JobActor {
     evacuating: BTreeSet<String>,
     /// Every recovery so far, for the record.
     recoveries: Vec<Recovery>,
-    /// When the pending recovery began and why.
-    recovering: Option<(Instant, String)>,
+    /// When the latest recovery began, until training completes its first step after it.
+    recovery_started: Option<Instant>,
     /// Reports of older generations that were ignored.
     stale_reports: u64,
     /// Step-deadline probe in flight.
     probing: bool,
-    /// When the last recovery began, until the next step completes.
-    recovery_clock: Option<(Instant, u32)>,
     /// Timer ticks so far.
     ticks: u64,
     /// Smoothed seconds between completed steps.
@@ -346,10 +344,9 @@ impl JobActor {
             excluded: BTreeSet::new(),
             evacuating: BTreeSet::new(),
             recoveries: Vec::new(),
-            recovering: None,
+            recovery_started: None,
             stale_reports: 0,
             probing: false,
-            recovery_clock: None,
             ticks: 0,
             step_interval: None,
             last_step_at: now,
@@ -380,6 +377,11 @@ impl JobActor {
     fn recovery_snapshot_due(&self) -> bool {
         let every = self.spec.recovery_every;
         !every.is_zero() && self.last_snapshot_at.elapsed() >= every && self.completed > self.recovery_step()
+    }
+
+    /// Whether a PNode this job is placed on is leaving (its VNodes move at the next drained step).
+    fn leaving(&self) -> bool {
+        self.placement.values().any(|p| self.evacuating.contains(&p.id))
     }
 
     fn recovery_step(&self) -> u64 {
@@ -463,7 +465,7 @@ impl JobActor {
     }
 
     fn after_snapshot(&mut self, ctx: &mut Context<Self>) {
-        if self.evacuating.iter().any(|p| self.placement.values().any(|v| &v.id == p)) {
+        if self.leaving() {
             let leaving: Vec<String> = self.evacuating.iter().cloned().collect();
             return self.recover(ctx, format!("moving VNodes off leaving pnode(s) {}", leaving.join(", ")), leaving);
         }
@@ -491,8 +493,7 @@ impl JobActor {
         for p in &bad {
             self.evacuating.remove(p);
         }
-        self.recovering = Some((Instant::now(), reason.clone()));
-        self.recovery_clock = Some((Instant::now(), self.generation));
+        self.recovery_started = Some(Instant::now());
         self.recoveries.push(Recovery {
             generation: self.generation,
             reason: reason.clone(),
@@ -615,7 +616,7 @@ impl JobActor {
             .map(|(v, p)| format!("{}->{}", names.get(v).map(String::as_str).unwrap_or("?"), p.id))
             .collect();
         self.log(format!("placed {} VNodes (generation {}): {}", placement.len(), self.generation, text.join(", ")));
-        if let (Some((since, _)), Some(r)) = (self.recovering.take(), self.recoveries.last_mut()) {
+        if let (Some(since), Some(r)) = (self.recovery_started, self.recoveries.last_mut()) {
             r.replace_s = since.elapsed().as_secs_f64();
         }
         self.jobs.do_send(Placed {
@@ -707,9 +708,9 @@ impl JobActor {
                             limit = limit.min(self.fed);
                         }
                     }
-                    let leaving = self.evacuating.iter().any(|p| self.placement.values().any(|v| &v.id == p));
-                    if leaving || self.recovery_snapshot_due() {
-                        // Drain the pipeline: a snapshot needs every VNode idle.
+                    // A leaving PNode or a due recovery snapshot needs a drained pipeline first.
+                    let snapshot_wanted = self.leaving() || self.recovery_snapshot_due();
+                    if snapshot_wanted {
                         limit = limit.min(self.fed);
                     }
                     let k = self.spec.in_flight as u64;
@@ -729,8 +730,7 @@ impl JobActor {
                     if self.checkpoint_due(self.completed) {
                         return self.take_checkpoint(ctx, true);
                     }
-                    let leaving = self.evacuating.iter().any(|p| self.placement.values().any(|v| &v.id == p));
-                    if leaving || self.recovery_snapshot_due() {
+                    if snapshot_wanted {
                         return self.take_checkpoint(ctx, false);
                     }
                     let epoch_end = self.completed.is_multiple_of(spe) || self.completed >= self.spec.steps;
@@ -895,6 +895,7 @@ impl JobActor {
                         "summary": summary,
                         "error_code": self.error_code,
                         "last_state": { "stage": format!("{:?}", self.stage), "steps_done": self.completed, "steps_fed": self.fed },
+                        "stale_reports_ignored": self.stale_reports,
                     })),
                 )),
                 ArtifactKind::Executions => files.push((
@@ -1381,12 +1382,10 @@ impl Handler<Report> for JobActor {
                         self.last_step_at = Instant::now();
                         self.step_interval = Some(self.step_interval.map_or(dt, |s| 0.9 * s + 0.1 * dt));
                     }
-                    if let Some((since, _)) = &self.recovery_clock
+                    if let Some(since) = self.recovery_started.take()
                         && let Some(r) = self.recoveries.last_mut()
-                        && r.first_step_s.is_none()
                     {
                         r.first_step_s = Some(since.elapsed().as_secs_f64());
-                        self.recovery_clock = None;
                     }
                 }
             }

@@ -109,8 +109,8 @@ impl Record {
     fn health(&self, policy: &HealthPolicy, now: Instant) -> Health {
         match policy.judge(now.duration_since(self.last_seen)) {
             _ if self.lost => Health::Lost,
-            Health::Lost => Health::Lost,
-            _ if self.draining => Health::Draining,
+            // Silence outranks leaving: a draining PNode that stopped answering is lost.
+            Health::Healthy | Health::Suspect if self.draining => Health::Draining,
             h => h,
         }
     }
