@@ -46,8 +46,12 @@ fn start_chromedriver() -> (Proc, String) {
     panic!("chromedriver did not start");
 }
 
+/// An attribute of the first element matching `css`, read in one script: the page re-renders on
+/// every push, so an element handle could go stale between two WebDriver calls.
 async fn attr(c: &Client, css: &str, name: &str) -> Option<String> {
-    c.find(Locator::Css(css)).await.ok()?.attr(name).await.ok()?
+    let script = "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;";
+    let v = c.execute(script, vec![css.into(), name.into()]).await.ok()?;
+    v.as_str().map(str::to_string)
 }
 
 async fn poll<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
