@@ -187,6 +187,9 @@ pub struct Policy {
     /// Agreeing replicas needed under `full` (k); n/2 < k <= n, default a strict majority.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quorum: Option<u32>,
+    /// Steps per verified segment (the unit a replica re-executes); 1..=100000, default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_steps: Option<u64>,
 }
 
 impl Policy {
@@ -205,6 +208,11 @@ impl Policy {
         self.quorum.unwrap_or(self.replicas() / 2 + 1)
     }
 
+    /// Steps per verified segment.
+    pub fn segment_steps(&self) -> u64 {
+        self.segment_steps.unwrap_or(100)
+    }
+
     /// Checks the verification settings against each other.
     fn check_verify(&self) -> Result<(), EnvelopeError> {
         let bad = |m: String| Err(EnvelopeError::Invalid(m));
@@ -218,6 +226,14 @@ impl Policy {
         }
         if (self.replicas.is_some() || self.quorum.is_some()) && self.verify != Verify::Full {
             return bad("policy.replicas and policy.quorum need verify = \"full\"".into());
+        }
+        if let Some(s) = self.segment_steps {
+            if self.verify == Verify::None {
+                return bad("policy.segment_steps needs verify = \"spotcheck\" or \"full\"".into());
+            }
+            if !(1..=100_000).contains(&s) {
+                return bad(format!("policy.segment_steps is {s}; it must be between 1 and 100000"));
+            }
         }
         let (n, k) = (self.replicas(), self.quorum());
         if !(2..=9).contains(&n) {
@@ -253,6 +269,7 @@ impl Default for Policy {
             spotcheck_fraction: None,
             replicas: None,
             quorum: None,
+            segment_steps: None,
         }
     }
 }

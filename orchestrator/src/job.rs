@@ -42,7 +42,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
+mod replication;
 mod validation;
+
+pub use replication::{ReplicaDone, ReplicaOf};
 
 /// Everything fixed about a job at submission.
 #[derive(Debug, Clone)]
@@ -77,6 +80,18 @@ pub struct JobSpec {
     pub resume: Option<ResumeFrom>,
     /// The mesh's event log (checkpoints are pushed here).
     pub events: EventLog,
+    /// A user's job, or a replica re-executing a segment of one.
+    pub role: Role,
+}
+
+/// What a job actor runs for.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// A submitted job: its results are the job's.
+    Primary,
+    /// Re-executes steps `resume.step..steps` of another job so they can be compared; it keeps
+    /// nothing, evaluates nothing, and answers its parent with what it computed.
+    Replica(ReplicaOf),
 }
 
 impl std::fmt::Debug for dyn ObjectStore {
@@ -151,6 +166,8 @@ enum Stage {
     Training,
     Checkpointing,
     Evaluating,
+    /// Training is over; waiting for the last segments' replicas before collecting.
+    Verifying,
     Collecting,
     Ended,
 }
@@ -241,6 +258,8 @@ pub struct JobActor {
     next_probe: Instant,
     /// What was checked and found, for `verification.json`.
     verification: crate::verify::Report,
+    /// Redundant execution of this job's segments (primary jobs with a verify policy).
+    replication: replication::Replication,
 }
 
 /// What one VNode did, for `executions.json`.
@@ -355,6 +374,7 @@ impl JobActor {
                 &spec.job_id,
                 &crate::verify::Settings::from_policy(&spec.envelope.policy),
             ),
+            replication: replication::Replication::new(&spec),
             spec,
         }
         .resumed()
@@ -375,6 +395,11 @@ impl JobActor {
 
     /// Whether an in-memory recovery snapshot is due (a drained point is then reached first).
     fn recovery_snapshot_due(&self) -> bool {
+        if let Some(n) = self.replication.segment_steps() {
+            // Verified jobs snapshot at segment boundaries: each segment is what a replica redoes.
+            let c = self.completed;
+            return c > self.recovery_step() && (c.is_multiple_of(n) || c >= self.spec.steps);
+        }
         let every = self.spec.recovery_every;
         !every.is_zero() && self.last_snapshot_at.elapsed() >= every && self.completed > self.recovery_step()
     }
@@ -404,32 +429,14 @@ impl JobActor {
     fn take_checkpoint(&mut self, ctx: &mut Context<Self>, persist: bool) {
         self.stage = Stage::Checkpointing;
         let step = self.completed;
-        let job = self.spec.job_id.clone();
-        let targets: Vec<(u32, String, String)> =
-            self.placement.iter().map(|(v, p)| (*v, p.endpoint.clone(), p.id.clone())).collect();
-        let fut = async move {
-            let mut states = Vec::with_capacity(targets.len());
-            for (vnode, endpoint, pnode) in targets {
-                let fail = |why: String| (pnode.clone(), why);
-                let mut c = pnode_client(&endpoint).map_err(|e| fail(format!("{endpoint}: {e}")))?;
-                let mut req = tonic::Request::new(v1::SnapshotRequest { job_id: job.clone(), vnode });
-                req.set_timeout(SNAPSHOT_TIMEOUT);
-                let r = c
-                    .snapshot(req)
-                    .await
-                    .map_err(|s| fail(format!("snapshot of vnode {vnode} on {endpoint}: {}", s.message())))?;
-                states.push((vnode, r.into_inner().state));
-            }
-            Ok::<_, (String, String)>(states)
-        };
+        let fut = self.fetch_states();
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(states) => {
                 act.last_snapshot_at = Instant::now();
-                act.recovery = Some(ResumeFrom {
-                    step,
-                    epochs_evaluated: act.epochs_evaluated,
-                    states: states.iter().cloned().collect(),
-                });
+                let snapshot =
+                    ResumeFrom { step, epochs_evaluated: act.epochs_evaluated, states: states.iter().cloned().collect() };
+                let previous = act.recovery.replace(snapshot);
+                act.close_segment(ctx, previous);
                 if !persist {
                     return act.after_snapshot(ctx);
                 }
@@ -462,6 +469,28 @@ impl JobActor {
             }
             Err((pnode, why)) => act.recover(ctx, format!("snapshot failed: {why}"), vec![pnode]),
         }));
+    }
+
+    /// Fetches the state of every (drained) VNode; on failure, names the PNode that failed.
+    fn fetch_states(&self) -> impl std::future::Future<Output = Result<Vec<(u32, Vec<u8>)>, (String, String)>> + use<> {
+        let job = self.spec.job_id.clone();
+        let targets: Vec<(u32, String, String)> =
+            self.placement.iter().map(|(v, p)| (*v, p.endpoint.clone(), p.id.clone())).collect();
+        async move {
+            let mut states = Vec::with_capacity(targets.len());
+            for (vnode, endpoint, pnode) in targets {
+                let fail = |why: String| (pnode.clone(), why);
+                let mut c = pnode_client(&endpoint).map_err(|e| fail(format!("{endpoint}: {e}")))?;
+                let mut req = tonic::Request::new(v1::SnapshotRequest { job_id: job.clone(), vnode });
+                req.set_timeout(SNAPSHOT_TIMEOUT);
+                let r = c
+                    .snapshot(req)
+                    .await
+                    .map_err(|s| fail(format!("snapshot of vnode {vnode} on {endpoint}: {}", s.message())))?;
+                states.push((vnode, r.into_inner().state));
+            }
+            Ok(states)
+        }
     }
 
     fn after_snapshot(&mut self, ctx: &mut Context<Self>) {
@@ -516,6 +545,7 @@ impl JobActor {
             );
         }
         // Everything past the snapshot is forgotten and computed again, identically.
+        self.replication.forget_after(resumed_step);
         self.completed = resumed_step;
         self.fed = resumed_step;
         self.epochs_evaluated = to.as_ref().map(|r| r.epochs_evaluated).unwrap_or(self.epochs_evaluated_at_start());
@@ -543,6 +573,7 @@ impl JobActor {
             exclude: self.excluded.clone(),
             deadline: self.started + self.spec.timeout,
             min_pnodes: 1,
+            share: self.replication.share(),
         };
         let registry = self.registry.clone();
         self.push_status();
@@ -591,6 +622,10 @@ impl JobActor {
             return;
         }
         tracing::error!(job = %self.spec.job_id, code, error = %why, "job failed");
+        if let Role::Replica(of) = &self.spec.role {
+            let result = Err(format!("{code}: {why}"));
+            of.parent.do_send(ReplicaDone { segment: of.segment, label: of.label.clone(), result });
+        }
         self.error = Some(why);
         self.error_code = Some(code);
         self.finish(ctx, None);
@@ -643,7 +678,12 @@ impl JobActor {
             e.pnode = p.id.clone();
             e.endpoint = p.endpoint.clone();
             e.determinism_class = p.caps.determinism_class.clone();
-            e.placements.push((self.completed, p.id.clone()));
+            // A placement from a rolled-back step replaces the ones after it: the list says
+            // where each step that counts ran.
+            let from = self.completed;
+            e.placements.retain(|(first, _)| *first < from);
+            e.placements.push((from, p.id.clone()));
+            self.replication.standings.insert(p.id.clone(), p.standing);
         }
         self.placement = placement;
         self.stage = Stage::Training;
@@ -708,6 +748,20 @@ impl JobActor {
                             limit = limit.min(self.fed);
                         }
                     }
+                    let mut waiting_for_replicas = false;
+                    if let Some(n) = self.replication.segment_steps() {
+                        // Stop at each segment boundary until its snapshot is taken, and at a
+                        // taken one while too many segments await their replicas.
+                        let boundary = self.completed / n * n;
+                        let taken = self.recovery_step() >= boundary;
+                        limit = limit.min(if taken { boundary + n } else { boundary });
+                        if self.replication.backlogged() && self.completed == self.recovery_step() {
+                            limit = limit.min(self.completed);
+                            waiting_for_replicas = true;
+                            // Waiting on replicas is not a stall of this job's PNodes.
+                            self.last_activity = Instant::now();
+                        }
+                    }
                     // A leaving PNode or a due recovery snapshot needs a drained pipeline first.
                     let snapshot_wanted = self.leaving() || self.recovery_snapshot_due();
                     if snapshot_wanted {
@@ -733,9 +787,20 @@ impl JobActor {
                     if snapshot_wanted {
                         return self.take_checkpoint(ctx, false);
                     }
+                    if matches!(self.spec.role, Role::Replica(_)) && self.completed >= self.spec.steps {
+                        return self.answer_parent(ctx);
+                    }
+                    if waiting_for_replicas {
+                        return;
+                    }
                     let epoch_end = self.completed.is_multiple_of(spe) || self.completed >= self.spec.steps;
                     if !epoch_end {
                         // A drained point for a snapshot only; training goes on.
+                        continue;
+                    }
+                    if matches!(self.spec.role, Role::Replica(_)) {
+                        // A replica evaluates nothing: the job's own evaluation is the record.
+                        self.epochs_evaluated += 1;
                         continue;
                     }
                     if let Some(m) = self.train_mark.take() {
@@ -792,9 +857,7 @@ impl JobActor {
                         loss
                     ));
                     if self.completed >= self.spec.steps {
-                        self.stage = Stage::Collecting;
-                        self.collect(ctx);
-                        return;
+                        return self.training_done(ctx);
                     }
                     self.stage = Stage::Training;
                     self.train_mark = Some(Instant::now());
@@ -805,6 +868,11 @@ impl JobActor {
     }
 
     fn collect(&mut self, ctx: &mut Context<Self>) {
+        match self.verified_params() {
+            Some(Ok(params)) => return self.accept_params(ctx, params),
+            Some(Err(e)) => return self.fail(ctx, "collect", format!("the verified snapshot is unreadable: {e}")),
+            None => {}
+        }
         let job = self.spec.job_id.clone();
         let targets: Vec<(u32, String, String)> =
             self.placement.iter().map(|(v, p)| (*v, p.endpoint.clone(), p.id.clone())).collect();
@@ -988,7 +1056,7 @@ impl JobActor {
             );
             return self.fail(ctx, "timeout", why);
         }
-        if matches!(self.stage, Stage::Placing | Stage::Recovering) {
+        if matches!(self.stage, Stage::Placing | Stage::Recovering | Stage::Verifying) {
             return;
         }
         if self.last_activity.elapsed() > self.idle_limit() && !self.probing && Instant::now() >= self.next_probe {
@@ -1161,6 +1229,8 @@ struct PlacementRequest {
     exclude: BTreeSet<String>,
     deadline: Instant,
     min_pnodes: usize,
+    /// How many of the suitable PNodes this execution may take.
+    share: replication::Share,
 }
 
 /// Stops a job's VNodes on the given PNodes, best effort and briefly: a PNode that does not
@@ -1230,6 +1300,13 @@ async fn place_and_allocate(
         let snap =
             registry.send(Snapshot).await.map_err(|e| PlaceError::Capacity(format!("registry unavailable: {e}")))?;
         let target = spec.envelope.policy.target;
+        let suitable_now = |p: &PNodeView| {
+            p.health == Health::Healthy
+                && (target != Target::Gpu || !p.caps.gpu.is_empty())
+                && p.standing != crate::trust::Standing::Quarantined
+        };
+        // Replicas of this job's segments need PNodes of their own: the share counts them all.
+        let snap_suitable = snap.iter().filter(|p| suitable_now(p)).count();
         let healthy: Vec<PNodeView> = snap
             .into_iter()
             .filter(|p| {
@@ -1253,7 +1330,8 @@ async fn place_and_allocate(
                 req.min_pnodes.max(1)
             )
         } else {
-            match placement::place(&demands(&spec), &offers, spec.max_pnodes) {
+            let suitable = snap_suitable;
+            match placement::place(&demands(&spec), &offers, spec.max_pnodes.min(req.share.of(suitable))) {
                 Ok(a) => break (healthy, a),
                 Err(e) => e.to_string(),
             }
@@ -1307,11 +1385,17 @@ impl Actor for JobActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.push_status();
         ctx.run_interval(Duration::from_millis(100), |act, ctx| act.tick(ctx));
+        let exclude = match &self.spec.role {
+            Role::Primary => BTreeSet::new(),
+            Role::Replica(of) => of.exclude.clone(),
+        };
+        self.excluded = exclude.clone();
         let request = PlacementRequest {
             generation: self.generation,
-            exclude: BTreeSet::new(),
+            exclude,
             deadline: Instant::now() + self.spec.placement_timeout,
             min_pnodes: self.spec.min_pnodes,
+            share: self.replication.share(),
         };
         let fut = place_and_allocate(self.spec.clone(), self.registry.clone(), request);
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| act.on_placed(res, ctx)));

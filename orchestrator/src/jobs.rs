@@ -4,7 +4,7 @@
 use crate::artifacts::ObjectStore;
 use crate::checkpoints::{self, ResumeFrom};
 use crate::data::DataCache;
-use crate::job::{JobActor, JobSpec, Report};
+use crate::job::{JobActor, JobSpec, Report, Role};
 use crate::registry::Registry;
 use crate::status::{JobEvent, JobState, JobStatus};
 use crate::telemetry::Telemetry;
@@ -63,6 +63,8 @@ pub struct Jobs {
     next: u64,
     jobs: BTreeMap<String, Entry>,
     locations: HashMap<(String, u32), String>,
+    /// Replica jobs (re-executions of a job's segments), which are routed but not listed.
+    replicas: HashMap<String, Addr<JobActor>>,
     telemetry: Telemetry,
 }
 
@@ -84,6 +86,7 @@ impl Jobs {
             next: 1,
             jobs: BTreeMap::new(),
             locations: HashMap::new(),
+            replicas: HashMap::new(),
             telemetry: Telemetry::default(),
         }
     }
@@ -177,6 +180,7 @@ impl Jobs {
             store: self.store.clone(),
             resume,
             events: self.telemetry.events().clone(),
+            role: Role::Primary,
         };
         let (events, _) = broadcast::channel(1024);
         self.telemetry.follow(&job_id, &spec.graph, steps, events.subscribe());
@@ -295,6 +299,13 @@ impl Handler<StatusUpdate> for Jobs {
     type Result = ();
 
     fn handle(&mut self, msg: StatusUpdate, _: &mut Context<Self>) {
+        if self.replicas.contains_key(&msg.0.job_id) {
+            if msg.0.state.is_final() {
+                self.replicas.remove(&msg.0.job_id);
+                self.locations.retain(|k, _| k.0 != msg.0.job_id);
+            }
+            return;
+        }
         if let Some(e) = self.jobs.get_mut(&msg.0.job_id) {
             if msg.0.state.is_final() {
                 e.actor = None;
@@ -322,7 +333,9 @@ impl Handler<Placed> for Jobs {
     fn handle(&mut self, msg: Placed, _: &mut Context<Self>) {
         // A new placement replaces the old one whole.
         self.locations.retain(|k, _| k.0 != msg.job_id);
-        self.telemetry.placed(&msg.job_id, &msg.locations);
+        if !self.replicas.contains_key(&msg.job_id) {
+            self.telemetry.placed(&msg.job_id, &msg.locations);
+        }
         for (v, e) in msg.locations {
             self.locations.insert((msg.job_id.clone(), v), e);
         }
@@ -346,10 +359,24 @@ impl Handler<Report> for Jobs {
     type Result = ();
 
     fn handle(&mut self, msg: Report, _: &mut Context<Self>) {
-        match self.jobs.get(&msg.job_id).and_then(|e| e.actor.as_ref()) {
+        let replica = self.replicas.get(&msg.job_id);
+        match self.jobs.get(&msg.job_id).and_then(|e| e.actor.as_ref()).or(replica) {
             Some(a) => a.do_send(msg),
             None => tracing::debug!(job = %msg.job_id, "report for a job that is not running"),
         }
+    }
+}
+
+/// A replica job started by a job: its reports and VNode locations are routed like a job's.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RouteReplica(pub String, pub Addr<JobActor>);
+
+impl Handler<RouteReplica> for Jobs {
+    type Result = ();
+
+    fn handle(&mut self, msg: RouteReplica, _: &mut Context<Self>) {
+        self.replicas.insert(msg.0, msg.1);
     }
 }
 
@@ -362,7 +389,7 @@ impl Handler<Evacuate> for Jobs {
     type Result = ();
 
     fn handle(&mut self, msg: Evacuate, _: &mut Context<Self>) {
-        for a in self.jobs.values().filter_map(|e| e.actor.as_ref()) {
+        for a in self.jobs.values().filter_map(|e| e.actor.as_ref()).chain(self.replicas.values()) {
             a.do_send(Evacuate(msg.0.clone()));
         }
     }

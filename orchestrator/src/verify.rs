@@ -182,6 +182,160 @@ pub fn evaluate(rule: &QuorumRule, votes: &[(String, [u8; 32])]) -> Quorum {
     Quorum::Unresolved { results: tally.into_iter().collect() }
 }
 
+/// The VNode key under which whole segments are drawn for spot checks (no VNode has it).
+pub const SEGMENT_KEY: u32 = u32::MAX;
+
+impl Settings {
+    /// Replicas to start for the segment beginning at `start` whose executions ran on PNodes of
+    /// the given standings: 0 leaves it unchecked. Strangers under `full` get `n - 1` (so `n`
+    /// executions with the job's own); everything else is drawn at its check rate.
+    pub fn segment_replicas(&self, standings: &[Standing], sampler: &Spotcheck, start: u64) -> usize {
+        let worst = if standings.iter().all(|s| matches!(s, Standing::Reliable | Standing::Trusted)) {
+            Standing::Reliable
+        } else {
+            Standing::New
+        };
+        let n = self.replicas(worst);
+        if n > 1 {
+            return n - 1;
+        }
+        usize::from(sampler.selected(SEGMENT_KEY, start, self.check_rate(worst)))
+    }
+
+    /// The quorum a segment checked with `replicas` replicas (plus the job's own execution) needs:
+    /// the policy's under `full` replication, both executions agreeing for a spot check.
+    pub fn segment_quorum(&self, replicas: usize) -> QuorumRule {
+        if replicas + 1 == self.quorum.n && self.mode == Verify::Full {
+            self.quorum
+        } else {
+            QuorumRule::majority(replicas + 1)
+        }
+    }
+}
+
+/// What one execution of a segment produced, for comparison with other executions of it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecutionDigest {
+    /// Which execution: "job" for the job's own, "replica N" for the others.
+    pub label: String,
+    /// First step of the segment.
+    pub start: u64,
+    /// Per VNode: the output hash (hex) it reported for each step of the segment, in order.
+    pub outputs: BTreeMap<u32, Vec<String>>,
+    /// Per VNode: SHA-256 of its state bytes at the segment's end.
+    pub states: BTreeMap<u32, [u8; 32]>,
+    /// Per VNode: (first step, PNode) of each placement it had, so a step names who ran it.
+    pub ran_on: BTreeMap<u32, Vec<(u64, String)>>,
+}
+
+impl ExecutionDigest {
+    /// One hash over everything compared: equal fingerprints are equal executions.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"dcnr-execution-v1\0");
+        h.update(self.start.to_le_bytes());
+        for (v, hashes) in &self.outputs {
+            h.update(v.to_le_bytes());
+            h.update((hashes.len() as u64).to_le_bytes());
+            for x in hashes {
+                h.update(x.as_bytes());
+            }
+        }
+        for (v, s) in &self.states {
+            h.update(v.to_le_bytes());
+            h.update(s);
+        }
+        h.finalize().into()
+    }
+
+    /// The PNode that ran `vnode` at `step`.
+    pub fn pnode_at(&self, vnode: u32, step: u64) -> Option<&str> {
+        self.ran_on.get(&vnode)?.iter().rev().find(|(first, _)| *first <= step).map(|(_, p)| p.as_str())
+    }
+
+    /// Every PNode that ran part of the segment (`ran_on` holds only the segment's placements).
+    pub fn pnodes(&self) -> std::collections::BTreeSet<String> {
+        self.ran_on.values().flatten().map(|(_, p)| p.clone()).collect()
+    }
+}
+
+/// The placements of `all` (first step, PNode) that ran some step of `start..end`.
+pub fn placements_within(all: &[(u64, String)], start: u64, end: u64) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = Vec::new();
+    for (first, p) in all {
+        if *first >= end {
+            break;
+        }
+        if *first <= start {
+            out.clear();
+        }
+        out.push((*first, p.clone()));
+    }
+    out
+}
+
+/// Where an execution first departs from an accepted one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    /// The VNode.
+    pub vnode: u32,
+    /// The step whose output differs; the segment's last step when only the end states do.
+    pub step: u64,
+    /// Whether only the end state differs (every output agreed).
+    pub state_only: bool,
+    /// The accepted hash (hex).
+    pub expected: String,
+    /// The other execution's hash (hex; "missing" when it reported none).
+    pub got: String,
+}
+
+/// The first difference of `other` from `accepted`, in causal order: step by step, each step's
+/// VNodes in topological order (a VNode's output is computed before anything downstream sees
+/// it), then the end states. That VNode's PNode in `other` is the one to blame: everything it
+/// consumed agreed with the accepted execution.
+pub fn first_divergence(accepted: &ExecutionDigest, other: &ExecutionDigest, topo: &[u32]) -> Option<Divergence> {
+    let steps = accepted.outputs.values().map(Vec::len).max().unwrap_or(0);
+    for i in 0..steps {
+        for v in topo {
+            let want = accepted.outputs.get(v).and_then(|h| h.get(i));
+            let got = other.outputs.get(v).and_then(|h| h.get(i));
+            if want != got {
+                return Some(Divergence {
+                    vnode: *v,
+                    step: accepted.start + i as u64,
+                    state_only: false,
+                    expected: want.cloned().unwrap_or_else(|| "missing".into()),
+                    got: got.cloned().unwrap_or_else(|| "missing".into()),
+                });
+            }
+        }
+    }
+    let last = accepted.start + steps.saturating_sub(1) as u64;
+    topo.iter().find_map(|v| {
+        let (want, got) = (accepted.states.get(v), other.states.get(v));
+        (want != got).then(|| Divergence {
+            vnode: *v,
+            step: last,
+            state_only: true,
+            expected: want.map(hex::encode).unwrap_or_else(|| "missing".into()),
+            got: got.map(hex::encode).unwrap_or_else(|| "missing".into()),
+        })
+    })
+}
+
+/// How one segment's check ended, for the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentVerdict {
+    /// First step.
+    pub start: u64,
+    /// One past the last step.
+    pub end: u64,
+    /// Each execution: label, the PNodes it ran on, and its fingerprint (hex).
+    pub executions: Vec<(String, Vec<String>, String)>,
+    /// accepted | job_rejected | unresolved | not_run.
+    pub verdict: String,
+}
+
 /// One result that disagreed with the accepted one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Mismatch {
@@ -243,6 +397,14 @@ pub struct Report {
     pub mismatches: Vec<Mismatch>,
     /// Identities quarantined while the job ran.
     pub quarantines: Vec<QuarantineEvent>,
+    /// Segments re-executed and compared.
+    pub segments_checked: u64,
+    /// Segments accepted without re-execution (not drawn by the spot check).
+    pub segments_unchecked: u64,
+    /// Extra replicas started to settle a disagreement.
+    pub arbiters: u64,
+    /// Every checked segment.
+    pub segments: Vec<SegmentVerdict>,
 }
 
 impl Report {

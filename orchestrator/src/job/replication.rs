@@ -1,0 +1,508 @@
+//! Redundant execution. A job with a verify policy is cut into segments between snapshots
+//! (every `policy.segment_steps` steps). A segment drawn for checking (every segment a stranger
+//! ran under `full`, a seeded fraction otherwise) is executed again by replica jobs on PNodes the
+//! job did not use for it, from the same starting state, and the executions are compared by
+//! hash: every VNode's output at every step and every VNode's end state. Honest executions agree
+//! bit for bit (docs/DETERMINISM.md).
+//!
+//! The job does not wait for its replicas: it trains on, and when its own execution loses the
+//! vote it rolls back to the segment's start (state built only from accepted or unchecked
+//! segments) and goes on without the PNode to blame. A dissenting execution names one culprit:
+//! the PNode of the first VNode, in causal order, whose output departs from the accepted
+//! execution (everything it consumed agreed). Two executions that disagree with no quorum get an
+//! arbiter: another replica placed away from both suspects.
+
+use super::{JobActor, JobSpec, Role, Stage};
+use crate::checkpoints::ResumeFrom;
+use crate::events::{NewEvent, Severity};
+use crate::jobs::RouteReplica;
+use crate::registry::RecordOutcome;
+use crate::trust::{Outcome, Standing, Transition};
+use crate::verify::{
+    self, ExecutionDigest, Mismatch, QuarantineEvent, Quorum, QuorumRule, SegmentVerdict, Settings, Spotcheck,
+};
+use actix::prelude::*;
+use dcnr_model::envelope::Verify;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// Segments awaiting their replicas before the job stops at the next boundary.
+const MAX_PENDING: usize = 4;
+
+/// How long a replica waits for PNodes it may use before its segment goes unchecked.
+const REPLICA_PLACEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who a replica job answers, and what it must stay away from.
+#[derive(Clone)]
+pub struct ReplicaOf {
+    /// The job whose segment it re-executes.
+    pub parent: Recipient<ReplicaDone>,
+    /// Which segment.
+    pub segment: u64,
+    /// "replica N".
+    pub label: String,
+    /// PNodes it must not run on.
+    pub exclude: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for ReplicaOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaOf").field("segment", &self.segment).field("label", &self.label).finish()
+    }
+}
+
+/// A replica's answer: what it computed, or why it could not.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ReplicaDone {
+    /// The segment.
+    pub segment: u64,
+    /// The replica's label.
+    pub label: String,
+    /// Its execution, or why there is none.
+    pub result: Result<ExecutionDigest, String>,
+}
+
+/// How many of the suitable PNodes one execution may take, so that replicas find PNodes the
+/// job's own execution does not use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// All of them.
+    All,
+    /// One in `n` (n executions side by side), at least one.
+    OneIn(usize),
+    /// All but one, when there are two or more.
+    AllButOne,
+}
+
+impl Share {
+    /// PNodes one execution may take of `suitable`.
+    pub fn of(self, suitable: usize) -> usize {
+        match self {
+            Share::All => suitable.max(1),
+            Share::OneIn(n) => (suitable / n.max(1)).max(1),
+            Share::AllButOne => suitable.saturating_sub(1).max(1),
+        }
+    }
+}
+
+/// One segment being checked.
+struct Segment {
+    /// State at its start (`None`: the job's initial state).
+    start: Option<ResumeFrom>,
+    start_step: u64,
+    end: u64,
+    rule: QuorumRule,
+    /// The job's execution first, then each replica's, in the order they answered.
+    digests: Vec<ExecutionDigest>,
+    /// Replicas started so far.
+    started: usize,
+    /// PNodes at the point where executions first disagree; arbiters avoid them.
+    suspects: BTreeSet<String>,
+}
+
+/// A job's redundant-execution bookkeeping.
+pub(super) struct Replication {
+    settings: Settings,
+    sampler: Spotcheck,
+    segment_steps: Option<u64>,
+    /// Standing of every PNode the job has been placed on, as of its placement.
+    pub(super) standings: BTreeMap<String, Standing>,
+    segments: BTreeMap<u64, Segment>,
+    next_id: u64,
+}
+
+impl Replication {
+    /// Bookkeeping for `spec` (replicas and unverified jobs keep none).
+    pub(super) fn new(spec: &JobSpec) -> Replication {
+        let policy = &spec.envelope.policy;
+        let settings = Settings::from_policy(policy);
+        let verified = matches!(spec.role, Role::Primary) && settings.mode != Verify::None;
+        Replication {
+            settings,
+            sampler: Spotcheck::new(spec.root_seed),
+            segment_steps: verified.then(|| policy.segment_steps()),
+            standings: BTreeMap::new(),
+            segments: BTreeMap::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Steps per segment, for a job whose segments are checked.
+    pub(super) fn segment_steps(&self) -> Option<u64> {
+        self.segment_steps
+    }
+
+    /// How many PNodes the job's own execution may take.
+    pub(super) fn share(&self) -> Share {
+        match (self.segment_steps, self.settings.mode) {
+            (None, _) | (_, Verify::None) => Share::All,
+            (Some(_), Verify::Spotcheck) => Share::AllButOne,
+            (Some(_), Verify::Full) => Share::OneIn(self.settings.quorum.n),
+        }
+    }
+
+    /// Whether enough segments await replicas that the job should wait for them.
+    pub(super) fn backlogged(&self) -> bool {
+        self.segments.len() >= MAX_PENDING
+    }
+
+    /// Whether some segment still awaits its replicas.
+    pub(super) fn pending(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Drops the segments a rollback to `step` discards (they will be executed again).
+    pub(super) fn forget_after(&mut self, step: u64) {
+        self.segments.retain(|_, s| s.end <= step);
+    }
+}
+
+impl JobActor {
+    /// What this execution computed in steps `start..end`, ending in `states`.
+    fn digest(&self, label: &str, start: u64, end: u64, states: &BTreeMap<u32, Vec<u8>>) -> ExecutionDigest {
+        let (a, b) = ((start - self.first_step) as usize, (end - self.first_step) as usize);
+        ExecutionDigest {
+            label: label.to_string(),
+            start,
+            outputs: self
+                .executions
+                .iter()
+                .map(|(v, e)| (*v, e.output_sha256.get(a..b).map(<[String]>::to_vec).unwrap_or_default()))
+                .collect(),
+            states: states.iter().map(|(v, bytes)| (*v, Sha256::digest(bytes).into())).collect(),
+            ran_on: self
+                .executions
+                .iter()
+                .map(|(v, e)| (*v, verify::placements_within(&e.placements, start, end)))
+                .collect(),
+        }
+    }
+
+    /// A snapshot was taken: the steps since `previous` form a segment, checked if drawn.
+    pub(super) fn close_segment(&mut self, ctx: &mut Context<Self>, previous: Option<ResumeFrom>) {
+        if self.replication.segment_steps.is_none() {
+            return;
+        }
+        let Some(end) = self.recovery.as_ref() else { return };
+        let start_step = previous.as_ref().map_or(self.first_step, |p| p.step);
+        if end.step <= start_step {
+            return;
+        }
+        let job = self.digest("job", start_step, end.step, &end.states);
+        let standings: Vec<Standing> = job
+            .pnodes()
+            .iter()
+            .map(|p| self.replication.standings.get(p).copied().unwrap_or(Standing::New))
+            .collect();
+        let r = &mut self.replication;
+        let replicas = r.settings.segment_replicas(&standings, &r.sampler, start_step);
+        if replicas == 0 {
+            self.verification.segments_unchecked += 1;
+            return;
+        }
+        let id = r.next_id;
+        r.next_id += 1;
+        let rule = r.settings.segment_quorum(replicas);
+        let end_step = end.step;
+        r.segments.insert(
+            id,
+            Segment {
+                start: previous,
+                start_step,
+                end: end_step,
+                rule,
+                digests: vec![job],
+                started: 0,
+                suspects: BTreeSet::new(),
+            },
+        );
+        self.start_replica(ctx, id);
+    }
+
+    /// Starts the next replica of segment `id`: away from every PNode of the executions so far
+    /// while the first `n` run, away from the suspects when it arbitrates.
+    fn start_replica(&mut self, ctx: &mut Context<Self>, id: u64) {
+        let Some(seg) = self.replication.segments.get_mut(&id) else { return };
+        seg.started += 1;
+        let arbiter = seg.digests.len() >= seg.rule.n;
+        let exclude: BTreeSet<String> = if arbiter {
+            seg.suspects.clone()
+        } else {
+            seg.digests.iter().flat_map(|d| d.pnodes()).collect()
+        };
+        let label = format!("replica {}", seg.started);
+        let mut spec = self.spec.clone();
+        spec.job_id = format!("{}~{}-{}r{}", self.spec.job_id, seg.start_step, seg.end, seg.started);
+        spec.steps = seg.end;
+        spec.resume = seg.start.clone();
+        spec.store = None;
+        spec.recovery_every = Duration::ZERO;
+        spec.min_pnodes = 1;
+        spec.placement_timeout = REPLICA_PLACEMENT_TIMEOUT;
+        spec.timeout = (self.started + self.spec.timeout).saturating_duration_since(Instant::now());
+        spec.role = Role::Replica(super::ReplicaOf {
+            parent: ctx.address().recipient(),
+            segment: id,
+            label: label.clone(),
+            exclude: exclude.clone(),
+        });
+        if arbiter {
+            self.verification.arbiters += 1;
+        }
+        let text = format!(
+            "{} steps {}..{} on other pnodes{}",
+            if arbiter { "arbiter re-executes" } else { "replica re-executes" },
+            seg.start_step,
+            seg.end,
+            if exclude.is_empty() { String::new() } else { format!(" (not {})", join(&exclude)) }
+        );
+        self.log(text);
+        let (registry, jobs, data, id) = (self.registry.clone(), self.jobs.clone(), self.data.clone(), spec.job_id.clone());
+        // A replica's events stay with it; nobody watches them.
+        let (events, _) = tokio::sync::broadcast::channel(16);
+        let jobs_for_actor = jobs.clone();
+        let addr = JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            JobActor::new(spec, registry, jobs_for_actor, data, events)
+        });
+        jobs.do_send(RouteReplica(id, addr));
+    }
+
+    /// A replica answered.
+    pub(super) fn replica_done(&mut self, ctx: &mut Context<Self>, msg: ReplicaDone) {
+        let Some(seg) = self.replication.segments.get_mut(&msg.segment) else {
+            // Its segment was rolled back meanwhile.
+            return;
+        };
+        match msg.result {
+            Ok(d) => {
+                seg.digests.push(d);
+                self.judge(ctx, msg.segment);
+            }
+            Err(why) => {
+                let (a, b, arbitrating) = (seg.start_step, seg.end, seg.digests.len() >= seg.rule.n);
+                self.log(format!("{} of steps {a}..{b} did not finish: {why}", msg.label));
+                if arbitrating {
+                    // An arbiter failed: the dispute stands.
+                    return self.unresolved(ctx, msg.segment);
+                }
+                self.settle(msg.segment, "not_run");
+                self.collect_if_verified(ctx);
+            }
+        }
+    }
+
+    /// Counts the votes of segment `id` and acts on the verdict.
+    fn judge(&mut self, ctx: &mut Context<Self>, id: u64) {
+        let Some(seg) = self.replication.segments.get_mut(&id) else { return };
+        let votes: Vec<(String, [u8; 32])> = seg.digests.iter().map(|d| (d.label.clone(), d.fingerprint())).collect();
+        match verify::evaluate(&seg.rule, &votes) {
+            Quorum::Pending { .. } => self.start_replica(ctx, id),
+            Quorum::NeedArbiter { .. } => {
+                let topo = &self.spec.graph.topo;
+                let first = &seg.digests[0];
+                for other in &seg.digests[1..] {
+                    if let Some(d) = verify::first_divergence(first, other, topo) {
+                        seg.suspects.extend(first.pnode_at(d.vnode, d.step).map(str::to_string));
+                        seg.suspects.extend(other.pnode_at(d.vnode, d.step).map(str::to_string));
+                    }
+                }
+                self.start_replica(ctx, id);
+            }
+            Quorum::Accepted { hash, agree, dissent } => self.accepted(ctx, id, hash, &agree, &dissent),
+            Quorum::Unresolved { .. } => self.unresolved(ctx, id),
+        }
+    }
+
+    /// A quorum agreed: the dissenters' culprits are struck, the agreeing PNodes earn trust, and
+    /// the job rolls back if its own execution dissented.
+    fn accepted(&mut self, ctx: &mut Context<Self>, id: u64, hash: [u8; 32], agree: &[String], dissent: &[String]) {
+        let Some(seg) = self.replication.segments.get(&id) else { return };
+        let Some(accepted) = seg.digests.iter().find(|d| d.fingerprint() == hash).cloned() else { return };
+        let steps = seg.end - seg.start_step;
+        self.verification.executions_compared += steps * self.spec.graph.nodes.len() as u64 * seg.digests.len() as u64;
+        let mut culprits: Vec<(String, String)> = Vec::new();
+        for d in seg.digests.iter().filter(|d| dissent.contains(&d.label)) {
+            let Some(div) = verify::first_divergence(&accepted, d, &self.spec.graph.topo) else { continue };
+            let Some(pnode) = d.pnode_at(div.vnode, div.step) else { continue };
+            let what = if div.state_only { "end state" } else { "output" };
+            let reason = format!(
+                "{} disagreed with the quorum ({}) at vnode {} step {}: {what} {} instead of {}",
+                d.label,
+                agree.join(", "),
+                div.vnode,
+                div.step,
+                short(&div.got),
+                short(&div.expected)
+            );
+            self.verification.mismatches.push(Mismatch {
+                vnode: div.vnode,
+                step: div.step,
+                pnode: pnode.to_string(),
+                expected_sha256: div.expected.clone(),
+                got_sha256: div.got.clone(),
+            });
+            culprits.push((pnode.to_string(), reason));
+        }
+        let honest: BTreeSet<String> = seg
+            .digests
+            .iter()
+            .filter(|d| agree.contains(&d.label))
+            .flat_map(|d| d.pnodes())
+            .filter(|p| !culprits.iter().any(|c| &c.0 == p))
+            .collect();
+        for p in honest {
+            self.registry.do_send(RecordOutcome { pnode: p, outcome: Outcome::Valid });
+        }
+        let job_lost = dissent.iter().any(|l| l == "job");
+        let start = seg.start.clone();
+        self.settle(id, if job_lost { "job_rejected" } else { "accepted" });
+        for (pnode, reason) in culprits.iter().cloned() {
+            self.spec.events.push(
+                NewEvent::new("verification_mismatch", format!("{}: {reason}", self.spec.job_id))
+                    .severity(Severity::Warning)
+                    .job(&self.spec.job_id)
+                    .pnode(&pnode),
+            );
+            self.strike(ctx, pnode, reason);
+        }
+        if job_lost {
+            let bad: Vec<String> = culprits.into_iter().map(|c| c.0).collect();
+            self.recovery = start;
+            let why = format!("verification: this job's execution lost the vote; culprit(s) {}", bad.join(", "));
+            // Queued behind the strikes, so the quarantine is in the record before anything moves.
+            ctx.wait(actix::fut::ready(()).map(move |_, act: &mut JobActor, ctx| act.recover(ctx, why, bad)));
+        } else {
+            self.collect_if_verified(ctx);
+        }
+    }
+
+    /// Every allowed replica answered and none reached a quorum, or an arbiter could not run:
+    /// nobody is struck, and the job redoes the segment away from its suspects.
+    fn unresolved(&mut self, ctx: &mut Context<Self>, id: u64) {
+        let Some(seg) = self.replication.segments.get(&id) else { return };
+        let job = &seg.digests[0];
+        let bad: Vec<String> = seg.suspects.iter().filter(|p| job.pnodes().contains(*p)).cloned().collect();
+        let start = seg.start.clone();
+        let (a, b) = (seg.start_step, seg.end);
+        self.settle(id, "unresolved");
+        self.recovery = start;
+        self.recover(ctx, format!("verification of steps {a}..{b} reached no quorum; redoing them"), bad);
+    }
+
+    /// Records segment `id`'s verdict and forgets it.
+    fn settle(&mut self, id: u64, verdict: &str) {
+        let Some(seg) = self.replication.segments.remove(&id) else { return };
+        if verdict == "not_run" {
+            self.verification.segments_unchecked += 1;
+        } else {
+            self.verification.segments_checked += 1;
+        }
+        self.verification.segments.push(SegmentVerdict {
+            start: seg.start_step,
+            end: seg.end,
+            executions: seg
+                .digests
+                .iter()
+                .map(|d| (d.label.clone(), d.pnodes().into_iter().collect(), hex::encode(d.fingerprint())))
+                .collect(),
+            verdict: verdict.to_string(),
+        });
+        if verdict != "job_rejected" && verdict != "unresolved" {
+            self.log(format!("steps {}..{}: {verdict} ({} executions)", seg.start_step, seg.end, seg.digests.len()));
+        }
+    }
+
+    /// Collects a job that finished training once its last segment has been judged.
+    fn collect_if_verified(&mut self, ctx: &mut Context<Self>) {
+        if self.stage == Stage::Verifying && self.replication.pending() == 0 {
+            self.stage = Stage::Collecting;
+            self.collect(ctx);
+        }
+    }
+
+    /// One invalid result for `pnode`: recorded (it may be quarantined) while other reports wait.
+    pub(super) fn strike(&mut self, ctx: &mut Context<Self>, pnode: String, reason: String) {
+        let at_step = self.completed;
+        let msg = RecordOutcome { pnode: pnode.clone(), outcome: Outcome::Invalid(reason) };
+        ctx.wait(self.registry.send(msg).into_actor(self).map(move |t, act, _| {
+            if let Ok(Transition::Quarantined(why)) = t {
+                act.log(format!("pnode {pnode} quarantined: {why}"));
+                act.verification.quarantines.push(QuarantineEvent { pnode, at_step, reason: why });
+            }
+        }));
+    }
+
+    /// Training is over: collect, once every segment has been judged.
+    pub(super) fn training_done(&mut self, ctx: &mut Context<Self>) {
+        let pending = self.replication.pending();
+        if pending > 0 {
+            self.stage = Stage::Verifying;
+            self.log(format!("training done; waiting for the replicas of {pending} segment(s)"));
+            self.push_status();
+            return;
+        }
+        self.stage = Stage::Collecting;
+        self.collect(ctx);
+    }
+
+    /// A replica reached its last step: it sends its parent what it computed, then ends.
+    pub(super) fn answer_parent(&mut self, ctx: &mut Context<Self>) {
+        let Role::Replica(of) = self.spec.role.clone() else { return };
+        self.stage = Stage::Collecting;
+        let fut = self.fetch_states();
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(states) => {
+                let states: BTreeMap<u32, Vec<u8>> = states.into_iter().collect();
+                let digest = act.digest(&of.label, act.first_step, act.completed, &states);
+                of.parent.do_send(ReplicaDone { segment: of.segment, label: of.label.clone(), result: Ok(digest) });
+                act.finish(ctx, None);
+            }
+            Err((pnode, why)) => act.recover(ctx, format!("snapshot failed: {why}"), vec![pnode]),
+        }));
+    }
+
+    /// The final parameters of a verified job: from its last snapshot, whose every segment was
+    /// accepted, rather than asked again of PNodes that could answer anything.
+    pub(super) fn verified_params(&self) -> Option<Result<Vec<Vec<Vec<f32>>>, String>> {
+        self.replication.segment_steps?;
+        let last = self.recovery.as_ref().filter(|r| r.step == self.completed)?;
+        Some(last.states.iter().map(|(v, bytes)| params_of_state(bytes).map_err(|e| format!("vnode {v}: {e}"))).collect())
+    }
+}
+
+impl Handler<ReplicaDone> for JobActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplicaDone, ctx: &mut Context<Self>) {
+        if self.stage != Stage::Ended {
+            self.replica_done(ctx, msg);
+        }
+    }
+}
+
+/// The parameters in a VNode's state bytes: each parameter at its newest version.
+fn params_of_state(bytes: &[u8]) -> Result<Vec<Vec<f32>>, dcnr_vnode::checkpoint::StateError> {
+    use dcnr_vnode::checkpoint::{Role as TensorRole, decode};
+    let (header, data) = decode(bytes)?;
+    let mut newest: BTreeMap<usize, (u64, Vec<f32>)> = BTreeMap::new();
+    for (entry, values) in header.tensors.iter().zip(data) {
+        if entry.role != TensorRole::Param {
+            continue;
+        }
+        let version = entry.version.unwrap_or(0);
+        if newest.get(&entry.index).is_none_or(|(v, _)| *v <= version) {
+            newest.insert(entry.index, (version, values));
+        }
+    }
+    Ok(newest.into_values().map(|(_, v)| v).collect())
+}
+
+fn join(set: &BTreeSet<String>) -> String {
+    set.iter().cloned().collect::<Vec<_>>().join(", ")
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}

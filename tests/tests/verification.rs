@@ -1,0 +1,145 @@
+//! Redundant execution with real processes: a cheating PNode among honest ones is outvoted,
+//! named, quarantined, and leaves no trace in the trained model; honest meshes see no false
+//! positives; every job leaves a verification report.
+
+use dcnr_tests::{Mesh, fixture, run, run_bin};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(120);
+
+/// What one verified run left behind.
+struct Outcome {
+    summary: serde_json::Value,
+    verification: serde_json::Value,
+    pnodes: Vec<serde_json::Value>,
+    reference: serde_json::Value,
+    cheat_id: Option<String>,
+}
+
+/// Runs `steps` of the tiny MLP on `honest` honest PNodes plus one with `fault` (if any), under
+/// the `[policy]` lines given.
+fn run_job(honest: usize, fault: Option<&str>, steps: u64, policy: &str) -> Outcome {
+    let mut mesh = Mesh::start_with(0, &[], &[]).unwrap();
+    for i in 0..honest {
+        mesh.add_pnode_with(&["--name", &format!("honest-{i}")]).unwrap();
+    }
+    if let Some(f) = fault {
+        mesh.add_pnode_with(&["--name", "cheat", "--fault", f]).unwrap();
+    }
+    let total = honest + usize::from(fault.is_some());
+    mesh.wait_for_pnodes(total).unwrap();
+    let pnodes = |mesh: &Mesh| -> Vec<serde_json::Value> {
+        let out = run(&["pnodes", "--json", "--orchestrator", &mesh.url], T).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().cloned().unwrap_or_default()
+    };
+    let cheat_id = fault.map(|_| {
+        let all = pnodes(&mesh);
+        let p = all.iter().find(|p| p["name"] == "cheat").unwrap();
+        p["pnode_id"].as_str().unwrap().to_string()
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join("job.toml");
+    let model = fixture("tiny-mlp.toml");
+    std::fs::write(
+        &env,
+        format!(
+            "[op]\nmodel = {:?}\nsteps = {steps}\n[policy]\nmin_pnodes = {total}\n{policy}\n",
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = mesh.submit_raw(&env, &[]).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary = dcnr_tests::last_json(&out.stdout).unwrap();
+    let reference = run_bin("orchestrator", &["train-local", env.to_str().unwrap(), "--json"], T).unwrap();
+    let reference = dcnr_tests::last_json(&reference.stdout).unwrap();
+
+    let job = summary["job_id"].as_str().unwrap();
+    let store = mesh.artifacts.path();
+    let object = |hash: &str| std::fs::read(store.join("objects").join(&hash[..2]).join(hash)).unwrap();
+    let rec_hash = std::fs::read_to_string(store.join("refs/jobs").join(job)).unwrap();
+    let rec: serde_json::Value = serde_json::from_slice(&object(rec_hash.trim())).unwrap();
+    let ver_hash = rec["artifacts"]["verification.json"].as_str().unwrap_or_else(|| panic!("{rec}"));
+    let verification: serde_json::Value = serde_json::from_slice(&object(ver_hash)).unwrap();
+    Outcome { summary, verification, pnodes: pnodes(&mesh), reference, cheat_id }
+}
+
+fn standing<'a>(o: &'a Outcome, id: &str) -> &'a str {
+    o.pnodes.iter().find(|p| p["pnode_id"] == id).and_then(|p| p["standing"].as_str()).unwrap_or("?")
+}
+
+/// Policy `full` against one cheater: it is quarantined, the model is the fault-free one, and
+/// the report says when and why.
+fn full_catches(fault: &str) {
+    let o = run_job(3, Some(fault), 400, "verify = \"full\"\nsegment_steps = 50");
+    let cheat = o.cheat_id.clone().unwrap();
+    assert_eq!(o.summary["params_sha256"], o.reference["params_sha256"], "{}\n{}", o.summary, o.verification);
+    assert_eq!(standing(&o, &cheat), "quarantined", "{:?}\n{}", o.pnodes, o.verification);
+    let v = &o.verification;
+    let q = v["quarantines"].as_array().unwrap();
+    assert!(q.iter().any(|q| q["pnode"] == cheat.as_str()), "{v}");
+    // Nobody else is quarantined, and every mismatch or refused result names the cheater.
+    assert_eq!(q.len(), 1, "{v}");
+    for m in v["mismatches"].as_array().unwrap().iter().chain(v["invalid_results"].as_array().unwrap()) {
+        assert_eq!(m["pnode"], cheat.as_str(), "{v}");
+    }
+    assert!(v["segments_checked"].as_u64().unwrap() >= 8, "every segment is checked under full: {v}");
+    let at = q[0]["at_step"].as_u64().unwrap();
+    assert!(at <= 400, "{v}");
+    eprintln!("{fault}: quarantined at step {at}; {} mismatches, {} arbiters", v["mismatches"].as_array().unwrap().len(), v["arbiters"]);
+    for p in o.pnodes.iter().filter(|p| p["pnode_id"] != cheat.as_str()) {
+        assert_eq!(p["standing"], "new", "{p}");
+    }
+}
+
+#[test]
+fn full_replication_quarantines_a_corrupting_pnode() {
+    full_catches("corrupt");
+}
+
+#[test]
+fn full_replication_quarantines_a_sign_flipping_pnode() {
+    full_catches("sign-flip");
+}
+
+#[test]
+fn full_replication_quarantines_a_nan_pnode() {
+    full_catches("nan");
+}
+
+#[test]
+fn full_replication_quarantines_a_lazy_pnode() {
+    full_catches("lazy");
+}
+
+#[test]
+fn a_spotcheck_catches_a_cheater_that_corrupts_everything() {
+    let o = run_job(3, Some("corrupt"), 1000, "verify = \"spotcheck\"\nspotcheck_fraction = 0.1\nsegment_steps = 20");
+    let cheat = o.cheat_id.clone().unwrap();
+    let v = &o.verification;
+    assert_eq!(o.summary["params_sha256"], o.reference["params_sha256"], "{}\n{v}", o.summary);
+    let mismatches = v["mismatches"].as_array().unwrap();
+    assert!(!mismatches.is_empty(), "{v}");
+    assert!(mismatches.iter().all(|m| m["pnode"] == cheat.as_str()), "{v}");
+    let checked = v["segments_checked"].as_u64().unwrap();
+    let unchecked = v["segments_unchecked"].as_u64().unwrap();
+    assert!(unchecked > checked, "a 10% spot check leaves most segments unchecked: {v}");
+    eprintln!("spotcheck 10%: first mismatch at step {}; {checked} checked, {unchecked} not", mismatches[0]["step"]);
+}
+
+#[test]
+fn honest_meshes_have_no_false_positives() {
+    for policy in ["verify = \"full\"\nsegment_steps = 40", "verify = \"spotcheck\"\nspotcheck_fraction = 0.5\nsegment_steps = 40"]
+    {
+        let o = run_job(4, None, 200, policy);
+        let v = &o.verification;
+        assert_eq!(o.summary["params_sha256"], o.reference["params_sha256"], "{policy}: {}\n{v}", o.summary);
+        assert!(v["segments_checked"].as_u64().unwrap() >= 1, "{policy}: {v}");
+        assert_eq!(v["mismatches"].as_array().map(Vec::len), Some(0), "{policy}: {v}");
+        assert_eq!(v["quarantines"].as_array().map(Vec::len), Some(0), "{policy}: {v}");
+        assert_eq!(v["arbiters"], 0, "{policy}: {v}");
+        assert!(o.pnodes.iter().all(|p| p["standing"] == "new"), "{policy}: {:?}", o.pnodes);
+        assert!(o.summary["recoveries"].as_array().is_none_or(Vec::is_empty), "{policy}: {}", o.summary);
+    }
+}
