@@ -260,6 +260,8 @@ pub struct JobActor {
     verification: crate::verify::Report,
     /// Redundant execution of this job's segments (primary jobs with a verify policy).
     replication: replication::Replication,
+    /// A rollback decided while a placement was under way, applied when it lands.
+    pending_rollback: Option<(replication::RollbackTo, String)>,
 }
 
 /// What one VNode did, for `executions.json`.
@@ -375,6 +377,7 @@ impl JobActor {
                 &crate::verify::Settings::from_policy(&spec.envelope.policy),
             ),
             replication: replication::Replication::new(&spec),
+            pending_rollback: None,
             spec,
         }
         .resumed()
@@ -624,7 +627,8 @@ impl JobActor {
         tracing::error!(job = %self.spec.job_id, code, error = %why, "job failed");
         if let Role::Replica(of) = &self.spec.role {
             let result = Err(format!("{code}: {why}"));
-            of.parent.do_send(ReplicaDone { segment: of.segment, label: of.label.clone(), result });
+            let found = self.verification.clone();
+            of.parent.do_send(ReplicaDone { segment: of.segment, label: of.label.clone(), result, found });
         }
         self.error = Some(why);
         self.error_code = Some(code);
@@ -645,6 +649,12 @@ impl JobActor {
                 return self.recover(ctx, format!("allocation failed: {why}"), vec![pnode]);
             }
         };
+        if let Some((to, why)) = self.pending_rollback.take() {
+            // Placed from a snapshot that verification has since rejected: go back further.
+            self.placement = placement;
+            self.stage = Stage::Training;
+            return self.rewind(ctx, Some(to), why, Vec::new());
+        }
         let names = self.spec.graph.names();
         let text: Vec<String> = placement
             .iter()

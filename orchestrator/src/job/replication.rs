@@ -62,6 +62,8 @@ pub struct ReplicaDone {
     pub label: String,
     /// Its execution, or why there is none.
     pub result: Result<ExecutionDigest, String>,
+    /// What its own checks found (results refused, identities quarantined).
+    pub found: verify::Report,
 }
 
 /// How many of the suitable PNodes one execution may take, so that replicas find PNodes the
@@ -111,7 +113,13 @@ pub(super) struct Replication {
     pub(super) standings: BTreeMap<String, Standing>,
     segments: BTreeMap<u64, Segment>,
     next_id: u64,
+    /// Per PNode, the start of the earliest unchecked segment of this job it took part in: a
+    /// PNode caught cheating later may have cheated there too, so the job goes back that far.
+    taint: BTreeMap<String, (u64, Option<ResumeFrom>)>,
 }
+
+/// Where a rollback goes: a step and the snapshot at it (`None`: the job's initial state).
+pub(super) type RollbackTo = (u64, Option<ResumeFrom>);
 
 impl Replication {
     /// Bookkeeping for `spec` (replicas and unverified jobs keep none).
@@ -126,6 +134,7 @@ impl Replication {
             standings: BTreeMap::new(),
             segments: BTreeMap::new(),
             next_id: 0,
+            taint: BTreeMap::new(),
         }
     }
 
@@ -156,6 +165,21 @@ impl Replication {
     /// Drops the segments a rollback to `step` discards (they will be executed again).
     pub(super) fn forget_after(&mut self, step: u64) {
         self.segments.retain(|_, s| s.end <= step);
+        self.taint.retain(|_, t| t.0 < step);
+    }
+
+    /// The earliest of `base` and the unchecked work of `culprits`: where the job must go back
+    /// to so that nothing they computed remains.
+    pub(super) fn rollback_for(&self, culprits: &[String], base: Option<RollbackTo>) -> Option<RollbackTo> {
+        let mut target = base;
+        for c in culprits {
+            if let Some(t) = self.taint.get(c)
+                && target.as_ref().is_none_or(|x| t.0 < x.0)
+            {
+                target = Some(t.clone());
+            }
+        }
+        target
     }
 }
 
@@ -200,6 +224,11 @@ impl JobActor {
         let replicas = r.settings.segment_replicas(&standings, &r.sampler, start_step);
         if replicas == 0 {
             self.verification.segments_unchecked += 1;
+            for p in job.pnodes() {
+                if !self.replication.taint.contains_key(&p) {
+                    self.replication.taint.insert(p, (start_step, previous.clone()));
+                }
+            }
             return;
         }
         let id = r.next_id;
@@ -271,6 +300,15 @@ impl JobActor {
 
     /// A replica answered.
     pub(super) fn replica_done(&mut self, ctx: &mut Context<Self>, msg: ReplicaDone) {
+        let found = msg.found;
+        self.verification.results_checked += found.results_checked;
+        self.verification.invalid_results.extend(found.invalid_results.iter().cloned());
+        self.verification.quarantines.extend(found.quarantines);
+        // A PNode a replica caught may have cheated in this job's unchecked segments as well.
+        let caught: Vec<String> = found.invalid_results.into_iter().map(|r| r.pnode).collect();
+        if let Some(to) = self.replication.rollback_for(&caught, None) {
+            self.roll_back(ctx, to, format!("verification: a replica caught {}", caught.join(", ")), caught);
+        }
         let Some(seg) = self.replication.segments.get_mut(&msg.segment) else {
             // Its segment was rolled back meanwhile.
             return;
@@ -356,7 +394,7 @@ impl JobActor {
             self.registry.do_send(RecordOutcome { pnode: p, outcome: Outcome::Valid });
         }
         let job_lost = dissent.iter().any(|l| l == "job");
-        let start = seg.start.clone();
+        let base = job_lost.then(|| (seg.start_step, seg.start.clone()));
         self.settle(id, if job_lost { "job_rejected" } else { "accepted" });
         for (pnode, reason) in culprits.iter().cloned() {
             self.spec.events.push(
@@ -367,15 +405,43 @@ impl JobActor {
             );
             self.strike(ctx, pnode, reason);
         }
-        if job_lost {
-            let bad: Vec<String> = culprits.into_iter().map(|c| c.0).collect();
-            self.recovery = start;
-            let why = format!("verification: this job's execution lost the vote; culprit(s) {}", bad.join(", "));
-            // Queued behind the strikes, so the quarantine is in the record before anything moves.
-            ctx.wait(actix::fut::ready(()).map(move |_, act: &mut JobActor, ctx| act.recover(ctx, why, bad)));
-        } else {
-            self.collect_if_verified(ctx);
+        let bad: Vec<String> = culprits.into_iter().map(|c| c.0).collect();
+        match self.replication.rollback_for(&bad, base) {
+            Some(to) => {
+                let why = if job_lost {
+                    format!("this job's execution lost the vote; culprit(s) {}", bad.join(", "))
+                } else {
+                    format!("{} cheated and took part in unchecked steps of this job", bad.join(", "))
+                };
+                self.roll_back(ctx, to, format!("verification: {why}"), bad);
+            }
+            None => {
+                self.excluded.extend(bad);
+                self.collect_if_verified(ctx);
+            }
         }
+    }
+
+    /// Rolls the job back to `to` and goes on without `bad`, once the strikes queued before
+    /// have landed (so a quarantine is in the record before anything moves).
+    pub(super) fn roll_back(&mut self, ctx: &mut Context<Self>, to: RollbackTo, why: String, bad: Vec<String>) {
+        ctx.wait(actix::fut::ready(()).map(move |_, act: &mut JobActor, ctx| act.rewind(ctx, Some(to), why, bad)));
+    }
+
+    /// Recovers without `bad`, from `to` when that is earlier than the latest snapshot.
+    pub(super) fn rewind(&mut self, ctx: &mut Context<Self>, to: Option<RollbackTo>, why: String, bad: Vec<String>) {
+        if let Some(to) = to {
+            if matches!(self.stage, Stage::Placing | Stage::Recovering) {
+                // A placement is under way from a later snapshot: go back once it lands.
+                self.excluded.extend(bad);
+                self.pending_rollback = Some((to, why));
+                return;
+            }
+            if self.recovery_step() > to.0 {
+                self.recovery = to.1;
+            }
+        }
+        self.recover(ctx, why, bad);
     }
 
     /// Every allowed replica answered and none reached a quorum, or an arbiter could not run:
@@ -384,11 +450,10 @@ impl JobActor {
         let Some(seg) = self.replication.segments.get(&id) else { return };
         let job = &seg.digests[0];
         let bad: Vec<String> = seg.suspects.iter().filter(|p| job.pnodes().contains(*p)).cloned().collect();
-        let start = seg.start.clone();
+        let to = (seg.start_step, seg.start.clone());
         let (a, b) = (seg.start_step, seg.end);
         self.settle(id, "unresolved");
-        self.recovery = start;
-        self.recover(ctx, format!("verification of steps {a}..{b} reached no quorum; redoing them"), bad);
+        self.roll_back(ctx, to, format!("verification: steps {a}..{b} reached no quorum; redoing them"), bad);
     }
 
     /// Records segment `id`'s verdict and forgets it.
@@ -456,7 +521,13 @@ impl JobActor {
             Ok(states) => {
                 let states: BTreeMap<u32, Vec<u8>> = states.into_iter().collect();
                 let digest = act.digest(&of.label, act.first_step, act.completed, &states);
-                of.parent.do_send(ReplicaDone { segment: of.segment, label: of.label.clone(), result: Ok(digest) });
+                let found = act.verification.clone();
+                of.parent.do_send(ReplicaDone {
+                    segment: of.segment,
+                    label: of.label.clone(),
+                    result: Ok(digest),
+                    found,
+                });
                 act.finish(ctx, None);
             }
             Err((pnode, why)) => act.recover(ctx, format!("snapshot failed: {why}"), vec![pnode]),

@@ -96,7 +96,10 @@ impl JobActor {
                 act.log(format!("pnode {} ({}) quarantined: {why}", p.id, p.name));
                 act.verification.quarantines.push(QuarantineEvent { pnode: p.id.clone(), at_step, reason: why });
             }
-            act.recover(ctx, format!("invalid result: {text}"), vec![p.id.clone()]);
+            // It may have cheated undetected in unchecked segments before: go back past them.
+            let bad = vec![p.id.clone()];
+            let to = act.replication.rollback_for(&bad, None);
+            act.rewind(ctx, to, format!("invalid result: {text}"), bad);
         }));
     }
 }
