@@ -167,6 +167,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure what verification costs (none vs spotcheck vs full) and how fast it quarantines cheaters.
+    BenchVerify {
+        #[command(flatten)]
+        args: crate::verify_bench::VerifyBenchArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure the dashboard API's latency while a job of many VNodes trains on a local mesh.
     BenchDashboard {
         #[command(flatten)]
@@ -291,6 +299,19 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => fail(2, format!("{e:#}")),
             }
         }
+        Command::BenchVerify { args, json } => runtime(async move {
+            match crate::verify_bench::run(args).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        crate::verify_bench::print(&r);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, format!("{e:#}")),
+            }
+        }),
         Command::BenchRecovery { args, json } => runtime(async move {
             match crate::recovery_bench::run(args).await {
                 Ok(r) => {

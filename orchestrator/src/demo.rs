@@ -162,12 +162,18 @@ impl LocalMesh {
 
     /// Starts one more PNode process named `name`.
     pub fn add_pnode(&mut self, name: &str) -> anyhow::Result<()> {
+        self.add_pnode_with(name, &[])
+    }
+
+    /// Starts one more PNode process named `name` with `extra` flags besides the mesh's.
+    pub fn add_pnode_with(&mut self, name: &str, extra: &[String]) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("cannot find this executable to start PNodes")?;
         let child = Command::new(&exe)
             .args(["pnode", "--orchestrator", &self.srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5"])
             .arg("--name")
             .arg(name)
             .args(&self.pnode_args)
+            .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)

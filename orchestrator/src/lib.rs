@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod placement;
 pub mod progress;
 pub mod recovery_bench;
+pub mod verify_bench;
 pub mod registry;
 pub mod replay;
 pub mod server;

@@ -1,0 +1,222 @@
+//! `bench-verify`: what redundant execution costs and how fast it catches a cheater. Trains the
+//! same job on fresh local meshes under `verify = none`, `spotcheck` and `full`, side by side,
+//! and reports each policy's throughput relative to `none`; then, with one PNode started with
+//! `--fault KIND`, how many steps the job had done when that PNode was quarantined, and whether
+//! the final parameters still equal the fault-free run's.
+
+use crate::bench::percentile;
+use crate::demo::{self, LocalMesh, MeshConfig};
+use crate::jobs::{Get, Submit};
+use crate::registry::Snapshot;
+use crate::status::JobStatus;
+use crate::trust::Standing;
+use anyhow::{Context as _, bail};
+use dcnr_model::envelope::{Envelope, Verify};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Flags of `bench-verify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyBenchArgs {
+    /// PNodes in each mesh (one of them cheats in the fault runs).
+    #[arg(long, default_value_t = 4)]
+    pub pnodes: usize,
+    /// Training steps per job.
+    #[arg(long, default_value_t = 1500)]
+    pub steps: u64,
+    /// Throughput runs per policy.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Steps per verified segment.
+    #[arg(long, default_value_t = 100)]
+    pub segment_steps: u64,
+    /// Micro-batches in flight (default: the model's).
+    #[arg(long)]
+    pub in_flight: Option<u32>,
+    /// Faults to measure steps-to-quarantine for (comma-separated; empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "corrupt,sign-flip,scale,nan,lazy")]
+    pub faults: Vec<String>,
+    /// Model graph (default: models/mnist-mlp.toml).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Dataset directory.
+    #[arg(long, env = "DCNR_DATA")]
+    pub data: Option<PathBuf>,
+}
+
+/// Throughput of one policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyThroughput {
+    /// none | spotcheck 10% | full.
+    pub policy: String,
+    /// Samples per second of every run (steps x batch / job wall time, verification included).
+    pub runs: Vec<f64>,
+    /// Median.
+    pub median: f64,
+    /// Median of the per-run ratios to `none` measured in the same round.
+    pub ratio: f64,
+}
+
+/// One cheater measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRun {
+    /// The fault and the policy it met.
+    pub fault: String,
+    /// Policy.
+    pub policy: String,
+    /// Steps the job had completed when the cheater was quarantined (None: never).
+    pub quarantined_at_step: Option<u64>,
+    /// Seconds from submission to the quarantine.
+    pub quarantined_after_s: Option<f64>,
+    /// Whether the final parameters equal the fault-free run's.
+    pub model_unchanged: bool,
+    /// Recoveries (rollbacks) the job went through.
+    pub recoveries: usize,
+}
+
+/// What `bench-verify` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Steps per job.
+    pub steps: u64,
+    /// Throughput per policy.
+    pub throughput: Vec<PolicyThroughput>,
+    /// Cheaters.
+    pub faults: Vec<FaultRun>,
+}
+
+fn envelope(graph: &str, args: &VerifyBenchArgs, verify: Verify, fraction: Option<f64>) -> anyhow::Result<Envelope> {
+    let mut e = Envelope::from_graph(graph)?;
+    e.op.steps = Some(args.steps);
+    e.op.epochs = None;
+    e.op.in_flight = args.in_flight;
+    e.policy.min_pnodes = args.pnodes as u32;
+    e.policy.verify = verify;
+    if verify != Verify::None {
+        e.policy.spotcheck_fraction = fraction;
+        e.policy.segment_steps = Some(args.segment_steps);
+    }
+    Ok(e)
+}
+
+/// Runs `envelope` to its end on a fresh mesh; `cheat` adds a PNode with that fault. Returns
+/// the final status and, for a cheater, (steps, seconds) at its quarantine.
+async fn run_job(
+    args: &VerifyBenchArgs,
+    envelope: Envelope,
+    cheat: Option<&str>,
+) -> anyhow::Result<(JobStatus, Option<(u64, f64)>)> {
+    let honest = if cheat.is_some() { args.pnodes - 1 } else { args.pnodes };
+    let cfg = MeshConfig { pnodes: honest, data: args.data.clone(), ..MeshConfig::default() };
+    let mut mesh = LocalMesh::start_with(cfg).await?;
+    let result = async {
+        if let Some(f) = cheat {
+            mesh.add_pnode_with("cheat", &["--fault".to_string(), f.to_string()])?;
+        }
+        let started = Instant::now();
+        let job = mesh.jobs().send(Submit(envelope)).await??;
+        let mut quarantined = None;
+        loop {
+            let st = mesh.jobs().send(Get(job.clone())).await?.context("the job vanished")?;
+            if cheat.is_some() && quarantined.is_none() {
+                let snap = mesh.registry().send(Snapshot).await?;
+                if snap.iter().any(|p| p.name == "cheat" && p.standing == Standing::Quarantined) {
+                    quarantined = Some((st.steps_done, started.elapsed().as_secs_f64()));
+                }
+            }
+            if st.state.is_final() {
+                return Ok::<_, anyhow::Error>((st, quarantined));
+            }
+            if started.elapsed() > Duration::from_secs(1800) {
+                bail!("the job did not finish within 30 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    .await;
+    mesh.stop().await;
+    result
+}
+
+fn throughput(st: &JobStatus) -> anyhow::Result<(f64, String)> {
+    let s = st.summary.as_ref().context("the job has no summary")?;
+    if s.status != "succeeded" {
+        bail!("the job failed: {:?}", s.error);
+    }
+    let hash = s.params_sha256.clone().unwrap_or_default();
+    Ok((s.steps as f64 * s.batch_size as f64 / s.wall_s.max(1e-9), hash))
+}
+
+/// Runs the benchmark.
+pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
+    if args.pnodes < 2 {
+        bail!("--pnodes must be at least 2 (replicas need PNodes the job does not use)");
+    }
+    let graph = demo::model_text(args.model.as_ref())?;
+    let policies = [("none", Verify::None, None), ("spotcheck 10%", Verify::Spotcheck, Some(0.1)), ("full", Verify::Full, None)];
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); policies.len()];
+    let mut reference = String::new();
+    let pb = indicatif::ProgressBar::new((args.repeat * policies.len() + args.faults.len() + 1) as u64);
+    for _ in 0..args.repeat {
+        for (i, (name, verify, fraction)) in policies.iter().enumerate() {
+            let (st, _) = run_job(&args, envelope(&graph, &args, *verify, *fraction)?, None).await?;
+            let (rate, hash) = throughput(&st)?;
+            if reference.is_empty() {
+                reference = hash;
+            } else if hash != reference {
+                bail!("policy {name} ended with parameters {hash}, not {reference}: verification changed the result");
+            }
+            runs[i].push(rate);
+            pb.inc(1);
+        }
+    }
+    let throughput = policies
+        .iter()
+        .zip(&runs)
+        .map(|((name, _, _), r)| {
+            let ratios: Vec<f64> = r.iter().zip(&runs[0]).map(|(a, b)| a / b).collect();
+            PolicyThroughput {
+                policy: name.to_string(),
+                runs: r.clone(),
+                median: percentile(r, 0.5),
+                ratio: percentile(&ratios, 0.5),
+            }
+        })
+        .collect();
+    let mut faults = Vec::new();
+    let cheats = args.faults.iter().map(|f| (f.as_str(), "full", Verify::Full, None));
+    let spot = std::iter::once(("corrupt", "spotcheck 10%", Verify::Spotcheck, Some(0.1)));
+    for (fault, policy, verify, fraction) in cheats.chain(spot) {
+        let (st, q) = run_job(&args, envelope(&graph, &args, verify, fraction)?, Some(fault)).await?;
+        let (_, hash) = throughput(&st)?;
+        faults.push(FaultRun {
+            fault: fault.to_string(),
+            policy: policy.to_string(),
+            quarantined_at_step: q.map(|q| q.0),
+            quarantined_after_s: q.map(|q| q.1),
+            model_unchanged: hash == reference,
+            recoveries: st.recoveries.len(),
+        });
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(VerifyReport { steps: args.steps, throughput, faults })
+}
+
+/// Prints the report as text.
+pub fn print(r: &VerifyReport) {
+    println!("{} steps per job", r.steps);
+    println!("{:<14} {:>12} {:>8}  runs", "POLICY", "SAMPLES/S", "RATIO");
+    for t in &r.throughput {
+        let runs: Vec<String> = t.runs.iter().map(|x| format!("{x:.0}")).collect();
+        println!("{:<14} {:>12.0} {:>7.2}x  {}", t.policy, t.median, t.ratio, runs.join(" "));
+    }
+    println!("{:<10} {:<14} {:>16} {:>12} {:>10} {:>15}", "FAULT", "POLICY", "QUARANTINED AT", "AFTER s", "ROLLBACKS", "MODEL UNCHANGED");
+    for f in &r.faults {
+        let at = f.quarantined_at_step.map_or("never".to_string(), |s| format!("step {s}"));
+        let after = f.quarantined_after_s.map_or("-".to_string(), |s| format!("{s:.2}"));
+        let same = if f.model_unchanged { "yes" } else { "NO" };
+        println!("{:<10} {:<14} {:>16} {:>12} {:>10} {:>15}", f.fault, f.policy, at, after, f.recoveries, same);
+    }
+}
