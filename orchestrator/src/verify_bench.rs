@@ -139,7 +139,7 @@ async fn run_job(
     result
 }
 
-fn throughput(st: &JobStatus) -> anyhow::Result<(f64, String)> {
+fn rate_and_hash(st: &JobStatus) -> anyhow::Result<(f64, String)> {
     let s = st.summary.as_ref().context("the job has no summary")?;
     if s.status != "succeeded" {
         bail!("the job failed: {:?}", s.error);
@@ -161,7 +161,7 @@ pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
     for _ in 0..args.repeat {
         for (i, (name, verify, fraction)) in policies.iter().enumerate() {
             let (st, _) = run_job(&args, envelope(&graph, &args, *verify, *fraction)?, None).await?;
-            let (rate, hash) = throughput(&st)?;
+            let (rate, hash) = rate_and_hash(&st)?;
             if reference.is_empty() {
                 reference = hash;
             } else if hash != reference {
@@ -189,7 +189,7 @@ pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
     let spot = std::iter::once(("corrupt", "spotcheck 10%", Verify::Spotcheck, Some(0.1)));
     for (fault, policy, verify, fraction) in cheats.chain(spot) {
         let (st, q) = run_job(&args, envelope(&graph, &args, verify, fraction)?, Some(fault)).await?;
-        let (_, hash) = throughput(&st)?;
+        let (_, hash) = rate_and_hash(&st)?;
         faults.push(FaultRun {
             fault: fault.to_string(),
             policy: policy.to_string(),
