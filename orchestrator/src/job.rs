@@ -45,7 +45,7 @@ use tokio::sync::broadcast;
 mod replication;
 mod validation;
 
-pub use replication::{ReplicaDone, ReplicaOf};
+pub use replication::{ReplicaDone, ReplicaOf, Share};
 
 /// Everything fixed about a job at submission.
 #[derive(Debug, Clone)]

@@ -54,8 +54,11 @@ pub struct PolicyThroughput {
     pub runs: Vec<f64>,
     /// Median.
     pub median: f64,
-    /// Median of the per-run ratios to `none` measured in the same round.
+    /// Median of the per-run ratios to `none` on the whole mesh, measured in the same round.
     pub ratio: f64,
+    /// Median of the per-run ratios to `none` on as many PNodes as this policy's job itself
+    /// uses (the rest are left to replicas): the cost of the replicas alone.
+    pub ratio_same_pnodes: f64,
 }
 
 /// One cheater measured.
@@ -65,6 +68,8 @@ pub struct FaultRun {
     pub fault: String,
     /// Policy.
     pub policy: String,
+    /// Steps the job had completed when it first rolled back for the cheater (None: never).
+    pub caught_at_step: Option<u64>,
     /// Steps the job had completed when the cheater was quarantined (None: never).
     pub quarantined_at_step: Option<u64>,
     /// Seconds from submission to the quarantine.
@@ -86,9 +91,25 @@ pub struct VerifyReport {
     pub faults: Vec<FaultRun>,
 }
 
-fn envelope(graph: &str, args: &VerifyBenchArgs, verify: Verify, fraction: Option<f64>) -> anyhow::Result<Envelope> {
+/// A policy measured: label, verify mode, spot-check fraction, PNodes the job may take.
+struct Case {
+    label: &'static str,
+    verify: Verify,
+    fraction: Option<f64>,
+    job_pnodes: Option<usize>,
+    /// The `none` case on as many PNodes as this one's job.
+    baseline: usize,
+}
+
+fn envelope(
+    graph: &str,
+    args: &VerifyBenchArgs,
+    steps: u64,
+    verify: Verify,
+    fraction: Option<f64>,
+) -> anyhow::Result<Envelope> {
     let mut e = Envelope::from_graph(graph)?;
-    e.op.steps = Some(args.steps);
+    e.op.steps = Some(steps);
     e.op.epochs = None;
     e.op.in_flight = args.in_flight;
     e.policy.min_pnodes = args.pnodes as u32;
@@ -154,48 +175,81 @@ pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
         bail!("--pnodes must be at least 2 (replicas need PNodes the job does not use)");
     }
     let graph = demo::model_text(args.model.as_ref())?;
-    let policies = [("none", Verify::None, None), ("spotcheck 10%", Verify::Spotcheck, Some(0.1)), ("full", Verify::Full, None)];
-    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); policies.len()];
+    let n = args.pnodes;
+    let spot_share = crate::job::Share::AllButOne.of(n);
+    let full_share = crate::job::Share::OneIn(2).of(n);
+    let cases = [
+        Case { label: "none", verify: Verify::None, fraction: None, job_pnodes: None, baseline: 0 },
+        Case { label: "none (spot's)", verify: Verify::None, fraction: None, job_pnodes: Some(spot_share), baseline: 1 },
+        Case { label: "none (full's)", verify: Verify::None, fraction: None, job_pnodes: Some(full_share), baseline: 2 },
+        Case { label: "spotcheck 10%", verify: Verify::Spotcheck, fraction: Some(0.1), job_pnodes: None, baseline: 1 },
+        Case { label: "full", verify: Verify::Full, fraction: None, job_pnodes: None, baseline: 2 },
+    ];
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut reference = String::new();
-    let pb = indicatif::ProgressBar::new((args.repeat * policies.len() + args.faults.len() + 1) as u64);
+    let pb = indicatif::ProgressBar::new((args.repeat * cases.len() + args.faults.len() + 1) as u64);
     for _ in 0..args.repeat {
-        for (i, (name, verify, fraction)) in policies.iter().enumerate() {
-            let (st, _) = run_job(&args, envelope(&graph, &args, *verify, *fraction)?, None).await?;
+        for (i, c) in cases.iter().enumerate() {
+            let mut e = envelope(&graph, &args, args.steps, c.verify, c.fraction)?;
+            if let Some(k) = c.job_pnodes {
+                e.policy.max_pnodes = k as u32;
+            }
+            let (st, _) = run_job(&args, e, None).await?;
             let (rate, hash) = rate_and_hash(&st)?;
             if reference.is_empty() {
                 reference = hash;
             } else if hash != reference {
-                bail!("policy {name} ended with parameters {hash}, not {reference}: verification changed the result");
+                bail!("{} ended with parameters {hash}, not {reference}: verification changed the result", c.label);
             }
             runs[i].push(rate);
             pb.inc(1);
         }
     }
-    let throughput = policies
+    let ratio = |r: &[f64], base: &[f64]| percentile(&r.iter().zip(base).map(|(a, b)| a / b).collect::<Vec<_>>(), 0.5);
+    let throughput = cases
         .iter()
         .zip(&runs)
-        .map(|((name, _, _), r)| {
-            let ratios: Vec<f64> = r.iter().zip(&runs[0]).map(|(a, b)| a / b).collect();
-            PolicyThroughput {
-                policy: name.to_string(),
-                runs: r.clone(),
-                median: percentile(r, 0.5),
-                ratio: percentile(&ratios, 0.5),
-            }
+        .map(|(c, r)| PolicyThroughput {
+            policy: c.label.to_string(),
+            runs: r.clone(),
+            median: percentile(r, 0.5),
+            ratio: ratio(r, &runs[0]),
+            ratio_same_pnodes: ratio(r, &runs[c.baseline]),
         })
         .collect();
     let mut faults = Vec::new();
-    let cheats = args.faults.iter().map(|f| (f.as_str(), "full", Verify::Full, None));
-    let spot = std::iter::once(("corrupt", "spotcheck 10%", Verify::Spotcheck, Some(0.1)));
-    for (fault, policy, verify, fraction) in cheats.chain(spot) {
-        let (st, q) = run_job(&args, envelope(&graph, &args, verify, fraction)?, Some(fault)).await?;
+    let cheats = args.faults.iter().map(|f| (f.as_str(), "full", Verify::Full, None, args.steps));
+    // A 10% spot check needs more segments to meet the cheater: four times the steps.
+    let spot = std::iter::once(("corrupt", "spotcheck 10%", Verify::Spotcheck, Some(0.1), args.steps * 4));
+    let mut long_reference = None;
+    for (fault, policy, verify, fraction, steps) in cheats.chain(spot) {
+        let (st, q) = run_job(&args, envelope(&graph, &args, steps, verify, fraction)?, Some(fault)).await?;
         let (_, hash) = rate_and_hash(&st)?;
+        let want = if steps == args.steps {
+            reference.clone()
+        } else {
+            match &long_reference {
+                Some(h) => h.clone(),
+                None => {
+                    let (st, _) = run_job(&args, envelope(&graph, &args, steps, Verify::None, None)?, None).await?;
+                    let h = rate_and_hash(&st)?.1;
+                    long_reference = Some(h.clone());
+                    h
+                }
+            }
+        };
+        let caught = st
+            .recoveries
+            .iter()
+            .find(|r| r.reason.starts_with("verification") || r.reason.starts_with("invalid result"))
+            .map(|r| r.at_step);
         faults.push(FaultRun {
             fault: fault.to_string(),
             policy: policy.to_string(),
+            caught_at_step: caught,
             quarantined_at_step: q.map(|q| q.0),
             quarantined_after_s: q.map(|q| q.1),
-            model_unchanged: hash == reference,
+            model_unchanged: hash == want,
             recoveries: st.recoveries.len(),
         });
         pb.inc(1);
@@ -207,16 +261,35 @@ pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
 /// Prints the report as text.
 pub fn print(r: &VerifyReport) {
     println!("{} steps per job", r.steps);
-    println!("{:<14} {:>12} {:>8}  runs", "POLICY", "SAMPLES/S", "RATIO");
+    println!("{:<14} {:>10} {:>12} {:>15}  runs", "POLICY", "SAMPLES/S", "VS NONE", "VS SAME PNODES");
     for t in &r.throughput {
         let runs: Vec<String> = t.runs.iter().map(|x| format!("{x:.0}")).collect();
-        println!("{:<14} {:>12.0} {:>7.2}x  {}", t.policy, t.median, t.ratio, runs.join(" "));
+        println!(
+            "{:<14} {:>10.0} {:>11.2}x {:>14.2}x  {}",
+            t.policy,
+            t.median,
+            t.ratio,
+            t.ratio_same_pnodes,
+            runs.join(" ")
+        );
     }
-    println!("{:<10} {:<14} {:>16} {:>12} {:>10} {:>15}", "FAULT", "POLICY", "QUARANTINED AT", "AFTER s", "ROLLBACKS", "MODEL UNCHANGED");
+    println!(
+        "{:<10} {:<14} {:>10} {:>15} {:>8} {:>10} {:>10}",
+        "FAULT", "POLICY", "CAUGHT AT", "QUARANTINED AT", "AFTER s", "ROLLBACKS", "SAME MODEL"
+    );
+    let step = |s: Option<u64>| s.map_or("never".to_string(), |s| format!("step {s}"));
     for f in &r.faults {
-        let at = f.quarantined_at_step.map_or("never".to_string(), |s| format!("step {s}"));
         let after = f.quarantined_after_s.map_or("-".to_string(), |s| format!("{s:.2}"));
         let same = if f.model_unchanged { "yes" } else { "NO" };
-        println!("{:<10} {:<14} {:>16} {:>12} {:>10} {:>15}", f.fault, f.policy, at, after, f.recoveries, same);
+        println!(
+            "{:<10} {:<14} {:>10} {:>15} {:>8} {:>10} {:>10}",
+            f.fault,
+            f.policy,
+            step(f.caught_at_step),
+            step(f.quarantined_at_step),
+            after,
+            f.recoveries,
+            same
+        );
     }
 }
