@@ -221,7 +221,7 @@ pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
     let cheats = args.faults.iter().map(|f| (f.as_str(), "full", Verify::Full, None, args.steps));
     // A 10% spot check needs more segments to meet the cheater: four times the steps.
     let spot = std::iter::once(("corrupt", "spotcheck 10%", Verify::Spotcheck, Some(0.1), args.steps * 4));
-    let mut long_reference = None;
+    let mut long_reference: Option<String> = None;
     for (fault, policy, verify, fraction, steps) in cheats.chain(spot) {
         let (st, q) = run_job(&args, envelope(&graph, &args, steps, verify, fraction)?, Some(fault)).await?;
         let (_, hash) = rate_and_hash(&st)?;
