@@ -193,6 +193,7 @@ pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
             let mut e = envelope(&graph, &args, args.steps, c.verify, c.fraction)?;
             if let Some(k) = c.job_pnodes {
                 e.policy.max_pnodes = k as u32;
+                e.policy.min_pnodes = k as u32;
             }
             let (st, _) = run_job(&args, e, None).await?;
             let (rate, hash) = rate_and_hash(&st)?;
