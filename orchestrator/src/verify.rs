@@ -497,6 +497,70 @@ mod tests {
         assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), r);
     }
 
+    fn digest(label: &str, outputs: &[(u32, &[&str])], ran_on: &[(u32, &[(u64, &str)])]) -> ExecutionDigest {
+        ExecutionDigest {
+            label: label.into(),
+            start: 10,
+            outputs: outputs.iter().map(|(v, h)| (*v, h.iter().map(|x| x.to_string()).collect())).collect(),
+            states: outputs.iter().map(|(v, _)| (*v, [*v as u8; 32])).collect(),
+            ran_on: ran_on
+                .iter()
+                .map(|(v, ps)| (*v, ps.iter().map(|(f, p)| (*f, p.to_string())).collect()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn blame_goes_to_the_first_divergence_in_causal_order() {
+        let where_ = [(0u32, &[(0u64, "a")][..]), (1, &[(0, "b"), (11, "c")][..]), (2, &[(0, "b")][..])];
+        let good = digest("job", &[(0, &["x0", "x1"]), (1, &["y0", "y1"]), (2, &["z0", "z1"])], &where_);
+        // Step 10 agrees; at step 11 vnode 1 departs first (vnode 2, downstream, follows).
+        let bad = digest("replica 1", &[(0, &["x0", "x1"]), (1, &["y0", "Y1"]), (2, &["z0", "Z1"])], &where_);
+        let topo = [0, 1, 2];
+        let d = first_divergence(&good, &bad, &topo).unwrap();
+        assert_eq!((d.vnode, d.step, d.state_only, d.got.as_str()), (1, 11, false, "Y1"));
+        assert_eq!(bad.pnode_at(d.vnode, d.step), Some("c"), "vnode 1 moved to c at step 11");
+        assert_eq!(bad.pnode_at(1, 10), Some("b"));
+        assert_eq!(first_divergence(&good, &good.clone(), &topo), None);
+        assert_eq!(good.fingerprint(), good.clone().fingerprint());
+        assert_ne!(good.fingerprint(), bad.fingerprint());
+        // Same outputs, another end state: blamed on that VNode at the last step.
+        let mut lazy = good.clone();
+        lazy.states.insert(2, [9; 32]);
+        let d = first_divergence(&good, &lazy, &topo).unwrap();
+        assert_eq!((d.vnode, d.step, d.state_only), (2, 11, true));
+        assert_ne!(good.fingerprint(), lazy.fingerprint());
+        // A missing output is a divergence too.
+        let short = digest("replica 2", &[(0, &["x0"]), (1, &["y0", "y1"]), (2, &["z0", "z1"])], &where_);
+        assert_eq!(first_divergence(&good, &short, &topo).map(|d| (d.vnode, d.got)), Some((0, "missing".into())));
+        assert_eq!(good.pnodes().into_iter().collect::<Vec<_>>(), vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn placements_within_keep_what_ran_in_the_segment() {
+        let all = [(0, "a".to_string()), (50, "b".to_string()), (120, "c".to_string())];
+        let names = |v: Vec<(u64, String)>| v.into_iter().map(|x| x.1).collect::<Vec<_>>();
+        assert_eq!(names(placements_within(&all, 100, 150)), vec!["b", "c"]);
+        assert_eq!(names(placements_within(&all, 50, 100)), vec!["b"]);
+        assert_eq!(names(placements_within(&all, 0, 50)), vec!["a"]);
+    }
+
+    #[test]
+    fn segments_are_replicated_by_policy_and_standing() {
+        let sampler = Spotcheck::new(7);
+        let full = Settings { mode: Verify::Full, fraction: 0.1, quorum: QuorumRule::majority(3) };
+        assert_eq!(full.segment_replicas(&[Standing::Trusted, Standing::New], &sampler, 0), 2);
+        assert_eq!(full.segment_quorum(2), QuorumRule::majority(3));
+        let spot = Settings { mode: Verify::Spotcheck, fraction: 0.1, quorum: QuorumRule::majority(2) };
+        let drawn = (0..1000u64).filter(|s| spot.segment_replicas(&[Standing::New], &sampler, s * 100) == 1).count();
+        assert!((60..140).contains(&drawn), "{drawn} of 1000 segments at 10%");
+        let earned = (0..1000u64).filter(|s| spot.segment_replicas(&[Standing::Reliable], &sampler, s * 100) == 1).count();
+        assert!(earned < drawn / 2, "earned identities are checked less: {earned} vs {drawn}");
+        assert_eq!(spot.segment_quorum(1), QuorumRule::majority(2));
+        let none = Settings { mode: Verify::None, fraction: 0.1, quorum: QuorumRule::majority(2) };
+        assert!((0..100).all(|s| none.segment_replicas(&[Standing::New], &sampler, s) == 0));
+    }
+
     proptest! {
         #[test]
         fn an_accepted_result_has_a_strict_quorum_and_dissent_is_everyone_else(

@@ -1,8 +1,9 @@
 //! `bench-verify`: what redundant execution costs and how fast it catches a cheater. Trains the
 //! same job on fresh local meshes under `verify = none`, `spotcheck` and `full`, side by side,
 //! and reports each policy's throughput relative to `none`; then, with one PNode started with
-//! `--fault KIND`, how many steps the job had done when that PNode was quarantined, and whether
-//! the final parameters still equal the fault-free run's.
+//! `--fault KIND` (and claiming the most cores, so it gets part of the job), how many steps the
+//! job had done when that PNode was quarantined, and whether the final parameters still equal
+//! the fault-free run's.
 
 use crate::bench::percentile;
 use crate::demo::{self, LocalMesh, MeshConfig};
@@ -68,8 +69,9 @@ pub struct FaultRun {
     pub fault: String,
     /// Policy.
     pub policy: String,
-    /// Steps the job had completed when it first rolled back for the cheater (None: never).
-    pub caught_at_step: Option<u64>,
+    /// Steps the job had completed when it first rolled back because of the cheater (None:
+    /// never, e.g. every lie was outvoted in replicas).
+    pub rolled_back_at_step: Option<u64>,
     /// Steps the job had completed when the cheater was quarantined (None: never).
     pub quarantined_at_step: Option<u64>,
     /// Seconds from submission to the quarantine.
@@ -133,7 +135,10 @@ async fn run_job(
     let mut mesh = LocalMesh::start_with(cfg).await?;
     let result = async {
         if let Some(f) = cheat {
-            mesh.add_pnode_with("cheat", &["--fault".to_string(), f.to_string()])?;
+            // It claims more cores than anyone, as a volunteer after work would: placement then
+            // gives it part of the job itself, not only replicas.
+            let flags = ["--fault", f, "--cores", "64"].map(str::to_string);
+            mesh.add_pnode_with("cheat", &flags)?;
         }
         let started = Instant::now();
         let job = mesh.jobs().send(Submit(envelope)).await??;
@@ -239,7 +244,7 @@ pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
                 }
             }
         };
-        let caught = st
+        let rolled_back = st
             .recoveries
             .iter()
             .find(|r| r.reason.starts_with("verification") || r.reason.starts_with("invalid result"))
@@ -247,7 +252,7 @@ pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
         faults.push(FaultRun {
             fault: fault.to_string(),
             policy: policy.to_string(),
-            caught_at_step: caught,
+            rolled_back_at_step: rolled_back,
             quarantined_at_step: q.map(|q| q.0),
             quarantined_after_s: q.map(|q| q.1),
             model_unchanged: hash == want,
@@ -275,18 +280,18 @@ pub fn print(r: &VerifyReport) {
         );
     }
     println!(
-        "{:<10} {:<14} {:>10} {:>15} {:>8} {:>10} {:>10}",
-        "FAULT", "POLICY", "CAUGHT AT", "QUARANTINED AT", "AFTER s", "ROLLBACKS", "SAME MODEL"
+        "{:<10} {:<14} {:>11} {:>15} {:>8} {:>10} {:>10}",
+        "FAULT", "POLICY", "ROLLED BACK", "QUARANTINED AT", "AFTER s", "ROLLBACKS", "SAME MODEL"
     );
     let step = |s: Option<u64>| s.map_or("never".to_string(), |s| format!("step {s}"));
     for f in &r.faults {
         let after = f.quarantined_after_s.map_or("-".to_string(), |s| format!("{s:.2}"));
         let same = if f.model_unchanged { "yes" } else { "NO" };
         println!(
-            "{:<10} {:<14} {:>10} {:>15} {:>8} {:>10} {:>10}",
+            "{:<10} {:<14} {:>11} {:>15} {:>8} {:>10} {:>10}",
             f.fault,
             f.policy,
-            step(f.caught_at_step),
+            step(f.rolled_back_at_step),
             step(f.quarantined_at_step),
             after,
             f.recoveries,

@@ -24,7 +24,8 @@ fn run_job(honest: usize, fault: Option<&str>, steps: u64, policy: &str) -> Outc
         mesh.add_pnode_with(&["--name", &format!("honest-{i}")]).unwrap();
     }
     if let Some(f) = fault {
-        mesh.add_pnode_with(&["--name", "cheat", "--fault", f]).unwrap();
+        // Claiming the most cores puts it in the job's own execution, not only in replicas.
+        mesh.add_pnode_with(&["--name", "cheat", "--fault", f, "--cores", "64"]).unwrap();
     }
     let total = honest + usize::from(fault.is_some());
     mesh.wait_for_pnodes(total).unwrap();
@@ -125,6 +126,9 @@ fn a_spotcheck_catches_a_cheater_that_corrupts_everything() {
     let checked = v["segments_checked"].as_u64().unwrap();
     let unchecked = v["segments_unchecked"].as_u64().unwrap();
     assert!(unchecked > checked, "a 10% spot check leaves most segments unchecked: {v}");
+    // The job itself ran on the cheater and had to go back past its unchecked work.
+    let recoveries = o.summary["recoveries"].as_array().unwrap();
+    assert!(recoveries.iter().any(|r| r["reason"].as_str().unwrap().contains(&cheat)), "{}", o.summary);
     eprintln!("spotcheck 10%: first mismatch at step {}; {checked} checked, {unchecked} not", mismatches[0]["step"]);
 }
 

@@ -168,6 +168,15 @@ impl Replication {
         self.taint.retain(|_, t| t.0 < step);
     }
 
+    /// Remembers that the PNodes of `job` (an execution starting from `start`) ran unchecked.
+    fn taint(&mut self, job: &ExecutionDigest, start: &Option<ResumeFrom>) {
+        for p in job.pnodes() {
+            if !self.taint.contains_key(&p) {
+                self.taint.insert(p, (job.start, start.clone()));
+            }
+        }
+    }
+
     /// The earliest of `base` and the unchecked work of `culprits`: where the job must go back
     /// to so that nothing they computed remains.
     pub(super) fn rollback_for(&self, culprits: &[String], base: Option<RollbackTo>) -> Option<RollbackTo> {
@@ -224,11 +233,7 @@ impl JobActor {
         let replicas = r.settings.segment_replicas(&standings, &r.sampler, start_step);
         if replicas == 0 {
             self.verification.segments_unchecked += 1;
-            for p in job.pnodes() {
-                if !self.replication.taint.contains_key(&p) {
-                    self.replication.taint.insert(p, (start_step, previous.clone()));
-                }
-            }
+            self.replication.taint(&job, &previous);
             return;
         }
         let id = r.next_id;
@@ -324,6 +329,11 @@ impl JobActor {
                 if arbitrating {
                     // An arbiter failed: the dispute stands.
                     return self.unresolved(ctx, msg.segment);
+                }
+                // Unchecked after all: remembered like a segment the draw passed over.
+                if let Some(seg) = self.replication.segments.get(&msg.segment) {
+                    let (job, start) = (seg.digests[0].clone(), seg.start.clone());
+                    self.replication.taint(&job, &start);
                 }
                 self.settle(msg.segment, "not_run");
                 self.collect_if_verified(ctx);
