@@ -184,6 +184,9 @@ struct Eval {
 /// A job record and its artifacts, to be written to a store.
 type PendingRecord = (Arc<dyn ObjectStore>, JobRecord, Vec<(&'static str, Vec<u8>)>);
 
+/// Every VNode's state bytes, by VNode id.
+type States = Vec<(u32, Vec<u8>)>;
+
 /// Micro-batches of data sent ahead of the in-flight window.
 const PREFETCH: u64 = 2;
 
@@ -436,8 +439,11 @@ impl JobActor {
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(states) => {
                 act.last_snapshot_at = Instant::now();
-                let snapshot =
-                    ResumeFrom { step, epochs_evaluated: act.epochs_evaluated, states: states.iter().cloned().collect() };
+                let snapshot = ResumeFrom {
+                    step,
+                    epochs_evaluated: act.epochs_evaluated,
+                    states: states.iter().cloned().collect(),
+                };
                 let previous = act.recovery.replace(snapshot);
                 act.close_segment(ctx, previous);
                 if !persist {
@@ -475,7 +481,7 @@ impl JobActor {
     }
 
     /// Fetches the state of every (drained) VNode; on failure, names the PNode that failed.
-    fn fetch_states(&self) -> impl std::future::Future<Output = Result<Vec<(u32, Vec<u8>)>, (String, String)>> + use<> {
+    fn fetch_states(&self) -> impl std::future::Future<Output = Result<States, (String, String)>> + use<> {
         let job = self.spec.job_id.clone();
         let targets: Vec<(u32, String, String)> =
             self.placement.iter().map(|(v, p)| (*v, p.endpoint.clone(), p.id.clone())).collect();

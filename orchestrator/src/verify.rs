@@ -503,10 +503,7 @@ mod tests {
             start: 10,
             outputs: outputs.iter().map(|(v, h)| (*v, h.iter().map(|x| x.to_string()).collect())).collect(),
             states: outputs.iter().map(|(v, _)| (*v, [*v as u8; 32])).collect(),
-            ran_on: ran_on
-                .iter()
-                .map(|(v, ps)| (*v, ps.iter().map(|(f, p)| (*f, p.to_string())).collect()))
-                .collect(),
+            ran_on: ran_on.iter().map(|(v, ps)| (*v, ps.iter().map(|(f, p)| (*f, p.to_string())).collect())).collect(),
         }
     }
 
@@ -554,7 +551,8 @@ mod tests {
         let spot = Settings { mode: Verify::Spotcheck, fraction: 0.1, quorum: QuorumRule::majority(2) };
         let drawn = (0..1000u64).filter(|s| spot.segment_replicas(&[Standing::New], &sampler, s * 100) == 1).count();
         assert!((60..140).contains(&drawn), "{drawn} of 1000 segments at 10%");
-        let earned = (0..1000u64).filter(|s| spot.segment_replicas(&[Standing::Reliable], &sampler, s * 100) == 1).count();
+        let earned =
+            (0..1000u64).filter(|s| spot.segment_replicas(&[Standing::Reliable], &sampler, s * 100) == 1).count();
         assert!(earned < drawn / 2, "earned identities are checked less: {earned} vs {drawn}");
         assert_eq!(spot.segment_quorum(1), QuorumRule::majority(2));
         let none = Settings { mode: Verify::None, fraction: 0.1, quorum: QuorumRule::majority(2) };

@@ -74,6 +74,8 @@ pub struct FaultRun {
     pub rolled_back_at_step: Option<u64>,
     /// Steps the job had completed when the cheater was quarantined (None: never).
     pub quarantined_at_step: Option<u64>,
+    /// Steps the job had executed by then, counting those it computed again after rollbacks.
+    pub quarantined_after_steps_executed: Option<u64>,
     /// Seconds from submission to the quarantine.
     pub quarantined_after_s: Option<f64>,
     /// Whether the final parameters equal the fault-free run's.
@@ -124,12 +126,12 @@ fn envelope(
 }
 
 /// Runs `envelope` to its end on a fresh mesh; `cheat` adds a PNode with that fault. Returns
-/// the final status and, for a cheater, (steps, seconds) at its quarantine.
+/// the final status and, for a cheater, (job step, steps executed, seconds) at its quarantine.
 async fn run_job(
     args: &VerifyBenchArgs,
     envelope: Envelope,
     cheat: Option<&str>,
-) -> anyhow::Result<(JobStatus, Option<(u64, f64)>)> {
+) -> anyhow::Result<(JobStatus, Option<(u64, u64, f64)>)> {
     let honest = if cheat.is_some() { args.pnodes - 1 } else { args.pnodes };
     let cfg = MeshConfig { pnodes: honest, data: args.data.clone(), ..MeshConfig::default() };
     let mut mesh = LocalMesh::start_with(cfg).await?;
@@ -148,7 +150,8 @@ async fn run_job(
             if cheat.is_some() && quarantined.is_none() {
                 let snap = mesh.registry().send(Snapshot).await?;
                 if snap.iter().any(|p| p.name == "cheat" && p.standing == Standing::Quarantined) {
-                    quarantined = Some((st.steps_done, started.elapsed().as_secs_f64()));
+                    let redone: u64 = st.recoveries.iter().map(|r| r.recomputed_steps).sum();
+                    quarantined = Some((st.steps_done, st.steps_done + redone, started.elapsed().as_secs_f64()));
                 }
             }
             if st.state.is_final() {
@@ -185,8 +188,20 @@ pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
     let full_share = crate::job::Share::OneIn(2).of(n);
     let cases = [
         Case { label: "none", verify: Verify::None, fraction: None, job_pnodes: None, baseline: 0 },
-        Case { label: "none (spot's)", verify: Verify::None, fraction: None, job_pnodes: Some(spot_share), baseline: 1 },
-        Case { label: "none (full's)", verify: Verify::None, fraction: None, job_pnodes: Some(full_share), baseline: 2 },
+        Case {
+            label: "none (spot's)",
+            verify: Verify::None,
+            fraction: None,
+            job_pnodes: Some(spot_share),
+            baseline: 1,
+        },
+        Case {
+            label: "none (full's)",
+            verify: Verify::None,
+            fraction: None,
+            job_pnodes: Some(full_share),
+            baseline: 2,
+        },
         Case { label: "spotcheck 10%", verify: Verify::Spotcheck, fraction: Some(0.1), job_pnodes: None, baseline: 1 },
         Case { label: "full", verify: Verify::Full, fraction: None, job_pnodes: None, baseline: 2 },
     ];
@@ -254,7 +269,8 @@ pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
             policy: policy.to_string(),
             rolled_back_at_step: rolled_back,
             quarantined_at_step: q.map(|q| q.0),
-            quarantined_after_s: q.map(|q| q.1),
+            quarantined_after_steps_executed: q.map(|q| q.1),
+            quarantined_after_s: q.map(|q| q.2),
             model_unchanged: hash == want,
             recoveries: st.recoveries.len(),
         });
@@ -280,19 +296,20 @@ pub fn print(r: &VerifyReport) {
         );
     }
     println!(
-        "{:<10} {:<14} {:>11} {:>15} {:>8} {:>10} {:>10}",
-        "FAULT", "POLICY", "ROLLED BACK", "QUARANTINED AT", "AFTER s", "ROLLBACKS", "SAME MODEL"
+        "{:<10} {:<14} {:>11} {:>15} {:>14} {:>8} {:>10} {:>10}",
+        "FAULT", "POLICY", "ROLLED BACK", "QUARANTINED AT", "STEPS RUN", "AFTER s", "ROLLBACKS", "SAME MODEL"
     );
     let step = |s: Option<u64>| s.map_or("never".to_string(), |s| format!("step {s}"));
     for f in &r.faults {
         let after = f.quarantined_after_s.map_or("-".to_string(), |s| format!("{s:.2}"));
         let same = if f.model_unchanged { "yes" } else { "NO" };
         println!(
-            "{:<10} {:<14} {:>11} {:>15} {:>8} {:>10} {:>10}",
+            "{:<10} {:<14} {:>11} {:>15} {:>14} {:>8} {:>10} {:>10}",
             f.fault,
             f.policy,
             step(f.rolled_back_at_step),
             step(f.quarantined_at_step),
+            f.quarantined_after_steps_executed.map_or("-".to_string(), |s| s.to_string()),
             after,
             f.recoveries,
             same

@@ -14,12 +14,14 @@ struct Outcome {
     pnodes: Vec<serde_json::Value>,
     reference: serde_json::Value,
     cheat_id: Option<String>,
+    /// The mesh's event log, from the dashboard API.
+    events: Vec<serde_json::Value>,
 }
 
 /// Runs `steps` of the tiny MLP on `honest` honest PNodes plus one with `fault` (if any), under
 /// the `[policy]` lines given.
 fn run_job(honest: usize, fault: Option<&str>, steps: u64, policy: &str) -> Outcome {
-    let mut mesh = Mesh::start_with(0, &[], &[]).unwrap();
+    let mut mesh = Mesh::start_with(0, &["--dashboard", "127.0.0.1:0"], &[]).unwrap();
     for i in 0..honest {
         mesh.add_pnode_with(&["--name", &format!("honest-{i}")]).unwrap();
     }
@@ -63,7 +65,9 @@ fn run_job(honest: usize, fault: Option<&str>, steps: u64, policy: &str) -> Outc
     let rec: serde_json::Value = serde_json::from_slice(&object(rec_hash.trim())).unwrap();
     let ver_hash = rec["artifacts"]["verification.json"].as_str().unwrap_or_else(|| panic!("{rec}"));
     let verification: serde_json::Value = serde_json::from_slice(&object(ver_hash)).unwrap();
-    Outcome { summary, verification, pnodes: pnodes(&mesh), reference, cheat_id }
+    let dash = mesh.dashboard.clone().unwrap();
+    let events = dcnr_tests::get_json(&format!("{dash}api/events")).unwrap().as_array().cloned().unwrap_or_default();
+    Outcome { summary, verification, pnodes: pnodes(&mesh), reference, cheat_id, events }
 }
 
 fn standing<'a>(o: &'a Outcome, id: &str) -> &'a str {
@@ -88,10 +92,18 @@ fn full_catches(fault: &str) {
     assert!(v["segments_checked"].as_u64().unwrap() >= 8, "every segment is checked under full: {v}");
     let at = q[0]["at_step"].as_u64().unwrap();
     assert!(at <= 400, "{v}");
-    eprintln!("{fault}: quarantined at step {at}; {} mismatches, {} arbiters", v["mismatches"].as_array().unwrap().len(), v["arbiters"]);
+    eprintln!(
+        "{fault}: quarantined at step {at}; {} mismatches, {} arbiters",
+        v["mismatches"].as_array().unwrap().len(),
+        v["arbiters"]
+    );
     for p in o.pnodes.iter().filter(|p| p["pnode_id"] != cheat.as_str()) {
         assert_eq!(p["standing"], "new", "{p}");
     }
+    // The quarantine is in the mesh's event log, naming the identity.
+    let quarantined: Vec<_> = o.events.iter().filter(|e| e["kind"] == "pnode_quarantined").collect();
+    assert_eq!(quarantined.len(), 1, "{:?}", o.events);
+    assert_eq!(quarantined[0]["pnode"], cheat.as_str(), "{:?}", quarantined);
 }
 
 #[test]
@@ -134,8 +146,10 @@ fn a_spotcheck_catches_a_cheater_that_corrupts_everything() {
 
 #[test]
 fn honest_meshes_have_no_false_positives() {
-    for policy in ["verify = \"full\"\nsegment_steps = 40", "verify = \"spotcheck\"\nspotcheck_fraction = 0.5\nsegment_steps = 40"]
-    {
+    for policy in [
+        "verify = \"full\"\nsegment_steps = 40",
+        "verify = \"spotcheck\"\nspotcheck_fraction = 0.5\nsegment_steps = 40",
+    ] {
         let o = run_job(4, None, 200, policy);
         let v = &o.verification;
         assert_eq!(o.summary["params_sha256"], o.reference["params_sha256"], "{policy}: {}\n{v}", o.summary);

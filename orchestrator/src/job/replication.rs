@@ -171,9 +171,7 @@ impl Replication {
     /// Remembers that the PNodes of `job` (an execution starting from `start`) ran unchecked.
     fn taint(&mut self, job: &ExecutionDigest, start: &Option<ResumeFrom>) {
         for p in job.pnodes() {
-            if !self.taint.contains_key(&p) {
-                self.taint.insert(p, (job.start, start.clone()));
-            }
+            self.taint.entry(p).or_insert_with(|| (job.start, start.clone()));
         }
     }
 
@@ -224,11 +222,8 @@ impl JobActor {
             return;
         }
         let job = self.digest("job", start_step, end.step, &end.states);
-        let standings: Vec<Standing> = job
-            .pnodes()
-            .iter()
-            .map(|p| self.replication.standings.get(p).copied().unwrap_or(Standing::New))
-            .collect();
+        let standings: Vec<Standing> =
+            job.pnodes().iter().map(|p| self.replication.standings.get(p).copied().unwrap_or(Standing::New)).collect();
         let r = &mut self.replication;
         let replicas = r.settings.segment_replicas(&standings, &r.sampler, start_step);
         if replicas == 0 {
@@ -261,11 +256,8 @@ impl JobActor {
         let Some(seg) = self.replication.segments.get_mut(&id) else { return };
         seg.started += 1;
         let arbiter = seg.digests.len() >= seg.rule.n;
-        let exclude: BTreeSet<String> = if arbiter {
-            seg.suspects.clone()
-        } else {
-            seg.digests.iter().flat_map(|d| d.pnodes()).collect()
-        };
+        let exclude: BTreeSet<String> =
+            if arbiter { seg.suspects.clone() } else { seg.digests.iter().flat_map(|d| d.pnodes()).collect() };
         let label = format!("replica {}", seg.started);
         let mut spec = self.spec.clone();
         spec.job_id = format!("{}~{}-{}r{}", self.spec.job_id, seg.start_step, seg.end, seg.started);
@@ -293,7 +285,8 @@ impl JobActor {
             if exclude.is_empty() { String::new() } else { format!(" (not {})", join(&exclude)) }
         );
         self.log(text);
-        let (registry, jobs, data, id) = (self.registry.clone(), self.jobs.clone(), self.data.clone(), spec.job_id.clone());
+        let (registry, jobs, data, id) =
+            (self.registry.clone(), self.jobs.clone(), self.data.clone(), spec.job_id.clone());
         // A replica's events stay with it; nobody watches them.
         let (events, _) = tokio::sync::broadcast::channel(16);
         let jobs_for_actor = jobs.clone();
@@ -312,7 +305,7 @@ impl JobActor {
         // A PNode a replica caught may have cheated in this job's unchecked segments as well.
         let caught: Vec<String> = found.invalid_results.into_iter().map(|r| r.pnode).collect();
         if let Some(to) = self.replication.rollback_for(&caught, None) {
-            self.roll_back(ctx, to, format!("verification: a replica caught {}", caught.join(", ")), caught);
+            self.roll_back(ctx, Some(to), format!("verification: a replica caught {}", caught.join(", ")), caught);
         }
         let Some(seg) = self.replication.segments.get_mut(&msg.segment) else {
             // Its segment was rolled back meanwhile.
@@ -423,7 +416,7 @@ impl JobActor {
                 } else {
                     format!("{} cheated and took part in unchecked steps of this job", bad.join(", "))
                 };
-                self.roll_back(ctx, to, format!("verification: {why}"), bad);
+                self.roll_back(ctx, Some(to), format!("verification: {why}"), bad);
             }
             None => {
                 self.excluded.extend(bad);
@@ -434,8 +427,8 @@ impl JobActor {
 
     /// Rolls the job back to `to` and goes on without `bad`, once the strikes queued before
     /// have landed (so a quarantine is in the record before anything moves).
-    pub(super) fn roll_back(&mut self, ctx: &mut Context<Self>, to: RollbackTo, why: String, bad: Vec<String>) {
-        ctx.wait(actix::fut::ready(()).map(move |_, act: &mut JobActor, ctx| act.rewind(ctx, Some(to), why, bad)));
+    pub(super) fn roll_back(&mut self, ctx: &mut Context<Self>, to: Option<RollbackTo>, why: String, bad: Vec<String>) {
+        ctx.wait(actix::fut::ready(()).map(move |_, act: &mut JobActor, ctx| act.rewind(ctx, to, why, bad)));
     }
 
     /// Recovers without `bad`, from `to` when that is earlier than the latest snapshot.
@@ -463,7 +456,7 @@ impl JobActor {
         let to = (seg.start_step, seg.start.clone());
         let (a, b) = (seg.start_step, seg.end);
         self.settle(id, "unresolved");
-        self.roll_back(ctx, to, format!("verification: steps {a}..{b} reached no quorum; redoing them"), bad);
+        self.roll_back(ctx, Some(to), format!("verification: steps {a}..{b} reached no quorum; redoing them"), bad);
     }
 
     /// Records segment `id`'s verdict and forgets it.
@@ -503,7 +496,15 @@ impl JobActor {
         let msg = RecordOutcome { pnode: pnode.clone(), outcome: Outcome::Invalid(reason) };
         ctx.wait(self.registry.send(msg).into_actor(self).map(move |t, act, _| {
             if let Ok(Transition::Quarantined(why)) = t {
-                act.log(format!("pnode {pnode} quarantined: {why}"));
+                let text = format!("pnode {pnode} quarantined: {why}");
+                act.log(text.clone());
+                act.spec.events.push(
+                    NewEvent::new("pnode_quarantined", text)
+                        .severity(Severity::Error)
+                        .job(&act.spec.job_id)
+                        .pnode(&pnode)
+                        .data(serde_json::json!({ "at_step": at_step, "reason": why })),
+                );
                 act.verification.quarantines.push(QuarantineEvent { pnode, at_step, reason: why });
             }
         }));
@@ -549,7 +550,12 @@ impl JobActor {
     pub(super) fn verified_params(&self) -> Option<Result<Vec<Vec<Vec<f32>>>, String>> {
         self.replication.segment_steps?;
         let last = self.recovery.as_ref().filter(|r| r.step == self.completed)?;
-        Some(last.states.iter().map(|(v, bytes)| params_of_state(bytes).map_err(|e| format!("vnode {v}: {e}"))).collect())
+        Some(
+            last.states
+                .iter()
+                .map(|(v, bytes)| params_of_state(bytes).map_err(|e| format!("vnode {v}: {e}")))
+                .collect(),
+        )
     }
 }
 

@@ -5,9 +5,8 @@
 //! checks. A result no PNode can be blamed for fails the job (`invalid_result`).
 
 use super::{JobActor, Report, ReportBody, Stage};
-use crate::registry::{PNodeView, RecordOutcome};
-use crate::trust::{Outcome, Transition};
-use crate::verify::{InvalidResult, QuarantineEvent};
+use crate::registry::PNodeView;
+use crate::verify::InvalidResult;
 use actix::prelude::*;
 use dcnr_vnode::sanity;
 
@@ -88,18 +87,10 @@ impl JobActor {
         let who = pnode.as_ref().map_or_else(|| "orchestrator".to_string(), |p| p.id.clone());
         self.verification.invalid_results.push(InvalidResult { pnode: who, vnode, step, reason: text.clone() });
         let Some(p) = pnode else { return self.fail(ctx, "invalid_result", text) };
-        let at_step = self.completed;
-        let msg = RecordOutcome { pnode: p.id.clone(), outcome: Outcome::Invalid(text.clone()) };
-        // Waiting here holds other reports back, so the quarantine lands in this job's record.
-        ctx.wait(self.registry.send(msg).into_actor(self).map(move |t, act, ctx| {
-            if let Ok(Transition::Quarantined(why)) = t {
-                act.log(format!("pnode {} ({}) quarantined: {why}", p.id, p.name));
-                act.verification.quarantines.push(QuarantineEvent { pnode: p.id.clone(), at_step, reason: why });
-            }
-            // It may have cheated undetected in unchecked segments before: go back past them.
-            let bad = vec![p.id.clone()];
-            let to = act.replication.rollback_for(&bad, None);
-            act.rewind(ctx, to, format!("invalid result: {text}"), bad);
-        }));
+        self.strike(ctx, p.id.clone(), text.clone());
+        // It may have cheated undetected in unchecked segments before: go back past them.
+        let bad = vec![p.id.clone()];
+        let to = self.replication.rollback_for(&bad, None);
+        self.roll_back(ctx, to, format!("invalid result: {text}"), bad);
     }
 }
