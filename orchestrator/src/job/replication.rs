@@ -260,7 +260,9 @@ impl JobActor {
             if arbiter { seg.suspects.clone() } else { seg.digests.iter().flat_map(|d| d.pnodes()).collect() };
         let label = format!("replica {}", seg.started);
         let mut spec = self.spec.clone();
-        spec.job_id = format!("{}~{}-{}r{}", self.spec.job_id, seg.start_step, seg.end, seg.started);
+        // The segment id keeps ids unique when a rolled-back range is checked again while an
+        // older replica of it still runs.
+        spec.job_id = format!("{}~{}-{}s{}r{}", self.spec.job_id, seg.start_step, seg.end, id, seg.started);
         spec.steps = seg.end;
         spec.resume = seg.start.clone();
         spec.store = None;
