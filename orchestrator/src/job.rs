@@ -583,6 +583,10 @@ impl JobActor {
             deadline: self.started + self.spec.timeout,
             min_pnodes: 1,
             share: self.replication.share(),
+            class: match &self.spec.role {
+                Role::Primary => None,
+                Role::Replica(of) => of.class.clone(),
+            },
         };
         let registry = self.registry.clone();
         self.push_status();
@@ -700,6 +704,7 @@ impl JobActor {
             e.placements.retain(|(first, _)| *first < from);
             e.placements.push((from, p.id.clone()));
             self.replication.standings.insert(p.id.clone(), p.standing);
+            self.replication.classes.insert(p.id.clone(), p.caps.determinism_class.clone());
         }
         self.placement = placement;
         self.stage = Stage::Training;
@@ -1007,6 +1012,7 @@ impl JobActor {
     }
 
     fn finish(&mut self, ctx: &mut Context<Self>, params: Option<Vec<Vec<Vec<f32>>>>) {
+        self.replication.cancel_all();
         if self.loss_window.1 > 0 {
             self.last_loss = Some((self.loss_window.0 / f64::from(self.loss_window.1)) as f32);
             self.loss_window = (0.0, 0);
@@ -1247,6 +1253,8 @@ struct PlacementRequest {
     min_pnodes: usize,
     /// How many of the suitable PNodes this execution may take.
     share: replication::Share,
+    /// Only PNodes of this determinism class (a replica's).
+    class: Option<String>,
 }
 
 /// Stops a job's VNodes on the given PNodes, best effort and briefly: a PNode that does not
@@ -1316,23 +1324,17 @@ async fn place_and_allocate(
         let snap =
             registry.send(Snapshot).await.map_err(|e| PlaceError::Capacity(format!("registry unavailable: {e}")))?;
         let target = spec.envelope.policy.target;
+        // Quarantined identities get no work.
         let suitable_now = |p: &PNodeView| {
             p.health == Health::Healthy
                 && (target != Target::Gpu || !p.caps.gpu.is_empty())
+                && req.class.as_ref().is_none_or(|c| *c == p.caps.determinism_class)
                 && p.standing != crate::trust::Standing::Quarantined
         };
         // Replicas of this job's segments need PNodes of their own: the share counts them all.
         let snap_suitable = snap.iter().filter(|p| suitable_now(p)).count();
-        let healthy: Vec<PNodeView> = snap
-            .into_iter()
-            .filter(|p| {
-                p.health == Health::Healthy
-                    && !req.exclude.contains(&p.id)
-                    && (target != Target::Gpu || !p.caps.gpu.is_empty())
-            })
-            // Quarantined identities get no work.
-            .filter(|p| p.standing != crate::trust::Standing::Quarantined)
-            .collect();
+        let healthy: Vec<PNodeView> =
+            snap.into_iter().filter(|p| suitable_now(p) && !req.exclude.contains(&p.id)).collect();
         let offers: Vec<Offer> = healthy
             .iter()
             .map(|p| Offer { pnode: p.id.clone(), cores: p.caps.cores, memory: p.caps.memory_bytes })
@@ -1401,9 +1403,9 @@ impl Actor for JobActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.push_status();
         ctx.run_interval(Duration::from_millis(100), |act, ctx| act.tick(ctx));
-        let exclude = match &self.spec.role {
-            Role::Primary => BTreeSet::new(),
-            Role::Replica(of) => of.exclude.clone(),
+        let (exclude, class) = match &self.spec.role {
+            Role::Primary => (BTreeSet::new(), None),
+            Role::Replica(of) => (of.exclude.clone(), of.class.clone()),
         };
         self.excluded = exclude.clone();
         let request = PlacementRequest {
@@ -1412,6 +1414,7 @@ impl Actor for JobActor {
             deadline: Instant::now() + self.spec.placement_timeout,
             min_pnodes: self.spec.min_pnodes,
             share: self.replication.share(),
+            class,
         };
         let fut = place_and_allocate(self.spec.clone(), self.registry.clone(), request);
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| act.on_placed(res, ctx)));

@@ -44,6 +44,9 @@ pub struct ReplicaOf {
     pub label: String,
     /// PNodes it must not run on.
     pub exclude: BTreeSet<String>,
+    /// The determinism class its PNodes must have: the one the job's execution ran in, since
+    /// honest executions agree bit for bit only within a class.
+    pub class: Option<String>,
 }
 
 impl std::fmt::Debug for ReplicaOf {
@@ -102,6 +105,8 @@ struct Segment {
     started: usize,
     /// PNodes at the point where executions first disagree; arbiters avoid them.
     suspects: BTreeSet<String>,
+    /// The replica running now (one at a time per segment).
+    running: Option<Addr<JobActor>>,
 }
 
 /// A job's redundant-execution bookkeeping.
@@ -111,6 +116,8 @@ pub(super) struct Replication {
     segment_steps: Option<u64>,
     /// Standing of every PNode the job has been placed on, as of its placement.
     pub(super) standings: BTreeMap<String, Standing>,
+    /// Determinism class of every PNode the job has been placed on.
+    pub(super) classes: BTreeMap<String, String>,
     segments: BTreeMap<u64, Segment>,
     next_id: u64,
     /// Per PNode, the start of the earliest unchecked segment of this job it took part in: a
@@ -132,6 +139,7 @@ impl Replication {
             sampler: Spotcheck::new(spec.root_seed),
             segment_steps: verified.then(|| policy.segment_steps()),
             standings: BTreeMap::new(),
+            classes: BTreeMap::new(),
             segments: BTreeMap::new(),
             next_id: 0,
             taint: BTreeMap::new(),
@@ -164,8 +172,22 @@ impl Replication {
 
     /// Drops the segments a rollback to `step` discards (they will be executed again).
     pub(super) fn forget_after(&mut self, step: u64) {
+        for seg in self.segments.values().filter(|s| s.end > step) {
+            if let Some(r) = &seg.running {
+                r.do_send(Cancel);
+            }
+        }
         self.segments.retain(|_, s| s.end <= step);
         self.taint.retain(|_, t| t.0 < step);
+    }
+
+    /// Stops every replica still running (the job has ended).
+    pub(super) fn cancel_all(&mut self) {
+        for seg in std::mem::take(&mut self.segments).into_values() {
+            if let Some(r) = seg.running {
+                r.do_send(Cancel);
+            }
+        }
     }
 
     /// Remembers that the PNodes of `job` (an execution starting from `start`) ran unchecked.
@@ -245,6 +267,7 @@ impl JobActor {
                 digests: vec![job],
                 started: 0,
                 suspects: BTreeSet::new(),
+                running: None,
             },
         );
         self.start_replica(ctx, id);
@@ -259,6 +282,10 @@ impl JobActor {
         let exclude: BTreeSet<String> =
             if arbiter { seg.suspects.clone() } else { seg.digests.iter().flat_map(|d| d.pnodes()).collect() };
         let label = format!("replica {}", seg.started);
+        let classes: BTreeSet<&String> =
+            seg.digests[0].pnodes().iter().filter_map(|p| self.replication.classes.get(p)).collect();
+        // A job spread over several classes has no single class to match; its replicas go anywhere.
+        let class = if classes.len() == 1 { classes.into_iter().next().cloned() } else { None };
         let mut spec = self.spec.clone();
         // The segment id keeps ids unique when a rolled-back range is checked again while an
         // older replica of it still runs.
@@ -275,6 +302,7 @@ impl JobActor {
             segment: id,
             label: label.clone(),
             exclude: exclude.clone(),
+            class,
         });
         if arbiter {
             self.verification.arbiters += 1;
@@ -287,6 +315,7 @@ impl JobActor {
             if exclude.is_empty() { String::new() } else { format!(" (not {})", join(&exclude)) }
         );
         self.log(text);
+        let segment = id;
         let (registry, jobs, data, id) =
             (self.registry.clone(), self.jobs.clone(), self.data.clone(), spec.job_id.clone());
         // A replica's events stay with it; nobody watches them.
@@ -295,7 +324,10 @@ impl JobActor {
         let addr = JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
             JobActor::new(spec, registry, jobs_for_actor, data, events)
         });
-        jobs.do_send(RouteReplica(id, addr));
+        jobs.do_send(RouteReplica(id, addr.clone()));
+        if let Some(seg) = self.replication.segments.get_mut(&segment) {
+            seg.running = Some(addr);
+        }
     }
 
     /// A replica answered.
@@ -313,6 +345,7 @@ impl JobActor {
             // Its segment was rolled back meanwhile.
             return;
         };
+        seg.running = None;
         match msg.result {
             Ok(d) => {
                 seg.digests.push(d);
@@ -558,6 +591,22 @@ impl JobActor {
                 .map(|(v, bytes)| params_of_state(bytes).map_err(|e| format!("vnode {v}: {e}")))
                 .collect(),
         )
+    }
+}
+
+/// Tells a replica job to stop: its segment was rolled back or its job ended.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Cancel;
+
+impl Handler<Cancel> for JobActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Cancel, ctx: &mut Context<Self>) {
+        if matches!(self.spec.role, Role::Replica(_)) && self.stage != Stage::Ended {
+            self.log("cancelled: its segment is no longer needed".into());
+            self.finish(ctx, None);
+        }
     }
 }
 
