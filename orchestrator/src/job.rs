@@ -410,6 +410,12 @@ impl JobActor {
         !every.is_zero() && self.last_snapshot_at.elapsed() >= every && self.completed > self.recovery_step()
     }
 
+    /// Whether the job stands at a segment boundary until its replicas catch up: its PNodes are
+    /// idle on purpose, not stalled.
+    fn waiting_for_replicas(&self) -> bool {
+        self.replication.backlogged() && self.completed == self.recovery_step() && self.stage == Stage::Training
+    }
+
     /// Whether a PNode this job is placed on is leaving (its VNodes move at the next drained step).
     fn leaving(&self) -> bool {
         self.placement.values().any(|p| self.evacuating.contains(&p.id))
@@ -776,11 +782,9 @@ impl JobActor {
                         let boundary = self.completed / n * n;
                         let taken = self.recovery_step() >= boundary;
                         limit = limit.min(if taken { boundary + n } else { boundary });
-                        if self.replication.backlogged() && self.completed == self.recovery_step() {
+                        if self.waiting_for_replicas() {
                             limit = limit.min(self.completed);
                             waiting_for_replicas = true;
-                            // Waiting on replicas is not a stall of this job's PNodes.
-                            self.last_activity = Instant::now();
                         }
                     }
                     // A leaving PNode or a due recovery snapshot needs a drained pipeline first.
@@ -1080,6 +1084,9 @@ impl JobActor {
         }
         if matches!(self.stage, Stage::Placing | Stage::Recovering | Stage::Verifying) {
             return;
+        }
+        if self.waiting_for_replicas() {
+            self.last_activity = Instant::now();
         }
         if self.last_activity.elapsed() > self.idle_limit() && !self.probing && Instant::now() >= self.next_probe {
             self.probe(ctx);

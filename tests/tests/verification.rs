@@ -18,26 +18,25 @@ struct Outcome {
     events: Vec<serde_json::Value>,
 }
 
-/// Runs `steps` of the tiny MLP on `honest` honest PNodes plus one with `fault` (if any), under
-/// the `[policy]` lines given.
-fn run_job(honest: usize, fault: Option<&str>, steps: u64, policy: &str) -> Outcome {
+/// Runs `steps` of the tiny MLP on `honest` honest PNodes plus one started with the flags `odd`
+/// (if any), under the `[policy]` lines given.
+fn run_job(honest: usize, odd: Option<&[&str]>, steps: u64, policy: &str) -> Outcome {
     let mut mesh = Mesh::start_with(0, &["--dashboard", "127.0.0.1:0"], &[]).unwrap();
     for i in 0..honest {
         mesh.add_pnode_with(&["--name", &format!("honest-{i}")]).unwrap();
     }
-    if let Some(f) = fault {
-        // Claiming the most cores puts it in the job's own execution, not only in replicas.
-        mesh.add_pnode_with(&["--name", "cheat", "--fault", f, "--cores", "64"]).unwrap();
+    if let Some(flags) = odd {
+        mesh.add_pnode_with(&[&["--name", "odd"], flags].concat()).unwrap();
     }
-    let total = honest + usize::from(fault.is_some());
+    let total = honest + usize::from(odd.is_some());
     mesh.wait_for_pnodes(total).unwrap();
     let pnodes = |mesh: &Mesh| -> Vec<serde_json::Value> {
         let out = run(&["pnodes", "--json", "--orchestrator", &mesh.url], T).unwrap();
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().cloned().unwrap_or_default()
     };
-    let cheat_id = fault.map(|_| {
+    let cheat_id = odd.map(|_| {
         let all = pnodes(&mesh);
-        let p = all.iter().find(|p| p["name"] == "cheat").unwrap();
+        let p = all.iter().find(|p| p["name"] == "odd").unwrap();
         p["pnode_id"].as_str().unwrap().to_string()
     });
 
@@ -77,7 +76,8 @@ fn standing<'a>(o: &'a Outcome, id: &str) -> &'a str {
 /// Policy `full` against one cheater: it is quarantined, the model is the fault-free one, and
 /// the report says when and why.
 fn full_catches(fault: &str) {
-    let o = run_job(3, Some(fault), 400, "verify = \"full\"\nsegment_steps = 50");
+    // Claiming the most cores puts it in the job's own execution, not only in replicas.
+    let o = run_job(3, Some(&["--fault", fault, "--cores", "64"]), 400, "verify = \"full\"\nsegment_steps = 50");
     let cheat = o.cheat_id.clone().unwrap();
     assert_eq!(o.summary["params_sha256"], o.reference["params_sha256"], "{}\n{}", o.summary, o.verification);
     assert_eq!(standing(&o, &cheat), "quarantined", "{:?}\n{}", o.pnodes, o.verification);
@@ -128,7 +128,8 @@ fn full_replication_quarantines_a_lazy_pnode() {
 
 #[test]
 fn a_spotcheck_catches_a_cheater_that_corrupts_everything() {
-    let o = run_job(3, Some("corrupt"), 1000, "verify = \"spotcheck\"\nspotcheck_fraction = 0.1\nsegment_steps = 20");
+    let cheat = ["--fault", "corrupt", "--cores", "64"];
+    let o = run_job(3, Some(&cheat), 1000, "verify = \"spotcheck\"\nspotcheck_fraction = 0.1\nsegment_steps = 20");
     let cheat = o.cheat_id.clone().unwrap();
     let v = &o.verification;
     assert_eq!(o.summary["params_sha256"], o.reference["params_sha256"], "{}\n{v}", o.summary);
@@ -146,8 +147,10 @@ fn a_spotcheck_catches_a_cheater_that_corrupts_everything() {
 
 #[test]
 fn honest_meshes_have_no_false_positives() {
+    // Segments of 10 steps under `full` outrun their replicas, so the job also waits at
+    // boundaries for them: that must not look like a stall either.
     for policy in [
-        "verify = \"full\"\nsegment_steps = 40",
+        "verify = \"full\"\nsegment_steps = 10",
         "verify = \"spotcheck\"\nspotcheck_fraction = 0.5\nsegment_steps = 40",
     ] {
         let o = run_job(4, None, 200, policy);
@@ -160,4 +163,19 @@ fn honest_meshes_have_no_false_positives() {
         assert!(o.pnodes.iter().all(|p| p["standing"] == "new"), "{policy}: {:?}", o.pnodes);
         assert!(o.summary["recoveries"].as_array().is_none_or(Vec::is_empty), "{policy}: {}", o.summary);
     }
+}
+
+#[test]
+fn a_slow_honest_pnode_is_waited_for_not_accused() {
+    // With the fewest cores it gets replica work only; its replicas take seconds per segment, so
+    // the job often stands at a boundary waiting for them, longer than the idle probe's 2 s.
+    let slow = ["--fault", "slow", "--fault-delay-ms", "60", "--cores", "1"];
+    let o = run_job(3, Some(&slow), 100, "verify = \"full\"\nsegment_steps = 10");
+    let v = &o.verification;
+    assert_eq!(o.summary["params_sha256"], o.reference["params_sha256"], "{}\n{v}", o.summary);
+    assert_eq!(v["segments_checked"], 10, "{v}");
+    assert_eq!(v["mismatches"].as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(v["quarantines"].as_array().map(Vec::len), Some(0), "{v}");
+    assert!(o.summary["recoveries"].as_array().is_none_or(Vec::is_empty), "waiting is not a stall: {}", o.summary);
+    assert_eq!(standing(&o, o.cheat_id.as_deref().unwrap()), "new");
 }

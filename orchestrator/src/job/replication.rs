@@ -616,6 +616,10 @@ impl Handler<ReplicaDone> for JobActor {
     fn handle(&mut self, msg: ReplicaDone, ctx: &mut Context<Self>) {
         if self.stage != Stage::Ended {
             self.replica_done(ctx, msg);
+            // A settled segment may free a job waiting at a boundary for its replicas.
+            if self.stage == Stage::Training {
+                self.pump(ctx);
+            }
         }
     }
 }
