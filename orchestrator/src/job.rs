@@ -593,6 +593,7 @@ impl JobActor {
                 Role::Primary => None,
                 Role::Replica(of) => of.class.clone(),
             },
+            avoid_hosts: matches!(self.spec.role, Role::Replica(_)),
         };
         let registry = self.registry.clone();
         self.push_status();
@@ -1262,6 +1263,8 @@ struct PlacementRequest {
     share: replication::Share,
     /// Only PNodes of this determinism class (a replica's).
     class: Option<String>,
+    /// Avoid the machines of the excluded PNodes too, where known (a replica's).
+    avoid_hosts: bool,
 }
 
 /// Stops a job's VNodes on the given PNodes, best effort and briefly: a PNode that does not
@@ -1340,8 +1343,20 @@ async fn place_and_allocate(
         };
         // Replicas of this job's segments need PNodes of their own: the share counts them all.
         let snap_suitable = snap.iter().filter(|p| suitable_now(p)).count();
-        let healthy: Vec<PNodeView> =
-            snap.into_iter().filter(|p| suitable_now(p) && !req.exclude.contains(&p.id)).collect();
+        // A replica keeps off the machines of the PNodes it avoids: one machine, one vote.
+        let hosts: BTreeSet<String> = if req.avoid_hosts {
+            snap.iter()
+                .filter(|p| req.exclude.contains(&p.id))
+                .filter_map(|p| crate::verify::host_of(&p.endpoint))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let on_avoided_host = |p: &PNodeView| crate::verify::host_of(&p.endpoint).is_some_and(|h| hosts.contains(&h));
+        let healthy: Vec<PNodeView> = snap
+            .into_iter()
+            .filter(|p| suitable_now(p) && !req.exclude.contains(&p.id) && !on_avoided_host(p))
+            .collect();
         let offers: Vec<Offer> = healthy
             .iter()
             .map(|p| Offer { pnode: p.id.clone(), cores: p.caps.cores, memory: p.caps.memory_bytes })
@@ -1421,6 +1436,7 @@ impl Actor for JobActor {
             deadline: Instant::now() + self.spec.placement_timeout,
             min_pnodes: self.spec.min_pnodes,
             share: self.replication.share(),
+            avoid_hosts: matches!(self.spec.role, Role::Replica(_)),
             class,
         };
         let fut = place_and_allocate(self.spec.clone(), self.registry.clone(), request);

@@ -182,6 +182,27 @@ pub fn evaluate(rule: &QuorumRule, votes: &[(String, [u8; 32])]) -> Quorum {
     Quorum::Unresolved { results: tally.into_iter().collect() }
 }
 
+/// The machine a PNode's endpoint is on, when it tells: `None` for loopback and `localhost`
+/// (every PNode of a local mesh shares them) and for what cannot be parsed. Replicas of an
+/// execution avoid the hosts it ran on, so one machine cannot vote twice under two identities.
+pub fn host_of(endpoint: &str) -> Option<String> {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    if host.is_empty() || host.eq_ignore_ascii_case("localhost") {
+        return None;
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>()
+        && (ip.is_loopback() || ip.is_unspecified())
+    {
+        return None;
+    }
+    Some(host.to_ascii_lowercase())
+}
+
 /// The VNode key under which whole segments are drawn for spot checks (no VNode has it).
 pub const SEGMENT_KEY: u32 = u32::MAX;
 
@@ -531,6 +552,18 @@ mod tests {
         let short = digest("replica 2", &[(0, &["x0"]), (1, &["y0", "y1"]), (2, &["z0", "z1"])], &where_);
         assert_eq!(first_divergence(&good, &short, &topo).map(|d| (d.vnode, d.got)), Some((0, "missing".into())));
         assert_eq!(good.pnodes().into_iter().collect::<Vec<_>>(), vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn hosts_are_known_unless_local() {
+        assert_eq!(host_of("http://10.0.0.5:7071"), Some("10.0.0.5".into()));
+        assert_eq!(host_of("http://Node-7.example.org:7071/"), Some("node-7.example.org".into()));
+        assert_eq!(host_of("http://[2001:db8::1]:7071"), Some("2001:db8::1".into()));
+        assert_eq!(host_of("http://127.0.0.1:7071"), None);
+        assert_eq!(host_of("http://127.0.0.42:7071"), None);
+        assert_eq!(host_of("http://[::1]:7071"), None);
+        assert_eq!(host_of("http://localhost:7071"), None);
+        assert_eq!(host_of(""), None);
     }
 
     #[test]
