@@ -261,9 +261,12 @@ pub async fn collect_garbage(store: &dyn ObjectStore, grace: Duration) -> Result
         }
         live.insert(h);
     }
-    for name in store.list_refs("active").await? {
-        if let Some(h) = store.get_ref(&name).await? {
-            live.insert(h);
+    // The saved trust book, and job marks of running jobs, are live as well.
+    for prefix in ["active", "trust"] {
+        for name in store.list_refs(prefix).await? {
+            if let Some(h) = store.get_ref(&name).await? {
+                live.insert(h);
+            }
         }
     }
     let mut report = GcReport::default();

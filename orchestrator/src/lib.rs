@@ -24,6 +24,7 @@ pub mod demo;
 pub mod events;
 pub mod job;
 pub mod jobs;
+pub mod ledger;
 pub mod local;
 pub mod metrics;
 pub mod placement;

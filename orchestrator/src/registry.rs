@@ -122,12 +122,54 @@ pub struct Registry {
     pnodes: BTreeMap<String, Record>,
     /// Reputation of every identity ever seen, kept when a PNode leaves.
     trust: TrustBook,
+    /// Where the trust book is saved (none: memory only).
+    store: Option<std::sync::Arc<dyn crate::artifacts::ObjectStore>>,
+    /// The book changed since it was last saved.
+    unsaved: bool,
+    /// A save is running.
+    saving: bool,
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new(policy: HealthPolicy) -> Registry {
-        Registry { policy, pnodes: BTreeMap::new(), trust: TrustBook::new(TrustPolicy::default()) }
+        Registry {
+            policy,
+            pnodes: BTreeMap::new(),
+            trust: TrustBook::new(TrustPolicy::default()),
+            store: None,
+            unsaved: false,
+            saving: false,
+        }
+    }
+
+    /// Saves the trust book in `store` (and starts from `saved`, what an earlier run saved).
+    pub fn with_ledger(
+        mut self,
+        store: std::sync::Arc<dyn crate::artifacts::ObjectStore>,
+        saved: BTreeMap<String, crate::trust::Reputation>,
+    ) -> Registry {
+        self.trust = self.trust.with_reputations(saved);
+        self.store = Some(store);
+        self
+    }
+
+    /// Writes the book if it changed and no write is running; a failed write is retried later.
+    fn save_book(&mut self, ctx: &mut Context<Self>) {
+        let Some(store) = self.store.clone() else { return };
+        if !self.unsaved || self.saving {
+            return;
+        }
+        self.unsaved = false;
+        self.saving = true;
+        let book = self.trust.reputations().clone();
+        ctx.spawn(async move { crate::ledger::save(store.as_ref(), &book).await }.into_actor(self).map(|r, act, _| {
+            act.saving = false;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot save the trust book; will retry");
+                act.unsaved = true;
+            }
+        }));
     }
 
     /// The same with other reputation rules.
@@ -139,6 +181,12 @@ impl Registry {
 
 impl Actor for Registry {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Routine changes (valid results, registrations) are saved within a second; a
+        // quarantine at once.
+        ctx.run_interval(Duration::from_secs(1), |act, ctx| act.save_book(ctx));
+    }
 }
 
 /// A registration request that already passed the protocol-version, signature and token checks.
@@ -167,6 +215,7 @@ impl Handler<Register> for Registry {
     fn handle(&mut self, msg: Register, _: &mut Context<Self>) -> Result<String, String> {
         let id = msg.id;
         let standing = self.trust.admit(&id, msg.trusted).map_err(|why| format!("pnode {id} is quarantined: {why}"))?;
+        self.unsaved = true;
         tracing::info!(pnode = %id, name = %msg.name, endpoint = %msg.endpoint, cores = msg.caps.cores, standing = standing.name(), "pnode joined");
         let view = PNodeView {
             id: id.clone(),
@@ -311,8 +360,12 @@ pub struct RecordOutcome {
 impl Handler<RecordOutcome> for Registry {
     type Result = MessageResult<RecordOutcome>;
 
-    fn handle(&mut self, msg: RecordOutcome, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: RecordOutcome, ctx: &mut Context<Self>) -> Self::Result {
         let t = self.trust.record(&msg.pnode, &msg.outcome);
+        self.unsaved = true;
+        if matches!(t, Transition::Quarantined(_)) {
+            self.save_book(ctx);
+        }
         match &t {
             Transition::Quarantined(why) => tracing::warn!(pnode = %msg.pnode, reason = %why, "pnode quarantined"),
             Transition::Earned => tracing::info!(pnode = %msg.pnode, "pnode became reliable"),

@@ -72,9 +72,6 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let registry = Registry::new(HealthPolicy { interval: cfg.heartbeat, timeout: cfg.heartbeat_timeout })
-        .with_trust(cfg.trust)
-        .start();
     let (store, recorded) = match &cfg.store {
         Some(url) => {
             let store = open_store(url, cfg.s3_endpoint.as_deref())?;
@@ -101,6 +98,16 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         }
         None => (None, Default::default()),
     };
+    let mut registry =
+        Registry::new(HealthPolicy { interval: cfg.heartbeat, timeout: cfg.heartbeat_timeout }).with_trust(cfg.trust);
+    if let Some(store) = &store {
+        // Reputation outlives a restart: a quarantined identity stays refused.
+        let saved = crate::ledger::load(store.as_ref()).await.context("cannot read the saved trust book")?;
+        let quarantined = saved.values().filter(|r| r.quarantined.is_some()).count();
+        tracing::info!(identities = saved.len(), quarantined, "trust book loaded");
+        registry = registry.with_ledger(store.clone(), saved);
+    }
+    let registry = registry.start();
     let telemetry = Telemetry::new(EventLog::default());
     let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded)
         .with_telemetry(telemetry.clone())

@@ -189,6 +189,17 @@ impl TrustBook {
         self.by_id.entry(id.to_string()).or_default().record(outcome, &policy)
     }
 
+    /// Every identity's record, to be saved.
+    pub fn reputations(&self) -> &BTreeMap<String, Reputation> {
+        &self.by_id
+    }
+
+    /// The same book with saved records (a restart): quarantines and earned trust carry over.
+    pub fn with_reputations(mut self, saved: BTreeMap<String, Reputation>) -> TrustBook {
+        self.by_id = saved;
+        self
+    }
+
     /// The record of `id`, if it was ever seen.
     pub fn get(&self, id: &str) -> Option<&Reputation> {
         self.by_id.get(id)

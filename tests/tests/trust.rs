@@ -87,6 +87,19 @@ fn nan_results_are_caught_discarded_and_the_sender_is_quarantined_for_good() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("quarantined") && stderr.contains(&cheat_id), "{stderr}");
+
+    // The quarantine is saved with the store: a crashed and restarted orchestrator refuses it too,
+    // and still knows the honest identity.
+    mesh.kill_orchestrator();
+    mesh.restart_orchestrator().unwrap();
+    let out =
+        run_bin("pnode", &["--orchestrator", &mesh.url, "--name", "cheat", "--data-dir", cheat.to_str().unwrap()], T)
+            .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("quarantined") && stderr.contains("NaN") && stderr.contains(&cheat_id), "{stderr}");
+    mesh.wait_for_pnodes(1).unwrap();
+    assert_eq!(by_name(&mesh, "honest")["standing"], "new");
 }
 
 #[test]
