@@ -262,6 +262,22 @@ fn summary_exit(s: &JobSummary) -> ExitCode {
     if s.status == "succeeded" { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
+/// Prints a benchmark's report (as JSON with `--json`). A benchmark that could not run exits
+/// with its client error's code (bad input, unreachable orchestrator), else 1.
+fn bench_report<R: serde::Serialize>(report: anyhow::Result<R>, json: bool, print: fn(&R)) -> ExitCode {
+    match report {
+        Ok(r) if json => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            print(&r);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.downcast_ref::<ClientError>().map_or(1, ClientError::exit_code), format!("{e:#}")),
+    }
+}
+
 fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(code)
@@ -299,61 +315,20 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => fail(2, format!("{e:#}")),
             }
         }
-        Command::BenchVerify { args, json } => runtime(async move {
-            match crate::verify_bench::run(args).await {
-                Ok(r) => {
-                    if json {
-                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
-                    } else {
-                        crate::verify_bench::print(&r);
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(1, format!("{e:#}")),
-            }
-        }),
-        Command::BenchRecovery { args, json } => runtime(async move {
-            match crate::recovery_bench::run(args).await {
-                Ok(r) => {
-                    if json {
-                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
-                    } else {
-                        crate::recovery_bench::print(&r);
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(1, format!("{e:#}")),
-            }
-        }),
-        Command::Bench { args, json } => runtime(async move {
-            match crate::bench::run(args).await {
-                Ok(r) => {
-                    if json {
-                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
-                    } else {
-                        crate::bench::print(&r);
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(1, format!("{e:#}")),
-            }
-        }),
-        Command::BenchDashboard { args, json } => runtime(async move {
-            match crate::dashbench::run(args).await {
-                Ok(r) => {
-                    if json {
-                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
-                    } else {
-                        crate::dashbench::print(&r);
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => match e.downcast_ref::<ClientError>() {
-                    Some(c) => fail(c.exit_code(), format!("{e:#}")),
-                    None => fail(1, format!("{e:#}")),
-                },
-            }
-        }),
+        Command::BenchVerify { args, json } => {
+            runtime(async move { bench_report(crate::verify_bench::run(args).await, json, crate::verify_bench::print) })
+        }
+        Command::BenchRecovery { args, json } => {
+            runtime(
+                async move { bench_report(crate::recovery_bench::run(args).await, json, crate::recovery_bench::print) },
+            )
+        }
+        Command::Bench { args, json } => {
+            runtime(async move { bench_report(crate::bench::run(args).await, json, crate::bench::print) })
+        }
+        Command::BenchDashboard { args, json } => {
+            runtime(async move { bench_report(crate::dashbench::run(args).await, json, crate::dashbench::print) })
+        }
         Command::Replay { args, json } => runtime(async move {
             match crate::replay::run(args).await {
                 Ok(r) => {

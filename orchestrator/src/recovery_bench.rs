@@ -67,7 +67,10 @@ pub struct RecoveryReport {
 /// Runs the benchmark.
 pub async fn run(args: RecoveryBenchArgs) -> anyhow::Result<RecoveryReport> {
     if args.pnodes < 2 {
-        bail!("--pnodes must be at least 2 (one is killed at a time)");
+        return Err(crate::client::ClientError::Invalid(
+            "--pnodes must be at least 2 (one is killed at a time)".into(),
+        )
+        .into());
     }
     let graph = demo::model_text(args.model.as_ref())?;
     let mut envelope = Envelope::from_graph(&graph)?;

@@ -180,7 +180,10 @@ fn rate_and_hash(st: &JobStatus) -> anyhow::Result<(f64, String)> {
 /// Runs the benchmark.
 pub async fn run(args: VerifyBenchArgs) -> anyhow::Result<VerifyReport> {
     if args.pnodes < 2 {
-        bail!("--pnodes must be at least 2 (replicas need PNodes the job does not use)");
+        return Err(crate::client::ClientError::Invalid(
+            "--pnodes must be at least 2 (replicas need PNodes the job does not use)".into(),
+        )
+        .into());
     }
     let graph = demo::model_text(args.model.as_ref())?;
     let n = args.pnodes;

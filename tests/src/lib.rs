@@ -180,15 +180,21 @@ impl Mesh {
         }
     }
 
-    /// A job's record in the local artifact store, and its `result.json`.
+    /// A job's `result.json` from the local artifact store.
     pub fn result(&self, job: &str) -> Result<serde_json::Value> {
+        self.artifact(job, "result.json")
+    }
+
+    /// A JSON artifact (`result.json`, `verification.json`...) named in a job's record in the
+    /// local artifact store.
+    pub fn artifact(&self, job: &str, name: &str) -> Result<serde_json::Value> {
         let root = self.artifacts.path();
         let object = |h: &str| -> Result<Vec<u8>> {
             std::fs::read(root.join("objects").join(&h[..2]).join(h)).with_context(|| format!("object {h}"))
         };
         let h = std::fs::read_to_string(root.join("refs/jobs").join(job)).context("job record ref")?;
         let rec: serde_json::Value = serde_json::from_slice(&object(h.trim())?)?;
-        let r = rec["artifacts"]["result.json"].as_str().ok_or_else(|| anyhow!("no result.json in {rec}"))?;
+        let r = rec["artifacts"][name].as_str().ok_or_else(|| anyhow!("no {name} in {rec}"))?;
         Ok(serde_json::from_slice(&object(r)?)?)
     }
 }

@@ -57,13 +57,7 @@ fn run_job(honest: usize, odd: Option<&[&str]>, steps: u64, policy: &str) -> Out
     let reference = run_bin("orchestrator", &["train-local", env.to_str().unwrap(), "--json"], T).unwrap();
     let reference = dcnr_tests::last_json(&reference.stdout).unwrap();
 
-    let job = summary["job_id"].as_str().unwrap();
-    let store = mesh.artifacts.path();
-    let object = |hash: &str| std::fs::read(store.join("objects").join(&hash[..2]).join(hash)).unwrap();
-    let rec_hash = std::fs::read_to_string(store.join("refs/jobs").join(job)).unwrap();
-    let rec: serde_json::Value = serde_json::from_slice(&object(rec_hash.trim())).unwrap();
-    let ver_hash = rec["artifacts"]["verification.json"].as_str().unwrap_or_else(|| panic!("{rec}"));
-    let verification: serde_json::Value = serde_json::from_slice(&object(ver_hash)).unwrap();
+    let verification = mesh.artifact(summary["job_id"].as_str().unwrap(), "verification.json").unwrap();
     let dash = mesh.dashboard.clone().unwrap();
     let events = dcnr_tests::get_json(&format!("{dash}api/events")).unwrap().as_array().cloned().unwrap_or_default();
     Outcome { summary, verification, pnodes: pnodes(&mesh), reference, cheat_id, events }
