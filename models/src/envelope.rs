@@ -529,6 +529,10 @@ mod tests {
         assert_eq!(p.spotcheck_fraction(), 0.25);
         let msg = |text: &str| with(text).unwrap_err().to_string();
         assert!(msg("verify = \"spotcheck\"\nspotcheck_fraction = 0.0\n").contains("(0, 1]"));
+        assert_eq!(with("verify = \"full\"\nsegment_steps = 25\n").unwrap().segment_steps(), 25);
+        assert_eq!(with("verify = \"full\"\n").unwrap().segment_steps(), 100);
+        assert!(msg("verify = \"full\"\nsegment_steps = 0\n").contains("between 1 and 100000"));
+        assert!(msg("segment_steps = 10\n").contains("needs verify"));
         assert!(msg("verify = \"spotcheck\"\nspotcheck_fraction = 1.5\n").contains("(0, 1]"));
         assert!(msg("spotcheck_fraction = 0.5\n").contains("needs verify"));
         assert!(msg("verify = \"spotcheck\"\nreplicas = 3\n").contains("need verify = \"full\""));
