@@ -173,3 +173,29 @@ fn a_slow_honest_pnode_is_waited_for_not_accused() {
     assert!(o.summary["recoveries"].as_array().is_none_or(Vec::is_empty), "waiting is not a stall: {}", o.summary);
     assert_eq!(standing(&o, o.cheat_id.as_deref().unwrap()), "new");
 }
+
+#[test]
+fn three_replicas_outvote_a_cheater_without_an_arbiter() {
+    // n = 3 on 4 PNodes: the job and each replica take one PNode; the cheater (most cores) is
+    // the job's, and the two replicas agree against it: 2 of 3, no arbiter needed.
+    let cheat = ["--fault", "corrupt", "--cores", "64"];
+    let o = run_job(3, Some(&cheat), 200, "verify = \"full\"\nreplicas = 3\nsegment_steps = 50");
+    let id = o.cheat_id.clone().unwrap();
+    let v = &o.verification;
+    assert_eq!(o.summary["params_sha256"], o.reference["params_sha256"], "{}\n{v}", o.summary);
+    assert_eq!(v["quorum"], serde_json::json!([2, 3]), "{v}");
+    assert_eq!(v["arbiters"], 0, "{v}");
+    let first = &v["segments"][0];
+    assert_eq!(first["verdict"], "job_rejected", "{v}");
+    assert_eq!(first["executions"].as_array().map(Vec::len), Some(3), "{v}");
+    let mismatches = v["mismatches"].as_array().unwrap();
+    assert!(!mismatches.is_empty() && mismatches.iter().all(|m| m["pnode"] == id.as_str()), "{v}");
+    // Three executions of one segment on three distinct PNodes.
+    let pnodes: std::collections::BTreeSet<String> = first["executions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e[1].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(pnodes.len(), 3, "{v}");
+}

@@ -44,9 +44,23 @@ pub struct ReplicaOf {
     pub label: String,
     /// PNodes it must not run on.
     pub exclude: BTreeSet<String>,
+    /// How many of the suitable PNodes it may take, leaving room for the segment's other
+    /// replicas.
+    pub share: Share,
     /// The determinism class its PNodes must have: the one the job's execution ran in, since
     /// honest executions agree bit for bit only within a class.
     pub class: Option<String>,
+}
+
+impl Share {
+    /// The share of a job's own execution under `settings`, and that of each of its replicas.
+    fn for_policy(settings: &Settings) -> (Share, Share) {
+        match settings.mode {
+            Verify::None => (Share::All, Share::All),
+            Verify::Spotcheck => (Share::AllButOne, Share::All),
+            Verify::Full => (Share::OneIn(settings.quorum.n), Share::OneIn(settings.quorum.n)),
+        }
+    }
 }
 
 impl std::fmt::Debug for ReplicaOf {
@@ -114,6 +128,10 @@ pub(super) struct Replication {
     settings: Settings,
     sampler: Spotcheck,
     segment_steps: Option<u64>,
+    /// How many PNodes this execution may take.
+    share: Share,
+    /// How many each of its replicas may take.
+    replica_share: Share,
     /// Standing of every PNode the job has been placed on, as of its placement.
     pub(super) standings: BTreeMap<String, Standing>,
     /// Determinism class of every PNode the job has been placed on.
@@ -134,8 +152,15 @@ impl Replication {
         let policy = &spec.envelope.policy;
         let settings = Settings::from_policy(policy);
         let verified = matches!(spec.role, Role::Primary) && settings.mode != Verify::None;
+        let (own, replica_share) = Share::for_policy(&settings);
+        let share = match &spec.role {
+            Role::Primary => own,
+            Role::Replica(of) => of.share,
+        };
         Replication {
             settings,
+            share,
+            replica_share,
             sampler: Spotcheck::new(spec.root_seed),
             segment_steps: verified.then(|| policy.segment_steps()),
             standings: BTreeMap::new(),
@@ -153,11 +178,7 @@ impl Replication {
 
     /// How many PNodes the job's own execution may take.
     pub(super) fn share(&self) -> Share {
-        match (self.segment_steps, self.settings.mode) {
-            (None, _) | (_, Verify::None) => Share::All,
-            (Some(_), Verify::Spotcheck) => Share::AllButOne,
-            (Some(_), Verify::Full) => Share::OneIn(self.settings.quorum.n),
-        }
+        self.share
     }
 
     /// Whether enough segments await replicas that the job should wait for them.
@@ -302,6 +323,7 @@ impl JobActor {
             segment: id,
             label: label.clone(),
             exclude: exclude.clone(),
+            share: self.replication.replica_share,
             class,
         });
         if arbiter {
