@@ -583,18 +583,7 @@ impl JobActor {
         let job = self.spec.job_id.clone();
         let mut spec = self.spec.clone();
         spec.resume = to;
-        let request = PlacementRequest {
-            generation: self.generation,
-            exclude: self.excluded.clone(),
-            deadline: self.started + self.spec.timeout,
-            min_pnodes: 1,
-            share: self.replication.share(),
-            class: match &self.spec.role {
-                Role::Primary => None,
-                Role::Replica(of) => of.class.clone(),
-            },
-            avoid_hosts: matches!(self.spec.role, Role::Replica(_)),
-        };
+        let request = self.placement_request(self.started + self.spec.timeout, 1);
         let registry = self.registry.clone();
         self.push_status();
         let fut = async move {
@@ -604,6 +593,24 @@ impl JobActor {
             place_and_allocate(spec, registry, request).await
         };
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| act.on_placed(res, ctx)));
+    }
+
+    /// What the next placement must respect: the PNodes this job no longer uses, its share,
+    /// and for a replica its class and the machines it keeps off.
+    fn placement_request(&self, deadline: Instant, min_pnodes: usize) -> PlacementRequest {
+        let replica = match &self.spec.role {
+            Role::Primary => None,
+            Role::Replica(of) => Some(of),
+        };
+        PlacementRequest {
+            generation: self.generation,
+            exclude: self.excluded.clone(),
+            deadline,
+            min_pnodes,
+            share: self.replication.share(),
+            class: replica.and_then(|of| of.class.clone()),
+            avoid_hosts: replica.is_some(),
+        }
     }
 
     fn epochs_evaluated_at_start(&self) -> u64 {
@@ -642,11 +649,7 @@ impl JobActor {
             return;
         }
         tracing::error!(job = %self.spec.job_id, code, error = %why, "job failed");
-        if let Role::Replica(of) = &self.spec.role {
-            let result = Err(format!("{code}: {why}"));
-            let found = self.verification.clone();
-            of.parent.do_send(ReplicaDone { segment: of.segment, label: of.label.clone(), result, found });
-        }
+        self.tell_parent(Err(format!("{code}: {why}")));
         self.error = Some(why);
         self.error_code = Some(code);
         self.finish(ctx, None);
@@ -710,8 +713,7 @@ impl JobActor {
             let from = self.completed;
             e.placements.retain(|(first, _)| *first < from);
             e.placements.push((from, p.id.clone()));
-            self.replication.standings.insert(p.id.clone(), p.standing);
-            self.replication.classes.insert(p.id.clone(), p.caps.determinism_class.clone());
+            self.replication.placed.insert(p.id.clone(), p.clone());
         }
         self.placement = placement;
         self.stage = Stage::Training;
@@ -1425,20 +1427,10 @@ impl Actor for JobActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.push_status();
         ctx.run_interval(Duration::from_millis(100), |act, ctx| act.tick(ctx));
-        let (exclude, class) = match &self.spec.role {
-            Role::Primary => (BTreeSet::new(), None),
-            Role::Replica(of) => (of.exclude.clone(), of.class.clone()),
-        };
-        self.excluded = exclude.clone();
-        let request = PlacementRequest {
-            generation: self.generation,
-            exclude,
-            deadline: Instant::now() + self.spec.placement_timeout,
-            min_pnodes: self.spec.min_pnodes,
-            share: self.replication.share(),
-            avoid_hosts: matches!(self.spec.role, Role::Replica(_)),
-            class,
-        };
+        if let Role::Replica(of) = &self.spec.role {
+            self.excluded = of.exclude.clone();
+        }
+        let request = self.placement_request(Instant::now() + self.spec.placement_timeout, self.spec.min_pnodes);
         let fut = place_and_allocate(self.spec.clone(), self.registry.clone(), request);
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| act.on_placed(res, ctx)));
     }

@@ -16,7 +16,7 @@ use super::{JobActor, JobSpec, Role, Stage};
 use crate::checkpoints::ResumeFrom;
 use crate::events::{NewEvent, Severity};
 use crate::jobs::RouteReplica;
-use crate::registry::RecordOutcome;
+use crate::registry::{PNodeView, RecordOutcome};
 use crate::trust::{Outcome, Standing, Transition};
 use crate::verify::{
     self, ExecutionDigest, Mismatch, QuarantineEvent, Quorum, QuorumRule, SegmentVerdict, Settings, Spotcheck,
@@ -132,10 +132,8 @@ pub(super) struct Replication {
     share: Share,
     /// How many each of its replicas may take.
     replica_share: Share,
-    /// Standing of every PNode the job has been placed on, as of its placement.
-    pub(super) standings: BTreeMap<String, Standing>,
-    /// Determinism class of every PNode the job has been placed on.
-    pub(super) classes: BTreeMap<String, String>,
+    /// Every PNode the job has been placed on, as of its placement (standing, class).
+    pub(super) placed: BTreeMap<String, PNodeView>,
     segments: BTreeMap<u64, Segment>,
     next_id: u64,
     /// Per PNode, the start of the earliest unchecked segment of this job it took part in: a
@@ -163,8 +161,7 @@ impl Replication {
             replica_share,
             sampler: Spotcheck::new(spec.root_seed),
             segment_steps: verified.then(|| policy.segment_steps()),
-            standings: BTreeMap::new(),
-            classes: BTreeMap::new(),
+            placed: BTreeMap::new(),
             segments: BTreeMap::new(),
             next_id: 0,
             taint: BTreeMap::new(),
@@ -266,7 +263,7 @@ impl JobActor {
         }
         let job = self.digest("job", start_step, end.step, &end.states);
         let standings: Vec<Standing> =
-            job.pnodes().iter().map(|p| self.replication.standings.get(p).copied().unwrap_or(Standing::New)).collect();
+            job.pnodes().iter().map(|p| self.replication.placed.get(p).map_or(Standing::New, |v| v.standing)).collect();
         let r = &mut self.replication;
         let replicas = r.settings.segment_replicas(&standings, &r.sampler, start_step);
         if replicas == 0 {
@@ -303,8 +300,12 @@ impl JobActor {
         let exclude: BTreeSet<String> =
             if arbiter { seg.suspects.clone() } else { seg.digests.iter().flat_map(|d| d.pnodes()).collect() };
         let label = format!("replica {}", seg.started);
-        let classes: BTreeSet<&String> =
-            seg.digests[0].pnodes().iter().filter_map(|p| self.replication.classes.get(p)).collect();
+        let classes: BTreeSet<&String> = seg.digests[0]
+            .pnodes()
+            .iter()
+            .filter_map(|p| self.replication.placed.get(p))
+            .map(|v| &v.caps.determinism_class)
+            .collect();
         // A job spread over several classes has no single class to match; its replicas go anywhere.
         let class = if classes.len() == 1 { classes.into_iter().next().cloned() } else { None };
         let mut spec = self.spec.clone();
@@ -582,24 +583,29 @@ impl JobActor {
 
     /// A replica reached its last step: it sends its parent what it computed, then ends.
     pub(super) fn answer_parent(&mut self, ctx: &mut Context<Self>) {
-        let Role::Replica(of) = self.spec.role.clone() else { return };
         self.stage = Stage::Collecting;
         let fut = self.fetch_states();
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(states) => {
                 let states: BTreeMap<u32, Vec<u8>> = states.into_iter().collect();
-                let digest = act.digest(&of.label, act.first_step, act.completed, &states);
-                let found = act.verification.clone();
-                of.parent.do_send(ReplicaDone {
-                    segment: of.segment,
-                    label: of.label.clone(),
-                    result: Ok(digest),
-                    found,
-                });
+                let label = match &act.spec.role {
+                    Role::Replica(of) => of.label.clone(),
+                    Role::Primary => return,
+                };
+                let digest = act.digest(&label, act.first_step, act.completed, &states);
+                act.tell_parent(Ok(digest));
                 act.finish(ctx, None);
             }
             Err((pnode, why)) => act.recover(ctx, format!("snapshot failed: {why}"), vec![pnode]),
         }));
+    }
+
+    /// A replica's answer to its job, with what its own checks found; nothing for a job.
+    pub(super) fn tell_parent(&self, result: Result<ExecutionDigest, String>) {
+        if let Role::Replica(of) = &self.spec.role {
+            let found = self.verification.clone();
+            of.parent.do_send(ReplicaDone { segment: of.segment, label: of.label.clone(), result, found });
+        }
     }
 
     /// The final parameters of a verified job: from its last snapshot, whose every segment was
