@@ -4,7 +4,7 @@
 use crate::artifacts::ObjectStore;
 use crate::checkpoints::{self, ResumeFrom};
 use crate::data::DataCache;
-use crate::job::{JobActor, JobSpec, Report, Role};
+use crate::job::{JobActor, JobKind, JobServices, JobSpec, Observation};
 use crate::registry::Registry;
 use crate::status::{JobEvent, JobState, JobStatus};
 use crate::telemetry::Telemetry;
@@ -177,10 +177,9 @@ impl Jobs {
             timeout: Duration::from_secs(policy.timeout_s),
             graph,
             envelope: resolved.envelope,
-            store: self.store.clone(),
+            persist: self.store.is_some(),
             resume,
-            events: self.telemetry.events().clone(),
-            role: Role::Primary,
+            kind: JobKind::Primary,
         };
         let (events, _) = broadcast::channel(1024);
         self.telemetry.follow(&job_id, &spec.graph, steps, events.subscribe());
@@ -209,9 +208,15 @@ impl Jobs {
                 .into_actor(self),
             );
         }
-        let (registry, me, tx) = (self.registry.clone(), ctx.address(), events.clone());
-        let actor =
-            JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| JobActor::new(spec, registry, me, data, tx));
+        let services = JobServices {
+            registry: self.registry.clone(),
+            jobs: ctx.address(),
+            data,
+            watchers: events.clone(),
+            store: self.store.clone(),
+            events: self.telemetry.events().clone(),
+        };
+        let actor = JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| JobActor::new(spec, services, None));
         tracing::info!(job = %job_id, steps, "job submitted");
         self.jobs.insert(job_id.clone(), Entry { status, events, actor: Some(actor) });
         Ok(job_id)
@@ -355,10 +360,10 @@ impl Handler<Resolve> for Jobs {
     }
 }
 
-impl Handler<Report> for Jobs {
+impl Handler<Observation> for Jobs {
     type Result = ();
 
-    fn handle(&mut self, msg: Report, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Observation, _: &mut Context<Self>) {
         let replica = self.replicas.get(&msg.job_id);
         match self.jobs.get(&msg.job_id).and_then(|e| e.actor.as_ref()).or(replica) {
             Some(a) => a.do_send(msg),

@@ -1,7 +1,7 @@
 //! The orchestrator's Prometheus metrics: counters bumped as reports and events pass, and
 //! gauges set from the job table and the registry when `/metrics` is scraped.
 
-use crate::job::{Report, ReportBody};
+use crate::job::{Observation, Observed};
 use crate::registry::{Health, PNodeView};
 use crate::status::{JobState, JobStatus};
 use crate::telemetry::PNodeRate;
@@ -94,20 +94,20 @@ pub static ORCHESTRATOR: LazyLock<OrchestratorMetrics> = LazyLock::new(|| {
 
 impl OrchestratorMetrics {
     /// Counts one VNode report.
-    pub fn report(&self, r: &Report) {
+    pub fn report(&self, r: &Observation) {
         let kind = match &r.body {
-            ReportBody::Done { bytes_in, bytes_out, .. } => {
+            Observed::Done { bytes_in, bytes_out, .. } => {
                 self.tensor_bytes.with_label_values(&["in"]).inc_by(*bytes_in);
                 self.tensor_bytes.with_label_values(&["out"]).inc_by(*bytes_out);
                 "done"
             }
-            ReportBody::Loss { phase: Phase::Train, .. } => {
+            Observed::Loss { phase: Phase::Train, .. } => {
                 self.train_steps.inc();
                 "loss"
             }
-            ReportBody::Loss { phase: Phase::Eval, .. } => "eval_loss",
-            ReportBody::Failure(_) => "failure",
-            ReportBody::Rejected { .. } => "rejected",
+            Observed::Loss { phase: Phase::Eval, .. } => "eval_loss",
+            Observed::Failure(_) => "failure",
+            Observed::Rejected { .. } => "rejected",
         };
         self.reports.with_label_values(&[kind]).inc();
     }
@@ -176,13 +176,13 @@ mod tests {
             error: None,
             summary: None,
         };
-        ORCHESTRATOR.report(&Report {
+        ORCHESTRATOR.report(&Observation {
             generation: 1,
             job_id: "a".into(),
             vnode: 0,
             mb: 0,
             pnode: "p".into(),
-            body: ReportBody::Loss { phase: Phase::Train, loss: 1.0, correct: 1, count: 2 },
+            body: Observed::Loss { phase: Phase::Train, loss: 1.0, correct: 1, count: 2 },
         });
         let text = ORCHESTRATOR.render(
             &[status("a", JobState::Running), status("b", JobState::Succeeded), status("c", JobState::Succeeded)],

@@ -2,7 +2,7 @@
 //! the registry and job-table actors.
 
 use crate::admission::{AdmissionError, TokenCheck};
-use crate::job::{Report, ReportBody};
+use crate::job::{Observation, Observed};
 use crate::jobs::{Evacuate, Get, HostedOn, Jobs, List, Resolve, Resume, Submit, SubmitError, Watch};
 use crate::registry::{self, Caps, Heartbeat, Lookup, MarkLost, PNodeView, Register, Registry, Snapshot};
 use crate::status::{JobEvent, JobState, JobStatus};
@@ -95,17 +95,17 @@ fn pnode_to_wire(p: &PNodeView) -> v1::PNodeInfo {
     }
 }
 
-fn report_from_wire(r: v1::VNodeReport) -> Result<Report, Status> {
+fn report_from_wire(r: v1::VNodeReport) -> Result<Observation, Status> {
     use v1::v_node_report::Body;
     let body = match r.body {
-        Some(Body::Done(d)) => ReportBody::Done {
+        Some(Body::Done(d)) => Observed::Done {
             compute_us: d.compute_us,
             cpu_us: d.cpu_us,
             bytes_in: d.bytes_in,
             bytes_out: d.bytes_out,
             output_sha256: hex::encode(&d.output_sha256),
         },
-        Some(Body::Loss(l)) => ReportBody::Loss {
+        Some(Body::Loss(l)) => Observed::Loss {
             phase: match v1::Phase::try_from(l.phase) {
                 Ok(v1::Phase::Train) => Phase::Train,
                 Ok(v1::Phase::Eval) => Phase::Eval,
@@ -115,14 +115,14 @@ fn report_from_wire(r: v1::VNodeReport) -> Result<Report, Status> {
             correct: l.correct,
             count: l.count,
         },
-        Some(Body::Failure(f)) => ReportBody::Failure(f.message),
-        Some(Body::Rejected(x)) => ReportBody::Rejected {
+        Some(Body::Failure(f)) => Observed::Failure(f.message),
+        Some(Body::Rejected(x)) => Observed::Rejected {
             from_vnode: (!x.from_data).then_some(x.from_vnode),
             reason: x.reason.chars().take(1024).collect(),
         },
         None => return Err(Status::invalid_argument("report has no body")),
     };
-    Ok(Report {
+    Ok(Observation {
         job_id: r.job_id,
         vnode: r.vnode,
         mb: r.micro_batch,

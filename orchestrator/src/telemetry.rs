@@ -7,7 +7,7 @@
 //! with no clock of its own and no IO; [`Telemetry`] is the shared handle around it.
 
 use crate::events::{EventLog, NewEvent, Severity};
-use crate::job::{Report, ReportBody};
+use crate::job::{Observation, Observed};
 use crate::registry::{Health, PNodeView, Registry, Snapshot};
 use crate::status::JobEvent;
 use dcnr_model::ValidGraph;
@@ -270,10 +270,10 @@ impl Tracks {
     }
 
     /// Takes in one VNode report.
-    pub fn report(&mut self, r: &Report) {
+    pub fn report(&mut self, r: &Observation) {
         let Some(t) = self.jobs.get_mut(&r.job_id) else { return };
         match &r.body {
-            ReportBody::Done { bytes_in, bytes_out, .. } => {
+            Observed::Done { bytes_in, bytes_out, .. } => {
                 if let Some(v) = t.vnodes.get_mut(r.vnode as usize) {
                     v.steps = v.steps.max(r.mb + 1);
                 }
@@ -282,15 +282,15 @@ impl Tracks {
                 rate.window.1 += bytes_in + bytes_out;
                 rate.vnode_steps += 1;
             }
-            ReportBody::Loss { phase: Phase::Train, loss, correct, count } => {
+            Observed::Loss { phase: Phase::Train, loss, correct, count } => {
                 t.loss_steps = t.loss_steps.max(r.mb + 1);
                 t.window.loss_sum += f64::from(*loss);
                 t.window.reports += 1;
                 t.window.correct += u64::from(*correct);
                 t.window.samples += u64::from(*count);
             }
-            ReportBody::Loss { phase: Phase::Eval, .. } => {}
-            ReportBody::Failure(msg) | ReportBody::Rejected { reason: msg, .. } => {
+            Observed::Loss { phase: Phase::Eval, .. } => {}
+            Observed::Failure(msg) | Observed::Rejected { reason: msg, .. } => {
                 if let Some(v) = t.vnodes.get_mut(r.vnode as usize) {
                     v.failure = Some(msg.clone());
                 }
@@ -382,9 +382,9 @@ impl Telemetry {
     }
 
     /// One VNode report as it arrives from a PNode.
-    pub fn report(&self, r: &Report) {
+    pub fn report(&self, r: &Observation) {
         self.write(|t| t.report(r));
-        if let ReportBody::Failure(msg) = &r.body {
+        if let Observed::Failure(msg) = &r.body {
             self.events.push(
                 NewEvent::new(
                     "vnode_failed",
@@ -532,14 +532,14 @@ mod tests {
         dcnr_model::ModelGraph::parse_valid(include_str!("../../tests/fixtures/tiny-mlp.toml")).expect("valid fixture")
     }
 
-    fn loss(job: &str, mb: u64, loss: f32, correct: u32) -> Report {
-        Report {
+    fn loss(job: &str, mb: u64, loss: f32, correct: u32) -> Observation {
+        Observation {
             generation: 1,
             job_id: job.into(),
             vnode: 3,
             mb,
             pnode: "pn-0001".into(),
-            body: ReportBody::Loss { phase: Phase::Train, loss, correct, count: 10 },
+            body: Observed::Loss { phase: Phase::Train, loss, correct, count: 10 },
         }
     }
 
@@ -588,13 +588,13 @@ mod tests {
         t.placed("j", &[(0, "http://a".into()), (1, "http://b".into())]);
         t.flush(t0);
         for mb in 0..4 {
-            t.report(&Report {
+            t.report(&Observation {
                 generation: 1,
                 job_id: "j".into(),
                 vnode: 0,
                 mb,
                 pnode: "pn-0001".into(),
-                body: ReportBody::Done {
+                body: Observed::Done {
                     compute_us: 1,
                     cpu_us: 1,
                     bytes_in: 100,

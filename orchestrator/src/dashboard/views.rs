@@ -248,7 +248,7 @@ pub fn pnode_rows(pnodes: &[PNodeView], tracks: &Tracks) -> Vec<PNodeRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{Report, ReportBody};
+    use crate::job::{Observation, Observed};
     use std::time::Instant;
 
     fn view(id: &str, endpoint: &str, health: Health) -> PNodeView {
@@ -298,13 +298,13 @@ mod tests {
             "j",
             &[(0, "http://a".into()), (1, "http://a".into()), (2, "http://b".into()), (3, "http://b".into())],
         );
-        t.report(&Report {
+        t.report(&Observation {
             generation: 1,
             job_id: "j".into(),
             vnode: 2,
             mb: 0,
             pnode: "pn-2".into(),
-            body: ReportBody::Failure("bad input".into()),
+            body: Observed::Failure("bad input".into()),
         });
         t
     }

@@ -12,45 +12,23 @@
 //! execution (everything it consumed agreed). Two executions that disagree with no quorum get an
 //! arbiter: another replica placed away from both suspects.
 
-use super::{JobActor, JobSpec, Role, Stage};
+use super::core::{Effect, JobCore, States, StatesFor};
+use super::{JobKind, JobSpec, ReplicaOf};
 use crate::checkpoints::ResumeFrom;
 use crate::events::{NewEvent, Severity};
-use crate::jobs::RouteReplica;
-use crate::registry::{PNodeView, RecordOutcome};
-use crate::trust::{Outcome, Standing, Transition};
-use crate::verify::{
-    self, ExecutionDigest, Mismatch, QuarantineEvent, Quorum, QuorumRule, SegmentVerdict, Settings, Spotcheck,
-};
-use actix::prelude::*;
+use crate::registry::PNodeView;
+use crate::trust::Standing;
+use crate::verify::{self, ExecutionDigest, Mismatch, Quorum, QuorumRule, SegmentVerdict, Settings, Spotcheck};
 use dcnr_model::envelope::Verify;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Segments awaiting their replicas before the job stops at the next boundary.
 const MAX_PENDING: usize = 4;
 
 /// How long a replica waits for PNodes it may use before its segment goes unchecked.
 const REPLICA_PLACEMENT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Who a replica job answers, and what it must stay away from.
-#[derive(Clone)]
-pub struct ReplicaOf {
-    /// The job whose segment it re-executes.
-    pub parent: Recipient<ReplicaDone>,
-    /// Which segment.
-    pub segment: u64,
-    /// "replica N".
-    pub label: String,
-    /// PNodes it must not run on.
-    pub exclude: BTreeSet<String>,
-    /// How many of the suitable PNodes it may take, leaving room for the segment's other
-    /// replicas.
-    pub share: Share,
-    /// The determinism class its PNodes must have: the one the job's execution ran in, since
-    /// honest executions agree bit for bit only within a class.
-    pub class: Option<String>,
-}
 
 impl Share {
     /// The share of a job's own execution under `settings`, and that of each of its replicas.
@@ -63,16 +41,13 @@ impl Share {
     }
 }
 
-impl std::fmt::Debug for ReplicaOf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplicaOf").field("segment", &self.segment).field("label", &self.label).finish()
-    }
-}
-
 /// A replica's answer: what it computed, or why it could not.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
+#[derive(Debug)]
 pub struct ReplicaDone {
+    /// The job it answers.
+    pub parent: String,
+    /// The replica job's own id.
+    pub replica: String,
     /// The segment.
     pub segment: u64,
     /// The replica's label.
@@ -119,12 +94,12 @@ struct Segment {
     started: usize,
     /// PNodes at the point where executions first disagree; arbiters avoid them.
     suspects: BTreeSet<String>,
-    /// The replica running now (one at a time per segment).
-    running: Option<Addr<JobActor>>,
+    /// The job id of the replica running now (one at a time per segment).
+    running: Option<String>,
 }
 
 /// A job's redundant-execution bookkeeping.
-pub(super) struct Replication {
+pub struct Replication {
     settings: Settings,
     sampler: Spotcheck,
     segment_steps: Option<u64>,
@@ -149,11 +124,11 @@ impl Replication {
     pub(super) fn new(spec: &JobSpec) -> Replication {
         let policy = &spec.envelope.policy;
         let settings = Settings::from_policy(policy);
-        let verified = matches!(spec.role, Role::Primary) && settings.mode != Verify::None;
+        let verified = matches!(spec.kind, JobKind::Primary) && settings.mode != Verify::None;
         let (own, replica_share) = Share::for_policy(&settings);
-        let share = match &spec.role {
-            Role::Primary => own,
-            Role::Replica(of) => of.share,
+        let share = match &spec.kind {
+            JobKind::Primary => own,
+            JobKind::Replica(of) => of.share,
         };
         Replication {
             settings,
@@ -188,24 +163,18 @@ impl Replication {
         self.segments.len()
     }
 
-    /// Drops the segments a rollback to `step` discards (they will be executed again).
-    pub(super) fn forget_after(&mut self, step: u64) {
-        for seg in self.segments.values().filter(|s| s.end > step) {
-            if let Some(r) = &seg.running {
-                r.do_send(Cancel);
-            }
-        }
+    /// Drops the segments a rollback to `step` discards (they will be executed again);
+    /// answers the replicas to cancel.
+    pub(super) fn forget_after(&mut self, step: u64) -> Vec<String> {
+        let cancel = self.segments.values().filter(|s| s.end > step).filter_map(|s| s.running.clone()).collect();
         self.segments.retain(|_, s| s.end <= step);
         self.taint.retain(|_, t| t.0 < step);
+        cancel
     }
 
-    /// Stops every replica still running (the job has ended).
-    pub(super) fn cancel_all(&mut self) {
-        for seg in std::mem::take(&mut self.segments).into_values() {
-            if let Some(r) = seg.running {
-                r.do_send(Cancel);
-            }
-        }
+    /// Forgets every segment (the job has ended); answers the replicas to cancel.
+    pub(super) fn cancel_all(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.segments).into_values().filter_map(|s| s.running).collect()
     }
 
     /// Remembers that the PNodes of `job` (an execution starting from `start`) ran unchecked.
@@ -230,10 +199,11 @@ impl Replication {
     }
 }
 
-impl JobActor {
+impl JobCore {
     /// What this execution computed in steps `start..end`, ending in `states`.
     fn digest(&self, label: &str, start: u64, end: u64, states: &BTreeMap<u32, Vec<u8>>) -> ExecutionDigest {
-        let (a, b) = ((start - self.first_step) as usize, (end - self.first_step) as usize);
+        let a = start.saturating_sub(self.first_step) as usize;
+        let b = end.saturating_sub(self.first_step) as usize;
         ExecutionDigest {
             label: label.to_string(),
             start,
@@ -252,16 +222,17 @@ impl JobActor {
     }
 
     /// A snapshot was taken: the steps since `previous` form a segment, checked if drawn.
-    pub(super) fn close_segment(&mut self, ctx: &mut Context<Self>, previous: Option<ResumeFrom>) {
+    pub(super) fn close_segment(&mut self, previous: Option<ResumeFrom>) {
         if self.replication.segment_steps.is_none() {
             return;
         }
-        let Some(end) = self.recovery.as_ref() else { return };
+        let Some(end) = self.rollback_point.as_ref() else { return };
         let start_step = previous.as_ref().map_or(self.first_step, |p| p.step);
         if end.step <= start_step {
             return;
         }
         let job = self.digest("job", start_step, end.step, &end.states);
+        let end_step = end.step;
         let standings: Vec<Standing> =
             job.pnodes().iter().map(|p| self.replication.placed.get(p).map_or(Standing::New, |v| v.standing)).collect();
         let r = &mut self.replication;
@@ -274,7 +245,6 @@ impl JobActor {
         let id = r.next_id;
         r.next_id += 1;
         let rule = r.settings.segment_quorum(replicas);
-        let end_step = end.step;
         r.segments.insert(
             id,
             Segment {
@@ -288,12 +258,13 @@ impl JobActor {
                 running: None,
             },
         );
-        self.start_replica(ctx, id);
+        self.start_replica(id);
     }
 
     /// Starts the next replica of segment `id`: away from every PNode of the executions so far
     /// while the first `n` run, away from the suspects when it arbitrates.
-    fn start_replica(&mut self, ctx: &mut Context<Self>, id: u64) {
+    fn start_replica(&mut self, id: u64) {
+        let remaining = (self.started() + self.spec.timeout).saturating_sub(self.now());
         let Some(seg) = self.replication.segments.get_mut(&id) else { return };
         seg.started += 1;
         let arbiter = seg.digests.len() >= seg.rule.n;
@@ -314,47 +285,37 @@ impl JobActor {
         spec.job_id = format!("{}~{}-{}s{}r{}", self.spec.job_id, seg.start_step, seg.end, id, seg.started);
         spec.steps = seg.end;
         spec.resume = seg.start.clone();
-        spec.store = None;
+        spec.persist = false;
         spec.recovery_every = Duration::ZERO;
         spec.min_pnodes = 1;
         spec.placement_timeout = REPLICA_PLACEMENT_TIMEOUT;
-        spec.timeout = (self.started + self.spec.timeout).saturating_duration_since(Instant::now());
-        spec.role = Role::Replica(super::ReplicaOf {
-            parent: ctx.address().recipient(),
+        spec.timeout = remaining;
+        spec.kind = JobKind::Replica(ReplicaOf {
+            parent: self.spec.job_id.clone(),
             segment: id,
             label: label.clone(),
             exclude: exclude.clone(),
             share: self.replication.replica_share,
             class,
         });
+        seg.running = Some(spec.job_id.clone());
+        let (start_step, end) = (seg.start_step, seg.end);
         if arbiter {
             self.verification.arbiters += 1;
         }
         let text = format!(
             "{} steps {}..{} on other pnodes{}",
             if arbiter { "arbiter re-executes" } else { "replica re-executes" },
-            seg.start_step,
-            seg.end,
+            start_step,
+            end,
             if exclude.is_empty() { String::new() } else { format!(" (not {})", join(&exclude)) }
         );
         self.log(text);
-        let segment = id;
-        let (registry, jobs, data, id) =
-            (self.registry.clone(), self.jobs.clone(), self.data.clone(), spec.job_id.clone());
-        // A replica's events stay with it; nobody watches them.
-        let (events, _) = tokio::sync::broadcast::channel(16);
-        let jobs_for_actor = jobs.clone();
-        let addr = JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            JobActor::new(spec, registry, jobs_for_actor, data, events)
-        });
-        jobs.do_send(RouteReplica(id, addr.clone()));
-        if let Some(seg) = self.replication.segments.get_mut(&segment) {
-            seg.running = Some(addr);
-        }
+        self.emit(Effect::StartReplica(Box::new(spec)));
     }
 
     /// A replica answered.
-    pub(super) fn replica_done(&mut self, ctx: &mut Context<Self>, msg: ReplicaDone) {
+    pub(super) fn replica_done(&mut self, msg: ReplicaDone) {
         let found = msg.found;
         self.verification.results_checked += found.results_checked;
         self.verification.invalid_results.extend(found.invalid_results.iter().cloned());
@@ -362,7 +323,7 @@ impl JobActor {
         // A PNode a replica caught may have cheated in this job's unchecked segments as well.
         let caught: Vec<String> = found.invalid_results.into_iter().map(|r| r.pnode).collect();
         if let Some(to) = self.replication.rollback_for(&caught, None) {
-            self.roll_back(ctx, Some(to), format!("verification: a replica caught {}", caught.join(", ")), caught);
+            self.roll_back(Some(to), format!("verification: a replica caught {}", caught.join(", ")), caught);
         }
         let Some(seg) = self.replication.segments.get_mut(&msg.segment) else {
             // Its segment was rolled back meanwhile.
@@ -372,32 +333,32 @@ impl JobActor {
         match msg.result {
             Ok(d) => {
                 seg.digests.push(d);
-                self.judge(ctx, msg.segment);
+                self.judge(msg.segment);
             }
             Err(why) => {
                 let (a, b, arbitrating) = (seg.start_step, seg.end, seg.digests.len() >= seg.rule.n);
                 self.log(format!("{} of steps {a}..{b} did not finish: {why}", msg.label));
                 if arbitrating {
                     // An arbiter failed: the dispute stands.
-                    return self.unresolved(ctx, msg.segment);
+                    return self.unresolved(msg.segment);
                 }
                 // Unchecked after all: remembered like a segment the draw passed over.
                 if let Some(seg) = self.replication.segments.get(&msg.segment) {
                     let (job, start) = (seg.digests[0].clone(), seg.start.clone());
                     self.replication.taint(&job, &start);
                 }
-                self.settle(msg.segment, "not_run");
-                self.collect_if_verified(ctx);
+                self.settle(msg.segment, Verdict::NotRun);
+                self.collect_if_verified();
             }
         }
     }
 
     /// Counts the votes of segment `id` and acts on the verdict.
-    fn judge(&mut self, ctx: &mut Context<Self>, id: u64) {
+    fn judge(&mut self, id: u64) {
         let Some(seg) = self.replication.segments.get_mut(&id) else { return };
         let votes: Vec<(String, [u8; 32])> = seg.digests.iter().map(|d| (d.label.clone(), d.fingerprint())).collect();
         match verify::evaluate(&seg.rule, &votes) {
-            Quorum::Pending { .. } => self.start_replica(ctx, id),
+            Quorum::Pending { .. } => self.start_replica(id),
             Quorum::NeedArbiter { .. } => {
                 let topo = &self.spec.graph.topo;
                 let first = &seg.digests[0];
@@ -407,16 +368,16 @@ impl JobActor {
                         seg.suspects.extend(other.pnode_at(d.vnode, d.step).map(str::to_string));
                     }
                 }
-                self.start_replica(ctx, id);
+                self.start_replica(id);
             }
-            Quorum::Accepted { hash, agree, dissent } => self.accepted(ctx, id, hash, &agree, &dissent),
-            Quorum::Unresolved { .. } => self.unresolved(ctx, id),
+            Quorum::Accepted { hash, agree, dissent } => self.accepted(id, hash, &agree, &dissent),
+            Quorum::Unresolved { .. } => self.unresolved(id),
         }
     }
 
     /// A quorum agreed: the dissenters' culprits are struck, the agreeing PNodes earn trust, and
     /// the job rolls back if its own execution dissented.
-    fn accepted(&mut self, ctx: &mut Context<Self>, id: u64, hash: [u8; 32], agree: &[String], dissent: &[String]) {
+    fn accepted(&mut self, id: u64, hash: [u8; 32], agree: &[String], dissent: &[String]) {
         let Some(seg) = self.replication.segments.get(&id) else { return };
         let Some(accepted) = seg.digests.iter().find(|d| d.fingerprint() == hash).cloned() else { return };
         let steps = seg.end - seg.start_step;
@@ -451,20 +412,20 @@ impl JobActor {
             .flat_map(|d| d.pnodes())
             .filter(|p| !culprits.iter().any(|c| &c.0 == p))
             .collect();
-        for p in honest {
-            self.registry.do_send(RecordOutcome { pnode: p, outcome: Outcome::Valid });
-        }
         let job_lost = dissent.iter().any(|l| l == "job");
         let base = job_lost.then(|| (seg.start_step, seg.start.clone()));
-        self.settle(id, if job_lost { "job_rejected" } else { "accepted" });
+        for p in honest {
+            self.credit(p);
+        }
+        self.settle(id, if job_lost { Verdict::JobRejected } else { Verdict::Accepted });
         for (pnode, reason) in culprits.iter().cloned() {
-            self.spec.events.push(
+            self.emit(Effect::Event(
                 NewEvent::new("verification_mismatch", format!("{}: {reason}", self.spec.job_id))
                     .severity(Severity::Warning)
                     .job(&self.spec.job_id)
                     .pnode(&pnode),
-            );
-            self.strike(ctx, pnode, reason);
+            ));
+            self.strike(pnode, reason);
         }
         let bad: Vec<String> = culprits.into_iter().map(|c| c.0).collect();
         match self.replication.rollback_for(&bad, base) {
@@ -474,53 +435,31 @@ impl JobActor {
                 } else {
                     format!("{} cheated and took part in unchecked steps of this job", bad.join(", "))
                 };
-                self.roll_back(ctx, Some(to), format!("verification: {why}"), bad);
+                self.roll_back(Some(to), format!("verification: {why}"), bad);
             }
             None => {
                 self.excluded.extend(bad);
-                self.collect_if_verified(ctx);
+                self.collect_if_verified();
             }
         }
-    }
-
-    /// Rolls the job back to `to` and goes on without `bad`, once the strikes queued before
-    /// have landed (so a quarantine is in the record before anything moves).
-    pub(super) fn roll_back(&mut self, ctx: &mut Context<Self>, to: Option<RollbackTo>, why: String, bad: Vec<String>) {
-        ctx.wait(actix::fut::ready(()).map(move |_, act: &mut JobActor, ctx| act.rewind(ctx, to, why, bad)));
-    }
-
-    /// Recovers without `bad`, from `to` when that is earlier than the latest snapshot.
-    pub(super) fn rewind(&mut self, ctx: &mut Context<Self>, to: Option<RollbackTo>, why: String, bad: Vec<String>) {
-        if let Some(to) = to {
-            if matches!(self.stage, Stage::Placing | Stage::Recovering) {
-                // A placement is under way from a later snapshot: go back once it lands.
-                self.excluded.extend(bad);
-                self.pending_rollback = Some((to, why));
-                return;
-            }
-            if self.recovery_step() > to.0 {
-                self.recovery = to.1;
-            }
-        }
-        self.recover(ctx, why, bad);
     }
 
     /// Every allowed replica answered and none reached a quorum, or an arbiter could not run:
     /// nobody is struck, and the job redoes the segment away from its suspects.
-    fn unresolved(&mut self, ctx: &mut Context<Self>, id: u64) {
+    fn unresolved(&mut self, id: u64) {
         let Some(seg) = self.replication.segments.get(&id) else { return };
         let job = &seg.digests[0];
         let bad: Vec<String> = seg.suspects.iter().filter(|p| job.pnodes().contains(*p)).cloned().collect();
         let to = (seg.start_step, seg.start.clone());
         let (a, b) = (seg.start_step, seg.end);
-        self.settle(id, "unresolved");
-        self.roll_back(ctx, Some(to), format!("verification: steps {a}..{b} reached no quorum; redoing them"), bad);
+        self.settle(id, Verdict::Unresolved);
+        self.roll_back(Some(to), format!("verification: steps {a}..{b} reached no quorum; redoing them"), bad);
     }
 
     /// Records segment `id`'s verdict and forgets it.
-    fn settle(&mut self, id: u64, verdict: &str) {
+    fn settle(&mut self, id: u64, verdict: Verdict) {
         let Some(seg) = self.replication.segments.remove(&id) else { return };
-        if verdict == "not_run" {
+        if verdict == Verdict::NotRun {
             self.verification.segments_unchecked += 1;
         } else {
             self.verification.segments_checked += 1;
@@ -533,78 +472,45 @@ impl JobActor {
                 .iter()
                 .map(|d| (d.label.clone(), d.pnodes().into_iter().collect(), hex::encode(d.fingerprint())))
                 .collect(),
-            verdict: verdict.to_string(),
+            verdict: verdict.name().to_string(),
         });
-        if verdict != "job_rejected" && verdict != "unresolved" {
-            self.log(format!("steps {}..{}: {verdict} ({} executions)", seg.start_step, seg.end, seg.digests.len()));
+        if !matches!(verdict, Verdict::JobRejected | Verdict::Unresolved) {
+            self.log(format!(
+                "steps {}..{}: {} ({} executions)",
+                seg.start_step,
+                seg.end,
+                verdict.name(),
+                seg.digests.len()
+            ));
         }
     }
 
-    /// Collects a job that finished training once its last segment has been judged.
-    fn collect_if_verified(&mut self, ctx: &mut Context<Self>) {
-        if self.stage == Stage::Verifying && self.replication.pending() == 0 {
-            self.stage = Stage::Collecting;
-            self.collect(ctx);
-        }
+    /// A replica reached its last step: it fetches its states to answer its parent.
+    pub(super) fn answer_parent(&mut self) {
+        self.fetch_states(StatesFor::AnswerParent);
     }
 
-    /// One invalid result for `pnode`: recorded (it may be quarantined) while other reports wait.
-    pub(super) fn strike(&mut self, ctx: &mut Context<Self>, pnode: String, reason: String) {
-        let at_step = self.completed;
-        let msg = RecordOutcome { pnode: pnode.clone(), outcome: Outcome::Invalid(reason) };
-        ctx.wait(self.registry.send(msg).into_actor(self).map(move |t, act, _| {
-            if let Ok(Transition::Quarantined(why)) = t {
-                let text = format!("pnode {pnode} quarantined: {why}");
-                act.log(text.clone());
-                act.spec.events.push(
-                    NewEvent::new("pnode_quarantined", text)
-                        .severity(Severity::Error)
-                        .job(&act.spec.job_id)
-                        .pnode(&pnode)
-                        .data(serde_json::json!({ "at_step": at_step, "reason": why })),
-                );
-                act.verification.quarantines.push(QuarantineEvent { pnode, at_step, reason: why });
-            }
-        }));
-    }
-
-    /// Training is over: collect, once every segment has been judged.
-    pub(super) fn training_done(&mut self, ctx: &mut Context<Self>) {
-        let pending = self.replication.pending();
-        if pending > 0 {
-            self.stage = Stage::Verifying;
-            self.log(format!("training done; waiting for the replicas of {pending} segment(s)"));
-            self.push_status();
-            return;
-        }
-        self.stage = Stage::Collecting;
-        self.collect(ctx);
-    }
-
-    /// A replica reached its last step: it sends its parent what it computed, then ends.
-    pub(super) fn answer_parent(&mut self, ctx: &mut Context<Self>) {
-        self.stage = Stage::Collecting;
-        let fut = self.fetch_states();
-        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(states) => {
-                let states: BTreeMap<u32, Vec<u8>> = states.into_iter().collect();
-                let label = match &act.spec.role {
-                    Role::Replica(of) => of.label.clone(),
-                    Role::Primary => return,
-                };
-                let digest = act.digest(&label, act.first_step, act.completed, &states);
-                act.tell_parent(Ok(digest));
-                act.finish(ctx, None);
-            }
-            Err((pnode, why)) => act.recover(ctx, format!("snapshot failed: {why}"), vec![pnode]),
-        }));
+    /// A replica sends its parent what it computed, then ends.
+    pub(super) fn answer_parent_with(&mut self, states: States) {
+        let states: BTreeMap<u32, Vec<u8>> = states.into_iter().collect();
+        let label = match &self.spec.kind {
+            JobKind::Replica(of) => of.label.clone(),
+            JobKind::Primary => return,
+        };
+        let digest = self.digest(&label, self.first_step, self.completed, &states);
+        self.tell_parent(Ok(digest));
+        self.finish(None);
     }
 
     /// A replica's answer to its job, with what its own checks found; nothing for a job.
-    pub(super) fn tell_parent(&self, result: Result<ExecutionDigest, String>) {
-        if let Role::Replica(of) = &self.spec.role {
+    pub(super) fn tell_parent(&mut self, result: Result<ExecutionDigest, String>) {
+        if let JobKind::Replica(of) = &self.spec.kind {
             let found = self.verification.clone();
-            of.parent.do_send(ReplicaDone { segment: of.segment, label: of.label.clone(), result, found });
+            let done = ReplicaDone {
+                parent: of.parent.clone(),
+                replica: self.spec.job_id.clone(),
+                segment: of.segment, label: of.label.clone(), result, found };
+            self.emit(Effect::AnswerParent(done));
         }
     }
 
@@ -612,7 +518,7 @@ impl JobActor {
     /// accepted, rather than asked again of PNodes that could answer anything.
     pub(super) fn verified_params(&self) -> Option<Result<Vec<Vec<Vec<f32>>>, String>> {
         self.replication.segment_steps?;
-        let last = self.recovery.as_ref().filter(|r| r.step == self.completed)?;
+        let last = self.rollback_point.as_ref().filter(|r| r.step == self.completed)?;
         Some(
             last.states
                 .iter()
@@ -622,32 +528,27 @@ impl JobActor {
     }
 }
 
-/// Tells a replica job to stop: its segment was rolled back or its job ended.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct Cancel;
-
-impl Handler<Cancel> for JobActor {
-    type Result = ();
-
-    fn handle(&mut self, _: Cancel, ctx: &mut Context<Self>) {
-        if matches!(self.spec.role, Role::Replica(_)) && self.stage != Stage::Ended {
-            self.log("cancelled: its segment is no longer needed".into());
-            self.finish(ctx, None);
-        }
-    }
+/// What became of a checked segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A quorum agreed with the job's execution (or with a replica's, the job keeping its own).
+    Accepted,
+    /// The job's own execution lost the vote: the job goes back to the segment's start.
+    JobRejected,
+    /// No quorum: the segment is redone away from its suspects.
+    Unresolved,
+    /// No replica could run: the segment counts as unchecked.
+    NotRun,
 }
 
-impl Handler<ReplicaDone> for JobActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: ReplicaDone, ctx: &mut Context<Self>) {
-        if self.stage != Stage::Ended {
-            self.replica_done(ctx, msg);
-            // A settled segment may free a job waiting at a boundary for its replicas.
-            if self.stage == Stage::Training {
-                self.pump(ctx);
-            }
+impl Verdict {
+    /// The name `verification.json` records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Accepted => "accepted",
+            Verdict::JobRejected => "job_rejected",
+            Verdict::Unresolved => "unresolved",
+            Verdict::NotRun => "not_run",
         }
     }
 }
