@@ -167,6 +167,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the deterministic mesh simulator: the real job core over a simulated clock and network,
+    /// one drawn scenario of faults per seed, checking the invariants on each.
+    Simulate {
+        #[command(flatten)]
+        args: crate::sim::SimArgs,
+        /// Print the report as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure what verification costs (none vs spotcheck vs full) and how fast it quarantines cheaters.
     BenchVerify {
         #[command(flatten)]
@@ -315,6 +324,18 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => fail(2, format!("{e:#}")),
             }
         }
+        Command::Simulate { args, json } => match crate::sim::run(&args) {
+            Ok(r) => {
+                let violations = r.violations.len();
+                if json {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                } else {
+                    crate::sim::print(&r);
+                }
+                if violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+            }
+            Err(e) => fail(1, e),
+        },
         Command::BenchVerify { args, json } => {
             runtime(async move { bench_report(crate::verify_bench::run(args).await, json, crate::verify_bench::print) })
         }

@@ -34,6 +34,7 @@ pub mod registry;
 pub mod replay;
 pub mod server;
 pub mod service;
+pub mod sim;
 pub mod status;
 pub mod summary;
 pub mod telemetry;

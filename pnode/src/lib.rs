@@ -16,7 +16,7 @@ pub mod actors;
 pub mod capabilities;
 pub mod config;
 pub mod convert;
-pub mod fault;
+pub use dcnr_vnode::fault;
 pub mod identity;
 pub mod membership;
 pub mod metrics;

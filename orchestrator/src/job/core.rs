@@ -1574,6 +1574,16 @@ impl JobCore {
         self.roll_back(to, format!("invalid result: {text}"), bad);
     }
 
+    /// Why the job failed, as a machine-readable class (none while it has not failed).
+    pub fn error_code(&self) -> Option<&'static str> {
+        self.error_code
+    }
+
+    /// Per VNode, the output hash of every step that counts, in step order.
+    pub fn output_hashes(&self) -> BTreeMap<u32, Vec<String>> {
+        self.executions.iter().map(|(v, e)| (*v, e.output_sha256.clone())).collect()
+    }
+
     /// The time the core last saw.
     pub fn now(&self) -> Duration {
         self.now

@@ -7,7 +7,7 @@
 //! SHA-256 of (`--fault-seed`, job, *v*, *m*, phase), so a run with the same seed misbehaves in
 //! exactly the same places whatever the timing.
 
-use dcnr_vnode::{HostData, HostTensor, Outbound, Phase};
+use crate::{HostData, HostTensor, Outbound, Phase};
 use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
