@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -369,6 +369,85 @@ impl ObjectStore for S3Store {
 
     fn location(&self) -> String {
         self.location.clone()
+    }
+}
+
+/// A store in memory: what the simulator writes checkpoints to, and what it damages.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: std::sync::Mutex<MemoryInner>,
+}
+
+#[derive(Default)]
+struct MemoryInner {
+    objects: BTreeMap<String, Vec<u8>>,
+    refs: BTreeMap<String, String>,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every object's hash.
+    pub fn hashes(&self) -> BTreeSet<String> {
+        self.lock().objects.keys().cloned().collect()
+    }
+
+    /// Flips the first byte of object `hash`, as a failing disk would.
+    pub fn damage(&self, hash: &str) {
+        if let Some(b) = self.lock().objects.get_mut(hash).and_then(|o| o.first_mut()) {
+            *b ^= 0xff;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for MemoryStore {
+    async fn put(&self, bytes: Vec<u8>) -> Result<String, StoreError> {
+        let hash = sha256_hex(&bytes);
+        self.lock().objects.entry(hash.clone()).or_insert(bytes);
+        Ok(hash)
+    }
+
+    async fn get(&self, hash: &str) -> Result<Vec<u8>, StoreError> {
+        check_hash(hash)?;
+        let bytes = self.lock().objects.get(hash).cloned().ok_or_else(|| StoreError::Missing(hash.to_string()))?;
+        verified(hash, bytes)
+    }
+
+    async fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError> {
+        check_ref(name)?;
+        self.lock().refs.insert(name.to_string(), hash.to_string());
+        Ok(())
+    }
+
+    async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError> {
+        check_ref(name)?;
+        Ok(self.lock().refs.get(name).cloned())
+    }
+
+    async fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let under = format!("{prefix}/");
+        Ok(self.lock().refs.keys().filter(|k| k.starts_with(&under)).cloned().collect())
+    }
+
+    async fn list_objects(&self) -> Result<Vec<(String, Option<std::time::Duration>)>, StoreError> {
+        Ok(self.lock().objects.keys().map(|h| (h.clone(), None)).collect())
+    }
+
+    async fn delete_object(&self, hash: &str) -> Result<(), StoreError> {
+        self.lock().objects.remove(hash);
+        Ok(())
+    }
+
+    async fn delete_ref(&self, name: &str) -> Result<(), StoreError> {
+        self.lock().refs.remove(name);
+        Ok(())
+    }
+
+    fn location(&self) -> String {
+        "memory".into()
     }
 }
 

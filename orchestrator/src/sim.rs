@@ -11,6 +11,7 @@
 //! output hashes of every VNode equal the fault-free run's); a report of another generation
 //! never changes the job's progress.
 
+use crate::artifacts::MemoryStore;
 use crate::data::Splits;
 use crate::job::core::{CollectError, DataSizes, Effect, Input, JobCore, PNodeFailure, VNodeAt};
 use crate::job::{JobKind, JobSpec, Observation, Observed};
@@ -178,6 +179,9 @@ enum Fault {
     Join { at: Duration },
     /// The PNode lies about what it computed.
     Cheat { pnode: usize, kind: FaultKind },
+    /// The orchestrator dies and comes back `down` later over the same store; with `damage`,
+    /// the newest checkpoint in the store is damaged meanwhile.
+    Restart { at: Duration, down: Duration, damage: bool },
 }
 
 impl Fault {
@@ -190,6 +194,8 @@ impl Fault {
             Fault::Leave { .. } => "leave",
             Fault::Join { .. } => "join",
             Fault::Cheat { .. } => "cheat",
+            Fault::Restart { damage: false, .. } => "restart",
+            Fault::Restart { damage: true, .. } => "restart_damaged",
         }
     }
 }
@@ -234,13 +240,14 @@ impl Scenario {
             let pnode = rng.random_range(0..pnodes);
             let at = Duration::from_millis(rng.random_range(50..3000));
             let lasts = Duration::from_millis(rng.random_range(300..4000));
-            let fault = match rng.random_range(0..7) {
+            let fault = match rng.random_range(0..8) {
                 0 => Fault::Crash { pnode, at },
                 1 => Fault::Hang { pnode, at, lasts },
                 2 => Fault::Partition { pnode, at, lasts },
                 3 => Fault::Slow { pnode, factor: rng.random_range(3..=20) },
                 4 => Fault::Leave { pnode, at },
                 5 => Fault::Join { at },
+                6 => Fault::Restart { at, down: lasts, damage: rng.random_bool(0.5) },
                 _ => {
                     // Results that look plausible are caught only by replicas: full verification.
                     // Without it, only what the cheap checks catch (NaN) may be sent.
@@ -280,6 +287,8 @@ impl Scenario {
 struct Ending {
     /// `succeeded`, or `failed:<code>`, or `hung`.
     outcome: String,
+    /// The step the job's last run started from (after a restart, its checkpoint's).
+    first_step: u64,
     params_sha256: Option<String>,
     /// Per VNode, the output hash of every step that counts.
     outputs: BTreeMap<u32, Vec<String>>,
@@ -334,7 +343,10 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
                         expected.params_sha256.as_deref().unwrap_or("-")
                     ));
                 }
-                if end.outputs != expected.outputs {
+                let from = end.first_step as usize;
+                let tail: BTreeMap<u32, Vec<String>> =
+                    expected.outputs.iter().map(|(v, o)| (*v, o.get(from..).unwrap_or_default().to_vec())).collect();
+                if end.outputs != tail {
                     what.push("the accepted (VNode, step) outputs differ from the fault-free run's".into());
                 }
             }
@@ -384,6 +396,7 @@ impl Base {
         let mut envelope = self.envelope.clone();
         envelope.policy.verify = scenario.verify;
         envelope.policy.segment_steps = (scenario.verify != Verify::None).then_some(6);
+        envelope.checkpoint.every_steps = Some(8);
         let steps = (TRAIN.div_ceil(self.graph.spec.training.batch_size) as u64) * 2;
         JobSpec {
             job_id: "sim".into(),
@@ -398,7 +411,7 @@ impl Base {
             min_pnodes: 1,
             timeout: Duration::from_secs(240),
             envelope,
-            persist: false,
+            persist: true,
             resume: None,
             kind: JobKind::Primary,
         }
@@ -502,8 +515,10 @@ impl SimRegistry {
 
 #[derive(Debug)]
 enum Event {
-    /// An input for a job's core.
-    Input(String, Input),
+    /// An input for a job's core, sent while the orchestrator ran as `epoch`.
+    Input(u32, String, Input),
+    /// The orchestrator starts again and resumes its job from the store.
+    OrchestratorUp,
     /// A VNode message reaches a PNode.
     Deliver { pnode: String, job: String, generation: u32, vnode: u32, msg: Inbound },
     /// A PNode's heartbeat is due.
@@ -537,6 +552,16 @@ struct World<'a> {
     ending: Option<Ending>,
     /// Training steps completed by the job, recomputed ones included.
     steps: u64,
+    /// Whether the orchestrator runs.
+    up: bool,
+    /// Which run of the orchestrator this is (a restart starts the next).
+    epoch: u32,
+    /// The store the orchestrator keeps checkpoints in; it outlives the orchestrator.
+    store: MemoryStore,
+    /// The objects the newest checkpoint wrote.
+    newest_checkpoint: BTreeSet<String>,
+    /// The step the running job started from (a resumed one: its checkpoint's).
+    first_step: u64,
 }
 
 impl<'a> World<'a> {
@@ -562,6 +587,11 @@ impl<'a> World<'a> {
             broken: Vec::new(),
             ending: None,
             steps: 0,
+            up: true,
+            epoch: 0,
+            store: MemoryStore::default(),
+            newest_checkpoint: BTreeSet::new(),
+            first_step: 0,
             scenario,
         };
         for _ in 0..w.scenario.pnodes {
@@ -586,7 +616,8 @@ impl<'a> World<'a> {
                 | Fault::Hang { at, .. }
                 | Fault::Partition { at, .. }
                 | Fault::Leave { at, .. }
-                | Fault::Join { at } => w.at(at, Event::Fault(f)),
+                | Fault::Join { at }
+                | Fault::Restart { at, .. } => w.at(at, Event::Fault(f)),
             }
         }
         w
@@ -617,6 +648,23 @@ impl<'a> World<'a> {
         self.at(self.now + HEARTBEAT, Event::Heartbeat(id));
     }
 
+    /// Sends `input` to `job`'s core, to arrive at `t` (lost if the orchestrator dies first).
+    fn to_job(&mut self, t: Duration, job: impl Into<String>, input: Input) {
+        self.at(t, Event::Input(self.epoch, job.into(), input));
+    }
+
+    /// The orchestrator is back: it resumes the job from its newest intact checkpoint.
+    fn orchestrator_up(&mut self) {
+        self.up = true;
+        let from = futures::executor::block_on(crate::checkpoints::load_latest(&self.store, "sim")).ok().map(|(_, f)| f);
+        let mut spec = self.base.spec(&self.scenario);
+        self.first_step = from.as_ref().map_or(0, |f| f.step);
+        spec.resume = from;
+        let sizes = DataSizes { train: self.base.data.train.len(), test: self.base.data.test.len() };
+        self.jobs.insert(spec.job_id.clone(), JobCore::new(spec, sizes, self.now));
+        self.to_job(self.now, "sim", Input::Start);
+    }
+
     fn at(&mut self, t: Duration, e: Event) {
         self.seq += 1;
         self.queue.push(Reverse((t, self.seq)));
@@ -642,7 +690,7 @@ impl<'a> World<'a> {
         let spec = self.base.spec(&self.scenario);
         let sizes = DataSizes { train: self.base.data.train.len(), test: self.base.data.test.len() };
         self.jobs.insert(spec.job_id.clone(), JobCore::new(spec, sizes, Duration::ZERO));
-        self.at(Duration::ZERO, Event::Input("sim".into(), Input::Start));
+        self.to_job(Duration::ZERO, "sim", Input::Start);
         self.at(TICK, Event::Tick);
         while let Some(Reverse((t, seq))) = self.queue.pop() {
             if t > TIME_BOUND {
@@ -657,6 +705,7 @@ impl<'a> World<'a> {
         }
         let ending = self.ending.take().unwrap_or(Ending {
             outcome: "hung".into(),
+            first_step: self.first_step,
             params_sha256: None,
             outputs: BTreeMap::new(),
             steps: self.steps,
@@ -667,7 +716,13 @@ impl<'a> World<'a> {
 
     fn handle(&mut self, e: Event) {
         match e {
-            Event::Input(job, input) => self.input(&job, input),
+            Event::Input(epoch, job, input) => {
+                // What was sent to an orchestrator that died since is lost with it.
+                if epoch == self.epoch && self.up {
+                    self.input(&job, input);
+                }
+            }
+            Event::OrchestratorUp => self.orchestrator_up(),
             Event::Deliver { pnode, job, generation, vnode, msg } => self.deliver(&pnode, &job, generation, vnode, msg),
             Event::Heartbeat(id) => self.heartbeat(&id),
             Event::Tick => {
@@ -713,11 +768,28 @@ impl<'a> World<'a> {
                 let jobs: Vec<String> = self.jobs.keys().cloned().collect();
                 for j in jobs {
                     let t = self.now + self.scenario.delay;
-                    self.at(t, Event::Input(j, Input::Evacuate(id.clone())));
+                    self.to_job(t, j, Input::Evacuate(id.clone()));
                 }
                 self.exit_if_drained(&id);
             }
             Fault::Join { .. } => self.join(),
+            Fault::Restart { down, damage, .. } => {
+                if !self.up {
+                    // Already down: it comes back as planned.
+                    return;
+                }
+                if damage {
+                    for h in std::mem::take(&mut self.newest_checkpoint) {
+                        self.store.damage(&h);
+                    }
+                }
+                self.up = false;
+                self.epoch += 1;
+                self.jobs.clear();
+                self.registry.records.clear();
+                self.locations.clear();
+                self.at(now + down, Event::OrchestratorUp);
+            }
             Fault::Slow { .. } | Fault::Cheat { .. } => {}
         }
     }
@@ -739,7 +811,8 @@ impl<'a> World<'a> {
         if !p.alive {
             return;
         }
-        if p.responsive(now) && !self.registry.heartbeat(id, now) {
+        // While the orchestrator is down, heartbeats fail and the PNode keeps what it hosts.
+        if self.up && p.responsive(now) && !self.registry.heartbeat(id, now) {
             // Declared lost meanwhile: it registers anew with a clean slate.
             let (endpoint, leaving) = (p.endpoint.clone(), p.leaving);
             if let Some(p) = self.pnodes.get_mut(id) {
@@ -792,7 +865,7 @@ impl<'a> World<'a> {
         match e {
             Effect::ListPNodes { generation } => {
                 let view = self.registry.list(now);
-                self.at(now, Event::Input(job.into(), Input::View { view, generation }));
+                self.to_job(now, job, Input::View { view, generation });
             }
             Effect::Release { endpoints, generation } => {
                 let mut done = now;
@@ -805,7 +878,7 @@ impl<'a> World<'a> {
                     }
                 }
                 if let Some(generation) = generation {
-                    self.at(done, Event::Input(job.into(), Input::Released { generation }));
+                    self.to_job(done, job, Input::Released { generation });
                 }
             }
             Effect::Allocate { generation, allocations } => {
@@ -845,7 +918,7 @@ impl<'a> World<'a> {
                         }
                     }
                 }
-                self.at(done, Event::Input(job.into(), Input::Allocated { generation, result }));
+                self.to_job(done, job, Input::Allocated { generation, result });
             }
             Effect::Placed { locations } => {
                 self.locations.retain(|k, _| k.0 != job);
@@ -875,7 +948,7 @@ impl<'a> World<'a> {
             Effect::FetchStates { generation, targets } => {
                 let (t, result) = self.gather(job, &targets, |v| v.snapshot().map_err(|e| e.to_string()));
                 let result = result.map(|s| targets.iter().map(|t| t.vnode).zip(s).collect());
-                self.at(t, Event::Input(job.into(), Input::StatesFetched { generation, result }));
+                self.to_job(t, job, Input::StatesFetched { generation, result });
             }
             Effect::FetchParams { generation, targets } => {
                 let (t, result) = self.gather(job, &targets, |v| {
@@ -889,7 +962,7 @@ impl<'a> World<'a> {
                         .collect::<Vec<_>>())
                 });
                 let result = result.map_err(CollectError::Unreachable);
-                self.at(t, Event::Input(job.into(), Input::ParamsFetched { generation, result }));
+                self.to_job(t, job, Input::ParamsFetched { generation, result });
             }
             Effect::Probe { generation, pnodes } => {
                 let mut done = now;
@@ -899,7 +972,7 @@ impl<'a> World<'a> {
                     done = done.max(t);
                     answers.push((id, if ok { Ok(Vec::new()) } else { Err("no answer".to_string()) }));
                 }
-                self.at(done, Event::Input(job.into(), Input::ProbeAnswered { generation, answers }));
+                self.to_job(done, job, Input::ProbeAnswered { generation, answers });
             }
             Effect::MarkLost(id) => {
                 if let Some(r) = self.registry.records.get_mut(&id) {
@@ -917,19 +990,24 @@ impl<'a> World<'a> {
                 if matches!(transition, Transition::Quarantined(_)) && !self.cheaters.contains(&pnode) {
                     self.broken.push(format!("honest {pnode} was quarantined"));
                 }
-                self.at(now, Event::Input(job.into(), Input::StrikeRecorded { pnode, at_step, transition }));
+                self.to_job(now, job, Input::StrikeRecorded { pnode, at_step, transition });
             }
-            Effect::Checkpoint(_) => {}
+            Effect::Checkpoint(snapshot) => {
+                let before = self.store.hashes();
+                if futures::executor::block_on(crate::checkpoints::write(&self.store, &snapshot)).is_ok() {
+                    self.newest_checkpoint = self.store.hashes().difference(&before).cloned().collect();
+                }
+            }
             Effect::StartReplica(spec) => {
                 let id = spec.job_id.clone();
                 let sizes = DataSizes { train: self.base.data.train.len(), test: self.base.data.test.len() };
                 self.jobs.insert(id.clone(), JobCore::new(*spec, sizes, now));
-                self.at(now, Event::Input(id, Input::Start));
+                self.to_job(now, id, Input::Start);
             }
-            Effect::CancelReplica(id) => self.at(now, Event::Input(id, Input::Cancel)),
+            Effect::CancelReplica(id) => self.to_job(now, id, Input::Cancel),
             Effect::AnswerParent(done) => {
                 let parent = done.parent.clone();
-                self.at(now, Event::Input(parent, Input::ReplicaDone(done)));
+                self.to_job(now, parent, Input::ReplicaDone(done));
             }
             Effect::Log(_) | Effect::Failed { .. } | Effect::Event(_) | Effect::Watchers(_) | Effect::Status(_) => {}
             Effect::Finish { status, release, .. } => {
@@ -951,6 +1029,7 @@ impl<'a> World<'a> {
                     };
                     self.ending = Some(Ending {
                         outcome,
+                        first_step: self.first_step,
                         params_sha256: summary.and_then(|s| s.params_sha256),
                         outputs: core.map(|c| c.output_hashes()).unwrap_or_default(),
                         steps: self.steps,
@@ -1080,7 +1159,7 @@ impl<'a> World<'a> {
             let copies = if self.rng.random_bool(self.scenario.dup_rate) { 2 } else { 1 };
             for _ in 0..copies {
                 let t = self.arrival(pnode, "orchestrator", done.saturating_sub(now));
-                self.at(t, Event::Input(job.into(), Input::Observation(o.clone())));
+                self.to_job(t, job, Input::Observation(o.clone()));
             }
         }
     }

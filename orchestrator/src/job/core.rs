@@ -424,6 +424,10 @@ pub struct JobCore {
     /// A rollback decided while a placement was under way, applied when it lands.
     pending_rollback: Option<(RollbackTo, String)>,
     rewinds: VecDeque<Rewind>,
+    /// Checkpoints of a verified job held back until every segment before them is accepted: a
+    /// checkpoint in the store is where a restarted orchestrator resumes, with no memory of
+    /// what was still unverified.
+    unverified_checkpoints: VecDeque<checkpoints::Snapshot>,
     /// Strikes sent and not yet answered; the record waits for them.
     strikes_pending: usize,
     /// The job ended while strikes were pending: finish once they land.
@@ -501,6 +505,7 @@ impl JobCore {
             replication: Replication::new(&spec),
             pending_rollback: None,
             rewinds: VecDeque::new(),
+            unverified_checkpoints: VecDeque::new(),
             strikes_pending: 0,
             finish_pending: None,
             out: Vec::new(),
@@ -574,6 +579,23 @@ impl JobCore {
             let Some(next) = self.held.pop_front() else { break };
             self.handle(next);
             self.settle_rewinds();
+        }
+        self.write_verified_checkpoints();
+    }
+
+    /// Writes the held-back checkpoints whose every segment has been accepted.
+    fn write_verified_checkpoints(&mut self) {
+        // A rollback decided but not yet applied may still discard them.
+        if self.pending_rollback.is_some() || matches!(self.stage, Stage::Placing | Stage::Recovering) {
+            return;
+        }
+        while let Some(c) = self.unverified_checkpoints.front() {
+            if self.replication.unsettled_through(c.step) {
+                return;
+            }
+            if let Some(c) = self.unverified_checkpoints.pop_front() {
+                self.emit(Effect::Checkpoint(c));
+            }
         }
     }
 
@@ -1017,14 +1039,19 @@ impl JobCore {
             self.last_checkpoint = Some(step);
             self.last_checkpoint_at = self.now;
             if self.spec.persist {
-                self.emit(Effect::Checkpoint(checkpoints::Snapshot {
+                let checkpoint = checkpoints::Snapshot {
                     job: self.spec.job_id.clone(),
                     step,
                     epochs_evaluated: self.epochs_evaluated,
                     envelope_json: serde_json::to_vec(&self.spec.envelope).unwrap_or_default(),
                     states,
                     keep: self.spec.envelope.checkpoint.keep,
-                }));
+                };
+                if self.replication.segment_steps().is_some() {
+                    self.unverified_checkpoints.push_back(checkpoint);
+                } else {
+                    self.emit(Effect::Checkpoint(checkpoint));
+                }
             }
         }
         self.after_snapshot();
@@ -1072,6 +1099,7 @@ impl JobCore {
         ));
         self.recoveries.push(entry);
         // Everything past the snapshot is forgotten and computed again, identically.
+        self.unverified_checkpoints.retain(|c| c.step <= resumed_step);
         for id in self.replication.forget_after(resumed_step) {
             self.emit(Effect::CancelReplica(id));
         }
@@ -1513,6 +1541,9 @@ impl JobCore {
             self.finish_pending = Some(params);
             self.awaiting = Some(Awaiting::Strikes);
             return;
+        }
+        if self.error.is_none() {
+            self.write_verified_checkpoints();
         }
         for id in self.replication.cancel_all() {
             self.emit(Effect::CancelReplica(id));

@@ -163,6 +163,11 @@ impl Replication {
         self.segments.len()
     }
 
+    /// Whether some segment ending at or before `step` still awaits its verdict.
+    pub(super) fn unsettled_through(&self, step: u64) -> bool {
+        self.segments.values().any(|s| s.end <= step)
+    }
+
     /// Drops the segments a rollback to `step` discards (they will be executed again);
     /// answers the replicas to cancel.
     pub(super) fn forget_after(&mut self, step: u64) -> Vec<String> {
