@@ -70,6 +70,8 @@ pub enum JobEvent {
     Evaluation {
         /// Epochs completed when it ran.
         epoch: u32,
+        /// Training steps completed when it ran.
+        step: u64,
         /// Accuracy in [0, 1].
         accuracy: f64,
         /// Mean loss.

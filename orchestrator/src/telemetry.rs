@@ -299,10 +299,18 @@ impl Tracks {
     }
 
     /// Records a test evaluation; returns the point.
-    pub fn evaluated(&mut self, job: &str, epoch: u32, accuracy: f64, loss: f64, now: Instant) -> Option<TestPoint> {
+    pub fn evaluated(
+        &mut self,
+        job: &str,
+        epoch: u32,
+        step: u64,
+        accuracy: f64,
+        loss: f64,
+        now: Instant,
+    ) -> Option<TestPoint> {
         let t = self.jobs.get_mut(job)?;
         let p =
-            TestPoint { epoch, step: t.loss_steps, t: now.duration_since(t.submitted).as_secs_f64(), loss, accuracy };
+            TestPoint { epoch, step, t: now.duration_since(t.submitted).as_secs_f64(), loss, accuracy };
         if t.test.len() >= MAX_TEST_POINTS {
             t.test.pop_front();
         }
@@ -425,8 +433,8 @@ impl Telemetry {
             use broadcast::error::RecvError;
             loop {
                 match rx.recv().await {
-                    Ok(JobEvent::Evaluation { epoch, accuracy, loss }) => {
-                        let point = me.write(|t| t.evaluated(&job, epoch, accuracy, loss, Instant::now()));
+                    Ok(JobEvent::Evaluation { epoch, step, accuracy, loss }) => {
+                        let point = me.write(|t| t.evaluated(&job, epoch, step, accuracy, loss, Instant::now()));
                         if let Some(point) = point {
                             let _ = me.updates.send(Update::Test { job: job.clone(), point });
                         }

@@ -984,6 +984,7 @@ impl JobCore {
                     });
                     self.emit(Effect::Watchers(JobEvent::Evaluation {
                         epoch: self.epochs_evaluated as u32,
+                        step: self.completed,
                         accuracy: acc,
                         loss,
                     }));
