@@ -208,6 +208,17 @@ enum Command {
     },
 }
 
+impl Cli {
+    /// What is logged when `RUST_LOG` says nothing: warnings, except for the simulator, whose
+    /// scenarios warn on purpose (damaged snapshots, lost PNodes) and which reports in its summary.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Simulate { .. } => "error",
+            _ => "warn",
+        }
+    }
+}
+
 /// Trust settings of `serve` (docs/TRUST.md).
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrustArgs {

@@ -5,7 +5,9 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = dcnr_orchestrator::cli::Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| cli.default_log_level().into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     dcnr_orchestrator::cli::main(cli)
