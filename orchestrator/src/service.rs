@@ -65,7 +65,9 @@ fn event_to_wire(job: &str, e: JobEvent) -> v1::JobEvent {
         JobEvent::Progress { step, steps_total, loss, samples_per_s, epoch } => {
             Body::Progress(v1::Progress { step, steps_total, loss, samples_per_s, epoch })
         }
-        JobEvent::Evaluation { epoch, accuracy, loss, .. } => Body::Evaluation(v1::Evaluation { epoch, accuracy, loss }),
+        JobEvent::Evaluation { epoch, accuracy, loss, .. } => {
+            Body::Evaluation(v1::Evaluation { epoch, accuracy, loss })
+        }
         JobEvent::Log(text) => Body::Log(text),
         JobEvent::Finished(s) => Body::Finished(status_to_wire(&s)),
     };

@@ -271,14 +271,7 @@ impl Scenario {
 
     /// The same mesh with no fault and a quiet network: what every run must equal.
     fn fault_free(&self) -> Scenario {
-        Scenario {
-            pnodes: 3,
-            verify: Verify::None,
-            drop_rate: 0.0,
-            dup_rate: 0.0,
-            faults: Vec::new(),
-            ..self.clone()
-        }
+        Scenario { pnodes: 3, verify: Verify::None, drop_rate: 0.0, dup_rate: 0.0, faults: Vec::new(), ..self.clone() }
     }
 }
 
@@ -317,7 +310,10 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
         if !reference.contains_key(&scenario.in_flight) {
             let (end, _) = World::new(&base, scenario.fault_free(), 0).run();
             if end.outcome != "succeeded" {
-                return Err(format!("the fault-free run (in_flight {}) did not succeed: {}", scenario.in_flight, end.outcome));
+                return Err(format!(
+                    "the fault-free run (in_flight {}) did not succeed: {}",
+                    scenario.in_flight, end.outcome
+                ));
             }
             reference.insert(scenario.in_flight, end);
         }
@@ -331,7 +327,11 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
         }
         let (end, broken) = World::new(&base, scenario.clone(), seed).run();
         if args.verbose {
-            eprintln!("seed {seed}: {scenario:?} -> {} after {:.1}s simulated", end.outcome, end.simulated.as_secs_f64());
+            eprintln!(
+                "seed {seed}: {scenario:?} -> {} after {:.1}s simulated",
+                end.outcome,
+                end.simulated.as_secs_f64()
+            );
         }
         let mut what = broken;
         match end.outcome.as_str() {
@@ -656,7 +656,8 @@ impl<'a> World<'a> {
     /// The orchestrator is back: it resumes the job from its newest intact checkpoint.
     fn orchestrator_up(&mut self) {
         self.up = true;
-        let from = futures::executor::block_on(crate::checkpoints::load_latest(&self.store, "sim")).ok().map(|(_, f)| f);
+        let from =
+            futures::executor::block_on(crate::checkpoints::load_latest(&self.store, "sim")).ok().map(|(_, f)| f);
         let mut spec = self.base.spec(&self.scenario);
         self.first_step = from.as_ref().map_or(0, |f| f.step);
         spec.resume = from;
@@ -939,8 +940,13 @@ impl<'a> World<'a> {
                     let tensor = if t.labels { y.clone() } else { x.clone() };
                     let msg = Inbound::Forward { mb, phase, port: t.port, tensor };
                     let arrive = self.arrival("orchestrator", &t.at.pnode, Duration::ZERO);
-                    let ev =
-                        Event::Deliver { pnode: t.at.pnode.clone(), job: job.into(), generation, vnode: t.at.vnode, msg };
+                    let ev = Event::Deliver {
+                        pnode: t.at.pnode.clone(),
+                        job: job.into(),
+                        generation,
+                        vnode: t.at.vnode,
+                        msg,
+                    };
                     self.at(arrive, ev);
                 }
             }

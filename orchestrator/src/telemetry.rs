@@ -309,8 +309,7 @@ impl Tracks {
         now: Instant,
     ) -> Option<TestPoint> {
         let t = self.jobs.get_mut(job)?;
-        let p =
-            TestPoint { epoch, step, t: now.duration_since(t.submitted).as_secs_f64(), loss, accuracy };
+        let p = TestPoint { epoch, step, t: now.duration_since(t.submitted).as_secs_f64(), loss, accuracy };
         if t.test.len() >= MAX_TEST_POINTS {
             t.test.pop_front();
         }

@@ -242,8 +242,7 @@ impl JobActor {
         // A replica's watchers' events stay with it; nobody watches them.
         services.watchers = broadcast::channel(16).0;
         let parent = Some(ctx.address().recipient());
-        let addr =
-            JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| JobActor::new(spec, services, parent));
+        let addr = JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| JobActor::new(spec, services, parent));
         self.services.jobs.do_send(RouteReplica(id.clone(), addr.clone()));
         self.replicas.insert(id, addr);
     }

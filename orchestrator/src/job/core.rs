@@ -566,7 +566,9 @@ impl JobCore {
                 match input {
                     // A blocked job does not tick (as a job waiting on an exchange does nothing
                     // else), except to look again for PNodes to place on.
-                    Input::Tick if a == Awaiting::Placement => self.emit(Effect::ListPNodes { generation: self.generation }),
+                    Input::Tick if a == Awaiting::Placement => {
+                        self.emit(Effect::ListPNodes { generation: self.generation })
+                    }
                     Input::Tick => {}
                     other => self.held.push_back(other),
                 }
@@ -754,14 +756,17 @@ impl JobCore {
                 vnodes: vnodes
                     .into_iter()
                     .map(|v| {
-                        let state = self.spec.resume.as_ref().and_then(|r| r.states.get(&v).cloned()).unwrap_or_default();
+                        let state =
+                            self.spec.resume.as_ref().and_then(|r| r.states.get(&v).cloned()).unwrap_or_default();
                         (v, state)
                     })
                     .collect(),
             })
             .collect();
-        self.allocating =
-            assignment.into_iter().filter_map(|(v, p)| by_id.get(p.as_str()).map(|view| (v, (*view).clone()))).collect();
+        self.allocating = assignment
+            .into_iter()
+            .filter_map(|(v, p)| by_id.get(p.as_str()).map(|view| (v, (*view).clone())))
+            .collect();
         self.awaiting = Some(Awaiting::Allocation);
         self.emit(Effect::Allocate { generation: self.generation, allocations });
     }
@@ -866,10 +871,8 @@ impl JobCore {
             steps_per_epoch: self.plan.steps_per_epoch(),
             epochs_evaluated: self.epochs_evaluated,
             in_flight: u64::from(self.spec.in_flight),
-            checkpoints: (c.enabled() && self.spec.persist).then(|| CheckpointPolicy {
-                every_steps: c.every_steps,
-                every: c.every_s.map(Duration::from_secs),
-            }),
+            checkpoints: (c.enabled() && self.spec.persist)
+                .then(|| CheckpointPolicy { every_steps: c.every_steps, every: c.every_s.map(Duration::from_secs) }),
             last_checkpoint: self.last_checkpoint,
             since_checkpoint: self.now.saturating_sub(self.last_checkpoint_at),
             segment_steps: self.replication.segment_steps(),
@@ -1264,7 +1267,9 @@ impl JobCore {
         if self.waiting_for_replicas() {
             self.last_activity = self.now;
         }
-        if self.now.saturating_sub(self.last_activity) > self.idle_limit() && !self.probing && self.now >= self.next_probe
+        if self.now.saturating_sub(self.last_activity) > self.idle_limit()
+            && !self.probing
+            && self.now >= self.next_probe
         {
             self.probe();
         }

@@ -9,7 +9,8 @@ use std::time::Duration;
 /// The placed PNodes that `view` shows lost (or no longer lists), and those leaving.
 pub fn lost_and_leaving(view: &[PNodeView], placed: &BTreeSet<String>) -> (Vec<String>, Vec<String>) {
     let by_id: BTreeMap<&str, &PNodeView> = view.iter().map(|p| (p.id.as_str(), p)).collect();
-    let lost = placed.iter().filter(|id| by_id.get(id.as_str()).is_none_or(|p| p.health == Health::Lost)).cloned().collect();
+    let lost =
+        placed.iter().filter(|id| by_id.get(id.as_str()).is_none_or(|p| p.health == Health::Lost)).cloned().collect();
     let leaving = placed
         .iter()
         .filter(|id| by_id.get(id.as_str()).is_some_and(|p| p.health == Health::Draining))

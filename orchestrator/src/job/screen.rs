@@ -81,6 +81,8 @@ mod tests {
         };
         assert!(report_problem(&done("xyz")).is_some());
         assert!(report_problem(&done(&"a".repeat(64))).is_none());
-        assert!(report_problem(&obs(Observed::Loss { phase: Phase::Train, loss: 0.3, correct: 1, count: 2 })).is_none());
+        assert!(
+            report_problem(&obs(Observed::Loss { phase: Phase::Train, loss: 0.3, correct: 1, count: 2 })).is_none()
+        );
     }
 }

@@ -514,7 +514,11 @@ impl JobCore {
             let done = ReplicaDone {
                 parent: of.parent.clone(),
                 replica: self.spec.job_id.clone(),
-                segment: of.segment, label: of.label.clone(), result, found };
+                segment: of.segment,
+                label: of.label.clone(),
+                result,
+                found,
+            };
             self.emit(Effect::AnswerParent(done));
         }
     }
