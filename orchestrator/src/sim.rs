@@ -369,6 +369,15 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
     Ok(report)
 }
 
+/// The simulator's job on a quiet mesh with `in_flight`, and the sizes of its data sets: a
+/// fixture for tests of the job core.
+pub fn sample_job(in_flight: u32) -> Result<(JobSpec, DataSizes), String> {
+    let base = Base::new()?;
+    let scenario = Scenario { in_flight, ..Scenario::draw(0).fault_free() };
+    let sizes = DataSizes { train: base.data.train.len(), test: base.data.test.len() };
+    Ok((base.spec(&scenario), sizes))
+}
+
 /// What every scenario shares: the graph, the envelope and the data.
 struct Base {
     envelope: Envelope,

@@ -621,15 +621,19 @@ impl JobCore {
             Input::View { view, generation } => self.on_view(view, generation),
             Input::Observation(o) => self.on_observation(o),
             Input::Evacuate(pnode) => self.on_evacuate(pnode),
-            Input::Released { .. } => self.begin_placement_wait(),
-            Input::Allocated { result, .. } => self.on_allocated(result),
+            // Answers count only while the core waits for them (never replayed late).
+            Input::Released { .. } if self.awaiting == Some(Awaiting::Release) => self.begin_placement_wait(),
+            Input::Allocated { result, .. } if self.awaiting == Some(Awaiting::Allocation) => {
+                self.on_allocated(result)
+            }
+            Input::ParamsFetched { result, .. } if self.awaiting == Some(Awaiting::Params) => self.on_params(result),
+            Input::Released { .. } | Input::Allocated { .. } | Input::ParamsFetched { .. } => {}
             Input::FeedFailed { generation, failure } => {
                 if generation == self.generation && matches!(self.stage, Stage::Training | Stage::Evaluating) {
                     self.recover(format!("feeding failed: {}", failure.why), vec![failure.pnode]);
                 }
             }
             Input::StatesFetched { result, .. } => self.on_states(result),
-            Input::ParamsFetched { result, .. } => self.on_params(result),
             Input::ProbeAnswered { generation, answers } => self.on_probe(generation, answers),
             Input::ReplicaDone(done) => {
                 self.replica_done(done);
@@ -1653,4 +1657,171 @@ pub fn demands(spec: &JobSpec) -> Vec<Demand> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Caps;
+
+    fn pnode(i: usize) -> PNodeView {
+        PNodeView {
+            id: format!("p{i}"),
+            name: format!("p{i}"),
+            endpoint: format!("http://h{i}:1"),
+            caps: Caps {
+                cores: 2,
+                memory_bytes: 1 << 32,
+                arch: "x86_64".into(),
+                os: "linux".into(),
+                gpu: String::new(),
+                determinism_class: "c".into(),
+            },
+            health: Health::Healthy,
+            hosted_vnodes: 0,
+            public_key: String::new(),
+            trusted: false,
+            standing: crate::trust::Standing::New,
+            reputation: 1.0,
+            quarantine_reason: None,
+        }
+    }
+
+    fn core() -> JobCore {
+        let (spec, sizes) = crate::sim::sample_job(1).unwrap();
+        JobCore::new(spec, sizes, Duration::ZERO)
+    }
+
+    fn at(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    /// Starts the job and places it on two PNodes; answers the effects of the placement.
+    fn placed() -> (JobCore, Vec<Effect>) {
+        let mut c = core();
+        c.step(Input::Start, at(0));
+        c.take_effects();
+        c.step(Input::View { view: vec![pnode(0), pnode(1)], generation: 1 }, at(1));
+        let allocate = c.take_effects();
+        assert!(allocate.iter().any(|e| matches!(e, Effect::Allocate { generation: 1, .. })), "{allocate:?}");
+        c.step(Input::Allocated { generation: 1, result: Ok(()) }, at(2));
+        let effects = c.take_effects();
+        (c, effects)
+    }
+
+    fn done(c: &JobCore, vnode: u32, mb: u64, generation: u32) -> Input {
+        let pnode = c.placement()[&vnode].id.clone();
+        Input::Observation(Observation {
+            job_id: "sim".into(),
+            vnode,
+            mb,
+            pnode,
+            generation,
+            body: Observed::Done {
+                compute_us: 1,
+                cpu_us: 1,
+                bytes_in: 1,
+                bytes_out: 1,
+                output_sha256: "ab".repeat(32),
+            },
+        })
+    }
+
+    #[test]
+    fn placement_waits_for_capacity_then_fails_at_its_deadline() {
+        let mut c = core();
+        c.step(Input::Start, at(0));
+        assert!(c.take_effects().iter().any(|e| matches!(e, Effect::ListPNodes { .. })));
+        c.step(Input::View { view: Vec::new(), generation: 1 }, at(100));
+        assert!(!c.take_effects().iter().any(|e| matches!(e, Effect::Allocate { .. } | Effect::Finish { .. })));
+        // Ticks while placing look again.
+        c.step(Input::Tick, at(200));
+        assert!(c.take_effects().iter().any(|e| matches!(e, Effect::ListPNodes { .. })));
+        c.step(Input::View { view: Vec::new(), generation: 1 }, at(11_000));
+        assert!(c.ended());
+        assert_eq!(c.error_code(), Some("placement"));
+    }
+
+    #[test]
+    fn a_placed_job_feeds_its_window_and_counts_each_step_once() {
+        let (mut c, effects) = placed();
+        let feeds: Vec<u64> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Feed { mb, phase: Phase::Train, .. } => Some(*mb),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(feeds, vec![0, 1, 2], "in_flight 1 plus the prefetch");
+        let n = c.spec().graph.nodes.len() as u32;
+        for v in 0..n {
+            c.step(done(&c, v, 0, 1), at(10));
+            // A repeated report is not a second step.
+            c.step(done(&c, v, 0, 1), at(10));
+        }
+        assert_eq!(c.completed(), 1);
+        let more: Vec<u64> = c
+            .take_effects()
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Feed { mb, .. } => Some(*mb),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(more, vec![3]);
+    }
+
+    #[test]
+    fn reports_of_another_generation_change_nothing() {
+        let (mut c, _) = placed();
+        let n = c.spec().graph.nodes.len() as u32;
+        for v in 0..n {
+            c.step(done(&c, v, 0, 7), at(10));
+        }
+        assert_eq!(c.completed(), 0);
+        assert!(c.take_effects().is_empty());
+    }
+
+    #[test]
+    fn a_lost_pnode_moves_the_job_to_the_next_generation_from_its_snapshot() {
+        let (mut c, _) = placed();
+        let mut lost = pnode(1);
+        lost.health = Health::Lost;
+        c.step(Input::View { view: vec![pnode(0), lost], generation: 1 }, at(50));
+        assert_eq!(c.generation(), 2);
+        let effects = c.take_effects();
+        assert!(effects.iter().any(|e| matches!(e, Effect::Release { generation: Some(2), .. })), "{effects:?}");
+        // Reports meanwhile are held or stale; the placement goes on without the lost PNode.
+        c.step(Input::Released { generation: 2 }, at(60));
+        c.take_effects();
+        c.step(Input::View { view: vec![pnode(0), pnode(2)], generation: 2 }, at(70));
+        let effects = c.take_effects();
+        let Some(Effect::Allocate { allocations, .. }) = effects.iter().find(|e| matches!(e, Effect::Allocate { .. }))
+        else {
+            panic!("{effects:?}")
+        };
+        assert!(allocations.iter().all(|a| a.pnode != "p1"));
+    }
+
+    #[test]
+    fn inputs_wait_while_states_are_fetched() {
+        let (mut c, _) = placed();
+        c.step(Input::Evacuate("p0".into()), at(20));
+        // Leaving PNodes drain the pipeline first; finish the three fed steps.
+        let n = c.spec().graph.nodes.len() as u32;
+        for mb in 0..3 {
+            for v in 0..n {
+                c.step(done(&c, v, mb, 1), at(30));
+            }
+        }
+        let effects = c.take_effects();
+        assert!(effects.iter().any(|e| matches!(e, Effect::FetchStates { .. })), "{effects:?}");
+        // A report that arrives while the snapshot is fetched waits for it.
+        c.step(done(&c, 0, 3, 1), at(40));
+        assert!(c.take_effects().is_empty());
+        let states = (0..n).map(|v| (v, Vec::new())).collect();
+        c.step(Input::StatesFetched { generation: 1, result: Ok(states) }, at(50));
+        // Then the job moves off the leaving PNode (a new generation).
+        assert_eq!(c.generation(), 2);
+    }
 }
