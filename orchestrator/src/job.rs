@@ -22,7 +22,7 @@ use crate::data::Splits;
 use crate::events::{EventLog, NewEvent, Severity};
 use crate::jobs::{Jobs, Placed, StatusUpdate};
 use crate::placement::{self, Demand, Offer};
-use crate::registry::{Health, MarkLost, PNodeView, Registry, Snapshot};
+use crate::registry::{Health, ListPNodes, MarkLost, PNodeView, Registry};
 use crate::status::{JobEvent, JobState, JobStatus};
 use crate::summary::{JobSummary, Recovery, params_hashes, vnode_summaries};
 use actix::prelude::*;
@@ -1096,7 +1096,7 @@ impl JobActor {
         }
         let placed: BTreeSet<String> = self.placement.values().map(|p| p.id.clone()).collect();
         let generation = self.generation;
-        ctx.spawn(self.registry.send(Snapshot).into_actor(self).map(move |snap, act, ctx| {
+        ctx.spawn(self.registry.send(ListPNodes).into_actor(self).map(move |snap, act, ctx| {
             let Ok(snap) = snap else { return };
             if act.generation != generation {
                 return;
@@ -1334,7 +1334,7 @@ async fn place_and_allocate(
     let started = Instant::now();
     let (healthy, assignment) = loop {
         let snap =
-            registry.send(Snapshot).await.map_err(|e| PlaceError::Capacity(format!("registry unavailable: {e}")))?;
+            registry.send(ListPNodes).await.map_err(|e| PlaceError::Capacity(format!("registry unavailable: {e}")))?;
         let target = spec.envelope.policy.target;
         // Quarantined identities get no work.
         let suitable_now = |p: &PNodeView| {

@@ -1,7 +1,8 @@
 //! The orchestrator: PNode registry, placement, one actor per job, the gRPC service, and the CLI.
 //!
-//! Module map: [`registry`] (PNodes and their health), [`placement`] (pure: which PNode hosts
-//! which VNode), [`job`] (the actor that drives one job), [`jobs`] (the job table), [`service`]
+//! Module map: [`registry`] (PNodes and their health: a pure table in an actor), [`clock`]
+//! (time as a value), [`placement`] (pure: which PNodes may host, and which PNode hosts which
+//! VNode), [`job`] (the actor that drives one job), [`jobs`] (the job table), [`service`]
 //! (gRPC adapter; the only module here besides `client` and `server` that names tonic),
 //! [`server`] (starts actors and the gRPC server), [`client`] + [`cli`] + [`progress`] (the
 //! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
@@ -17,6 +18,7 @@ pub mod bench;
 pub mod checkpoints;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod dashbench;
 pub mod dashboard;
 pub mod data;
