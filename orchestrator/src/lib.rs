@@ -10,7 +10,8 @@
 //! and quarantine), [`verify`] (pure: spot checks, quorum, the verification report).
 //! Observability: [`events`] (the mesh's event log), [`telemetry`] (curves, placement, rates),
 //! [`metrics`] (Prometheus), [`dashboard`] (the web page, its JSON API and live stream),
-//! [`dashbench`] (its latency benchmark).
+//! [`dashbench`] (its latency benchmark). Scale: [`scale_bench`] (the control plane at 10,000
+//! PNodes, in memory).
 
 pub mod admission;
 pub mod artifacts;
@@ -34,6 +35,7 @@ pub mod progress;
 pub mod recovery_bench;
 pub mod registry;
 pub mod replay;
+pub mod scale_bench;
 pub mod server;
 pub mod service;
 pub mod status;
