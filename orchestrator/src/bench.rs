@@ -5,7 +5,7 @@
 use crate::client::Overrides;
 use crate::demo::{LocalMesh, model_text};
 use crate::job::pnode_client;
-use crate::registry::Snapshot;
+use crate::registry::ListPNodes;
 use anyhow::Context as _;
 use dcnr_model::envelope::Envelope;
 use dcnr_proto::v1;
@@ -223,7 +223,7 @@ async fn checkpoint_times(
 
 /// Round trips of a 64 KiB tensor message to a PNode, in microseconds.
 async fn ping(mesh: &LocalMesh, n: usize) -> anyhow::Result<Vec<f64>> {
-    let snap = mesh.registry().send(Snapshot).await?;
+    let snap = mesh.registry().send(ListPNodes).await?;
     let endpoint = snap.first().map(|p| p.endpoint.clone()).context("no pnode to ping")?;
     let mut client = pnode_client(&endpoint)?;
     let payload = dcnr_proto::tensor::encode_f32(&[64, 256], &vec![0.5f32; 64 * 256]);

@@ -41,11 +41,11 @@ enum Command {
         #[arg(long, env = "DCNR_DATA")]
         data: Option<PathBuf>,
         /// Heartbeat period asked of PNodes, in milliseconds.
-        #[arg(long, env = "DCNR_HEARTBEAT_MS", default_value_t = 200)]
+        #[arg(long, env = "DCNR_HEARTBEAT_MS", default_value_t = server::DEFAULT_HEARTBEAT_MS)]
         heartbeat_ms: u64,
         /// Silence after which a PNode is lost and its VNodes are relocated, in milliseconds
         /// (at least twice the heartbeat period).
-        #[arg(long, env = "DCNR_HEARTBEAT_TIMEOUT_MS", default_value_t = 1000)]
+        #[arg(long, env = "DCNR_HEARTBEAT_TIMEOUT_MS", default_value_t = server::DEFAULT_HEARTBEAT_TIMEOUT_MS)]
         heartbeat_timeout_ms: u64,
         /// A placement that completes no training step for this many seconds has failed: the
         /// PNodes that do not answer a probe are dropped and the job rolls back and goes on.
@@ -56,7 +56,7 @@ enum Command {
         #[arg(long, env = "DCNR_RECOVERY_SNAPSHOT_S", default_value_t = 2)]
         recovery_snapshot_s: u64,
         /// Most PNodes one job spreads over.
-        #[arg(long, env = "DCNR_MAX_PNODES_PER_JOB", default_value_t = 16)]
+        #[arg(long, env = "DCNR_MAX_PNODES_PER_JOB", default_value_t = server::DEFAULT_MAX_PNODES)]
         max_pnodes: usize,
         /// Artifact store: a directory, file:///path or s3://bucket/prefix (credentials from
         /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, region from AWS_REGION).
@@ -188,6 +188,14 @@ enum Command {
     BenchDashboard {
         #[command(flatten)]
         args: crate::dashbench::DashBenchArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the control plane at volunteer scale in memory: placement, heartbeats, registry size.
+    BenchScale {
+        #[command(flatten)]
+        args: crate::scale_bench::ScaleBenchArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -360,6 +368,10 @@ pub fn main(cli: Cli) -> ExitCode {
         }
         Command::BenchDashboard { args, json } => {
             runtime(async move { bench_report(crate::dashbench::run(args).await, json, crate::dashbench::print) })
+        }
+        // In memory and single-threaded: no runtime, so nothing else allocates while it counts.
+        Command::BenchScale { args, json } => {
+            bench_report(crate::scale_bench::run(&args), json, crate::scale_bench::print)
         }
         Command::Replay { args, json } => runtime(async move {
             match crate::replay::run(args).await {

@@ -2,7 +2,7 @@
 
 use crate::client::{self, ClientError, Overrides};
 use crate::jobs::JobDefaults;
-use crate::registry::{Health, Snapshot};
+use crate::registry::{Health, ListPNodes};
 use crate::server::{self, ServerConfig};
 use crate::summary::JobSummary;
 use anyhow::{Context as _, anyhow, bail};
@@ -143,7 +143,7 @@ impl LocalMesh {
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let snap = mesh.srv.registry.send(Snapshot).await?;
+            let snap = mesh.srv.registry.send(ListPNodes).await?;
             let healthy = snap.iter().filter(|p| p.health == Health::Healthy).count();
             if healthy >= pnodes {
                 return Ok(mesh);

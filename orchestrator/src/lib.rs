@@ -1,7 +1,8 @@
 //! The orchestrator: PNode registry, placement, one actor per job, the gRPC service, and the CLI.
 //!
-//! Module map: [`registry`] (PNodes and their health), [`placement`] (pure: which PNode hosts
-//! which VNode), [`job`] (the actor that drives one job), [`jobs`] (the job table), [`service`]
+//! Module map: [`registry`] (PNodes and their health: a pure table in an actor), [`clock`]
+//! (time as a value), [`placement`] (pure: which PNodes may host, and which PNode hosts which
+//! VNode), [`job`] (the actor that drives one job), [`jobs`] (the job table), [`service`]
 //! (gRPC adapter; the only module here besides `client` and `server` that names tonic),
 //! [`server`] (starts actors and the gRPC server), [`client`] + [`cli`] + [`progress`] (the
 //! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
@@ -9,7 +10,8 @@
 //! and quarantine), [`verify`] (pure: spot checks, quorum, the verification report).
 //! Observability: [`events`] (the mesh's event log), [`telemetry`] (curves, placement, rates),
 //! [`metrics`] (Prometheus), [`dashboard`] (the web page, its JSON API and live stream),
-//! [`dashbench`] (its latency benchmark).
+//! [`dashbench`] (its latency benchmark). Scale: [`scale_bench`] (the control plane at 10,000
+//! PNodes, in memory).
 
 pub mod admission;
 pub mod artifacts;
@@ -17,6 +19,7 @@ pub mod bench;
 pub mod checkpoints;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod dashbench;
 pub mod dashboard;
 pub mod data;
@@ -32,6 +35,7 @@ pub mod progress;
 pub mod recovery_bench;
 pub mod registry;
 pub mod replay;
+pub mod scale_bench;
 pub mod server;
 pub mod service;
 pub mod sim;

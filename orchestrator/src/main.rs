@@ -2,6 +2,10 @@
 
 use clap::Parser;
 
+// Counts only while `bench-scale` measures the registry's memory; otherwise a relaxed load per call.
+#[global_allocator]
+static ALLOCATOR: dcnr_orchestrator::scale_bench::CountingAlloc = dcnr_orchestrator::scale_bench::CountingAlloc;
+
 fn main() -> std::process::ExitCode {
     let cli = dcnr_orchestrator::cli::Cli::parse();
     tracing_subscriber::fmt()

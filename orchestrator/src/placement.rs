@@ -1,8 +1,18 @@
-//! Placement: which PNode hosts which VNode. A pure function, so it is tested without a mesh.
+//! Placement: which PNode hosts which VNode. Pure functions, so they are tested without a mesh.
 //!
-//! The graph is cut into contiguous runs of its topological order (so most traffic stays
-//! inside one PNode), one run per PNode, minimising the heaviest run; the heaviest runs go to
-//! the PNodes with the most cores. Memory is a hard limit.
+//! [`eligible`] says which PNodes one placement may use (the job actor and the scale benchmark
+//! apply the same filter). [`place`] cuts the graph into contiguous runs of its topological
+//! order (so most traffic stays inside one PNode), one run per PNode, minimising the heaviest
+//! run; the heaviest runs go to the PNodes with the most cores. Memory is a hard limit: a run
+//! that does not fit the PNode its rank gives it goes to the strongest remaining one it fits.
+
+use crate::registry::{Health, PNodeView};
+use crate::trust::Standing;
+use dcnr_model::ValidGraph;
+use dcnr_model::envelope::Target;
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
 
 /// What one VNode needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,39 +45,141 @@ pub enum PlacementError {
     /// The graph has no VNodes.
     #[error("the job has no VNodes")]
     NoVNodes,
-    /// A run of VNodes does not fit in memory anywhere.
+    /// A run of VNodes does not fit in memory anywhere (`pnode` offers the most left).
     #[error("VNodes {vnodes:?} need {need} bytes, but pnode {pnode} offers {offer}")]
     Memory { vnodes: Vec<u32>, need: u64, pnode: String, offer: u64 },
 }
 
+/// Which PNodes one placement may use.
+#[derive(Debug, Clone, Default)]
+pub struct Eligibility {
+    /// The job's target: `Gpu` takes only PNodes with a GPU.
+    pub target: Target,
+    /// Only PNodes of this determinism class (a replica's).
+    pub class: Option<String>,
+    /// PNodes this execution must not use (failed ones, or those whose work a replica checks).
+    pub exclude: BTreeSet<String>,
+    /// Machines to keep off, as `verify::host_of` names them (for a replica, those of the PNodes
+    /// whose work it checks: `PNodeTable::hosts_of`), so one machine cannot vote twice.
+    pub avoid_hosts: BTreeSet<String>,
+}
+
+/// Whether `view` (with its health as of now) may get work of this kind: healthy, with a GPU
+/// if the target needs one, of the requested class, and not quarantined. Exclusions aside: a
+/// job's `Share` of the mesh is counted over these.
+pub fn suitable(view: &PNodeView, req: &Eligibility) -> bool {
+    view.health == Health::Healthy
+        && (req.target != Target::Gpu || !view.caps.gpu.is_empty())
+        && req.class.as_ref().is_none_or(|c| *c == view.caps.determinism_class)
+        && view.standing != Standing::Quarantined
+}
+
+/// Whether this placement may use `view` (with its health as of now): [`suitable`] and not
+/// [`kept_off`].
+pub fn eligible(view: &PNodeView, req: &Eligibility) -> bool {
+    suitable(view, req) && !kept_off(view, req)
+}
+
+/// Whether the request keeps this placement off `view`: excluded, or on a machine it avoids.
+pub fn kept_off(view: &PNodeView, req: &Eligibility) -> bool {
+    // Split without allocating or parsing addresses: this runs for every PNode of the mesh on
+    // every replica placement, and the avoided hosts are never loopback (`host_of`).
+    req.exclude.contains(&view.id)
+        || (!req.avoid_hosts.is_empty()
+            && crate::verify::endpoint_host(&view.endpoint)
+                .is_some_and(|h| req.avoid_hosts.iter().any(|a| a.eq_ignore_ascii_case(h))))
+}
+
+/// Memory and work estimates of each VNode of `graph` in topological order, for [`place`]; the
+/// memory is `VNodeSpec::memory_estimate`, the limit PNodes enforce.
+pub fn demands(graph: &ValidGraph, root_seed: u64, in_flight: u32) -> Vec<Demand> {
+    let batch = graph.spec.training.batch_size as u64;
+    graph
+        .topo
+        .iter()
+        .filter_map(|&id| graph.nodes.get(id as usize).map(|n| (id, n)))
+        .map(|(id, n)| {
+            let vspec =
+                dcnr_vnode::VNodeSpec { node: n.clone(), optimizer: graph.spec.optimizer, root_seed, in_flight };
+            Demand {
+                vnode: id,
+                work: (n.kind.param_count() as u64).saturating_add(batch.saturating_mul(n.output_width as u64)),
+                memory: vspec.memory_estimate(batch as usize),
+            }
+        })
+        .collect()
+}
+
+/// Stronger first: more cores, then more memory, then by id so the order is total.
+fn stronger(a: &Offer, b: &Offer) -> Ordering {
+    b.cores.cmp(&a.cores).then(b.memory.cmp(&a.memory)).then(a.pnode.cmp(&b.pnode))
+}
+
+/// The `k` strongest of `offers` (k >= 1), strongest first, in O(n) for k much smaller than n:
+/// selection on cores and memory alone, ids compared only among offers tied at the cut. (A
+/// mesh has few distinct core and memory sizes, so ids decide most comparisons of a plain sort;
+/// comparing them for every offer of every job cost more than the rest of placement.)
+fn strongest<'a>(offers: &[&'a Offer], k: usize) -> Vec<&'a Offer> {
+    let mut ranked: Vec<&Offer> = offers.to_vec();
+    if k < ranked.len() {
+        let size = |o: &Offer| (std::cmp::Reverse(o.cores), std::cmp::Reverse(o.memory));
+        let cut = size(ranked.select_nth_unstable_by_key(k - 1, |o| size(o)).1);
+        let (mut chosen, mut tied): (Vec<&Offer>, Vec<&Offer>) =
+            ranked.iter().copied().filter(|o| size(o) <= cut).partition(|o| size(o) < cut);
+        let room = k - chosen.len();
+        if room < tied.len() {
+            tied.select_nth_unstable_by(room - 1, |a, b| a.pnode.cmp(&b.pnode));
+        }
+        chosen.extend_from_slice(&tied[..room]);
+        ranked = chosen;
+    }
+    ranked.sort_unstable_by(|a, b| stronger(a, b));
+    ranked
+}
+
 /// Assigns every demand (given in topological order) to an offer: returns (vnode, pnode) pairs.
-pub fn place(demands: &[Demand], offers: &[Offer], max_pnodes: usize) -> Result<Vec<(u32, String)>, PlacementError> {
+/// Offers may be owned or borrowed (a table of thousands of PNodes lends its own).
+pub fn place<O: Borrow<Offer>>(
+    demands: &[Demand],
+    offers: &[O],
+    max_pnodes: usize,
+) -> Result<Vec<(u32, String)>, PlacementError> {
     if demands.is_empty() {
         return Err(PlacementError::NoVNodes);
     }
     if offers.is_empty() {
         return Err(PlacementError::NoPNodes);
     }
-    let mut offers = offers.to_vec();
-    offers.sort_by(|a, b| b.cores.cmp(&a.cores).then(b.memory.cmp(&a.memory)).then(a.pnode.cmp(&b.pnode)));
-    let parts = offers.len().min(demands.len()).min(max_pnodes.max(1));
+    let all: Vec<&Offer> = offers.iter().map(Borrow::borrow).collect();
+    let parts = all.len().min(demands.len()).min(max_pnodes.max(1));
+    // Only the `parts` strongest are ranked; the rest are looked at only for a run that fits
+    // none of them.
+    let ranked = strongest(&all, parts);
     let runs = split(demands, parts);
     let mut order: Vec<usize> = (0..runs.len()).collect();
-    let run_work = |r: &std::ops::Range<usize>| demands[r.clone()].iter().map(|d| d.work).sum::<u64>();
+    let run_work = |r: &std::ops::Range<usize>| demands[r.clone()].iter().fold(0u64, |s, d| s.saturating_add(d.work));
     order.sort_by(|&a, &b| run_work(&runs[b]).cmp(&run_work(&runs[a])).then(a.cmp(&b)));
+    let mut taken: Vec<&str> = Vec::with_capacity(parts);
     let mut out = Vec::with_capacity(demands.len());
-    for (slot, &ri) in order.iter().enumerate() {
-        let offer = &offers[slot];
+    for &ri in &order {
         let run = &demands[runs[ri].clone()];
-        let need: u64 = run.iter().map(|d| d.memory).sum();
-        if offer.memory != 0 && need > offer.memory {
-            return Err(PlacementError::Memory {
-                vnodes: run.iter().map(|d| d.vnode).collect(),
-                need,
-                pnode: offer.pnode.clone(),
-                offer: offer.memory,
-            });
-        }
+        let need = run.iter().fold(0u64, |s, d| s.saturating_add(d.memory));
+        let free = |o: &&Offer| !taken.contains(&o.pnode.as_str());
+        let fits = |o: &&Offer| o.memory == 0 || need <= o.memory;
+        // When everything fits, run k (by weight) takes rank k; a run too big for its rank
+        // takes the next strongest PNode it fits rather than failing the whole job.
+        let pick = ranked
+            .iter()
+            .copied()
+            .filter(free)
+            .find(fits)
+            .or_else(|| all.iter().copied().filter(free).filter(fits).min_by(|a, b| stronger(a, b)));
+        let Some(offer) = pick else {
+            let roomiest = all.iter().copied().filter(free).max_by_key(|o| o.memory);
+            let (pnode, offer) = roomiest.map_or((String::new(), 0), |o| (o.pnode.clone(), o.memory));
+            return Err(PlacementError::Memory { vnodes: run.iter().map(|d| d.vnode).collect(), need, pnode, offer });
+        };
+        taken.push(&offer.pnode);
         out.extend(run.iter().map(|d| (d.vnode, offer.pnode.clone())));
     }
     out.sort_by_key(|p| p.0);
@@ -139,11 +251,65 @@ mod tests {
         let ds = [Demand { vnode: 0, work: 1, memory: 100 }];
         let off = [Offer { pnode: "a".into(), cores: 1, memory: 50 }];
         assert!(matches!(place(&ds, &off, 8), Err(PlacementError::Memory { .. })));
-        assert_eq!(place(&ds, &[], 8), Err(PlacementError::NoPNodes));
+        assert_eq!(place::<Offer>(&ds, &[], 8), Err(PlacementError::NoPNodes));
         assert_eq!(place(&[], &off, 8), Err(PlacementError::NoVNodes));
     }
 
+    #[test]
+    fn a_run_too_big_for_its_rank_goes_to_the_next_pnode_it_fits() {
+        let ds = [Demand { vnode: 0, work: 10, memory: 100 }, Demand { vnode: 1, work: 1, memory: 100 }];
+        let off = [
+            Offer { pnode: "big-cpu".into(), cores: 32, memory: 50 },
+            Offer { pnode: "mid".into(), cores: 8, memory: 200 },
+            Offer { pnode: "small".into(), cores: 2, memory: 100 },
+        ];
+        let p = place(&ds, &off, 2).unwrap();
+        assert_eq!(p, vec![(0, "mid".to_string()), (1, "small".to_string())]);
+        let e = place(&[Demand { vnode: 0, work: 1, memory: 300 }], &off, 2).unwrap_err();
+        assert!(matches!(&e, PlacementError::Memory { pnode, offer: 200, .. } if pnode == "mid"), "{e}");
+    }
+
+    #[test]
+    fn borrowed_offers_place_like_owned_ones() {
+        let ds = [d(0, 5), d(1, 1), d(2, 7)];
+        let off: Vec<Offer> = (0..50).map(|i| o(&format!("p{i:02}"), 1 + i % 7)).collect();
+        let refs: Vec<&Offer> = off.iter().collect();
+        assert_eq!(place(&ds, &refs, 2), place(&ds, &off, 2));
+    }
+
+    /// The placement before only the strongest offers were ranked: every offer sorted.
+    fn place_sorting_all(demands: &[Demand], offers: &[Offer], max_pnodes: usize) -> Vec<(u32, String)> {
+        let mut offers = offers.to_vec();
+        offers.sort_by(stronger);
+        let parts = offers.len().min(demands.len()).min(max_pnodes.max(1));
+        let runs = split(demands, parts);
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        let run_work = |r: &std::ops::Range<usize>| demands[r.clone()].iter().map(|d| d.work).sum::<u64>();
+        order.sort_by(|&a, &b| run_work(&runs[b]).cmp(&run_work(&runs[a])).then(a.cmp(&b)));
+        let mut out = Vec::new();
+        for (slot, &ri) in order.iter().enumerate() {
+            out.extend(demands[runs[ri].clone()].iter().map(|d| (d.vnode, offers[slot].pnode.clone())));
+        }
+        out.sort_by_key(|p| p.0);
+        out
+    }
+
     proptest! {
+        #[test]
+        fn ranking_only_the_strongest_changes_nothing_when_memory_fits(
+            works in proptest::collection::vec(1u64..1000, 1..40),
+            offers in proptest::collection::vec((1u32..6, 0u64..4), 1..60),
+            max in 1usize..20,
+        ) {
+            let ds: Vec<Demand> = works.iter().enumerate().map(|(i, &w)| d(i as u32, w)).collect();
+            let offers: Vec<Offer> = offers
+                .iter()
+                .enumerate()
+                .map(|(i, &(cores, gib))| Offer { pnode: format!("p{i}"), cores, memory: gib << 30 })
+                .collect();
+            prop_assert_eq!(place(&ds, &offers, max).unwrap(), place_sorting_all(&ds, &offers, max));
+        }
+
         #[test]
         fn every_vnode_placed_once_on_contiguous_runs(works in proptest::collection::vec(1u64..1000, 1..40), n in 1usize..6) {
             let ds: Vec<Demand> = works.iter().enumerate().map(|(i, &w)| d(i as u32, w)).collect();

@@ -6,7 +6,7 @@
 use crate::bench::percentile;
 use crate::demo::{self, LocalMesh};
 use crate::jobs::{Get, Submit};
-use crate::registry::{Health, Snapshot};
+use crate::registry::{Health, ListPNodes};
 use crate::status::JobState;
 use anyhow::{Context as _, bail};
 use dcnr_model::envelope::Envelope;
@@ -98,7 +98,7 @@ async fn measure(mesh: &mut LocalMesh, envelope: Envelope, args: &RecoveryBenchA
         if st.state != JobState::Running {
             bail!("the job is {:?}, not running: {:?}", st.state, st.error);
         }
-        let snap = mesh.registry().send(Snapshot).await?;
+        let snap = mesh.registry().send(ListPNodes).await?;
         let Some(victim) = snap.iter().find(|p| p.health == Health::Healthy && p.hosted_vnodes > 0) else {
             bail!("no pnode hosts VNodes");
         };

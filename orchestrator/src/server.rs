@@ -14,6 +14,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Heartbeat period asked of PNodes unless `serve --heartbeat-ms` says otherwise.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 200;
+/// Silence after which a PNode is lost, unless `serve --heartbeat-timeout-ms` says otherwise.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 1000;
+/// Most PNodes one job spreads over, unless `serve --max-pnodes` says otherwise.
+pub const DEFAULT_MAX_PNODES: usize = 16;
+
 /// Orchestrator settings.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {

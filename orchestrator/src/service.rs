@@ -4,7 +4,9 @@
 use crate::admission::{AdmissionError, TokenCheck};
 use crate::job::{Observation, Observed};
 use crate::jobs::{Evacuate, Get, HostedOn, Jobs, List, Resolve, Resume, Submit, SubmitError, Watch};
-use crate::registry::{self, Caps, Heartbeat, Lookup, MarkLost, PNodeView, Register, Registry, Snapshot};
+use crate::registry::{
+    self, Caps, Heartbeat, ListPNodes, Lookup, MarkLost, PNodeView, Register, Registration, Registry,
+};
 use crate::status::{JobEvent, JobState, JobStatus};
 use actix::Addr;
 use dcnr_model::envelope::Envelope;
@@ -194,8 +196,16 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             gpu: c.gpu,
             determinism_class: c.determinism_class,
         };
-        let register = Register { id, public_key: hex::encode(key), trusted, name: r.name, endpoint: r.endpoint, caps };
-        let id = self.registry.send(register).await.map_err(gone)?.map_err(Status::permission_denied)?;
+        let register = Register(Registration {
+            id,
+            public_key: hex::encode(key),
+            trusted,
+            name: r.name,
+            endpoint: r.endpoint,
+            caps,
+        });
+        let id =
+            self.registry.send(register).await.map_err(gone)?.map_err(|e| Status::permission_denied(e.to_string()))?;
         Ok(Response::new(v1::RegisterResponse {
             pnode_id: id,
             heartbeat_interval_ms: self.heartbeat.as_millis() as u32,
@@ -350,7 +360,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         _: Request<v1::ListPNodesRequest>,
     ) -> Result<Response<v1::ListPNodesResponse>, Status> {
-        let all = self.registry.send(Snapshot).await.map_err(gone)?;
+        let all = self.registry.send(ListPNodes).await.map_err(gone)?;
         Ok(Response::new(v1::ListPNodesResponse { pnodes: all.iter().map(pnode_to_wire).collect() }))
     }
 }

@@ -15,7 +15,7 @@ use crate::artifacts::MemoryStore;
 use crate::data::Splits;
 use crate::job::core::{CollectError, DataSizes, Effect, Input, JobCore, PNodeFailure, VNodeAt};
 use crate::job::{JobKind, JobSpec, Observation, Observed};
-use crate::registry::{Caps, Health, HealthPolicy, PNodeView};
+use crate::registry::{Beat, Caps, HealthPolicy, PNodeTable, Registration};
 use crate::trust::{Outcome, Transition, TrustBook, TrustPolicy};
 use dcnr_model::dataset::ImageSet;
 use dcnr_model::envelope::{Envelope, Verify};
@@ -450,75 +450,22 @@ impl SimPNode {
     }
 }
 
-/// The registry's rules over simulated time.
-struct SimRegistry {
-    policy: HealthPolicy,
-    trust: TrustBook,
-    /// id -> (view, last heartbeat, declared lost, draining).
-    records: BTreeMap<String, (PNodeView, Duration, bool, bool)>,
-}
-
-impl SimRegistry {
-    fn register(&mut self, id: &str, endpoint: &str, now: Duration) -> bool {
-        let Ok(standing) = self.trust.admit(id, false) else { return false };
-        let view = PNodeView {
-            id: id.to_string(),
-            name: id.to_string(),
-            endpoint: endpoint.to_string(),
-            caps: Caps {
-                cores: 2,
-                memory_bytes: 1 << 32,
-                arch: "x86_64".into(),
-                os: "linux".into(),
-                gpu: String::new(),
-                determinism_class: "sim".into(),
-            },
-            health: Health::Healthy,
-            hosted_vnodes: 0,
-            public_key: String::new(),
-            trusted: false,
-            standing,
-            reputation: 1.0,
-            quarantine_reason: None,
-        };
-        self.records.insert(id.to_string(), (view, now, false, false));
-        true
-    }
-
-    fn health(&self, r: &(PNodeView, Duration, bool, bool), now: Duration) -> Health {
-        match self.policy.judge(now.saturating_sub(r.1)) {
-            _ if r.2 => Health::Lost,
-            Health::Healthy | Health::Suspect if r.3 => Health::Draining,
-            h => h,
-        }
-    }
-
-    /// A heartbeat; false asks the PNode to register anew (it was declared lost meanwhile).
-    fn heartbeat(&mut self, id: &str, now: Duration) -> bool {
-        let health = match self.records.get(id) {
-            Some(r) => self.health(r, now),
-            None => return false,
-        };
-        if health == Health::Lost {
-            self.records.remove(id);
-            return false;
-        }
-        if let Some(r) = self.records.get_mut(id) {
-            r.1 = now;
-        }
-        true
-    }
-
-    fn list(&self, now: Duration) -> Vec<PNodeView> {
-        self.records
-            .values()
-            .map(|r| {
-                let mut v = r.0.clone();
-                v.health = self.health(r, now);
-                v.standing = self.trust.standing(&v.id);
-                v
-            })
-            .collect()
+/// What a simulated PNode registers with.
+fn registration(id: &str, endpoint: &str) -> Registration {
+    Registration {
+        id: id.to_string(),
+        public_key: String::new(),
+        trusted: false,
+        name: id.to_string(),
+        endpoint: endpoint.to_string(),
+        caps: Caps {
+            cores: 2,
+            memory_bytes: 1 << 32,
+            arch: "x86_64".into(),
+            os: "linux".into(),
+            gpu: String::new(),
+            determinism_class: "sim".into(),
+        },
     }
 }
 
@@ -547,7 +494,7 @@ struct World<'a> {
     seq: u64,
     queue: BinaryHeap<Reverse<(Duration, u64)>>,
     events: BTreeMap<u64, Event>,
-    registry: SimRegistry,
+    registry: PNodeTable,
     pnodes: BTreeMap<String, SimPNode>,
     /// Endpoint -> PNode id.
     by_endpoint: BTreeMap<String, String>,
@@ -582,11 +529,10 @@ impl<'a> World<'a> {
             seq: 0,
             queue: BinaryHeap::new(),
             events: BTreeMap::new(),
-            registry: SimRegistry {
-                policy: HealthPolicy { interval: HEARTBEAT, timeout: HEARTBEAT_TIMEOUT },
-                trust: TrustBook::new(TrustPolicy::default()),
-                records: BTreeMap::new(),
-            },
+            registry: PNodeTable::new(
+                HealthPolicy { interval: HEARTBEAT, timeout: HEARTBEAT_TIMEOUT },
+                TrustBook::new(TrustPolicy::default()),
+            ),
             pnodes: BTreeMap::new(),
             by_endpoint: BTreeMap::new(),
             jobs: BTreeMap::new(),
@@ -651,7 +597,7 @@ impl<'a> World<'a> {
             busy_until: Duration::ZERO,
             hosted: BTreeMap::new(),
         };
-        self.registry.register(&id, &p.endpoint, self.now);
+        let _ = self.registry.register(registration(&id, &p.endpoint), self.now);
         self.by_endpoint.insert(p.endpoint.clone(), id.clone());
         self.pnodes.insert(id.clone(), p);
         self.at(self.now + HEARTBEAT, Event::Heartbeat(id));
@@ -772,9 +718,7 @@ impl<'a> World<'a> {
                 }
                 p.leaving = true;
                 let id = p.id.clone();
-                if let Some(r) = self.registry.records.get_mut(&id) {
-                    r.3 = true;
-                }
+                self.registry.drain(&id);
                 let jobs: Vec<String> = self.jobs.keys().cloned().collect();
                 for j in jobs {
                     let t = self.now + self.scenario.delay;
@@ -796,7 +740,9 @@ impl<'a> World<'a> {
                 self.up = false;
                 self.epoch += 1;
                 self.jobs.clear();
-                self.registry.records.clear();
+                // The trust book is in the store; everything else the orchestrator knew is gone.
+                let trust = self.registry.trust().clone();
+                self.registry = PNodeTable::new(HealthPolicy { interval: HEARTBEAT, timeout: HEARTBEAT_TIMEOUT }, trust);
                 self.locations.clear();
                 self.at(now + down, Event::OrchestratorUp);
             }
@@ -804,14 +750,13 @@ impl<'a> World<'a> {
         }
     }
 
-    /// A leaving PNode exits once it hosts nothing.
+    /// A leaving PNode exits once it hosts nothing (the registry then hears nothing more).
     fn exit_if_drained(&mut self, id: &str) {
         if let Some(p) = self.pnodes.get_mut(id)
             && p.leaving
             && p.hosted.is_empty()
         {
             p.alive = false;
-            self.registry.records.remove(id);
         }
     }
 
@@ -822,14 +767,14 @@ impl<'a> World<'a> {
             return;
         }
         // While the orchestrator is down, heartbeats fail and the PNode keeps what it hosts.
-        if self.up && p.responsive(now) && !self.registry.heartbeat(id, now) {
+        if self.up && p.responsive(now) && self.registry.heartbeat(id, 0, now) != Beat::Alive {
             // Declared lost meanwhile: it registers anew with a clean slate.
             let (endpoint, leaving) = (p.endpoint.clone(), p.leaving);
             if let Some(p) = self.pnodes.get_mut(id) {
                 p.hosted.clear();
             }
             if !leaving {
-                self.registry.register(id, &endpoint, now);
+                let _ = self.registry.register(registration(id, &endpoint), now);
             }
         }
         self.at(now + HEARTBEAT, Event::Heartbeat(id.to_string()));
@@ -990,18 +935,16 @@ impl<'a> World<'a> {
                 self.to_job(done, job, Input::ProbeAnswered { generation, answers });
             }
             Effect::MarkLost(id) => {
-                if let Some(r) = self.registry.records.get_mut(&id) {
-                    r.2 = true;
-                }
+                self.registry.mark_lost(&id);
             }
             Effect::Credit(id) => {
-                self.registry.trust.record(&id, &Outcome::Valid);
+                self.registry.record_outcome(&id, &Outcome::Valid);
             }
             Effect::Strike { pnode, reason, at_step } => {
                 if !self.cheaters.contains(&pnode) {
                     self.broken.push(format!("honest {pnode} was struck: {reason}"));
                 }
-                let transition = self.registry.trust.record(&pnode, &Outcome::Invalid(reason));
+                let transition = self.registry.record_outcome(&pnode, &Outcome::Invalid(reason));
                 if matches!(transition, Transition::Quarantined(_)) && !self.cheaters.contains(&pnode) {
                     self.broken.push(format!("honest {pnode} was quarantined"));
                 }

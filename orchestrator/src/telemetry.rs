@@ -8,7 +8,7 @@
 
 use crate::events::{EventLog, NewEvent, Severity};
 use crate::job::{Observation, Observed};
-use crate::registry::{Health, PNodeView, Registry, Snapshot};
+use crate::registry::{Health, ListPNodes, PNodeView, Registry};
 use crate::status::JobEvent;
 use dcnr_model::ValidGraph;
 use dcnr_model::graph::Source;
@@ -480,7 +480,7 @@ impl Telemetry {
             for u in self.write(|t| t.flush(Instant::now())) {
                 let _ = self.updates.send(u);
             }
-            let Ok(snap) = registry.send(Snapshot).await else { return };
+            let Ok(snap) = registry.send(ListPNodes).await else { return };
             for e in mesh_changes(&known, &snap) {
                 self.events.push(e);
             }

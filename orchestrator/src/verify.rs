@@ -186,12 +186,7 @@ pub fn evaluate(rule: &QuorumRule, votes: &[(String, [u8; 32])]) -> Quorum {
 /// (every PNode of a local mesh shares them) and for what cannot be parsed. Replicas of an
 /// execution avoid the hosts it ran on, so one machine cannot vote twice under two identities.
 pub fn host_of(endpoint: &str) -> Option<String> {
-    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
-    let authority = rest.split('/').next()?;
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next()?,
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
+    let host = endpoint_host(endpoint)?;
     if host.is_empty() || host.eq_ignore_ascii_case("localhost") {
         return None;
     }
@@ -201,6 +196,17 @@ pub fn host_of(endpoint: &str) -> Option<String> {
         return None;
     }
     Some(host.to_ascii_lowercase())
+}
+
+/// The host part of an endpoint URL as written, loopback and `localhost` included: cheap enough
+/// to compare every PNode's with the hosts [`host_of`] gave (which are never loopback).
+pub fn endpoint_host(endpoint: &str) -> Option<&str> {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next(),
+        None => Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h)),
+    }
 }
 
 /// The VNode key under which whole segments are drawn for spot checks (no VNode has it).

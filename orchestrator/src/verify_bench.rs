@@ -8,7 +8,7 @@
 use crate::bench::percentile;
 use crate::demo::{self, LocalMesh, MeshConfig};
 use crate::jobs::{Get, Submit};
-use crate::registry::Snapshot;
+use crate::registry::ListPNodes;
 use crate::status::JobStatus;
 use crate::trust::Standing;
 use anyhow::{Context as _, bail};
@@ -148,7 +148,7 @@ async fn run_job(
         loop {
             let st = mesh.jobs().send(Get(job.clone())).await?.context("the job vanished")?;
             if cheat.is_some() && quarantined.is_none() {
-                let snap = mesh.registry().send(Snapshot).await?;
+                let snap = mesh.registry().send(ListPNodes).await?;
                 if snap.iter().any(|p| p.name == "cheat" && p.standing == Standing::Quarantined) {
                     let redone: u64 = st.recoveries.iter().map(|r| r.recomputed_steps).sum();
                     quarantined = Some((st.steps_done, st.steps_done + redone, started.elapsed().as_secs_f64()));

@@ -10,7 +10,7 @@ pub mod views;
 use crate::events::EventLog;
 use crate::jobs::{Get, Jobs, List};
 use crate::metrics::ORCHESTRATOR;
-use crate::registry::{PNodeView, Registry, Snapshot};
+use crate::registry::{ListPNodes, PNodeView, Registry};
 use crate::status::JobStatus;
 use crate::telemetry::{Telemetry, Update};
 use actix::Addr;
@@ -75,7 +75,7 @@ impl DashState {
     }
 
     async fn pnodes(&self) -> Result<Vec<PNodeView>, ApiError> {
-        self.registry.send(Snapshot).await.map_err(unavailable)
+        self.registry.send(ListPNodes).await.map_err(unavailable)
     }
 
     async fn overview(&self) -> Result<serde_json::Value, ApiError> {

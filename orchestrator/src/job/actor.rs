@@ -10,7 +10,7 @@ use crate::checkpoints;
 use crate::data::Splits;
 use crate::events::{EventLog, NewEvent, Severity};
 use crate::jobs::{Jobs, Placed, RouteReplica, StatusUpdate};
-use crate::registry::{MarkLost, RecordOutcome, Registry, Snapshot};
+use crate::registry::{ListPNodes, MarkLost, RecordOutcome, Registry};
 use crate::status::JobEvent;
 use crate::trust::{Outcome, Transition};
 use actix::prelude::*;
@@ -103,7 +103,7 @@ impl JobActor {
     fn run(&mut self, ctx: &mut Context<Self>, effect: Effect) {
         match effect {
             Effect::ListPNodes { generation } => {
-                ctx.spawn(self.services.registry.send(Snapshot).into_actor(self).map(move |view, act, ctx| {
+                ctx.spawn(self.services.registry.send(ListPNodes).into_actor(self).map(move |view, act, ctx| {
                     if let Ok(view) = view {
                         act.input(ctx, Input::View { view, generation });
                     }

@@ -17,12 +17,12 @@ use super::{JobKind, JobSpec, Observation, Observed};
 use crate::artifacts::JobRecord;
 use crate::checkpoints::{self, ResumeFrom};
 use crate::events::{NewEvent, Severity};
-use crate::placement::{self, Demand, Offer};
-use crate::registry::{Health, PNodeView};
+use crate::placement::{self, Eligibility, Offer};
+use crate::registry::PNodeView;
 use crate::status::{JobEvent, JobState, JobStatus};
 use crate::summary::{JobSummary, Recovery, params_hashes, vnode_summaries};
 use crate::trust::Transition;
-use dcnr_model::envelope::{ArtifactKind, Target};
+use dcnr_model::envelope::ArtifactKind;
 use dcnr_model::graph::Source;
 use dcnr_vnode::Phase;
 use dcnr_vnode::batches::BatchPlan;
@@ -678,17 +678,20 @@ impl JobCore {
         PlacementRequest { deadline, min_pnodes, started: self.now }
     }
 
-    /// Whether `p` may host this job's VNodes now.
-    fn suitable(&self, p: &PNodeView) -> bool {
-        let class = match &self.spec.kind {
-            JobKind::Replica(of) => of.class.as_ref(),
-            JobKind::Primary => None,
+    /// Which PNodes this job's next placement may use, given the PNodes in `view`.
+    fn eligibility(&self, view: &[PNodeView]) -> Eligibility {
+        let (class, avoid_hosts) = match &self.spec.kind {
+            // A replica keeps off the machines of the PNodes it avoids: one machine, one vote.
+            JobKind::Replica(of) => (
+                of.class.clone(),
+                view.iter()
+                    .filter(|p| self.excluded.contains(&p.id))
+                    .filter_map(|p| crate::verify::host_of(&p.endpoint))
+                    .collect(),
+            ),
+            JobKind::Primary => (None, BTreeSet::new()),
         };
-        p.health == Health::Healthy
-            && (self.spec.envelope.policy.target != Target::Gpu || !p.caps.gpu.is_empty())
-            && class.is_none_or(|c| *c == p.caps.determinism_class)
-            // Quarantined identities get no work.
-            && p.standing != crate::trust::Standing::Quarantined
+        Eligibility { target: self.spec.envelope.policy.target, class, exclude: self.excluded.clone(), avoid_hosts }
     }
 
     fn on_view(&mut self, view: Vec<PNodeView>, generation: u32) {
@@ -702,24 +705,10 @@ impl JobCore {
     /// deadline) when they are too few or too small.
     fn try_place(&mut self, view: Vec<PNodeView>) {
         let Some(req) = self.request.clone() else { return };
-        let target = self.spec.envelope.policy.target;
+        let rules = self.eligibility(&view);
         // Replicas of this job's segments need PNodes of their own: the share counts them all.
-        let all_suitable = view.iter().filter(|p| self.suitable(p)).count();
-        let avoid_hosts = matches!(self.spec.kind, JobKind::Replica(_));
-        // A replica keeps off the machines of the PNodes it avoids: one machine, one vote.
-        let hosts: BTreeSet<String> = if avoid_hosts {
-            view.iter()
-                .filter(|p| self.excluded.contains(&p.id))
-                .filter_map(|p| crate::verify::host_of(&p.endpoint))
-                .collect()
-        } else {
-            BTreeSet::new()
-        };
-        let on_avoided_host = |p: &PNodeView| crate::verify::host_of(&p.endpoint).is_some_and(|h| hosts.contains(&h));
-        let healthy: Vec<PNodeView> = view
-            .into_iter()
-            .filter(|p| self.suitable(p) && !self.excluded.contains(&p.id) && !on_avoided_host(p))
-            .collect();
+        let all_suitable = view.iter().filter(|p| placement::suitable(p, &rules)).count();
+        let healthy: Vec<PNodeView> = view.into_iter().filter(|p| placement::eligible(p, &rules)).collect();
         let offers: Vec<Offer> = healthy
             .iter()
             .map(|p| Offer { pnode: p.id.clone(), cores: p.caps.cores, memory: p.caps.memory_bytes })
@@ -729,12 +718,13 @@ impl JobCore {
             format!(
                 "{} suitable healthy pnode(s) (target {:?}); the job needs at least {}",
                 healthy.len(),
-                target,
+                rules.target,
                 req.min_pnodes.max(1)
             )
         } else {
             let most = self.spec.max_pnodes.min(self.replication.share().of(all_suitable));
-            match placement::place(&demands(&self.spec), &offers, most) {
+            let demands = placement::demands(&self.spec.graph, self.spec.root_seed, self.spec.in_flight);
+            match placement::place(&demands, &offers, most) {
                 Ok(assignment) => return self.allocate(&healthy, assignment),
                 Err(e) => e.to_string(),
             }
@@ -1636,33 +1626,10 @@ impl JobCore {
     }
 }
 
-/// Memory and work estimates of each VNode, for placement.
-pub fn demands(spec: &JobSpec) -> Vec<Demand> {
-    let batch = spec.graph.spec.training.batch_size as u64;
-    spec.graph
-        .topo
-        .iter()
-        .map(|&id| {
-            let n = &spec.graph.nodes[id as usize];
-            let vspec = dcnr_vnode::VNodeSpec {
-                node: n.clone(),
-                optimizer: spec.graph.spec.optimizer,
-                root_seed: spec.root_seed,
-                in_flight: spec.in_flight,
-            };
-            Demand {
-                vnode: id,
-                work: n.kind.param_count() as u64 + batch * n.output_width as u64,
-                memory: vspec.memory_estimate(batch as usize),
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Caps;
+    use crate::registry::{Caps, Health};
 
     fn pnode(i: usize) -> PNodeView {
         PNodeView {
