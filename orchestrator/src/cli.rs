@@ -2,7 +2,7 @@
 
 use crate::client::{self, ClientError, Overrides};
 use crate::demo::{self, DemoArgs};
-use crate::jobs::JobDefaults;
+use crate::job_table::JobDefaults;
 use crate::server::{self, ServerConfig};
 use crate::summary::JobSummary;
 use clap::{Parser, Subcommand};

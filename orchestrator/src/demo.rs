@@ -1,7 +1,7 @@
 //! `demo`: an orchestrator in this process, PNodes as child processes on loopback, one job.
 
 use crate::client::{self, ClientError, Overrides};
-use crate::jobs::JobDefaults;
+use crate::job_table::JobDefaults;
 use crate::registry::{Health, Snapshot};
 use crate::server::{self, ServerConfig};
 use crate::summary::JobSummary;
@@ -193,7 +193,7 @@ impl LocalMesh {
     }
 
     /// The job table of the in-process orchestrator.
-    pub fn jobs(&self) -> &actix::Addr<crate::jobs::Jobs> {
+    pub fn jobs(&self) -> &actix::Addr<crate::job_table::JobTable> {
         &self.srv.jobs
     }
 

@@ -20,7 +20,7 @@ use crate::artifacts::{JobRecord, ObjectStore, write_record};
 use crate::checkpoints::{self, ResumeFrom};
 use crate::data::Splits;
 use crate::events::{EventLog, NewEvent, Severity};
-use crate::jobs::{Jobs, Placed, StatusUpdate};
+use crate::job_table::{JobTable, Placed, StatusUpdate};
 use crate::placement::{self, Demand, Offer};
 use crate::registry::{Health, MarkLost, PNodeView, Registry, Snapshot};
 use crate::status::{JobEvent, JobState, JobStatus};
@@ -197,7 +197,7 @@ const EVAL_WINDOW: usize = 4;
 pub struct JobActor {
     spec: JobSpec,
     registry: Addr<Registry>,
-    jobs: Addr<Jobs>,
+    jobs: Addr<JobTable>,
     data: Arc<Splits>,
     events: broadcast::Sender<JobEvent>,
     plan: BatchPlan,
@@ -260,7 +260,7 @@ pub struct JobActor {
     /// No probe before this.
     next_probe: Instant,
     /// What was checked and found, for `verification.json`.
-    verification: crate::verify::Report,
+    verification: crate::verify::VerificationRecord,
     /// Redundant execution of this job's segments (primary jobs with a verify policy).
     replication: replication::Replication,
     /// A rollback decided while a placement was under way, applied when it lands.
@@ -310,7 +310,7 @@ impl JobActor {
     pub fn new(
         spec: JobSpec,
         registry: Addr<Registry>,
-        jobs: Addr<Jobs>,
+        jobs: Addr<JobTable>,
         data: Arc<Splits>,
         events: broadcast::Sender<JobEvent>,
     ) -> JobActor {
@@ -375,7 +375,7 @@ impl JobActor {
             step_interval: None,
             last_step_at: now,
             next_probe: now,
-            verification: crate::verify::Report::new(
+            verification: crate::verify::VerificationRecord::new(
                 &spec.job_id,
                 &crate::verify::Settings::from_policy(&spec.envelope.policy),
             ),
@@ -459,7 +459,7 @@ impl JobActor {
                 act.last_checkpoint_at = Instant::now();
                 if let Some(store) = act.spec.store.clone() {
                     let (events, log) = (act.events.clone(), act.spec.events.clone());
-                    let snapshot = checkpoints::Snapshot {
+                    let snapshot = checkpoints::Checkpoint {
                         job: act.spec.job_id.clone(),
                         step,
                         epochs_evaluated: act.epochs_evaluated,
@@ -1441,10 +1441,10 @@ impl Actor for JobActor {
     }
 }
 
-impl Handler<crate::jobs::Evacuate> for JobActor {
+impl Handler<crate::job_table::Evacuate> for JobActor {
     type Result = ();
 
-    fn handle(&mut self, msg: crate::jobs::Evacuate, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: crate::job_table::Evacuate, ctx: &mut Context<Self>) {
         let hosts = self.placement.values().any(|p| p.id == msg.0);
         if hosts && self.stage != Stage::Ended && self.evacuating.insert(msg.0.clone()) {
             self.log(format!("pnode {} is leaving; moving its VNodes at the next drained step", msg.0));

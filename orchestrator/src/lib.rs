@@ -1,7 +1,7 @@
 //! The orchestrator: PNode registry, placement, one actor per job, the gRPC service, and the CLI.
 //!
 //! Module map: [`registry`] (PNodes and their health), [`placement`] (pure: which PNode hosts
-//! which VNode), [`job`] (the actor that drives one job), [`jobs`] (the job table), [`service`]
+//! which VNode), [`job`] (the actor that drives one job), [`job_table`] (the job table), [`service`]
 //! (gRPC adapter; the only module here besides `client` and `server` that names tonic),
 //! [`server`] (starts actors and the gRPC server), [`client`] + [`cli`] + [`progress`] (the
 //! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
@@ -23,7 +23,7 @@ pub mod data;
 pub mod demo;
 pub mod events;
 pub mod job;
-pub mod jobs;
+pub mod job_table;
 pub mod ledger;
 pub mod local;
 pub mod metrics;

@@ -8,7 +8,7 @@
 pub mod views;
 
 use crate::events::EventLog;
-use crate::jobs::{Get, Jobs, List};
+use crate::job_table::{Get, JobTable, List};
 use crate::metrics::ORCHESTRATOR;
 use crate::registry::{PNodeView, Registry, Snapshot};
 use crate::status::JobStatus;
@@ -45,7 +45,7 @@ pub const SNAPSHOT_PERIOD: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct DashState {
     /// Job table.
-    pub jobs: Addr<Jobs>,
+    pub jobs: Addr<JobTable>,
     /// PNode registry.
     pub registry: Addr<Registry>,
     /// Curves, placement, rates and the event log.
