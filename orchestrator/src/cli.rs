@@ -191,12 +191,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a PNode (the same runtime as the `pnode` binary; the demo starts its PNodes this way).
-    #[command(hide = true)]
-    Pnode {
-        #[command(flatten)]
-        args: dcnr_pnode::PnodeArgs,
-    },
 }
 
 /// Trust settings of `serve` (docs/TRUST.md).
@@ -298,10 +292,6 @@ fn runtime<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
 /// Runs the parsed command line.
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Pnode { args } => match dcnr_pnode::run_blocking(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(1, format!("{e:#}")),
-        },
         Command::TrainLocal { file, overrides, data, json } => {
             let envelope = match client::load_job(&file, overrides) {
                 Ok(e) => e,
@@ -420,7 +410,7 @@ pub fn main(cli: Cli) -> ExitCode {
                     Ok(Err(e)) => fail(1, format!("gRPC server failed: {e}")),
                     Err(e) => fail(1, format!("gRPC server task failed: {e}")),
                 },
-                _ = dcnr_pnode::shutdown_signal() => ExitCode::SUCCESS,
+                _ = dcnr_mesh::signal::shutdown_signal() => ExitCode::SUCCESS,
             }
         }),
         Command::Submit { file, orchestrator, overrides, wait, watch, json } => runtime(async move {

@@ -1,10 +1,12 @@
 //! The orchestrator: PNode registry, placement, one actor per job, the gRPC service, and the CLI.
 //!
 //! Module map: [`registry`] (PNodes and their health), [`placement`] (pure: which PNode hosts
-//! which VNode), [`job`] (the actor that drives one job), [`job_table`] (the job table), [`service`]
-//! (gRPC adapter; the only module here besides `client` and `server` that names tonic),
-//! [`server`] (starts actors and the gRPC server), [`client`] + [`cli`] + [`progress`] (the
-//! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
+//! which VNode), [`job`] (the actor that drives one job), [`job_table`] (every job: submissions,
+//! status, report routing), [`service`] (the gRPC adapter), [`server`] (starts actors and the
+//! gRPC server), [`client`] + [`cli`] + [`progress`] (the command line), [`demo`] (a local mesh
+//! of `pnode` processes, found by [`pnode_bin`]), [`local`] (single-process reference),
+//! [`data`], [`summary`], [`status`]. Which modules may name tonic, actix or HTTP crates is
+//! stated once, in docs/ARCHITECTURE.md ("Which modules name which framework").
 //! Trust: [`admission`] (registration challenges, trusted token), [`trust`] (pure: reputation
 //! and quarantine), [`verify`] (pure: spot checks, quorum, the verification report).
 //! Observability: [`events`] (the mesh's event log), [`telemetry`] (curves, placement, rates),
@@ -28,6 +30,7 @@ pub mod ledger;
 pub mod local;
 pub mod metrics;
 pub mod placement;
+pub mod pnode_bin;
 pub mod progress;
 pub mod recovery_bench;
 pub mod registry;

@@ -178,7 +178,7 @@ async fn metrics(State(s): State<DashState>) -> Result<Response, ApiError> {
     let (jobs, pnodes) = (s.jobs().await?, s.pnodes().await?);
     let rates = s.telemetry.read(|t| t.pnodes.clone());
     let text = ORCHESTRATOR.render(&jobs, &pnodes, &rates);
-    Ok(([(header::CONTENT_TYPE, dcnr_pnode::metrics::CONTENT_TYPE)], text).into_response())
+    Ok(([(header::CONTENT_TYPE, dcnr_mesh::exposition::CONTENT_TYPE)], text).into_response())
 }
 
 /// `?job=ID`: also push that job's detail (without curves) every second.
