@@ -19,7 +19,7 @@ pub enum PnodeBinError {
     /// The executable named by the flag or the environment does not exist.
     #[error("pnode executable {0} does not exist (named by --pnode-bin or {ENV})")]
     NotFound(PathBuf),
-    /// Nothing beside this executable, and no cargo to build it with.
+    /// No `pnode` beside this executable, and none was built there.
     #[error(
         "no pnode executable at {0}: build it with `cargo build --release` (or `cargo build --release -p dcnr-pnode`), \
          or name one with --pnode-bin or {ENV}"
