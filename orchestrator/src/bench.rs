@@ -198,7 +198,7 @@ async fn checkpoint_times(
         let states: Vec<(u32, Vec<u8>)> =
             nodes.iter().map(|n| Ok((n.id(), n.snapshot()?))).collect::<Result<_, dcnr_vnode::VNodeError>>()?;
         bytes = states.iter().map(|s| s.1.len() as u64).sum();
-        let snapshot = crate::checkpoints::Snapshot {
+        let snapshot = crate::checkpoints::Checkpoint {
             job: "bench-checkpoint".into(),
             step: r as u64 + 1,
             epochs_evaluated: 0,

@@ -1,6 +1,7 @@
-//! Snapshots of a job: every VNode's state as an immutable object, and a manifest listing them
-//! written after all of them, so a snapshot either exists whole or not at all. Reading checks
-//! every hash and falls back to the previous complete snapshot when one is damaged.
+//! Checkpoints of a job in the store: every VNode's state as an immutable object, and a manifest
+//! listing them written after all of them, so a checkpoint either exists whole or not at all.
+//! Reading checks every hash and falls back to the previous complete checkpoint when one is
+//! damaged.
 
 use crate::artifacts::{ObjectStore, StoreError};
 use dcnr_model::envelope::Envelope;
@@ -22,7 +23,7 @@ pub struct Entry {
     pub bytes: u64,
 }
 
-/// The manifest of one snapshot.
+/// The manifest of one checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -51,14 +52,14 @@ pub struct ResumeFrom {
     pub states: BTreeMap<u32, Vec<u8>>,
 }
 
-/// Reference name of a job's snapshot at `step` (zero-padded so names sort by step).
+/// Reference name of a job's checkpoint at `step` (zero-padded so names sort by step).
 pub fn ref_name(job: &str, step: u64) -> String {
     format!("checkpoints/{job}/{step:012}")
 }
 
-/// One snapshot to be written.
+/// One checkpoint to be written.
 #[derive(Debug, Clone)]
-pub struct Snapshot {
+pub struct Checkpoint {
     /// Job id.
     pub job: String,
     /// Steps completed.
@@ -69,13 +70,13 @@ pub struct Snapshot {
     pub envelope_json: Vec<u8>,
     /// State bytes by VNode id.
     pub states: Vec<(u32, Vec<u8>)>,
-    /// Newest snapshots to keep.
+    /// Newest checkpoints to keep.
     pub keep: u32,
 }
 
-/// Writes one snapshot (states, envelope, manifest, then the reference) and drops snapshots
+/// Writes one checkpoint (states, envelope, manifest, then the reference) and drops checkpoints
 /// beyond the newest `keep`; returns the manifest hash.
-pub async fn write(store: &dyn ObjectStore, s: &Snapshot) -> Result<String, StoreError> {
+pub async fn write(store: &dyn ObjectStore, s: &Checkpoint) -> Result<String, StoreError> {
     let hashes = futures::future::join_all(s.states.iter().map(|(_, bytes)| store.put(bytes.clone()))).await;
     let mut vnodes = Vec::with_capacity(s.states.len());
     for ((vnode, bytes), hash) in s.states.iter().zip(hashes) {
@@ -103,7 +104,7 @@ pub async fn write(store: &dyn ObjectStore, s: &Snapshot) -> Result<String, Stor
 }
 
 /// [`write`] with retries and backoff, for a store that is briefly unavailable.
-pub async fn write_with_retry(store: &dyn ObjectStore, s: &Snapshot) -> Result<String, StoreError> {
+pub async fn write_with_retry(store: &dyn ObjectStore, s: &Checkpoint) -> Result<String, StoreError> {
     let mut wait = Duration::from_millis(200);
     let mut attempt = 1;
     loop {
@@ -120,15 +121,15 @@ pub async fn write_with_retry(store: &dyn ObjectStore, s: &Snapshot) -> Result<S
     }
 }
 
-/// Why no snapshot could be loaded.
+/// Why no checkpoint could be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// No complete, intact snapshot exists.
+    /// No complete, intact checkpoint exists.
     #[error("job {job} has no complete checkpoint in the store{detail}")]
-    NoSnapshot { job: String, detail: String },
+    NoCheckpoint { job: String, detail: String },
 }
 
 async fn load_one(store: &dyn ObjectStore, manifest_hash: &str) -> Result<(Envelope, ResumeFrom), String> {
@@ -148,7 +149,7 @@ async fn load_one(store: &dyn ObjectStore, manifest_hash: &str) -> Result<(Envel
     Ok((envelope, ResumeFrom { step: m.step, epochs_evaluated: m.epochs_evaluated, states }))
 }
 
-/// The newest snapshot of `job` whose every object is intact.
+/// The newest checkpoint of `job` whose every object is intact.
 pub async fn load_latest(store: &dyn ObjectStore, job: &str) -> Result<(Envelope, ResumeFrom), LoadError> {
     let mut names = store.list_refs(&format!("checkpoints/{job}")).await?;
     names.sort();
@@ -162,11 +163,11 @@ pub async fn load_latest(store: &dyn ObjectStore, job: &str) -> Result<(Envelope
                 }
                 return Ok(found);
             }
-            Err(e) => skipped.push(format!("skipping damaged snapshot {name}: {e}")),
+            Err(e) => skipped.push(format!("skipping damaged checkpoint {name}: {e}")),
         }
     }
     let detail = if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join("; ")) };
-    Err(LoadError::NoSnapshot { job: job.to_string(), detail })
+    Err(LoadError::NoCheckpoint { job: job.to_string(), detail })
 }
 
 /// Reference name recording that `job` is running (its value: the envelope's object hash).
@@ -189,7 +190,7 @@ pub async fn clear_active(store: &dyn ObjectStore, job: &str) -> Result<(), Stor
 }
 
 /// Jobs recorded as running and without a final record: each with its envelope and the latest
-/// complete snapshot to continue from (none: start over, identically, from step 0).
+/// complete checkpoint to continue from (none: start over, identically, from step 0).
 pub async fn load_active(store: &dyn ObjectStore) -> Result<Vec<(String, Envelope, Option<ResumeFrom>)>, StoreError> {
     let mut found = Vec::new();
     for name in store.list_refs("active").await? {
@@ -215,9 +216,9 @@ pub async fn load_active(store: &dyn ObjectStore) -> Result<Vec<(String, Envelop
         };
         match load_latest(store, &job).await {
             Ok((env, from)) => found.push((job, env, Some(from))),
-            Err(LoadError::NoSnapshot { detail, .. }) => {
+            Err(LoadError::NoCheckpoint { detail, .. }) => {
                 if !detail.is_empty() {
-                    tracing::warn!(%job, "no usable snapshot{detail}; starting over");
+                    tracing::warn!(%job, "no usable checkpoint{detail}; starting over");
                 }
                 found.push((job, envelope, None));
             }
@@ -230,7 +231,7 @@ pub async fn load_active(store: &dyn ObjectStore) -> Result<Vec<(String, Envelop
 /// What a garbage collection did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
-    /// Objects kept because a record or snapshot references them.
+    /// Objects kept because a record or checkpoint references them.
     pub referenced: usize,
     /// Unreferenced objects deleted.
     pub deleted: usize,
@@ -239,7 +240,7 @@ pub struct GcReport {
     pub young: usize,
 }
 
-/// Deletes objects no job record or snapshot manifest references, if older than `grace`.
+/// Deletes objects no job record or checkpoint manifest references, if older than `grace`.
 pub async fn collect_garbage(store: &dyn ObjectStore, grace: Duration) -> Result<GcReport, StoreError> {
     let mut live = std::collections::HashSet::new();
     for name in store.list_refs("jobs").await? {

@@ -2,7 +2,7 @@
 
 use crate::client::{self, ClientError, Overrides};
 use crate::demo::{self, DemoArgs};
-use crate::jobs::JobDefaults;
+use crate::job_table::JobDefaults;
 use crate::server::{self, ServerConfig};
 use crate::summary::JobSummary;
 use clap::{Parser, Subcommand};
@@ -208,12 +208,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a PNode (the same runtime as the `pnode` binary; the demo starts its PNodes this way).
-    #[command(hide = true)]
-    Pnode {
-        #[command(flatten)]
-        args: dcnr_pnode::PnodeArgs,
-    },
 }
 
 impl Cli {
@@ -326,10 +320,6 @@ fn runtime<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
 /// Runs the parsed command line.
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Pnode { args } => match dcnr_pnode::run_blocking(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(1, format!("{e:#}")),
-        },
         Command::TrainLocal { file, overrides, data, json } => {
             let envelope = match client::load_job(&file, overrides) {
                 Ok(e) => e,
@@ -464,7 +454,7 @@ pub fn main(cli: Cli) -> ExitCode {
                     Ok(Err(e)) => fail(1, format!("gRPC server failed: {e}")),
                     Err(e) => fail(1, format!("gRPC server task failed: {e}")),
                 },
-                _ = dcnr_pnode::shutdown_signal() => ExitCode::SUCCESS,
+                _ = dcnr_mesh::signal::shutdown_signal() => ExitCode::SUCCESS,
             }
         }),
         Command::Submit { file, orchestrator, overrides, wait, watch, json } => runtime(async move {

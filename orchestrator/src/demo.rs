@@ -1,7 +1,8 @@
-//! `demo`: an orchestrator in this process, PNodes as child processes on loopback, one job.
+//! `demo`: an orchestrator in this process, `pnode` child processes on loopback, one job.
 
 use crate::client::{self, ClientError, Overrides};
-use crate::jobs::JobDefaults;
+use crate::job_table::JobDefaults;
+use crate::pnode_bin::{self, PnodeBinError};
 use crate::registry::{Health, ListPNodes};
 use crate::server::{self, ServerConfig};
 use crate::summary::JobSummary;
@@ -45,6 +46,9 @@ pub struct DemoArgs {
     /// Keep the mesh and the dashboard up after the job ends, until Ctrl-C.
     #[arg(long)]
     pub linger: bool,
+    /// The `pnode` executable to start (default: the one beside this executable).
+    #[arg(long, env = crate::pnode_bin::ENV)]
+    pub pnode_bin: Option<PathBuf>,
 }
 
 /// Reads the model file, or the built-in MNIST MLP.
@@ -86,12 +90,16 @@ pub struct MeshConfig {
     pub pnode_args: Vec<String>,
     /// Trusted-mode token file: the orchestrator accepts it and every PNode presents it.
     pub trusted_token_file: Option<PathBuf>,
+    /// The `pnode` executable (none: as [`crate::pnode_bin::locate`] finds it).
+    pub pnode_bin: Option<PathBuf>,
 }
 
 /// An orchestrator in this process with PNode child processes on loopback.
 pub struct LocalMesh {
     srv: server::ServerHandle,
     children: Children,
+    /// The `pnode` executable every PNode started here runs.
+    pnode_exe: PathBuf,
     /// Extra flags every PNode started here gets.
     pnode_args: Vec<String>,
 }
@@ -109,13 +117,20 @@ impl LocalMesh {
 
     /// Starts a mesh as `cfg` says and waits until all its PNodes joined.
     pub async fn start_with(cfg: MeshConfig) -> anyhow::Result<LocalMesh> {
-        let MeshConfig { pnodes, data, store, s3_endpoint, dashboard, mut pnode_args, trusted_token_file } = cfg;
+        let MeshConfig { pnodes, data, store, s3_endpoint, dashboard, mut pnode_args, trusted_token_file, pnode_bin } =
+            cfg;
         if let Some(p) = &trusted_token_file {
             pnode_args.extend(["--trusted-token-file".to_string(), p.display().to_string()]);
         }
         if pnodes == 0 || pnodes > 64 {
             return Err(ClientError::Invalid("--pnodes must be between 1 and 64".into()).into());
         }
+        // Finding pnode may mean building it, which must not hold up an async worker.
+        let pnode_exe = match tokio::task::spawn_blocking(move || pnode_bin::locate(pnode_bin.as_deref())).await? {
+            Ok(p) => p,
+            Err(e @ PnodeBinError::NotFound(_)) => return Err(ClientError::Invalid(e.to_string()).into()),
+            Err(e) => return Err(e.into()),
+        };
         let cfg = ServerConfig {
             listen: "127.0.0.1:0".parse()?,
             data,
@@ -137,7 +152,7 @@ impl LocalMesh {
             dashboard,
         };
         let srv = server::start(cfg).await?;
-        let mut mesh = LocalMesh { srv, children: Children(Vec::new()), pnode_args };
+        let mut mesh = LocalMesh { srv, children: Children(Vec::new()), pnode_exe, pnode_args };
         for i in 0..pnodes {
             mesh.add_pnode(&format!("local-pnode-{i}"))?;
         }
@@ -167,9 +182,8 @@ impl LocalMesh {
 
     /// Starts one more PNode process named `name` with `extra` flags besides the mesh's.
     pub fn add_pnode_with(&mut self, name: &str, extra: &[String]) -> anyhow::Result<()> {
-        let exe = std::env::current_exe().context("cannot find this executable to start PNodes")?;
-        let child = Command::new(&exe)
-            .args(["pnode", "--orchestrator", &self.srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5"])
+        let child = Command::new(&self.pnode_exe)
+            .args(["--orchestrator", &self.srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5"])
             .arg("--name")
             .arg(name)
             .args(&self.pnode_args)
@@ -178,7 +192,7 @@ impl LocalMesh {
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .context("cannot start a pnode process")?;
+            .with_context(|| format!("cannot start a pnode process ({})", self.pnode_exe.display()))?;
         self.children.0.push((name.to_string(), child));
         Ok(())
     }
@@ -193,7 +207,7 @@ impl LocalMesh {
     }
 
     /// The job table of the in-process orchestrator.
-    pub fn jobs(&self) -> &actix::Addr<crate::jobs::Jobs> {
+    pub fn jobs(&self) -> &actix::Addr<crate::job_table::JobTable> {
         &self.srv.jobs
     }
 
@@ -242,6 +256,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<JobSummary> {
         dashboard: Some(args.dashboard),
         pnode_args: Vec::new(),
         trusted_token_file: args.trusted_token_file.clone(),
+        pnode_bin: args.pnode_bin.clone(),
     })
     .await?;
     eprintln!("orchestrator at {} with {} pnodes", mesh.url(), args.pnodes);
@@ -250,11 +265,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<JobSummary> {
     }
     let result = tokio::select! {
         r = mesh.run_job(&envelope, true) => r,
-        _ = dcnr_pnode::shutdown_signal() => Err(anyhow!("interrupted")),
+        _ = dcnr_mesh::signal::shutdown_signal() => Err(anyhow!("interrupted")),
     };
     if args.linger && result.is_ok() {
         eprintln!("job ended; the dashboard stays up until Ctrl-C");
-        dcnr_pnode::shutdown_signal().await;
+        dcnr_mesh::signal::shutdown_signal().await;
     }
     mesh.stop().await;
     result

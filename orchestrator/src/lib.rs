@@ -2,10 +2,13 @@
 //!
 //! Module map: [`registry`] (PNodes and their health: a pure table in an actor), [`clock`]
 //! (time as a value), [`placement`] (pure: which PNodes may host, and which PNode hosts which
-//! VNode), [`job`] (the actor that drives one job), [`jobs`] (the job table), [`service`]
-//! (gRPC adapter; the only module here besides `client` and `server` that names tonic),
-//! [`server`] (starts actors and the gRPC server), [`client`] + [`cli`] + [`progress`] (the
-//! command line), [`demo`], [`local`] (single-process reference), [`data`], [`summary`], [`status`].
+//! VNode), [`job`] (one job: an IO-free core and the actor that carries out its effects),
+//! [`job_table`] (every job: submissions, status, report routing), [`sim`] (the deterministic
+//! mesh simulator), [`service`] (the gRPC adapter), [`server`] (starts actors and the gRPC
+//! server), [`client`] + [`cli`] + [`progress`] (the command line), [`demo`] (a local mesh of
+//! `pnode` processes, found by [`pnode_bin`]), [`local`] (single-process reference), [`data`],
+//! [`summary`], [`status`]. Which modules may name tonic, actix or HTTP crates is stated once,
+//! in docs/ARCHITECTURE.md ("Which modules name which framework").
 //! Trust: [`admission`] (registration challenges, trusted token), [`trust`] (pure: reputation
 //! and quarantine), [`verify`] (pure: spot checks, quorum, the verification report).
 //! Observability: [`events`] (the mesh's event log), [`telemetry`] (curves, placement, rates),
@@ -26,11 +29,12 @@ pub mod data;
 pub mod demo;
 pub mod events;
 pub mod job;
-pub mod jobs;
+pub mod job_table;
 pub mod ledger;
 pub mod local;
 pub mod metrics;
 pub mod placement;
+pub mod pnode_bin;
 pub mod progress;
 pub mod recovery_bench;
 pub mod registry;

@@ -5,7 +5,7 @@ use crate::job::{Observation, Observed};
 use crate::registry::{Health, PNodeView};
 use crate::status::{JobState, JobStatus};
 use crate::telemetry::PNodeRate;
-use dcnr_pnode::metrics::{encode, register};
+use dcnr_mesh::exposition::{encode, register};
 use dcnr_vnode::Phase;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use std::collections::HashMap;

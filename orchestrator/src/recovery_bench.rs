@@ -5,7 +5,7 @@
 
 use crate::bench::percentile;
 use crate::demo::{self, LocalMesh};
-use crate::jobs::{Get, Submit};
+use crate::job_table::{Get, Submit};
 use crate::registry::{Health, ListPNodes};
 use crate::status::JobState;
 use anyhow::{Context as _, bail};

@@ -4,7 +4,7 @@ use crate::artifacts::{open_store, probe};
 use crate::dashboard::{self, DashState};
 use crate::data::DataCache;
 use crate::events::EventLog;
-use crate::jobs::{JobDefaults, Jobs, ResumeActive};
+use crate::job_table::{JobDefaults, JobTable, ResumeActive};
 use crate::registry::{HealthPolicy, Registry};
 use crate::service::{OrchestratorService, server};
 use crate::telemetry::Telemetry;
@@ -51,7 +51,7 @@ pub struct ServerHandle {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Job table.
-    pub jobs: Addr<Jobs>,
+    pub jobs: Addr<JobTable>,
     /// PNode registry.
     pub registry: Addr<Registry>,
     /// The gRPC server task.
@@ -116,7 +116,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     }
     let registry = registry.start();
     let telemetry = Telemetry::new(EventLog::default());
-    let jobs = Jobs::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded)
+    let jobs = JobTable::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded)
         .with_telemetry(telemetry.clone())
         .start();
     tokio::spawn(telemetry.clone().watch(registry.clone()));

@@ -3,7 +3,7 @@
 
 use crate::admission::{AdmissionError, TokenCheck};
 use crate::job::{Observation, Observed};
-use crate::jobs::{Evacuate, Get, HostedOn, Jobs, List, Resolve, Resume, Submit, SubmitError, Watch};
+use crate::job_table::{Evacuate, Get, HostedOn, JobTable, List, Resolve, Resume, Submit, SubmitError, Watch};
 use crate::registry::{
     self, Caps, Heartbeat, ListPNodes, Lookup, MarkLost, PNodeView, Register, Registration, Registry,
 };
@@ -23,7 +23,7 @@ pub struct OrchestratorService {
     /// PNode registry.
     pub registry: Addr<Registry>,
     /// Job table.
-    pub jobs: Addr<Jobs>,
+    pub jobs: Addr<JobTable>,
     /// Heartbeat period asked of PNodes.
     pub heartbeat: Duration,
     /// Registration challenges and the trusted-mode token.

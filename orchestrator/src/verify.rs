@@ -1,6 +1,6 @@
 //! Verification decisions, as plain functions (no IO): which (VNode, step) executions are
 //! re-executed under `spotcheck`, how many replicas an execution needs under `full`, how a
-//! quorum of output hashes is judged, and the per-job verification report.
+//! quorum of output hashes is judged, and the per-job verification record (`verification.json`).
 //!
 //! Honest replicas in one determinism class agree bit for bit (docs/DETERMINISM.md), so results
 //! are compared by SHA-256 of their canonical bytes, never by tolerance.
@@ -404,7 +404,7 @@ pub struct QuarantineEvent {
 
 /// `verification.json`: what was checked in one job and what was found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Report {
+pub struct VerificationRecord {
     /// Job id.
     pub job_id: String,
     /// none | spotcheck | full.
@@ -434,20 +434,20 @@ pub struct Report {
     pub segments: Vec<SegmentVerdict>,
 }
 
-impl Report {
-    /// An empty report for a job with `settings`.
-    pub fn new(job_id: &str, settings: &Settings) -> Report {
+impl VerificationRecord {
+    /// An empty record for a job with `settings`.
+    pub fn new(job_id: &str, settings: &Settings) -> VerificationRecord {
         let mode = match settings.mode {
             Verify::None => "none",
             Verify::Spotcheck => "spotcheck",
             Verify::Full => "full",
         };
-        Report {
+        VerificationRecord {
             job_id: job_id.to_string(),
             policy: mode.into(),
             spotcheck_fraction: settings.fraction,
             quorum: (settings.mode == Verify::Full).then_some((settings.quorum.k, settings.quorum.n)),
-            ..Report::default()
+            ..VerificationRecord::default()
         }
     }
 }
@@ -517,11 +517,14 @@ mod tests {
 
     #[test]
     fn report_serialises() {
-        let mut r = Report::new("j", &Settings { mode: Verify::Full, fraction: 0.1, quorum: QuorumRule::majority(3) });
+        let mut r = VerificationRecord::new(
+            "j",
+            &Settings { mode: Verify::Full, fraction: 0.1, quorum: QuorumRule::majority(3) },
+        );
         r.quarantines.push(QuarantineEvent { pnode: "pn-x".into(), at_step: 4, reason: "NaN".into() });
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"quorum\":[2,3]") && json.contains("pn-x"), "{json}");
-        assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), r);
+        assert_eq!(serde_json::from_str::<VerificationRecord>(&json).unwrap(), r);
     }
 
     fn digest(label: &str, outputs: &[(u32, &[&str])], ran_on: &[(u32, &[(u64, &str)])]) -> ExecutionDigest {

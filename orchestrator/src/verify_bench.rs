@@ -7,7 +7,7 @@
 
 use crate::bench::percentile;
 use crate::demo::{self, LocalMesh, MeshConfig};
-use crate::jobs::{Get, Submit};
+use crate::job_table::{Get, Submit};
 use crate::registry::ListPNodes;
 use crate::status::JobStatus;
 use crate::trust::Standing;

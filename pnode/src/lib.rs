@@ -4,9 +4,11 @@
 //! [`membership`] (signed registration and heartbeat), [`actors`] (the VNode actors and their
 //! host; inbound tensors pass the cheap checks first), [`router`] (where an outbound message
 //! goes: a local actor or a remote PNode), [`fault`] (fault injection, a testing aid, hooked
-//! where outputs leave the router), [`service`] (the gRPC adapter; with `convert`, the only code here that sees
-//! wire types), [`capabilities`] (what this machine advertises), [`metrics`] (Prometheus
-//! counters and the `/metrics` endpoint, shared with the orchestrator).
+//! where outputs leave the router), [`service`] (the gRPC adapter), [`capabilities`] (what this
+//! machine advertises), [`metrics`] (Prometheus counters and the `/metrics` endpoint). Wire
+//! conversions, the tensor stream to other PNodes, the metrics text format and shutdown signals
+//! come from `dcnr-mesh`, which the orchestrator shares. Which modules may name tonic, actix or
+//! HTTP crates is stated once, in docs/ARCHITECTURE.md ("Which modules name which framework").
 //!
 //! Architecture invariant: the training math lives in `dcnr-vnode`; this crate never computes,
 //! it only hosts, routes and reports. Tensor math runs on each VNode actor's own thread, never on
@@ -15,7 +17,6 @@
 pub mod actors;
 pub mod capabilities;
 pub mod config;
-pub mod convert;
 pub use dcnr_vnode::fault;
 pub mod identity;
 pub mod membership;
@@ -26,11 +27,12 @@ pub mod service;
 pub use config::PnodeArgs;
 
 use anyhow::Context as _;
+use dcnr_mesh::signal::shutdown_signal;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// Runs a PNode until Ctrl-C/SIGTERM or until `shutdown` resolves. Must run inside an actix
+/// Runs a PNode until Ctrl-C/SIGTERM. Must run inside an actix
 /// System (see [`run_blocking`]).
 pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -111,26 +113,4 @@ pub fn run_blocking(args: PnodeArgs) -> anyhow::Result<()> {
         })
     })
     .block_on(run(args))
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -1,26 +1,14 @@
-//! Prometheus metrics: the PNode's own counters, the text encoding, and a small `/metrics`
-//! HTTP server. The orchestrator uses [`encode`] and [`serve`] too, so both speak the same
-//! format and the same endpoint shape.
+//! Prometheus metrics: the PNode's own counters and a small `/metrics` HTTP server. The text
+//! encoding is `dcnr_mesh::exposition`, the one the orchestrator's `/metrics` uses too.
 //!
 //! Counters are process-wide statics (the usual shape for Prometheus instrumentation): the
 //! code that counts is one line and needs no handle passed down to it.
 
 use anyhow::Context as _;
+use dcnr_mesh::exposition::{CONTENT_TYPE, encode, register};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use std::net::SocketAddr;
 use std::sync::LazyLock;
-
-/// The Prometheus text exposition format's content type.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Renders every metric of `registry` in the Prometheus text format.
-pub fn encode(registry: &Registry) -> String {
-    let mut out = String::new();
-    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out) {
-        tracing::warn!(error = %e, "cannot encode metrics");
-    }
-    out
-}
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
@@ -38,14 +26,6 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
     register(r, Box::new(g.clone()));
     g
-}
-
-/// Adds a collector; names are fixed in this file, so a clash is a programming error that the
-/// unit test below catches.
-pub fn register(r: &Registry, c: Box<dyn prometheus::core::Collector>) {
-    if let Err(e) = r.register(c) {
-        tracing::error!(error = %e, "metric registration failed");
-    }
 }
 
 /// What a PNode counts.

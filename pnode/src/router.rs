@@ -3,11 +3,11 @@
 //! orchestrator once and caching the answer.
 
 use crate::actors::Deliver;
-use crate::convert::{self, Target};
 use crate::membership::OrchestratorLink;
 use actix::Recipient;
-use dcnr_proto::limits::MAX_MESSAGE_BYTES;
-use dcnr_proto::v1::{self, p_node_client::PNodeClient};
+use dcnr_mesh::convert::{self, Target};
+use dcnr_mesh::link::{Link, open_link};
+use dcnr_proto::v1;
 use dcnr_vnode::{Inbound, Outbound};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -189,26 +189,6 @@ impl Router {
     fn egress(&self, m: v1::VNodeMessage) {
         let _ = self.inner.egress.send(Egress::Message(m));
     }
-}
-
-/// Sender half of one gRPC stream to a remote PNode.
-pub type Link = mpsc::Sender<v1::VNodeMessage>;
-
-/// Opens a client stream of VNode messages to `endpoint`; messages sent on the returned
-/// sender are delivered in order until the stream fails.
-pub fn open_link(endpoint: &str) -> Result<Link, tonic::transport::Error> {
-    let channel = dcnr_proto::transport::endpoint(endpoint, None)?.connect_lazy();
-    let (tx, rx) = mpsc::channel(1024);
-    let endpoint = endpoint.to_string();
-    tokio::spawn(async move {
-        let mut client = PNodeClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        if let Err(status) = client.exchange(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
-            tracing::warn!(%endpoint, %status, "VNode traffic stream ended with an error");
-        }
-    });
-    Ok(tx)
 }
 
 async fn egress_loop(mut rx: mpsc::UnboundedReceiver<Egress>, orchestrator: OrchestratorLink) {

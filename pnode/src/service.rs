@@ -2,11 +2,11 @@
 //! values to the host actor and the router.
 
 use crate::actors::{Alive, Allocate, Find, GetParams, Host, JobVNodes, Release, TakeSnapshot};
-use crate::convert;
 use crate::metrics::PNODE;
 use crate::router::RouteError;
 use crate::router::Router;
 use actix::Addr;
+use dcnr_mesh::convert;
 use dcnr_model::ValidGraph;
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, p_node_server::PNodeServer};

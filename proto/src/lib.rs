@@ -1,8 +1,9 @@
 //! The DCNR wire protocol (`dcnr.v1`): generated gRPC types plus the limits and conversions
 //! every peer applies.
 //!
-//! API boundary: only this crate and the thin service adapters in `pnode::service` and
-//! `orchestrator::service` name tonic types; the rest of the code speaks plain Rust types.
+//! API boundary: the rest of the code speaks plain Rust types; the few modules outside this
+//! crate that name tonic, prost or these generated types are listed in docs/ARCHITECTURE.md
+//! ("Which modules name which framework").
 
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {

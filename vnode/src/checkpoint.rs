@@ -15,10 +15,10 @@ pub const FORMAT: u32 = 1;
 /// Largest header accepted.
 const MAX_HEADER: usize = 1 << 20;
 
-/// What a tensor in the state is.
+/// What a tensor in the state is: a parameter or one of its optimizer moments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Role {
+pub enum TensorRole {
     /// A parameter.
     Param,
     /// The optimizer's first moment (momentum) of a parameter.
@@ -31,7 +31,7 @@ pub enum Role {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorEntry {
     /// Role.
-    pub role: Role,
+    pub role: TensorRole,
     /// Which parameter it belongs to.
     pub index: usize,
     /// For parameters: the version (update count) they are; the stash of a pipelined VNode keeps

@@ -257,7 +257,7 @@ impl VNode {
 
     /// The VNode's whole state in the checkpoint format; only when no work is in flight.
     pub fn snapshot(&self) -> Result<Vec<u8>, VNodeError> {
-        use crate::checkpoint::{FORMAT, Header, Role, TensorEntry};
+        use crate::checkpoint::{FORMAT, Header, TensorEntry, TensorRole};
         let drained = self.next_f == self.next_b
             && self.train_inputs.is_empty()
             && self.grads.is_empty()
@@ -267,19 +267,20 @@ impl VNode {
         }
         let mut tensors = Vec::new();
         let mut data = Vec::new();
-        let mut push = |role: Role, index: usize, version: Option<u64>, t: &Tensor<2>| -> Result<(), VNodeError> {
-            let h = HostTensor::from_burn(t.clone()).map_err(|d| self.backend(d))?;
-            tensors.push(TensorEntry { role, index, version, shape: h.shape.clone() });
-            data.push(h.as_f32().map(<[f32]>::to_vec).unwrap_or_default());
-            Ok(())
-        };
+        let mut push =
+            |role: TensorRole, index: usize, version: Option<u64>, t: &Tensor<2>| -> Result<(), VNodeError> {
+                let h = HostTensor::from_burn(t.clone()).map_err(|d| self.backend(d))?;
+                tensors.push(TensorEntry { role, index, version, shape: h.shape.clone() });
+                data.push(h.as_f32().map(<[f32]>::to_vec).unwrap_or_default());
+                Ok(())
+            };
         for (version, ps) in &self.versions {
             for (i, p) in ps.iter().enumerate() {
-                push(Role::Param, i, Some(*version), p)?;
+                push(TensorRole::Param, i, Some(*version), p)?;
             }
         }
         let (first, second) = self.optimizer.moments();
-        for (role, moments) in [(Role::First, first), (Role::Second, second)] {
+        for (role, moments) in [(TensorRole::First, first), (TensorRole::Second, second)] {
             for (i, m) in moments.iter().enumerate() {
                 if let Some(m) = m {
                     push(role, i, None, m)?;
@@ -299,7 +300,7 @@ impl VNode {
 
     /// A VNode restored from a snapshot taken by [`VNode::snapshot`].
     pub fn restore(spec: VNodeSpec, bytes: &[u8]) -> Result<VNode, VNodeError> {
-        use crate::checkpoint::{Role, StateError, decode};
+        use crate::checkpoint::{StateError, TensorRole, decode};
         let vnode = spec.node.id;
         let wrap = |source| VNodeError::State { vnode, source };
         let (header, data) = decode(bytes).map_err(wrap)?;
@@ -326,11 +327,11 @@ impl VNode {
             }
             let t = HostTensor::f32(entry.shape.clone(), values).into_burn(&fresh.device);
             let slot = match entry.role {
-                Role::Param => &mut versions
+                TensorRole::Param => &mut versions
                     .entry(entry.version.unwrap_or(header.updates))
                     .or_insert_with(|| vec![None; n])[entry.index],
-                Role::First => &mut first[entry.index],
-                Role::Second => &mut second[entry.index],
+                TensorRole::First => &mut first[entry.index],
+                TensorRole::Second => &mut second[entry.index],
             };
             *slot = t;
         }

@@ -8,7 +8,7 @@
 pub mod views;
 
 use crate::events::EventLog;
-use crate::jobs::{Get, Jobs, List};
+use crate::job_table::{Get, JobTable, List};
 use crate::metrics::ORCHESTRATOR;
 use crate::registry::{ListPNodes, PNodeView, Registry};
 use crate::status::JobStatus;
@@ -45,7 +45,7 @@ pub const SNAPSHOT_PERIOD: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct DashState {
     /// Job table.
-    pub jobs: Addr<Jobs>,
+    pub jobs: Addr<JobTable>,
     /// PNode registry.
     pub registry: Addr<Registry>,
     /// Curves, placement, rates and the event log.
@@ -178,7 +178,7 @@ async fn metrics(State(s): State<DashState>) -> Result<Response, ApiError> {
     let (jobs, pnodes) = (s.jobs().await?, s.pnodes().await?);
     let rates = s.telemetry.read(|t| t.pnodes.clone());
     let text = ORCHESTRATOR.render(&jobs, &pnodes, &rates);
-    Ok(([(header::CONTENT_TYPE, dcnr_pnode::metrics::CONTENT_TYPE)], text).into_response())
+    Ok(([(header::CONTENT_TYPE, dcnr_mesh::exposition::CONTENT_TYPE)], text).into_response())
 }
 
 /// `?job=ID`: also push that job's detail (without curves) every second.

@@ -9,7 +9,7 @@ use crate::artifacts::{ObjectStore, write_record};
 use crate::checkpoints;
 use crate::data::Splits;
 use crate::events::{EventLog, NewEvent, Severity};
-use crate::jobs::{Jobs, Placed, RouteReplica, StatusUpdate};
+use crate::job_table::{JobTable, Placed, RouteReplica, StatusUpdate};
 use crate::registry::{ListPNodes, MarkLost, RecordOutcome, Registry};
 use crate::status::JobEvent;
 use crate::trust::{Outcome, Transition};
@@ -29,7 +29,7 @@ pub struct JobServices {
     /// The PNode registry.
     pub registry: Addr<Registry>,
     /// The job table (placements, statuses, replica routing).
-    pub jobs: Addr<Jobs>,
+    pub jobs: Addr<JobTable>,
     /// The data sets.
     pub data: Arc<Splits>,
     /// The job's watchers.
@@ -219,7 +219,7 @@ impl JobActor {
     }
 
     /// Writes a checkpoint beside training; a slow store delays nothing but itself.
-    fn upload(&mut self, snapshot: checkpoints::Snapshot) {
+    fn upload(&mut self, snapshot: checkpoints::Checkpoint) {
         let Some(store) = self.services.store.clone() else { return };
         let (watchers, log) = (self.services.watchers.clone(), self.services.events.clone());
         self.uploads.retain(|h| !h.is_finished());
@@ -317,10 +317,10 @@ impl Actor for JobActor {
     }
 }
 
-impl Handler<crate::jobs::Evacuate> for JobActor {
+impl Handler<crate::job_table::Evacuate> for JobActor {
     type Result = ();
 
-    fn handle(&mut self, msg: crate::jobs::Evacuate, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: crate::job_table::Evacuate, ctx: &mut Context<Self>) {
         self.input(ctx, Input::Evacuate(msg.0));
     }
 }

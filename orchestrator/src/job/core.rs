@@ -246,7 +246,7 @@ pub enum Effect {
         at_step: u64,
     },
     /// Write a checkpoint to the store, beside training.
-    Checkpoint(checkpoints::Snapshot),
+    Checkpoint(checkpoints::Checkpoint),
     /// Start a replica job (its spec names the segment and the parent).
     StartReplica(Box<JobSpec>),
     /// Stop a replica job.
@@ -418,7 +418,7 @@ pub struct JobCore {
     /// No probe before this.
     next_probe: Duration,
     /// What was checked and found, for `verification.json`.
-    pub(super) verification: crate::verify::Report,
+    pub(super) verification: crate::verify::VerificationRecord,
     /// Redundant execution of this job's segments (primary jobs with a verify policy).
     pub(super) replication: Replication,
     /// A rollback decided while a placement was under way, applied when it lands.
@@ -427,7 +427,7 @@ pub struct JobCore {
     /// Checkpoints of a verified job held back until every segment before them is accepted: a
     /// checkpoint in the store is where a restarted orchestrator resumes, with no memory of
     /// what was still unverified.
-    unverified_checkpoints: VecDeque<checkpoints::Snapshot>,
+    unverified_checkpoints: VecDeque<checkpoints::Checkpoint>,
     /// Strikes sent and not yet answered; the record waits for them.
     strikes_pending: usize,
     /// The job ended while strikes were pending: finish once they land.
@@ -498,7 +498,7 @@ impl JobCore {
             step_interval: None,
             last_step_at: now,
             next_probe: now,
-            verification: crate::verify::Report::new(
+            verification: crate::verify::VerificationRecord::new(
                 &spec.job_id,
                 &crate::verify::Settings::from_policy(&spec.envelope.policy),
             ),
@@ -1037,7 +1037,7 @@ impl JobCore {
             self.last_checkpoint = Some(step);
             self.last_checkpoint_at = self.now;
             if self.spec.persist {
-                let checkpoint = checkpoints::Snapshot {
+                let checkpoint = checkpoints::Checkpoint {
                     job: self.spec.job_id.clone(),
                     step,
                     epochs_evaluated: self.epochs_evaluated,

@@ -3,8 +3,8 @@
 //! Calls to different PNodes are independent and run concurrently.
 
 use super::core::{Allocation, CollectError, PNodeFailure, Params, States, VNodeAt};
-use dcnr_pnode::convert;
-use dcnr_pnode::router::{Link, open_link};
+use dcnr_mesh::convert;
+use dcnr_mesh::link::{Link, open_link};
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, p_node_client::PNodeClient};
 use dcnr_vnode::{HostData, HostTensor, Phase};

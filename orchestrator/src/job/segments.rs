@@ -55,7 +55,7 @@ pub struct ReplicaDone {
     /// Its execution, or why there is none.
     pub result: Result<ExecutionDigest, String>,
     /// What its own checks found (results refused, identities quarantined).
-    pub found: verify::Report,
+    pub found: verify::VerificationRecord,
 }
 
 /// How many of the suitable PNodes one execution may take, so that replicas find PNodes the
@@ -564,7 +564,7 @@ impl Verdict {
 
 /// The parameters in a VNode's state bytes: each parameter at its newest version.
 fn params_of_state(bytes: &[u8]) -> Result<Vec<Vec<f32>>, dcnr_vnode::checkpoint::StateError> {
-    use dcnr_vnode::checkpoint::{Role as TensorRole, decode};
+    use dcnr_vnode::checkpoint::{TensorRole, decode};
     let (header, data) = decode(bytes)?;
     let mut newest: BTreeMap<usize, (u64, Vec<f32>)> = BTreeMap::new();
     for (entry, values) in header.tensors.iter().zip(data) {

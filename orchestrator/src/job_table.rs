@@ -53,7 +53,7 @@ struct Entry {
 }
 
 /// Actor owning every job's status.
-pub struct Jobs {
+pub struct JobTable {
     registry: Addr<Registry>,
     store: Option<Arc<dyn ObjectStore>>,
     /// Job ids the store already has records of (ids stay unique across restarts).
@@ -68,7 +68,7 @@ pub struct Jobs {
     telemetry: Telemetry,
 }
 
-impl Jobs {
+impl JobTable {
     /// An empty table.
     pub fn new(
         registry: Addr<Registry>,
@@ -76,8 +76,8 @@ impl Jobs {
         defaults: JobDefaults,
         store: Option<Arc<dyn ObjectStore>>,
         recorded: std::collections::HashSet<String>,
-    ) -> Jobs {
-        Jobs {
+    ) -> JobTable {
+        JobTable {
             registry,
             store,
             recorded,
@@ -92,13 +92,13 @@ impl Jobs {
     }
 
     /// Reports submissions, placements and each job's events to `telemetry`.
-    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Jobs {
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> JobTable {
         self.telemetry = telemetry;
         self
     }
 }
 
-impl Actor for Jobs {
+impl Actor for JobTable {
     type Context = Context<Self>;
 }
 
@@ -107,7 +107,7 @@ impl Actor for Jobs {
 #[rtype(result = "Result<String, SubmitError>")]
 pub struct Submit(pub Envelope);
 
-impl Handler<Submit> for Jobs {
+impl Handler<Submit> for JobTable {
     type Result = Result<String, SubmitError>;
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
@@ -115,7 +115,7 @@ impl Handler<Submit> for Jobs {
     }
 }
 
-impl Jobs {
+impl JobTable {
     /// Validates a job and starts its actor; `resume` continues from a snapshot under the same id.
     fn start_job(
         &mut self,
@@ -233,7 +233,7 @@ pub struct Resume {
     pub steps: Option<u64>,
 }
 
-impl Handler<Resume> for Jobs {
+impl Handler<Resume> for JobTable {
     type Result = ResponseActFuture<Self, Result<String, SubmitError>>;
 
     fn handle(&mut self, msg: Resume, _: &mut Context<Self>) -> Self::Result {
@@ -264,7 +264,7 @@ impl Handler<Resume> for Jobs {
 #[rtype(result = "()")]
 pub struct ResumeActive;
 
-impl Handler<ResumeActive> for Jobs {
+impl Handler<ResumeActive> for JobTable {
     type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, _: ResumeActive, _: &mut Context<Self>) -> Self::Result {
@@ -300,7 +300,7 @@ impl Handler<ResumeActive> for Jobs {
 #[rtype(result = "()")]
 pub struct StatusUpdate(pub JobStatus);
 
-impl Handler<StatusUpdate> for Jobs {
+impl Handler<StatusUpdate> for JobTable {
     type Result = ();
 
     fn handle(&mut self, msg: StatusUpdate, _: &mut Context<Self>) {
@@ -332,7 +332,7 @@ pub struct Placed {
     pub locations: Vec<(u32, String)>,
 }
 
-impl Handler<Placed> for Jobs {
+impl Handler<Placed> for JobTable {
     type Result = ();
 
     fn handle(&mut self, msg: Placed, _: &mut Context<Self>) {
@@ -352,7 +352,7 @@ impl Handler<Placed> for Jobs {
 #[rtype(result = "Option<String>")]
 pub struct Resolve(pub String, pub u32);
 
-impl Handler<Resolve> for Jobs {
+impl Handler<Resolve> for JobTable {
     type Result = Option<String>;
 
     fn handle(&mut self, msg: Resolve, _: &mut Context<Self>) -> Option<String> {
@@ -360,7 +360,7 @@ impl Handler<Resolve> for Jobs {
     }
 }
 
-impl Handler<Observation> for Jobs {
+impl Handler<Observation> for JobTable {
     type Result = ();
 
     fn handle(&mut self, msg: Observation, _: &mut Context<Self>) {
@@ -377,7 +377,7 @@ impl Handler<Observation> for Jobs {
 #[rtype(result = "()")]
 pub struct RouteReplica(pub String, pub Addr<JobActor>);
 
-impl Handler<RouteReplica> for Jobs {
+impl Handler<RouteReplica> for JobTable {
     type Result = ();
 
     fn handle(&mut self, msg: RouteReplica, _: &mut Context<Self>) {
@@ -390,7 +390,7 @@ impl Handler<RouteReplica> for Jobs {
 #[rtype(result = "()")]
 pub struct Evacuate(pub String);
 
-impl Handler<Evacuate> for Jobs {
+impl Handler<Evacuate> for JobTable {
     type Result = ();
 
     fn handle(&mut self, msg: Evacuate, _: &mut Context<Self>) {
@@ -405,7 +405,7 @@ impl Handler<Evacuate> for Jobs {
 #[rtype(result = "usize")]
 pub struct HostedOn(pub String);
 
-impl Handler<HostedOn> for Jobs {
+impl Handler<HostedOn> for JobTable {
     type Result = usize;
 
     fn handle(&mut self, msg: HostedOn, _: &mut Context<Self>) -> usize {
@@ -418,7 +418,7 @@ impl Handler<HostedOn> for Jobs {
 #[rtype(result = "Option<JobStatus>")]
 pub struct Get(pub String);
 
-impl Handler<Get> for Jobs {
+impl Handler<Get> for JobTable {
     type Result = Option<JobStatus>;
 
     fn handle(&mut self, msg: Get, _: &mut Context<Self>) -> Option<JobStatus> {
@@ -431,7 +431,7 @@ impl Handler<Get> for Jobs {
 #[rtype(result = "Vec<JobStatus>")]
 pub struct List;
 
-impl Handler<List> for Jobs {
+impl Handler<List> for JobTable {
     type Result = Vec<JobStatus>;
 
     fn handle(&mut self, _: List, _: &mut Context<Self>) -> Vec<JobStatus> {
@@ -444,7 +444,7 @@ impl Handler<List> for Jobs {
 #[rtype(result = "Option<(JobStatus, broadcast::Receiver<JobEvent>)>")]
 pub struct Watch(pub String);
 
-impl Handler<Watch> for Jobs {
+impl Handler<Watch> for JobTable {
     type Result = Option<(JobStatus, broadcast::Receiver<JobEvent>)>;
 
     fn handle(&mut self, msg: Watch, _: &mut Context<Self>) -> Self::Result {
