@@ -28,6 +28,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// A job's placement and the class it asked for, as the next job of the same shape reuses them.
+type PreviousJob = (Vec<(u32, String)>, Option<String>);
+
 /// Flags of `bench-scale`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ScaleBenchArgs {
@@ -361,7 +364,7 @@ fn place_jobs(table: &mut PNodeTable, args: &ScaleBenchArgs, now: Duration) -> a
         times_ms: Vec::new(),
         cpu: Duration::ZERO,
     };
-    let mut previous: Option<(Vec<(u32, String)>, Option<String>)> = None;
+    let mut previous: Option<PreviousJob> = None;
     let step = (args.jobs / 10).max(1);
     eprintln!("placing {} jobs ({} VNodes) over {} pnodes", args.jobs, args.vnodes, args.pnodes);
     for (j, &n) in sizes.iter().enumerate() {
@@ -513,6 +516,9 @@ fn count(counter: &AtomicU64, bytes: usize) {
 
 // SAFETY: every call is forwarded unchanged to `System`, which upholds `GlobalAlloc`'s contract;
 // the counting touches only atomics and never allocates.
+// The one unsafe code of the workspace (`unsafe_code` is denied elsewhere): a global allocator
+// must implement an unsafe trait; every method only forwards to `System` and counts.
+#[allow(unsafe_code)]
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded with the caller's guarantees.

@@ -307,7 +307,7 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
     };
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
         let scenario = Scenario::draw(seed);
-        if !reference.contains_key(&scenario.in_flight) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = reference.entry(scenario.in_flight) {
             let (end, _) = World::new(&base, scenario.fault_free(), 0).run();
             if end.outcome != "succeeded" {
                 return Err(format!(
@@ -315,7 +315,7 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
                     scenario.in_flight, end.outcome
                 ));
             }
-            reference.insert(scenario.in_flight, end);
+            slot.insert(end);
         }
         let Some(expected) = reference.get(&scenario.in_flight) else { continue };
         let faults: BTreeSet<&str> = scenario.faults.iter().map(Fault::name).collect();
@@ -604,7 +604,7 @@ impl<'a> World<'a> {
     }
 
     /// Sends `input` to `job`'s core, to arrive at `t` (lost if the orchestrator dies first).
-    fn to_job(&mut self, t: Duration, job: impl Into<String>, input: Input) {
+    fn send_to_job(&mut self, t: Duration, job: impl Into<String>, input: Input) {
         self.at(t, Event::Input(self.epoch, job.into(), input));
     }
 
@@ -618,7 +618,7 @@ impl<'a> World<'a> {
         spec.resume = from;
         let sizes = DataSizes { train: self.base.data.train.len(), test: self.base.data.test.len() };
         self.jobs.insert(spec.job_id.clone(), JobCore::new(spec, sizes, self.now));
-        self.to_job(self.now, "sim", Input::Start);
+        self.send_to_job(self.now, "sim", Input::Start);
     }
 
     fn at(&mut self, t: Duration, e: Event) {
@@ -646,7 +646,7 @@ impl<'a> World<'a> {
         let spec = self.base.spec(&self.scenario);
         let sizes = DataSizes { train: self.base.data.train.len(), test: self.base.data.test.len() };
         self.jobs.insert(spec.job_id.clone(), JobCore::new(spec, sizes, Duration::ZERO));
-        self.to_job(Duration::ZERO, "sim", Input::Start);
+        self.send_to_job(Duration::ZERO, "sim", Input::Start);
         self.at(TICK, Event::Tick);
         while let Some(Reverse((t, seq))) = self.queue.pop() {
             if t > TIME_BOUND {
@@ -722,7 +722,7 @@ impl<'a> World<'a> {
                 let jobs: Vec<String> = self.jobs.keys().cloned().collect();
                 for j in jobs {
                     let t = self.now + self.scenario.delay;
-                    self.to_job(t, j, Input::Evacuate(id.clone()));
+                    self.send_to_job(t, j, Input::Evacuate(id.clone()));
                 }
                 self.exit_if_drained(&id);
             }
@@ -742,7 +742,8 @@ impl<'a> World<'a> {
                 self.jobs.clear();
                 // The trust book is in the store; everything else the orchestrator knew is gone.
                 let trust = self.registry.trust().clone();
-                self.registry = PNodeTable::new(HealthPolicy { interval: HEARTBEAT, timeout: HEARTBEAT_TIMEOUT }, trust);
+                self.registry =
+                    PNodeTable::new(HealthPolicy { interval: HEARTBEAT, timeout: HEARTBEAT_TIMEOUT }, trust);
                 self.locations.clear();
                 self.at(now + down, Event::OrchestratorUp);
             }
@@ -820,7 +821,7 @@ impl<'a> World<'a> {
         match e {
             Effect::ListPNodes { generation } => {
                 let view = self.registry.list(now);
-                self.to_job(now, job, Input::View { view, generation });
+                self.send_to_job(now, job, Input::View { view, generation });
             }
             Effect::Release { endpoints, generation } => {
                 let mut done = now;
@@ -833,7 +834,7 @@ impl<'a> World<'a> {
                     }
                 }
                 if let Some(generation) = generation {
-                    self.to_job(done, job, Input::Released { generation });
+                    self.send_to_job(done, job, Input::Released { generation });
                 }
             }
             Effect::Allocate { generation, allocations } => {
@@ -873,7 +874,7 @@ impl<'a> World<'a> {
                         }
                     }
                 }
-                self.to_job(done, job, Input::Allocated { generation, result });
+                self.send_to_job(done, job, Input::Allocated { generation, result });
             }
             Effect::Placed { locations } => {
                 self.locations.retain(|k, _| k.0 != job);
@@ -908,7 +909,7 @@ impl<'a> World<'a> {
             Effect::FetchStates { generation, targets } => {
                 let (t, result) = self.gather(job, &targets, |v| v.snapshot().map_err(|e| e.to_string()));
                 let result = result.map(|s| targets.iter().map(|t| t.vnode).zip(s).collect());
-                self.to_job(t, job, Input::StatesFetched { generation, result });
+                self.send_to_job(t, job, Input::StatesFetched { generation, result });
             }
             Effect::FetchParams { generation, targets } => {
                 let (t, result) = self.gather(job, &targets, |v| {
@@ -922,7 +923,7 @@ impl<'a> World<'a> {
                         .collect::<Vec<_>>())
                 });
                 let result = result.map_err(CollectError::Unreachable);
-                self.to_job(t, job, Input::ParamsFetched { generation, result });
+                self.send_to_job(t, job, Input::ParamsFetched { generation, result });
             }
             Effect::Probe { generation, pnodes } => {
                 let mut done = now;
@@ -932,7 +933,7 @@ impl<'a> World<'a> {
                     done = done.max(t);
                     answers.push((id, if ok { Ok(Vec::new()) } else { Err("no answer".to_string()) }));
                 }
-                self.to_job(done, job, Input::ProbeAnswered { generation, answers });
+                self.send_to_job(done, job, Input::ProbeAnswered { generation, answers });
             }
             Effect::MarkLost(id) => {
                 self.registry.mark_lost(&id);
@@ -948,7 +949,7 @@ impl<'a> World<'a> {
                 if matches!(transition, Transition::Quarantined(_)) && !self.cheaters.contains(&pnode) {
                     self.broken.push(format!("honest {pnode} was quarantined"));
                 }
-                self.to_job(now, job, Input::StrikeRecorded { pnode, at_step, transition });
+                self.send_to_job(now, job, Input::StrikeRecorded { pnode, at_step, transition });
             }
             Effect::Checkpoint(snapshot) => {
                 let before = self.store.hashes();
@@ -960,12 +961,12 @@ impl<'a> World<'a> {
                 let id = spec.job_id.clone();
                 let sizes = DataSizes { train: self.base.data.train.len(), test: self.base.data.test.len() };
                 self.jobs.insert(id.clone(), JobCore::new(*spec, sizes, now));
-                self.to_job(now, id, Input::Start);
+                self.send_to_job(now, id, Input::Start);
             }
-            Effect::CancelReplica(id) => self.to_job(now, id, Input::Cancel),
+            Effect::CancelReplica(id) => self.send_to_job(now, id, Input::Cancel),
             Effect::AnswerParent(done) => {
                 let parent = done.parent.clone();
-                self.to_job(now, parent, Input::ReplicaDone(done));
+                self.send_to_job(now, parent, Input::ReplicaDone(Box::new(done)));
             }
             Effect::Log(_) | Effect::Failed { .. } | Effect::Event(_) | Effect::Watchers(_) | Effect::Status(_) => {}
             Effect::Finish { status, release, .. } => {
@@ -1117,7 +1118,7 @@ impl<'a> World<'a> {
             let copies = if self.rng.random_bool(self.scenario.dup_rate) { 2 } else { 1 };
             for _ in 0..copies {
                 let t = self.arrival(pnode, "orchestrator", done.saturating_sub(now));
-                self.to_job(t, job, Input::Observation(o.clone()));
+                self.send_to_job(t, job, Input::Observation(o.clone()));
             }
         }
     }

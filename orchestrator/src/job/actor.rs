@@ -154,7 +154,7 @@ impl JobActor {
                 let job = self.core.spec().job_id.clone();
                 for t in &targets {
                     let tensor = if t.labels { &y } else { &x };
-                    if let Err(why) = self.links.send(&job, generation, &t.at, mb, phase, t.port, tensor) {
+                    if let Err(why) = self.links.send(&job, generation, t, mb, phase, tensor) {
                         self.failed_feed = Some(generation);
                         let failure = PNodeFailure { pnode: t.at.pnode.clone(), why };
                         self.queue.push_back(Input::FeedFailed { generation, failure });
@@ -342,7 +342,7 @@ impl Handler<ReplicaDone> for JobActor {
 
     fn handle(&mut self, msg: ReplicaDone, ctx: &mut Context<Self>) {
         self.replicas.remove(&msg.replica);
-        self.input(ctx, Input::ReplicaDone(msg));
+        self.input(ctx, Input::ReplicaDone(Box::new(msg)));
     }
 }
 

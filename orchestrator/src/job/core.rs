@@ -101,7 +101,7 @@ pub enum Input {
         answers: Vec<(String, Result<Vec<u32>, String>)>,
     },
     /// A replica of one of this job's segments answered.
-    ReplicaDone(ReplicaDone),
+    ReplicaDone(Box<ReplicaDone>),
     /// A strike was recorded in the registry.
     StrikeRecorded {
         /// The PNode struck.
@@ -561,19 +561,19 @@ impl JobCore {
         if self.stage == Stage::Ended {
             return;
         }
-        if let Some(a) = self.awaiting {
-            if !self.answers(a, &input) {
-                match input {
-                    // A blocked job does not tick (as a job waiting on an exchange does nothing
-                    // else), except to look again for PNodes to place on.
-                    Input::Tick if a == Awaiting::Placement => {
-                        self.emit(Effect::ListPNodes { generation: self.generation })
-                    }
-                    Input::Tick => {}
-                    other => self.held.push_back(other),
+        if let Some(a) = self.awaiting
+            && !self.answers(a, &input)
+        {
+            match input {
+                // A blocked job does not tick (as a job waiting on an exchange does nothing
+                // else), except to look again for PNodes to place on.
+                Input::Tick if a == Awaiting::Placement => {
+                    self.emit(Effect::ListPNodes { generation: self.generation })
                 }
-                return;
+                Input::Tick => {}
+                other => self.held.push_back(other),
             }
+            return;
         }
         self.handle(input);
         self.settle_rewinds();
@@ -623,9 +623,7 @@ impl JobCore {
             Input::Evacuate(pnode) => self.on_evacuate(pnode),
             // Answers count only while the core waits for them (never replayed late).
             Input::Released { .. } if self.awaiting == Some(Awaiting::Release) => self.begin_placement_wait(),
-            Input::Allocated { result, .. } if self.awaiting == Some(Awaiting::Allocation) => {
-                self.on_allocated(result)
-            }
+            Input::Allocated { result, .. } if self.awaiting == Some(Awaiting::Allocation) => self.on_allocated(result),
             Input::ParamsFetched { result, .. } if self.awaiting == Some(Awaiting::Params) => self.on_params(result),
             Input::Released { .. } | Input::Allocated { .. } | Input::ParamsFetched { .. } => {}
             Input::FeedFailed { generation, failure } => {
@@ -636,7 +634,7 @@ impl JobCore {
             Input::StatesFetched { result, .. } => self.on_states(result),
             Input::ProbeAnswered { generation, answers } => self.on_probe(generation, answers),
             Input::ReplicaDone(done) => {
-                self.replica_done(done);
+                self.replica_done(*done);
                 // A settled segment may free a job waiting at a boundary for its replicas.
                 if self.stage == Stage::Training {
                     self.pump();
@@ -732,7 +730,7 @@ impl JobCore {
         if self.now > req.deadline {
             let waited = self.now.saturating_sub(req.started);
             self.awaiting = None;
-            return self.placement_failed(format!("{why} (waited {waited:?})"));
+            self.placement_failed(format!("{why} (waited {waited:?})"));
         }
     }
 

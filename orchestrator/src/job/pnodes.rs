@@ -2,7 +2,7 @@
 //! probe, and the data links that feed micro-batches. The only module of `job` that names tonic.
 //! Calls to different PNodes are independent and run concurrently.
 
-use super::core::{Allocation, CollectError, PNodeFailure, Params, States, VNodeAt};
+use super::core::{Allocation, CollectError, FeedTarget, PNodeFailure, Params, States, VNodeAt};
 use dcnr_mesh::convert;
 use dcnr_mesh::link::{Link, open_link};
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;
@@ -171,19 +171,20 @@ pub struct DataLinks {
 }
 
 impl DataLinks {
-    /// Sends one micro-batch input to `vnode` at `endpoint` (opening the link on first use).
+    /// Sends micro-batch `mb`'s input for `target` of generation `generation` (opening the
+    /// link on first use).
     pub fn send(
         &mut self,
         job: &str,
         generation: u32,
-        at: &VNodeAt,
+        target: &FeedTarget,
         mb: u64,
         phase: Phase,
-        port: u32,
         tensor: &HostTensor,
     ) -> Result<(), String> {
+        let at = &target.at;
         let to = convert::Target { job: job.to_string(), vnode: at.vnode, generation };
-        let msg = convert::forward_message(&to, mb, phase, port, tensor);
+        let msg = convert::forward_message(&to, mb, phase, target.port, tensor);
         if !self.links.contains_key(&at.endpoint) {
             let link = open_link(&at.endpoint).map_err(|e| format!("bad endpoint {}: {e}", at.endpoint))?;
             self.links.insert(at.endpoint.clone(), link);

@@ -106,8 +106,7 @@ mod tests {
 
     #[test]
     fn a_rollback_forgets_later_losses_evaluations_and_hashes() {
-        let mut m = Metrics::default();
-        m.train_loss = (0..10).map(|s| (s, 1.0)).collect();
+        let mut m = Metrics { train_loss: (0..10).map(|s| (s, 1.0)).collect(), ..Metrics::default() };
         m.evaluations.push(EvalPoint { epoch: 1, step: 4, accuracy: 0.5, loss: 1.0 });
         m.evaluations.push(EvalPoint { epoch: 2, step: 8, accuracy: 0.7, loss: 0.5 });
         assert_eq!(m.roll_back(6, 1), Some((0.5, 1.0)));
