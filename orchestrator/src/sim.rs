@@ -450,6 +450,18 @@ impl SimPNode {
     }
 }
 
+/// What every simulated PNode offers (one determinism class: honest executions agree).
+pub(crate) fn sim_caps() -> Caps {
+    Caps {
+        cores: 2,
+        memory_bytes: 1 << 32,
+        arch: "x86_64".into(),
+        os: "linux".into(),
+        gpu: String::new(),
+        determinism_class: "sim".into(),
+    }
+}
+
 /// What a simulated PNode registers with.
 fn registration(id: &str, endpoint: &str) -> Registration {
     Registration {
@@ -458,14 +470,7 @@ fn registration(id: &str, endpoint: &str) -> Registration {
         trusted: false,
         name: id.to_string(),
         endpoint: endpoint.to_string(),
-        caps: Caps {
-            cores: 2,
-            memory_bytes: 1 << 32,
-            arch: "x86_64".into(),
-            os: "linux".into(),
-            gpu: String::new(),
-            determinism_class: "sim".into(),
-        },
+        caps: sim_caps(),
     }
 }
 
@@ -852,7 +857,7 @@ impl<'a> World<'a> {
                         continue;
                     }
                     for (vnode, state) in a.vnodes {
-                        let node = spec.graph.nodes[vnode as usize].clone();
+                        let Some(node) = spec.graph.nodes.get(vnode as usize).cloned() else { continue };
                         let vspec = VNodeSpec {
                             node,
                             optimizer: spec.graph.spec.optimizer,

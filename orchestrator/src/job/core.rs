@@ -1627,21 +1627,14 @@ impl JobCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{Caps, Health};
+    use crate::registry::Health;
 
     fn pnode(i: usize) -> PNodeView {
         PNodeView {
             id: format!("p{i}"),
             name: format!("p{i}"),
             endpoint: format!("http://h{i}:1"),
-            caps: Caps {
-                cores: 2,
-                memory_bytes: 1 << 32,
-                arch: "x86_64".into(),
-                os: "linux".into(),
-                gpu: String::new(),
-                determinism_class: "c".into(),
-            },
+            caps: crate::sim::sim_caps(),
             health: Health::Healthy,
             hosted_vnodes: 0,
             public_key: String::new(),
