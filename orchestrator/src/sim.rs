@@ -838,9 +838,7 @@ impl<'a> World<'a> {
                         self.release(&id, job);
                     }
                 }
-                if let Some(generation) = generation {
-                    self.send_to_job(done, job, Input::Released { generation });
-                }
+                self.send_to_job(done, job, Input::Released { generation });
             }
             Effect::Allocate { generation, allocations } => {
                 let mut done = now;

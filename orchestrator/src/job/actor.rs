@@ -112,11 +112,7 @@ impl JobActor {
             Effect::Release { endpoints, generation } => {
                 let job = self.job_id().to_string();
                 let fut = async move { pnodes::release_everywhere(&job, endpoints, true).await };
-                ctx.spawn(fut.into_actor(self).map(move |_, act, ctx| {
-                    if let Some(generation) = generation {
-                        act.input(ctx, Input::Released { generation });
-                    }
-                }));
+                ctx.spawn(fut.into_actor(self).map(move |_, act, ctx| act.input(ctx, Input::Released { generation })));
             }
             Effect::Allocate { generation, allocations } => {
                 let spec = self.core.spec();

@@ -175,12 +175,12 @@ pub enum Effect {
         generation: u32,
     },
     /// Stop the job's VNodes at these endpoints, briefly and best effort; answer with
-    /// [`Input::Released`] when `generation` is given.
+    /// [`Input::Released`].
     Release {
         /// Endpoints.
         endpoints: BTreeSet<String>,
         /// The generation waiting for it.
-        generation: Option<u32>,
+        generation: u32,
     },
     /// Allocate VNodes of `generation` on PNodes, all at once; answer with [`Input::Allocated`].
     Allocate {
@@ -1117,7 +1117,7 @@ impl JobCore {
         // PNodes that keep nothing of the job stop its old VNodes now; the others have them
         // replaced by the allocation of the new generation.
         self.awaiting = Some(Awaiting::Release);
-        self.emit(Effect::Release { endpoints: old, generation: Some(self.generation) });
+        self.emit(Effect::Release { endpoints: old, generation: self.generation });
     }
 
     fn epochs_evaluated_at_start(&self) -> u64 {
@@ -1748,7 +1748,7 @@ mod tests {
         c.step(Input::View { view: vec![pnode(0), lost], generation: 1 }, at(50));
         assert_eq!(c.generation(), 2);
         let effects = c.take_effects();
-        assert!(effects.iter().any(|e| matches!(e, Effect::Release { generation: Some(2), .. })), "{effects:?}");
+        assert!(effects.iter().any(|e| matches!(e, Effect::Release { generation: 2, .. })), "{effects:?}");
         // Reports meanwhile are held or stale; the placement goes on without the lost PNode.
         c.step(Input::Released { generation: 2 }, at(60));
         c.take_effects();
