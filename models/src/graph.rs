@@ -151,6 +151,36 @@ pub struct TrainingSpec {
     /// Test-set batch size for evaluation.
     #[serde(default = "default_eval_batch")]
     pub eval_batch_size: usize,
+    /// How tensors crossing a block boundary are encoded (activations, and gradients in exact mode).
+    #[serde(default)]
+    pub wire: WireFormat,
+}
+
+/// Encoding of the tensors VNodes exchange across a block boundary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireFormat {
+    /// 32-bit floats: exact.
+    #[default]
+    F32,
+    /// IEEE half precision, rounded to nearest even.
+    F16,
+    /// bfloat16 (f32's exponent, 8 bits of mantissa), rounded to nearest even.
+    Bf16,
+    /// Signed 8-bit codes with one f32 scale (absmax / 127) per block of consecutive elements.
+    Int8,
+}
+
+impl WireFormat {
+    /// The name used in model files.
+    pub fn name(self) -> &'static str {
+        match self {
+            WireFormat::F32 => "f32",
+            WireFormat::F16 => "f16",
+            WireFormat::Bf16 => "bf16",
+            WireFormat::Int8 => "int8",
+        }
+    }
 }
 
 fn default_epochs() -> u32 {

@@ -7,4 +7,6 @@ pub mod dataset;
 pub mod envelope;
 pub mod graph;
 
-pub use graph::{DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, TrainingSpec, ValidGraph};
+pub use graph::{
+    DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, TrainingSpec, ValidGraph, WireFormat,
+};

@@ -206,7 +206,7 @@ struct Saved {
 }
 
 fn bytes_of(t: &HostTensor) -> u64 {
-    t.numel() as u64 * 4
+    t.data_bytes()
 }
 
 fn cpu_now() -> Option<cpu_time::ThreadTime> {
@@ -230,6 +230,9 @@ pub struct VNode {
     eval_inputs: BTreeMap<u64, Vec<Option<HostTensor>>>,
     grads: BTreeMap<u64, Vec<Option<HostTensor>>>,
     saved: BTreeMap<u64, Saved>,
+    /// Bytes of training tensors received for a micro-batch as they travelled (packed or not),
+    /// taken when its forward and then its backward run.
+    received: BTreeMap<u64, u64>,
 }
 
 impl VNode {
@@ -252,6 +255,7 @@ impl VNode {
             eval_inputs: BTreeMap::new(),
             grads: BTreeMap::new(),
             saved: BTreeMap::new(),
+            received: BTreeMap::new(),
         }
     }
 
@@ -389,6 +393,8 @@ impl VNode {
         let mut out = Vec::new();
         match msg {
             Inbound::Forward { mb, phase, port, tensor } => {
+                let wire_bytes = tensor.data_bytes();
+                let tensor = crate::compact::unpack(tensor);
                 let ports = self.spec.node.inputs.len();
                 if port as usize >= ports {
                     return Err(VNodeError::Port { vnode: self.id(), port, ports });
@@ -414,6 +420,9 @@ impl VNode {
                     return Err(VNodeError::Duplicate { vnode: self.spec.node.id, mb, what: "forward input" });
                 }
                 entry[port as usize] = Some(tensor);
+                if phase == Phase::Train {
+                    *self.received.entry(mb).or_default() += wire_bytes;
+                }
                 if phase == Phase::Eval
                     && let Some(inputs) = take_complete(&mut self.eval_inputs, mb)
                 {
@@ -421,6 +430,8 @@ impl VNode {
                 }
             }
             Inbound::Backward { mb, from, tensor } => {
+                let wire_bytes = tensor.data_bytes();
+                let tensor = crate::compact::unpack(tensor);
                 let consumers = &self.spec.node.consumers;
                 let Some(slot) = consumers.iter().position(|c| *c == from) else {
                     return Err(VNodeError::NotConsumer { vnode: self.id(), from });
@@ -443,6 +454,7 @@ impl VNode {
                     return Err(VNodeError::Duplicate { vnode: self.spec.node.id, mb, what: "gradient" });
                 }
                 entry[slot] = Some(tensor);
+                *self.received.entry(mb).or_default() += wire_bytes;
             }
         }
         self.pump(&mut out)?;
@@ -456,6 +468,14 @@ impl VNode {
     pub fn screen(&self, msg: &Inbound) -> Result<(), crate::sanity::Rejection> {
         use crate::sanity::{Rejection, Sender, check_f32, check_labels};
         let node = &self.spec.node;
+        let unpacked;
+        let msg = match msg {
+            Inbound::Forward { tensor, .. } | Inbound::Backward { tensor, .. } if tensor.is_packed() => {
+                unpacked = unpack_message(msg.clone());
+                &unpacked
+            }
+            _ => msg,
+        };
         match msg {
             Inbound::Forward { mb, port, tensor, .. } => {
                 let Some(source) = node.inputs.get(*port as usize) else { return Ok(()) };
@@ -571,7 +591,7 @@ impl VNode {
     fn train_forward(&mut self, mb: u64, inputs: Vec<HostTensor>, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
         let started = Instant::now();
         let cpu = cpu_now();
-        let bytes_in: u64 = inputs.iter().map(bytes_of).sum();
+        let bytes_in = self.received.remove(&mb).unwrap_or(0);
         let ad = self.device.clone().autodiff();
         let rows = inputs.first().map(HostTensor::rows).unwrap_or(0);
         if let NodeKind::SoftmaxCrossEntropy { classes } = self.spec.node.kind {
@@ -686,7 +706,7 @@ impl VNode {
         let (mut bytes_in, mut bytes_out) = (saved.bytes_in, saved.bytes_out);
         let input_grads: Vec<Option<HostTensor>> = if let Some(y) = saved.output {
             let gs = self.grads.remove(&mb).unwrap_or_default();
-            bytes_in += gs.iter().flatten().map(bytes_of).sum::<u64>();
+            bytes_in += self.received.remove(&mb).unwrap_or(0);
             let g = sum_in_order(gs).ok_or_else(|| self.backend("missing gradient".into()))?;
             let needs_backward = !saved.params.is_empty() || saved.inputs.iter().any(Option::is_some);
             if !needs_backward {
@@ -741,6 +761,18 @@ impl VNode {
         let y = HostTensor::from_burn(y).map_err(|d| self.backend(d))?;
         self.emit_forward(mb, Phase::Eval, y, out);
         Ok(())
+    }
+}
+
+/// The message with its tensor in f32, as [`VNode::handle`] sees it.
+fn unpack_message(msg: Inbound) -> Inbound {
+    match msg {
+        Inbound::Forward { mb, phase, port, tensor } => {
+            Inbound::Forward { mb, phase, port, tensor: crate::compact::unpack(tensor) }
+        }
+        Inbound::Backward { mb, from, tensor } => {
+            Inbound::Backward { mb, from, tensor: crate::compact::unpack(tensor) }
+        }
     }
 }
 
