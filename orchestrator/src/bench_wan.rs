@@ -296,6 +296,10 @@ struct Bytes {
     job: (u64, u64),
 }
 
+/// Steps done (real-valued: the mean of the counts before and after a scrape) and the bytes on
+/// the wire at that moment.
+type WireSample = (f64, u64);
+
 /// Link bytes of every process of `mesh` so far: (this process's, the PNodes' together).
 async fn wire_bytes(mesh: &LocalMesh) -> anyhow::Result<(u64, u64)> {
     let own = shaping::link_bytes().total();
@@ -337,7 +341,8 @@ async fn run_mode(mesh: &LocalMesh, envelope: Envelope) -> anyhow::Result<(JobSu
     let steps_before = ORCHESTRATOR.train_steps();
     let job = mesh.jobs().send(Submit(envelope)).await??;
     let mut progress = Progress::new();
-    let (mut first, mut last): (Option<(f64, u64)>, Option<(f64, u64)>) = (None, None);
+    // (steps done, bytes on the wire so far) at 10% and at 90% of the steps.
+    let (mut first, mut last): (Option<WireSample>, Option<WireSample>) = (None, None);
     let started = Instant::now();
     let status = loop {
         let st = mesh.jobs().send(Get(job.clone())).await?.context("the job vanished")?;
