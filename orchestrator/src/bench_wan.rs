@@ -406,8 +406,8 @@ pub fn print(r: &WanReport) {
     };
     println!("links: {link}; {} pnodes; {} steps of {} samples", r.pnodes, r.steps, r.batch_size);
     println!(
-        "{:<12} {:>9} {:>10} {:>8} {:>9} {:>12} {:>10}  params sha256",
-        "mode", "in-flight", "samples/s", "ratio", "test acc", "bytes/sample", "job bytes"
+        "{:<12} {:>9} {:>10} {:>8} {:>9} {:>12} {:>10} {:>6}  params sha256",
+        "mode", "in-flight", "samples/s", "ratio", "test acc", "bytes/sample", "job bytes", "recov"
     );
     for row in std::iter::once(&r.train_local).chain(&r.modes) {
         let acc = row.test_accuracy.map_or_else(|| "-".to_string(), |a| format!("{:.2}%", a * 100.0));
@@ -425,13 +425,14 @@ pub fn print(r: &WanReport) {
         };
         let same = if row.mode != "train-local" && row.matches_train_local { " (= train-local)" } else { "" };
         println!(
-            "{:<12} {:>9} {:>10.0} {:>7.3}x {:>9} {:>12} {:>10}  {short}{same}",
-            row.mode, row.in_flight, row.samples_per_s, row.ratio, acc, per, job
+            "{:<12} {:>9} {:>10.0} {:>7.3}x {:>9} {:>12} {:>10} {:>6}  {short}{same}",
+            row.mode, row.in_flight, row.samples_per_s, row.ratio, acc, per, job, row.recoveries
         );
     }
     println!(
         "samples/s: training time only (evaluation excluded). bytes/sample: both directions of every link \
-         between 10% and 90% of the steps (* = whole job: the run was too short for a window)."
+         between 10% and 90% of the steps (* = whole job: the run was too short for a window). \
+         recov: recoveries during the run (each recomputes steps and moves bytes again)."
     );
 }
 
