@@ -10,6 +10,8 @@ pub enum HostData {
     F32(Vec<f32>),
     /// 32-bit signed integers (class labels).
     I32(Vec<i32>),
+    /// Bytes (raw pixels).
+    U8(Vec<u8>),
 }
 
 /// Why a wire tensor was refused.
@@ -25,7 +27,7 @@ pub enum TensorError {
     #[error("tensor shape {0:?} has too many elements (limit {MAX_ELEMENTS})")]
     TooLarge(Vec<u64>),
     /// Unknown or unspecified dtype.
-    #[error("tensor dtype {0} is not supported (f32 or i32)")]
+    #[error("tensor dtype {0} is not supported (f32, i32 or u8)")]
     DType(i32),
     /// Byte length disagrees with shape and dtype.
     #[error("tensor of shape {shape:?} needs {expected} bytes but carries {actual}")]
@@ -62,6 +64,11 @@ pub fn encode_i32(shape: &[usize], data: &[i32]) -> v1::Tensor {
     v1::Tensor { shape: shape.iter().map(|&d| d as u64).collect(), dtype: v1::Dtype::I32 as i32, data: bytes }
 }
 
+/// Encodes bytes.
+pub fn encode_u8(shape: &[usize], data: &[u8]) -> v1::Tensor {
+    v1::Tensor { shape: shape.iter().map(|&d| d as u64).collect(), dtype: v1::Dtype::U8 as i32, data: data.to_vec() }
+}
+
 /// Decodes and checks a wire tensor.
 pub fn decode(t: Option<&v1::Tensor>) -> Result<Decoded, TensorError> {
     let t = t.ok_or(TensorError::Missing)?;
@@ -74,19 +81,26 @@ pub fn decode(t: Option<&v1::Tensor>) -> Result<Decoded, TensorError> {
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
         .filter(|&n| n <= MAX_ELEMENTS)
         .ok_or_else(|| TensorError::TooLarge(t.shape.clone()))?;
-    let expected = elements * 4;
+    let dtype = v1::Dtype::try_from(t.dtype).map_err(|_| TensorError::DType(t.dtype))?;
+    let width = match dtype {
+        v1::Dtype::F32 | v1::Dtype::I32 => 4,
+        v1::Dtype::U8 => 1,
+        v1::Dtype::Unspecified => return Err(TensorError::DType(t.dtype)),
+    };
+    let expected = elements * width;
     if t.data.len() as u64 != expected {
         return Err(TensorError::Length { shape: t.shape.clone(), expected, actual: t.data.len() });
     }
     let little = cfg!(target_endian = "little");
     let words = || t.data.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
     // The bytes of a protobuf field carry no alignment, so the copy is what makes them typed.
-    let data = match v1::Dtype::try_from(t.dtype) {
-        Ok(v1::Dtype::F32) if little => HostData::F32(bytemuck::pod_collect_to_vec(&t.data)),
-        Ok(v1::Dtype::I32) if little => HostData::I32(bytemuck::pod_collect_to_vec(&t.data)),
-        Ok(v1::Dtype::F32) => HostData::F32(words().map(f32::from_le_bytes).collect()),
-        Ok(v1::Dtype::I32) => HostData::I32(words().map(i32::from_le_bytes).collect()),
-        _ => return Err(TensorError::DType(t.dtype)),
+    let data = match dtype {
+        v1::Dtype::F32 if little => HostData::F32(bytemuck::pod_collect_to_vec(&t.data)),
+        v1::Dtype::I32 if little => HostData::I32(bytemuck::pod_collect_to_vec(&t.data)),
+        v1::Dtype::F32 => HostData::F32(words().map(f32::from_le_bytes).collect()),
+        v1::Dtype::I32 => HostData::I32(words().map(i32::from_le_bytes).collect()),
+        v1::Dtype::U8 => HostData::U8(t.data.clone()),
+        v1::Dtype::Unspecified => return Err(TensorError::DType(t.dtype)),
     };
     Ok(Decoded { shape: t.shape.iter().map(|&d| d as usize).collect(), data })
 }
@@ -103,6 +117,9 @@ mod tests {
         assert_eq!(d.data, HostData::F32(vec![1.0, -2.5, 3.0, 0.0, f32::MIN_POSITIVE, 7.0]));
         let t = encode_i32(&[3], &[0, 9, -1]);
         assert_eq!(decode(Some(&t)).unwrap().data, HostData::I32(vec![0, 9, -1]));
+        let t = encode_u8(&[2, 2], &[0, 1, 254, 255]);
+        assert_eq!(t.data.len(), 4);
+        assert_eq!(decode(Some(&t)).unwrap().data, HostData::U8(vec![0, 1, 254, 255]));
     }
 
     #[test]
@@ -113,6 +130,10 @@ mod tests {
         let mut t = encode_f32(&[2], &[1.0; 2]);
         t.dtype = 99;
         assert_eq!(decode(Some(&t)), Err(TensorError::DType(99)));
+        // A u8 tensor carries one byte per element, not four.
+        let mut t = encode_u8(&[2], &[1, 2]);
+        t.data.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        assert!(matches!(decode(Some(&t)), Err(TensorError::Length { expected: 2, .. })));
         let t = v1::Tensor { shape: vec![u64::MAX, 2], dtype: 1, data: vec![] };
         assert!(matches!(decode(Some(&t)), Err(TensorError::TooLarge(_))));
         let t = v1::Tensor { shape: vec![1; 9], dtype: 1, data: vec![0; 4] };

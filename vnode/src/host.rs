@@ -9,6 +9,8 @@ pub enum HostData {
     F32(Vec<f32>),
     /// Class labels.
     I32(Vec<i32>),
+    /// Raw pixels of the job's data, which the VNode reading them normalises itself.
+    U8(Vec<u8>),
 }
 
 /// A row-major tensor in host memory.
@@ -31,11 +33,16 @@ impl HostTensor {
         HostTensor { shape, data: HostData::I32(data) }
     }
 
+    /// A byte tensor (raw pixels).
+    pub fn u8(shape: Vec<usize>, data: Vec<u8>) -> HostTensor {
+        HostTensor { shape, data: HostData::U8(data) }
+    }
+
     /// Float elements, if this is a float tensor.
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
             HostData::F32(v) => Some(v),
-            HostData::I32(_) => None,
+            HostData::I32(_) | HostData::U8(_) => None,
         }
     }
 
@@ -54,6 +61,7 @@ impl HostTensor {
         let len = match &self.data {
             HostData::F32(v) => v.len(),
             HostData::I32(v) => v.len(),
+            HostData::U8(v) => v.len(),
         };
         len == self.numel()
     }

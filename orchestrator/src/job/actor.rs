@@ -7,14 +7,13 @@ use super::segments::ReplicaDone;
 use super::{JobKind, JobSpec, Observation};
 use crate::artifacts::{ObjectStore, write_record};
 use crate::checkpoints;
-use crate::data::Splits;
+use crate::data::Packed;
 use crate::events::{EventLog, NewEvent, Severity};
 use crate::job_table::{JobTable, Placed, RouteReplica, StatusUpdate};
 use crate::registry::{ListPNodes, MarkLost, RecordOutcome, Registry};
 use crate::status::JobEvent;
 use crate::trust::{Outcome, Transition};
 use actix::prelude::*;
-use dcnr_vnode::{HostTensor, Phase};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,8 +29,8 @@ pub struct JobServices {
     pub registry: Addr<Registry>,
     /// The job table (placements, statuses, replica routing).
     pub jobs: Addr<JobTable>,
-    /// The data sets.
-    pub data: Arc<Splits>,
+    /// The job's dataset pack, which the PNodes reading data fetch.
+    pub dataset: Arc<Packed>,
     /// The job's watchers.
     pub watchers: broadcast::Sender<JobEvent>,
     /// Where checkpoints and artifacts go (none: keep nothing).
@@ -65,7 +64,7 @@ impl JobActor {
         if !spec.persist {
             services.store = None;
         }
-        let sizes = DataSizes { train: services.data.train.len(), test: services.data.test.len() };
+        let sizes = DataSizes { train: services.dataset.train, test: services.dataset.test };
         JobActor {
             core: JobCore::new(spec, sizes, Duration::ZERO),
             services,
@@ -123,12 +122,22 @@ impl JobActor {
                         return self.queue.push_back(Input::Allocated { generation, result: Err(failure) });
                     }
                 };
+                let readers = spec
+                    .graph
+                    .nodes
+                    .iter()
+                    .filter(|n| n.inputs.iter().any(|s| !matches!(s, dcnr_model::graph::Source::Node(_))))
+                    .map(|n| n.id)
+                    .collect();
+                let dataset = &self.services.dataset;
                 let common = AllocateCommon {
                     job_id: spec.job_id.clone(),
                     graph_json,
                     root_seed: spec.root_seed,
                     in_flight: spec.in_flight,
                     generation,
+                    dataset: pnodes::DatasetRef { sha256: dataset.sha256.clone(), bytes: dataset.bytes.len() as u64 },
+                    readers,
                 };
                 ctx.spawn(pnodes::allocate_all(common, allocations).into_actor(self).map(move |result, act, ctx| {
                     act.input(ctx, Input::Allocated { generation, result });
@@ -137,20 +146,13 @@ impl JobActor {
             Effect::Placed { locations } => {
                 self.services.jobs.do_send(Placed { job_id: self.job_id().to_string(), locations });
             }
-            Effect::Feed { generation, mb, phase, samples, targets } => {
+            Effect::Feed { generation, mb, phase, batch, targets } => {
                 if self.failed_feed == Some(generation) {
                     return;
                 }
-                let set = match phase {
-                    Phase::Train => &self.services.data.train,
-                    Phase::Eval => &self.services.data.test,
-                };
-                let (x, y) = crate::data::batch(set, &samples, self.core.spec().graph.spec.data.normalize);
-                let y = HostTensor::i32(vec![samples.len()], y);
                 let job = self.core.spec().job_id.clone();
                 for t in &targets {
-                    let tensor = if t.labels { &y } else { &x };
-                    if let Err(why) = self.links.send(&job, generation, t, mb, phase, tensor) {
+                    if let Err(why) = self.links.send(&job, generation, t, mb, phase, batch) {
                         self.failed_feed = Some(generation);
                         let failure = PNodeFailure { pnode: t.at.pnode.clone(), why };
                         self.queue.push_back(Input::FeedFailed { generation, failure });
