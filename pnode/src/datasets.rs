@@ -43,7 +43,7 @@ pub enum DatasetError {
         source: FetchError,
     },
     /// The bytes are not the pack the address names.
-    #[error("dataset pack {sha256}: the bytes received hash to {actual}")]
+    #[error("dataset pack {sha256}: its bytes hash to {actual}")]
     Mismatch {
         /// The pack's address.
         sha256: String,
@@ -114,7 +114,7 @@ impl Datasets {
             held.latest = Some((sha256.to_string(), s.clone()));
             return Ok(s);
         }
-        let splits = match self.from_disk(sha256, bytes).await? {
+        let splits = match self.cached(sha256, bytes).await? {
             Some(s) => s,
             None => self.fetch(sha256, bytes).await?,
         };
@@ -125,7 +125,7 @@ impl Datasets {
     }
 
     /// The cached pack, if there is a valid one; a corrupt one is deleted.
-    async fn from_disk(&self, sha256: &str, bytes: u64) -> Result<Option<Splits>, DatasetError> {
+    async fn cached(&self, sha256: &str, bytes: u64) -> Result<Option<Splits>, DatasetError> {
         let Some(dir) = &self.dir else { return Ok(None) };
         let path = dir.join(sha256);
         let (sha, p) = (sha256.to_string(), path.clone());
