@@ -244,6 +244,32 @@ pub enum PackError {
 
 /// The canonical bytes of `splits` (their address is [`pack_address`] of them).
 pub fn encode_pack(splits: &Splits) -> Result<Vec<u8>, PackError> {
+    let header = packable(splits)?;
+    let total = header.total_len()?;
+    let mut out = Vec::with_capacity(usize::try_from(total).map_err(|_| PackError::Inconsistent("too large".into()))?);
+    out.extend_from_slice(&PACK_MAGIC);
+    out.extend_from_slice(&PACK_VERSION.to_le_bytes());
+    // `check` bounded rows, cols and classes by u32-sized limits.
+    for v in [header.rows, header.cols, header.classes] {
+        out.extend_from_slice(&(v as u32).to_le_bytes());
+    }
+    out.extend_from_slice(&header.train.to_le_bytes());
+    out.extend_from_slice(&header.test.to_le_bytes());
+    for set in [&splits.train, &splits.test] {
+        out.extend_from_slice(&set.images);
+        out.extend_from_slice(&set.labels);
+    }
+    Ok(out)
+}
+
+/// The size of the pack of `splits`, or why they cannot be packed: every check
+/// [`encode_pack`] makes, without building the bytes.
+pub fn pack_len(splits: &Splits) -> Result<u64, PackError> {
+    packable(splits)?.total_len()
+}
+
+/// The header of the pack of `splits`, once they are known to be packable.
+fn packable(splits: &Splits) -> Result<Header, PackError> {
     let (train, test) = (&splits.train, &splits.test);
     if (train.rows, train.cols) != (test.rows, test.cols) {
         return Err(PackError::Inconsistent(format!(
@@ -272,21 +298,7 @@ pub fn encode_pack(splits: &Splits) -> Result<Vec<u8>, PackError> {
     for (name, set) in [("train", train), ("test", test)] {
         check_labels(name, &set.labels, splits.classes)?;
     }
-    let total = header.total_len()?;
-    let mut out = Vec::with_capacity(usize::try_from(total).map_err(|_| PackError::Inconsistent("too large".into()))?);
-    out.extend_from_slice(&PACK_MAGIC);
-    out.extend_from_slice(&PACK_VERSION.to_le_bytes());
-    // `check` bounded rows, cols and classes by u32-sized limits.
-    for v in [header.rows, header.cols, header.classes] {
-        out.extend_from_slice(&(v as u32).to_le_bytes());
-    }
-    out.extend_from_slice(&header.train.to_le_bytes());
-    out.extend_from_slice(&header.test.to_le_bytes());
-    for set in [train, test] {
-        out.extend_from_slice(&set.images);
-        out.extend_from_slice(&set.labels);
-    }
-    Ok(out)
+    Ok(header)
 }
 
 /// Decodes and checks a pack completely: header ranges, exact length, every label.
@@ -808,6 +820,7 @@ mod tests {
         let s = tiny_splits();
         let bytes = encode_pack(&s).unwrap();
         assert_eq!(bytes.len(), PACK_HEADER + 4 * 7);
+        assert_eq!(pack_len(&s), Ok(bytes.len() as u64));
         assert_eq!(&bytes[..8], b"DCNRPACK");
         let back = decode_pack(&bytes).unwrap();
         assert_eq!(s, back);
@@ -834,6 +847,7 @@ mod tests {
         let mut s = tiny_splits();
         s.classes = 4;
         assert_eq!(encode_pack(&s), Err(PackError::Label { split: "train", index: 1, value: 4, classes: 4 }));
+        assert_eq!(pack_len(&s), Err(PackError::Label { split: "train", index: 1, value: 4, classes: 4 }));
     }
 
     #[test]

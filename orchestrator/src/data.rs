@@ -73,8 +73,11 @@ impl DataCache {
     }
 
     /// The pack of dataset `name` (built on first use), published so PNodes may fetch it.
+    /// Building hashes the whole pack: call it off any thread that must stay responsive.
     pub fn publish(&self, name: &str) -> Result<Arc<Packed>, DataError> {
-        let known = self.packs.lock().unwrap_or_else(PoisonError::into_inner).get(name).cloned();
+        // Held while building, so jobs starting together build a dataset's pack once.
+        let mut packs = self.packs.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = packs.get(name).cloned();
         let packed = match known {
             Some(p) => p,
             None => {
@@ -87,10 +90,11 @@ impl DataCache {
                     train: splits.train.len(),
                     test: splits.test.len(),
                 });
-                self.packs.lock().unwrap_or_else(PoisonError::into_inner).insert(name.into(), packed.clone());
+                packs.insert(name.into(), packed.clone());
                 packed
             }
         };
+        drop(packs);
         self.published.lock().unwrap_or_else(PoisonError::into_inner).insert(packed.sha256.clone(), packed.clone());
         Ok(packed)
     }

@@ -134,20 +134,9 @@ impl JobTable {
                 graph.spec.data.feature_size
             )));
         }
-        // PNodes build the job's micro-batches from this pack; it is published before the job runs.
-        let dataset = self.data.publish(&graph.spec.data.dataset).map_err(|e| SubmitError::Data(e.to_string()))?;
-        if let Some(store) = self.store.clone() {
-            let packed = dataset.clone();
-            actix::spawn(async move {
-                match crate::data::store_pack(store.as_ref(), &packed).await {
-                    Ok(true) => {
-                        tracing::info!(sha256 = %packed.sha256, bytes = packed.bytes.len(), "dataset pack stored")
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(sha256 = %packed.sha256, error = %e, "cannot store the dataset pack"),
-                }
-            });
-        }
+        // PNodes build the job's micro-batches from the dataset's pack, which the job publishes
+        // on its own thread (hashing it here would hold up the registry); it must be packable.
+        dcnr_model::dataset::pack_len(&data).map_err(|e| SubmitError::Data(e.to_string()))?;
         let t = &graph.spec.training;
         let spe = data.train.len().div_ceil(t.batch_size) as u64;
         let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
@@ -225,7 +214,7 @@ impl JobTable {
         let services = JobServices {
             registry: self.registry.clone(),
             jobs: ctx.address(),
-            dataset,
+            data: self.data.clone(),
             watchers: events.clone(),
             store: self.store.clone(),
             events: self.telemetry.events().clone(),

@@ -49,7 +49,7 @@ pub struct AllocateCommon {
     /// Placement generation.
     pub generation: u32,
     /// The job's dataset pack, for PNodes hosting a VNode that reads data.
-    pub dataset: DatasetRef,
+    pub dataset: Option<DatasetRef>,
     /// VNodes that read features or labels.
     pub readers: BTreeSet<u32>,
 }
@@ -73,7 +73,7 @@ pub fn allocate_deadline(dataset_bytes: Option<u64>) -> Duration {
 pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) -> Result<(), PNodeFailure> {
     let calls = allocations.into_iter().map(|a| {
         let reads_data = a.vnodes.iter().any(|(v, _)| common.readers.contains(v));
-        let dataset = reads_data.then_some(&common.dataset);
+        let dataset = common.dataset.as_ref().filter(|_| reads_data);
         let req = v1::AllocateRequest {
             job_id: common.job_id.clone(),
             graph_json: common.graph_json.clone(),
