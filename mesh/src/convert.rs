@@ -1,5 +1,6 @@
 //! Conversions between wire messages and VNode messages, in one place for PNodes and the
-//! orchestrator's data feeder alike.
+//! orchestrator's data feeder alike. A `Feed` is decoded into a [`FeedRequest`], which only the
+//! PNode hosting the VNode can turn into its input (it holds the job's dataset).
 
 use dcnr_proto::tensor::{self, TensorError};
 use dcnr_proto::v1::{self, v_node_message::Body};
@@ -24,6 +25,7 @@ pub fn tensor_to_wire(t: &HostTensor) -> v1::Tensor {
         HostData::F16(v) => tensor::encode_16(&t.shape, v, false),
         HostData::Bf16(v) => tensor::encode_16(&t.shape, v, true),
         HostData::Int8 { scales, codes } => tensor::encode_int8(&t.shape, scales, codes),
+        HostData::U8(v) => tensor::encode_u8(&t.shape, v),
     }
 }
 
@@ -41,7 +43,16 @@ pub fn tensor_from_wire(t: Option<&v1::Tensor>) -> Result<HostTensor, TensorErro
         tensor::HostData::Int8 { scales, codes } => {
             HostTensor { shape: d.shape, data: HostData::Int8 { scales, codes } }
         }
+        tensor::HostData::U8(v) => HostTensor::u8(d.shape, v),
     })
+}
+
+fn phase_from_wire(p: i32) -> Option<Phase> {
+    match v1::Phase::try_from(p) {
+        Ok(v1::Phase::Train) => Some(Phase::Train),
+        Ok(v1::Phase::Eval) => Some(Phase::Eval),
+        _ => None,
+    }
 }
 
 /// Wire phase.
@@ -89,17 +100,52 @@ pub fn backward_message(to: &Target, mb: u64, from: (u32, u32), t: &HostTensor) 
     }
 }
 
-/// Decodes a wire message into its target and a VNode message, checking every field.
-pub fn inbound_from_wire(m: v1::VNodeMessage) -> Result<(Target, Inbound), ConvertError> {
+/// A request to feed data input `port` of micro-batch `mb` from batch `batch` of the job's
+/// dataset (see the `Feed` message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedRequest {
+    /// Micro-batch the input belongs to.
+    pub mb: u64,
+    /// Train or eval.
+    pub phase: Phase,
+    /// Input port of the target VNode.
+    pub port: u32,
+    /// Training step, or evaluation batch number.
+    pub batch: u64,
+}
+
+/// A feed message on the wire.
+pub fn feed_message(to: &Target, feed: FeedRequest) -> v1::VNodeMessage {
+    v1::VNodeMessage {
+        job_id: to.job.clone(),
+        to_vnode: to.vnode,
+        micro_batch: feed.mb,
+        body: Some(Body::Feed(v1::Feed { port: feed.port, phase: phase_to_wire(feed.phase), batch: feed.batch })),
+        generation: to.generation,
+    }
+}
+
+/// A decoded wire message: a VNode message, or a request to build one from the job's data.
+#[derive(Debug, Clone)]
+pub enum Incoming {
+    /// Ready for the VNode.
+    Inbound(Inbound),
+    /// To be built by the PNode that holds the job's dataset.
+    Feed(FeedRequest),
+}
+
+/// Decodes a wire message into its target and what it carries, checking every field.
+pub fn message_from_wire(m: v1::VNodeMessage) -> Result<(Target, Incoming), ConvertError> {
     let (job, vnode, mb, generation) = (m.job_id, m.to_vnode, m.micro_batch, m.generation);
     let malformed = |job: &str, what| ConvertError::Malformed { job: job.to_string(), vnode, mb, what };
     let inbound = match m.body {
+        Some(Body::Feed(f)) => {
+            let phase = phase_from_wire(f.phase).ok_or_else(|| malformed(&job, "unknown phase"))?;
+            let feed = FeedRequest { mb, phase, port: f.port, batch: f.batch };
+            return Ok((Target { job, vnode, generation }, Incoming::Feed(feed)));
+        }
         Some(Body::Forward(f)) => {
-            let phase = match v1::Phase::try_from(f.phase) {
-                Ok(v1::Phase::Train) => Phase::Train,
-                Ok(v1::Phase::Eval) => Phase::Eval,
-                _ => return Err(malformed(&job, "unknown phase")),
-            };
+            let phase = phase_from_wire(f.phase).ok_or_else(|| malformed(&job, "unknown phase"))?;
             let tensor = tensor_from_wire(f.tensor.as_ref()).map_err(|source| ConvertError::Tensor {
                 job: job.clone(),
                 vnode,
@@ -119,12 +165,38 @@ pub fn inbound_from_wire(m: v1::VNodeMessage) -> Result<(Target, Inbound), Conve
         }
         None => return Err(malformed(&job, "message has no body")),
     };
-    Ok((Target { job, vnode, generation }, inbound))
+    Ok((Target { job, vnode, generation }, Incoming::Inbound(inbound)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn feeds_round_trip_and_garbled_ones_are_refused() {
+        let to = Target { job: "j".into(), vnode: 3, generation: 2 };
+        let feed = FeedRequest { mb: 40, phase: Phase::Eval, port: 1, batch: 7 };
+        let (t, got) = message_from_wire(feed_message(&to, feed)).unwrap();
+        assert_eq!(t, to);
+        assert!(matches!(got, Incoming::Feed(f) if f == feed));
+        let mut bad = feed_message(&to, feed);
+        if let Some(Body::Feed(f)) = &mut bad.body {
+            f.phase = 9;
+        }
+        assert!(matches!(message_from_wire(bad), Err(ConvertError::Malformed { what: "unknown phase", .. })));
+    }
+
+    #[test]
+    fn pixels_have_a_wire_form() {
+        let t = HostTensor::u8(vec![1, 3], vec![0, 128, 255]);
+        let w = tensor_to_wire(&t);
+        assert_eq!(w.data.len(), 3);
+        assert_eq!(tensor_from_wire(Some(&w)).unwrap(), t);
+        let to = Target { job: "j".into(), vnode: 0, generation: 1 };
+        let (_, got) = message_from_wire(forward_message(&to, 5, Phase::Train, 0, &t)).unwrap();
+        assert!(matches!(got, Incoming::Inbound(Inbound::Forward { mb: 5, tensor, .. }) if tensor == t));
+    }
+
     use dcnr_vnode::compact::{self, WireFormat};
 
     #[test]

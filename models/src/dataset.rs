@@ -103,7 +103,7 @@ impl Split {
 ///
 /// `images` is `len() * rows * cols` pixels, sample-major then row-major; `labels` has one entry
 /// per sample. Sets from [`load_split`] are validated; hand-built ones must keep that invariant.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSet {
     /// Pixel rows per image.
     pub rows: usize,
@@ -136,10 +136,7 @@ impl ImageSet {
     /// A 256-entry table makes this one lookup per pixel. Panics if an index is `>= len()`,
     /// since that is a bug in the caller's sampler, not a data problem.
     pub fn gather_features(&self, indices: &[usize], mean: f32, std: f32) -> Vec<f32> {
-        let mut table = [0f32; 256];
-        for (x, slot) in table.iter_mut().enumerate() {
-            *slot = (x as f32 / 255.0 - mean) / std;
-        }
+        let table = normalize_table(mean, std);
         let f = self.features();
         let mut out = Vec::with_capacity(indices.len() * f);
         for &i in indices {
@@ -153,6 +150,258 @@ impl ImageSet {
     /// [`ImageSet::gather_features`] on an out-of-range index.
     pub fn gather_labels(&self, indices: &[usize]) -> Vec<i32> {
         indices.iter().map(|&i| i32::from(self.labels[i])).collect()
+    }
+
+    /// The raw pixels of `indices`, `[indices.len(), features]` row-major; `None` if an index is
+    /// out of range (indices that came over a network are not trusted to be).
+    pub fn pixels_of(&self, indices: &[usize]) -> Option<Vec<u8>> {
+        let f = self.features();
+        let mut out = Vec::with_capacity(indices.len().checked_mul(f)?);
+        for &i in indices {
+            out.extend_from_slice(self.images.get(i.checked_mul(f)?..i.checked_add(1)?.checked_mul(f)?)?);
+        }
+        Some(out)
+    }
+
+    /// Labels of `indices` as `i32`; `None` if an index is out of range.
+    pub fn labels_of(&self, indices: &[usize]) -> Option<Vec<i32>> {
+        indices.iter().map(|&i| self.labels.get(i).map(|&l| i32::from(l))).collect()
+    }
+}
+
+/// The value every pixel byte normalises to, `(x/255 - mean)/std`: one table shared by the
+/// orchestrator's reference run and the VNodes, so both produce the same bits.
+pub fn normalize_table(mean: f32, std: f32) -> [f32; 256] {
+    let mut table = [0f32; 256];
+    for (x, slot) in table.iter_mut().enumerate() {
+        *slot = (x as f32 / 255.0 - mean) / std;
+    }
+    table
+}
+
+/// Both splits of a dataset and how many classes its labels name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Splits {
+    /// Training samples.
+    pub train: ImageSet,
+    /// Test samples.
+    pub test: ImageSet,
+    /// Classes the labels are drawn from (every label is below it).
+    pub classes: u32,
+}
+
+/// Classes of the IDX datasets read here (MNIST, Fashion-MNIST).
+pub const IDX_CLASSES: u32 = MAX_LABEL as u32 + 1;
+
+/// Loads both splits of the dataset in `dir`.
+pub fn load_splits(dir: &Path) -> Result<Splits, DatasetError> {
+    Ok(Splits { train: load_split(dir, Split::Train)?, test: load_split(dir, Split::Test)?, classes: IDX_CLASSES })
+}
+
+// ---------------------------------------------------------------------------- dataset packs
+//
+// A pack is the canonical bytes of both splits, so a dataset has one address (the SHA-256 of
+// its pack) wherever it is stored or cached. Layout, integers little-endian:
+//
+//   magic "DCNRPACK" | version u32 | rows u32 | cols u32 | classes u32 | train u64 | test u64
+//   | train pixels (train*rows*cols u8) | train labels (train u8)
+//   | test pixels (test*rows*cols u8)   | test labels (test u8)
+
+/// First bytes of every pack.
+pub const PACK_MAGIC: [u8; 8] = *b"DCNRPACK";
+/// Pack format version written by [`encode_pack`] and the only one [`decode_pack`] reads.
+pub const PACK_VERSION: u32 = 1;
+/// Bytes before the pixels.
+pub const PACK_HEADER: usize = 40;
+/// Most classes a pack may name: labels are single bytes.
+pub const MAX_PACK_CLASSES: u32 = 256;
+
+/// Why bytes are not a valid pack (or splits cannot be packed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PackError {
+    /// Shorter than the header.
+    #[error("dataset pack is {found} bytes, shorter than its {PACK_HEADER}-byte header")]
+    ShortHeader { found: usize },
+    /// Not a pack at all.
+    #[error("not a dataset pack (bad magic)")]
+    BadMagic,
+    /// A version this build does not read.
+    #[error("dataset pack version {found} is not supported (this build reads version {PACK_VERSION})")]
+    Version { found: u32 },
+    /// A header field out of its sane range; refused before anything is allocated from it.
+    #[error("dataset pack header field `{field}` is {value}, outside {min}..={max}")]
+    Field { field: &'static str, value: u64, min: u64, max: u64 },
+    /// The length disagrees with what the header declares.
+    #[error("dataset pack is {found} bytes but its header declares {expected}")]
+    Length { expected: u64, found: u64 },
+    /// A label at or above the declared class count.
+    #[error("dataset pack {split} label {value} at index {index} is not below {classes} classes")]
+    Label { split: &'static str, index: usize, value: u8, classes: u32 },
+    /// The splits to pack disagree with each other or with their own sizes.
+    #[error("cannot pack: {0}")]
+    Inconsistent(String),
+}
+
+/// The canonical bytes of `splits` (their address is [`pack_address`] of them).
+pub fn encode_pack(splits: &Splits) -> Result<Vec<u8>, PackError> {
+    let header = packable(splits)?;
+    let total = header.total_len()?;
+    let mut out = Vec::with_capacity(usize::try_from(total).map_err(|_| PackError::Inconsistent("too large".into()))?);
+    out.extend_from_slice(&PACK_MAGIC);
+    out.extend_from_slice(&PACK_VERSION.to_le_bytes());
+    // `check` bounded rows, cols and classes by u32-sized limits.
+    for v in [header.rows, header.cols, header.classes] {
+        out.extend_from_slice(&(v as u32).to_le_bytes());
+    }
+    out.extend_from_slice(&header.train.to_le_bytes());
+    out.extend_from_slice(&header.test.to_le_bytes());
+    for set in [&splits.train, &splits.test] {
+        out.extend_from_slice(&set.images);
+        out.extend_from_slice(&set.labels);
+    }
+    Ok(out)
+}
+
+/// The size of the pack of `splits`, or why they cannot be packed: every check
+/// [`encode_pack`] makes, without building the bytes.
+pub fn pack_len(splits: &Splits) -> Result<u64, PackError> {
+    packable(splits)?.total_len()
+}
+
+/// The header of the pack of `splits`, once they are known to be packable.
+fn packable(splits: &Splits) -> Result<Header, PackError> {
+    let (train, test) = (&splits.train, &splits.test);
+    if (train.rows, train.cols) != (test.rows, test.cols) {
+        return Err(PackError::Inconsistent(format!(
+            "train images are {}x{} but test images {}x{}",
+            train.rows, train.cols, test.rows, test.cols
+        )));
+    }
+    for (name, set) in [("train", train), ("test", test)] {
+        if set.len().checked_mul(set.features()) != Some(set.images.len()) {
+            return Err(PackError::Inconsistent(format!(
+                "{name}: {} pixels for {} images of {} features",
+                set.images.len(),
+                set.len(),
+                set.features()
+            )));
+        }
+    }
+    let header = Header {
+        rows: train.rows as u64,
+        cols: train.cols as u64,
+        classes: u64::from(splits.classes),
+        train: train.len() as u64,
+        test: test.len() as u64,
+    };
+    header.check()?;
+    for (name, set) in [("train", train), ("test", test)] {
+        check_labels(name, &set.labels, splits.classes)?;
+    }
+    Ok(header)
+}
+
+/// Decodes and checks a pack completely: header ranges, exact length, every label.
+pub fn decode_pack(bytes: &[u8]) -> Result<Splits, PackError> {
+    if bytes.len() < PACK_HEADER {
+        return Err(PackError::ShortHeader { found: bytes.len() });
+    }
+    if bytes[..8] != PACK_MAGIC {
+        return Err(PackError::BadMagic);
+    }
+    let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let u64_at = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    let version = u32_at(8);
+    if version != PACK_VERSION {
+        return Err(PackError::Version { found: version });
+    }
+    let header = Header {
+        rows: u64::from(u32_at(12)),
+        cols: u64::from(u32_at(16)),
+        classes: u64::from(u32_at(20)),
+        train: u64_at(24),
+        test: u64_at(32),
+    };
+    header.check()?;
+    let expected = header.total_len()?;
+    if bytes.len() as u64 != expected {
+        return Err(PackError::Length { expected, found: bytes.len() as u64 });
+    }
+    // The exact length above proves every section below lies inside `bytes` and fits usize.
+    let (rows, cols) = (header.rows as usize, header.cols as usize);
+    let classes = header.classes as u32;
+    let mut at = PACK_HEADER;
+    let mut take = |n: usize| {
+        let part = &bytes[at..at + n];
+        at += n;
+        part
+    };
+    let mut split = |name: &'static str, count: u64| -> Result<ImageSet, PackError> {
+        let count = count as usize;
+        let images = take(count * rows * cols).to_vec();
+        let labels = take(count).to_vec();
+        check_labels(name, &labels, classes)?;
+        Ok(ImageSet { rows, cols, images, labels })
+    };
+    let train = split("train", header.train)?;
+    let test = split("test", header.test)?;
+    Ok(Splits { train, test, classes })
+}
+
+/// The address of a pack: the hex SHA-256 of its bytes.
+pub fn pack_address(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The sizes a pack header declares.
+struct Header {
+    rows: u64,
+    cols: u64,
+    classes: u64,
+    train: u64,
+    test: u64,
+}
+
+impl Header {
+    /// Every field within its sane range (counts may be zero; sides and classes may not).
+    fn check(&self) -> Result<(), PackError> {
+        let limits = [
+            ("rows", self.rows, 1, MAX_SIDE),
+            ("cols", self.cols, 1, MAX_SIDE),
+            ("classes", self.classes, 1, u64::from(MAX_PACK_CLASSES)),
+            ("train", self.train, 0, MAX_COUNT),
+            ("test", self.test, 0, MAX_COUNT),
+        ];
+        for (field, value, min, max) in limits {
+            if value < min || value > max {
+                return Err(PackError::Field { field, value, min, max });
+            }
+        }
+        Ok(())
+    }
+
+    /// Total bytes of a pack with this header (checked, though `check` already bounds it).
+    fn total_len(&self) -> Result<u64, PackError> {
+        let per_sample = self.rows.checked_mul(self.cols).and_then(|p| p.checked_add(1));
+        let samples = self.train.checked_add(self.test);
+        per_sample
+            .zip(samples)
+            .and_then(|(p, n)| p.checked_mul(n))
+            .and_then(|b| b.checked_add(PACK_HEADER as u64))
+            .ok_or(PackError::Field { field: "train", value: self.train, min: 0, max: MAX_COUNT })
+    }
+}
+
+/// Every label below `classes`.
+fn check_labels(split: &'static str, labels: &[u8], classes: u32) -> Result<(), PackError> {
+    match labels.iter().enumerate().find(|&(_, &v)| u32::from(v) >= classes) {
+        Some((index, &value)) => Err(PackError::Label { split, index, value, classes }),
+        None => Ok(()),
     }
 }
 
@@ -556,6 +805,154 @@ mod tests {
         assert!((f[2] - (0.2 - mean) / std).abs() < 1e-6);
         assert_eq!(set.gather_labels(&[1, 0, 1]), vec![2, 7, 2]);
         assert!(set.gather_features(&[], 0.0, 1.0).is_empty());
+    }
+
+    fn tiny_splits() -> Splits {
+        Splits {
+            train: ImageSet { rows: 2, cols: 3, images: (0..18).collect(), labels: vec![0, 4, 2] },
+            test: ImageSet { rows: 2, cols: 3, images: (100..106).collect(), labels: vec![4] },
+            classes: 5,
+        }
+    }
+
+    #[test]
+    fn pack_round_trips_and_is_canonical() {
+        let s = tiny_splits();
+        let bytes = encode_pack(&s).unwrap();
+        assert_eq!(bytes.len(), PACK_HEADER + 4 * 7);
+        assert_eq!(pack_len(&s), Ok(bytes.len() as u64));
+        assert_eq!(&bytes[..8], b"DCNRPACK");
+        let back = decode_pack(&bytes).unwrap();
+        assert_eq!(s, back);
+        assert_eq!(encode_pack(&back).unwrap(), bytes);
+        assert_eq!(pack_address(&bytes), hex::encode(Sha256::digest(&bytes)));
+        // Empty splits are well-formed.
+        let empty = Splits {
+            train: ImageSet { rows: 1, cols: 1, images: vec![], labels: vec![] },
+            test: ImageSet { rows: 1, cols: 1, images: vec![], labels: vec![] },
+            classes: 1,
+        };
+        assert!(decode_pack(&encode_pack(&empty).unwrap()).unwrap().train.is_empty());
+    }
+
+    #[test]
+    fn inconsistent_splits_are_not_packed() {
+        let mut s = tiny_splits();
+        s.test.cols = 2;
+        s.test.rows = 3;
+        assert!(matches!(encode_pack(&s), Err(PackError::Inconsistent(_))));
+        let mut s = tiny_splits();
+        s.train.images.pop();
+        assert!(matches!(encode_pack(&s), Err(PackError::Inconsistent(_))));
+        let mut s = tiny_splits();
+        s.classes = 4;
+        assert_eq!(encode_pack(&s), Err(PackError::Label { split: "train", index: 1, value: 4, classes: 4 }));
+        assert_eq!(pack_len(&s), Err(PackError::Label { split: "train", index: 1, value: 4, classes: 4 }));
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_refused() {
+        let bytes = encode_pack(&tiny_splits()).unwrap();
+        for n in 0..bytes.len() {
+            let err = decode_pack(&bytes[..n]).unwrap_err();
+            if n < PACK_HEADER {
+                assert_eq!(err, PackError::ShortHeader { found: n });
+            } else {
+                assert_eq!(err, PackError::Length { expected: bytes.len() as u64, found: n as u64 });
+            }
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(decode_pack(&longer), Err(PackError::Length { .. })));
+    }
+
+    #[test]
+    fn garbled_headers_are_named() {
+        let bytes = encode_pack(&tiny_splits()).unwrap();
+        let with = |at: usize, v: &[u8]| {
+            let mut b = bytes.clone();
+            b[at..at + v.len()].copy_from_slice(v);
+            decode_pack(&b)
+        };
+        assert_eq!(with(0, b"X"), Err(PackError::BadMagic));
+        assert_eq!(with(8, &2u32.to_le_bytes()), Err(PackError::Version { found: 2 }));
+        assert!(matches!(with(12, &0u32.to_le_bytes()), Err(PackError::Field { field: "rows", value: 0, .. })));
+        assert!(matches!(with(16, &5000u32.to_le_bytes()), Err(PackError::Field { field: "cols", .. })));
+        assert!(matches!(with(20, &0u32.to_le_bytes()), Err(PackError::Field { field: "classes", .. })));
+        assert!(matches!(with(20, &257u32.to_le_bytes()), Err(PackError::Field { field: "classes", .. })));
+        // A header claiming far more samples than the bytes hold is refused without allocating.
+        assert!(matches!(with(24, &u64::MAX.to_le_bytes()), Err(PackError::Field { field: "train", .. })));
+        assert!(matches!(with(32, &9_000_000u64.to_le_bytes()), Err(PackError::Length { .. })));
+        // The first train label (after 18 pixels) raised past the classes.
+        assert_eq!(
+            with(PACK_HEADER + 18, &[9]),
+            Err(PackError::Label { split: "train", index: 0, value: 9, classes: 5 })
+        );
+        let msg = with(PACK_HEADER + 18, &[9]).unwrap_err().to_string();
+        assert!(msg.contains("label 9") && msg.contains("5 classes"), "{msg}");
+    }
+
+    #[test]
+    fn every_single_byte_flip_is_refused_or_canonical() {
+        // Whatever a flip does, a pack that still decodes must re-encode to exactly its bytes:
+        // decoding never loses or invents information.
+        let bytes = encode_pack(&tiny_splits()).unwrap();
+        for i in 0..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[i] ^= flip;
+                if let Ok(s) = decode_pack(&b) {
+                    assert_eq!(encode_pack(&s).unwrap(), b, "byte {i} ^ {flip:#x}");
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_bytes_never_panic(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), hdr in 0usize..4) {
+            // Random tails behind a valid magic and version reach the deeper checks.
+            let mut b = Vec::new();
+            if hdr > 0 { b.extend_from_slice(&PACK_MAGIC); }
+            if hdr > 1 { b.extend_from_slice(&PACK_VERSION.to_le_bytes()); }
+            b.extend_from_slice(&tail);
+            if let Ok(s) = decode_pack(&b) {
+                proptest::prop_assert_eq!(encode_pack(&s).unwrap(), b);
+            }
+        }
+    }
+
+    #[test]
+    fn real_mnist_packs_and_unpacks_unchanged() {
+        let s = load_splits(&vendored_mnist()).unwrap();
+        let bytes = encode_pack(&s).unwrap();
+        assert_eq!(bytes.len(), PACK_HEADER + 70_000 * 785);
+        let back = decode_pack(&bytes).unwrap();
+        assert_eq!(s, back);
+        assert_eq!(back.classes, 10);
+    }
+
+    #[test]
+    fn checked_gathers_refuse_out_of_range_indices() {
+        let set = ImageSet { rows: 1, cols: 2, images: vec![1, 2, 3, 4], labels: vec![7, 8] };
+        assert_eq!(set.pixels_of(&[1, 0]), Some(vec![3, 4, 1, 2]));
+        assert_eq!(set.labels_of(&[1, 0]), Some(vec![8, 7]));
+        assert_eq!(set.pixels_of(&[2]), None);
+        assert_eq!(set.labels_of(&[0, 2]), None);
+        assert_eq!(set.pixels_of(&[usize::MAX]), None);
+        assert_eq!(set.pixels_of(&[]), Some(vec![]));
+    }
+
+    #[test]
+    fn the_normalize_table_is_what_gather_features_uses() {
+        let set = ImageSet { rows: 1, cols: 256, images: (0..=255).collect(), labels: vec![0] };
+        let (mean, std) = (0.1307f32, 0.3081f32);
+        let table = normalize_table(mean, std);
+        let f = set.gather_features(&[0], mean, std);
+        assert_eq!(
+            f.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            table.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     fn vendored_mnist() -> PathBuf {

@@ -262,8 +262,8 @@ pub async fn collect_garbage(store: &dyn ObjectStore, grace: Duration) -> Result
         }
         live.insert(h);
     }
-    // The saved trust book, and job marks of running jobs, are live as well.
-    for prefix in ["active", "trust"] {
+    // The saved trust book, job marks of running jobs and published dataset packs are live too.
+    for prefix in ["active", "trust", "datasets"] {
         for name in store.list_refs(prefix).await? {
             if let Some(h) = store.get_ref(&name).await? {
                 live.insert(h);

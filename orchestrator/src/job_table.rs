@@ -134,6 +134,9 @@ impl JobTable {
                 graph.spec.data.feature_size
             )));
         }
+        // PNodes build the job's micro-batches from the dataset's pack, which the job publishes
+        // on its own thread (hashing it here would hold up the registry); it must be packable.
+        dcnr_model::dataset::pack_len(&data).map_err(|e| SubmitError::Data(e.to_string()))?;
         let t = &graph.spec.training;
         let spe = data.train.len().div_ceil(t.batch_size) as u64;
         let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
@@ -211,7 +214,7 @@ impl JobTable {
         let services = JobServices {
             registry: self.registry.clone(),
             jobs: ctx.address(),
-            data,
+            data: self.data.clone(),
             watchers: events.clone(),
             store: self.store.clone(),
             events: self.telemetry.events().clone(),

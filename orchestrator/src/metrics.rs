@@ -27,6 +27,7 @@ pub struct OrchestratorMetrics {
     pnode_vnodes: IntGaugeVec,
     pnode_steps_per_s: GaugeVec,
     pnode_bytes_per_s: GaugeVec,
+    data_bytes: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -89,6 +90,13 @@ pub static ORCHESTRATOR: LazyLock<OrchestratorMetrics> = LazyLock::new(|| {
             "Tensor bytes through a PNode's VNodes per second.",
             &["pnode"]
         ),
+        data_bytes: metric!(
+            r,
+            IntCounterVec,
+            "dcnr_data_bytes_sent_total",
+            "Bytes of job data sent to PNodes: feed requests, and dataset pack chunks.",
+            &["kind"]
+        ),
         registry: r,
     }
 });
@@ -116,6 +124,16 @@ impl OrchestratorMetrics {
     /// Training micro-batches whose loss reached this process so far, over all jobs.
     pub fn train_steps(&self) -> u64 {
         self.train_steps.get()
+    }
+
+    /// Counts the encoded bytes of one feed request sent to a PNode.
+    pub fn feed_sent(&self, bytes: usize) {
+        self.data_bytes.with_label_values(&["feed"]).inc_by(bytes as u64);
+    }
+
+    /// Counts the bytes of one dataset pack chunk sent to a PNode.
+    pub fn pack_sent(&self, bytes: usize) {
+        self.data_bytes.with_label_values(&["pack"]).inc_by(bytes as u64);
     }
 
     /// Counts one logged event.

@@ -116,7 +116,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     }
     let registry = registry.start();
     let telemetry = Telemetry::new(EventLog::default());
-    let jobs = JobTable::new(registry.clone(), DataCache::new(cfg.data.clone()), cfg.jobs.clone(), store, recorded)
+    let data = DataCache::new(cfg.data.clone());
+    let jobs = JobTable::new(registry.clone(), data.clone(), cfg.jobs.clone(), store, recorded)
         .with_telemetry(telemetry.clone())
         .start();
     tokio::spawn(telemetry.clone().watch(registry.clone()));
@@ -135,6 +136,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         jobs: jobs.clone(),
         heartbeat: cfg.heartbeat,
         telemetry: telemetry.clone(),
+        data,
         admission: std::sync::Arc::new(crate::admission::Admission {
             token: cfg.trusted_token.clone(),
             ..Default::default()

@@ -30,6 +30,8 @@ pub struct OrchestratorService {
     pub admission: std::sync::Arc<crate::admission::Admission>,
     /// Where reports are also counted for the dashboard and metrics.
     pub telemetry: crate::telemetry::Telemetry,
+    /// The dataset packs published for jobs, which PNodes fetch.
+    pub data: crate::data::DataCache,
 }
 
 fn gone<E: std::fmt::Display>(e: E) -> Status {
@@ -154,6 +156,19 @@ async fn probe_pnode(registry: Addr<Registry>, id: String) {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Send>>;
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::DatasetChunk, Status>> + Send>>;
+
+/// A published pack as a stream of chunks, each made only when the PNode is ready for it.
+fn pack_stream(packed: std::sync::Arc<crate::data::Packed>) -> ChunkStream {
+    use tokio_stream::StreamExt;
+    let total = packed.bytes.len() as u64;
+    Box::pin(tokio_stream::iter(0..packed.chunk_count()).map(move |i| {
+        let (offset, data) = packed.chunk(i).unwrap_or((total, &[]));
+        crate::metrics::ORCHESTRATOR.pack_sent(data.len());
+        Ok(v1::DatasetChunk { offset, data: data.to_vec(), total })
+    }))
+}
 
 #[tonic::async_trait]
 impl v1::orchestrator_server::Orchestrator for OrchestratorService {
@@ -340,6 +355,18 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     async fn list_jobs(&self, _: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
         let all = self.jobs.send(List).await.map_err(gone)?;
         Ok(Response::new(v1::ListJobsResponse { jobs: all.iter().map(status_to_wire).collect() }))
+    }
+
+    type FetchDatasetStream = ChunkStream;
+
+    async fn fetch_dataset(&self, req: Request<v1::FetchDatasetRequest>) -> Result<Response<ChunkStream>, Status> {
+        let sha256 = req.into_inner().sha256;
+        let packed = self.data.published(&sha256).ok_or_else(|| {
+            let shown: String = sha256.chars().take(64).collect();
+            Status::not_found(format!("no dataset pack {shown} is published for a job on this orchestrator"))
+        })?;
+        tracing::info!(%sha256, bytes = packed.bytes.len(), "serving a dataset pack");
+        Ok(Response::new(pack_stream(packed)))
     }
 
     type WatchJobStream = EventStream;

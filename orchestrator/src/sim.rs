@@ -19,8 +19,9 @@ use crate::registry::{Beat, Caps, HealthPolicy, PNodeTable, Registration};
 use crate::trust::{Outcome, Transition, TrustBook, TrustPolicy};
 use dcnr_model::dataset::ImageSet;
 use dcnr_model::envelope::{Envelope, Verify};
+use dcnr_vnode::batches::Feeder;
 use dcnr_vnode::fault::{FaultKind, FaultSpec, Injector};
-use dcnr_vnode::{HostData, Inbound, Outbound, Phase, VNode, VNodeSpec};
+use dcnr_vnode::{HostData, Inbound, Outbound, VNode, VNodeSpec};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -383,7 +384,7 @@ struct Base {
     envelope: Envelope,
     graph: dcnr_model::ValidGraph,
     root_seed: u64,
-    data: Splits,
+    data: std::sync::Arc<Splits>,
 }
 
 impl Base {
@@ -397,7 +398,7 @@ impl Base {
             images: (0..n * 6).map(|_| rng.random_range(0..=255u8)).collect(),
             labels: (0..n).map(|_| rng.random_range(0..3u8)).collect(),
         };
-        let data = Splits { train: set(TRAIN), test: set(TEST) };
+        let data = std::sync::Arc::new(Splits { train: set(TRAIN), test: set(TEST), classes: 3 });
         Ok(Base { envelope: resolved.envelope, graph: resolved.graph, root_seed: resolved.root_seed, data })
     }
 
@@ -863,6 +864,7 @@ impl<'a> World<'a> {
                             in_flight: spec.in_flight,
                         };
                         let v = if state.is_empty() { Ok(VNode::new(vspec)) } else { VNode::restore(vspec, &state) };
+                        let v = v.map(|v| v.with_normalize(spec.graph.spec.data.normalize));
                         match v {
                             Ok(v) => {
                                 if let Some(p) = self.pnodes.get_mut(&a.pnode) {
@@ -887,16 +889,15 @@ impl<'a> World<'a> {
                     }
                 }
             }
-            Effect::Feed { generation, mb, phase, samples, targets } => {
-                let set = match phase {
-                    Phase::Train => &self.base.data.train,
-                    Phase::Eval => &self.base.data.test,
-                };
-                let (x, y) = crate::data::batch(set, &samples, self.base.graph.spec.data.normalize);
-                let y = dcnr_vnode::HostTensor::i32(vec![samples.len()], y);
+            Effect::Feed { generation, mb, phase, batch, targets } => {
+                // What a PNode does with a feed request: build the input from the data it holds.
+                let Some(spec) = self.jobs.get(job).map(|c| c.spec().clone()) else { return };
+                let training = &spec.graph.spec.training;
                 for t in targets {
-                    let tensor = if t.labels { y.clone() } else { x.clone() };
-                    let msg = Inbound::Forward { mb, phase, port: t.port, tensor };
+                    let Some(node) = spec.graph.nodes.get(t.at.vnode as usize) else { continue };
+                    let data = self.base.data.clone();
+                    let feeder = Feeder::new(node, data, training.batch_size, training.eval_batch_size, spec.root_seed);
+                    let Some(Ok(msg)) = feeder.map(|mut f| f.inbound(mb, phase, t.port, batch)) else { continue };
                     let arrive = self.arrival("orchestrator", &t.at.pnode, Duration::ZERO);
                     let ev = Event::Deliver {
                         pnode: t.at.pnode.clone(),

@@ -2,12 +2,19 @@
 //!
 //! Each VNode actor owns one `dcnr_vnode::VNode` and runs on an arbiter (thread) of its own, so
 //! tensor math never blocks the async I/O threads and VNodes of one PNode compute in parallel.
+//! A VNode that reads the job's data also owns a `Feeder` over the job's dataset pack, and
+//! builds its own inputs from the feed requests it gets.
 
 use crate::metrics::PNODE;
-use crate::router::Router;
+use crate::router::{Local, Router};
 use actix::prelude::*;
+use dcnr_mesh::convert::FeedRequest;
+use dcnr_model::dataset::Splits;
+use dcnr_model::graph::Normalize;
+use dcnr_vnode::batches::Feeder;
 use dcnr_vnode::{HostTensor, Inbound, Outbound, VNode, VNodeSpec};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A message for a VNode, from the given placement generation of its job.
 #[derive(Message)]
@@ -17,6 +24,16 @@ pub struct Deliver {
     pub generation: u32,
     /// The message.
     pub msg: Inbound,
+}
+
+/// A request to feed a VNode one input from the job's data, from the given generation.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FeedInput {
+    /// Generation of the sender; a VNode drops requests of any other.
+    pub generation: u32,
+    /// What to feed.
+    pub feed: FeedRequest,
 }
 
 /// Asks a VNode for its current parameters and version.
@@ -41,10 +58,43 @@ pub struct VNodeActor {
     vnode: VNode,
     router: Router,
     failed: bool,
+    /// Builds this VNode's data inputs; `None` when it reads no data.
+    feeder: Option<Feeder>,
 }
 
 impl Actor for VNodeActor {
     type Context = Context<Self>;
+}
+
+impl Handler<FeedInput> for VNodeActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FeedInput, ctx: &mut Context<Self>) {
+        if self.failed {
+            return;
+        }
+        if msg.generation != self.generation {
+            tracing::debug!(job = %self.job, vnode = self.vnode.id(), got = msg.generation, want = self.generation, "stale feed dropped");
+            self.router.count_stale();
+            return;
+        }
+        let FeedRequest { mb, phase, port, batch } = msg.feed;
+        let id = self.vnode.id();
+        let built = match &mut self.feeder {
+            Some(f) => f.inbound(mb, phase, port, batch).map_err(|e| e.to_string()),
+            None => Err(format!("vnode {id} reads none of the job's data")),
+        };
+        match built {
+            Ok(inbound) => self.handle(Deliver { generation: msg.generation, msg: inbound }, ctx),
+            Err(why) => {
+                // Only a confused or hostile sender asks for this; the job must hear of it, but the
+                // VNode's state is untouched and stays usable.
+                tracing::warn!(job = %self.job, vnode = id, error = %why, "refused a feed request");
+                PNODE.feeds_refused.inc();
+                self.router.fail(&self.job, id, self.generation, mb, format!("refused a feed request: {why}"));
+            }
+        }
+    }
 }
 
 impl Handler<Deliver> for VNodeActor {
@@ -200,6 +250,21 @@ pub struct Allocate {
     pub specs: Vec<(VNodeSpec, Option<Vec<u8>>)>,
     /// Bytes these VNodes will need (see `VNodeSpec::memory_estimate`).
     pub memory: u64,
+    /// How the job's raw pixels become features.
+    pub normalize: Normalize,
+    /// The job's data, when a VNode here reads it.
+    pub data: Option<JobData>,
+}
+
+/// What the VNodes reading a job's data build their inputs from.
+#[derive(Clone)]
+pub struct JobData {
+    /// The job's dataset, decoded (shared with other jobs using the same pack).
+    pub splits: Arc<Splits>,
+    /// Samples per training step.
+    pub batch_size: usize,
+    /// Samples per evaluation batch.
+    pub eval_batch_size: usize,
 }
 
 impl Handler<Allocate> for Host {
@@ -233,14 +298,17 @@ impl Handler<Allocate> for Host {
         // Restore first, so a bad state refuses the whole allocation before any actor starts.
         let mut vnodes = Vec::with_capacity(msg.specs.len());
         for (spec, state) in msg.specs {
+            let feeder = msg.data.as_ref().and_then(|d| {
+                Feeder::new(&spec.node, d.splits.clone(), d.batch_size, d.eval_batch_size, spec.root_seed)
+            });
             let v = match state {
                 Some(bytes) => VNode::restore(spec, &bytes).map_err(|e| e.to_string())?,
                 None => VNode::new(spec),
             };
-            vnodes.push(v);
+            vnodes.push((v.with_normalize(msg.normalize), feeder));
         }
         let mut hosted = Vec::with_capacity(vnodes.len());
-        for v in vnodes {
+        for (v, feeder) in vnodes {
             let arbiter = Arbiter::new();
             let (job, router, vnode, generation) = (msg.job.clone(), self.router.clone(), v.id(), msg.generation);
             let addr = VNodeActor::start_in_arbiter(&arbiter.handle(), move |_| VNodeActor {
@@ -249,8 +317,10 @@ impl Handler<Allocate> for Host {
                 vnode: v,
                 router,
                 failed: false,
+                feeder,
             });
-            self.router.add_local((msg.job.clone(), vnode), addr.clone().recipient());
+            let local = Local { deliver: addr.clone().recipient(), feed: addr.clone().recipient() };
+            self.router.add_local((msg.job.clone(), vnode), local);
             hosted.push(Hosted { vnode, generation, memory: per_vnode, addr, arbiter });
         }
         let n = hosted.len() as u32;

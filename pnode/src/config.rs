@@ -43,9 +43,15 @@ pub struct PnodeArgs {
     #[arg(long, env = "DCNR_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,
     /// Directory for this PNode's identity key (created on first start, mode 0700; the key file
-    /// is 0600). Without it the PNode gets a new identity, and no reputation, at every start.
+    /// is 0600) and its cache of dataset packs (`datasets/`). Without it the PNode gets a new
+    /// identity, and no reputation, at every start, and fetches datasets again.
     #[arg(long, env = "DCNR_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Largest dataset pack this PNode fetches and keeps, in MiB; an allocation whose job reads
+    /// a larger one is refused. Packs are cached in `<data-dir>/datasets` (in memory only
+    /// without --data-dir).
+    #[arg(long, env = "DCNR_MAX_DATASET_MIB", default_value_t = 512)]
+    pub max_dataset_mib: u64,
     /// File holding the orchestrator's trusted-mode token; a PNode presenting it is trusted and
     /// gets reduced validation (docs/TRUST.md).
     #[arg(long, env = "DCNR_TRUSTED_TOKEN_FILE")]
@@ -102,6 +108,11 @@ impl PnodeArgs {
         use anyhow::Context as _;
         dcnr_proto::shaping::LinkShape::from_flags(self.link_delay_ms, self.link_mbit)
             .context("invalid --link-delay-ms / --link-mbit")
+    }
+
+    /// Largest dataset pack accepted, in bytes.
+    pub fn max_dataset_bytes(&self) -> u64 {
+        self.max_dataset_mib.saturating_mul(1024 * 1024)
     }
 
     /// The fault injector asked for, if any.

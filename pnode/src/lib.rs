@@ -2,8 +2,9 @@
 //!
 //! Module map: [`config`] (flags), [`identity`] (the key pair behind the PNode id),
 //! [`membership`] (signed registration and heartbeat), [`actors`] (the VNode actors and their
-//! host; inbound tensors pass the cheap checks first), [`router`] (where an outbound message
-//! goes: a local actor or a remote PNode), [`fault`] (fault injection, a testing aid, hooked
+//! host; inbound tensors pass the cheap checks first), [`datasets`] (the dataset packs VNodes
+//! build their data inputs from: fetched once, cached, shared), [`router`] (where an outbound
+//! message goes: a local actor or a remote PNode), [`fault`] (fault injection, a testing aid, hooked
 //! where outputs leave the router), [`service`] (the gRPC adapter), [`capabilities`] (what this
 //! machine advertises), [`metrics`] (Prometheus counters and the `/metrics` endpoint). Wire
 //! conversions, the tensor stream to other PNodes, the metrics text format and shutdown signals
@@ -17,6 +18,7 @@
 pub mod actors;
 pub mod capabilities;
 pub mod config;
+pub mod datasets;
 pub use dcnr_vnode::fault;
 pub mod identity;
 pub mod membership;
@@ -73,7 +75,12 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let router = router::Router::start(orchestrator.clone(), identity.pnode_id.clone(), fault);
     let memory_limit = args.memory_mib.map(|m| m * 1024 * 1024).unwrap_or(0);
     let host = actors::Host::start_new(router.clone(), args.max_vnodes, memory_limit);
-    let mut server = tokio::spawn(service::serve(listener, host.clone(), router.clone()));
+    let datasets = std::sync::Arc::new(datasets::Datasets::new(
+        args.data_dir.as_deref(),
+        args.max_dataset_bytes(),
+        orchestrator.clone(),
+    ));
+    let mut server = tokio::spawn(service::serve(listener, host.clone(), router.clone(), datasets));
     let mut heartbeat = tokio::spawn(membership::heartbeat_loop(
         orchestrator.clone(),
         args.clone(),

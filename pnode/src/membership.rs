@@ -65,12 +65,105 @@ impl OrchestratorLink {
         Ok(self.client.clone().drain(req).await?.into_inner().remaining_vnodes)
     }
 
+    /// Fetches dataset pack `sha256`, which the allocation said is `expected` bytes. The stream
+    /// is read only as far as `expected`: one that overruns, skips, disagrees about the size or
+    /// stalls for [`FETCH_IDLE`] is abandoned. The caller checks the hash.
+    pub async fn fetch_dataset(&self, sha256: &str, expected: u64) -> Result<Vec<u8>, FetchError> {
+        let req = v1::FetchDatasetRequest { sha256: sha256.to_string() };
+        let mut stream = self.client.clone().fetch_dataset(req).await.map_err(FetchError::status)?.into_inner();
+        let capacity = usize::try_from(expected).map_err(|_| FetchError::Overrun { expected, got: expected })?;
+        let mut out = Vec::with_capacity(capacity);
+        loop {
+            let next = tokio::time::timeout(FETCH_IDLE, stream.message())
+                .await
+                .map_err(|_| FetchError::Stalled { got: out.len() as u64 })?
+                .map_err(FetchError::status)?;
+            let Some(chunk) = next else { break };
+            let got = out.len() as u64;
+            if chunk.total != expected {
+                return Err(FetchError::Total { expected, served: chunk.total });
+            }
+            if chunk.offset != got {
+                return Err(FetchError::Gap { offset: chunk.offset, got });
+            }
+            let end = got.saturating_add(chunk.data.len() as u64);
+            if end > expected {
+                return Err(FetchError::Overrun { expected, got: end });
+            }
+            out.extend_from_slice(&chunk.data);
+        }
+        if out.len() as u64 != expected {
+            return Err(FetchError::Short { expected, got: out.len() as u64 });
+        }
+        Ok(out)
+    }
+
     /// Streams reports until `rx` closes or the call fails.
     pub async fn report_stream(&self, rx: mpsc::Receiver<v1::VNodeReport>) -> Result<(), tonic::Status> {
         // A long-lived stream must not inherit the unary deadline.
         let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         req.set_timeout(Duration::from_secs(365 * 24 * 3600));
         self.client.clone().report(req).await.map(|_| ())
+    }
+}
+
+/// Longest wait for the next piece of a dataset pack before the fetch is given up.
+pub const FETCH_IDLE: Duration = Duration::from_secs(30);
+
+/// Why a dataset pack could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The orchestrator refused or the call failed.
+    #[error("{message} ({code})")]
+    Call {
+        /// The gRPC code, as text.
+        code: String,
+        /// Its message.
+        message: String,
+    },
+    /// Nothing arrived for too long.
+    #[error("no data for {FETCH_IDLE:?} after {got} bytes")]
+    Stalled {
+        /// Bytes received.
+        got: u64,
+    },
+    /// The orchestrator serves a pack of another size than the allocation announced.
+    #[error("the orchestrator serves {served} bytes but the allocation announced {expected}")]
+    Total {
+        /// Announced size.
+        expected: u64,
+        /// Size the chunks declare.
+        served: u64,
+    },
+    /// A chunk does not continue where the last one ended.
+    #[error("a chunk at offset {offset} after {got} bytes")]
+    Gap {
+        /// The chunk's offset.
+        offset: u64,
+        /// Bytes received.
+        got: u64,
+    },
+    /// More bytes than announced.
+    #[error("the stream overran the announced {expected} bytes (reached {got})")]
+    Overrun {
+        /// Announced size.
+        expected: u64,
+        /// Where it got to.
+        got: u64,
+    },
+    /// The stream ended early.
+    #[error("the stream ended after {got} of {expected} bytes")]
+    Short {
+        /// Announced size.
+        expected: u64,
+        /// Bytes received.
+        got: u64,
+    },
+}
+
+impl FetchError {
+    fn status(s: tonic::Status) -> FetchError {
+        FetchError::Call { code: format!("{:?}", s.code()), message: s.message().to_string() }
     }
 }
 

@@ -50,6 +50,15 @@ pub struct PnodeMetrics {
     pub wire_bytes_received: IntCounter,
     /// VNodes that failed.
     pub vnode_failures: IntCounter,
+    /// Dataset packs made ready for an allocation, by where they came from (`orchestrator`,
+    /// `disk`, `memory`).
+    pub dataset_loads: IntCounterVec,
+    /// Bytes of dataset packs fetched from the orchestrator.
+    pub dataset_bytes_fetched: IntCounter,
+    /// Cached dataset packs found corrupt (and fetched again).
+    pub dataset_cache_corrupt: IntCounter,
+    /// Feed requests refused (a port that reads no data, a batch beyond the data).
+    pub feeds_refused: IntCounter,
 }
 
 /// This process's PNode metrics.
@@ -89,6 +98,23 @@ pub static PNODE: LazyLock<PnodeMetrics> = LazyLock::new(|| {
             "Encoded bytes of VNode messages received over gRPC.",
         ),
         vnode_failures: counter(&r, "dcnr_pnode_vnode_failures_total", "VNodes that failed."),
+        dataset_loads: counter_vec(
+            &r,
+            "dcnr_pnode_dataset_loads_total",
+            "Dataset packs made ready for an allocation, by source.",
+            &["source"],
+        ),
+        dataset_bytes_fetched: counter(
+            &r,
+            "dcnr_pnode_dataset_bytes_fetched_total",
+            "Bytes of dataset packs fetched from the orchestrator.",
+        ),
+        dataset_cache_corrupt: counter(
+            &r,
+            "dcnr_pnode_dataset_cache_corrupt_total",
+            "Cached dataset packs found corrupt and fetched again.",
+        ),
+        feeds_refused: counter(&r, "dcnr_pnode_feeds_refused_total", "Feed requests refused."),
         registry: r,
     }
 });

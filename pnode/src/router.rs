@@ -2,10 +2,10 @@
 //! or encoded onto a gRPC stream to the PNode that hosts the target, found by asking the
 //! orchestrator once and caching the answer.
 
-use crate::actors::Deliver;
+use crate::actors::{Deliver, FeedInput};
 use crate::membership::OrchestratorLink;
 use actix::Recipient;
-use dcnr_mesh::convert::{self, Target};
+use dcnr_mesh::convert::{self, FeedRequest, Target};
 use dcnr_mesh::link::{Link, open_link};
 use dcnr_proto::v1;
 use dcnr_vnode::{Inbound, Outbound};
@@ -34,9 +34,18 @@ struct Inner {
     stale: std::sync::atomic::AtomicU64,
     /// Fault injection (a testing aid); `None` in normal operation.
     fault: Option<crate::fault::Injector>,
-    local: RwLock<HashMap<VKey, Recipient<Deliver>>>,
+    local: RwLock<HashMap<VKey, Local>>,
     egress: mpsc::UnboundedSender<Egress>,
     reports: mpsc::UnboundedSender<v1::VNodeReport>,
+}
+
+/// How a hosted VNode is reached: its messages, and requests to feed it from the job's data.
+#[derive(Clone)]
+pub struct Local {
+    /// VNode messages.
+    pub deliver: Recipient<Deliver>,
+    /// Feed requests.
+    pub feed: Recipient<FeedInput>,
 }
 
 /// Cheap-to-clone handle used by actors (to send) and the gRPC service (to deliver).
@@ -86,7 +95,7 @@ impl Router {
     }
 
     /// Makes a local VNode reachable.
-    pub fn add_local(&self, key: VKey, to: Recipient<Deliver>) {
+    pub fn add_local(&self, key: VKey, to: Local) {
         if let Ok(mut m) = self.inner.local.write() {
             m.insert(key, to);
         }
@@ -101,7 +110,20 @@ impl Router {
     }
 
     fn local(&self, job: &str, vnode: u32) -> Option<Recipient<Deliver>> {
-        self.inner.local.read().ok()?.get(&(job.to_string(), vnode)).cloned()
+        self.inner.local.read().ok()?.get(&(job.to_string(), vnode)).map(|l| l.deliver.clone())
+    }
+
+    /// Hands a feed request that arrived from the network to the local VNode it is for.
+    pub fn deliver_feed(&self, to: Target, feed: FeedRequest) -> Result<(), RouteError> {
+        let found =
+            self.inner.local.read().ok().and_then(|m| m.get(&(to.job.clone(), to.vnode)).map(|l| l.feed.clone()));
+        match found {
+            Some(r) => {
+                r.do_send(FeedInput { generation: to.generation, feed });
+                Ok(())
+            }
+            None => Err(RouteError::NotHosted(to.job, to.vnode)),
+        }
     }
 
     /// Delivers a message that arrived from the network to a local VNode.

@@ -1,16 +1,20 @@
 //! The gRPC adapter of the `PNode` service: decodes and checks wire messages, then hands plain
-//! values to the host actor and the router.
+//! values to the host actor and the router. An allocation whose VNodes read the job's data
+//! answers only once the dataset pack is ready here (`datasets`).
 
-use crate::actors::{Alive, Allocate, Find, GetParams, Host, JobVNodes, Release, TakeSnapshot};
+use crate::actors::{Alive, Allocate, Find, GetParams, Host, JobData, JobVNodes, Release, TakeSnapshot};
+use crate::datasets::Datasets;
 use crate::metrics::PNODE;
 use crate::router::RouteError;
 use crate::router::Router;
 use actix::Addr;
-use dcnr_mesh::convert;
+use dcnr_mesh::convert::{self, Incoming};
 use dcnr_model::ValidGraph;
+use dcnr_model::graph::Source;
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, p_node_server::PNodeServer};
 use dcnr_vnode::VNodeSpec;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -21,6 +25,7 @@ const VNODE_PROBE: std::time::Duration = std::time::Duration::from_millis(500);
 pub struct PNodeService {
     host: Addr<Host>,
     router: Router,
+    datasets: Arc<Datasets>,
 }
 
 fn unavailable<E: std::fmt::Display>(e: E) -> Status {
@@ -57,9 +62,38 @@ impl v1::p_node_server::PNode for PNodeService {
             .collect::<Result<Vec<_>, Status>>()?;
         let batch = graph.spec.training.batch_size.max(graph.spec.training.eval_batch_size);
         let memory = specs.iter().map(|(s, _)| s.memory_estimate(batch)).sum();
+        let reader = specs.iter().find(|(s, _)| s.node.inputs.iter().any(|i| !matches!(i, Source::Node(_))));
+        let data = match reader {
+            None => None,
+            Some((s, _)) if req.dataset_sha256.is_empty() => {
+                return Err(Status::invalid_argument(format!(
+                    "vnode {} reads the job's data, but the allocation names no dataset pack",
+                    s.node.id
+                )));
+            }
+            Some(_) => {
+                let splits = self.datasets.obtain(&req.dataset_sha256, req.dataset_bytes).await.map_err(|e| {
+                    Status::failed_precondition(format!("the job's dataset is not available here: {e}"))
+                })?;
+                let d = &graph.spec.data;
+                if splits.train.features() != d.feature_size || splits.classes > d.classes as u32 {
+                    return Err(Status::invalid_argument(format!(
+                        "dataset pack {} has {} features and {} classes; the graph wants {} features and at most {} classes",
+                        req.dataset_sha256,
+                        splits.train.features(),
+                        splits.classes,
+                        d.feature_size,
+                        d.classes
+                    )));
+                }
+                let t = &graph.spec.training;
+                Some(JobData { splits, batch_size: t.batch_size, eval_batch_size: t.eval_batch_size })
+            }
+        };
+        let normalize = graph.spec.data.normalize;
         let n = self
             .host
-            .send(Allocate { job: req.job_id.clone(), generation: req.generation, specs, memory })
+            .send(Allocate { job: req.job_id.clone(), generation: req.generation, specs, memory, normalize, data })
             .await
             .map_err(unavailable)?
             .map_err(Status::failed_precondition)?;
@@ -80,8 +114,12 @@ impl v1::p_node_server::PNode for PNodeService {
         while let Some(m) = stream.message().await? {
             PNODE.wire_messages_received.inc();
             PNODE.wire_bytes_received.inc_by(prost::Message::encoded_len(&m) as u64);
-            let (to, inbound) = convert::inbound_from_wire(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            match self.router.deliver_local(to, inbound) {
+            let (to, incoming) = convert::message_from_wire(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let routed = match incoming {
+                Incoming::Inbound(inbound) => self.router.deliver_local(to, inbound),
+                Incoming::Feed(feed) => self.router.deliver_feed(to, feed),
+            };
+            match routed {
                 Ok(()) => {}
                 // A message for a VNode released here (a relocation or a finished job) is stale,
                 // not a broken stream: later messages on it may be for VNodes still hosted.
@@ -145,9 +183,14 @@ impl v1::p_node_server::PNode for PNodeService {
 }
 
 /// Serves the `PNode` service on `listener` with Nagle off and explicit limits.
-pub async fn serve(listener: TcpListener, host: Addr<Host>, router: Router) -> Result<(), tonic::transport::Error> {
+pub async fn serve(
+    listener: TcpListener,
+    host: Addr<Host>,
+    router: Router,
+    datasets: Arc<Datasets>,
+) -> Result<(), tonic::transport::Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let svc = PNodeServer::new(PNodeService { host, router })
+    let svc = PNodeServer::new(PNodeService { host, router, datasets })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     dcnr_proto::transport::server().add_service(svc).serve_with_incoming(incoming).await

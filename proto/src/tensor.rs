@@ -21,6 +21,8 @@ pub enum HostData {
         /// One code per element.
         codes: Vec<i8>,
     },
+    /// Bytes (raw pixels).
+    U8(Vec<u8>),
 }
 
 /// Elements per scale of `DTYPE_INT8_BLOCK64`.
@@ -39,7 +41,7 @@ pub enum TensorError {
     #[error("tensor shape {0:?} has too many elements (limit {MAX_ELEMENTS})")]
     TooLarge(Vec<u64>),
     /// Unknown or unspecified dtype.
-    #[error("tensor dtype {0} is not supported (f32, i32, f16, bf16 or int8-block64)")]
+    #[error("tensor dtype {0} is not supported (f32, i32, f16, bf16, int8-block64 or u8)")]
     DType(i32),
     /// Byte length disagrees with shape and dtype.
     #[error("tensor of shape {shape:?} needs {expected} bytes but carries {actual}")]
@@ -90,6 +92,11 @@ pub fn encode_int8(shape: &[usize], scales: &[f32], codes: &[i8]) -> v1::Tensor 
     v1::Tensor { shape: shape.iter().map(|&d| d as u64).collect(), dtype: v1::Dtype::Int8Block64 as i32, data }
 }
 
+/// Encodes bytes.
+pub fn encode_u8(shape: &[usize], data: &[u8]) -> v1::Tensor {
+    v1::Tensor { shape: shape.iter().map(|&d| d as u64).collect(), dtype: v1::Dtype::U8 as i32, data: data.to_vec() }
+}
+
 /// Decodes and checks a wire tensor.
 pub fn decode(t: Option<&v1::Tensor>) -> Result<Decoded, TensorError> {
     let t = t.ok_or(TensorError::Missing)?;
@@ -108,6 +115,7 @@ pub fn decode(t: Option<&v1::Tensor>) -> Result<Decoded, TensorError> {
         v1::Dtype::F32 | v1::Dtype::I32 => elements * 4,
         v1::Dtype::F16 | v1::Dtype::Bf16 => elements * 2,
         v1::Dtype::Int8Block64 => elements.div_ceil(INT8_BLOCK as u64) * 4 + elements,
+        v1::Dtype::U8 => elements,
         v1::Dtype::Unspecified => return Err(TensorError::DType(t.dtype)),
     };
     if t.data.len() as u64 != expected {
@@ -131,6 +139,7 @@ pub fn decode(t: Option<&v1::Tensor>) -> Result<Decoded, TensorError> {
                 codes: codes.iter().map(|&c| c as i8).collect(),
             }
         }
+        v1::Dtype::U8 => HostData::U8(t.data.clone()),
         v1::Dtype::Unspecified => return Err(TensorError::DType(t.dtype)),
     };
     Ok(Decoded { shape: t.shape.iter().map(|&d| d as usize).collect(), data })
@@ -148,6 +157,9 @@ mod tests {
         assert_eq!(d.data, HostData::F32(vec![1.0, -2.5, 3.0, 0.0, f32::MIN_POSITIVE, 7.0]));
         let t = encode_i32(&[3], &[0, 9, -1]);
         assert_eq!(decode(Some(&t)).unwrap().data, HostData::I32(vec![0, 9, -1]));
+        let t = encode_u8(&[2, 2], &[0, 1, 254, 255]);
+        assert_eq!(t.data.len(), 4);
+        assert_eq!(decode(Some(&t)).unwrap().data, HostData::U8(vec![0, 1, 254, 255]));
     }
 
     #[test]
@@ -170,6 +182,10 @@ mod tests {
         let mut t = encode_f32(&[2], &[1.0; 2]);
         t.dtype = 99;
         assert_eq!(decode(Some(&t)), Err(TensorError::DType(99)));
+        // A u8 tensor carries one byte per element, not four.
+        let mut t = encode_u8(&[2], &[1, 2]);
+        t.data.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        assert!(matches!(decode(Some(&t)), Err(TensorError::Length { expected: 2, .. })));
         let t = v1::Tensor { shape: vec![u64::MAX, 2], dtype: 1, data: vec![] };
         assert!(matches!(decode(Some(&t)), Err(TensorError::TooLarge(_))));
         let mut t = encode_int8(&[2, 65], &[1.0, 2.0, 3.0], &[1; 130]);

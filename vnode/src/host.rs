@@ -20,6 +20,8 @@ pub enum HostData {
         /// One code per element.
         codes: Vec<i8>,
     },
+    /// Raw pixels of the job's data, which the VNode reading them normalises itself.
+    U8(Vec<u8>),
 }
 
 /// A row-major tensor in host memory.
@@ -40,6 +42,11 @@ impl HostTensor {
     /// An integer tensor.
     pub fn i32(shape: Vec<usize>, data: Vec<i32>) -> HostTensor {
         HostTensor { shape, data: HostData::I32(data) }
+    }
+
+    /// A byte tensor (raw pixels).
+    pub fn u8(shape: Vec<usize>, data: Vec<u8>) -> HostTensor {
+        HostTensor { shape, data: HostData::U8(data) }
     }
 
     /// Float elements, if this is a float tensor.
@@ -66,6 +73,7 @@ impl HostTensor {
         match &self.data {
             HostData::F32(v) => v.len() == n,
             HostData::I32(v) => v.len() == n,
+            HostData::U8(v) => v.len() == n,
             HostData::F16(v) | HostData::Bf16(v) => v.len() == n,
             HostData::Int8 { scales, codes } => codes.len() == n && scales.len() == crate::compact::int8_scales(n),
         }
@@ -81,6 +89,7 @@ impl HostTensor {
         let bytes = match &self.data {
             HostData::F32(v) => v.len() * 4,
             HostData::I32(v) => v.len() * 4,
+            HostData::U8(v) => v.len(),
             HostData::F16(v) | HostData::Bf16(v) => v.len() * 2,
             HostData::Int8 { scales, codes } => scales.len() * 4 + codes.len(),
         };

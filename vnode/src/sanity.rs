@@ -66,6 +66,7 @@ fn dtype_name(t: &HostTensor) -> &'static str {
         HostData::F16(_) => "f16",
         HostData::Bf16(_) => "bf16",
         HostData::Int8 { .. } => "int8",
+        HostData::U8(_) => "u8",
     }
 }
 
@@ -106,6 +107,21 @@ pub fn check_f32(t: &HostTensor, shape: &[Option<usize>]) -> Result<(), SanityEr
         return Err(SanityError::Shape { expected: format!("f32 [{}]", dims.join(", ")), got: t.shape.clone() });
     }
     check_values(values, MAX_ABS)
+}
+
+/// Raw pixel bytes of `shape` (`None` entries match any size > 0); bytes need no value check.
+pub fn check_u8(t: &HostTensor, shape: &[Option<usize>]) -> Result<(), SanityError> {
+    if !matches!(t.data, HostData::U8(_)) {
+        return Err(SanityError::Dtype { expected: "u8", got: dtype_name(t) });
+    }
+    let fits = t.shape.len() == shape.len()
+        && t.shape.iter().zip(shape).all(|(&got, want)| got > 0 && want.is_none_or(|w| w == got))
+        && t.is_consistent();
+    if !fits {
+        let dims: Vec<String> = shape.iter().map(|d| d.map_or("batch".to_string(), |d| d.to_string())).collect();
+        return Err(SanityError::Shape { expected: format!("u8 [{}]", dims.join(", ")), got: t.shape.clone() });
+    }
+    Ok(())
 }
 
 /// Integer labels of shape `[rows]`, each in `0..classes`.

@@ -13,7 +13,7 @@ use crate::host::{HostData, HostTensor};
 use crate::layer;
 use crate::optim::Optimizer;
 use burn::tensor::{Device, Tensor};
-use dcnr_model::graph::{Source, ValidNode};
+use dcnr_model::graph::{Normalize, Source, ValidNode};
 use dcnr_model::{NodeKind, OptimizerSpec};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
@@ -233,6 +233,9 @@ pub struct VNode {
     /// Bytes of training tensors received for a micro-batch as they travelled (packed or not),
     /// taken when its forward and then its backward run.
     received: BTreeMap<u64, u64>,
+    /// What each raw pixel byte of a features input stands for (`[data] normalize`); without
+    /// it, pixels are refused.
+    pixel_values: Option<Box<[f32; 256]>>,
 }
 
 impl VNode {
@@ -256,7 +259,16 @@ impl VNode {
             grads: BTreeMap::new(),
             saved: BTreeMap::new(),
             received: BTreeMap::new(),
+            pixel_values: None,
         }
+    }
+
+    /// This VNode accepting raw u8 pixels on its features port, normalised with `n` exactly as
+    /// `dcnr_model::dataset::ImageSet::gather_features` does (the same table), so a fed pixel
+    /// and a pixel the reference run normalised are the same float.
+    pub fn with_normalize(mut self, n: Normalize) -> VNode {
+        self.pixel_values = Some(Box::new(dcnr_model::dataset::normalize_table(n.mean, n.std)));
+        self
     }
 
     /// The VNode's whole state in the checkpoint format; only when no work is in flight.
@@ -399,6 +411,7 @@ impl VNode {
                 if port as usize >= ports {
                     return Err(VNodeError::Port { vnode: self.id(), port, ports });
                 }
+                let tensor = self.widen_pixels(mb, port as usize, tensor)?;
                 self.check_input(mb, port as usize, &tensor)?;
                 let k = self.spec.in_flight as u64;
                 let slots = match phase {
@@ -486,6 +499,7 @@ impl VNode {
                 };
                 let checked = match (node.kind, source) {
                     (NodeKind::SoftmaxCrossEntropy { classes }, Source::Labels) => check_labels(tensor, classes),
+                    (_, Source::Features) if matches!(tensor.data, HostData::U8(_)) => self.screen_pixels(tensor),
                     (NodeKind::Linear { inputs, .. }, _) => check_f32(tensor, &[None, Some(inputs)]),
                     (NodeKind::SoftmaxCrossEntropy { classes }, _) => check_f32(tensor, &[None, Some(classes)]),
                     // Element-wise kinds keep their input's width.
@@ -506,6 +520,40 @@ impl VNode {
                     error,
                 })
             }
+        }
+    }
+
+    /// Raw pixels on the features port: the shape of the features they become, and a table
+    /// whose every value is sane (so every pixel is).
+    fn screen_pixels(&self, t: &HostTensor) -> Result<(), crate::sanity::SanityError> {
+        use crate::sanity::{MAX_ABS, SanityError, check_u8, check_values};
+        let Some(table) = &self.pixel_values else {
+            return Err(SanityError::Dtype { expected: "f32", got: "u8" });
+        };
+        let width = match self.spec.node.kind {
+            NodeKind::Linear { inputs, .. } => inputs,
+            NodeKind::SoftmaxCrossEntropy { classes } => classes,
+            _ => self.spec.node.output_width,
+        };
+        check_u8(t, &[None, Some(width)])?;
+        check_values(&table[..], MAX_ABS)
+    }
+
+    /// Normalises raw pixels of a features input into the f32 features they stand for; any other
+    /// tensor passes unchanged. Pixels anywhere else, or without a table, are refused.
+    fn widen_pixels(&self, mb: u64, port: usize, t: HostTensor) -> Result<HostTensor, VNodeError> {
+        let HostTensor { shape, data } = t;
+        let HostData::U8(pixels) = data else { return Ok(HostTensor { shape, data }) };
+        let features = self.spec.node.inputs.get(port) == Some(&Source::Features);
+        match (&self.pixel_values, features) {
+            (Some(table), true) => Ok(HostTensor::f32(shape, pixels.iter().map(|&p| table[usize::from(p)]).collect())),
+            _ => Err(VNodeError::Shape {
+                vnode: self.id(),
+                mb,
+                detail: format!(
+                    "input port {port} got u8 pixels, which only a features port with a normalisation takes"
+                ),
+            }),
         }
     }
 

@@ -7,14 +7,13 @@ use super::segments::ReplicaDone;
 use super::{JobKind, JobSpec, Observation};
 use crate::artifacts::{ObjectStore, write_record};
 use crate::checkpoints;
-use crate::data::Splits;
+use crate::data::{DataCache, Packed};
 use crate::events::{EventLog, NewEvent, Severity};
 use crate::job_table::{JobTable, Placed, RouteReplica, StatusUpdate};
 use crate::registry::{ListPNodes, MarkLost, RecordOutcome, Registry};
 use crate::status::JobEvent;
 use crate::trust::{Outcome, Transition};
 use actix::prelude::*;
-use dcnr_vnode::{HostTensor, Phase};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,8 +29,8 @@ pub struct JobServices {
     pub registry: Addr<Registry>,
     /// The job table (placements, statuses, replica routing).
     pub jobs: Addr<JobTable>,
-    /// The data sets.
-    pub data: Arc<Splits>,
+    /// The datasets; the job publishes its dataset's pack, which the PNodes reading data fetch.
+    pub data: DataCache,
     /// The job's watchers.
     pub watchers: broadcast::Sender<JobEvent>,
     /// Where checkpoints and artifacts go (none: keep nothing).
@@ -56,6 +55,9 @@ pub struct JobActor {
     failed_feed: Option<u32>,
     queue: VecDeque<Input>,
     running: bool,
+    /// The job's dataset pack (none if it could not be built: allocations then name no pack,
+    /// and the PNodes refuse them saying so).
+    dataset: Option<Arc<Packed>>,
 }
 
 impl JobActor {
@@ -65,7 +67,22 @@ impl JobActor {
         if !spec.persist {
             services.store = None;
         }
-        let sizes = DataSizes { train: services.data.train.len(), test: services.data.test.len() };
+        // Built (once per dataset) here, on the job's own thread: hashing a pack must not hold up
+        // the job table and the registry.
+        let name = &spec.graph.spec.data.dataset;
+        let dataset = services
+            .data
+            .publish(name)
+            .inspect_err(|e| tracing::error!(job = %spec.job_id, error = %e, "cannot publish the job's dataset"))
+            .ok();
+        let sizes = match &dataset {
+            Some(p) => DataSizes { train: p.train, test: p.test },
+            None => services
+                .data
+                .get(name)
+                .map(|s| DataSizes { train: s.train.len(), test: s.test.len() })
+                .unwrap_or(DataSizes { train: 0, test: 0 }),
+        };
         JobActor {
             core: JobCore::new(spec, sizes, Duration::ZERO),
             services,
@@ -77,6 +94,7 @@ impl JobActor {
             failed_feed: None,
             queue: VecDeque::new(),
             running: false,
+            dataset,
         }
     }
 
@@ -123,12 +141,25 @@ impl JobActor {
                         return self.queue.push_back(Input::Allocated { generation, result: Err(failure) });
                     }
                 };
+                let readers = spec
+                    .graph
+                    .nodes
+                    .iter()
+                    .filter(|n| n.inputs.iter().any(|s| !matches!(s, dcnr_model::graph::Source::Node(_))))
+                    .map(|n| n.id)
+                    .collect();
+                let dataset = self
+                    .dataset
+                    .as_ref()
+                    .map(|d| pnodes::DatasetRef { sha256: d.sha256.clone(), bytes: d.bytes.len() as u64 });
                 let common = AllocateCommon {
                     job_id: spec.job_id.clone(),
                     graph_json,
                     root_seed: spec.root_seed,
                     in_flight: spec.in_flight,
                     generation,
+                    dataset,
+                    readers,
                 };
                 ctx.spawn(pnodes::allocate_all(common, allocations).into_actor(self).map(move |result, act, ctx| {
                     act.input(ctx, Input::Allocated { generation, result });
@@ -137,20 +168,13 @@ impl JobActor {
             Effect::Placed { locations } => {
                 self.services.jobs.do_send(Placed { job_id: self.job_id().to_string(), locations });
             }
-            Effect::Feed { generation, mb, phase, samples, targets } => {
+            Effect::Feed { generation, mb, phase, batch, targets } => {
                 if self.failed_feed == Some(generation) {
                     return;
                 }
-                let set = match phase {
-                    Phase::Train => &self.services.data.train,
-                    Phase::Eval => &self.services.data.test,
-                };
-                let (x, y) = crate::data::batch(set, &samples, self.core.spec().graph.spec.data.normalize);
-                let y = HostTensor::i32(vec![samples.len()], y);
                 let job = self.core.spec().job_id.clone();
                 for t in &targets {
-                    let tensor = if t.labels { &y } else { &x };
-                    if let Err(why) = self.links.send(&job, generation, t, mb, phase, tensor) {
+                    if let Err(why) = self.links.send(&job, generation, t, mb, phase, batch) {
                         self.failed_feed = Some(generation);
                         let failure = PNodeFailure { pnode: t.at.pnode.clone(), why };
                         self.queue.push_back(Input::FeedFailed { generation, failure });
@@ -303,6 +327,18 @@ impl Actor for JobActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.origin = Instant::now();
+        if let (Some(store), Some(packed)) = (self.services.store.clone(), self.dataset.clone()) {
+            // The store keeps the pack beside the job's artifacts; PNodes are served from memory.
+            actix::spawn(async move {
+                match crate::data::store_pack(store.as_ref(), &packed).await {
+                    Ok(true) => {
+                        tracing::info!(sha256 = %packed.sha256, bytes = packed.bytes.len(), "dataset pack stored")
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(sha256 = %packed.sha256, error = %e, "cannot store the dataset pack"),
+                }
+            });
+        }
         ctx.run_interval(TICK, |act, ctx| act.input(ctx, Input::Tick));
         self.input(ctx, Input::Start);
     }

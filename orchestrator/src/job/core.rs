@@ -27,7 +27,6 @@ use dcnr_model::graph::Source;
 use dcnr_vnode::Phase;
 use dcnr_vnode::batches::BatchPlan;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::ops::Range;
 use std::time::Duration;
 
 /// Most eval micro-batches in the mesh at once.
@@ -194,8 +193,8 @@ pub enum Effect {
         /// (vnode, endpoint).
         locations: Vec<(u32, String)>,
     },
-    /// Send one micro-batch (the given sample indices of the train or test set) to the VNodes
-    /// that read data; a failure answers [`Input::FeedFailed`].
+    /// Ask the PNodes of the VNodes that read data to feed one micro-batch from the dataset they
+    /// hold; a failure answers [`Input::FeedFailed`].
     Feed {
         /// The placement generation.
         generation: u32,
@@ -203,8 +202,9 @@ pub enum Effect {
         mb: u64,
         /// Train or eval.
         phase: Phase,
-        /// Sample indices into the phase's data set.
-        samples: Vec<usize>,
+        /// The training step (the batch plan's samples), or the evaluation batch (test samples
+        /// `batch * eval_batch_size ..`).
+        batch: u64,
         /// Where the data goes.
         targets: Vec<FeedTarget>,
     },
@@ -318,8 +318,9 @@ pub(super) enum StatesFor {
 }
 
 struct Eval {
-    batches: Vec<Range<usize>>,
-    next: usize,
+    /// Evaluation batches in the test set.
+    batches: u64,
+    next: u64,
     outstanding: usize,
     correct: u64,
     count: u64,
@@ -906,13 +907,12 @@ impl JobCore {
                     if self.fed < to {
                         let targets = self.feed_targets();
                         while self.fed < to {
-                            let samples = self.plan.indices(self.fed);
                             let mb = self.fed;
                             self.emit(Effect::Feed {
                                 generation: self.generation,
                                 mb,
                                 phase: Phase::Train,
-                                samples,
+                                batch: mb,
                                 targets: targets.clone(),
                             });
                             self.fed += 1;
@@ -935,7 +935,7 @@ impl JobCore {
                             let test = self.test_len;
                             let eb = self.spec.graph.spec.training.eval_batch_size.max(1);
                             self.eval = Some(Eval {
-                                batches: (0..test).step_by(eb).map(|s| s..(s + eb).min(test)).collect(),
+                                batches: test.div_ceil(eb) as u64,
                                 next: 0,
                                 outstanding: 0,
                                 correct: 0,
@@ -949,21 +949,20 @@ impl JobCore {
                 Stage::Evaluating => {
                     let Some(mut ev) = self.eval.take() else { return };
                     let targets = self.feed_targets();
-                    while ev.outstanding < EVAL_WINDOW && ev.next < ev.batches.len() {
-                        let samples: Vec<usize> = ev.batches[ev.next].clone().collect();
+                    while ev.outstanding < EVAL_WINDOW && ev.next < ev.batches {
                         let mb = self.eval_seq;
                         self.eval_seq += 1;
                         self.emit(Effect::Feed {
                             generation: self.generation,
                             mb,
                             phase: Phase::Eval,
-                            samples,
+                            batch: ev.next,
                             targets: targets.clone(),
                         });
                         ev.next += 1;
                         ev.outstanding += 1;
                     }
-                    if ev.outstanding > 0 || ev.next < ev.batches.len() {
+                    if ev.outstanding > 0 || ev.next < ev.batches {
                         self.eval = Some(ev);
                         return;
                     }
@@ -1656,7 +1655,11 @@ mod tests {
 
     /// Starts the job and places it on two PNodes; answers the effects of the placement.
     fn placed() -> (JobCore, Vec<Effect>) {
-        let mut c = core();
+        place(core())
+    }
+
+    /// Starts `c` and places it on two PNodes; answers the effects of the placement.
+    fn place(mut c: JobCore) -> (JobCore, Vec<Effect>) {
         c.step(Input::Start, at(0));
         c.take_effects();
         c.step(Input::View { view: vec![pnode(0), pnode(1)], generation: 1 }, at(1));
@@ -1727,6 +1730,40 @@ mod tests {
             })
             .collect();
         assert_eq!(more, vec![3]);
+    }
+
+    #[test]
+    fn feeds_name_training_steps_and_evaluation_batches_by_number() {
+        // Without checkpoints, nothing pauses the first epoch before its evaluation.
+        let (mut spec, sizes) = crate::sim::sample_job(1).unwrap();
+        spec.persist = false;
+        let (mut c, mut effects) = place(JobCore::new(spec, sizes, Duration::ZERO));
+        let n = c.spec().graph.nodes.len() as u32;
+        let spe = c.plan.steps_per_epoch();
+        let mut feeds = Vec::new();
+        for mb in 0..spe {
+            feeds.extend(effects.drain(..).filter_map(|e| match e {
+                Effect::Feed { mb, phase, batch, targets, .. } => Some((phase, mb, batch, targets.len())),
+                _ => None,
+            }));
+            for v in 0..n {
+                c.step(done(&c, v, mb, 1), at(10 + mb));
+            }
+            effects = c.take_effects();
+        }
+        feeds.extend(effects.drain(..).filter_map(|e| match e {
+            Effect::Feed { mb, phase, batch, targets, .. } => Some((phase, mb, batch, targets.len())),
+            _ => None,
+        }));
+        // Every feed goes to the two data inputs (features, labels); a training batch is its step.
+        assert!(feeds.iter().all(|f| f.3 == 2), "{feeds:?}");
+        let train: Vec<(u64, u64)> =
+            feeds.iter().filter(|f| f.0 == Phase::Train).map(|&(_, mb, batch, _)| (mb, batch)).collect();
+        assert_eq!(train, (0..spe).map(|s| (s, s)).collect::<Vec<_>>());
+        // Evaluation at the epoch's end: 16 test samples in batches of 8, numbered 0 and 1.
+        let eval: Vec<(u64, u64)> =
+            feeds.iter().filter(|f| f.0 == Phase::Eval).map(|&(_, mb, batch, _)| (mb, batch)).collect();
+        assert_eq!(eval, vec![(0, 0), (1, 1)]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The job's exchanges with PNodes over gRPC: allocate, release, fetch states and parameters,
-//! probe, and the data links that feed micro-batches. The only module of `job` that names tonic.
+//! probe, and the data links that ask for micro-batches by number. The only module of `job` that
+//! names tonic.
 //! Calls to different PNodes are independent and run concurrently.
 
 use super::core::{Allocation, CollectError, FeedTarget, PNodeFailure, Params, States, VNodeAt};
@@ -7,7 +8,7 @@ use dcnr_mesh::convert;
 use dcnr_mesh::link::{Link, open_link};
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, p_node_client::PNodeClient};
-use dcnr_vnode::{HostData, HostTensor, Phase};
+use dcnr_vnode::{HostData, Phase};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -17,6 +18,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Deadline of allocation, snapshot and parameter calls; a PNode slower than this has failed the
 /// placement.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The slowest link a PNode may fetch a dataset pack over (1 MiB/s, 8 Mbit/s) within its
+/// allocation deadline; a PNode slower than that fails the allocation.
+const SLOWEST_DATASET_LINK: u64 = 1 << 20;
 
 /// How long a release may take: a PNode that does not answer is dead or hung, and its messages
 /// are stale either way.
@@ -43,11 +48,32 @@ pub struct AllocateCommon {
     pub in_flight: u32,
     /// Placement generation.
     pub generation: u32,
+    /// The job's dataset pack, for PNodes hosting a VNode that reads data.
+    pub dataset: Option<DatasetRef>,
+    /// VNodes that read features or labels.
+    pub readers: BTreeSet<u32>,
+}
+
+/// A dataset pack as an allocation names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetRef {
+    /// Hex SHA-256 of the pack.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// How long an allocation may take: a PNode that must fetch the dataset pack first gets the time
+/// to do so over the slowest link allowed.
+pub fn allocate_deadline(dataset_bytes: Option<u64>) -> Duration {
+    SNAPSHOT_TIMEOUT + Duration::from_secs(dataset_bytes.map_or(0, |b| b.div_ceil(SLOWEST_DATASET_LINK)))
 }
 
 /// Allocates every group at once; the first PNode that failed, if any.
 pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) -> Result<(), PNodeFailure> {
     let calls = allocations.into_iter().map(|a| {
+        let reads_data = a.vnodes.iter().any(|(v, _)| common.readers.contains(v));
+        let dataset = common.dataset.as_ref().filter(|_| reads_data);
         let req = v1::AllocateRequest {
             job_id: common.job_id.clone(),
             graph_json: common.graph_json.clone(),
@@ -55,13 +81,22 @@ pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) 
             in_flight: common.in_flight,
             generation: common.generation,
             vnodes: a.vnodes.into_iter().map(|(vnode, state)| v1::VNodeAssignment { vnode, state }).collect(),
+            dataset_sha256: dataset.map(|d| d.sha256.clone()).unwrap_or_default(),
+            dataset_bytes: dataset.map_or(0, |d| d.bytes),
         };
+        let deadline = allocate_deadline(dataset.map(|d| d.bytes));
         let (pnode, endpoint) = (a.pnode, a.endpoint);
         async move {
             let fail = |why: String| PNodeFailure { pnode: pnode.clone(), why };
-            let mut c = pnode_client(&endpoint).map_err(|e| fail(format!("{endpoint}: {e}")))?;
+            // The channel's own deadline would cut a long dataset fetch short: the call's is set below.
+            let channel = dcnr_proto::transport::endpoint(&endpoint, None)
+                .map_err(|e| fail(format!("{endpoint}: {e}")))?
+                .connect_lazy();
+            let mut c = PNodeClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
             let mut req = tonic::Request::new(req);
-            req.set_timeout(SNAPSHOT_TIMEOUT);
+            req.set_timeout(deadline);
             c.allocate(req).await.map_err(|s| fail(format!("allocating on {endpoint}: {}", s.message())))?;
             Ok(())
         }
@@ -167,15 +202,16 @@ pub async fn probe(job: String, pnodes: Vec<(String, String)>) -> Vec<(String, R
     futures::future::join_all(calls).await
 }
 
-/// The job's data links, one per PNode endpoint that hosts a VNode reading data.
+/// The job's data links, one per PNode endpoint that hosts a VNode reading data. They carry
+/// batch numbers; the PNode builds the batch from the dataset pack it fetched.
 #[derive(Default)]
 pub struct DataLinks {
     links: HashMap<String, Link>,
 }
 
 impl DataLinks {
-    /// Sends micro-batch `mb`'s input for `target` of generation `generation` (opening the
-    /// link on first use).
+    /// Asks for micro-batch `mb`'s input for `target` of generation `generation`, built from
+    /// `batch` (opening the link on first use).
     pub fn send(
         &mut self,
         job: &str,
@@ -183,11 +219,12 @@ impl DataLinks {
         target: &FeedTarget,
         mb: u64,
         phase: Phase,
-        tensor: &HostTensor,
+        batch: u64,
     ) -> Result<(), String> {
         let at = &target.at;
         let to = convert::Target { job: job.to_string(), vnode: at.vnode, generation };
-        let msg = convert::forward_message(&to, mb, phase, target.port, tensor);
+        let msg = convert::feed_message(&to, convert::FeedRequest { mb, phase, port: target.port, batch });
+        crate::metrics::ORCHESTRATOR.feed_sent(prost::Message::encoded_len(&msg));
         if !self.links.contains_key(&at.endpoint) {
             let link = open_link(&at.endpoint).map_err(|e| format!("bad endpoint {}: {e}", at.endpoint))?;
             self.links.insert(at.endpoint.clone(), link);
