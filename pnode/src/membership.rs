@@ -16,6 +16,9 @@ use tonic::transport::Channel;
 #[derive(Clone)]
 pub struct OrchestratorLink {
     client: OrchestratorClient<Channel>,
+    /// A channel without the unary deadline: the channel-level deadline bounds a whole call, so
+    /// on `client` a client stream such as the reports would be cut after it.
+    streams: OrchestratorClient<Channel>,
 }
 
 impl OrchestratorLink {
@@ -37,11 +40,15 @@ impl OrchestratorLink {
                 Err(e) => return Err(e).context("connection failed"),
             }
         };
-        Ok(OrchestratorLink {
-            client: OrchestratorClient::new(channel)
+        let streams = dcnr_proto::transport::endpoint(url, None)
+            .with_context(|| format!("`{url}` is not a valid orchestrator URL"))?
+            .connect_lazy();
+        let client = |channel| {
+            OrchestratorClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        })
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        };
+        Ok(OrchestratorLink { client: client(channel), streams: client(streams) })
     }
 
     /// The generated client, for callers that need a call not wrapped here.
@@ -100,10 +107,8 @@ impl OrchestratorLink {
 
     /// Streams reports until `rx` closes or the call fails.
     pub async fn report_stream(&self, rx: mpsc::Receiver<v1::VNodeReport>) -> Result<(), tonic::Status> {
-        // A long-lived stream must not inherit the unary deadline.
-        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        req.set_timeout(Duration::from_secs(365 * 24 * 3600));
-        self.client.clone().report(req).await.map(|_| ())
+        let req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        self.streams.clone().report(req).await.map(|_| ())
     }
 }
 
