@@ -7,4 +7,7 @@ pub mod dataset;
 pub mod envelope;
 pub mod graph;
 
-pub use graph::{DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, TrainingSpec, ValidGraph};
+pub use graph::{
+    AuxHead, AuxSpec, DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, TrainingMode, TrainingSpec,
+    ValidGraph, ValidNode,
+};

@@ -103,7 +103,7 @@ pub fn demands(graph: &ValidGraph, root_seed: u64, in_flight: u32) -> Vec<Demand
                 dcnr_vnode::VNodeSpec { node: n.clone(), optimizer: graph.spec.optimizer, root_seed, in_flight };
             Demand {
                 vnode: id,
-                work: (n.kind.param_count() as u64).saturating_add(batch.saturating_mul(n.output_width as u64)),
+                work: (n.param_count() as u64).saturating_add(batch.saturating_mul(n.output_width as u64)),
                 memory: vspec.memory_estimate(batch as usize),
             }
         })

@@ -18,6 +18,7 @@ use crate::job::{JobKind, JobSpec, Observation, Observed};
 use crate::registry::{Beat, Caps, HealthPolicy, PNodeTable, Registration};
 use crate::trust::{Outcome, Transition, TrustBook, TrustPolicy};
 use dcnr_model::dataset::ImageSet;
+use dcnr_model::TrainingMode;
 use dcnr_model::envelope::{Envelope, Verify};
 use dcnr_vnode::fault::{FaultKind, FaultSpec, Injector};
 use dcnr_vnode::{HostData, Inbound, Outbound, Phase, VNode, VNodeSpec};
@@ -205,6 +206,8 @@ impl Fault {
 struct Scenario {
     pnodes: usize,
     in_flight: u32,
+    /// Exact or local training.
+    mode: TrainingMode,
     verify: Verify,
     /// One-way delay: base and jitter.
     delay: Duration,
@@ -266,7 +269,11 @@ impl Scenario {
             };
             faults.push(fault);
         }
-        Scenario { pnodes, in_flight, verify, delay, jitter, drop_rate, dup_rate, faults }
+        // Drawn from a stream of its own, so adding the mode left every other draw of a seed as
+        // it was.
+        let mut modes = ChaCha8Rng::seed_from_u64(seed ^ 0x10ca_1000);
+        let mode = if modes.random_range(0..3) == 0 { TrainingMode::Local } else { TrainingMode::Exact };
+        Scenario { pnodes, in_flight, mode, verify, delay, jitter, drop_rate, dup_rate, faults }
     }
 
     /// The same mesh with no fault and a quiet network: what every run must equal.
@@ -293,7 +300,7 @@ struct Ending {
 pub fn run(args: &SimArgs) -> Result<SimReport, String> {
     let started = Instant::now();
     let base = Base::new()?;
-    let mut reference: BTreeMap<u32, Ending> = BTreeMap::new();
+    let mut reference: BTreeMap<(&str, u32), Ending> = BTreeMap::new();
     let mut report = SimReport {
         seeds: args.seeds,
         first_seed: args.seed,
@@ -307,17 +314,18 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
     };
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
         let scenario = Scenario::draw(seed);
-        if let std::collections::btree_map::Entry::Vacant(slot) = reference.entry(scenario.in_flight) {
+        let key = (scenario.mode.name(), scenario.in_flight);
+        if let std::collections::btree_map::Entry::Vacant(slot) = reference.entry(key) {
             let (end, _) = World::new(&base, scenario.fault_free(), 0).run();
             if end.outcome != "succeeded" {
                 return Err(format!(
-                    "the fault-free run (in_flight {}) did not succeed: {}",
-                    scenario.in_flight, end.outcome
+                    "the fault-free run ({} mode, in_flight {}) did not succeed: {}",
+                    key.0, scenario.in_flight, end.outcome
                 ));
             }
             slot.insert(end);
         }
-        let Some(expected) = reference.get(&scenario.in_flight) else { continue };
+        let Some(expected) = reference.get(&key) else { continue };
         let faults: BTreeSet<&str> = scenario.faults.iter().map(Fault::name).collect();
         for f in &faults {
             *report.scenarios.entry((*f).to_string()).or_default() += 1;
@@ -382,6 +390,8 @@ pub fn sample_job(in_flight: u32) -> Result<(JobSpec, DataSizes), String> {
 struct Base {
     envelope: Envelope,
     graph: dcnr_model::ValidGraph,
+    /// The same job in local mode.
+    local: (Envelope, dcnr_model::ValidGraph),
     root_seed: u64,
     data: Splits,
 }
@@ -390,6 +400,9 @@ impl Base {
     fn new() -> Result<Base, String> {
         let envelope = Envelope::from_graph(GRAPH).map_err(|e| e.to_string())?;
         let resolved = envelope.clone().resolve().map_err(|e| e.to_string())?;
+        let mut local = envelope.clone();
+        local.op.mode = Some(TrainingMode::Local);
+        let local = local.resolve().map_err(|e| e.to_string())?;
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let mut set = |n: usize| ImageSet {
             rows: 2,
@@ -398,18 +411,28 @@ impl Base {
             labels: (0..n).map(|_| rng.random_range(0..3u8)).collect(),
         };
         let data = Splits { train: set(TRAIN), test: set(TEST) };
-        Ok(Base { envelope: resolved.envelope, graph: resolved.graph, root_seed: resolved.root_seed, data })
+        Ok(Base {
+            envelope: resolved.envelope,
+            graph: resolved.graph,
+            local: (local.envelope, local.graph),
+            root_seed: resolved.root_seed,
+            data,
+        })
     }
 
     fn spec(&self, scenario: &Scenario) -> JobSpec {
-        let mut envelope = self.envelope.clone();
+        let (envelope, graph) = match scenario.mode {
+            TrainingMode::Exact => (&self.envelope, &self.graph),
+            TrainingMode::Local => (&self.local.0, &self.local.1),
+        };
+        let mut envelope = envelope.clone();
         envelope.policy.verify = scenario.verify;
         envelope.policy.segment_steps = (scenario.verify != Verify::None).then_some(6);
         envelope.checkpoint.every_steps = Some(8);
         let steps = (TRAIN.div_ceil(self.graph.spec.training.batch_size) as u64) * 2;
         JobSpec {
             job_id: "sim".into(),
-            graph: self.graph.clone(),
+            graph: graph.clone(),
             steps,
             in_flight: scenario.in_flight,
             root_seed: self.root_seed,

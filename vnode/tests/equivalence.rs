@@ -213,3 +213,38 @@ fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
     let grad = Inbound::Backward { mb: 0, from: (2, 0), tensor: HostTensor::f32(vec![5, 8], vec![f32::INFINITY; 40]) };
     assert_eq!(act1.screen(&grad).unwrap_err().from, Sender::VNode(2));
 }
+
+/// The test graph in local mode; `hidden` sizes the auxiliary heads (0 = one linear layer).
+fn local_graph(opt: &str, hidden: usize) -> ValidGraph {
+    let text = GRAPH.replace("OPT", opt).replace(
+        "batch_size = 5\n",
+        &format!("batch_size = 5\nmode = \"local\"\n[training.aux]\nhidden = {hidden}\n"),
+    );
+    ModelGraph::parse_valid(&text).unwrap()
+}
+
+#[test]
+fn local_mode_mesh_is_bit_identical_to_the_blockwise_reference_for_any_in_flight() {
+    for (opt, hidden) in [("adam", 0), ("sgd", 0), ("adam", 5)] {
+        let g = local_graph(opt, hidden);
+        assert_eq!(g.blocks.len(), 3, "fc1,act1 | fc2,act2 | fc3,loss");
+        assert!(g.nodes[1].aux.is_some() && g.nodes[3].aux.is_some() && g.nodes[4].aux.is_none());
+        let (want, want_losses) = reference(&g, 40);
+        assert_eq!(want[1].len(), if hidden == 0 { 2 } else { 4 }, "act1 holds its head's parameters");
+        for (in_flight, order) in [(1, 0), (1, 1), (8, 2), (8, 3), (3, 4)] {
+            let (got, losses) = mesh(&g, 40, in_flight, order);
+            assert_eq!(got, want, "{opt}/{hidden}: in_flight {in_flight}, delivery order {order}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&losses), bits(&want_losses));
+        }
+    }
+    // Local learning is a different algorithm than end-to-end backpropagation.
+    assert_ne!(reference(&local_graph("adam", 0), 40).0[0], reference(&graph("adam"), 40).0[0]);
+}
+
+#[test]
+fn local_mode_snapshot_and_restore_keeps_the_heads() {
+    let g = local_graph("adam", 0);
+    assert_eq!(mesh_with_restart(&g, 40, 40, 8), mesh_with_restart(&g, 17, 40, 8));
+    assert_eq!(mesh_with_restart(&g, 40, 40, 8), reference(&g, 40).0);
+}
