@@ -138,6 +138,8 @@ pub struct SimReport {
     pub first_seed: u64,
     /// How many scenarios had each kind of fault.
     pub scenarios: BTreeMap<String, u64>,
+    /// How many scenarios trained in each mode (`exact`, `local`).
+    pub modes: BTreeMap<String, u64>,
     /// How the jobs ended (`succeeded`, or `failed:<code>`).
     pub outcomes: BTreeMap<String, u64>,
     /// Every invariant broken, with its seed and reproduction.
@@ -305,6 +307,7 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
         seeds: args.seeds,
         first_seed: args.seed,
         scenarios: BTreeMap::new(),
+        modes: BTreeMap::new(),
         outcomes: BTreeMap::new(),
         violations: Vec::new(),
         simulated_steps: 0,
@@ -326,6 +329,7 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
             slot.insert(end);
         }
         let Some(expected) = reference.get(&key) else { continue };
+        *report.modes.entry(scenario.mode.name().to_string()).or_default() += 1;
         let faults: BTreeSet<&str> = scenario.faults.iter().map(Fault::name).collect();
         for f in &faults {
             *report.scenarios.entry((*f).to_string()).or_default() += 1;
@@ -1163,6 +1167,7 @@ pub fn print(r: &SimReport) {
         r.simulated_steps_per_s
     );
     println!("scenarios: {:?}", r.scenarios);
+    println!("modes: {:?}", r.modes);
     println!("outcomes: {:?}", r.outcomes);
     for v in &r.violations {
         println!("seed {}: {} (replay: {})", v.seed, v.what, v.repro);

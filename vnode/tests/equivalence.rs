@@ -248,3 +248,40 @@ fn local_mode_snapshot_and_restore_keeps_the_heads() {
     assert_eq!(mesh_with_restart(&g, 40, 40, 8), mesh_with_restart(&g, 17, 40, 8));
     assert_eq!(mesh_with_restart(&g, 40, 40, 8), reference(&g, 40).0);
 }
+
+#[test]
+fn local_mode_block_output_takes_no_gradient_and_evaluates_without_labels() {
+    use dcnr_vnode::{Inbound, Outbound, Phase, VNodeError};
+    let g = local_graph("adam", 0);
+    let spec =
+        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 4 };
+    let mut act1 = VNode::new(spec(1));
+    let x = HostTensor::f32(vec![5, 8], vec![0.5; 40]);
+    let labels = HostTensor::i32(vec![5], vec![0, 1, 2, 0, 1]);
+    let fwd = |mb, phase, port, tensor| Inbound::Forward { mb, phase, port, tensor };
+    // Training: with its input and the labels, it runs forward and its own backward at once,
+    // sending its input gradient to fc1 and its activation to fc2 of the next block.
+    assert!(act1.handle(fwd(0, Phase::Train, 0, x.clone())).unwrap().is_empty());
+    let out = act1.handle(fwd(0, Phase::Train, 1, labels.clone())).unwrap();
+    assert!(out.iter().any(|o| matches!(o, Outbound::Forward { to: 2, mb: 0, .. })));
+    assert!(out.iter().any(|o| matches!(o, Outbound::Backward { to: 0, mb: 0, .. })));
+    assert!(out.iter().any(|o| matches!(o, Outbound::Done { mb: 0, .. })));
+    assert_eq!(act1.version(), 1);
+    // fc2 is in another block: a gradient from it is refused.
+    let grad = Inbound::Backward { mb: 0, from: (2, 0), tensor: HostTensor::f32(vec![5, 8], vec![0.1; 40]) };
+    assert!(matches!(act1.handle(grad), Err(VNodeError::NotConsumer { .. })));
+    // Evaluation needs no labels, and labels sent anyway are ignored.
+    let out = act1.handle(fwd(7, Phase::Eval, 0, x)).unwrap();
+    assert!(matches!(out.as_slice(), [Outbound::Forward { to: 2, mb: 7, phase: Phase::Eval, .. }]));
+    assert!(act1.handle(fwd(7, Phase::Eval, 1, labels)).unwrap().is_empty());
+    // Bad labels on the head's port are refused by the screen, naming the data as the sender.
+    let bad = fwd(1, Phase::Train, 1, HostTensor::i32(vec![5], vec![0, 1, 9, 0, 1]));
+    assert_eq!(act1.screen(&bad).unwrap_err().from, dcnr_vnode::sanity::Sender::Data);
+    // fc2 takes its input from another block and sends nothing back.
+    let mut fc2 = VNode::new(spec(2));
+    fc2.handle(fwd(0, Phase::Train, 0, HostTensor::f32(vec![5, 8], vec![0.5; 40]))).unwrap();
+    let grad = Inbound::Backward { mb: 0, from: (3, 0), tensor: HostTensor::f32(vec![5, 8], vec![0.1; 40]) };
+    let out = fc2.handle(grad).unwrap();
+    assert!(out.iter().any(|o| matches!(o, Outbound::Done { mb: 0, .. })), "{out:?}");
+    assert!(out.iter().all(|o| !matches!(o, Outbound::Backward { .. })), "{out:?}");
+}
