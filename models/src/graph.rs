@@ -60,7 +60,9 @@ pub enum GraphError {
     #[error("node `{0}` has no `block` while other nodes have one: mark every node or none")]
     BlockUnmarked(String),
     /// A block's nodes are not contiguous in the canonical topological order.
-    #[error("block `{block}` is not contiguous in the topological order: it resumes at node `{node}` after another block")]
+    #[error(
+        "block `{block}` is not contiguous in the topological order: it resumes at node `{node}` after another block"
+    )]
     BlockSplit { block: String, node: String },
     /// A block other than the last has zero or several nodes whose output leaves it.
     #[error(
@@ -644,7 +646,10 @@ impl ModelGraph {
                     .iter()
                     .map(|s| matches!(s, Source::Node(p) if block_of[*p as usize] != block_of[i]))
                     .collect(),
-                consumer_crosses_block: consumers[i].iter().map(|(c, _)| block_of[*c as usize] != block_of[i]).collect(),
+                consumer_crosses_block: consumers[i]
+                    .iter()
+                    .map(|(c, _)| block_of[*c as usize] != block_of[i])
+                    .collect(),
                 mode,
                 aux: None,
             })

@@ -70,7 +70,13 @@ fn base() -> ModelGraph {
 }
 
 fn node(id: &str, kind: &str, widths: Option<(usize, usize)>) -> NodeSpec {
-    NodeSpec { id: id.into(), kind: kind.into(), inputs: widths.map(|w| w.0), outputs: widths.map(|w| w.1), block: None }
+    NodeSpec {
+        id: id.into(),
+        kind: kind.into(),
+        inputs: widths.map(|w| w.0),
+        outputs: widths.map(|w| w.1),
+        block: None,
+    }
 }
 
 fn edge(from: &str, to: &str, port: Option<&str>) -> Edge {

@@ -17,8 +17,8 @@ use crate::job::core::{CollectError, DataSizes, Effect, Input, JobCore, PNodeFai
 use crate::job::{JobKind, JobSpec, Observation, Observed};
 use crate::registry::{Beat, Caps, HealthPolicy, PNodeTable, Registration};
 use crate::trust::{Outcome, Transition, TrustBook, TrustPolicy};
-use dcnr_model::dataset::ImageSet;
 use dcnr_model::TrainingMode;
+use dcnr_model::dataset::ImageSet;
 use dcnr_model::envelope::{Envelope, Verify};
 use dcnr_vnode::fault::{FaultKind, FaultSpec, Injector};
 use dcnr_vnode::{HostData, Inbound, Outbound, Phase, VNode, VNodeSpec};

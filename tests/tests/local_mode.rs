@@ -44,7 +44,8 @@ fn local_mode_mesh_with_eight_in_flight_equals_train_local() {
     // The heads' parameters are part of the model: the block outputs act1 and act2 hold some,
     // the other activation-free nodes none.
     let empty = dcnr_tests::sha256_hex(b"");
-    let hashes: Vec<&str> = s["vnodes"].as_array().unwrap().iter().map(|v| v["params_sha256"].as_str().unwrap()).collect();
+    let hashes: Vec<&str> =
+        s["vnodes"].as_array().unwrap().iter().map(|v| v["params_sha256"].as_str().unwrap()).collect();
     assert!(hashes[1] != empty && hashes[3] != empty && hashes[5] == empty, "{s}");
 }
 
@@ -54,9 +55,8 @@ fn local_mode_survives_a_killed_pnode_with_the_same_result() {
     let env = envelope(dir.path(), 1500, "in_flight = 8\n[checkpoint]\nevery_steps = 200\n[policy]\ntimeout_s = 150");
     let want = train_local(&env, &[])["params_sha256"].as_str().unwrap().to_string();
     let mut mesh = Mesh::start(4).unwrap();
-    let job = mesh
-        .spawn_cli(&["submit", env.to_str().unwrap(), "--orchestrator", &mesh.url, "--wait", "--json"])
-        .unwrap();
+    let job =
+        mesh.spawn_cli(&["submit", env.to_str().unwrap(), "--orchestrator", &mesh.url, "--wait", "--json"]).unwrap();
     mesh.wait_for_step(500, T).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let victim = loop {

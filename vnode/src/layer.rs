@@ -3,8 +3,8 @@
 
 use crate::seed::{Purpose, stream, uniform};
 use burn::tensor::{Tensor, TensorData, activation};
-use dcnr_model::graph::{AuxHead, ValidNode};
 use dcnr_model::NodeKind;
+use dcnr_model::graph::{AuxHead, ValidNode};
 use rand_chacha::ChaCha20Rng;
 
 /// Host parameters: (shape, row-major values) per tensor.

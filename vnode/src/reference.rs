@@ -36,11 +36,8 @@ impl Reference {
     /// Parameters initialised exactly as the VNodes initialise theirs.
     pub fn new(graph: &ValidGraph, optimizer: OptimizerSpec, root_seed: u64) -> Reference {
         let device = crate::device();
-        let params: Vec<Vec<Tensor<2>>> = graph
-            .nodes
-            .iter()
-            .map(|n| layer::params_to_device(&layer::init_node(n, root_seed), &device))
-            .collect();
+        let params: Vec<Vec<Tensor<2>>> =
+            graph.nodes.iter().map(|n| layer::params_to_device(&layer::init_node(n, root_seed), &device)).collect();
         let optimizers = params.iter().map(|p| Optimizer::new(optimizer, p.len())).collect();
         Reference { graph: graph.clone(), device, params, optimizers }
     }
@@ -149,7 +146,8 @@ impl Reference {
                 }
                 if let Some(head) = &node.aux {
                     let logits = layer::aux_logits(head, &ps[own..], y.clone()).ok_or("auxiliary head parameters")?;
-                    let target = HostTensor::f32(vec![labels.len(), head.classes], layer::one_hot(labels, head.classes));
+                    let target =
+                        HostTensor::f32(vec![labels.len(), head.classes], layer::one_hot(labels, head.classes));
                     block_loss = Some(layer::loss(logits, target.to_burn(&ad).ok_or("one-hot")?));
                 }
                 live[id as usize] = Some(y);
@@ -173,12 +171,7 @@ impl Reference {
     }
 
     /// Applies the optimizer of each node in `ids` with the gradients of its leaves.
-    fn apply(
-        &mut self,
-        ids: &[u32],
-        leaves: &[Vec<Tensor<2>>],
-        grads: &Gradients,
-    ) -> Result<(), String> {
+    fn apply(&mut self, ids: &[u32], leaves: &[Vec<Tensor<2>>], grads: &Gradients) -> Result<(), String> {
         for &id in ids {
             let i = id as usize;
             if leaves[i].is_empty() {

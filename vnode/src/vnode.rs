@@ -8,6 +8,11 @@
 //! backward of micro-batch j is applied as update number j+1. K = 1 is plain synchronous SGD,
 //! bit-identical to whole-graph training; K > 1 is SGD with a fixed gradient delay of K-1
 //! (weight stashing as in PipeDream), identical from run to run and for every placement.
+//!
+//! In local mode (`TrainingMode::Local`) no gradient crosses a block boundary: a VNode sends
+//! none to a producer in another block and expects none from a consumer in another block, and
+//! a block output starts its backward from its auxiliary head's loss, recorded in the same
+//! autodiff graph as its forward. Every VNode then runs micro-batch m on version m, whatever K.
 
 use crate::host::{HostData, HostTensor};
 use crate::layer;
@@ -700,7 +705,8 @@ impl VNode {
                 detail: format!("{} output rows but {} labels", y.dims()[0], labels.len()),
             });
         }
-        let logits = layer::aux_logits(head, params, y).ok_or_else(|| self.backend("auxiliary head parameters".into()))?;
+        let logits =
+            layer::aux_logits(head, params, y).ok_or_else(|| self.backend("auxiliary head parameters".into()))?;
         let target = HostTensor::f32(vec![labels.len(), head.classes], layer::one_hot(labels, head.classes));
         let target = target.to_burn(device).ok_or_else(|| self.backend("one-hot".into()))?;
         Ok(layer::loss(logits, target))

@@ -216,10 +216,9 @@ fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
 
 /// The test graph in local mode; `hidden` sizes the auxiliary heads (0 = one linear layer).
 fn local_graph(opt: &str, hidden: usize) -> ValidGraph {
-    let text = GRAPH.replace("OPT", opt).replace(
-        "batch_size = 5\n",
-        &format!("batch_size = 5\nmode = \"local\"\n[training.aux]\nhidden = {hidden}\n"),
-    );
+    let text = GRAPH
+        .replace("OPT", opt)
+        .replace("batch_size = 5\n", &format!("batch_size = 5\nmode = \"local\"\n[training.aux]\nhidden = {hidden}\n"));
     ModelGraph::parse_valid(&text).unwrap()
 }
 
