@@ -21,8 +21,14 @@ pub fn tensor_to_wire(t: &HostTensor) -> v1::Tensor {
     match &t.data {
         HostData::F32(v) => tensor::encode_f32(&t.shape, v),
         HostData::I32(v) => tensor::encode_i32(&t.shape, v),
+        HostData::F16(v) => tensor::encode_16(&t.shape, v, false),
+        HostData::Bf16(v) => tensor::encode_16(&t.shape, v, true),
+        HostData::Int8 { scales, codes } => tensor::encode_int8(&t.shape, scales, codes),
     }
 }
+
+// Both ends of the int8 encoding must agree on the block the scales cover.
+const _: () = assert!(tensor::INT8_BLOCK == dcnr_vnode::compact::INT8_BLOCK);
 
 /// Host tensor of a wire tensor (checked).
 pub fn tensor_from_wire(t: Option<&v1::Tensor>) -> Result<HostTensor, TensorError> {
@@ -30,6 +36,11 @@ pub fn tensor_from_wire(t: Option<&v1::Tensor>) -> Result<HostTensor, TensorErro
     Ok(match d.data {
         tensor::HostData::F32(v) => HostTensor::f32(d.shape, v),
         tensor::HostData::I32(v) => HostTensor::i32(d.shape, v),
+        tensor::HostData::F16(v) => HostTensor { shape: d.shape, data: HostData::F16(v) },
+        tensor::HostData::Bf16(v) => HostTensor { shape: d.shape, data: HostData::Bf16(v) },
+        tensor::HostData::Int8 { scales, codes } => {
+            HostTensor { shape: d.shape, data: HostData::Int8 { scales, codes } }
+        }
     })
 }
 
@@ -109,4 +120,29 @@ pub fn inbound_from_wire(m: v1::VNodeMessage) -> Result<(Target, Inbound), Conve
         None => return Err(malformed(&job, "message has no body")),
     };
     Ok((Target { job, vnode, generation }, inbound))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dcnr_vnode::compact::{self, WireFormat};
+
+    #[test]
+    fn packed_tensors_cross_the_wire_unchanged_and_small() {
+        let values: Vec<f32> = (0..64 * 256).map(|i| ((i * 37 % 1001) as f32 - 500.0) / 97.0).collect();
+        let t = HostTensor::f32(vec![64, 256], values);
+        for (format, bytes) in [
+            (WireFormat::F32, 65536),
+            (WireFormat::F16, 32768),
+            (WireFormat::Bf16, 32768),
+            (WireFormat::Int8, 16384 + 1024),
+        ] {
+            let packed = compact::pack(&t, format);
+            let wire = tensor_to_wire(&packed);
+            assert_eq!(wire.data.len(), bytes, "{format:?}");
+            let back = tensor_from_wire(Some(&wire)).unwrap();
+            assert_eq!(back, packed, "{format:?}");
+            assert_eq!(compact::unpack(back), compact::round_trip(&t, format));
+        }
+    }
 }

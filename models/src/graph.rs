@@ -175,6 +175,9 @@ pub struct TrainingSpec {
     /// The auxiliary heads of local mode.
     #[serde(default, skip_serializing_if = "is_default")]
     pub aux: AuxSpec,
+    /// How tensors crossing a block boundary are encoded (activations, and gradients in exact mode).
+    #[serde(default)]
+    pub wire: WireFormat,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -240,6 +243,33 @@ impl AuxHead {
     /// Number of trainable parameters of the head.
     pub fn param_count(&self) -> usize {
         self.layers().iter().map(|&(i, o)| i.saturating_mul(o).saturating_add(o)).fold(0, usize::saturating_add)
+    }
+}
+
+/// Encoding of the tensors VNodes exchange across a block boundary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireFormat {
+    /// 32-bit floats: exact.
+    #[default]
+    F32,
+    /// IEEE half precision, rounded to nearest even.
+    F16,
+    /// bfloat16 (f32's exponent, 8 bits of mantissa), rounded to nearest even.
+    Bf16,
+    /// Signed 8-bit codes with one f32 scale (absmax / 127) per block of consecutive elements.
+    Int8,
+}
+
+impl WireFormat {
+    /// The name used in model files.
+    pub fn name(self) -> &'static str {
+        match self {
+            WireFormat::F32 => "f32",
+            WireFormat::F16 => "f16",
+            WireFormat::Bf16 => "bf16",
+            WireFormat::Int8 => "int8",
+        }
     }
 }
 

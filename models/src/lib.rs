@@ -9,5 +9,5 @@ pub mod graph;
 
 pub use graph::{
     AuxHead, AuxSpec, DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, TrainingMode,
-    TrainingSpec, ValidGraph, ValidNode,
+    TrainingSpec, ValidGraph, ValidNode, WireFormat,
 };

@@ -948,7 +948,7 @@ impl<'a> World<'a> {
                         .into_iter()
                         .filter_map(|t| match t.data {
                             HostData::F32(v) => Some(v),
-                            HostData::I32(_) => None,
+                            _ => None,
                         })
                         .collect::<Vec<_>>())
                 });

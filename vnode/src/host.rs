@@ -9,6 +9,17 @@ pub enum HostData {
     F32(Vec<f32>),
     /// Class labels.
     I32(Vec<i32>),
+    /// IEEE half-precision bit patterns ([`crate::compact`]).
+    F16(Vec<u16>),
+    /// bfloat16 bit patterns ([`crate::compact`]).
+    Bf16(Vec<u16>),
+    /// Blockwise absmax int8: one scale per [`crate::compact::INT8_BLOCK`] codes.
+    Int8 {
+        /// Per-block scale (absmax / 127).
+        scales: Vec<f32>,
+        /// One code per element.
+        codes: Vec<i8>,
+    },
 }
 
 /// A row-major tensor in host memory.
@@ -35,7 +46,7 @@ impl HostTensor {
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
             HostData::F32(v) => Some(v),
-            HostData::I32(_) => None,
+            _ => None,
         }
     }
 
@@ -51,11 +62,29 @@ impl HostTensor {
 
     /// Whether the element count matches the shape.
     pub fn is_consistent(&self) -> bool {
-        let len = match &self.data {
-            HostData::F32(v) => v.len(),
-            HostData::I32(v) => v.len(),
+        let n = self.numel();
+        match &self.data {
+            HostData::F32(v) => v.len() == n,
+            HostData::I32(v) => v.len() == n,
+            HostData::F16(v) | HostData::Bf16(v) => v.len() == n,
+            HostData::Int8 { scales, codes } => codes.len() == n && scales.len() == crate::compact::int8_scales(n),
+        }
+    }
+
+    /// Whether this is a compact encoding that [`crate::compact::unpack`] turns back into f32.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.data, HostData::F16(_) | HostData::Bf16(_) | HostData::Int8 { .. })
+    }
+
+    /// Bytes of element data as it travels: what a message of this tensor costs on a link.
+    pub fn data_bytes(&self) -> u64 {
+        let bytes = match &self.data {
+            HostData::F32(v) => v.len() * 4,
+            HostData::I32(v) => v.len() * 4,
+            HostData::F16(v) | HostData::Bf16(v) => v.len() * 2,
+            HostData::Int8 { scales, codes } => scales.len() * 4 + codes.len(),
         };
-        len == self.numel()
+        bytes as u64
     }
 
     /// Copies a rank-2 float tensor onto `device`.

@@ -7,6 +7,7 @@
 
 pub mod batches;
 pub mod checkpoint;
+pub mod compact;
 pub mod fault;
 pub mod host;
 pub mod layer;

@@ -63,6 +63,9 @@ fn dtype_name(t: &HostTensor) -> &'static str {
     match t.data {
         HostData::F32(_) => "f32",
         HostData::I32(_) => "i32",
+        HostData::F16(_) => "f16",
+        HostData::Bf16(_) => "bf16",
+        HostData::Int8 { .. } => "int8",
     }
 }
 

@@ -214,7 +214,7 @@ struct Saved {
 }
 
 fn bytes_of(t: &HostTensor) -> u64 {
-    t.numel() as u64 * 4
+    t.data_bytes()
 }
 
 fn cpu_now() -> Option<cpu_time::ThreadTime> {
@@ -241,6 +241,9 @@ pub struct VNode {
     /// The consumers that send a gradient back, in consumer order (in local mode, those in
     /// this node's block).
     grad_from: Vec<(u32, u32)>,
+    /// Bytes of training tensors received for a micro-batch as they travelled (packed or not),
+    /// taken when its forward and then its backward run.
+    received: BTreeMap<u64, u64>,
 }
 
 impl VNode {
@@ -267,6 +270,7 @@ impl VNode {
             eval_inputs: BTreeMap::new(),
             grads: BTreeMap::new(),
             saved: BTreeMap::new(),
+            received: BTreeMap::new(),
         }
     }
 
@@ -404,6 +408,8 @@ impl VNode {
         let mut out = Vec::new();
         match msg {
             Inbound::Forward { mb, phase, port, tensor } => {
+                let wire_bytes = tensor.data_bytes();
+                let tensor = crate::compact::unpack(tensor);
                 let mut ports = self.spec.node.inputs.len();
                 if port as usize >= ports {
                     return Err(VNodeError::Port { vnode: self.id(), port, ports });
@@ -437,6 +443,9 @@ impl VNode {
                     return Err(VNodeError::Duplicate { vnode: self.spec.node.id, mb, what: "forward input" });
                 }
                 entry[port as usize] = Some(tensor);
+                if phase == Phase::Train {
+                    *self.received.entry(mb).or_default() += wire_bytes;
+                }
                 if phase == Phase::Eval
                     && let Some(inputs) = take_complete(&mut self.eval_inputs, mb)
                 {
@@ -444,6 +453,8 @@ impl VNode {
                 }
             }
             Inbound::Backward { mb, from, tensor } => {
+                let wire_bytes = tensor.data_bytes();
+                let tensor = crate::compact::unpack(tensor);
                 let Some(slot) = self.grad_from.iter().position(|c| *c == from) else {
                     return Err(VNodeError::NotConsumer { vnode: self.id(), from });
                 };
@@ -465,6 +476,7 @@ impl VNode {
                     return Err(VNodeError::Duplicate { vnode: self.spec.node.id, mb, what: "gradient" });
                 }
                 entry[slot] = Some(tensor);
+                *self.received.entry(mb).or_default() += wire_bytes;
             }
         }
         self.pump(&mut out)?;
@@ -478,6 +490,14 @@ impl VNode {
     pub fn screen(&self, msg: &Inbound) -> Result<(), crate::sanity::Rejection> {
         use crate::sanity::{Rejection, Sender, check_f32, check_labels};
         let node = &self.spec.node;
+        let unpacked;
+        let msg = match msg {
+            Inbound::Forward { tensor, .. } | Inbound::Backward { tensor, .. } if tensor.is_packed() => {
+                unpacked = unpack_message(msg.clone());
+                &unpacked
+            }
+            _ => msg,
+        };
         match msg {
             Inbound::Forward { mb, port, tensor, .. } => {
                 let Some(source) = node.inputs.get(*port as usize) else { return Ok(()) };
@@ -605,7 +625,7 @@ impl VNode {
     fn train_forward(&mut self, mb: u64, inputs: Vec<HostTensor>, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
         let started = Instant::now();
         let cpu = cpu_now();
-        let bytes_in: u64 = inputs.iter().map(bytes_of).sum();
+        let bytes_in = self.received.remove(&mb).unwrap_or(0);
         let ad = self.device.clone().autodiff();
         let rows = inputs.first().map(HostTensor::rows).unwrap_or(0);
         if let NodeKind::SoftmaxCrossEntropy { classes } = self.spec.node.kind {
@@ -756,7 +776,7 @@ impl VNode {
         let (mut bytes_in, mut bytes_out) = (saved.bytes_in, saved.bytes_out);
         let input_grads: Vec<Option<HostTensor>> = if let Some(y) = saved.output {
             let gs = self.grads.remove(&mb).unwrap_or_default();
-            bytes_in += gs.iter().flatten().map(bytes_of).sum::<u64>();
+            bytes_in += self.received.remove(&mb).unwrap_or(0);
             let needs_backward = !saved.params.is_empty() || saved.inputs.iter().any(Option::is_some);
             if !needs_backward {
                 Vec::new()
@@ -825,6 +845,18 @@ impl VNode {
         let y = HostTensor::from_burn(y).map_err(|d| self.backend(d))?;
         self.emit_forward(mb, Phase::Eval, y, out);
         Ok(())
+    }
+}
+
+/// The message with its tensor in f32, as [`VNode::handle`] sees it.
+fn unpack_message(msg: Inbound) -> Inbound {
+    match msg {
+        Inbound::Forward { mb, phase, port, tensor } => {
+            Inbound::Forward { mb, phase, port, tensor: crate::compact::unpack(tensor) }
+        }
+        Inbound::Backward { mb, from, tensor } => {
+            Inbound::Backward { mb, from, tensor: crate::compact::unpack(tensor) }
+        }
     }
 }
 

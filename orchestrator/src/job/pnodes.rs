@@ -131,8 +131,11 @@ pub async fn fetch_params(job: String, targets: Vec<VNodeAt>) -> Result<Params, 
                     .map_err(|e| CollectError::Invalid(format!("vnode {} parameters: {e}", t.vnode)))?;
                 match tensor.data {
                     HostData::F32(v) => ps.push(v),
-                    HostData::I32(_) => {
-                        return Err(CollectError::Invalid(format!("vnode {} sent integer parameters", t.vnode)));
+                    _ => {
+                        return Err(CollectError::Invalid(format!(
+                            "vnode {} sent parameters that are not f32",
+                            t.vnode
+                        )));
                     }
                 }
             }
