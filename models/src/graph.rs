@@ -450,6 +450,9 @@ pub struct ValidNode {
     /// The job's training mode, so a VNode knows whether gradients cross block boundaries.
     #[serde(default)]
     pub mode: TrainingMode,
+    /// The job's encoding of tensors that cross a block boundary, packed by their producer.
+    #[serde(default)]
+    pub wire: WireFormat,
     /// In local mode, on the block output of every block but the last: its auxiliary head. Its
     /// labels arrive on port `labels_port`, an extra last entry of `inputs`.
     #[serde(default)]
@@ -681,6 +684,7 @@ impl ModelGraph {
                     .map(|(c, _)| block_of[*c as usize] != block_of[i])
                     .collect(),
                 mode,
+                wire: self.training.wire,
                 aux: None,
             })
             .collect();

@@ -6,14 +6,16 @@
 //! In local mode a step trains block by block, in block order: each block is a small
 //! whole-graph autodiff over its nodes and its output's auxiliary head (the last block: the real
 //! loss), fed the detached outputs of earlier blocks for the same micro-batch, exactly as the
-//! VNodes receive them.
+//! VNodes receive them: packed in the job's wire format and unpacked again. (Exact mode's
+//! training here keeps f32 at block boundaries; only its evaluation applies the wire format.)
 
+use crate::compact;
 use crate::host::HostTensor;
 use crate::layer;
 use crate::optim::Optimizer;
 use burn::tensor::{Device, Gradients, Tensor};
 use dcnr_model::graph::{Source, ValidGraph};
-use dcnr_model::{NodeKind, OptimizerSpec, TrainingMode};
+use dcnr_model::{NodeKind, OptimizerSpec, TrainingMode, WireFormat};
 
 /// Whole-graph trainer over a validated graph.
 pub struct Reference {
@@ -42,18 +44,28 @@ impl Reference {
         Reference { graph: graph.clone(), device, params, optimizers }
     }
 
+    /// The whole chain to the loss. With `packed`, values crossing a block boundary take the
+    /// job's wire format and back, as between VNodes (forward only: no autodiff passes it).
     fn run(
         &self,
         params: &[Vec<Tensor<2>>],
         features: &HostTensor,
         labels: &[i32],
         device: &Device,
+        packed: bool,
     ) -> Result<(Tensor<1>, Tensor<2>), String> {
         let x = features.to_burn(device).ok_or("features must be f32 [batch, width]")?;
         let mut values: Vec<Option<Tensor<2>>> = vec![None; self.graph.nodes.len()];
+        let wire = self.graph.spec.training.wire;
         for &id in &self.graph.topo {
             let node = &self.graph.nodes[id as usize];
             let value_of = |s: &Source| match s {
+                Source::Node(p)
+                    if packed && wire != WireFormat::F32 && self.graph.nodes[*p as usize].block != node.block =>
+                {
+                    let v = HostTensor::from_burn(values[*p as usize].clone()?).ok()?;
+                    compact::round_trip(&v, wire).to_burn(device)
+                }
                 Source::Node(p) => values[*p as usize].clone(),
                 Source::Features => Some(x.clone()),
                 Source::Labels => None,
@@ -81,7 +93,7 @@ impl Reference {
         let ad = self.device.clone().autodiff();
         let leaves: Vec<Vec<Tensor<2>>> =
             self.params.iter().map(|ps| ps.iter().map(|p| p.clone().autodiff().require_grad()).collect()).collect();
-        let (loss, logits) = self.run(&leaves, features, labels, &ad)?;
+        let (loss, logits) = self.run(&leaves, features, labels, &ad, false)?;
         let value = loss.clone().into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
         let logits = HostTensor::from_burn(logits.inner())?;
         let grads = loss.backward();
@@ -142,7 +154,8 @@ impl Reference {
                 let own = layer::own_tensors(node.kind).min(ps.len());
                 let y = layer::forward(node.kind, &ps[..own], &ins);
                 if node.consumer_crosses_block.iter().any(|&c| c) {
-                    crossing[id as usize] = Some(HostTensor::from_burn(y.clone())?);
+                    let value = HostTensor::from_burn(y.clone())?;
+                    crossing[id as usize] = Some(compact::round_trip(&value, self.graph.spec.training.wire));
                 }
                 if let Some(head) = &node.aux {
                     let logits = layer::aux_logits(head, &ps[own..], y.clone()).ok_or("auxiliary head parameters")?;
@@ -186,7 +199,7 @@ impl Reference {
 
     /// Forward-only loss and accuracy of a batch with the current parameters.
     pub fn evaluate(&self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
-        let (loss, logits) = self.run(&self.params, features, labels, &self.device)?;
+        let (loss, logits) = self.run(&self.params, features, labels, &self.device, true)?;
         let value = loss.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
         let logits = HostTensor::from_burn(logits)?;
         Ok(BatchResult {

@@ -19,7 +19,7 @@ use crate::layer;
 use crate::optim::Optimizer;
 use burn::tensor::{Device, Tensor};
 use dcnr_model::graph::{Source, ValidNode};
-use dcnr_model::{NodeKind, OptimizerSpec, TrainingMode};
+use dcnr_model::{NodeKind, OptimizerSpec, TrainingMode, WireFormat};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
@@ -671,8 +671,7 @@ impl VNode {
         };
         let y_host = HostTensor::from_burn(y.clone()).map_err(|d| self.backend(d))?;
         let hash = crate::sha256_f32([y_host.as_f32().unwrap_or(&[])]);
-        let bytes_out = bytes_of(&y_host) * self.spec.node.consumers.len() as u64;
-        self.emit_forward(mb, Phase::Train, y_host, out);
+        let bytes_out = self.emit_forward(mb, Phase::Train, y_host, out);
         let tracked =
             leaves.into_iter().enumerate().map(|(port, x)| self.spec.node.sends_gradient(port).then_some(x)).collect();
         self.saved.insert(
@@ -694,15 +693,25 @@ impl VNode {
         Ok(())
     }
 
-    fn emit_forward(&self, mb: u64, phase: Phase, y: HostTensor, out: &mut Vec<Outbound>) {
-        let mut y = Some(y);
-        let n = self.spec.node.consumers.len();
-        for (i, &(to, port)) in self.spec.node.consumers.iter().enumerate() {
-            let tensor = if i + 1 == n { y.take() } else { y.clone() };
+    /// Sends `y` to every consumer, packed in the job's wire format for those in another block;
+    /// returns the bytes sent.
+    fn emit_forward(&self, mb: u64, phase: Phase, y: HostTensor, out: &mut Vec<Outbound>) -> u64 {
+        let node = &self.spec.node;
+        let packed = (node.wire != WireFormat::F32 && node.consumer_crosses_block.iter().any(|&c| c))
+            .then(|| crate::compact::pack(&y, node.wire));
+        let (mut y, n, mut bytes) = (Some(y), node.consumers.len(), 0);
+        for (i, &(to, port)) in node.consumers.iter().enumerate() {
+            let tensor = match &packed {
+                Some(p) if node.consumer_crosses_block.get(i).copied().unwrap_or(false) => Some(p.clone()),
+                _ if i + 1 == n => y.take(),
+                _ => y.clone(),
+            };
             if let Some(tensor) = tensor {
+                bytes += bytes_of(&tensor);
                 out.push(Outbound::Forward { to, port, mb, phase, tensor });
             }
         }
+        bytes
     }
 
     /// The auxiliary head's loss on block output `y`, recorded in `y`'s autodiff graph.
@@ -821,6 +830,13 @@ impl VNode {
                 continue;
             }
             if let (Some(tensor), Source::Node(to)) = (g, src) {
+                let node = &self.spec.node;
+                let tensor =
+                    if node.wire != WireFormat::F32 && node.input_crosses_block.get(port).copied().unwrap_or(false) {
+                        crate::compact::pack(&tensor, node.wire)
+                    } else {
+                        tensor
+                    };
                 bytes_out += bytes_of(&tensor);
                 out.push(Outbound::Backward { to: *to, from: (self.id(), port as u32), mb, tensor });
             }

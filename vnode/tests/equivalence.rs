@@ -216,10 +216,29 @@ fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
 
 /// The test graph in local mode; `hidden` sizes the auxiliary heads (0 = one linear layer).
 fn local_graph(opt: &str, hidden: usize) -> ValidGraph {
-    let text = GRAPH
-        .replace("OPT", opt)
-        .replace("batch_size = 5\n", &format!("batch_size = 5\nmode = \"local\"\n[training.aux]\nhidden = {hidden}\n"));
-    ModelGraph::parse_valid(&text).unwrap()
+    local_graph_on(opt, hidden, "f32")
+}
+
+/// The test graph in local mode with tensors crossing blocks in `wire` format.
+fn local_graph_on(opt: &str, hidden: usize, wire: &str) -> ValidGraph {
+    let training = format!("batch_size = 5\nmode = \"local\"\nwire = \"{wire}\"\n[training.aux]\nhidden = {hidden}\n");
+    ModelGraph::parse_valid(&GRAPH.replace("OPT", opt).replace("batch_size = 5\n", &training)).unwrap()
+}
+
+#[test]
+fn local_mode_with_compact_wire_formats_is_still_bit_identical_to_the_reference() {
+    for wire in ["int8", "bf16"] {
+        let g = local_graph_on("adam", 0, wire);
+        let (want, want_losses) = reference(&g, 30);
+        for (in_flight, order) in [(1, 7), (8, 8)] {
+            let (got, losses) = mesh(&g, 30, in_flight, order);
+            assert_eq!(got, want, "{wire}: in_flight {in_flight}, delivery order {order}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&losses), bits(&want_losses));
+        }
+        // The packing is real: the result differs from f32 traffic.
+        assert_ne!(want, reference(&local_graph("adam", 0), 30).0, "{wire}");
+    }
 }
 
 #[test]
