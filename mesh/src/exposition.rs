@@ -1,7 +1,11 @@
 //! The Prometheus text exposition format, so the orchestrator's and the PNode's `/metrics`
 //! speak the same format.
 
-use prometheus::Registry;
+use dcnr_proto::shaping::link_bytes;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounter, Registry};
+use std::sync::Mutex;
 
 /// The Prometheus text exposition format's content type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -20,5 +24,64 @@ pub fn encode(registry: &Registry) -> String {
 pub fn register(r: &Registry, c: Box<dyn prometheus::core::Collector>) {
     if let Err(e) = r.register(c) {
         tracing::error!(error = %e, "metric registration failed");
+    }
+}
+
+/// The process's client-connection byte counters (`dcnr_proto::shaping`), as
+/// `dcnr_link_bytes_sent_total` and `dcnr_link_bytes_received_total`, read at scrape time.
+/// Every connection is counted by its client only, so summing these over all processes counts
+/// each byte on the wire once.
+pub struct LinkBytesCollector {
+    sent: IntCounter,
+    received: IntCounter,
+    /// Two scrapes at once must not both add the same increase.
+    catch_up: Mutex<()>,
+}
+
+impl LinkBytesCollector {
+    /// A collector reading this process's counters.
+    pub fn new() -> Result<LinkBytesCollector, prometheus::Error> {
+        Ok(LinkBytesCollector {
+            sent: IntCounter::new("dcnr_link_bytes_sent_total", "Bytes written by this process's gRPC clients.")?,
+            received: IntCounter::new("dcnr_link_bytes_received_total", "Bytes read by this process's gRPC clients.")?,
+            catch_up: Mutex::new(()),
+        })
+    }
+}
+
+impl Collector for LinkBytesCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.sent.desc().into_iter().chain(self.received.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let _one_at_a_time = self.catch_up.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = link_bytes();
+        self.sent.inc_by(now.sent.saturating_sub(self.sent.get()));
+        self.received.inc_by(now.received.saturating_sub(self.received.get()));
+        self.sent.collect().into_iter().chain(self.received.collect()).collect()
+    }
+}
+
+/// Adds the link byte counters to `r`.
+pub fn register_link_bytes(r: &Registry) {
+    match LinkBytesCollector::new() {
+        Ok(c) => register(r, Box::new(c)),
+        Err(e) => tracing::error!(error = %e, "link byte counters unavailable"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_bytes_render_as_counters() {
+        let r = Registry::new();
+        register_link_bytes(&r);
+        let text = encode(&r);
+        for line in ["# TYPE dcnr_link_bytes_sent_total counter", "# TYPE dcnr_link_bytes_received_total counter"] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -20,6 +20,21 @@ const EXIT_CODES: &str = "Exit codes: 0 success; 1 the job failed or an internal
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    link: LinkArgs,
+}
+
+/// Link emulation for every command (a testing aid, docs/BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct LinkArgs {
+    /// Testing aid: emulate a wide-area link on every connection this process opens, in both
+    /// directions, and on every connection of the pnodes a local mesh starts: one-way delay in
+    /// milliseconds.
+    #[arg(long, global = true, env = "DCNR_LINK_DELAY_MS", default_value_t = 0, value_name = "MS")]
+    pub link_delay_ms: u64,
+    /// Testing aid: bandwidth cap per direction, in Mbit/s, on the same connections (0 = unlimited).
+    #[arg(long, global = true, env = "DCNR_LINK_MBIT", default_value_t = 0.0, value_name = "MBIT")]
+    pub link_mbit: f64,
 }
 
 #[derive(Subcommand)]
@@ -155,6 +170,15 @@ enum Command {
     Bench {
         #[command(flatten)]
         args: crate::bench::BenchArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure training over emulated wide-area links (delay, bandwidth cap on every link) per
+    /// mode, beside train-local: throughput, accuracy, bytes on the wire, parameters' hash.
+    BenchWan {
+        #[command(flatten)]
+        args: crate::bench_wan::WanBenchArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -319,6 +343,17 @@ fn runtime<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
 
 /// Runs the parsed command line.
 pub fn main(cli: Cli) -> ExitCode {
+    // Fixed before anything connects; left unset when off, so `bench-wan` can set its own.
+    match dcnr_proto::shaping::LinkShape::from_flags(cli.link.link_delay_ms, cli.link.link_mbit) {
+        Ok(None) => {}
+        Ok(Some(shape)) => {
+            if let Err(e) = dcnr_proto::shaping::configure(Some(shape)) {
+                return fail(2, e);
+            }
+            tracing::info!(link = %shape, "link emulation is on (a testing aid)");
+        }
+        Err(e) => return fail(2, format!("invalid --link-delay-ms / --link-mbit: {e}")),
+    }
     match cli.command {
         Command::TrainLocal { file, overrides, data, json } => {
             let envelope = match client::load_job(&file, overrides) {
@@ -352,6 +387,9 @@ pub fn main(cli: Cli) -> ExitCode {
             runtime(
                 async move { bench_report(crate::recovery_bench::run(args).await, json, crate::recovery_bench::print) },
             )
+        }
+        Command::BenchWan { args, json } => {
+            runtime(async move { bench_report(crate::bench_wan::run(args).await, json, crate::bench_wan::print) })
         }
         Command::Bench { args, json } => {
             runtime(async move { bench_report(crate::bench::run(args).await, json, crate::bench::print) })

@@ -92,6 +92,8 @@ pub struct MeshConfig {
     pub trusted_token_file: Option<PathBuf>,
     /// The `pnode` executable (none: as [`crate::pnode_bin::locate`] finds it).
     pub pnode_bin: Option<PathBuf>,
+    /// Give every PNode a Prometheus `/metrics` address ([`LocalMesh::pnode_metrics`]).
+    pub pnode_metrics: bool,
 }
 
 /// An orchestrator in this process with PNode child processes on loopback.
@@ -102,6 +104,10 @@ pub struct LocalMesh {
     pnode_exe: PathBuf,
     /// Extra flags every PNode started here gets.
     pnode_args: Vec<String>,
+    /// Whether every PNode started here serves `/metrics`.
+    with_metrics: bool,
+    /// Where each PNode started here serves `/metrics`, by name.
+    metrics: Vec<(String, SocketAddr)>,
 }
 
 impl LocalMesh {
@@ -117,8 +123,17 @@ impl LocalMesh {
 
     /// Starts a mesh as `cfg` says and waits until all its PNodes joined.
     pub async fn start_with(cfg: MeshConfig) -> anyhow::Result<LocalMesh> {
-        let MeshConfig { pnodes, data, store, s3_endpoint, dashboard, mut pnode_args, trusted_token_file, pnode_bin } =
-            cfg;
+        let MeshConfig {
+            pnodes,
+            data,
+            store,
+            s3_endpoint,
+            dashboard,
+            mut pnode_args,
+            trusted_token_file,
+            pnode_bin,
+            pnode_metrics,
+        } = cfg;
         if let Some(p) = &trusted_token_file {
             pnode_args.extend(["--trusted-token-file".to_string(), p.display().to_string()]);
         }
@@ -152,7 +167,14 @@ impl LocalMesh {
             dashboard,
         };
         let srv = server::start(cfg).await?;
-        let mut mesh = LocalMesh { srv, children: Children(Vec::new()), pnode_exe, pnode_args };
+        let mut mesh = LocalMesh {
+            srv,
+            children: Children(Vec::new()),
+            pnode_exe,
+            pnode_args,
+            with_metrics: pnode_metrics,
+            metrics: Vec::new(),
+        };
         for i in 0..pnodes {
             mesh.add_pnode(&format!("local-pnode-{i}"))?;
         }
@@ -180,12 +202,22 @@ impl LocalMesh {
         self.add_pnode_with(name, &[])
     }
 
-    /// Starts one more PNode process named `name` with `extra` flags besides the mesh's.
+    /// Starts one more PNode process named `name` with `extra` flags besides the mesh's. It
+    /// gets this process's link emulation, so every link of the mesh is shaped alike.
     pub fn add_pnode_with(&mut self, name: &str, extra: &[String]) -> anyhow::Result<()> {
+        let link = dcnr_proto::shaping::configured().map(|s| s.flags()).unwrap_or_default();
+        let metrics = match self.with_metrics {
+            // A free port now; the child binds it a moment later.
+            true => Some(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?),
+            false => None,
+        };
+        let metrics_flag = metrics.map(|a| vec!["--metrics".to_string(), a.to_string()]).unwrap_or_default();
         let child = Command::new(&self.pnode_exe)
             .args(["--orchestrator", &self.srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5"])
             .arg("--name")
             .arg(name)
+            .args(link)
+            .args(metrics_flag)
             .args(&self.pnode_args)
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -194,13 +226,22 @@ impl LocalMesh {
             .spawn()
             .with_context(|| format!("cannot start a pnode process ({})", self.pnode_exe.display()))?;
         self.children.0.push((name.to_string(), child));
+        if let Some(a) = metrics {
+            self.metrics.push((name.to_string(), a));
+        }
         Ok(())
+    }
+
+    /// Where each running PNode serves `/metrics` (only with [`MeshConfig::pnode_metrics`]).
+    pub fn pnode_metrics(&self) -> Vec<SocketAddr> {
+        self.metrics.iter().map(|(_, a)| *a).collect()
     }
 
     /// SIGKILLs the PNode process named `name` (a crash); false if there is none.
     pub async fn kill_pnode(&mut self, name: &str) -> bool {
         let Some(i) = self.children.0.iter().position(|(n, _)| n == name) else { return false };
         let (_, mut c) = self.children.0.remove(i);
+        self.metrics.retain(|(n, _)| n != name);
         let _ = c.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
         true
@@ -257,6 +298,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<JobSummary> {
         pnode_args: Vec::new(),
         trusted_token_file: args.trusted_token_file.clone(),
         pnode_bin: args.pnode_bin.clone(),
+        pnode_metrics: false,
     })
     .await?;
     eprintln!("orchestrator at {} with {} pnodes", mesh.url(), args.pnodes);

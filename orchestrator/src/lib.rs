@@ -13,12 +13,14 @@
 //! and quarantine), [`verify`] (pure: spot checks, quorum, the verification report).
 //! Observability: [`events`] (the mesh's event log), [`telemetry`] (curves, placement, rates),
 //! [`metrics`] (Prometheus), [`dashboard`] (the web page, its JSON API and live stream),
-//! [`dashbench`] (its latency benchmark). Scale: [`scale_bench`] (the control plane at 10,000
+//! [`dashbench`] (its latency benchmark). WAN: [`bench_wan`] (meshes over emulated wide-area
+//! links, `dcnr_proto::shaping`, beside train-local). Scale: [`scale_bench`] (the control plane at 10,000
 //! PNodes, in memory).
 
 pub mod admission;
 pub mod artifacts;
 pub mod bench;
+pub mod bench_wan;
 pub mod checkpoints;
 pub mod cli;
 pub mod client;

@@ -5,7 +5,7 @@ use crate::job::{Observation, Observed};
 use crate::registry::{Health, PNodeView};
 use crate::status::{JobState, JobStatus};
 use crate::telemetry::PNodeRate;
-use dcnr_mesh::exposition::{encode, register};
+use dcnr_mesh::exposition::{encode, register, register_link_bytes};
 use dcnr_vnode::Phase;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use std::collections::HashMap;
@@ -44,6 +44,7 @@ macro_rules! metric {
 /// This process's orchestrator metrics.
 pub static ORCHESTRATOR: LazyLock<OrchestratorMetrics> = LazyLock::new(|| {
     let r = Registry::new();
+    register_link_bytes(&r);
     let train_steps = IntCounter::with_opts(opts(
         "dcnr_train_steps_total",
         "Training micro-batches whose loss reached the orchestrator, over all jobs.",
@@ -110,6 +111,11 @@ impl OrchestratorMetrics {
             Observed::Rejected { .. } => "rejected",
         };
         self.reports.with_label_values(&[kind]).inc();
+    }
+
+    /// Training micro-batches whose loss reached this process so far, over all jobs.
+    pub fn train_steps(&self) -> u64 {
+        self.train_steps.get()
     }
 
     /// Counts one logged event.
@@ -196,6 +202,7 @@ mod tests {
             "dcnr_job_samples_per_second{job=\"a\"} 100",
             "dcnr_pnodes{health=\"lost\"} 0",
             "dcnr_reports_total{kind=\"loss\"}",
+            "dcnr_link_bytes_sent_total",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

@@ -64,6 +64,14 @@ pub struct PnodeArgs {
     /// Serve Prometheus metrics on this address at /metrics (e.g. 127.0.0.1:9101; port 0 picks one).
     #[arg(long, env = "DCNR_METRICS")]
     pub metrics: Option<SocketAddr>,
+    /// Testing aid: emulate a wide-area link on every connection this PNode opens (to the
+    /// orchestrator and to other PNodes), in both directions: one-way delay in milliseconds.
+    #[arg(long, env = "DCNR_LINK_DELAY_MS", default_value_t = 0, value_name = "MS")]
+    pub link_delay_ms: u64,
+    /// Testing aid: bandwidth cap per direction, in Mbit/s, on every connection this PNode
+    /// opens (0 = unlimited).
+    #[arg(long, env = "DCNR_LINK_MBIT", default_value_t = 0.0, value_name = "MBIT")]
+    pub link_mbit: f64,
     /// Protocol version to announce; a testing aid for version negotiation.
     #[arg(long, hide = true, default_value_t = dcnr_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
@@ -87,6 +95,13 @@ impl PnodeArgs {
             anyhow::bail!("the trusted token file {} is empty", path.display());
         }
         Ok(token.to_string())
+    }
+
+    /// The link emulation asked for by `--link-delay-ms` and `--link-mbit`, if any.
+    pub fn link_shape(&self) -> anyhow::Result<Option<dcnr_proto::shaping::LinkShape>> {
+        use anyhow::Context as _;
+        dcnr_proto::shaping::LinkShape::from_flags(self.link_delay_ms, self.link_mbit)
+            .context("invalid --link-delay-ms / --link-mbit")
     }
 
     /// The fault injector asked for, if any.

@@ -35,6 +35,12 @@ use tokio::net::TcpListener;
 /// Runs a PNode until Ctrl-C/SIGTERM. Must run inside an actix
 /// System (see [`run_blocking`]).
 pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
+    // Before any connection opens: connections keep the settings they were opened with.
+    let shape = args.link_shape()?;
+    dcnr_proto::shaping::configure(shape)?;
+    if let Some(s) = shape {
+        tracing::info!(link = %s, "link emulation is on (a testing aid): every connection this pnode opens is shaped");
+    }
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let local: SocketAddr = listener.local_addr()?;
     if let Some(addr) = args.metrics {

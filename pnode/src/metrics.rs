@@ -5,7 +5,7 @@
 //! code that counts is one line and needs no handle passed down to it.
 
 use anyhow::Context as _;
-use dcnr_mesh::exposition::{CONTENT_TYPE, encode, register};
+use dcnr_mesh::exposition::{CONTENT_TYPE, encode, register, register_link_bytes};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use std::net::SocketAddr;
 use std::sync::LazyLock;
@@ -55,6 +55,7 @@ pub struct PnodeMetrics {
 /// This process's PNode metrics.
 pub static PNODE: LazyLock<PnodeMetrics> = LazyLock::new(|| {
     let r = Registry::new();
+    register_link_bytes(&r);
     PnodeMetrics {
         hosted_vnodes: gauge(&r, "dcnr_pnode_hosted_vnodes", "VNodes hosted now."),
         vnode_messages_in: counter_vec(
@@ -130,7 +131,12 @@ mod tests {
         PNODE.vnode_steps.inc();
         PNODE.tensor_bytes.with_label_values(&["in"]).inc_by(10);
         let text = encode(&PNODE.registry);
-        for name in ["dcnr_pnode_vnode_steps_total 1", "dcnr_pnode_tensor_bytes_total{direction=\"in\"} 10"] {
+        for name in [
+            "dcnr_pnode_vnode_steps_total 1",
+            "dcnr_pnode_tensor_bytes_total{direction=\"in\"} 10",
+            "dcnr_link_bytes_sent_total",
+            "dcnr_link_bytes_received_total",
+        ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(text.contains("# TYPE dcnr_pnode_hosted_vnodes gauge"));
