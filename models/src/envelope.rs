@@ -4,7 +4,7 @@
 //! A bare model graph is accepted wherever an envelope is and becomes an envelope with defaults
 //! and an explicit seed taken from the graph's `[model].seed`.
 
-use crate::graph::{GraphError, ModelGraph, OptimizerSpec, ValidGraph};
+use crate::graph::{GraphError, ModelGraph, OptimizerSpec, TrainingMode, ValidGraph};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -130,6 +130,9 @@ pub struct Op {
     /// Optimizer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer: Option<OptimizerSpec>,
+    /// Training mode (`exact` or `local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<TrainingMode>,
 }
 
 /// Kind of PNode the job may use.
@@ -416,6 +419,9 @@ impl Envelope {
         }
         if let Some(o) = op.optimizer {
             spec.optimizer = o;
+        }
+        if let Some(m) = op.mode {
+            spec.training.mode = m;
         }
         let graph = spec.validate()?;
         let p = &self.policy;

@@ -56,6 +56,24 @@ pub enum GraphError {
     /// A loss consumes something that is not the labels source, or labels feed a non-loss.
     #[error("labels source `{0}` may only feed the `labels` port of a loss node")]
     LabelsMisuse(String),
+    /// Some nodes name a block and others do not.
+    #[error("node `{0}` has no `block` while other nodes have one: mark every node or none")]
+    BlockUnmarked(String),
+    /// A block's nodes are not contiguous in the canonical topological order.
+    #[error(
+        "block `{block}` is not contiguous in the topological order: it resumes at node `{node}` after another block"
+    )]
+    BlockSplit { block: String, node: String },
+    /// A block other than the last has zero or several nodes whose output leaves it.
+    #[error(
+        "block `{block}` must have exactly one node whose output leaves it (its block output), found {}: {}",
+        nodes.len(),
+        nodes.join(", ")
+    )]
+    BlockOutputs { block: String, nodes: Vec<String> },
+    /// The loss is not in the last block.
+    #[error("the loss `{loss}` is in block `{block}`, but it must be in the last block `{last}`")]
+    LossBlock { loss: String, block: String, last: String },
 }
 
 /// A whole model-graph file.
@@ -151,9 +169,81 @@ pub struct TrainingSpec {
     /// Test-set batch size for evaluation.
     #[serde(default = "default_eval_batch")]
     pub eval_batch_size: usize,
+    /// Whether gradients cross block boundaries (`exact`) or each block learns locally (`local`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mode: TrainingMode,
+    /// The auxiliary heads of local mode.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub aux: AuxSpec,
     /// How tensors crossing a block boundary are encoded (activations, and gradients in exact mode).
     #[serde(default)]
     pub wire: WireFormat,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// How gradients travel between blocks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainingMode {
+    /// End-to-end backpropagation: gradients cross every edge.
+    #[default]
+    Exact,
+    /// Decoupled local learning: every block but the last trains through its own auxiliary head
+    /// and no gradient crosses a block boundary, so no block waits for the blocks after it.
+    Local,
+}
+
+impl TrainingMode {
+    /// The name as written in graph files.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainingMode::Exact => "exact",
+            TrainingMode::Local => "local",
+        }
+    }
+}
+
+/// `[training.aux]`: the shape of local mode's auxiliary heads.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuxSpec {
+    /// Hidden width: 0 gives `linear(width -> classes)`, H gives `linear(width -> H) -> relu ->
+    /// linear(H -> classes)`.
+    #[serde(default)]
+    pub hidden: usize,
+}
+
+/// The auxiliary classifier a block output carries in local mode; its loss (softmax
+/// cross-entropy against the labels) is what trains the block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuxHead {
+    /// Width of the block output the head reads.
+    pub inputs: usize,
+    /// Hidden width (0: a single linear layer).
+    pub hidden: usize,
+    /// Number of classes (logit width).
+    pub classes: usize,
+    /// The node's input port that reads the labels (its last port).
+    pub labels_port: u32,
+}
+
+impl AuxHead {
+    /// The head's linear layers as (inputs, outputs), in order.
+    pub fn layers(&self) -> Vec<(usize, usize)> {
+        if self.hidden == 0 {
+            vec![(self.inputs, self.classes)]
+        } else {
+            vec![(self.inputs, self.hidden), (self.hidden, self.classes)]
+        }
+    }
+
+    /// Number of trainable parameters of the head.
+    pub fn param_count(&self) -> usize {
+        self.layers().iter().map(|&(i, o)| i.saturating_mul(o).saturating_add(o)).fold(0, usize::saturating_add)
+    }
 }
 
 /// Encoding of the tensors VNodes exchange across a block boundary.
@@ -245,6 +335,9 @@ pub struct NodeSpec {
     /// Output width (linear).
     #[serde(default)]
     pub outputs: Option<usize>,
+    /// Block this node belongs to; when no node names one, blocks follow from the graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<String>,
 }
 
 /// One `[[edge]]`.
@@ -345,6 +438,58 @@ pub struct ValidNode {
     pub consumers: Vec<(u32, u32)>,
     /// Per-sample output width.
     pub output_width: usize,
+    /// Index of this node's block (blocks are numbered in the canonical topological order).
+    #[serde(default)]
+    pub block: u32,
+    /// Per input port: whether its producer is a node of another block.
+    #[serde(default)]
+    pub input_crosses_block: Vec<bool>,
+    /// Per consumer (the order of `consumers`): whether the consumer is in another block.
+    #[serde(default)]
+    pub consumer_crosses_block: Vec<bool>,
+    /// The job's training mode, so a VNode knows whether gradients cross block boundaries.
+    #[serde(default)]
+    pub mode: TrainingMode,
+    /// The job's encoding of tensors that cross a block boundary, packed by their producer.
+    #[serde(default)]
+    pub wire: WireFormat,
+    /// In local mode, on the block output of every block but the last: its auxiliary head. Its
+    /// labels arrive on port `labels_port`, an extra last entry of `inputs`.
+    #[serde(default)]
+    pub aux: Option<AuxHead>,
+}
+
+impl ValidNode {
+    /// Trainable parameters of the node and of its auxiliary head.
+    pub fn param_count(&self) -> usize {
+        self.kind.param_count().saturating_add(self.aux.map_or(0, |a| a.param_count()))
+    }
+
+    /// The sources of the kind's own ports (without the auxiliary head's labels port).
+    pub fn layer_inputs(&self) -> &[Source] {
+        let n = self.kind.ports().len().min(self.inputs.len());
+        &self.inputs[..n]
+    }
+
+    /// Name of input port `port`.
+    pub fn port_name(&self, port: usize) -> &'static str {
+        match self.aux {
+            Some(a) if port == a.labels_port as usize => "labels",
+            _ => self.kind.ports().get(port).copied().unwrap_or("?"),
+        }
+    }
+
+    /// Whether the gradient of input `port` goes back to its producer: it comes from a node, and
+    /// in local mode that node is in this node's block.
+    pub fn sends_gradient(&self, port: usize) -> bool {
+        matches!(self.inputs.get(port), Some(Source::Node(_)))
+            && !(self.mode == TrainingMode::Local && self.input_crosses_block.get(port).copied().unwrap_or(false))
+    }
+
+    /// Whether consumer number `i` (in `consumers` order) sends a gradient back.
+    pub fn expects_gradient(&self, i: usize) -> bool {
+        !(self.mode == TrainingMode::Local && self.consumer_crosses_block.get(i).copied().unwrap_or(false))
+    }
 }
 
 /// A graph that passed validation; nodes are in id order and `topo` is a topological order.
@@ -358,6 +503,9 @@ pub struct ValidGraph {
     pub topo: Vec<u32>,
     /// The loss node's id.
     pub loss: u32,
+    /// Block names, by block index (for unnamed blocks, the name of their first node).
+    #[serde(default)]
+    pub blocks: Vec<String>,
 }
 
 impl ModelGraph {
@@ -503,7 +651,19 @@ impl ModelGraph {
             })?;
         }
 
-        let nodes = self
+        let (block_of, blocks) = self.assign_blocks(&kinds, &resolved_inputs, &consumers, &topo)?;
+        let loss = losses[0];
+        let last = blocks.len().saturating_sub(1) as u32;
+        if block_of[loss] != last {
+            return Err(GraphError::LossBlock {
+                loss: self.nodes[loss].id.clone(),
+                block: blocks[block_of[loss] as usize].clone(),
+                last: blocks[last as usize].clone(),
+            });
+        }
+
+        let mode = self.training.mode;
+        let mut nodes: Vec<ValidNode> = self
             .nodes
             .iter()
             .enumerate()
@@ -514,9 +674,90 @@ impl ModelGraph {
                 inputs: resolved_inputs[i].clone(),
                 consumers: consumers[i].clone(),
                 output_width: widths[i],
+                block: block_of[i],
+                input_crosses_block: resolved_inputs[i]
+                    .iter()
+                    .map(|s| matches!(s, Source::Node(p) if block_of[*p as usize] != block_of[i]))
+                    .collect(),
+                consumer_crosses_block: consumers[i]
+                    .iter()
+                    .map(|(c, _)| block_of[*c as usize] != block_of[i])
+                    .collect(),
+                mode,
+                wire: self.training.wire,
+                aux: None,
             })
             .collect();
-        Ok(ValidGraph { loss: losses[0] as u32, spec: self, nodes, topo })
+        if mode == TrainingMode::Local {
+            // The block output of every block but the last trains through its own head; the
+            // labels reach it on an extra port, so data feeding needs no special case.
+            for n in nodes.iter_mut().filter(|n| n.block != last && n.consumer_crosses_block.iter().any(|&c| c)) {
+                let head = AuxHead {
+                    inputs: n.output_width,
+                    hidden: self.training.aux.hidden,
+                    classes: self.data.classes,
+                    labels_port: n.inputs.len() as u32,
+                };
+                n.inputs.push(Source::Labels);
+                n.input_crosses_block.push(false);
+                n.aux = Some(head);
+                if n.param_count() > MAX_PARAMS_PER_NODE {
+                    return Err(out_of_range(
+                        format!("node `{}`: parameter count with its auxiliary head", n.name),
+                        n.param_count(),
+                        "<= 268435456",
+                    ));
+                }
+            }
+        }
+        Ok(ValidGraph { loss: loss as u32, spec: self, nodes, topo, blocks })
+    }
+
+    /// Each node's block index and the block names. Named blocks must cover every node or none;
+    /// unnamed, a block starts at every linear node fed by another node. Blocks must be
+    /// contiguous in `topo`, and every block but the last must have exactly one node whose
+    /// output leaves it.
+    fn assign_blocks(
+        &self,
+        kinds: &[NodeKind],
+        inputs: &[Vec<Source>],
+        consumers: &[Vec<(u32, u32)>],
+        topo: &[u32],
+    ) -> Result<(Vec<u32>, Vec<String>), GraphError> {
+        let named = self.nodes.iter().any(|n| n.block.is_some());
+        let mut block_of = vec![0u32; self.nodes.len()];
+        let mut blocks: Vec<String> = Vec::new();
+        for &i in topo {
+            let i = i as usize;
+            let name = if named {
+                self.nodes[i].block.clone().ok_or_else(|| GraphError::BlockUnmarked(self.nodes[i].id.clone()))?
+            } else {
+                let starts = blocks.is_empty()
+                    || (matches!(kinds[i], NodeKind::Linear { .. })
+                        && inputs[i].iter().any(|s| matches!(s, Source::Node(_))));
+                if starts { self.nodes[i].id.clone() } else { blocks.last().cloned().unwrap_or_default() }
+            };
+            if blocks.last() != Some(&name) {
+                if blocks.contains(&name) {
+                    return Err(GraphError::BlockSplit { block: name, node: self.nodes[i].id.clone() });
+                }
+                blocks.push(name);
+            }
+            block_of[i] = (blocks.len() - 1) as u32;
+        }
+        for (b, block) in blocks.iter().enumerate().take(blocks.len().saturating_sub(1)) {
+            let leaving: Vec<String> = topo
+                .iter()
+                .map(|&i| i as usize)
+                .filter(|&i| block_of[i] == b as u32)
+                .filter(|&i| consumers[i].iter().any(|(c, _)| block_of[*c as usize] != b as u32))
+                .map(|i| self.nodes[i].id.clone())
+                .collect();
+            if leaving.len() != 1 {
+                return Err(GraphError::BlockOutputs { block: block.clone(), nodes: leaving });
+            }
+        }
+        Ok((block_of, blocks))
     }
 }
 
@@ -542,6 +783,9 @@ fn check_sizes(g: &ModelGraph) -> Result<(), GraphError> {
     }
     if t.in_flight == 0 || t.in_flight > 64 {
         return Err(out_of_range("training.in_flight", t.in_flight, "1..=64"));
+    }
+    if t.aux.hidden > MAX_FEATURES {
+        return Err(out_of_range("training.aux.hidden", t.aux.hidden, "0..=1048576"));
     }
     if t.steps == Some(0) || (t.steps.is_none() && t.epochs == 0) {
         return Err(out_of_range("training.steps/epochs", 0, ">= 1"));
@@ -695,9 +939,19 @@ fn topo_order(inputs: &[Vec<Source>]) -> Result<Vec<u32>, usize> {
 }
 
 impl ValidGraph {
-    /// Total trainable parameters.
+    /// Total trainable parameters, auxiliary heads included.
     pub fn param_count(&self) -> usize {
-        self.nodes.iter().map(|n| n.kind.param_count()).sum()
+        self.nodes.iter().map(ValidNode::param_count).sum()
+    }
+
+    /// The training mode.
+    pub fn mode(&self) -> TrainingMode {
+        self.spec.training.mode
+    }
+
+    /// Node ids of block `b`, in topological order.
+    pub fn block_nodes(&self, b: u32) -> Vec<u32> {
+        self.topo.iter().copied().filter(|&i| self.nodes.get(i as usize).is_some_and(|n| n.block == b)).collect()
     }
 
     /// Node names by id, for messages.

@@ -8,5 +8,6 @@ pub mod envelope;
 pub mod graph;
 
 pub use graph::{
-    DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, TrainingSpec, ValidGraph, WireFormat,
+    AuxHead, AuxSpec, DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, TrainingMode,
+    TrainingSpec, ValidGraph, ValidNode, WireFormat,
 };

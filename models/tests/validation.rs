@@ -70,7 +70,13 @@ fn base() -> ModelGraph {
 }
 
 fn node(id: &str, kind: &str, widths: Option<(usize, usize)>) -> NodeSpec {
-    NodeSpec { id: id.into(), kind: kind.into(), inputs: widths.map(|w| w.0), outputs: widths.map(|w| w.1) }
+    NodeSpec {
+        id: id.into(),
+        kind: kind.into(),
+        inputs: widths.map(|w| w.0),
+        outputs: widths.map(|w| w.1),
+        block: None,
+    }
 }
 
 fn edge(from: &str, to: &str, port: Option<&str>) -> Edge {
@@ -641,4 +647,78 @@ proptest! {
             other => prop_assert!(false, "expected ShapeMismatch, got {:?}", other),
         }
     }
+}
+
+fn mnist_mlp() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/mnist-mlp.toml")).unwrap()
+}
+
+#[test]
+fn default_blocks_start_at_every_linear_fed_by_a_node() {
+    let g = ModelGraph::parse_valid(&mnist_mlp()).unwrap();
+    assert_eq!(g.blocks, ["fc1", "fc2", "fc3"]);
+    let blocks: Vec<u32> = g.nodes.iter().map(|n| n.block).collect();
+    assert_eq!(blocks, [0, 0, 1, 1, 2, 2]);
+    assert_eq!(g.block_nodes(1), [2, 3]);
+    assert_eq!(g.nodes[2].input_crosses_block, [true]);
+    assert_eq!(g.nodes[1].consumer_crosses_block, [true]);
+    assert_eq!(g.nodes[4].consumer_crosses_block, [false]);
+    // Exact mode records the blocks and changes nothing else.
+    assert!(g.nodes.iter().all(|n| n.aux.is_none()));
+    assert_eq!(g.nodes[1].inputs, [Source::Node(0)]);
+    assert!(g.nodes[2].sends_gradient(0) && g.nodes[1].expects_gradient(0));
+}
+
+#[test]
+fn local_mode_gives_every_block_output_but_the_last_a_head_and_the_labels() {
+    use dcnr_model::{AuxHead, TrainingMode};
+    let text = mnist_mlp().replace("in_flight = 1\n", "in_flight = 1\nmode = \"local\"\n");
+    let g = ModelGraph::parse_valid(&text).unwrap();
+    assert_eq!(g.mode(), TrainingMode::Local);
+    let head = AuxHead { inputs: 256, hidden: 0, classes: 10, labels_port: 1 };
+    assert_eq!(g.nodes[1].aux, Some(head));
+    assert_eq!(g.nodes[3].aux, Some(head));
+    assert!(g.nodes.iter().filter(|n| n.id != 1 && n.id != 3).all(|n| n.aux.is_none()));
+    assert_eq!(g.nodes[1].inputs, [Source::Node(0), Source::Labels]);
+    assert_eq!(g.nodes[1].layer_inputs(), [Source::Node(0)]);
+    assert_eq!(g.nodes[1].port_name(1), "labels");
+    assert_eq!(g.param_count(), 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10 + 2 * (256 * 10 + 10));
+    // Gradients stay inside blocks.
+    assert!(!g.nodes[2].sends_gradient(0) && !g.nodes[1].expects_gradient(0));
+    assert!(g.nodes[1].sends_gradient(0) && g.nodes[0].expects_gradient(0));
+
+    let text = text.replace("[optimizer]", "[training.aux]\nhidden = 64\n\n[optimizer]");
+    let g = ModelGraph::parse_valid(&text).unwrap();
+    let head = g.nodes[1].aux.unwrap();
+    assert_eq!(head.layers(), [(256, 64), (64, 10)]);
+    assert_eq!(head.param_count(), 256 * 64 + 64 + 64 * 10 + 10);
+    let (_, msg) = fails(ModelGraph::parse(&text.replace("hidden = 64", "hidden = 2000000")).unwrap());
+    assert_eq!(msg, "training.aux.hidden = 2000000 is out of range (0..=1048576)");
+    let err = ModelGraph::parse(&text.replace("mode = \"local\"", "mode = \"nearby\"")).unwrap_err();
+    assert!(err.to_string().contains("nearby"), "{err}");
+}
+
+#[test]
+fn named_blocks_must_cover_every_node_and_be_contiguous() {
+    let named = |blocks: &[Option<&str>]| {
+        let mut g = base();
+        for (n, b) in g.nodes.iter_mut().zip(blocks) {
+            n.block = b.map(str::to_string);
+        }
+        g
+    };
+    let g = named(&[Some("a"), Some("a"), Some("a"), Some("b")]).validate().unwrap();
+    assert_eq!(g.blocks, ["a", "b"]);
+    let blocks: Vec<u32> = g.nodes.iter().map(|n| n.block).collect();
+    assert_eq!(blocks, [0, 0, 0, 1]);
+
+    let (err, msg) = fails(named(&[Some("a"), Some("a"), None, Some("b")]));
+    assert_eq!(err, GraphError::BlockUnmarked("fc2".into()));
+    assert_eq!(msg, "node `fc2` has no `block` while other nodes have one: mark every node or none");
+    let (err, msg) = fails(named(&[Some("a"), Some("b"), Some("a"), Some("a")]));
+    assert_eq!(err, GraphError::BlockSplit { block: "a".into(), node: "fc2".into() });
+    assert_eq!(
+        msg,
+        "block `a` is not contiguous in the topological order: it resumes at node `fc2` after another block"
+    );
 }

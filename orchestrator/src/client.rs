@@ -2,6 +2,7 @@
 
 use crate::progress::Progress;
 use crate::summary::JobSummary;
+use dcnr_model::TrainingMode;
 use dcnr_model::envelope::Envelope;
 use dcnr_proto::limits::{MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
 use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
@@ -68,6 +69,19 @@ pub struct Overrides {
     /// Micro-batches in flight (1 = synchronous).
     #[arg(long = "in-flight")]
     pub in_flight: Option<u32>,
+    /// Training mode: `exact` (end-to-end backpropagation) or `local` (each block learns from
+    /// its own auxiliary head; see docs/TRAINING_MODES.md). Default: the model file's.
+    #[arg(long, env = "DCNR_TRAINING_MODE", value_parser = parse_mode)]
+    pub mode: Option<TrainingMode>,
+}
+
+/// `exact` or `local`.
+fn parse_mode(s: &str) -> Result<TrainingMode, String> {
+    match s {
+        "exact" => Ok(TrainingMode::Exact),
+        "local" => Ok(TrainingMode::Local),
+        other => Err(format!("unknown training mode `{other}` (exact, local)")),
+    }
 }
 
 impl Overrides {
@@ -82,6 +96,9 @@ impl Overrides {
         }
         if let Some(k) = self.in_flight {
             env.op.in_flight = Some(k);
+        }
+        if let Some(m) = self.mode {
+            env.op.mode = Some(m);
         }
     }
 }

@@ -5,6 +5,7 @@ use crate::data::DataCache;
 use crate::progress::Progress;
 use crate::summary::{JobSummary, params_hashes, vnode_summaries};
 use anyhow::{Context as _, anyhow};
+use dcnr_model::TrainingMode;
 use dcnr_model::dataset::ImageSet;
 use dcnr_model::envelope::Envelope;
 use dcnr_vnode::batches::BatchPlan;
@@ -17,7 +18,9 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
     let started = Instant::now();
     let resolved = envelope.resolve()?;
     let graph = resolved.graph;
-    if graph.spec.training.in_flight != 1 {
+    // Local mode's result does not depend on in_flight, so any value describes the same run.
+    let local = graph.mode() == TrainingMode::Local;
+    if !local && graph.spec.training.in_flight != 1 {
         return Err(anyhow!(
             "train-local is the synchronous reference; use --in-flight 1 (the graph says {})",
             graph.spec.training.in_flight
@@ -96,7 +99,7 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
         wall_s: started.elapsed().as_secs_f64(),
         samples_per_s: steps as f64 * t.batch_size as f64 / train_time.as_secs_f64().max(1e-9),
         pnodes: 0,
-        in_flight: 1,
+        in_flight: if local { graph.spec.training.in_flight } else { 1 },
         batch_size: t.batch_size,
         params_sha256: Some(all),
         vnodes: vnode_summaries(&graph, &each, |_| "local".into()),

@@ -5,11 +5,14 @@
 //! order (so most traffic stays inside one PNode), one run per PNode, minimising the heaviest
 //! run; the heaviest runs go to the PNodes with the most cores. Memory is a hard limit: a run
 //! that does not fit the PNode its rank gives it goes to the strongest remaining one it fits.
+//! Runs are cut only between units: in local mode a unit is a block, whose edges carry a
+//! gradient round trip every step, so only the forward-only block boundaries cross PNodes
+//! (unless a block fits no PNode, then any cut).
 
 use crate::registry::{Health, PNodeView};
 use crate::trust::Standing;
-use dcnr_model::ValidGraph;
 use dcnr_model::envelope::Target;
+use dcnr_model::{TrainingMode, ValidGraph};
 use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
@@ -19,6 +22,8 @@ use std::collections::BTreeSet;
 pub struct Demand {
     /// VNode id.
     pub vnode: u32,
+    /// Consecutive demands of one unit go to one PNode when they fit.
+    pub unit: u32,
     /// Relative compute cost of one step.
     pub work: u64,
     /// Bytes of memory it needs.
@@ -103,7 +108,8 @@ pub fn demands(graph: &ValidGraph, root_seed: u64, in_flight: u32) -> Vec<Demand
                 dcnr_vnode::VNodeSpec { node: n.clone(), optimizer: graph.spec.optimizer, root_seed, in_flight };
             Demand {
                 vnode: id,
-                work: (n.kind.param_count() as u64).saturating_add(batch.saturating_mul(n.output_width as u64)),
+                unit: if graph.mode() == TrainingMode::Local { n.block } else { id },
+                work: (n.param_count() as u64).saturating_add(batch.saturating_mul(n.output_width as u64)),
                 memory: vspec.memory_estimate(batch as usize),
             }
         })
@@ -151,11 +157,37 @@ pub fn place<O: Borrow<Offer>>(
         return Err(PlacementError::NoPNodes);
     }
     let all: Vec<&Offer> = offers.iter().map(Borrow::borrow).collect();
-    let parts = all.len().min(demands.len()).min(max_pnodes.max(1));
+    let mut units: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, d) in demands.iter().enumerate() {
+        match units.last_mut() {
+            Some(u) if demands[u.start].unit == d.unit => u.end = i + 1,
+            _ => units.push(i..i + 1),
+        }
+    }
+    match place_units(demands, &units, &all, max_pnodes) {
+        Err(PlacementError::Memory { .. }) if units.len() < demands.len() => {
+            let singles: Vec<std::ops::Range<usize>> = (0..demands.len()).map(|i| i..i + 1).collect();
+            place_units(demands, &singles, &all, max_pnodes)
+        }
+        placed => placed,
+    }
+}
+
+/// [`place`] with cuts only between `units` (contiguous ranges covering `demands`).
+fn place_units(
+    demands: &[Demand],
+    units: &[std::ops::Range<usize>],
+    all: &[&Offer],
+    max_pnodes: usize,
+) -> Result<Vec<(u32, String)>, PlacementError> {
+    let parts = all.len().min(units.len()).min(max_pnodes.max(1));
     // Only the `parts` strongest are ranked; the rest are looked at only for a run that fits
     // none of them.
-    let ranked = strongest(&all, parts);
-    let runs = split(demands, parts);
+    let ranked = strongest(all, parts);
+    let unit_work: Vec<u64> =
+        units.iter().map(|u| demands[u.clone()].iter().fold(0u64, |s, d| s.saturating_add(d.work))).collect();
+    let runs: Vec<std::ops::Range<usize>> =
+        split(&unit_work, parts).into_iter().map(|r| units[r.start].start..units[r.end - 1].end).collect();
     let mut order: Vec<usize> = (0..runs.len()).collect();
     let run_work = |r: &std::ops::Range<usize>| demands[r.clone()].iter().fold(0u64, |s, d| s.saturating_add(d.work));
     order.sort_by(|&a, &b| run_work(&runs[b]).cmp(&run_work(&runs[a])).then(a.cmp(&b)));
@@ -186,9 +218,9 @@ pub fn place<O: Borrow<Offer>>(
     Ok(out)
 }
 
-/// Splits `demands` into exactly `parts` non-empty contiguous runs minimising the heaviest.
-fn split(demands: &[Demand], parts: usize) -> Vec<std::ops::Range<usize>> {
-    let work: Vec<u64> = demands.iter().map(|d| d.work.max(1)).collect();
+/// Splits items of `work` into exactly `parts` non-empty contiguous runs minimising the heaviest.
+fn split(work: &[u64], parts: usize) -> Vec<std::ops::Range<usize>> {
+    let work: Vec<u64> = work.iter().map(|w| (*w).max(1)).collect();
     let (mut lo, mut hi) = (work.iter().copied().max().unwrap_or(1), work.iter().sum::<u64>());
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
@@ -198,7 +230,7 @@ fn split(demands: &[Demand], parts: usize) -> Vec<std::ops::Range<usize>> {
             lo = mid + 1;
         }
     }
-    greedy(&work, lo, parts).unwrap_or_else(|| std::iter::once(0..demands.len()).collect())
+    greedy(&work, lo, parts).unwrap_or_else(|| std::iter::once(0..work.len()).collect())
 }
 
 /// Cuts runs of at most `cap` work, leaving at least one item for every later run.
@@ -231,7 +263,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn d(vnode: u32, work: u64) -> Demand {
-        Demand { vnode, work, memory: 10 }
+        Demand { vnode, unit: vnode, work, memory: 10 }
     }
     fn o(p: &str, cores: u32) -> Offer {
         Offer { pnode: p.into(), cores, memory: 0 }
@@ -248,7 +280,7 @@ mod tests {
 
     #[test]
     fn memory_is_a_hard_limit_and_empty_inputs_fail() {
-        let ds = [Demand { vnode: 0, work: 1, memory: 100 }];
+        let ds = [Demand { vnode: 0, unit: 0, work: 1, memory: 100 }];
         let off = [Offer { pnode: "a".into(), cores: 1, memory: 50 }];
         assert!(matches!(place(&ds, &off, 8), Err(PlacementError::Memory { .. })));
         assert_eq!(place::<Offer>(&ds, &[], 8), Err(PlacementError::NoPNodes));
@@ -257,7 +289,8 @@ mod tests {
 
     #[test]
     fn a_run_too_big_for_its_rank_goes_to_the_next_pnode_it_fits() {
-        let ds = [Demand { vnode: 0, work: 10, memory: 100 }, Demand { vnode: 1, work: 1, memory: 100 }];
+        let ds =
+            [Demand { vnode: 0, unit: 0, work: 10, memory: 100 }, Demand { vnode: 1, unit: 1, work: 1, memory: 100 }];
         let off = [
             Offer { pnode: "big-cpu".into(), cores: 32, memory: 50 },
             Offer { pnode: "mid".into(), cores: 8, memory: 200 },
@@ -265,8 +298,28 @@ mod tests {
         ];
         let p = place(&ds, &off, 2).unwrap();
         assert_eq!(p, vec![(0, "mid".to_string()), (1, "small".to_string())]);
-        let e = place(&[Demand { vnode: 0, work: 1, memory: 300 }], &off, 2).unwrap_err();
+        let e = place(&[Demand { vnode: 0, unit: 0, work: 1, memory: 300 }], &off, 2).unwrap_err();
         assert!(matches!(&e, PlacementError::Memory { pnode, offer: 200, .. } if pnode == "mid"), "{e}");
+    }
+
+    #[test]
+    fn units_stay_on_one_pnode_unless_they_fit_none() {
+        // Local mode's blocks of the MNIST MLP: fc1,relu1 | fc2,relu2 | fc3,loss.
+        let unit = |vnode: u32, work: u64| Demand { vnode, unit: vnode / 2, work, memory: 10 };
+        let ds = [unit(0, 217), unit(1, 16), unit(2, 82), unit(3, 16), unit(4, 3), unit(5, 1)];
+        let p = place(&ds, &[o("a", 2), o("b", 2), o("c", 2)], 8).unwrap();
+        let on: Vec<&str> = p.iter().map(|x| x.1.as_str()).collect();
+        assert_eq!(on, ["a", "a", "b", "b", "c", "c"]);
+        // Fewer PNodes than units: still cut only between units.
+        let p = place(&ds, &[o("a", 2), o("b", 2)], 8).unwrap();
+        let on: Vec<&str> = p.iter().map(|x| x.1.as_str()).collect();
+        assert_eq!(on, ["a", "a", "b", "b", "b", "b"]);
+        // A unit too big for any PNode is split rather than refused.
+        let big = |vnode: u32| Demand { vnode, unit: 0, work: 1, memory: 60 };
+        let off =
+            [Offer { pnode: "a".into(), cores: 1, memory: 100 }, Offer { pnode: "b".into(), cores: 1, memory: 100 }];
+        let p = place(&[big(0), big(1)], &off, 8).unwrap();
+        assert_ne!(p[0].1, p[1].1);
     }
 
     #[test]
@@ -282,7 +335,7 @@ mod tests {
         let mut offers = offers.to_vec();
         offers.sort_by(stronger);
         let parts = offers.len().min(demands.len()).min(max_pnodes.max(1));
-        let runs = split(demands, parts);
+        let runs = split(&demands.iter().map(|d| d.work).collect::<Vec<_>>(), parts);
         let mut order: Vec<usize> = (0..runs.len()).collect();
         let run_work = |r: &std::ops::Range<usize>| demands[r.clone()].iter().map(|d| d.work).sum::<u64>();
         order.sort_by(|&a, &b| run_work(&runs[b]).cmp(&run_work(&runs[a])).then(a.cmp(&b)));

@@ -17,6 +17,7 @@ use crate::job::core::{CollectError, DataSizes, Effect, Input, JobCore, PNodeFai
 use crate::job::{JobKind, JobSpec, Observation, Observed};
 use crate::registry::{Beat, Caps, HealthPolicy, PNodeTable, Registration};
 use crate::trust::{Outcome, Transition, TrustBook, TrustPolicy};
+use dcnr_model::TrainingMode;
 use dcnr_model::dataset::ImageSet;
 use dcnr_model::envelope::{Envelope, Verify};
 use dcnr_vnode::batches::Feeder;
@@ -138,6 +139,8 @@ pub struct SimReport {
     pub first_seed: u64,
     /// How many scenarios had each kind of fault.
     pub scenarios: BTreeMap<String, u64>,
+    /// How many scenarios trained in each mode (`exact`, `local`).
+    pub modes: BTreeMap<String, u64>,
     /// How the jobs ended (`succeeded`, or `failed:<code>`).
     pub outcomes: BTreeMap<String, u64>,
     /// Every invariant broken, with its seed and reproduction.
@@ -206,6 +209,8 @@ impl Fault {
 struct Scenario {
     pnodes: usize,
     in_flight: u32,
+    /// Exact or local training.
+    mode: TrainingMode,
     verify: Verify,
     /// One-way delay: base and jitter.
     delay: Duration,
@@ -267,7 +272,11 @@ impl Scenario {
             };
             faults.push(fault);
         }
-        Scenario { pnodes, in_flight, verify, delay, jitter, drop_rate, dup_rate, faults }
+        // Drawn from a stream of its own, so adding the mode left every other draw of a seed as
+        // it was.
+        let mut modes = ChaCha8Rng::seed_from_u64(seed ^ 0x10ca_1000);
+        let mode = if modes.random_range(0..3) == 0 { TrainingMode::Local } else { TrainingMode::Exact };
+        Scenario { pnodes, in_flight, mode, verify, delay, jitter, drop_rate, dup_rate, faults }
     }
 
     /// The same mesh with no fault and a quiet network: what every run must equal.
@@ -294,11 +303,12 @@ struct Ending {
 pub fn run(args: &SimArgs) -> Result<SimReport, String> {
     let started = Instant::now();
     let base = Base::new()?;
-    let mut reference: BTreeMap<u32, Ending> = BTreeMap::new();
+    let mut reference: BTreeMap<(&str, u32), Ending> = BTreeMap::new();
     let mut report = SimReport {
         seeds: args.seeds,
         first_seed: args.seed,
         scenarios: BTreeMap::new(),
+        modes: BTreeMap::new(),
         outcomes: BTreeMap::new(),
         violations: Vec::new(),
         simulated_steps: 0,
@@ -308,17 +318,19 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
     };
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
         let scenario = Scenario::draw(seed);
-        if let std::collections::btree_map::Entry::Vacant(slot) = reference.entry(scenario.in_flight) {
+        let key = (scenario.mode.name(), scenario.in_flight);
+        if let std::collections::btree_map::Entry::Vacant(slot) = reference.entry(key) {
             let (end, _) = World::new(&base, scenario.fault_free(), 0).run();
             if end.outcome != "succeeded" {
                 return Err(format!(
-                    "the fault-free run (in_flight {}) did not succeed: {}",
-                    scenario.in_flight, end.outcome
+                    "the fault-free run ({} mode, in_flight {}) did not succeed: {}",
+                    key.0, scenario.in_flight, end.outcome
                 ));
             }
             slot.insert(end);
         }
-        let Some(expected) = reference.get(&scenario.in_flight) else { continue };
+        let Some(expected) = reference.get(&key) else { continue };
+        *report.modes.entry(scenario.mode.name().to_string()).or_default() += 1;
         let faults: BTreeSet<&str> = scenario.faults.iter().map(Fault::name).collect();
         for f in &faults {
             *report.scenarios.entry((*f).to_string()).or_default() += 1;
@@ -383,6 +395,8 @@ pub fn sample_job(in_flight: u32) -> Result<(JobSpec, DataSizes), String> {
 struct Base {
     envelope: Envelope,
     graph: dcnr_model::ValidGraph,
+    /// The same job in local mode.
+    local: (Envelope, dcnr_model::ValidGraph),
     root_seed: u64,
     data: std::sync::Arc<Splits>,
 }
@@ -391,6 +405,9 @@ impl Base {
     fn new() -> Result<Base, String> {
         let envelope = Envelope::from_graph(GRAPH).map_err(|e| e.to_string())?;
         let resolved = envelope.clone().resolve().map_err(|e| e.to_string())?;
+        let mut local = envelope.clone();
+        local.op.mode = Some(TrainingMode::Local);
+        let local = local.resolve().map_err(|e| e.to_string())?;
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let mut set = |n: usize| ImageSet {
             rows: 2,
@@ -399,18 +416,28 @@ impl Base {
             labels: (0..n).map(|_| rng.random_range(0..3u8)).collect(),
         };
         let data = std::sync::Arc::new(Splits { train: set(TRAIN), test: set(TEST), classes: 3 });
-        Ok(Base { envelope: resolved.envelope, graph: resolved.graph, root_seed: resolved.root_seed, data })
+        Ok(Base {
+            envelope: resolved.envelope,
+            graph: resolved.graph,
+            local: (local.envelope, local.graph),
+            root_seed: resolved.root_seed,
+            data,
+        })
     }
 
     fn spec(&self, scenario: &Scenario) -> JobSpec {
-        let mut envelope = self.envelope.clone();
+        let (envelope, graph) = match scenario.mode {
+            TrainingMode::Exact => (&self.envelope, &self.graph),
+            TrainingMode::Local => (&self.local.0, &self.local.1),
+        };
+        let mut envelope = envelope.clone();
         envelope.policy.verify = scenario.verify;
         envelope.policy.segment_steps = (scenario.verify != Verify::None).then_some(6);
         envelope.checkpoint.every_steps = Some(8);
         let steps = (TRAIN.div_ceil(self.graph.spec.training.batch_size) as u64) * 2;
         JobSpec {
             job_id: "sim".into(),
-            graph: self.graph.clone(),
+            graph: graph.clone(),
             steps,
             in_flight: scenario.in_flight,
             root_seed: self.root_seed,
@@ -1141,6 +1168,7 @@ pub fn print(r: &SimReport) {
         r.simulated_steps_per_s
     );
     println!("scenarios: {:?}", r.scenarios);
+    println!("modes: {:?}", r.modes);
     println!("outcomes: {:?}", r.outcomes);
     for v in &r.violations {
         println!("seed {}: {} (replay: {})", v.seed, v.what, v.repro);

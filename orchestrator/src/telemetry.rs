@@ -135,7 +135,7 @@ impl JobTrack {
                         Source::Labels => "labels".to_string(),
                     })
                     .collect(),
-                params: n.kind.param_count(),
+                params: n.param_count(),
             })
             .collect();
         JobTrack {

@@ -4,19 +4,65 @@
 use crate::seed::{Purpose, stream, uniform};
 use burn::tensor::{Tensor, TensorData, activation};
 use dcnr_model::NodeKind;
+use dcnr_model::graph::{AuxHead, ValidNode};
+use rand_chacha::ChaCha20Rng;
+
+/// Host parameters: (shape, row-major values) per tensor.
+pub type HostParams = Vec<(Vec<usize>, Vec<f32>)>;
+
+/// Weight [inputs, outputs] then bias [1, outputs], both U(-1/sqrt(inputs), 1/sqrt(inputs)),
+/// drawn in that order from `rng`.
+fn draw_linear(rng: &mut ChaCha20Rng, inputs: usize, outputs: usize) -> HostParams {
+    let bound = 1.0 / (inputs as f32).sqrt();
+    let w = (0..inputs * outputs).map(|_| uniform(rng, bound)).collect();
+    let b = (0..outputs).map(|_| uniform(rng, bound)).collect();
+    vec![(vec![inputs, outputs], w), (vec![1, outputs], b)]
+}
 
 /// Initial parameters of a node, drawn from its own ChaCha stream: for linear, weight
 /// [inputs, outputs] then bias [1, outputs], both U(-1/sqrt(inputs), 1/sqrt(inputs)).
-pub fn init_params(kind: NodeKind, root_seed: u64, vnode: u32) -> Vec<(Vec<usize>, Vec<f32>)> {
+pub fn init_params(kind: NodeKind, root_seed: u64, vnode: u32) -> HostParams {
     match kind {
         NodeKind::Linear { inputs, outputs } => {
-            let mut rng = stream(root_seed, Purpose::Init, vnode as u64);
-            let bound = 1.0 / (inputs as f32).sqrt();
-            let w = (0..inputs * outputs).map(|_| uniform(&mut rng, bound)).collect();
-            let b = (0..outputs).map(|_| uniform(&mut rng, bound)).collect();
-            vec![(vec![inputs, outputs], w), (vec![1, outputs], b)]
+            draw_linear(&mut stream(root_seed, Purpose::Init, vnode as u64), inputs, outputs)
         }
         _ => Vec::new(),
+    }
+}
+
+/// Initial parameters of an auxiliary head: its linear layers in order, each drawn like a
+/// linear node's, all from the head's own stream (purpose `aux-init`, id = VNode id).
+pub fn init_aux(head: &AuxHead, root_seed: u64, vnode: u32) -> HostParams {
+    let mut rng = stream(root_seed, Purpose::AuxInit, vnode as u64);
+    head.layers().into_iter().flat_map(|(i, o)| draw_linear(&mut rng, i, o)).collect()
+}
+
+/// Every parameter a VNode holds: the node's own, then its auxiliary head's.
+pub fn init_node(node: &ValidNode, root_seed: u64) -> HostParams {
+    let mut params = init_params(node.kind, root_seed, node.id);
+    if let Some(head) = &node.aux {
+        params.extend(init_aux(head, root_seed, node.id));
+    }
+    params
+}
+
+/// Number of parameter tensors of the kind itself; an auxiliary head's follow them.
+pub fn own_tensors(kind: NodeKind) -> usize {
+    match kind {
+        NodeKind::Linear { .. } => 2,
+        _ => 0,
+    }
+}
+
+/// Logits of an auxiliary head on a block output `y`, from the head's parameter tensors.
+pub fn aux_logits(head: &AuxHead, params: &[Tensor<2>], y: Tensor<2>) -> Option<Tensor<2>> {
+    match (head.hidden, params) {
+        (0, [w, b]) => Some(y.matmul(w.clone()) + b.clone()),
+        (h, [w1, b1, w2, b2]) if h > 0 => {
+            let hidden = activation::relu(y.matmul(w1.clone()) + b1.clone());
+            Some(hidden.matmul(w2.clone()) + b2.clone())
+        }
+        _ => None,
     }
 }
 

@@ -1,13 +1,21 @@
 //! The single-process reference: the same graph trained with ordinary whole-graph autodiff,
 //! no VNodes and no messages. The mesh must reproduce its parameters bit for bit in
-//! synchronous mode; keeping both on the kernels of [`crate::layer`] is what makes that hold.
+//! synchronous mode, and in local mode for any `in_flight`; keeping both on the kernels of
+//! [`crate::layer`] is what makes that hold.
+//!
+//! In local mode a step trains block by block, in block order: each block is a small
+//! whole-graph autodiff over its nodes and its output's auxiliary head (the last block: the real
+//! loss), fed the detached outputs of earlier blocks for the same micro-batch, exactly as the
+//! VNodes receive them: packed in the job's wire format and unpacked again. (Exact mode's
+//! training here keeps f32 at block boundaries; only its evaluation applies the wire format.)
 
+use crate::compact;
 use crate::host::HostTensor;
 use crate::layer;
 use crate::optim::Optimizer;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Gradients, Tensor};
 use dcnr_model::graph::{Source, ValidGraph};
-use dcnr_model::{NodeKind, OptimizerSpec};
+use dcnr_model::{NodeKind, OptimizerSpec, TrainingMode, WireFormat};
 
 /// Whole-graph trainer over a validated graph.
 pub struct Reference {
@@ -30,27 +38,34 @@ impl Reference {
     /// Parameters initialised exactly as the VNodes initialise theirs.
     pub fn new(graph: &ValidGraph, optimizer: OptimizerSpec, root_seed: u64) -> Reference {
         let device = crate::device();
-        let params: Vec<Vec<Tensor<2>>> = graph
-            .nodes
-            .iter()
-            .map(|n| layer::params_to_device(&layer::init_params(n.kind, root_seed, n.id), &device))
-            .collect();
+        let params: Vec<Vec<Tensor<2>>> =
+            graph.nodes.iter().map(|n| layer::params_to_device(&layer::init_node(n, root_seed), &device)).collect();
         let optimizers = params.iter().map(|p| Optimizer::new(optimizer, p.len())).collect();
         Reference { graph: graph.clone(), device, params, optimizers }
     }
 
+    /// The whole chain to the loss. With `packed`, values crossing a block boundary take the
+    /// job's wire format and back, as between VNodes (forward only: no autodiff passes it).
     fn run(
         &self,
         params: &[Vec<Tensor<2>>],
         features: &HostTensor,
         labels: &[i32],
         device: &Device,
+        packed: bool,
     ) -> Result<(Tensor<1>, Tensor<2>), String> {
         let x = features.to_burn(device).ok_or("features must be f32 [batch, width]")?;
         let mut values: Vec<Option<Tensor<2>>> = vec![None; self.graph.nodes.len()];
+        let wire = self.graph.spec.training.wire;
         for &id in &self.graph.topo {
             let node = &self.graph.nodes[id as usize];
             let value_of = |s: &Source| match s {
+                Source::Node(p)
+                    if packed && wire != WireFormat::F32 && self.graph.nodes[*p as usize].block != node.block =>
+                {
+                    let v = HostTensor::from_burn(values[*p as usize].clone()?).ok()?;
+                    compact::round_trip(&v, wire).to_burn(device)
+                }
                 Source::Node(p) => values[*p as usize].clone(),
                 Source::Features => Some(x.clone()),
                 Source::Labels => None,
@@ -61,18 +76,24 @@ impl Reference {
                 let target = target.to_burn(device).ok_or("one-hot")?;
                 return Ok((layer::loss(logits.clone(), target), logits));
             }
-            let ins: Vec<Tensor<2>> = node.inputs.iter().map(value_of).collect::<Option<_>>().ok_or("input missing")?;
-            values[id as usize] = Some(layer::forward(node.kind, &params[id as usize], &ins));
+            let ins: Vec<Tensor<2>> =
+                node.layer_inputs().iter().map(value_of).collect::<Option<_>>().ok_or("input missing")?;
+            let own = &params[id as usize];
+            let own = &own[..layer::own_tensors(node.kind).min(own.len())];
+            values[id as usize] = Some(layer::forward(node.kind, own, &ins));
         }
         Err("graph has no loss".into())
     }
 
-    /// One synchronous SGD step on a batch.
+    /// One training step on a batch: synchronous SGD in exact mode, block by block in local mode.
     pub fn train_step(&mut self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
+        if self.graph.mode() == TrainingMode::Local {
+            return self.train_step_local(features, labels);
+        }
         let ad = self.device.clone().autodiff();
         let leaves: Vec<Vec<Tensor<2>>> =
             self.params.iter().map(|ps| ps.iter().map(|p| p.clone().autodiff().require_grad()).collect()).collect();
-        let (loss, logits) = self.run(&leaves, features, labels, &ad)?;
+        let (loss, logits) = self.run(&leaves, features, labels, &ad, false)?;
         let value = loss.clone().into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
         let logits = HostTensor::from_burn(logits.inner())?;
         let grads = loss.backward();
@@ -91,9 +112,94 @@ impl Reference {
         })
     }
 
+    /// One local-mode step: every block in order trains on its own loss (its head's, or the real
+    /// loss for the last block), reading earlier blocks' outputs as plain values.
+    fn train_step_local(&mut self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
+        let classes = self.graph.spec.data.classes;
+        let mut crossing: Vec<Option<HostTensor>> = vec![None; self.graph.nodes.len()];
+        let mut result = None;
+        for b in 0..self.graph.blocks.len() as u32 {
+            let ad = self.device.clone().autodiff();
+            let ids = self.graph.block_nodes(b);
+            let mut leaves: Vec<Vec<Tensor<2>>> = vec![Vec::new(); self.graph.nodes.len()];
+            for &id in &ids {
+                leaves[id as usize] =
+                    self.params[id as usize].iter().map(|p| p.clone().autodiff().require_grad()).collect();
+            }
+            let x = features.to_burn(&ad).ok_or("features must be f32 [batch, width]")?;
+            let mut live: Vec<Option<Tensor<2>>> = vec![None; self.graph.nodes.len()];
+            let mut block_loss = None;
+            for &id in &ids {
+                let node = &self.graph.nodes[id as usize];
+                let value_of = |s: &Source| -> Option<Tensor<2>> {
+                    match s {
+                        Source::Node(p) if self.graph.nodes.get(*p as usize)?.block == b => live[*p as usize].clone(),
+                        Source::Node(p) => crossing[*p as usize].as_ref()?.to_burn(&ad),
+                        Source::Features => Some(x.clone()),
+                        Source::Labels => None,
+                    }
+                };
+                if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind {
+                    let logits = value_of(&node.inputs[0]).ok_or("loss input missing")?;
+                    let target = HostTensor::f32(vec![labels.len(), classes], layer::one_hot(labels, classes));
+                    let target = target.to_burn(&ad).ok_or("one-hot")?;
+                    let logits_host = HostTensor::from_burn(logits.clone().inner())?;
+                    block_loss = Some(layer::loss(logits, target));
+                    result = Some(logits_host);
+                    continue;
+                }
+                let ins: Vec<Tensor<2>> =
+                    node.layer_inputs().iter().map(value_of).collect::<Option<_>>().ok_or("input missing")?;
+                let ps = &leaves[id as usize];
+                let own = layer::own_tensors(node.kind).min(ps.len());
+                let y = layer::forward(node.kind, &ps[..own], &ins);
+                if node.consumer_crosses_block.iter().any(|&c| c) {
+                    let value = HostTensor::from_burn(y.clone())?;
+                    crossing[id as usize] = Some(compact::round_trip(&value, self.graph.spec.training.wire));
+                }
+                if let Some(head) = &node.aux {
+                    let logits = layer::aux_logits(head, &ps[own..], y.clone()).ok_or("auxiliary head parameters")?;
+                    let target =
+                        HostTensor::f32(vec![labels.len(), head.classes], layer::one_hot(labels, head.classes));
+                    block_loss = Some(layer::loss(logits, target.to_burn(&ad).ok_or("one-hot")?));
+                }
+                live[id as usize] = Some(y);
+            }
+            let loss = block_loss.ok_or_else(|| format!("block {b} has no loss"))?;
+            let value = loss.clone().into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+            // A block without parameters has nothing to learn (and no recorded graph).
+            if ids.iter().any(|&id| !leaves[id as usize].is_empty()) {
+                let grads = loss.backward();
+                self.apply(&ids, &leaves, &grads)?;
+            }
+            if b + 1 == self.graph.blocks.len() as u32 {
+                let logits = result.take().ok_or("the last block has no loss node")?;
+                return Ok(BatchResult {
+                    loss: value.first().copied().unwrap_or(f32::NAN),
+                    correct: layer::correct(logits.as_f32().unwrap_or(&[]), labels, classes),
+                });
+            }
+        }
+        Err("graph has no blocks".into())
+    }
+
+    /// Applies the optimizer of each node in `ids` with the gradients of its leaves.
+    fn apply(&mut self, ids: &[u32], leaves: &[Vec<Tensor<2>>], grads: &Gradients) -> Result<(), String> {
+        for &id in ids {
+            let i = id as usize;
+            if leaves[i].is_empty() {
+                continue;
+            }
+            let gs: Vec<Tensor<2>> =
+                leaves[i].iter().map(|p| p.grad(grads)).collect::<Option<_>>().ok_or("missing gradient")?;
+            self.params[i] = self.optimizers[i].update(&self.params[i], gs);
+        }
+        Ok(())
+    }
+
     /// Forward-only loss and accuracy of a batch with the current parameters.
     pub fn evaluate(&self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
-        let (loss, logits) = self.run(&self.params, features, labels, &self.device)?;
+        let (loss, logits) = self.run(&self.params, features, labels, &self.device, true)?;
         let value = loss.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
         let logits = HostTensor::from_burn(logits)?;
         Ok(BatchResult {

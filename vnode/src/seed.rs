@@ -13,6 +13,8 @@ pub enum Purpose {
     Init,
     /// Order of training samples in an epoch (id = epoch).
     Shuffle,
+    /// Initial parameters of a VNode's auxiliary head in local mode (id = VNode id).
+    AuxInit,
 }
 
 impl Purpose {
@@ -20,6 +22,7 @@ impl Purpose {
         match self {
             Purpose::Init => b"init",
             Purpose::Shuffle => b"shuffle",
+            Purpose::AuxInit => b"aux-init",
         }
     }
 }

@@ -8,13 +8,18 @@
 //! backward of micro-batch j is applied as update number j+1. K = 1 is plain synchronous SGD,
 //! bit-identical to whole-graph training; K > 1 is SGD with a fixed gradient delay of K-1
 //! (weight stashing as in PipeDream), identical from run to run and for every placement.
+//!
+//! In local mode (`TrainingMode::Local`) no gradient crosses a block boundary: a VNode sends
+//! none to a producer in another block and expects none from a consumer in another block, and
+//! a block output starts its backward from its auxiliary head's loss, recorded in the same
+//! autodiff graph as its forward. Every VNode then runs micro-batch m on version m, whatever K.
 
 use crate::host::{HostData, HostTensor};
 use crate::layer;
 use crate::optim::Optimizer;
 use burn::tensor::{Device, Tensor};
 use dcnr_model::graph::{Normalize, Source, ValidNode};
-use dcnr_model::{NodeKind, OptimizerSpec};
+use dcnr_model::{NodeKind, OptimizerSpec, TrainingMode, WireFormat};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
@@ -45,7 +50,7 @@ impl VNodeSpec {
     /// stash of in-flight versions, plus activations and gradients of every micro-batch in flight.
     /// The orchestrator places by it and the PNode enforces its limit with it.
     pub fn memory_estimate(&self, batch: usize) -> u64 {
-        let params = self.node.kind.param_count() as u64;
+        let params = self.node.param_count() as u64;
         let acts = (batch * self.node.output_width) as u64;
         let k = u64::from(self.in_flight.max(1));
         4 * (params * (3 + k) + acts * (2 + k))
@@ -197,6 +202,9 @@ struct Saved {
     params: Vec<Tensor<2>>,
     /// A loss's input gradients, computed together with its forward.
     loss_grads: Vec<Option<HostTensor>>,
+    /// A block output's auxiliary loss (local mode), recorded with its forward; backward
+    /// starts from it.
+    aux_loss: Option<Tensor<1>>,
     output_sha256: [u8; 32],
     forward_us: u64,
     forward_cpu_us: u64,
@@ -230,6 +238,9 @@ pub struct VNode {
     eval_inputs: BTreeMap<u64, Vec<Option<HostTensor>>>,
     grads: BTreeMap<u64, Vec<Option<HostTensor>>>,
     saved: BTreeMap<u64, Saved>,
+    /// The consumers that send a gradient back, in consumer order (in local mode, those in
+    /// this node's block).
+    grad_from: Vec<(u32, u32)>,
     /// Bytes of training tensors received for a micro-batch as they travelled (packed or not),
     /// taken when its forward and then its backward run.
     received: BTreeMap<u64, u64>,
@@ -242,12 +253,16 @@ impl VNode {
     /// Creates the VNode with parameters drawn from its seed stream.
     pub fn new(spec: VNodeSpec) -> VNode {
         let device = crate::device();
-        let host = layer::init_params(spec.node.kind, spec.root_seed, spec.node.id);
+        let host = layer::init_node(&spec.node, spec.root_seed);
         let params = layer::params_to_device(&host, &device);
         let optimizer = Optimizer::new(spec.optimizer, params.len());
         let mut spec = spec;
         spec.in_flight = spec.in_flight.max(1);
+        let node = &spec.node;
+        let grad_from =
+            node.consumers.iter().enumerate().filter(|(i, _)| node.expects_gradient(*i)).map(|(_, c)| *c).collect();
         VNode {
+            grad_from,
             spec,
             device,
             versions: VecDeque::from([(0, params)]),
@@ -407,12 +422,20 @@ impl VNode {
             Inbound::Forward { mb, phase, port, tensor } => {
                 let wire_bytes = tensor.data_bytes();
                 let tensor = crate::compact::unpack(tensor);
-                let ports = self.spec.node.inputs.len();
+                let mut ports = self.spec.node.inputs.len();
                 if port as usize >= ports {
                     return Err(VNodeError::Port { vnode: self.id(), port, ports });
                 }
                 let tensor = self.widen_pixels(mb, port as usize, tensor)?;
                 self.check_input(mb, port as usize, &tensor)?;
+                if phase == Phase::Eval {
+                    // Evaluation runs the chain to the real loss; an auxiliary head is not
+                    // evaluated, so its labels are not waited for.
+                    ports = self.spec.node.layer_inputs().len();
+                    if port as usize >= ports {
+                        return Ok(out);
+                    }
+                }
                 let k = self.spec.in_flight as u64;
                 let slots = match phase {
                     Phase::Train => {
@@ -445,11 +468,10 @@ impl VNode {
             Inbound::Backward { mb, from, tensor } => {
                 let wire_bytes = tensor.data_bytes();
                 let tensor = crate::compact::unpack(tensor);
-                let consumers = &self.spec.node.consumers;
-                let Some(slot) = consumers.iter().position(|c| *c == from) else {
+                let Some(slot) = self.grad_from.iter().position(|c| *c == from) else {
                     return Err(VNodeError::NotConsumer { vnode: self.id(), from });
                 };
-                let n = consumers.len();
+                let n = self.grad_from.len();
                 if mb < self.next_b || mb >= self.next_f {
                     return Err(self.window_err(mb, "gradient"));
                 }
@@ -500,6 +522,7 @@ impl VNode {
                 let checked = match (node.kind, source) {
                     (NodeKind::SoftmaxCrossEntropy { classes }, Source::Labels) => check_labels(tensor, classes),
                     (_, Source::Features) if matches!(tensor.data, HostData::U8(_)) => self.screen_pixels(tensor),
+                    (_, Source::Labels) => check_labels(tensor, node.aux.map_or(0, |a| a.classes)),
                     (NodeKind::Linear { inputs, .. }, _) => check_f32(tensor, &[None, Some(inputs)]),
                     (NodeKind::SoftmaxCrossEntropy { classes }, _) => check_f32(tensor, &[None, Some(classes)]),
                     // Element-wise kinds keep their input's width.
@@ -508,7 +531,7 @@ impl VNode {
                 checked.map_err(|error| Rejection { to: node.id, mb: *mb, from, what, error })
             }
             Inbound::Backward { mb, from, tensor } => {
-                if !node.consumers.contains(from) {
+                if !self.grad_from.contains(from) {
                     return Ok(());
                 }
                 let rows = self.saved.get(mb).map(|s| s.rows);
@@ -563,9 +586,12 @@ impl VNode {
         if !t.is_consistent() {
             return Err(shape_err(format!("{} elements do not fill shape {:?}", t.numel(), t.shape)));
         }
-        if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind
-            && port == 1
-        {
+        let labels_classes = match (node.kind, node.aux) {
+            (NodeKind::SoftmaxCrossEntropy { classes }, _) if port == 1 => Some(classes),
+            (_, Some(head)) if port == head.labels_port as usize => Some(head.classes),
+            _ => None,
+        };
+        if let Some(classes) = labels_classes {
             let HostData::I32(labels) = &t.data else {
                 return Err(shape_err("labels must be i32".into()));
             };
@@ -589,8 +615,14 @@ impl VNode {
         Ok(())
     }
 
+    /// The parameter version the forward of `mb` uses. In local mode no gradient waits on
+    /// another block, so every VNode is synchronous (version `mb`) and `in_flight` only lets
+    /// blocks run ahead of one another.
     fn needed_version(&self, mb: u64) -> u64 {
-        (mb + 1).saturating_sub(self.spec.in_flight as u64)
+        match self.spec.node.mode {
+            TrainingMode::Exact => (mb + 1).saturating_sub(self.spec.in_flight as u64),
+            TrainingMode::Local => mb,
+        }
     }
 
     fn pump(&mut self, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
@@ -605,7 +637,7 @@ impl VNode {
                 continue;
             }
             let b_ready = self.next_b < self.next_f
-                && (self.spec.node.consumers.is_empty()
+                && (self.grad_from.is_empty()
                     || self.grads.get(&self.next_b).is_some_and(|v| v.iter().all(Option::is_some)));
             if b_ready {
                 let mb = self.next_b;
@@ -625,13 +657,15 @@ impl VNode {
         self.versions.iter().find(|v| v.0 == version).or(self.versions.back()).map(|v| v.1.clone()).unwrap_or_default()
     }
 
+    /// The kind's own inputs on `device`; with `track`, those whose gradient goes back to their
+    /// producer are autodiff leaves.
     fn inputs_on(&self, inputs: Vec<HostTensor>, device: &Device, track: bool) -> Vec<Tensor<2>> {
         inputs
             .into_iter()
-            .zip(&self.spec.node.inputs)
-            .filter_map(|(t, src)| {
+            .enumerate()
+            .filter_map(|(port, t)| {
                 let x = t.into_burn(device)?;
-                Some(if track && matches!(src, Source::Node(_)) { x.require_grad() } else { x })
+                Some(if track && self.spec.node.sends_gradient(port) { x.require_grad() } else { x })
             })
             .collect()
     }
@@ -654,6 +688,7 @@ impl VNode {
                     inputs: Vec::new(),
                     params: Vec::new(),
                     loss_grads: vec![Some(dlogits), None],
+                    aux_loss: None,
                     output_sha256: hash,
                     forward_us: started.elapsed().as_micros() as u64,
                     forward_cpu_us: cpu_us(cpu),
@@ -666,21 +701,27 @@ impl VNode {
         }
         let params: Vec<Tensor<2>> =
             self.params_at(self.needed_version(mb)).into_iter().map(|p| p.autodiff().require_grad()).collect();
+        let mut inputs = inputs;
+        let labels = match self.spec.node.aux {
+            Some(head) if inputs.len() > head.labels_port as usize => Some(inputs.remove(head.labels_port as usize)),
+            _ => None,
+        };
         let n_inputs = inputs.len();
         let leaves = self.inputs_on(inputs, &ad, true);
         if leaves.len() != n_inputs {
             return Err(self.backend("input could not be loaded".into()));
         }
-        let y = layer::forward(self.spec.node.kind, &params, &leaves);
+        let own = layer::own_tensors(self.spec.node.kind).min(params.len());
+        let y = layer::forward(self.spec.node.kind, &params[..own], &leaves);
+        let aux_loss = match (self.spec.node.aux, labels) {
+            (Some(head), Some(labels)) => Some(self.aux_loss(mb, &head, &params[own..], y.clone(), &labels, &ad)?),
+            _ => None,
+        };
         let y_host = HostTensor::from_burn(y.clone()).map_err(|d| self.backend(d))?;
         let hash = crate::sha256_f32([y_host.as_f32().unwrap_or(&[])]);
-        let bytes_out = bytes_of(&y_host) * self.spec.node.consumers.len() as u64;
-        self.emit_forward(mb, Phase::Train, y_host, out);
-        let tracked = leaves
-            .into_iter()
-            .zip(&self.spec.node.inputs)
-            .map(|(x, s)| matches!(s, Source::Node(_)).then_some(x))
-            .collect();
+        let bytes_out = self.emit_forward(mb, Phase::Train, y_host, out);
+        let tracked =
+            leaves.into_iter().enumerate().map(|(port, x)| self.spec.node.sends_gradient(port).then_some(x)).collect();
         self.saved.insert(
             mb,
             Saved {
@@ -688,6 +729,7 @@ impl VNode {
                 inputs: tracked,
                 params,
                 loss_grads: Vec::new(),
+                aux_loss,
                 output_sha256: hash,
                 forward_us: started.elapsed().as_micros() as u64,
                 forward_cpu_us: cpu_us(cpu),
@@ -699,15 +741,52 @@ impl VNode {
         Ok(())
     }
 
-    fn emit_forward(&self, mb: u64, phase: Phase, y: HostTensor, out: &mut Vec<Outbound>) {
-        let mut y = Some(y);
-        let n = self.spec.node.consumers.len();
-        for (i, &(to, port)) in self.spec.node.consumers.iter().enumerate() {
-            let tensor = if i + 1 == n { y.take() } else { y.clone() };
+    /// Sends `y` to every consumer, packed in the job's wire format for those in another block;
+    /// returns the bytes sent.
+    fn emit_forward(&self, mb: u64, phase: Phase, y: HostTensor, out: &mut Vec<Outbound>) -> u64 {
+        let node = &self.spec.node;
+        let packed = (node.wire != WireFormat::F32 && node.consumer_crosses_block.iter().any(|&c| c))
+            .then(|| crate::compact::pack(&y, node.wire));
+        let (mut y, n, mut bytes) = (Some(y), node.consumers.len(), 0);
+        for (i, &(to, port)) in node.consumers.iter().enumerate() {
+            let tensor = match &packed {
+                Some(p) if node.consumer_crosses_block.get(i).copied().unwrap_or(false) => Some(p.clone()),
+                _ if i + 1 == n => y.take(),
+                _ => y.clone(),
+            };
             if let Some(tensor) = tensor {
+                bytes += bytes_of(&tensor);
                 out.push(Outbound::Forward { to, port, mb, phase, tensor });
             }
         }
+        bytes
+    }
+
+    /// The auxiliary head's loss on block output `y`, recorded in `y`'s autodiff graph.
+    fn aux_loss(
+        &self,
+        mb: u64,
+        head: &dcnr_model::AuxHead,
+        params: &[Tensor<2>],
+        y: Tensor<2>,
+        labels: &HostTensor,
+        device: &Device,
+    ) -> Result<Tensor<1>, VNodeError> {
+        let HostData::I32(labels) = &labels.data else {
+            return Err(VNodeError::Shape { vnode: self.id(), mb, detail: "labels must be i32".into() });
+        };
+        if y.dims()[0] != labels.len() {
+            return Err(VNodeError::Shape {
+                vnode: self.id(),
+                mb,
+                detail: format!("{} output rows but {} labels", y.dims()[0], labels.len()),
+            });
+        }
+        let logits =
+            layer::aux_logits(head, params, y).ok_or_else(|| self.backend("auxiliary head parameters".into()))?;
+        let target = HostTensor::f32(vec![labels.len(), head.classes], layer::one_hot(labels, head.classes));
+        let target = target.to_burn(device).ok_or_else(|| self.backend("one-hot".into()))?;
+        Ok(layer::loss(logits, target))
     }
 
     /// Loss, correct count and (when training) the logits gradient.
@@ -755,13 +834,22 @@ impl VNode {
         let input_grads: Vec<Option<HostTensor>> = if let Some(y) = saved.output {
             let gs = self.grads.remove(&mb).unwrap_or_default();
             bytes_in += self.received.remove(&mb).unwrap_or(0);
-            let g = sum_in_order(gs).ok_or_else(|| self.backend("missing gradient".into()))?;
             let needs_backward = !saved.params.is_empty() || saved.inputs.iter().any(Option::is_some);
             if !needs_backward {
                 Vec::new()
             } else {
-                let g = g.into_burn(&self.device.clone().autodiff()).ok_or_else(|| self.backend("gradient".into()))?;
-                let grads = (y * g).sum().backward();
+                let grads = match saved.aux_loss {
+                    // A block output's only consumers are in other blocks: its gradient is
+                    // its head's alone.
+                    Some(loss) => loss.backward(),
+                    None => {
+                        let g = sum_in_order(gs).ok_or_else(|| self.backend("missing gradient".into()))?;
+                        let g = g
+                            .into_burn(&self.device.clone().autodiff())
+                            .ok_or_else(|| self.backend("gradient".into()))?;
+                        (y * g).sum().backward()
+                    }
+                };
                 let pgrads: Vec<Tensor<2>> = saved
                     .params
                     .iter()
@@ -786,7 +874,17 @@ impl VNode {
             saved.loss_grads
         };
         for (port, (g, src)) in input_grads.into_iter().zip(&self.spec.node.inputs).enumerate() {
+            if !self.spec.node.sends_gradient(port) {
+                continue;
+            }
             if let (Some(tensor), Source::Node(to)) = (g, src) {
+                let node = &self.spec.node;
+                let tensor =
+                    if node.wire != WireFormat::F32 && node.input_crosses_block.get(port).copied().unwrap_or(false) {
+                        crate::compact::pack(&tensor, node.wire)
+                    } else {
+                        tensor
+                    };
                 bytes_out += bytes_of(&tensor);
                 out.push(Outbound::Backward { to: *to, from: (self.id(), port as u32), mb, tensor });
             }
@@ -805,7 +903,9 @@ impl VNode {
             return Ok(());
         }
         let xs = self.inputs_on(inputs, &self.device, false);
-        let y = layer::forward(self.spec.node.kind, self.current(), &xs);
+        let current = self.current();
+        let own = layer::own_tensors(self.spec.node.kind).min(current.len());
+        let y = layer::forward(self.spec.node.kind, &current[..own], &xs);
         let y = HostTensor::from_burn(y).map_err(|d| self.backend(d))?;
         self.emit_forward(mb, Phase::Eval, y, out);
         Ok(())

@@ -213,3 +213,93 @@ fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
     let grad = Inbound::Backward { mb: 0, from: (2, 0), tensor: HostTensor::f32(vec![5, 8], vec![f32::INFINITY; 40]) };
     assert_eq!(act1.screen(&grad).unwrap_err().from, Sender::VNode(2));
 }
+
+/// The test graph in local mode; `hidden` sizes the auxiliary heads (0 = one linear layer).
+fn local_graph(opt: &str, hidden: usize) -> ValidGraph {
+    local_graph_on(opt, hidden, "f32")
+}
+
+/// The test graph in local mode with tensors crossing blocks in `wire` format.
+fn local_graph_on(opt: &str, hidden: usize, wire: &str) -> ValidGraph {
+    let training = format!("batch_size = 5\nmode = \"local\"\nwire = \"{wire}\"\n[training.aux]\nhidden = {hidden}\n");
+    ModelGraph::parse_valid(&GRAPH.replace("OPT", opt).replace("batch_size = 5\n", &training)).unwrap()
+}
+
+#[test]
+fn local_mode_with_compact_wire_formats_is_still_bit_identical_to_the_reference() {
+    for wire in ["int8", "bf16"] {
+        let g = local_graph_on("adam", 0, wire);
+        let (want, want_losses) = reference(&g, 30);
+        for (in_flight, order) in [(1, 7), (8, 8)] {
+            let (got, losses) = mesh(&g, 30, in_flight, order);
+            assert_eq!(got, want, "{wire}: in_flight {in_flight}, delivery order {order}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&losses), bits(&want_losses));
+        }
+        // The packing is real: the result differs from f32 traffic.
+        assert_ne!(want, reference(&local_graph("adam", 0), 30).0, "{wire}");
+    }
+}
+
+#[test]
+fn local_mode_mesh_is_bit_identical_to_the_blockwise_reference_for_any_in_flight() {
+    for (opt, hidden) in [("adam", 0), ("sgd", 0), ("adam", 5)] {
+        let g = local_graph(opt, hidden);
+        assert_eq!(g.blocks.len(), 3, "fc1,act1 | fc2,act2 | fc3,loss");
+        assert!(g.nodes[1].aux.is_some() && g.nodes[3].aux.is_some() && g.nodes[4].aux.is_none());
+        let (want, want_losses) = reference(&g, 40);
+        assert_eq!(want[1].len(), if hidden == 0 { 2 } else { 4 }, "act1 holds its head's parameters");
+        for (in_flight, order) in [(1, 0), (1, 1), (8, 2), (8, 3), (3, 4)] {
+            let (got, losses) = mesh(&g, 40, in_flight, order);
+            assert_eq!(got, want, "{opt}/{hidden}: in_flight {in_flight}, delivery order {order}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&losses), bits(&want_losses));
+        }
+    }
+    // Local learning is a different algorithm than end-to-end backpropagation.
+    assert_ne!(reference(&local_graph("adam", 0), 40).0[0], reference(&graph("adam"), 40).0[0]);
+}
+
+#[test]
+fn local_mode_snapshot_and_restore_keeps_the_heads() {
+    let g = local_graph("adam", 0);
+    assert_eq!(mesh_with_restart(&g, 40, 40, 8), mesh_with_restart(&g, 17, 40, 8));
+    assert_eq!(mesh_with_restart(&g, 40, 40, 8), reference(&g, 40).0);
+}
+
+#[test]
+fn local_mode_block_output_takes_no_gradient_and_evaluates_without_labels() {
+    use dcnr_vnode::{Inbound, Outbound, Phase, VNodeError};
+    let g = local_graph("adam", 0);
+    let spec =
+        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 4 };
+    let mut act1 = VNode::new(spec(1));
+    let x = HostTensor::f32(vec![5, 8], vec![0.5; 40]);
+    let labels = HostTensor::i32(vec![5], vec![0, 1, 2, 0, 1]);
+    let fwd = |mb, phase, port, tensor| Inbound::Forward { mb, phase, port, tensor };
+    // Training: with its input and the labels, it runs forward and its own backward at once,
+    // sending its input gradient to fc1 and its activation to fc2 of the next block.
+    assert!(act1.handle(fwd(0, Phase::Train, 0, x.clone())).unwrap().is_empty());
+    let out = act1.handle(fwd(0, Phase::Train, 1, labels.clone())).unwrap();
+    assert!(out.iter().any(|o| matches!(o, Outbound::Forward { to: 2, mb: 0, .. })));
+    assert!(out.iter().any(|o| matches!(o, Outbound::Backward { to: 0, mb: 0, .. })));
+    assert!(out.iter().any(|o| matches!(o, Outbound::Done { mb: 0, .. })));
+    assert_eq!(act1.version(), 1);
+    // fc2 is in another block: a gradient from it is refused.
+    let grad = Inbound::Backward { mb: 0, from: (2, 0), tensor: HostTensor::f32(vec![5, 8], vec![0.1; 40]) };
+    assert!(matches!(act1.handle(grad), Err(VNodeError::NotConsumer { .. })));
+    // Evaluation needs no labels, and labels sent anyway are ignored.
+    let out = act1.handle(fwd(7, Phase::Eval, 0, x)).unwrap();
+    assert!(matches!(out.as_slice(), [Outbound::Forward { to: 2, mb: 7, phase: Phase::Eval, .. }]));
+    assert!(act1.handle(fwd(7, Phase::Eval, 1, labels)).unwrap().is_empty());
+    // Bad labels on the head's port are refused by the screen, naming the data as the sender.
+    let bad = fwd(1, Phase::Train, 1, HostTensor::i32(vec![5], vec![0, 1, 9, 0, 1]));
+    assert_eq!(act1.screen(&bad).unwrap_err().from, dcnr_vnode::sanity::Sender::Data);
+    // fc2 takes its input from another block and sends nothing back.
+    let mut fc2 = VNode::new(spec(2));
+    fc2.handle(fwd(0, Phase::Train, 0, HostTensor::f32(vec![5, 8], vec![0.5; 40]))).unwrap();
+    let grad = Inbound::Backward { mb: 0, from: (3, 0), tensor: HostTensor::f32(vec![5, 8], vec![0.1; 40]) };
+    let out = fc2.handle(grad).unwrap();
+    assert!(out.iter().any(|o| matches!(o, Outbound::Done { mb: 0, .. })), "{out:?}");
+    assert!(out.iter().all(|o| !matches!(o, Outbound::Backward { .. })), "{out:?}");
+}
