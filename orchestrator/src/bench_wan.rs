@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_STEPS: u64 = 300;
 
 /// The modes run when `--modes` is not given.
-pub const DEFAULT_MODES: &str = "exact,exact-k8,exact-k32";
+pub const DEFAULT_MODES: &str = "exact,exact-k8,exact-k32,local,local-int8";
 
 /// A value a preset writes into `[training]`.
 #[derive(Debug, Clone, Copy)]
@@ -46,16 +46,22 @@ pub struct Mode {
     pub training: &'static [(&'static str, Setting)],
 }
 
-/// Every preset `--modes` may name. The `local` and wire-format presets need `[training] mode`
-/// and `wire`; on a build whose model format lacks them they fail validation with a clear error.
+/// Local mode with the largest window.
+const LOCAL: &[(&str, Setting)] = &[("mode", Setting::Str("local")), ("in_flight", Setting::Int(64))];
+
+/// Every preset `--modes` may name. Local mode's result does not depend on `in_flight`, so its
+/// presets use the largest window: over a link of delay D a micro-batch is in flight for about
+/// four D (feed, two block boundaries, the report), and the window must cover that.
 pub const MODES: &[Mode] = &[
     Mode { name: "exact", training: &[("in_flight", Setting::Int(1))] },
     Mode { name: "exact-k8", training: &[("in_flight", Setting::Int(8))] },
     Mode { name: "exact-k32", training: &[("in_flight", Setting::Int(32))] },
     Mode { name: "exact-int8", training: &[("in_flight", Setting::Int(1)), ("wire", Setting::Str("int8"))] },
-    Mode { name: "local", training: &[("mode", Setting::Str("local"))] },
-    Mode { name: "local-int8", training: &[("mode", Setting::Str("local")), ("wire", Setting::Str("int8"))] },
-    Mode { name: "local-f16", training: &[("mode", Setting::Str("local")), ("wire", Setting::Str("f16"))] },
+    Mode { name: "local", training: LOCAL },
+    Mode { name: "local-k8", training: &[("mode", Setting::Str("local")), ("in_flight", Setting::Int(8))] },
+    Mode { name: "local-int8", training: &[LOCAL[0], LOCAL[1], ("wire", Setting::Str("int8"))] },
+    Mode { name: "local-f16", training: &[LOCAL[0], LOCAL[1], ("wire", Setting::Str("f16"))] },
+    Mode { name: "local-bf16", training: &[LOCAL[0], LOCAL[1], ("wire", Setting::Str("bf16"))] },
 ];
 
 /// Flags of `bench-wan`.
@@ -455,9 +461,9 @@ mod tests {
     }
 
     #[test]
-    fn every_exact_preset_validates_and_an_unknown_mode_is_refused() {
+    fn every_preset_validates_and_an_unknown_mode_is_refused() {
         let length = Overrides { steps: Some(5), ..Overrides::default() };
-        for name in DEFAULT_MODES.split(',') {
+        for name in MODES.iter().map(|m| m.name) {
             let e = mode_envelope(MODEL, mode(name).unwrap(), length).unwrap();
             assert_eq!(e.op.steps, Some(5));
         }
