@@ -1090,14 +1090,15 @@ impl<'a> World<'a> {
         p.busy_until = done;
         let mut reports = Vec::new();
         let mut sends = Vec::new();
-        if let Err(r) = v.screen(&msg) {
-            let from_vnode = match r.from {
-                dcnr_vnode::sanity::Sender::VNode(v) => Some(v),
-                dcnr_vnode::sanity::Sender::Data => None,
-            };
-            reports.push((r.mb, Observed::Rejected { from_vnode, reason: r.to_string() }));
-        } else {
-            match v.handle(msg) {
+        match v.receive(msg) {
+            Err(r) => {
+                let from_vnode = match r.from {
+                    dcnr_vnode::sanity::Sender::VNode(v) => Some(v),
+                    dcnr_vnode::sanity::Sender::Data => None,
+                };
+                reports.push((r.mb, Observed::Rejected { from_vnode, reason: r.to_string() }));
+            }
+            Ok(handled) => match handled {
                 Ok(outs) => {
                     for out in outs {
                         let out = match &p.cheat {
@@ -1131,7 +1132,7 @@ impl<'a> World<'a> {
                 }
                 Err(e) if e.is_stale() => {}
                 Err(e) => reports.push((0, Observed::Failure(e.to_string()))),
-            }
+            },
         }
         for (to, msg) in sends {
             let Some(dest) = self.locations.get(&(job.to_string(), to)).cloned() else { continue };

@@ -117,12 +117,15 @@ impl Handler<Deliver> for VNodeActor {
         PNODE.vnode_messages_in.with_label_values(&[pass]).inc();
         // Cheap checks first: a refused tensor never reaches the VNode, whose state stays valid,
         // and the orchestrator learns who sent it.
-        if let Err(r) = self.vnode.screen(&msg.msg) {
-            tracing::warn!(job = %self.job, vnode = self.vnode.id(), error = %r, "refused a tensor");
-            self.router.reject(&self.job, self.vnode.id(), self.generation, &r);
-            return;
-        }
-        match self.vnode.handle(msg.msg) {
+        let handled = match self.vnode.receive(msg.msg) {
+            Ok(handled) => handled,
+            Err(r) => {
+                tracing::warn!(job = %self.job, vnode = self.vnode.id(), error = %r, "refused a tensor");
+                self.router.reject(&self.job, self.vnode.id(), self.generation, &r);
+                return;
+            }
+        };
+        match handled {
             Ok(outs) => {
                 let id = self.vnode.id();
                 for o in outs {

@@ -82,6 +82,15 @@ pub enum Inbound {
     },
 }
 
+impl Inbound {
+    /// The tensor it carries.
+    pub fn tensor(&self) -> &HostTensor {
+        match self {
+            Inbound::Forward { tensor, .. } | Inbound::Backward { tensor, .. } => tensor,
+        }
+    }
+}
+
 /// A message out of a VNode.
 #[derive(Debug, Clone)]
 pub enum Outbound {
@@ -417,11 +426,24 @@ impl VNode {
 
     /// Accepts one message and runs every pass that became possible, in canonical order.
     pub fn handle(&mut self, msg: Inbound) -> Result<Vec<Outbound>, VNodeError> {
+        let wire_bytes = msg.tensor().data_bytes();
+        self.handle_unpacked(unpack_message(msg), wire_bytes)
+    }
+
+    /// [`VNode::screen`] then [`VNode::handle`], unpacking a compact tensor once for both: the
+    /// outer error is a refused tensor (state untouched), the inner one what `handle` returns.
+    pub fn receive(&mut self, msg: Inbound) -> Result<Result<Vec<Outbound>, VNodeError>, crate::sanity::Rejection> {
+        let wire_bytes = msg.tensor().data_bytes();
+        let msg = unpack_message(msg);
+        self.screen(&msg)?;
+        Ok(self.handle_unpacked(msg, wire_bytes))
+    }
+
+    /// [`VNode::handle`] of a message already in f32, `wire_bytes` being its size as it travelled.
+    fn handle_unpacked(&mut self, msg: Inbound, wire_bytes: u64) -> Result<Vec<Outbound>, VNodeError> {
         let mut out = Vec::new();
         match msg {
             Inbound::Forward { mb, phase, port, tensor } => {
-                let wire_bytes = tensor.data_bytes();
-                let tensor = crate::compact::unpack(tensor);
                 let mut ports = self.spec.node.inputs.len();
                 if port as usize >= ports {
                     return Err(VNodeError::Port { vnode: self.id(), port, ports });
@@ -466,8 +488,6 @@ impl VNode {
                 }
             }
             Inbound::Backward { mb, from, tensor } => {
-                let wire_bytes = tensor.data_bytes();
-                let tensor = crate::compact::unpack(tensor);
                 let Some(slot) = self.grad_from.iter().position(|c| *c == from) else {
                     return Err(VNodeError::NotConsumer { vnode: self.id(), from });
                 };
@@ -504,12 +524,11 @@ impl VNode {
         use crate::sanity::{Rejection, Sender, check_f32, check_labels};
         let node = &self.spec.node;
         let unpacked;
-        let msg = match msg {
-            Inbound::Forward { tensor, .. } | Inbound::Backward { tensor, .. } if tensor.is_packed() => {
-                unpacked = unpack_message(msg.clone());
-                &unpacked
-            }
-            _ => msg,
+        let msg = if msg.tensor().is_packed() {
+            unpacked = unpack_message(msg.clone());
+            &unpacked
+        } else {
+            msg
         };
         match msg {
             Inbound::Forward { mb, port, tensor, .. } => {
