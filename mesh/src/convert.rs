@@ -100,6 +100,27 @@ pub fn backward_message(to: &Target, mb: u64, from: (u32, u32), t: &HostTensor) 
     }
 }
 
+/// A sync message on the wire: copy `from`'s change of parameter `index` in the round closed by
+/// step `mb`.
+pub fn sync_message(to: &Target, mb: u64, from: u32, index: u32, t: &HostTensor) -> v1::VNodeMessage {
+    v1::VNodeMessage {
+        job_id: to.job.clone(),
+        to_vnode: to.vnode,
+        micro_batch: mb,
+        generation: to.generation,
+        body: Some(Body::Sync(v1::Sync { from_vnode: from, index, tensor: Some(tensor_to_wire(t)) })),
+    }
+}
+
+/// Any VNode-to-VNode message on the wire.
+pub fn inbound_message(to: &Target, msg: &Inbound) -> v1::VNodeMessage {
+    match msg {
+        Inbound::Forward { mb, phase, port, tensor } => forward_message(to, *mb, *phase, *port, tensor),
+        Inbound::Backward { mb, from, tensor } => backward_message(to, *mb, *from, tensor),
+        Inbound::Sync { mb, from, index, tensor } => sync_message(to, *mb, *from, *index, tensor),
+    }
+}
+
 /// A request to feed data input `port` of micro-batch `mb` from batch `batch` of the job's
 /// dataset (see the `Feed` message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +183,15 @@ pub fn message_from_wire(m: v1::VNodeMessage) -> Result<(Target, Incoming), Conv
                 source,
             })?;
             Inbound::Backward { mb, from: (b.from_vnode, b.from_port), tensor }
+        }
+        Some(Body::Sync(c)) => {
+            let tensor = tensor_from_wire(c.tensor.as_ref()).map_err(|source| ConvertError::Tensor {
+                job: job.clone(),
+                vnode,
+                mb,
+                source,
+            })?;
+            Inbound::Sync { mb, from: c.from_vnode, index: c.index, tensor }
         }
         None => return Err(malformed(&job, "message has no body")),
     };

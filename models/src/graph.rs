@@ -14,6 +14,8 @@ pub const MAX_FEATURES: usize = 1 << 20;
 pub const MAX_PARAMS_PER_NODE: usize = 1 << 28;
 /// Most nodes in one graph.
 pub const MAX_NODES: usize = 4096;
+/// Most data-parallel pipelines a job may ask for.
+pub const MAX_PIPELINES: u32 = 64;
 /// Largest batch size accepted.
 pub const MAX_BATCH: usize = 1 << 16;
 
@@ -178,6 +180,88 @@ pub struct TrainingSpec {
     /// How tensors crossing a block boundary are encoded (activations, and gradients in exact mode).
     #[serde(default)]
     pub wire: WireFormat,
+    /// Data-parallel copies of the graph, each placed on its own PNodes and trained on its own
+    /// shard of every epoch; they average every `sync_every` steps ([`OuterSpec`]).
+    #[serde(default = "default_pipelines", skip_serializing_if = "is_one")]
+    pub pipelines: u32,
+    /// Steps each pipeline takes between averaging rounds (an epoch's end and the last step
+    /// close a round too).
+    #[serde(default = "default_sync_every", skip_serializing_if = "is_default_sync_every")]
+    pub sync_every: u64,
+    /// What a round applies to the averaged parameter change.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub outer: OuterSpec,
+}
+
+fn default_pipelines() -> u32 {
+    1
+}
+fn is_one(v: &u32) -> bool {
+    *v == 1
+}
+fn default_sync_every() -> u64 {
+    50
+}
+fn is_default_sync_every(v: &u64) -> bool {
+    *v == default_sync_every()
+}
+
+/// `[training.outer]`: the outer optimizer of pipeline averaging (DiLoCo's outer step).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OuterSpec {
+    /// `nesterov` (SGD with Nesterov momentum on the averaged change) or `average` (take the
+    /// average as it is).
+    #[serde(default)]
+    pub kind: OuterKind,
+    /// Outer learning rate (nesterov).
+    #[serde(default = "default_outer_lr")]
+    pub lr: f32,
+    /// Outer momentum (nesterov).
+    #[serde(default = "default_outer_momentum")]
+    pub momentum: f32,
+    /// Encoding of the parameter changes the copies exchange.
+    #[serde(default)]
+    pub wire: WireFormat,
+}
+
+impl Default for OuterSpec {
+    fn default() -> Self {
+        OuterSpec {
+            kind: OuterKind::default(),
+            lr: default_outer_lr(),
+            momentum: default_outer_momentum(),
+            wire: WireFormat::F32,
+        }
+    }
+}
+
+fn default_outer_lr() -> f32 {
+    0.7
+}
+fn default_outer_momentum() -> f32 {
+    0.9
+}
+
+/// The outer step's rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OuterKind {
+    /// Nesterov momentum SGD on the outer gradient (anchor minus average), as in DiLoCo.
+    #[default]
+    Nesterov,
+    /// Plain averaging: every copy takes the mean of the copies' parameters.
+    Average,
+}
+
+impl OuterKind {
+    /// The name used in model files.
+    pub fn name(self) -> &'static str {
+        match self {
+            OuterKind::Nesterov => "nesterov",
+            OuterKind::Average => "average",
+        }
+    }
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -457,6 +541,17 @@ pub struct ValidNode {
     /// labels arrive on port `labels_port`, an extra last entry of `inputs`.
     #[serde(default)]
     pub aux: Option<AuxHead>,
+    /// The data-parallel pipeline this node belongs to (0 when the job has one).
+    #[serde(default)]
+    pub pipeline: u32,
+    /// This node's id in pipeline 0: its parameters start from that node's seed stream, so every
+    /// copy starts equal.
+    #[serde(default)]
+    pub origin: u32,
+    /// With several pipelines: the VNode ids of this node's copies, by pipeline (itself
+    /// included), the ones it averages with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<u32>,
 }
 
 impl ValidNode {
@@ -686,6 +781,9 @@ impl ModelGraph {
                 mode,
                 wire: self.training.wire,
                 aux: None,
+                pipeline: 0,
+                origin: i as u32,
+                copies: Vec::new(),
             })
             .collect();
         if mode == TrainingMode::Local {
@@ -710,6 +808,7 @@ impl ModelGraph {
                 }
             }
         }
+        let (nodes, topo, blocks) = into_pipelines(nodes, topo, blocks, self.training.pipelines);
         Ok(ValidGraph { loss: loss as u32, spec: self, nodes, topo, blocks })
     }
 
@@ -761,6 +860,50 @@ impl ModelGraph {
     }
 }
 
+/// `r` copies of a validated graph, copy `p` with ids, blocks and names shifted by `p` times
+/// the graph's size (`name@pP`); pipeline 0 keeps the graph's own. With `r` > 1 every node
+/// learns the ids of its copies.
+fn into_pipelines(
+    nodes: Vec<ValidNode>,
+    topo: Vec<u32>,
+    blocks: Vec<String>,
+    r: u32,
+) -> (Vec<ValidNode>, Vec<u32>, Vec<String>) {
+    if r <= 1 {
+        return (nodes, topo, blocks);
+    }
+    let (n, b) = (nodes.len() as u32, blocks.len() as u32);
+    let shift = |p: u32, id: u32| p * n + id;
+    let mut all = Vec::with_capacity(nodes.len() * r as usize);
+    let mut all_topo = Vec::with_capacity(topo.len() * r as usize);
+    let mut all_blocks = Vec::with_capacity(blocks.len() * r as usize);
+    for p in 0..r {
+        for node in &nodes {
+            let mut c = node.clone();
+            c.id = shift(p, node.id);
+            c.pipeline = p;
+            c.origin = node.id;
+            c.copies = (0..r).map(|q| shift(q, node.id)).collect();
+            if p > 0 {
+                c.name = format!("{}@p{p}", node.name);
+                c.block = p * b + node.block;
+                for s in &mut c.inputs {
+                    if let Source::Node(x) = s {
+                        *x = shift(p, *x);
+                    }
+                }
+                for (to, _) in &mut c.consumers {
+                    *to = shift(p, *to);
+                }
+            }
+            all.push(c);
+        }
+        all_topo.extend(topo.iter().map(|&id| shift(p, id)));
+        all_blocks.extend(blocks.iter().map(|name| if p == 0 { name.clone() } else { format!("{name}@p{p}") }));
+    }
+    (all, all_topo, all_blocks)
+}
+
 fn default_port(kind: NodeKind, src: &Source) -> Option<usize> {
     match (kind, src) {
         (NodeKind::SoftmaxCrossEntropy { .. }, Source::Labels) => Some(1),
@@ -792,6 +935,26 @@ fn check_sizes(g: &ModelGraph) -> Result<(), GraphError> {
     }
     if g.nodes.is_empty() || g.nodes.len() > MAX_NODES {
         return Err(out_of_range("number of nodes", g.nodes.len(), "1..=4096"));
+    }
+    if t.pipelines == 0 || t.pipelines > MAX_PIPELINES {
+        return Err(out_of_range("training.pipelines", t.pipelines, "1..=64"));
+    }
+    if g.nodes.len().saturating_mul(t.pipelines as usize) > MAX_NODES {
+        return Err(out_of_range(
+            "number of nodes times training.pipelines",
+            g.nodes.len().saturating_mul(t.pipelines as usize),
+            "1..=4096",
+        ));
+    }
+    if t.sync_every == 0 || t.sync_every > 1_000_000 {
+        return Err(out_of_range("training.sync_every", t.sync_every, "1..=1000000"));
+    }
+    let o = &t.outer;
+    if !(o.lr.is_finite() && o.lr > 0.0 && o.lr <= 10.0) {
+        return Err(out_of_range("training.outer.lr", o.lr, "0 < lr <= 10"));
+    }
+    if !(0.0..1.0).contains(&o.momentum) {
+        return Err(out_of_range("training.outer.momentum", o.momentum, "0 <= momentum < 1"));
     }
     if g.data.feature_size == 0 || g.data.feature_size > MAX_FEATURES {
         return Err(out_of_range("data.feature_size", g.data.feature_size, "1..=1048576"));
@@ -947,6 +1110,30 @@ impl ValidGraph {
     /// The training mode.
     pub fn mode(&self) -> TrainingMode {
         self.spec.training.mode
+    }
+
+    /// Data-parallel pipelines (copies of the model graph).
+    pub fn pipelines(&self) -> u32 {
+        self.spec.training.pipelines.max(1)
+    }
+
+    /// Nodes in one pipeline: the model file's node count.
+    pub fn pipeline_len(&self) -> usize {
+        self.nodes.len() / self.pipelines() as usize
+    }
+
+    /// Pipeline 0 alone: the graph one copy trains, with the file's own ids, as `train-local`
+    /// runs it once per pipeline.
+    pub fn pipeline_zero(&self) -> ValidGraph {
+        let n = self.pipeline_len();
+        let blocks = self.blocks.len() / self.pipelines() as usize;
+        ValidGraph {
+            spec: self.spec.clone(),
+            nodes: self.nodes[..n].to_vec(),
+            topo: self.topo.iter().copied().filter(|&id| (id as usize) < n).collect(),
+            loss: self.loss,
+            blocks: self.blocks[..blocks].to_vec(),
+        }
     }
 
     /// Node ids of block `b`, in topological order.

@@ -8,6 +8,6 @@ pub mod envelope;
 pub mod graph;
 
 pub use graph::{
-    AuxHead, AuxSpec, DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, TrainingMode,
-    TrainingSpec, ValidGraph, ValidNode, WireFormat,
+    AuxHead, AuxSpec, DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, OuterKind, OuterSpec,
+    TrainingMode, TrainingSpec, ValidGraph, ValidNode, WireFormat,
 };

@@ -105,7 +105,7 @@ pub fn demands(graph: &ValidGraph, root_seed: u64, in_flight: u32) -> Vec<Demand
         .filter_map(|&id| graph.nodes.get(id as usize).map(|n| (id, n)))
         .map(|(id, n)| {
             let vspec =
-                dcnr_vnode::VNodeSpec { node: n.clone(), optimizer: graph.spec.optimizer, root_seed, in_flight };
+                dcnr_vnode::VNodeSpec { node: n.clone(), optimizer: graph.spec.optimizer, root_seed, in_flight, averaging: None };
             Demand {
                 vnode: id,
                 unit: if graph.mode() == TrainingMode::Local { n.block } else { id },

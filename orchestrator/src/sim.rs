@@ -889,6 +889,7 @@ impl<'a> World<'a> {
                             optimizer: spec.graph.spec.optimizer,
                             root_seed: spec.root_seed,
                             in_flight: spec.in_flight,
+                            averaging: None,
                         };
                         let v = if state.is_empty() { Ok(VNode::new(vspec)) } else { VNode::restore(vspec, &state) };
                         let v = v.map(|v| v.with_normalize(spec.graph.spec.data.normalize));
@@ -1105,13 +1106,15 @@ impl<'a> World<'a> {
                             Some(inj) => inj.apply(job, vnode, out),
                             None => out,
                         };
+                        let out = match out.into_delivery() {
+                            Ok(delivery) => {
+                                sends.push(delivery);
+                                continue;
+                            }
+                            Err(report) => report,
+                        };
                         match out {
-                            Outbound::Forward { to, port, mb, phase, tensor } => {
-                                sends.push((to, Inbound::Forward { mb, phase, port, tensor }));
-                            }
-                            Outbound::Backward { to, from, mb, tensor } => {
-                                sends.push((to, Inbound::Backward { mb, from, tensor }));
-                            }
+                            Outbound::Forward { .. } | Outbound::Backward { .. } | Outbound::Sync { .. } => {}
                             Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => {
                                 reports.push((
                                     mb,

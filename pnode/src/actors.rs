@@ -113,6 +113,7 @@ impl Handler<Deliver> for VNodeActor {
         let (mb, pass) = match &msg.msg {
             Inbound::Forward { mb, .. } => (*mb, "forward"),
             Inbound::Backward { mb, .. } => (*mb, "backward"),
+            Inbound::Sync { mb, .. } => (*mb, "sync"),
         };
         PNODE.vnode_messages_in.with_label_values(&[pass]).inc();
         // Cheap checks first: a refused tensor never reaches the VNode, whose state stays valid,
@@ -161,6 +162,7 @@ fn count_outbound(o: &Outbound) {
     let kind = match o {
         Outbound::Forward { .. } => "forward",
         Outbound::Backward { .. } => "backward",
+        Outbound::Sync { .. } => "sync",
         Outbound::Done { compute_us, bytes_in, bytes_out, .. } => {
             PNODE.vnode_steps.inc();
             PNODE.compute_us.inc_by(*compute_us);

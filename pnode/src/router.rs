@@ -144,15 +144,17 @@ impl Router {
             Some(f) => f.apply(job, from, out),
             None => out,
         };
+        let out = match out.into_delivery() {
+            Ok((to, msg)) => {
+                match self.local(job, to) {
+                    Some(r) => r.do_send(Deliver { generation, msg }),
+                    None => self.egress(convert::inbound_message(&target(to), &msg)),
+                }
+                return;
+            }
+            Err(report) => report,
+        };
         match out {
-            Outbound::Forward { to, port, mb, phase, tensor } => match self.local(job, to) {
-                Some(r) => r.do_send(Deliver { generation, msg: Inbound::Forward { mb, phase, port, tensor } }),
-                None => self.egress(convert::forward_message(&target(to), mb, phase, port, &tensor)),
-            },
-            Outbound::Backward { to, from, mb, tensor } => match self.local(job, to) {
-                Some(r) => r.do_send(Deliver { generation, msg: Inbound::Backward { mb, from, tensor } }),
-                None => self.egress(convert::backward_message(&target(to), mb, from, &tensor)),
-            },
             Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => self.report(
                 job,
                 from,
@@ -178,6 +180,8 @@ impl Router {
                     count,
                 }),
             ),
+            // Delivered above.
+            Outbound::Forward { .. } | Outbound::Backward { .. } | Outbound::Sync { .. } => {}
         }
     }
 

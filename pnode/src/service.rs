@@ -43,6 +43,11 @@ impl v1::p_node_server::PNode for PNodeService {
         if req.in_flight == 0 {
             return Err(Status::invalid_argument("in_flight must be at least 1"));
         }
+        let train_samples = usize::try_from(req.train_samples)
+            .map_err(|_| Status::invalid_argument("train_samples does not fit this machine"))?;
+        if graph.pipelines() > 1 && train_samples == 0 {
+            return Err(Status::invalid_argument("a job with several pipelines must name its train_samples"));
+        }
         let specs = req
             .vnodes
             .iter()
@@ -56,6 +61,7 @@ impl v1::p_node_server::PNode for PNodeService {
                     optimizer: graph.spec.optimizer,
                     root_seed: req.root_seed,
                     in_flight: req.in_flight,
+                    averaging: dcnr_vnode::rounds::Averaging::of(&graph, train_samples),
                 };
                 Ok((spec, (!a.state.is_empty()).then(|| a.state.clone())))
             })

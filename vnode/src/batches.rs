@@ -19,18 +19,31 @@ pub struct BatchPlan {
     samples: usize,
     batch: usize,
     root_seed: u64,
+    shards: u32,
     cached: Option<(u64, Vec<usize>)>,
 }
 
 impl BatchPlan {
     /// A plan over `samples` samples in batches of `batch` (both >= 1).
     pub fn new(samples: usize, batch: usize, root_seed: u64) -> BatchPlan {
-        BatchPlan { samples, batch: batch.max(1), root_seed, cached: None }
+        BatchPlan { samples, batch: batch.max(1), root_seed, shards: 1, cached: None }
     }
 
-    /// Steps in one epoch.
-    pub fn steps_per_epoch(&self) -> u64 {
+    /// The plan split among `shards` data-parallel pipelines: step `s` of pipeline `p` takes
+    /// the batch an unsharded plan numbers `s·shards + p` within the same epoch, so one epoch's
+    /// order is dealt out in turn; the last `batches mod shards` batches of every epoch go unused.
+    pub fn sharded(mut self, shards: u32) -> BatchPlan {
+        self.shards = shards.max(1);
+        self
+    }
+
+    fn batches_per_epoch(&self) -> u64 {
         self.samples.div_ceil(self.batch) as u64
+    }
+
+    /// Steps in one epoch (of each pipeline, when sharded).
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.batches_per_epoch() / u64::from(self.shards)
     }
 
     /// The epoch a step belongs to.
@@ -38,10 +51,16 @@ impl BatchPlan {
         step / self.steps_per_epoch().max(1)
     }
 
-    /// Sample indices of `step`.
+    /// Sample indices of `step` (of pipeline 0, when sharded).
     pub fn indices(&mut self, step: u64) -> Vec<usize> {
+        self.shard_indices(step, 0)
+    }
+
+    /// Sample indices of step `step` of pipeline `shard`.
+    pub fn shard_indices(&mut self, step: u64, shard: u32) -> Vec<usize> {
         let spe = self.steps_per_epoch().max(1);
-        let (epoch, within) = (step / spe, (step % spe) as usize);
+        let epoch = step / spe;
+        let within = ((step % spe) * u64::from(self.shards) + u64::from(shard.min(self.shards - 1))) as usize;
         if self.cached.as_ref().map(|c| c.0) != Some(epoch) {
             let mut order: Vec<usize> = (0..self.samples).collect();
             order.shuffle(&mut stream(self.root_seed, Purpose::Shuffle, epoch));
@@ -111,6 +130,8 @@ pub struct Feeder {
     inputs: Vec<Source>,
     data: Arc<Splits>,
     plan: BatchPlan,
+    /// The pipeline whose shard of the data this VNode reads.
+    pipeline: u32,
     eval_batch: usize,
 }
 
@@ -126,8 +147,16 @@ impl Feeder {
         if !node.inputs.iter().any(|s| matches!(s, Source::Features | Source::Labels)) {
             return None;
         }
-        let plan = BatchPlan::new(data.train.len(), batch_size, root_seed);
-        Some(Feeder { vnode: node.id, inputs: node.inputs.clone(), data, plan, eval_batch: eval_batch_size.max(1) })
+        let pipelines = u32::try_from(node.copies.len()).unwrap_or(u32::MAX).max(1);
+        let plan = BatchPlan::new(data.train.len(), batch_size, root_seed).sharded(pipelines);
+        Some(Feeder {
+            vnode: node.id,
+            inputs: node.inputs.clone(),
+            data,
+            plan,
+            pipeline: node.pipeline,
+            eval_batch: eval_batch_size.max(1),
+        })
     }
 
     /// The forward message carrying input `port` of micro-batch `mb`, built from `batch`.
@@ -171,7 +200,7 @@ impl Feeder {
                 if self.data.train.is_empty() {
                     return Err(FeedError::NoTrainingData { vnode });
                 }
-                Ok(self.plan.indices(batch))
+                Ok(self.plan.shard_indices(batch, self.pipeline))
             }
             Phase::Eval => {
                 let samples = self.data.test.len();

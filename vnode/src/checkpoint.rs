@@ -25,6 +25,11 @@ pub enum TensorRole {
     First,
     /// The optimizer's second moment of a parameter.
     Second,
+    /// With several pipelines: a parameter as of the last averaging round, which the next
+    /// round's change is measured from.
+    Anchor,
+    /// With several pipelines: the outer optimizer's momentum of a parameter.
+    OuterMomentum,
 }
 
 /// One tensor's place in the state.

@@ -152,6 +152,13 @@ impl Injector {
                     };
                 }
             }
+            Outbound::Sync { mb, tensor, .. } => {
+                // A cheating copy spoils its share of the average; the copies' end states then
+                // disagree, which the job checks.
+                if let Some(mut rng) = self.hit(job, from, *mb, Phase::Train) {
+                    self.distort(kind, true, tensor, &mut rng);
+                }
+            }
             Outbound::Done { mb, output_sha256, .. } => {
                 // The hash describes what was sent: a node that sent something else cannot report
                 // the honest hash without doing the honest work.

@@ -39,9 +39,9 @@ pub fn init_aux(head: &AuxHead, root_seed: u64, vnode: u32) -> HostParams {
 
 /// Every parameter a VNode holds: the node's own, then its auxiliary head's.
 pub fn init_node(node: &ValidNode, root_seed: u64) -> HostParams {
-    let mut params = init_params(node.kind, root_seed, node.id);
+    let mut params = init_params(node.kind, root_seed, node.origin);
     if let Some(head) = &node.aux {
-        params.extend(init_aux(head, root_seed, node.id));
+        params.extend(init_aux(head, root_seed, node.origin));
     }
     params
 }

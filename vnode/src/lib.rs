@@ -14,6 +14,7 @@ pub mod layer;
 pub mod memory;
 pub mod optim;
 pub mod reference;
+pub mod rounds;
 pub mod sanity;
 pub mod seed;
 mod vnode;

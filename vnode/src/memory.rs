@@ -43,13 +43,11 @@ pub fn train(
         let (to, msg) = queue.swap_remove(pick(queue.len()).min(queue.len() - 1));
         let Some(node) = nodes.get_mut(to as usize) else { continue };
         for out in node.handle(msg)? {
-            match out {
-                Outbound::Forward { to, port, mb, phase, tensor } => {
-                    queue.push((to, Inbound::Forward { mb, phase, port, tensor }))
-                }
-                Outbound::Backward { to, from, mb, tensor } => queue.push((to, Inbound::Backward { mb, from, tensor })),
-                Outbound::Done { mb, .. } => done[(mb - steps.start) as usize] += 1,
-                Outbound::Loss { mb, loss, .. } => losses[(mb - steps.start) as usize] = loss,
+            match out.into_delivery() {
+                Ok(delivery) => queue.push(delivery),
+                Err(Outbound::Done { mb, .. }) => done[(mb - steps.start) as usize] += 1,
+                Err(Outbound::Loss { mb, loss, .. }) => losses[(mb - steps.start) as usize] = loss,
+                Err(_) => {}
             }
         }
         while completed < steps.end && done[(completed - steps.start) as usize] == graph.nodes.len() {

@@ -43,6 +43,8 @@ pub struct VNodeSpec {
     pub root_seed: u64,
     /// Micro-batches in flight (>= 1).
     pub in_flight: u32,
+    /// With several pipelines: when this VNode's copies average, and the outer step.
+    pub averaging: Option<crate::rounds::Averaging>,
 }
 
 impl VNodeSpec {
@@ -53,7 +55,10 @@ impl VNodeSpec {
         let params = self.node.param_count() as u64;
         let acts = (batch * self.node.output_width) as u64;
         let k = u64::from(self.in_flight.max(1));
-        4 * (params * (3 + k) + acts * (2 + k))
+        // Averaging keeps an anchor and an outer momentum, and holds every copy's change of a round.
+        let copies = self.node.copies.len() as u64;
+        let averaging = if copies > 1 { 2 + copies } else { 0 };
+        4 * (params * (3 + k + averaging) + acts * (2 + k))
     }
 }
 
@@ -80,13 +85,26 @@ pub enum Inbound {
         /// `[batch, width]` gradient.
         tensor: HostTensor,
     },
+    /// A copy's change of parameter tensor `index` in the round closed by step `mb`.
+    Sync {
+        /// The step whose update closed the round.
+        mb: u64,
+        /// The copy (VNode id) that sent it.
+        from: u32,
+        /// Which parameter tensor, in canonical order.
+        index: u32,
+        /// The change since the last round, in the job's outer wire format.
+        tensor: HostTensor,
+    },
 }
 
 impl Inbound {
     /// The tensor it carries.
     pub fn tensor(&self) -> &HostTensor {
         match self {
-            Inbound::Forward { tensor, .. } | Inbound::Backward { tensor, .. } => tensor,
+            Inbound::Forward { tensor, .. } | Inbound::Backward { tensor, .. } | Inbound::Sync { tensor, .. } => {
+                tensor
+            }
         }
     }
 }
@@ -118,6 +136,20 @@ pub enum Outbound {
         /// The gradient.
         tensor: HostTensor,
     },
+    /// This VNode's change of parameter tensor `index` in the round closed by step `mb`, for
+    /// its copy `to`.
+    Sync {
+        /// The copy (VNode id) it is for.
+        to: u32,
+        /// This VNode.
+        from: u32,
+        /// The step whose update closed the round.
+        mb: u64,
+        /// Which parameter tensor.
+        index: u32,
+        /// The change, packed in the job's outer wire format.
+        tensor: HostTensor,
+    },
     /// Training micro-batch `mb` is complete here: its update is applied.
     Done {
         /// Micro-batch index.
@@ -146,6 +178,18 @@ pub enum Outbound {
         /// Samples in the micro-batch.
         count: u32,
     },
+}
+
+impl Outbound {
+    /// A message for another VNode as (its id, what it receives); a report comes back as it is.
+    pub fn into_delivery(self) -> Result<(u32, Inbound), Outbound> {
+        match self {
+            Outbound::Forward { to, port, mb, phase, tensor } => Ok((to, Inbound::Forward { mb, phase, port, tensor })),
+            Outbound::Backward { to, from, mb, tensor } => Ok((to, Inbound::Backward { mb, from, tensor })),
+            Outbound::Sync { to, from, mb, index, tensor } => Ok((to, Inbound::Sync { mb, from, index, tensor })),
+            report @ (Outbound::Done { .. } | Outbound::Loss { .. }) => Err(report),
+        }
+    }
 }
 
 /// Why a VNode refused a message or failed.
@@ -180,6 +224,9 @@ pub enum VNodeError {
     /// A label out of range.
     #[error("vnode {vnode}: micro-batch {mb}: label {label} is not in 0..{classes}")]
     Label { vnode: u32, mb: u64, label: i32, classes: usize },
+    /// A parameter change that does not belong to a round of this VNode.
+    #[error("vnode {vnode}: parameter change from {from} for step {mb}: {detail}")]
+    Round { vnode: u32, from: u32, mb: u64, detail: String },
 }
 
 impl VNodeError {
@@ -256,6 +303,27 @@ pub struct VNode {
     /// What each raw pixel byte of a features input stands for (`[data] normalize`); without
     /// it, pixels are refused.
     pixel_values: Option<Box<[f32; 256]>>,
+    /// With several pipelines and parameters: the averaging rounds with this VNode's copies.
+    rounds: Option<Box<Rounds>>,
+}
+
+/// A VNode's part in its copies' averaging rounds.
+struct Rounds {
+    averaging: crate::rounds::Averaging,
+    /// This VNode's pipeline: its place in `copies`.
+    me: usize,
+    /// The VNode ids of the copies, by pipeline.
+    copies: Vec<u32>,
+    /// Parameters as of the last round.
+    anchor: Vec<Vec<f32>>,
+    /// Outer momentum per parameter (empty until the first nesterov round).
+    momentum: Vec<Vec<f32>>,
+    /// Shapes of the parameters.
+    shapes: Vec<Vec<usize>>,
+    /// Changes by round (closing step), by pipeline, by parameter.
+    changes: BTreeMap<u64, Vec<Vec<Option<Vec<f32>>>>>,
+    /// The round this VNode closed and waits on, with the `Done` it reports once it is applied.
+    open: Option<(u64, Outbound)>,
 }
 
 impl VNode {
@@ -284,7 +352,34 @@ impl VNode {
             saved: BTreeMap::new(),
             received: BTreeMap::new(),
             pixel_values: None,
+            rounds: None,
         }
+        .with_rounds(None)
+    }
+
+    /// Joins the copies' rounds when the spec asks for averaging, with `restored` (anchor,
+    /// momentum) from a checkpoint, or else the current parameters as the anchor.
+    fn with_rounds(mut self, restored: Option<(Vec<Vec<f32>>, Vec<Vec<f32>>)>) -> VNode {
+        let node = &self.spec.node;
+        let Some(averaging) = self.spec.averaging else { return self };
+        let me = node.copies.iter().position(|&c| c == node.id);
+        let current = self.params().unwrap_or_default();
+        let (Some(me), false, false) = (me, node.copies.len() < 2, current.is_empty()) else { return self };
+        let shapes = current.iter().map(|t| t.shape.clone()).collect();
+        let (anchor, momentum) = restored.unwrap_or_else(|| {
+            (current.iter().map(|t| t.as_f32().map(<[f32]>::to_vec).unwrap_or_default()).collect(), Vec::new())
+        });
+        self.rounds = Some(Box::new(Rounds {
+            averaging,
+            me,
+            copies: node.copies.clone(),
+            anchor,
+            momentum,
+            shapes,
+            changes: BTreeMap::new(),
+            open: None,
+        }));
+        self
     }
 
     /// This VNode accepting raw u8 pixels on its features port, normalised with `n` exactly as
@@ -301,7 +396,8 @@ impl VNode {
         let drained = self.next_f == self.next_b
             && self.train_inputs.is_empty()
             && self.grads.is_empty()
-            && self.saved.is_empty();
+            && self.saved.is_empty()
+            && self.rounds.as_ref().is_none_or(|r| r.open.is_none() && r.changes.is_empty());
         if !drained {
             return Err(VNodeError::NotDrained { vnode: self.id(), next_f: self.next_f, next_b: self.next_b });
         }
@@ -324,6 +420,14 @@ impl VNode {
             for (i, m) in moments.iter().enumerate() {
                 if let Some(m) = m {
                     push(role, i, None, m)?;
+                }
+            }
+        }
+        if let Some(r) = &self.rounds {
+            for (role, values) in [(TensorRole::Anchor, &r.anchor), (TensorRole::OuterMomentum, &r.momentum)] {
+                for (i, v) in values.iter().enumerate() {
+                    tensors.push(TensorEntry { role, index: i, version: None, shape: r.shapes[i].clone() });
+                    data.push(v.clone());
                 }
             }
         }
@@ -358,6 +462,7 @@ impl VNode {
         let n = shapes.len();
         let mut versions: std::collections::BTreeMap<u64, Vec<Option<Tensor<2>>>> = Default::default();
         let (mut first, mut second) = (vec![None; n], vec![None; n]);
+        let (mut anchor, mut momentum) = (vec![None; n], vec![None; n]);
         for (entry, values) in header.tensors.iter().zip(data) {
             let Some(shape) = shapes.get(entry.index) else {
                 return Err(mismatch(format!("tensor index {} beyond {n} parameters", entry.index)));
@@ -365,13 +470,24 @@ impl VNode {
             if &entry.shape != shape {
                 return Err(mismatch(format!("shape {:?} where the graph says {:?}", entry.shape, shape)));
             }
+            match entry.role {
+                TensorRole::Anchor => {
+                    anchor[entry.index] = Some(values);
+                    continue;
+                }
+                TensorRole::OuterMomentum => {
+                    momentum[entry.index] = Some(values);
+                    continue;
+                }
+                _ => {}
+            }
             let t = HostTensor::f32(entry.shape.clone(), values).into_burn(&fresh.device);
             let slot = match entry.role {
                 TensorRole::Param => &mut versions
                     .entry(entry.version.unwrap_or(header.updates))
                     .or_insert_with(|| vec![None; n])[entry.index],
                 TensorRole::First => &mut first[entry.index],
-                TensorRole::Second => &mut second[entry.index],
+                TensorRole::Second | TensorRole::Anchor | TensorRole::OuterMomentum => &mut second[entry.index],
             };
             *slot = t;
         }
@@ -394,6 +510,16 @@ impl VNode {
         }
         fresh.next_f = header.updates;
         fresh.next_b = header.updates;
+        if fresh.rounds.is_some() {
+            let anchor: Option<Vec<Vec<f32>>> = anchor.into_iter().collect();
+            let Some(anchor) = anchor else {
+                return Err(mismatch("the state of an averaging VNode lacks its anchor".into()));
+            };
+            // Momentum appears with the first nesterov round, for every parameter at once.
+            let momentum: Vec<Vec<f32>> = momentum.into_iter().collect::<Option<_>>().unwrap_or_default();
+            fresh.rounds = None;
+            fresh = fresh.with_rounds(Some((anchor, momentum)));
+        }
         Ok(fresh)
     }
 
@@ -511,9 +637,107 @@ impl VNode {
                 entry[slot] = Some(tensor);
                 *self.received.entry(mb).or_default() += wire_bytes;
             }
+            Inbound::Sync { mb, from, index, tensor } => {
+                self.take_change(mb, from, index, tensor)?;
+                self.close_round(&mut out)?;
+            }
         }
         self.pump(&mut out)?;
         Ok(out)
+    }
+
+    /// Keeps copy `from`'s change of parameter `index` for the round closed by step `mb`: the
+    /// round this VNode waits on, or its next one (a copy may get there first).
+    fn take_change(&mut self, mb: u64, from: u32, index: u32, tensor: HostTensor) -> Result<(), VNodeError> {
+        let (vnode, next_f, next_b) = (self.id(), self.next_f, self.next_b);
+        let Some(r) = self.rounds.as_mut() else {
+            return Err(VNodeError::Round { vnode, from, mb, detail: "this VNode averages with no copies".into() });
+        };
+        let refuse = |detail: String| VNodeError::Round { vnode, from, mb, detail };
+        let Some(p) = r.copies.iter().position(|&c| c == from).filter(|&p| p != r.me) else {
+            return Err(refuse(format!("{from} is not one of its copies {:?}", r.copies)));
+        };
+        let Some(shape) = r.shapes.get(index as usize) else {
+            return Err(refuse(format!("no parameter {index} (it has {})", r.shapes.len())));
+        };
+        if tensor.shape != *shape || tensor.as_f32().is_none() || !tensor.is_consistent() {
+            return Err(refuse(format!("parameter {index} is f32 {shape:?}, got {:?}", tensor.shape)));
+        }
+        let open = r.open.as_ref().map(|o| o.0);
+        let plan = r.averaging.plan;
+        if open != Some(mb) && mb < next_b {
+            // That round is applied: a late or repeated message.
+            return Err(VNodeError::Window { vnode, mb, what: "parameter change", next_f, next_b });
+        }
+        let next_round = (next_b..=next_b.saturating_add(plan.every())).find(|&m| plan.closes_round(m));
+        if open != Some(mb) && next_round != Some(mb) {
+            return Err(refuse(format!("no round of this VNode closes at step {mb} (next: {next_round:?})")));
+        }
+        let (copies, params) = (r.copies.len(), r.shapes.len());
+        let round = r.changes.entry(mb).or_insert_with(|| vec![vec![None; params]; copies]);
+        let slot = &mut round[p][index as usize];
+        if slot.is_some() {
+            return Err(VNodeError::Duplicate { vnode, mb, what: "parameter change" });
+        }
+        *slot = tensor.as_f32().map(<[f32]>::to_vec);
+        Ok(())
+    }
+
+    /// Opens the round closed by the update of step `mb`: sends this VNode's change to every
+    /// copy and holds `done` until the round is applied.
+    fn open_round(&mut self, mb: u64, done: Outbound, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
+        let current = self.params()?;
+        let id = self.id();
+        let Some(r) = self.rounds.as_mut() else {
+            out.push(done);
+            return Ok(());
+        };
+        let (copies, params) = (r.copies.len(), r.shapes.len());
+        let round = r.changes.entry(mb).or_insert_with(|| vec![vec![None; params]; copies]);
+        for (i, (t, anchor)) in current.iter().zip(&r.anchor).enumerate() {
+            let change = crate::rounds::change(t.as_f32().unwrap_or(&[]), anchor);
+            let (packed, own) = crate::rounds::encode_change(change, t.shape.clone(), &r.averaging.outer);
+            for (p, &to) in r.copies.iter().enumerate() {
+                if p != r.me {
+                    out.push(Outbound::Sync { to, from: id, mb, index: i as u32, tensor: packed.clone() });
+                }
+            }
+            round[r.me][i] = own.as_f32().map(<[f32]>::to_vec);
+        }
+        r.open = Some((mb, done));
+        self.close_round(out)
+    }
+
+    /// Applies the open round once every copy's change is in: the outer step on the sum of the
+    /// changes in pipeline order, which makes the round's result the current parameters.
+    fn close_round(&mut self, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
+        let Some(r) = self.rounds.as_mut() else { return Ok(()) };
+        let Some(mb) = r.open.as_ref().map(|o| o.0) else { return Ok(()) };
+        let complete = r.changes.get(&mb).is_some_and(|c| c.iter().all(|p| p.iter().all(Option::is_some)));
+        if !complete {
+            return Ok(());
+        }
+        let changes = r.changes.remove(&mb).unwrap_or_default();
+        let n = r.shapes.len();
+        r.momentum.resize(n, Vec::new());
+        let mut updated = Vec::with_capacity(n);
+        for i in 0..n {
+            let of_copies: Vec<&[f32]> = changes.iter().map(|p| p[i].as_deref().unwrap_or(&[])).collect();
+            crate::rounds::outer_step(&r.averaging.outer, &mut r.anchor[i], &mut r.momentum[i], &of_copies);
+            updated.push(HostTensor::f32(r.shapes[i].clone(), r.anchor[i].clone()));
+        }
+        if r.momentum.iter().all(Vec::is_empty) {
+            r.momentum.clear();
+        }
+        let done = r.open.take().map(|o| o.1);
+        let device = self.device.clone();
+        let tensors: Option<Vec<Tensor<2>>> = updated.into_iter().map(|t| t.into_burn(&device)).collect();
+        let tensors = tensors.ok_or_else(|| self.backend("averaged parameters".into()))?;
+        if let Some(v) = self.versions.back_mut() {
+            v.1 = tensors;
+        }
+        out.extend(done);
+        Ok(())
     }
 
     /// The cheap checks of an inbound tensor, naming its sender: dtype, shape, NaN/Inf and
@@ -548,6 +772,18 @@ impl VNode {
                     _ => check_f32(tensor, &[None, Some(node.output_width)]),
                 };
                 checked.map_err(|error| Rejection { to: node.id, mb: *mb, from, what, error })
+            }
+            Inbound::Sync { mb, from, tensor, .. } => {
+                if !self.rounds.as_ref().is_some_and(|r| r.copies.contains(from)) {
+                    return Ok(());
+                }
+                check_f32(tensor, &[None, None]).map_err(|error| Rejection {
+                    to: node.id,
+                    mb: *mb,
+                    from: Sender::VNode(*from),
+                    what: "parameter change",
+                    error,
+                })
             }
             Inbound::Backward { mb, from, tensor } => {
                 if !self.grad_from.contains(from) {
@@ -646,6 +882,10 @@ impl VNode {
 
     fn pump(&mut self, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
         loop {
+            if self.rounds.as_ref().is_some_and(|r| r.open.is_some()) {
+                // Nothing runs on parameters a round is about to replace.
+                return Ok(());
+            }
             let f_ready = self.next_b >= self.needed_version(self.next_f)
                 && self.train_inputs.get(&self.next_f).is_some_and(|v| v.iter().all(Option::is_some));
             if f_ready {
@@ -910,7 +1150,11 @@ impl VNode {
         }
         let compute_us = saved.forward_us + started.elapsed().as_micros() as u64;
         let cpu_us = saved.forward_cpu_us + cpu_us(cpu);
-        out.push(Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256: saved.output_sha256 });
+        let done = Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256: saved.output_sha256 };
+        if self.rounds.as_ref().is_some_and(|r| r.averaging.plan.closes_round(mb)) {
+            return self.open_round(mb, done, out);
+        }
+        out.push(done);
         Ok(())
     }
 
@@ -939,6 +1183,9 @@ fn unpack_message(msg: Inbound) -> Inbound {
         }
         Inbound::Backward { mb, from, tensor } => {
             Inbound::Backward { mb, from, tensor: crate::compact::unpack(tensor) }
+        }
+        Inbound::Sync { mb, from, index, tensor } => {
+            Inbound::Sync { mb, from, index, tensor: crate::compact::unpack(tensor) }
         }
     }
 }

@@ -87,7 +87,7 @@ fn mesh(g: &ValidGraph, steps: u64, in_flight: u32, order_seed: u64) -> (Vec<Vec
     let mut nodes: Vec<VNode> = g
         .nodes
         .iter()
-        .map(|n| VNode::new(VNodeSpec { node: n.clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight }))
+        .map(|n| VNode::new(VNodeSpec { node: n.clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight, averaging: None }))
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(order_seed);
     let losses = memory::train(g, &mut nodes, 0..steps, in_flight, labelled_batch, |n| rng.random_range(0..n)).unwrap();
@@ -152,6 +152,7 @@ fn mesh_with_restart(g: &ValidGraph, first: u64, total: u64, in_flight: u32) -> 
         optimizer: g.spec.optimizer,
         root_seed: 9,
         in_flight,
+        averaging: None,
     };
     let mut nodes: Vec<VNode> = g.nodes.iter().map(|n| VNode::new(spec(n))).collect();
     let last = |n: usize| n - 1;
@@ -177,7 +178,7 @@ fn snapshot_and_restore_midway_changes_nothing() {
 fn corrupt_or_foreign_state_is_refused() {
     let g = graph("adam");
     let spec =
-        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 1 };
+        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 1, averaging: None };
     let state = VNode::new(spec(0)).snapshot().unwrap();
     assert!(VNode::restore(spec(2), &state).is_err(), "state of fc1 must not load into fc2");
     let mut cut = state.clone();
@@ -194,7 +195,7 @@ fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
     use dcnr_vnode::{Inbound, Phase};
     let g = graph("sgd");
     let spec =
-        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 1 };
+        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 1, averaging: None };
     let act1 = VNode::new(spec(1));
     let fwd = |t: HostTensor| Inbound::Forward { mb: 0, phase: Phase::Train, port: 0, tensor: t };
     let good = HostTensor::f32(vec![5, 8], vec![0.5; 40]);
@@ -272,7 +273,7 @@ fn local_mode_block_output_takes_no_gradient_and_evaluates_without_labels() {
     use dcnr_vnode::{Inbound, Outbound, Phase, VNodeError};
     let g = local_graph("adam", 0);
     let spec =
-        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 4 };
+        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 4, averaging: None };
     let mut act1 = VNode::new(spec(1));
     let x = HostTensor::f32(vec![5, 8], vec![0.5; 40]);
     let labels = HostTensor::i32(vec![5], vec![0, 1, 2, 0, 1]);

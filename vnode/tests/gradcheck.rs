@@ -88,6 +88,7 @@ fn vnode(node: &ValidNode) -> VNode {
         optimizer: OptimizerSpec::Sgd { lr: 1.0, momentum: 0.0 },
         root_seed: SEED,
         in_flight: 1,
+        averaging: None,
     })
 }
 
@@ -406,7 +407,7 @@ fn route(nodes: &mut [Option<VNode>], mut queue: Vec<(u32, Inbound)>) -> (Vec<(u
                     }
                 }
                 Outbound::Loss { loss, .. } => losses.push(loss),
-                Outbound::Done { .. } => {}
+                Outbound::Done { .. } | Outbound::Sync { .. } => {}
             }
         }
     }

@@ -160,6 +160,7 @@ impl JobActor {
                     generation,
                     dataset,
                     readers,
+                    train_samples: self.core.train_samples() as u64,
                 };
                 ctx.spawn(pnodes::allocate_all(common, allocations).into_actor(self).map(move |result, act, ctx| {
                     act.input(ctx, Input::Allocated { generation, result });

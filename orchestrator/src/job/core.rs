@@ -356,6 +356,7 @@ pub struct DataSizes {
 pub struct JobCore {
     pub(super) spec: JobSpec,
     pub(super) plan: BatchPlan,
+    train_len: usize,
     test_len: usize,
     stage: Stage,
     awaiting: Option<Awaiting>,
@@ -454,6 +455,7 @@ impl JobCore {
             .collect();
         let mut core = JobCore {
             plan,
+            train_len: sizes.train,
             test_len: sizes.test,
             stage: Stage::Placing,
             awaiting: None,
@@ -524,6 +526,11 @@ impl JobCore {
         }
         core.rollback_point = core.spec.resume.clone();
         core
+    }
+
+    /// Samples in the training split.
+    pub fn train_samples(&self) -> usize {
+        self.train_len
     }
 
     /// The job's spec.

@@ -52,6 +52,8 @@ pub struct AllocateCommon {
     pub dataset: Option<DatasetRef>,
     /// VNodes that read features or labels.
     pub readers: BTreeSet<u32>,
+    /// Samples in the training split (with several pipelines, it fixes when rounds close).
+    pub train_samples: u64,
 }
 
 /// A dataset pack as an allocation names it.
@@ -83,6 +85,7 @@ pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) 
             vnodes: a.vnodes.into_iter().map(|(vnode, state)| v1::VNodeAssignment { vnode, state }).collect(),
             dataset_sha256: dataset.map(|d| d.sha256.clone()).unwrap_or_default(),
             dataset_bytes: dataset.map_or(0, |d| d.bytes),
+            train_samples: common.train_samples,
         };
         let deadline = allocate_deadline(dataset.map(|d| d.bytes));
         let (pnode, endpoint) = (a.pnode, a.endpoint);
