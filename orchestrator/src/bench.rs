@@ -174,7 +174,7 @@ fn trained_vnodes(envelope: &Envelope) -> anyhow::Result<(Vec<dcnr_vnode::VNodeS
     let mut nodes: Vec<VNode> = specs.iter().cloned().map(VNode::new).collect();
     let b = g.spec.training.batch_size;
     let (w, c) = (g.spec.data.feature_size, g.spec.data.classes);
-    let batch = |_| {
+    let batch = |_, _| {
         let x = HostTensor::f32(vec![b, w], (0..b * w).map(|i| ((i % 17) as f32) / 17.0).collect());
         (x, HostTensor::i32(vec![b], (0..b).map(|i| (i % c) as i32).collect()))
     };

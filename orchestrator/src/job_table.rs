@@ -137,9 +137,17 @@ impl JobTable {
         // PNodes build the job's micro-batches from the dataset's pack, which the job publishes
         // on its own thread (hashing it here would hold up the registry); it must be packable.
         dcnr_model::dataset::pack_len(&data).map_err(|e| SubmitError::Data(e.to_string()))?;
+        let rounds = dcnr_vnode::rounds::RoundPlan::new(&graph, data.train.len());
+        if rounds.steps_per_epoch() == 0 {
+            return Err(SubmitError::Setting(format!(
+                "{} training samples make fewer batches of {} than there are pipelines ({})",
+                data.train.len(),
+                graph.spec.training.batch_size,
+                graph.pipelines()
+            )));
+        }
         let t = &graph.spec.training;
-        let spe = data.train.len().div_ceil(t.batch_size) as u64;
-        let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
+        let steps = rounds.steps();
         let job_id = match &resolved.envelope.ctx.job_id {
             Some(id) if resume.is_some() => {
                 if self.jobs.get(id).is_some_and(|e| !e.status.state.is_final()) {
@@ -197,6 +205,8 @@ impl JobTable {
             error: None,
             summary: None,
             recoveries: Vec::new(),
+            pipelines: spec.graph.pipelines(),
+            rounds: 0,
         };
         if let Some(store) = self.store.clone() {
             // The job is recorded as active before it runs, so an orchestrator that crashes and

@@ -9,7 +9,8 @@ use dcnr_model::TrainingMode;
 use dcnr_model::dataset::ImageSet;
 use dcnr_model::envelope::Envelope;
 use dcnr_vnode::batches::BatchPlan;
-use dcnr_vnode::reference::Reference;
+use dcnr_vnode::reference::Pipelines;
+use dcnr_vnode::rounds::RoundPlan;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -30,12 +31,21 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
     let t = &graph.spec.training;
     let norm = graph.spec.data.normalize;
     let seed = resolved.root_seed;
-    let mut plan = BatchPlan::new(splits.train.len(), t.batch_size, seed);
-    let spe = plan.steps_per_epoch();
-    let steps = t.steps.unwrap_or(spe * u64::from(t.epochs));
-    let mut reference = Reference::new(&graph, graph.spec.optimizer, seed);
+    let pipelines = graph.pipelines();
+    let mut plan = BatchPlan::new(splits.train.len(), t.batch_size, seed).sharded(pipelines);
+    let rounds = RoundPlan::new(&graph, splits.train.len());
+    let (spe, steps) = (rounds.steps_per_epoch(), rounds.steps());
+    if spe == 0 {
+        return Err(anyhow!(
+            "{} training samples make fewer batches of {} than there are pipelines ({pipelines})",
+            splits.train.len(),
+            t.batch_size
+        ));
+    }
+    let mut reference =
+        Pipelines::new(&graph, graph.spec.optimizer, seed, splits.train.len()).map_err(|e| anyhow!(e))?;
     let batch = |set: &ImageSet, idx: &[usize]| crate::data::batch(set, idx, norm);
-    let evaluate = |r: &Reference| -> anyhow::Result<(f64, f64)> {
+    let evaluate = |r: &Pipelines| -> anyhow::Result<(f64, f64)> {
         let (mut correct, mut loss, n) = (0u64, 0f64, splits.test.len());
         for s in (0..n).step_by(t.eval_batch_size) {
             let idx: Vec<usize> = (s..(s + t.eval_batch_size).min(n)).collect();
@@ -51,13 +61,16 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
     let mut mark = (Instant::now(), 0u64);
     for step in 0..steps {
         let t0 = Instant::now();
-        let idx = plan.indices(step);
-        let (x, y) = batch(&splits.train, &idx);
-        let r = reference.train_step(&x, &y).map_err(|e| anyhow!(e))?;
+        let batches: Vec<_> =
+            (0..pipelines).map(|p| batch(&splits.train, &plan.shard_indices(step, p))).collect();
+        let results = reference.train_step(step, &batches).map_err(|e| anyhow!(e))?;
         train_time += t0.elapsed();
-        window = (window.0 + f64::from(r.loss), window.1 + 1);
+        for r in results {
+            window = (window.0 + f64::from(r.loss), window.1 + 1);
+        }
         if mark.0.elapsed() >= Duration::from_millis(500) {
-            let rate = (step + 1 - mark.1) as f64 * t.batch_size as f64 / mark.0.elapsed().as_secs_f64();
+            let rate = (step + 1 - mark.1) as f64 * (t.batch_size as f64 * f64::from(pipelines))
+                / mark.0.elapsed().as_secs_f64();
             last_loss = Some(window.0 / f64::from(window.1));
             if let Some(p) = progress.as_mut() {
                 p.update(step + 1, steps, last_loss.unwrap_or(0.0) as f32, rate, plan.epoch_of(step) as u32);
@@ -97,12 +110,14 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
         test_loss: test.map(|t| t.1),
         train_loss: last_loss,
         wall_s: started.elapsed().as_secs_f64(),
-        samples_per_s: steps as f64 * t.batch_size as f64 / train_time.as_secs_f64().max(1e-9),
+        samples_per_s: steps as f64 * t.batch_size as f64 * f64::from(pipelines) / train_time.as_secs_f64().max(1e-9),
         pnodes: 0,
         in_flight: if local { graph.spec.training.in_flight } else { 1 },
         batch_size: t.batch_size,
         params_sha256: Some(all),
-        vnodes: vnode_summaries(&graph, &each, |_| "local".into()),
+        vnodes: vnode_summaries(&graph.pipeline_zero(), &each, |_| "local".into()),
         error: None,
+        pipelines,
+        rounds: rounds.rounds_through(steps),
     })
 }

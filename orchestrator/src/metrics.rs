@@ -190,6 +190,8 @@ mod tests {
     fn renders_jobs_by_state_and_counts_reports() {
         let status = |id: &str, state| JobStatus {
             recoveries: Vec::new(),
+            pipelines: 1,
+            rounds: 0,
             job_id: id.into(),
             state,
             model: "m".into(),

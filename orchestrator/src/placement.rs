@@ -24,6 +24,8 @@ pub struct Demand {
     pub vnode: u32,
     /// Consecutive demands of one unit go to one PNode when they fit.
     pub unit: u32,
+    /// Its data-parallel pipeline: each pipeline gets PNodes of its own when there are enough.
+    pub group: u32,
     /// Relative compute cost of one step.
     pub work: u64,
     /// Bytes of memory it needs.
@@ -109,6 +111,7 @@ pub fn demands(graph: &ValidGraph, root_seed: u64, in_flight: u32) -> Vec<Demand
             Demand {
                 vnode: id,
                 unit: if graph.mode() == TrainingMode::Local { n.block } else { id },
+                group: n.pipeline,
                 work: (n.param_count() as u64).saturating_add(batch.saturating_mul(n.output_width as u64)),
                 memory: vspec.memory_estimate(batch as usize),
             }
@@ -157,6 +160,22 @@ pub fn place<O: Borrow<Offer>>(
         return Err(PlacementError::NoPNodes);
     }
     let all: Vec<&Offer> = offers.iter().map(Borrow::borrow).collect();
+    let groups = demands.iter().map(|d| d.group as usize + 1).max().unwrap_or(1);
+    if groups > 1 && all.len() >= groups && max_pnodes >= groups {
+        // Each pipeline on PNodes of its own: the strongest offers dealt out in turn, so the
+        // copies, which wait for one another every round, get alike shares.
+        let ranked = strongest(&all, all.len().min(max_pnodes));
+        let mut out = Vec::with_capacity(demands.len());
+        for g in 0..groups {
+            let mine: Vec<&Offer> = ranked.iter().skip(g).step_by(groups).copied().collect();
+            let group: Vec<Demand> = demands.iter().filter(|d| d.group as usize == g).cloned().collect();
+            if !group.is_empty() {
+                out.extend(place(&group, &mine, (max_pnodes / groups).max(1))?);
+            }
+        }
+        out.sort_by_key(|p| p.0);
+        return Ok(out);
+    }
     let mut units: Vec<std::ops::Range<usize>> = Vec::new();
     for (i, d) in demands.iter().enumerate() {
         match units.last_mut() {
@@ -263,10 +282,31 @@ mod tests {
     use proptest::prelude::*;
 
     fn d(vnode: u32, work: u64) -> Demand {
-        Demand { vnode, unit: vnode, work, memory: 10 }
+        Demand { vnode, unit: vnode, group: 0, work, memory: 10 }
     }
     fn o(p: &str, cores: u32) -> Offer {
         Offer { pnode: p.into(), cores, memory: 0 }
+    }
+
+    #[test]
+    fn each_pipeline_gets_pnodes_of_its_own_when_there_are_enough() {
+        let copy = |g: u32| (0..6).map(move |i| Demand { vnode: g * 6 + i, unit: g * 6 + i, group: g, work: 10, memory: 10 });
+        let ds: Vec<Demand> = copy(0).chain(copy(1)).collect();
+        let offers = [o("a", 2), o("b", 2), o("c", 2), o("d", 2)];
+        let p = place(&ds, &offers, 8).unwrap();
+        let hosts = |g: u32| -> std::collections::BTreeSet<String> {
+            p.iter().filter(|x| x.0 / 6 == g).map(|x| x.1.clone()).collect()
+        };
+        assert_eq!(hosts(0).len(), 2, "{p:?}");
+        assert_eq!(hosts(1).len(), 2, "{p:?}");
+        assert!(hosts(0).is_disjoint(&hosts(1)), "{p:?}");
+        // Fewer PNodes than pipelines: the copies share them.
+        let p = place(&ds, &[o("a", 2)], 8).unwrap();
+        assert!(p.iter().all(|x| x.1 == "a"));
+        // Two PNodes, two pipelines: one each.
+        let p = place(&ds, &offers[..2], 8).unwrap();
+        assert!(p.iter().filter(|x| x.0 < 6).all(|x| x.1 == p[0].1));
+        assert!(p.iter().filter(|x| x.0 >= 6).all(|x| x.1 != p[0].1));
     }
 
     #[test]
@@ -280,7 +320,7 @@ mod tests {
 
     #[test]
     fn memory_is_a_hard_limit_and_empty_inputs_fail() {
-        let ds = [Demand { vnode: 0, unit: 0, work: 1, memory: 100 }];
+        let ds = [Demand { vnode: 0, unit: 0, group: 0, work: 1, memory: 100 }];
         let off = [Offer { pnode: "a".into(), cores: 1, memory: 50 }];
         assert!(matches!(place(&ds, &off, 8), Err(PlacementError::Memory { .. })));
         assert_eq!(place::<Offer>(&ds, &[], 8), Err(PlacementError::NoPNodes));
@@ -290,7 +330,7 @@ mod tests {
     #[test]
     fn a_run_too_big_for_its_rank_goes_to_the_next_pnode_it_fits() {
         let ds =
-            [Demand { vnode: 0, unit: 0, work: 10, memory: 100 }, Demand { vnode: 1, unit: 1, work: 1, memory: 100 }];
+            [Demand { vnode: 0, unit: 0, group: 0, work: 10, memory: 100 }, Demand { vnode: 1, unit: 1, group: 0, work: 1, memory: 100 }];
         let off = [
             Offer { pnode: "big-cpu".into(), cores: 32, memory: 50 },
             Offer { pnode: "mid".into(), cores: 8, memory: 200 },
@@ -298,14 +338,14 @@ mod tests {
         ];
         let p = place(&ds, &off, 2).unwrap();
         assert_eq!(p, vec![(0, "mid".to_string()), (1, "small".to_string())]);
-        let e = place(&[Demand { vnode: 0, unit: 0, work: 1, memory: 300 }], &off, 2).unwrap_err();
+        let e = place(&[Demand { vnode: 0, unit: 0, group: 0, work: 1, memory: 300 }], &off, 2).unwrap_err();
         assert!(matches!(&e, PlacementError::Memory { pnode, offer: 200, .. } if pnode == "mid"), "{e}");
     }
 
     #[test]
     fn units_stay_on_one_pnode_unless_they_fit_none() {
         // Local mode's blocks of the MNIST MLP: fc1,relu1 | fc2,relu2 | fc3,loss.
-        let unit = |vnode: u32, work: u64| Demand { vnode, unit: vnode / 2, work, memory: 10 };
+        let unit = |vnode: u32, work: u64| Demand { vnode, unit: vnode / 2, group: 0, work, memory: 10 };
         let ds = [unit(0, 217), unit(1, 16), unit(2, 82), unit(3, 16), unit(4, 3), unit(5, 1)];
         let p = place(&ds, &[o("a", 2), o("b", 2), o("c", 2)], 8).unwrap();
         let on: Vec<&str> = p.iter().map(|x| x.1.as_str()).collect();
@@ -315,7 +355,7 @@ mod tests {
         let on: Vec<&str> = p.iter().map(|x| x.1.as_str()).collect();
         assert_eq!(on, ["a", "a", "b", "b", "b", "b"]);
         // A unit too big for any PNode is split rather than refused.
-        let big = |vnode: u32| Demand { vnode, unit: 0, work: 1, memory: 60 };
+        let big = |vnode: u32| Demand { vnode, unit: 0, group: 0, work: 1, memory: 60 };
         let off =
             [Offer { pnode: "a".into(), cores: 1, memory: 100 }, Offer { pnode: "b".into(), cores: 1, memory: 100 }];
         let p = place(&[big(0), big(1)], &off, 8).unwrap();

@@ -48,6 +48,10 @@ pub struct JobStatus {
     pub summary: Option<JobSummary>,
     /// Relocations so far.
     pub recoveries: Vec<crate::summary::Recovery>,
+    /// Data-parallel pipelines.
+    pub pipelines: u32,
+    /// Averaging rounds closed so far.
+    pub rounds: u64,
 }
 
 /// Something that happened to a job, pushed to watchers.

@@ -54,6 +54,16 @@ pub struct JobSummary {
     /// Relocations after failures or drains, in order.
     #[serde(default)]
     pub recoveries: Vec<Recovery>,
+    /// Data-parallel pipelines (copies of the graph).
+    #[serde(default = "one")]
+    pub pipelines: u32,
+    /// Averaging rounds of the pipelines.
+    #[serde(default)]
+    pub rounds: u64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// One recovery: a move to a new placement generation.

@@ -6,15 +6,15 @@ use dcnr_model::graph::{Source, ValidGraph};
 use std::ops::Range;
 
 /// Trains micro-batches `steps` through `nodes` (indexed by VNode id), keeping at most
-/// `in_flight` incomplete; `batch(mb)` gives features and labels, and `pick(n)` chooses which of
-/// the `n` pending messages is delivered next, so callers can shuffle delivery. Returns the
-/// training loss of every micro-batch, in order.
+/// `in_flight` incomplete; `batch(mb, pipeline)` gives features and labels, and `pick(n)`
+/// chooses which of the `n` pending messages is delivered next, so callers can shuffle delivery.
+/// Returns the training loss of every micro-batch (pipeline 0's), in order.
 pub fn train(
     graph: &ValidGraph,
     nodes: &mut [VNode],
     steps: Range<u64>,
     in_flight: u32,
-    mut batch: impl FnMut(u64) -> (HostTensor, HostTensor),
+    mut batch: impl FnMut(u64, u32) -> (HostTensor, HostTensor),
     mut pick: impl FnMut(usize) -> usize,
 ) -> Result<Vec<f32>, VNodeError> {
     let count = (steps.end - steps.start) as usize;
@@ -24,8 +24,9 @@ pub fn train(
     let (mut fed, mut completed) = (steps.start, steps.start);
     loop {
         while fed < steps.end && fed < completed + u64::from(in_flight.max(1)) {
-            let (x, y) = batch(fed);
+            let inputs: Vec<(HostTensor, HostTensor)> = (0..graph.pipelines()).map(|p| batch(fed, p)).collect();
             for n in &graph.nodes {
+                let Some((x, y)) = inputs.get(n.pipeline as usize) else { continue };
                 for (port, src) in n.inputs.iter().enumerate() {
                     let tensor = match src {
                         Source::Features => x.clone(),
@@ -42,11 +43,12 @@ pub fn train(
         }
         let (to, msg) = queue.swap_remove(pick(queue.len()).min(queue.len() - 1));
         let Some(node) = nodes.get_mut(to as usize) else { continue };
+        let first_pipeline = graph.nodes.get(to as usize).is_some_and(|n| n.pipeline == 0);
         for out in node.handle(msg)? {
             match out.into_delivery() {
                 Ok(delivery) => queue.push(delivery),
                 Err(Outbound::Done { mb, .. }) => done[(mb - steps.start) as usize] += 1,
-                Err(Outbound::Loss { mb, loss, .. }) => losses[(mb - steps.start) as usize] = loss,
+                Err(Outbound::Loss { mb, loss, .. }) if first_pipeline => losses[(mb - steps.start) as usize] = loss,
                 Err(_) => {}
             }
         }

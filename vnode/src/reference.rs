@@ -208,8 +208,117 @@ impl Reference {
         })
     }
 
+    /// Replaces the parameters of node `node` (same count and shapes).
+    pub fn set_params(&mut self, node: usize, params: &[HostTensor]) -> Result<(), String> {
+        let slot = self.params.get_mut(node).ok_or_else(|| format!("no node {node}"))?;
+        if slot.len() != params.len() {
+            return Err(format!("node {node} has {} parameters, not {}", slot.len(), params.len()));
+        }
+        for (p, t) in slot.iter_mut().zip(params) {
+            *p = t.to_burn(&self.device).ok_or_else(|| format!("node {node}: a parameter is not f32 rank 2"))?;
+        }
+        Ok(())
+    }
+
     /// Parameters of every node, by VNode id, in canonical order.
     pub fn params(&self) -> Result<Vec<Vec<HostTensor>>, String> {
         self.params.iter().map(|ps| ps.iter().map(|p| HostTensor::from_burn(p.clone())).collect()).collect()
+    }
+}
+
+/// `pipelines = R` in one process: one [`Reference`] per copy of pipeline 0's graph, copy `p`
+/// trained on shard `p` of the data, and at every round the outer step the VNodes apply, on the
+/// same values in the same order (with one pipeline, plain [`Reference`] training).
+pub struct Pipelines {
+    copies: Vec<Reference>,
+    averaging: Option<crate::rounds::Averaging>,
+    /// Per node, per parameter tensor: the anchor and the outer momentum.
+    anchor: Vec<Vec<Vec<f32>>>,
+    momentum: Vec<Vec<Vec<f32>>>,
+}
+
+impl Pipelines {
+    /// The copies of `graph` (as validated, pipelines included) over a training set of
+    /// `train_samples`, initialised as the VNodes initialise theirs.
+    pub fn new(graph: &ValidGraph, optimizer: OptimizerSpec, root_seed: u64, train_samples: usize) -> Result<Pipelines, String> {
+        let zero = graph.pipeline_zero();
+        let copies: Vec<Reference> =
+            (0..graph.pipelines()).map(|_| Reference::new(&zero, optimizer, root_seed)).collect();
+        let anchor = copies
+            .first()
+            .map(|c| c.params())
+            .transpose()?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|ps| ps.into_iter().map(|p| p.as_f32().map(<[f32]>::to_vec).unwrap_or_default()).collect())
+            .collect();
+        let momentum = vec![Vec::new(); zero.nodes.len()];
+        Ok(Pipelines { copies, averaging: crate::rounds::Averaging::of(graph, train_samples), anchor, momentum })
+    }
+
+    /// Data-parallel copies.
+    pub fn pipelines(&self) -> usize {
+        self.copies.len()
+    }
+
+    /// Step `step` of every copy, `batches[p]` being copy `p`'s (features, labels); closes a
+    /// round when the plan says so. Returns each copy's loss and correct count.
+    pub fn train_step(&mut self, step: u64, batches: &[(HostTensor, Vec<i32>)]) -> Result<Vec<BatchResult>, String> {
+        if batches.len() != self.copies.len() {
+            return Err(format!("{} batches for {} pipelines", batches.len(), self.copies.len()));
+        }
+        let mut results = Vec::with_capacity(batches.len());
+        for (copy, (x, y)) in self.copies.iter_mut().zip(batches) {
+            results.push(copy.train_step(x, y)?);
+        }
+        if self.averaging.is_some_and(|a| a.plan.closes_round(step)) {
+            self.average()?;
+        }
+        Ok(results)
+    }
+
+    /// The round: per node and parameter, every copy's change since the anchor (as it travels,
+    /// in the outer wire format), summed in pipeline order, then the outer step; every copy
+    /// continues from the result.
+    fn average(&mut self) -> Result<(), String> {
+        let Some(averaging) = self.averaging else { return Ok(()) };
+        let params: Vec<Vec<Vec<HostTensor>>> = self.copies.iter().map(Reference::params).collect::<Result<_, _>>()?;
+        for node in 0..self.anchor.len() {
+            let tensors = self.anchor[node].len();
+            if tensors == 0 {
+                continue;
+            }
+            self.momentum[node].resize(tensors, Vec::new());
+            let mut updated = Vec::with_capacity(tensors);
+            for i in 0..tensors {
+                let changes: Vec<Vec<f32>> = params
+                    .iter()
+                    .map(|copy| {
+                        let t = &copy[node][i];
+                        let change = crate::rounds::change(t.as_f32().unwrap_or(&[]), &self.anchor[node][i]);
+                        let (_, own) = crate::rounds::encode_change(change, t.shape.clone(), &averaging.outer);
+                        own.as_f32().map(<[f32]>::to_vec).unwrap_or_default()
+                    })
+                    .collect();
+                let refs: Vec<&[f32]> = changes.iter().map(Vec::as_slice).collect();
+                crate::rounds::outer_step(&averaging.outer, &mut self.anchor[node][i], &mut self.momentum[node][i], &refs);
+                updated.push(HostTensor::f32(params[0][node][i].shape.clone(), self.anchor[node][i].clone()));
+            }
+            for copy in &mut self.copies {
+                copy.set_params(node, &updated)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward-only loss and accuracy of a batch (every copy holds the same parameters after a
+    /// round; copy 0's are evaluated).
+    pub fn evaluate(&self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
+        self.copies.first().ok_or("no pipelines")?.evaluate(features, labels)
+    }
+
+    /// Parameters of every node of pipeline 0, by VNode id.
+    pub fn params(&self) -> Result<Vec<Vec<HostTensor>>, String> {
+        self.copies.first().ok_or("no pipelines")?.params()
     }
 }

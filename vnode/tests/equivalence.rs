@@ -94,7 +94,7 @@ fn mesh(g: &ValidGraph, steps: u64, in_flight: u32, order_seed: u64) -> (Vec<Vec
     (nodes.iter().map(|n| n.params().unwrap()).collect(), losses)
 }
 
-fn labelled_batch(step: u64) -> (HostTensor, HostTensor) {
+fn labelled_batch(step: u64, _pipeline: u32) -> (HostTensor, HostTensor) {
     let (x, y) = batch(step);
     (x, HostTensor::i32(vec![y.len()], y))
 }

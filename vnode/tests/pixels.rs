@@ -102,7 +102,7 @@ fn pixels_normalised_in_the_vnode_train_to_the_reference_bits() {
         &mut fed_floats,
         0..6,
         1,
-        |s| {
+        |s, _| {
             let set = samples(s);
             (HostTensor::f32(vec![5, 6], set.gather_features(&all, norm.mean, norm.std)), labels(&set))
         },
@@ -116,7 +116,7 @@ fn pixels_normalised_in_the_vnode_train_to_the_reference_bits() {
         &mut fed_pixels,
         0..6,
         1,
-        |s| {
+        |s, _| {
             let set = samples(s);
             (HostTensor::u8(vec![5, 6], set.images.clone()), labels(&set))
         },

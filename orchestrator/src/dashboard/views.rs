@@ -277,6 +277,8 @@ mod tests {
     fn status(state: JobState) -> JobStatus {
         JobStatus {
             recoveries: Vec::new(),
+            pipelines: 1,
+            rounds: 0,
             job_id: "j".into(),
             state,
             model: "tiny".into(),

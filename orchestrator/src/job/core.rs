@@ -26,6 +26,7 @@ use dcnr_model::envelope::ArtifactKind;
 use dcnr_model::graph::Source;
 use dcnr_vnode::Phase;
 use dcnr_vnode::batches::BatchPlan;
+use dcnr_vnode::rounds::RoundPlan;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
@@ -356,6 +357,8 @@ pub struct DataSizes {
 pub struct JobCore {
     pub(super) spec: JobSpec,
     pub(super) plan: BatchPlan,
+    /// When the pipelines average (with one pipeline, never).
+    rounds: RoundPlan,
     train_len: usize,
     test_len: usize,
     stage: Stage,
@@ -440,7 +443,9 @@ pub struct JobCore {
 impl JobCore {
     /// A core for `spec` reading data sets of `sizes`, at time `now`.
     pub fn new(spec: JobSpec, sizes: DataSizes, now: Duration) -> JobCore {
-        let plan = BatchPlan::new(sizes.train, spec.graph.spec.training.batch_size, spec.root_seed);
+        let plan = BatchPlan::new(sizes.train, spec.graph.spec.training.batch_size, spec.root_seed)
+            .sharded(spec.graph.pipelines());
+        let rounds = RoundPlan::new(&spec.graph, sizes.train);
         let feeders = spec
             .graph
             .nodes
@@ -455,6 +460,7 @@ impl JobCore {
             .collect();
         let mut core = JobCore {
             plan,
+            rounds,
             train_len: sizes.train,
             test_len: sizes.test,
             stage: Stage::Placing,
@@ -531,6 +537,16 @@ impl JobCore {
     /// Samples in the training split.
     pub fn train_samples(&self) -> usize {
         self.train_len
+    }
+
+    /// Training samples one step consumes: a micro-batch per pipeline.
+    fn samples_per_step(&self) -> f64 {
+        self.spec.graph.spec.training.batch_size as f64 * f64::from(self.spec.graph.pipelines())
+    }
+
+    /// Averaging rounds closed so far.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.rounds_through(self.completed)
     }
 
     /// The job's spec.
@@ -883,9 +899,13 @@ impl JobCore {
         }
     }
 
-    fn feed_targets(&self) -> Vec<FeedTarget> {
+    /// The data inputs to feed: every pipeline's for training; for evaluation pipeline 0's (all
+    /// copies hold the same parameters after a round, and an epoch's end closes one).
+    fn feed_targets(&self, phase: Phase) -> Vec<FeedTarget> {
+        let per_pipeline = self.spec.graph.pipeline_len() as u32;
         self.feeders
             .iter()
+            .filter(|(vnode, _, _)| phase == Phase::Train || *vnode < per_pipeline)
             .map(|(vnode, port, src)| FeedTarget {
                 at: self.vnode_at(*vnode),
                 port: *port,
@@ -912,7 +932,7 @@ impl JobCore {
                     let pos = self.position();
                     let to = pos.feed_to();
                     if self.fed < to {
-                        let targets = self.feed_targets();
+                        let targets = self.feed_targets(Phase::Train);
                         while self.fed < to {
                             let mb = self.fed;
                             self.emit(Effect::Feed {
@@ -955,7 +975,7 @@ impl JobCore {
                 }
                 Stage::Evaluating => {
                     let Some(mut ev) = self.eval.take() else { return };
-                    let targets = self.feed_targets();
+                    let targets = self.feed_targets(Phase::Eval);
                     while ev.outstanding < EVAL_WINDOW && ev.next < ev.batches {
                         let mb = self.eval_seq;
                         self.eval_seq += 1;
@@ -1149,6 +1169,8 @@ impl JobCore {
             error: self.error.clone(),
             summary: None,
             recoveries: self.recoveries.clone(),
+            pipelines: self.spec.graph.pipelines(),
+            rounds: self.rounds(),
         }
     }
 
@@ -1300,7 +1322,7 @@ impl JobCore {
         let (mark, at) = self.rate_mark;
         let dt = self.now.saturating_sub(mark).as_secs_f64();
         if dt >= 1.0 && self.stage == Stage::Training {
-            let batch = self.spec.graph.spec.training.batch_size as f64;
+            let batch = self.samples_per_step();
             self.samples_per_s = self.completed.saturating_sub(at) as f64 * batch / dt;
             self.rate_mark = (self.now, self.completed);
             let since = self.now.saturating_sub(self.started).as_secs_f64();
@@ -1463,15 +1485,17 @@ impl JobCore {
     fn summary(&self, params: Option<&[Vec<Vec<f32>>]>) -> JobSummary {
         let (all, each) = match params {
             Some(p) => {
-                let (a, e) = params_hashes(p);
-                (Some(a), e)
+                // Every copy holds the same parameters (checked in `accept_params`): the job's
+                // are pipeline 0's, as `train-local` reports them.
+                let (a, _) = params_hashes(&p[..self.spec.graph.pipeline_len().min(p.len())]);
+                (Some(a), params_hashes(p).1)
             }
             None => (None, Vec::new()),
         };
         let running = self.train_mark.map(|m| self.now.saturating_sub(m)).unwrap_or_default();
         let train_s = (self.train_time + running).as_secs_f64();
         let batch = self.spec.graph.spec.training.batch_size;
-        let samples = (self.completed as f64) * batch as f64;
+        let samples = (self.completed as f64) * self.samples_per_step();
         let pnodes: BTreeSet<&str> = self.placement.values().map(|p| p.id.as_str()).collect();
         JobSummary {
             job_id: self.spec.job_id.clone(),
@@ -1492,6 +1516,8 @@ impl JobCore {
             }),
             error: self.error.clone(),
             recoveries: self.recoveries.clone(),
+            pipelines: self.spec.graph.pipelines(),
+            rounds: self.rounds(),
         }
     }
 
@@ -1578,7 +1604,38 @@ impl JobCore {
                 return self.invalid_result(Some(p), Some(vnode), None, text);
             }
         }
+        if let Some((p, vnode, text)) = self.copies_disagree(&params) {
+            return self.invalid_result(Some(p), Some(vnode), None, text);
+        }
         self.finish(Some(params))
+    }
+
+    /// With several pipelines, the first copy whose end state differs from pipeline 0's (after
+    /// the last round every copy must hold the same bits): its PNode, the VNode and why.
+    fn copies_disagree(&self, params: &Params) -> Option<(PNodeView, u32, String)> {
+        let n = self.spec.graph.pipeline_len();
+        let (first, rest) = (params.get(..n)?, params.get(n..)?);
+        rest.iter().enumerate().find_map(|(i, ps)| {
+            let vnode = (n + i) as u32;
+            let origin = i % n;
+            let same_bits = |a: &Vec<Vec<f32>>, b: &Vec<Vec<f32>>| {
+                a.len() == b.len()
+                    && a.iter().zip(b).all(|(x, y)| {
+                        x.len() == y.len() && x.iter().zip(y).all(|(u, v)| u.to_bits() == v.to_bits())
+                    })
+            };
+            if same_bits(ps, &first[origin]) {
+                return None;
+            }
+            let p = self.placement.get(&vnode)?.clone();
+            let text = format!(
+                "pnode {} ({}) ended vnode {vnode} (pipeline {}) with parameters that differ from vnode {origin}'s after the last round",
+                p.id,
+                p.name,
+                (n + i) / n
+            );
+            Some((p, vnode, text))
+        })
     }
 
     /// Refuses a result: downscores its producer, records it, and goes on from the latest
