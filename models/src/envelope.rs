@@ -133,6 +133,12 @@ pub struct Op {
     /// Training mode (`exact` or `local`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<TrainingMode>,
+    /// Data-parallel pipelines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipelines: Option<u32>,
+    /// Steps between the pipelines' averaging rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_every: Option<u64>,
 }
 
 /// Kind of PNode the job may use.
@@ -422,6 +428,12 @@ impl Envelope {
         }
         if let Some(m) = op.mode {
             spec.training.mode = m;
+        }
+        if let Some(r) = op.pipelines {
+            spec.training.pipelines = r;
+        }
+        if let Some(h) = op.sync_every {
+            spec.training.sync_every = h;
         }
         let graph = spec.validate()?;
         let p = &self.policy;

@@ -116,7 +116,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     }
     let with = |k: u32| {
         let mut e = base.clone();
-        Overrides { steps: Some(args.steps), epochs: None, in_flight: Some(k), mode: None }.apply(&mut e);
+        Overrides { steps: Some(args.steps), in_flight: Some(k), ..Overrides::default() }.apply(&mut e);
         e.artifacts.persist = false;
         e
     };

@@ -73,6 +73,14 @@ pub struct Overrides {
     /// its own auxiliary head; see docs/TRAINING_MODES.md). Default: the model file's.
     #[arg(long, env = "DCNR_TRAINING_MODE", value_parser = parse_mode)]
     pub mode: Option<TrainingMode>,
+    /// Data-parallel pipelines: copies of the graph on PNodes of their own, each on its shard of
+    /// the data, averaging every --sync-every steps (docs/TRAINING_MODES.md). Default: the model
+    /// file's.
+    #[arg(long, env = "DCNR_PIPELINES")]
+    pub pipelines: Option<u32>,
+    /// Steps each pipeline takes between averaging rounds. Default: the model file's.
+    #[arg(long = "sync-every", env = "DCNR_SYNC_EVERY")]
+    pub sync_every: Option<u64>,
 }
 
 /// `exact` or `local`.
@@ -99,6 +107,12 @@ impl Overrides {
         }
         if let Some(m) = self.mode {
             env.op.mode = Some(m);
+        }
+        if let Some(r) = self.pipelines {
+            env.op.pipelines = Some(r);
+        }
+        if let Some(h) = self.sync_every {
+            env.op.sync_every = Some(h);
         }
     }
 }
