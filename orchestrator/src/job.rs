@@ -141,6 +141,8 @@ pub enum Observed {
         bytes_out: u64,
         /// Hex SHA-256 of its output.
         output_sha256: String,
+        /// When the step closed an averaging round: hex SHA-256 of the parameters it gave.
+        round_sha256: Option<String>,
     },
     /// Loss VNode result.
     Loss {

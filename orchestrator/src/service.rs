@@ -110,6 +110,7 @@ fn report_from_wire(r: v1::VNodeReport) -> Result<Observation, Status> {
             bytes_in: d.bytes_in,
             bytes_out: d.bytes_out,
             output_sha256: hex::encode(&d.output_sha256),
+            round_sha256: (!d.round_sha256.is_empty()).then(|| hex::encode(&d.round_sha256)),
         },
         Some(Body::Loss(l)) => Observed::Loss {
             phase: match v1::Phase::try_from(l.phase) {

@@ -1115,7 +1115,15 @@ impl<'a> World<'a> {
                         };
                         match out {
                             Outbound::Forward { .. } | Outbound::Backward { .. } | Outbound::Sync { .. } => {}
-                            Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => {
+                            Outbound::Done {
+                                mb,
+                                compute_us,
+                                cpu_us,
+                                bytes_in,
+                                bytes_out,
+                                output_sha256,
+                                round_sha256,
+                            } => {
                                 reports.push((
                                     mb,
                                     Observed::Done {
@@ -1124,6 +1132,7 @@ impl<'a> World<'a> {
                                         bytes_in,
                                         bytes_out,
                                         output_sha256: hex::encode(output_sha256),
+                                        round_sha256: round_sha256.map(hex::encode),
                                     },
                                 ));
                             }

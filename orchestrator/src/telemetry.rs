@@ -607,6 +607,7 @@ mod tests {
                     bytes_in: 100,
                     bytes_out: 50,
                     output_sha256: String::new(),
+                    round_sha256: None,
                 },
             });
         }

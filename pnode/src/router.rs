@@ -155,7 +155,7 @@ impl Router {
             Err(report) => report,
         };
         match out {
-            Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => self.report(
+            Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256, round_sha256 } => self.report(
                 job,
                 from,
                 generation,
@@ -166,6 +166,7 @@ impl Router {
                     bytes_in,
                     bytes_out,
                     output_sha256: output_sha256.to_vec(),
+                    round_sha256: round_sha256.map(|h| h.to_vec()).unwrap_or_default(),
                 }),
             ),
             Outbound::Loss { mb, phase, loss, correct, count } => self.report(

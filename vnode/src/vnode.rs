@@ -164,6 +164,9 @@ pub enum Outbound {
         bytes_out: u64,
         /// SHA-256 of this VNode's output for `mb` (the loss's input gradient for a loss).
         output_sha256: [u8; 32],
+        /// When `mb` closed an averaging round: SHA-256 of the parameters the round gave, which
+        /// every copy must report alike.
+        round_sha256: Option<[u8; 32]>,
     },
     /// A loss VNode's result for one micro-batch.
     Loss {
@@ -729,7 +732,19 @@ impl VNode {
         if r.momentum.iter().all(Vec::is_empty) {
             r.momentum.clear();
         }
-        let done = r.open.take().map(|o| o.1);
+        let round_hash = crate::sha256_f32(r.anchor.iter().map(Vec::as_slice));
+        let done = r.open.take().map(|o| match o.1 {
+            Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256, .. } => Outbound::Done {
+                mb,
+                compute_us,
+                cpu_us,
+                bytes_in,
+                bytes_out,
+                output_sha256,
+                round_sha256: Some(round_hash),
+            },
+            other => other,
+        });
         let device = self.device.clone();
         let tensors: Option<Vec<Tensor<2>>> = updated.into_iter().map(|t| t.into_burn(&device)).collect();
         let tensors = tensors.ok_or_else(|| self.backend("averaged parameters".into()))?;
@@ -1150,7 +1165,15 @@ impl VNode {
         }
         let compute_us = saved.forward_us + started.elapsed().as_micros() as u64;
         let cpu_us = saved.forward_cpu_us + cpu_us(cpu);
-        let done = Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256: saved.output_sha256 };
+        let done = Outbound::Done {
+            mb,
+            compute_us,
+            cpu_us,
+            bytes_in,
+            bytes_out,
+            output_sha256: saved.output_sha256,
+            round_sha256: None,
+        };
         if self.rounds.as_ref().is_some_and(|r| r.averaging.plan.closes_round(mb)) {
             return self.open_round(mb, done, out);
         }

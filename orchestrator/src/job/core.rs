@@ -359,6 +359,9 @@ pub struct JobCore {
     pub(super) plan: BatchPlan,
     /// When the pipelines average (with one pipeline, never).
     rounds: RoundPlan,
+    /// Round hashes reported so far, by (node in pipeline 0, step), by pipeline: a round is
+    /// checked once every copy has reported it.
+    round_hashes: BTreeMap<(u32, u64), BTreeMap<u32, String>>,
     train_len: usize,
     test_len: usize,
     stage: Stage,
@@ -461,6 +464,7 @@ impl JobCore {
         let mut core = JobCore {
             plan,
             rounds,
+            round_hashes: BTreeMap::new(),
             train_len: sizes.train,
             test_len: sizes.test,
             stage: Stage::Placing,
@@ -1130,6 +1134,7 @@ impl JobCore {
         self.epochs_evaluated = to.as_ref().map(|r| r.epochs_evaluated).unwrap_or(self.epochs_evaluated_at_start());
         self.done.clear();
         self.finished_mbs.clear();
+        self.round_hashes.clear();
         self.eval = None;
         self.loss_window = (0.0, 0);
         self.emit(Effect::DropLinks);
@@ -1209,7 +1214,7 @@ impl JobCore {
             return;
         }
         match r.body {
-            Observed::Done { compute_us, cpu_us, bytes_in, bytes_out, output_sha256 } => {
+            Observed::Done { compute_us, cpu_us, bytes_in, bytes_out, output_sha256, round_sha256 } => {
                 if r.mb < self.completed
                     || self.finished_mbs.contains(&r.mb)
                     || self.done.get(&r.mb).is_some_and(|d| d.contains(&r.vnode))
@@ -1226,6 +1231,11 @@ impl JobCore {
                     e.bytes_out += bytes_out;
                     // Done reports of one VNode arrive in step order (one stream, in-order updates).
                     e.output_sha256.push(output_sha256);
+                }
+                if let Some(hash) = round_sha256
+                    && !self.check_round(r.vnode, r.mb, hash)
+                {
+                    return;
                 }
                 let n = self.spec.graph.nodes.len();
                 let by = self.done.entry(r.mb).or_default();
@@ -1610,6 +1620,57 @@ impl JobCore {
         self.finish(Some(params))
     }
 
+    /// Records copy `vnode`'s hash of the parameters round `mb` gave; once every copy has
+    /// reported, they must agree bit for bit. A copy outside a strict majority gave an invalid
+    /// result; without a majority (two copies, say) nobody can be blamed, and the job goes on
+    /// from its latest snapshot without the disagreeing copies' PNodes. False when the job
+    /// moved on because of it.
+    fn check_round(&mut self, vnode: u32, mb: u64, hash: String) -> bool {
+        let n = self.spec.graph.pipeline_len() as u32;
+        let (origin, pipeline) = (vnode % n.max(1), vnode / n.max(1));
+        let copies = self.spec.graph.pipelines();
+        let seen = self.round_hashes.entry((origin, mb)).or_default();
+        seen.insert(pipeline, hash);
+        if seen.len() < copies as usize {
+            return true;
+        }
+        let seen = self.round_hashes.remove(&(origin, mb)).unwrap_or_default();
+        self.verification.results_checked += u64::from(copies);
+        let mut votes: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        for (p, h) in &seen {
+            votes.entry(h.as_str()).or_default().push(*p);
+        }
+        if votes.len() == 1 {
+            return true;
+        }
+        let (_, majority) = votes.iter().max_by_key(|(_, ps)| ps.len()).map(|(h, ps)| (*h, ps.clone())).unwrap_or_default();
+        let strict = majority.len() * 2 > seen.len();
+        let outside: Vec<u32> = seen.keys().copied().filter(|p| !strict || !majority.contains(p)).collect();
+        let at = |p: u32| self.placement.get(&(p * n + origin)).cloned();
+        let name = self.spec.graph.nodes.get(origin as usize).map(|v| v.name.clone()).unwrap_or_default();
+        if strict {
+            let Some(&p) = outside.first() else { return true };
+            let text = format!(
+                "the copies of {name} disagree after the round closed by step {mb}: pipeline {p} differs from pipelines {majority:?}"
+            );
+            self.invalid_result(at(p), Some(p * n + origin), Some(mb), text);
+            return false;
+        }
+        let bad: Vec<String> = outside.iter().filter_map(|&p| at(p)).map(|v| v.id).collect();
+        let text = format!(
+            "the copies of {name} disagree after the round closed by step {mb} with no majority among pipelines {outside:?}: going on without their pnodes"
+        );
+        self.verification.invalid_results.push(crate::verify::InvalidResult {
+            pnode: bad.join(","),
+            vnode: Some(origin),
+            step: Some(mb),
+            reason: text.clone(),
+        });
+        self.log(text.clone());
+        self.recover(text, bad);
+        false
+    }
+
     /// With several pipelines, the first copy whose end state differs from pipeline 0's (after
     /// the last round every copy must hold the same bits): its PNode, the VNode and why.
     fn copies_disagree(&self, params: &Params) -> Option<(PNodeView, u32, String)> {
@@ -1748,6 +1809,7 @@ mod tests {
                 bytes_in: 1,
                 bytes_out: 1,
                 output_sha256: "ab".repeat(32),
+                round_sha256: None,
             },
         })
     }

@@ -17,9 +17,15 @@ pub fn report_problem(r: &Observation) -> Option<String> {
             Ok(()) if correct > count => Some(format!("{correct} correct of {count} samples")),
             Ok(()) => None,
         },
-        Observed::Done { output_sha256, .. } => {
-            let ok = output_sha256.len() == 64 && output_sha256.bytes().all(|b| b.is_ascii_hexdigit());
-            (!ok).then(|| format!("output hash of micro-batch {} is not a SHA-256", r.mb))
+        Observed::Done { output_sha256, round_sha256, .. } => {
+            let sha = |h: &str| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit());
+            if !sha(output_sha256) {
+                Some(format!("output hash of micro-batch {} is not a SHA-256", r.mb))
+            } else if round_sha256.as_deref().is_some_and(|h| !sha(h)) {
+                Some(format!("round hash of micro-batch {} is not a SHA-256", r.mb))
+            } else {
+                None
+            }
         }
         Observed::Failure(_) | Observed::Rejected { .. } => None,
     }
@@ -77,7 +83,7 @@ mod tests {
         let too_many = obs(Observed::Loss { phase: Phase::Eval, loss: 0.5, correct: 3, count: 2 });
         assert_eq!(report_problem(&too_many).as_deref(), Some("3 correct of 2 samples"));
         let done = |h: &str| {
-            obs(Observed::Done { compute_us: 1, cpu_us: 1, bytes_in: 1, bytes_out: 1, output_sha256: h.into() })
+            obs(Observed::Done { compute_us: 1, cpu_us: 1, bytes_in: 1, bytes_out: 1, output_sha256: h.into(), round_sha256: None })
         };
         assert!(report_problem(&done("xyz")).is_some());
         assert!(report_problem(&done(&"a".repeat(64))).is_none());

@@ -1,0 +1,144 @@
+//! Data-parallel pipelines with real processes: R copies of a graph on PNodes of their own,
+//! averaging over their VNode-to-VNode streams, equal `train-local` bit for bit; a killed PNode
+//! costs time but not the result; a copy that lies about its changes is caught by the round
+//! check and the job ends as an honest run would.
+
+use dcnr_tests::{Mesh, fixture, last_json, run};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(180);
+
+/// The tiny MLP with `[training.outer]` set to `outer`, written into `dir`.
+fn model(dir: &Path, outer: &str) -> PathBuf {
+    let text = std::fs::read_to_string(fixture("tiny-mlp.toml")).unwrap();
+    let p = dir.join("pipelined.toml");
+    std::fs::write(&p, format!("{text}\n[training.outer]\n{outer}\n")).unwrap();
+    p
+}
+
+/// The summary of `train-local` on `file` with extra flags.
+fn train_local(file: &Path, extra: &[&str]) -> serde_json::Value {
+    let f = file.to_str().unwrap();
+    let out = run(&[&["train-local", f, "--json"], extra].concat(), T).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    last_json(&out.stdout).unwrap()
+}
+
+/// The PNodes hosting each pipeline's VNodes (names `x`, `x@p1`, ...).
+fn hosts_by_pipeline(s: &serde_json::Value) -> Vec<BTreeSet<String>> {
+    let mut by: Vec<BTreeSet<String>> = Vec::new();
+    for v in s["vnodes"].as_array().unwrap() {
+        let name = v["name"].as_str().unwrap();
+        let p: usize = name.rsplit_once("@p").map_or(0, |(_, p)| p.parse().unwrap());
+        if by.len() <= p {
+            by.resize(p + 1, BTreeSet::new());
+        }
+        by[p].insert(v["pnode"].as_str().unwrap().to_string());
+    }
+    by
+}
+
+#[test]
+fn pipelines_equal_train_local_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Mesh::start(3).unwrap();
+    let cases: [(&str, &[&str]); 2] = [
+        ("kind = \"nesterov\"", &["--steps", "400", "--pipelines", "2", "--sync-every", "15"]),
+        (
+            "kind = \"average\"\nwire = \"int8\"",
+            &["--steps", "390", "--pipelines", "3", "--sync-every", "20", "--mode", "local", "--in-flight", "4"],
+        ),
+    ];
+    for (outer, flags) in cases {
+        let file = model(dir.path(), outer);
+        let reference = train_local(&file, flags);
+        let want = reference["params_sha256"].as_str().unwrap();
+        let s = mesh.submit_wait(&file, flags).unwrap();
+        assert_eq!(s["status"], "succeeded", "{s}");
+        assert_eq!(s["params_sha256"].as_str().unwrap(), want, "{outer}: {s}");
+        assert_eq!(s["test_accuracy"], reference["test_accuracy"], "{s}");
+        assert!(s["test_accuracy"].as_f64().unwrap() > 0.8, "{s}");
+        let r = s["pipelines"].as_u64().unwrap();
+        assert_eq!(r as usize, flags[3].parse::<usize>().unwrap(), "{s}");
+        assert_eq!(s["rounds"], reference["rounds"], "{s}");
+        assert!(s["rounds"].as_u64().unwrap() >= 6, "{s}");
+        // Every copy ends with the same parameters as pipeline 0.
+        let vnodes = s["vnodes"].as_array().unwrap();
+        let n = vnodes.len() / r as usize;
+        for (i, v) in vnodes.iter().enumerate() {
+            assert_eq!(v["params_sha256"], vnodes[i % n]["params_sha256"], "{s}");
+        }
+        // Each pipeline on PNodes of its own.
+        let hosts = hosts_by_pipeline(&s);
+        assert_eq!(hosts.len(), r as usize, "{s}");
+        for a in 0..hosts.len() {
+            for b in a + 1..hosts.len() {
+                assert!(hosts[a].is_disjoint(&hosts[b]), "pipelines {a} and {b} share a pnode: {hosts:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_killed_pnode_costs_time_not_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = model(dir.path(), "kind = \"nesterov\"");
+    let env = dir.path().join("job.toml");
+    std::fs::write(
+        &env,
+        format!(
+            "[op]\nmodel = {:?}\nsteps = 3000\npipelines = 2\nsync_every = 25\n[checkpoint]\nevery_steps = 200\n[policy]\ntimeout_s = 150",
+            file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let want = train_local(&env, &[])["params_sha256"].as_str().unwrap().to_string();
+    let mut mesh = Mesh::start(3).unwrap();
+    let job =
+        mesh.spawn_cli(&["submit", env.to_str().unwrap(), "--orchestrator", &mesh.url, "--wait", "--json"]).unwrap();
+    mesh.wait_for_step(400, T).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let victim = loop {
+        if let Some(&i) = mesh.busy_pnodes().unwrap().first() {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no busy pnode to kill");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    mesh.kill_pnode(victim);
+    let out = job.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = last_json(&out.stdout).unwrap();
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(s["params_sha256"], want.as_str(), "a run with a failure must end like a fault-free one: {s}");
+    assert!(!s["recoveries"].as_array().cloned().unwrap_or_default().is_empty(), "{s}");
+}
+
+#[test]
+fn a_copy_that_lies_about_its_changes_is_caught_by_the_round_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = model(dir.path(), "kind = \"average\"");
+    let flags = ["--steps", "600", "--pipelines", "3", "--sync-every", "10"];
+    let want = train_local(&file, &flags)["params_sha256"].as_str().unwrap().to_string();
+    let mut mesh = Mesh::start_with(0, &[], &[]).unwrap();
+    for i in 0..3 {
+        mesh.add_pnode_with(&["--name", &format!("honest-{i}")]).unwrap();
+    }
+    // Claiming the most cores puts it in the job's own execution.
+    mesh.add_pnode_with(&["--name", "odd", "--fault", "corrupt", "--cores", "64"]).unwrap();
+    mesh.wait_for_pnodes(4).unwrap();
+    let pnodes = run(&["pnodes", "--json", "--orchestrator", &mesh.url], T).unwrap();
+    let pnodes: serde_json::Value = serde_json::from_slice(&pnodes.stdout).unwrap();
+    let odd = pnodes.as_array().unwrap().iter().find(|p| p["name"] == "odd").unwrap()["pnode_id"].clone();
+    let s = mesh.submit_wait(&file, &flags).unwrap();
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(s["params_sha256"], want.as_str(), "the liar leaves no trace: {s}");
+    let hosts: BTreeSet<String> = hosts_by_pipeline(&s).into_iter().flatten().collect();
+    assert!(!hosts.contains(odd.as_str().unwrap()), "the liar is no longer used: {s}");
+    let v = mesh.artifact(s["job_id"].as_str().unwrap(), "verification.json").unwrap();
+    let invalid = v["invalid_results"].as_array().unwrap();
+    assert!(!invalid.is_empty(), "{v}");
+    assert!(invalid.iter().all(|i| i["pnode"] == odd), "only the liar is blamed: {v}");
+}
