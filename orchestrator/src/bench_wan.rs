@@ -62,7 +62,21 @@ pub const MODES: &[Mode] = &[
     Mode { name: "local-int8", training: &[LOCAL[0], LOCAL[1], ("wire", Setting::Str("int8"))] },
     Mode { name: "local-f16", training: &[LOCAL[0], LOCAL[1], ("wire", Setting::Str("f16"))] },
     Mode { name: "local-bf16", training: &[LOCAL[0], LOCAL[1], ("wire", Setting::Str("bf16"))] },
+    Mode { name: "dp2", training: &[("pipelines", Setting::Int(2)), ("sync_every", Setting::Int(50))] },
+    Mode { name: "dp2-int8", training: &[DP2[0], DP2[1], ("outer.wire", Setting::Str("int8"))] },
+    Mode {
+        name: "dp2-h100-int8",
+        training: &[DP2[0], ("sync_every", Setting::Int(100)), ("outer.wire", Setting::Str("int8"))],
+    },
+    Mode {
+        name: "dp2-avg-int8",
+        training: &[DP2[0], DP2[1], ("outer.kind", Setting::Str("average")), ("outer.wire", Setting::Str("int8"))],
+    },
+    Mode { name: "dp3-int8", training: &[("pipelines", Setting::Int(3)), DP2[1], ("outer.wire", Setting::Str("int8"))] },
 ];
+
+/// Two data-parallel pipelines averaging every 50 steps (DiLoCo's nesterov outer step).
+const DP2: &[(&str, Setting)] = &[("pipelines", Setting::Int(2)), ("sync_every", Setting::Int(50))];
 
 /// Flags of `bench-wan`.
 #[derive(Debug, Clone, clap::Args)]
@@ -183,7 +197,18 @@ pub fn apply_mode(model_toml: &str, mode: &Mode) -> Result<String, ClientError> 
             Setting::Int(i) => toml::Value::Integer(*i),
             Setting::Str(s) => toml::Value::String((*s).to_string()),
         };
-        training.insert((*key).to_string(), v);
+        // `outer.wire` is `wire` in `[training.outer]`.
+        let mut table = &mut *training;
+        let mut path: Vec<&str> = key.split('.').collect();
+        let last = path.pop().unwrap_or(key);
+        for part in path {
+            let sub = table.entry(part).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(sub) = sub else {
+                return Err(invalid(format!("the model's `training.{part}` is not a table")));
+            };
+            table = sub;
+        }
+        table.insert(last.to_string(), v);
     }
     toml::to_string(&doc).map_err(|e| invalid(format!("cannot write the model back: {e}")))
 }

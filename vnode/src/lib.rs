@@ -22,6 +22,11 @@ mod vnode;
 pub use host::{HostData, HostTensor};
 pub use vnode::{Inbound, Outbound, Phase, VNode, VNodeError, VNodeSpec};
 
+/// How many steps ahead of its in-flight window a VNode accepts training inputs: the job feeds
+/// data this far ahead so that a feed's trip over a slow link never sits on a step's critical
+/// path (a VNode holds early inputs until the update order lets it run).
+pub const FEED_AHEAD: u64 = 32;
+
 /// The burn device all VNode math runs on (CPU, pure Rust).
 pub fn device() -> burn::tensor::Device {
     burn::tensor::Device::flex()

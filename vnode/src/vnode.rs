@@ -590,7 +590,7 @@ impl VNode {
                 let k = self.spec.in_flight as u64;
                 let slots = match phase {
                     Phase::Train => {
-                        if mb < self.next_f || mb >= self.next_f + 2 * k + 8 {
+                        if mb < self.next_f || mb >= self.next_f + 2 * k + crate::FEED_AHEAD + 8 {
                             return Err(self.window_err(mb, "forward input"));
                         }
                         &mut self.train_inputs

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-/// Micro-batches of data sent ahead of the in-flight window.
-pub const PREFETCH: u64 = 2;
+/// Micro-batches of data sent ahead of the in-flight window (as far as VNodes accept them).
+pub const PREFETCH: u64 = dcnr_vnode::FEED_AHEAD;
 
 /// Where a job stands, as the schedule needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,8 +177,8 @@ mod tests {
 
     #[test]
     fn feeds_in_flight_plus_prefetch_up_to_the_epoch_end() {
-        assert_eq!(at(0, 0).feed_to(), 6);
-        assert_eq!(at(10, 14).feed_to(), 16);
+        assert_eq!(at(0, 0).feed_to(), (4 + PREFETCH).min(40));
+        assert_eq!(at(10, 14).feed_to(), (10 + 4 + PREFETCH).min(40));
         assert_eq!(at(37, 39).feed_to(), 40);
         assert_eq!(at(37, 39).next(), Next::Wait);
         assert_eq!(at(40, 40).limit(), 80);
