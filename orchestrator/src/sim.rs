@@ -211,6 +211,8 @@ struct Scenario {
     in_flight: u32,
     /// Exact or local training.
     mode: TrainingMode,
+    /// Data-parallel pipelines.
+    pipelines: u32,
     verify: Verify,
     /// One-way delay: base and jitter.
     delay: Duration,
@@ -276,7 +278,10 @@ impl Scenario {
         // it was.
         let mut modes = ChaCha8Rng::seed_from_u64(seed ^ 0x10ca_1000);
         let mode = if modes.random_range(0..3) == 0 { TrainingMode::Local } else { TrainingMode::Exact };
-        Scenario { pnodes, in_flight, mode, verify, delay, jitter, drop_rate, dup_rate, faults }
+        // Likewise the pipelines: one scenario in three runs two copies that average.
+        let mut copies = ChaCha8Rng::seed_from_u64(seed ^ 0xd1_10c0);
+        let pipelines = if copies.random_range(0..3) == 0 { 2 } else { 1 };
+        Scenario { pnodes, in_flight, mode, pipelines, verify, delay, jitter, drop_rate, dup_rate, faults }
     }
 
     /// The same mesh with no fault and a quiet network: what every run must equal.
@@ -303,7 +308,7 @@ struct Ending {
 pub fn run(args: &SimArgs) -> Result<SimReport, String> {
     let started = Instant::now();
     let base = Base::new()?;
-    let mut reference: BTreeMap<(&str, u32), Ending> = BTreeMap::new();
+    let mut reference: BTreeMap<(&str, u32, u32), Ending> = BTreeMap::new();
     let mut report = SimReport {
         seeds: args.seeds,
         first_seed: args.seed,
@@ -318,7 +323,7 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
     };
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
         let scenario = Scenario::draw(seed);
-        let key = (scenario.mode.name(), scenario.in_flight);
+        let key = (scenario.mode.name(), scenario.in_flight, scenario.pipelines);
         if let std::collections::btree_map::Entry::Vacant(slot) = reference.entry(key) {
             let (end, _) = World::new(&base, scenario.fault_free(), 0).run();
             if end.outcome != "succeeded" {
@@ -331,6 +336,9 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
         }
         let Some(expected) = reference.get(&key) else { continue };
         *report.modes.entry(scenario.mode.name().to_string()).or_default() += 1;
+        if scenario.pipelines > 1 {
+            *report.modes.entry(format!("{} pipelines", scenario.pipelines)).or_default() += 1;
+        }
         let faults: BTreeSet<&str> = scenario.faults.iter().map(Fault::name).collect();
         for f in &faults {
             *report.scenarios.entry((*f).to_string()).or_default() += 1;
@@ -430,14 +438,25 @@ impl Base {
             TrainingMode::Exact => (&self.envelope, &self.graph),
             TrainingMode::Local => (&self.local.0, &self.local.1),
         };
-        let mut envelope = envelope.clone();
+        let (mut envelope, graph) = if scenario.pipelines > 1 {
+            let mut e = envelope.clone();
+            e.op.pipelines = Some(scenario.pipelines);
+            e.op.sync_every = Some(5);
+            // The base envelopes resolved; the same with two pipelines of this tiny graph does too.
+            match e.resolve() {
+                Ok(r) => (r.envelope, r.graph),
+                Err(_) => (envelope.clone(), graph.clone()),
+            }
+        } else {
+            (envelope.clone(), graph.clone())
+        };
         envelope.policy.verify = scenario.verify;
         envelope.policy.segment_steps = (scenario.verify != Verify::None).then_some(6);
         envelope.checkpoint.every_steps = Some(8);
-        let steps = (TRAIN.div_ceil(self.graph.spec.training.batch_size) as u64) * 2;
+        let steps = dcnr_vnode::rounds::RoundPlan::new(&graph, TRAIN).steps();
         JobSpec {
             job_id: "sim".into(),
-            graph: graph.clone(),
+            graph,
             steps,
             in_flight: scenario.in_flight,
             root_seed: self.root_seed,
@@ -889,7 +908,7 @@ impl<'a> World<'a> {
                             optimizer: spec.graph.spec.optimizer,
                             root_seed: spec.root_seed,
                             in_flight: spec.in_flight,
-                            averaging: None,
+                            averaging: dcnr_vnode::rounds::Averaging::of(&spec.graph, TRAIN),
                         };
                         let v = if state.is_empty() { Ok(VNode::new(vspec)) } else { VNode::restore(vspec, &state) };
                         let v = v.map(|v| v.with_normalize(spec.graph.spec.data.normalize));
