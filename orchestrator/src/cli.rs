@@ -578,22 +578,34 @@ pub fn main(cli: Cli) -> ExitCode {
                         serde_json::json!({
                             "job_id": j.job_id, "state": state_name(j.state), "model": j.model,
                             "steps_done": j.steps_done, "steps_total": j.steps_total,
+                            "pipelines": j.pipelines.max(1), "rounds": j.rounds,
+                            "members": j.members.iter().map(|m| m.pnodes.clone()).collect::<Vec<_>>(),
                             "error": j.error,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
-                println!("{:<22} {:<10} {:<14} {:>15} {:>8}", "JOB", "STATE", "MODEL", "STEPS", "LOSS");
+                println!(
+                    "{:<22} {:<10} {:<14} {:>15} {:>8} {:>9} {:>6}",
+                    "JOB", "STATE", "MODEL", "STEPS", "LOSS", "PIPELINES", "ROUNDS"
+                );
                 for j in &jobs {
                     println!(
-                        "{:<22} {:<10} {:<14} {:>15} {:>8.4}",
+                        "{:<22} {:<10} {:<14} {:>15} {:>8.4} {:>9} {:>6}",
                         j.job_id,
                         state_name(j.state),
                         j.model,
                         format!("{}/{}", j.steps_done, j.steps_total),
-                        j.last_loss
+                        j.last_loss,
+                        j.pipelines.max(1),
+                        j.rounds
                     );
+                    if j.members.len() > 1 {
+                        for (p, m) in j.members.iter().enumerate() {
+                            println!("    pipeline {p}: {}", m.pnodes.join(", "));
+                        }
+                    }
                 }
             }
             ExitCode::SUCCESS

@@ -207,6 +207,7 @@ impl JobTable {
             recoveries: Vec::new(),
             pipelines: spec.graph.pipelines(),
             rounds: 0,
+            members: Vec::new(),
         };
         if let Some(store) = self.store.clone() {
             // The job is recorded as active before it runs, so an orchestrator that crashes and

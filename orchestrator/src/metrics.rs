@@ -192,6 +192,7 @@ mod tests {
             recoveries: Vec::new(),
             pipelines: 1,
             rounds: 0,
+            members: Vec::new(),
             job_id: id.into(),
             state,
             model: "m".into(),

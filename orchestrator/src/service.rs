@@ -59,6 +59,9 @@ pub fn status_to_wire(s: &JobStatus) -> v1::JobStatus {
         last_loss: s.last_loss.unwrap_or(f32::NAN),
         error: s.error.clone().unwrap_or_default(),
         summary_json: s.summary.as_ref().and_then(|x| serde_json::to_string(x).ok()).unwrap_or_default(),
+        pipelines: s.pipelines,
+        rounds: s.rounds,
+        members: s.members.iter().map(|m| v1::PipelineMembers { pnodes: m.clone() }).collect(),
         samples_per_s: s.samples_per_s,
     }
 }

@@ -52,6 +52,8 @@ pub struct JobStatus {
     pub pipelines: u32,
     /// Averaging rounds closed so far.
     pub rounds: u64,
+    /// The PNodes hosting each pipeline's VNodes, by pipeline (empty until placed).
+    pub members: Vec<Vec<String>>,
 }
 
 /// Something that happened to a job, pushed to watchers.

@@ -70,8 +70,20 @@ fn pipelines_equal_train_local_bit_for_bit() {
         for (i, v) in vnodes.iter().enumerate() {
             assert_eq!(v["params_sha256"], vnodes[i % n]["params_sha256"], "{s}");
         }
+        // `orchestrator jobs` names the pipelines, their rounds and who is in each.
+        let jobs = mesh.jobs().unwrap();
+        let row = jobs.iter().find(|j| j["job_id"] == s["job_id"]).unwrap();
+        assert_eq!(row["pipelines"], r, "{row}");
+        assert_eq!(row["rounds"], s["rounds"], "{row}");
         // Each pipeline on PNodes of its own.
         let hosts = hosts_by_pipeline(&s);
+        let members: Vec<BTreeSet<String>> = row["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect())
+            .collect();
+        assert_eq!(members, hosts, "{row}");
         assert_eq!(hosts.len(), r as usize, "{s}");
         for a in 0..hosts.len() {
             for b in a + 1..hosts.len() {

@@ -33,6 +33,12 @@ pub struct JobRow {
     pub vnodes: usize,
     /// PNodes it runs on.
     pub pnodes: usize,
+    /// Data-parallel pipelines.
+    pub pipelines: u32,
+    /// Averaging rounds closed so far.
+    pub rounds: u64,
+    /// The PNodes hosting each pipeline's VNodes, by pipeline.
+    pub members: Vec<Vec<String>>,
     /// Why it failed.
     pub error: Option<String>,
 }
@@ -153,6 +159,9 @@ pub fn job_row(s: &JobStatus, track: Option<&JobTrack>) -> JobRow {
         test_accuracy: test.or_else(|| s.summary.as_ref().and_then(|x| x.test_accuracy)),
         vnodes,
         pnodes,
+        pipelines: s.pipelines,
+        rounds: s.rounds,
+        members: s.members.clone(),
         error: s.error.clone(),
     }
 }
@@ -279,6 +288,7 @@ mod tests {
             recoveries: Vec::new(),
             pipelines: 1,
             rounds: 0,
+            members: Vec::new(),
             job_id: "j".into(),
             state,
             model: "tiny".into(),

@@ -1176,7 +1176,20 @@ impl JobCore {
             recoveries: self.recoveries.clone(),
             pipelines: self.spec.graph.pipelines(),
             rounds: self.rounds(),
+            members: self.members(),
         }
+    }
+
+    /// The PNodes hosting each pipeline's VNodes, by pipeline.
+    fn members(&self) -> Vec<Vec<String>> {
+        let mut by: Vec<BTreeSet<String>> = vec![BTreeSet::new(); self.spec.graph.pipelines() as usize];
+        for (vnode, p) in &self.placement {
+            let pipeline = self.spec.graph.nodes.get(*vnode as usize).map_or(0, |n| n.pipeline as usize);
+            if let Some(set) = by.get_mut(pipeline) {
+                set.insert(p.id.clone());
+            }
+        }
+        by.into_iter().map(|s| s.into_iter().collect()).collect()
     }
 
     pub(super) fn push_status(&mut self) {

@@ -115,6 +115,10 @@ function renderJobHeader(d) {
   badge.className = 'badge state-' + j.state;
   const parts = [`${j.model}`, `step ${j.steps_done}/${j.steps_total}`, `loss ${fmt.num(j.last_loss)}`,
     `${fmt.rate(j.samples_per_s)} samples/s`, `${j.vnodes} VNodes on ${j.pnodes} PNode(s)`];
+  if (j.pipelines > 1) {
+    parts.push(`${j.pipelines} pipelines, ${j.rounds} rounds`);
+    (j.members || []).forEach((m, p) => parts.push(`pipeline ${p}: ${m.length ? m.join(', ') : '(unplaced)'}`));
+  }
   if (j.error) parts.push('error: ' + j.error);
   document.getElementById('job-line').textContent = parts.join(' · ');
 }
