@@ -169,7 +169,13 @@ fn trained_vnodes(envelope: &Envelope) -> anyhow::Result<(Vec<dcnr_vnode::VNodeS
     let specs: Vec<VNodeSpec> = g
         .nodes
         .iter()
-        .map(|n| VNodeSpec { node: n.clone(), optimizer: g.spec.optimizer, root_seed: r.root_seed, in_flight: 1, averaging: None })
+        .map(|n| VNodeSpec {
+            node: n.clone(),
+            optimizer: g.spec.optimizer,
+            root_seed: r.root_seed,
+            in_flight: 1,
+            averaging: None,
+        })
         .collect();
     let mut nodes: Vec<VNode> = specs.iter().cloned().map(VNode::new).collect();
     let b = g.spec.training.batch_size;

@@ -72,7 +72,10 @@ pub const MODES: &[Mode] = &[
         name: "dp2-avg-int8",
         training: &[DP2[0], DP2[1], ("outer.kind", Setting::Str("average")), ("outer.wire", Setting::Str("int8"))],
     },
-    Mode { name: "dp3-int8", training: &[("pipelines", Setting::Int(3)), DP2[1], ("outer.wire", Setting::Str("int8"))] },
+    Mode {
+        name: "dp3-int8",
+        training: &[("pipelines", Setting::Int(3)), DP2[1], ("outer.wire", Setting::Str("int8"))],
+    },
 ];
 
 /// Two data-parallel pipelines averaging every 50 steps (DiLoCo's nesterov outer step).

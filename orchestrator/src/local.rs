@@ -61,8 +61,7 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
     let mut mark = (Instant::now(), 0u64);
     for step in 0..steps {
         let t0 = Instant::now();
-        let batches: Vec<_> =
-            (0..pipelines).map(|p| batch(&splits.train, &plan.shard_indices(step, p))).collect();
+        let batches: Vec<_> = (0..pipelines).map(|p| batch(&splits.train, &plan.shard_indices(step, p))).collect();
         let results = reference.train_step(step, &batches).map_err(|e| anyhow!(e))?;
         train_time += t0.elapsed();
         for r in results {

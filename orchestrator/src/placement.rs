@@ -106,8 +106,13 @@ pub fn demands(graph: &ValidGraph, root_seed: u64, in_flight: u32) -> Vec<Demand
         .iter()
         .filter_map(|&id| graph.nodes.get(id as usize).map(|n| (id, n)))
         .map(|(id, n)| {
-            let vspec =
-                dcnr_vnode::VNodeSpec { node: n.clone(), optimizer: graph.spec.optimizer, root_seed, in_flight, averaging: None };
+            let vspec = dcnr_vnode::VNodeSpec {
+                node: n.clone(),
+                optimizer: graph.spec.optimizer,
+                root_seed,
+                in_flight,
+                averaging: None,
+            };
             Demand {
                 vnode: id,
                 unit: if graph.mode() == TrainingMode::Local { n.block } else { id },
@@ -290,7 +295,8 @@ mod tests {
 
     #[test]
     fn each_pipeline_gets_pnodes_of_its_own_when_there_are_enough() {
-        let copy = |g: u32| (0..6).map(move |i| Demand { vnode: g * 6 + i, unit: g * 6 + i, group: g, work: 10, memory: 10 });
+        let copy =
+            |g: u32| (0..6).map(move |i| Demand { vnode: g * 6 + i, unit: g * 6 + i, group: g, work: 10, memory: 10 });
         let ds: Vec<Demand> = copy(0).chain(copy(1)).collect();
         let offers = [o("a", 2), o("b", 2), o("c", 2), o("d", 2)];
         let p = place(&ds, &offers, 8).unwrap();
@@ -329,8 +335,10 @@ mod tests {
 
     #[test]
     fn a_run_too_big_for_its_rank_goes_to_the_next_pnode_it_fits() {
-        let ds =
-            [Demand { vnode: 0, unit: 0, group: 0, work: 10, memory: 100 }, Demand { vnode: 1, unit: 1, group: 0, work: 1, memory: 100 }];
+        let ds = [
+            Demand { vnode: 0, unit: 0, group: 0, work: 10, memory: 100 },
+            Demand { vnode: 1, unit: 1, group: 0, work: 1, memory: 100 },
+        ];
         let off = [
             Offer { pnode: "big-cpu".into(), cores: 32, memory: 50 },
             Offer { pnode: "mid".into(), cores: 8, memory: 200 },

@@ -153,5 +153,8 @@ fn a_copy_that_lies_about_its_changes_is_caught_by_the_round_check() {
     let invalid = v["invalid_results"].as_array().unwrap();
     assert!(!invalid.is_empty(), "{v}");
     assert!(invalid.iter().all(|i| i["pnode"] == odd), "only the liar is blamed: {v}");
-    assert!(invalid.iter().any(|i| i["reason"].as_str().unwrap().contains("disagree")), "the round check caught it: {v}");
+    assert!(
+        invalid.iter().any(|i| i["reason"].as_str().unwrap().contains("disagree")),
+        "the round check caught it: {v}"
+    );
 }

@@ -240,7 +240,12 @@ pub struct Pipelines {
 impl Pipelines {
     /// The copies of `graph` (as validated, pipelines included) over a training set of
     /// `train_samples`, initialised as the VNodes initialise theirs.
-    pub fn new(graph: &ValidGraph, optimizer: OptimizerSpec, root_seed: u64, train_samples: usize) -> Result<Pipelines, String> {
+    pub fn new(
+        graph: &ValidGraph,
+        optimizer: OptimizerSpec,
+        root_seed: u64,
+        train_samples: usize,
+    ) -> Result<Pipelines, String> {
         let zero = graph.pipeline_zero();
         let copies: Vec<Reference> =
             (0..graph.pipelines()).map(|_| Reference::new(&zero, optimizer, root_seed)).collect();
@@ -301,7 +306,12 @@ impl Pipelines {
                     })
                     .collect();
                 let refs: Vec<&[f32]> = changes.iter().map(Vec::as_slice).collect();
-                crate::rounds::outer_step(&averaging.outer, &mut self.anchor[node][i], &mut self.momentum[node][i], &refs);
+                crate::rounds::outer_step(
+                    &averaging.outer,
+                    &mut self.anchor[node][i],
+                    &mut self.momentum[node][i],
+                    &refs,
+                );
                 updated.push(HostTensor::f32(params[0][node][i].shape.clone(), self.anchor[node][i].clone()));
             }
             for copy in &mut self.copies {

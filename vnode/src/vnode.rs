@@ -102,9 +102,7 @@ impl Inbound {
     /// The tensor it carries.
     pub fn tensor(&self) -> &HostTensor {
         match self {
-            Inbound::Forward { tensor, .. } | Inbound::Backward { tensor, .. } | Inbound::Sync { tensor, .. } => {
-                tensor
-            }
+            Inbound::Forward { tensor, .. } | Inbound::Backward { tensor, .. } | Inbound::Sync { tensor, .. } => tensor,
         }
     }
 }
@@ -310,6 +308,9 @@ pub struct VNode {
     rounds: Option<Box<Rounds>>,
 }
 
+/// Per parameter tensor: the anchor, and the outer momentum (empty before the first round).
+type RoundState = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// A VNode's part in its copies' averaging rounds.
 struct Rounds {
     averaging: crate::rounds::Averaging,
@@ -362,7 +363,7 @@ impl VNode {
 
     /// Joins the copies' rounds when the spec asks for averaging, with `restored` (anchor,
     /// momentum) from a checkpoint, or else the current parameters as the anchor.
-    fn with_rounds(mut self, restored: Option<(Vec<Vec<f32>>, Vec<Vec<f32>>)>) -> VNode {
+    fn with_rounds(mut self, restored: Option<RoundState>) -> VNode {
         let node = &self.spec.node;
         let Some(averaging) = self.spec.averaging else { return self };
         let me = node.copies.iter().position(|&c| c == node.id);

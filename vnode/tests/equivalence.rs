@@ -87,7 +87,15 @@ fn mesh(g: &ValidGraph, steps: u64, in_flight: u32, order_seed: u64) -> (Vec<Vec
     let mut nodes: Vec<VNode> = g
         .nodes
         .iter()
-        .map(|n| VNode::new(VNodeSpec { node: n.clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight, averaging: None }))
+        .map(|n| {
+            VNode::new(VNodeSpec {
+                node: n.clone(),
+                optimizer: g.spec.optimizer,
+                root_seed: 9,
+                in_flight,
+                averaging: None,
+            })
+        })
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(order_seed);
     let losses = memory::train(g, &mut nodes, 0..steps, in_flight, labelled_batch, |n| rng.random_range(0..n)).unwrap();
@@ -177,8 +185,13 @@ fn snapshot_and_restore_midway_changes_nothing() {
 #[test]
 fn corrupt_or_foreign_state_is_refused() {
     let g = graph("adam");
-    let spec =
-        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 1, averaging: None };
+    let spec = |i: usize| VNodeSpec {
+        node: g.nodes[i].clone(),
+        optimizer: g.spec.optimizer,
+        root_seed: 9,
+        in_flight: 1,
+        averaging: None,
+    };
     let state = VNode::new(spec(0)).snapshot().unwrap();
     assert!(VNode::restore(spec(2), &state).is_err(), "state of fc1 must not load into fc2");
     let mut cut = state.clone();
@@ -194,8 +207,13 @@ fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
     use dcnr_vnode::sanity::{SanityError, Sender};
     use dcnr_vnode::{Inbound, Phase};
     let g = graph("sgd");
-    let spec =
-        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 1, averaging: None };
+    let spec = |i: usize| VNodeSpec {
+        node: g.nodes[i].clone(),
+        optimizer: g.spec.optimizer,
+        root_seed: 9,
+        in_flight: 1,
+        averaging: None,
+    };
     let act1 = VNode::new(spec(1));
     let fwd = |t: HostTensor| Inbound::Forward { mb: 0, phase: Phase::Train, port: 0, tensor: t };
     let good = HostTensor::f32(vec![5, 8], vec![0.5; 40]);
@@ -272,8 +290,13 @@ fn local_mode_snapshot_and_restore_keeps_the_heads() {
 fn local_mode_block_output_takes_no_gradient_and_evaluates_without_labels() {
     use dcnr_vnode::{Inbound, Outbound, Phase, VNodeError};
     let g = local_graph("adam", 0);
-    let spec =
-        |i: usize| VNodeSpec { node: g.nodes[i].clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 4, averaging: None };
+    let spec = |i: usize| VNodeSpec {
+        node: g.nodes[i].clone(),
+        optimizer: g.spec.optimizer,
+        root_seed: 9,
+        in_flight: 4,
+        averaging: None,
+    };
     let mut act1 = VNode::new(spec(1));
     let x = HostTensor::f32(vec![5, 8], vec![0.5; 40]);
     let labels = HostTensor::i32(vec![5], vec![0, 1, 2, 0, 1]);

@@ -76,7 +76,13 @@ fn vnodes(g: &ValidGraph, normalize: Option<Normalize>) -> Vec<VNode> {
     g.nodes
         .iter()
         .map(|n| {
-            let v = VNode::new(VNodeSpec { node: n.clone(), optimizer: g.spec.optimizer, root_seed: 9, in_flight: 1, averaging: None });
+            let v = VNode::new(VNodeSpec {
+                node: n.clone(),
+                optimizer: g.spec.optimizer,
+                root_seed: 9,
+                in_flight: 1,
+                averaging: None,
+            });
             match normalize {
                 Some(n) => v.with_normalize(n),
                 None => v,

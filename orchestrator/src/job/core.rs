@@ -1656,7 +1656,8 @@ impl JobCore {
         if votes.len() == 1 {
             return true;
         }
-        let (_, majority) = votes.iter().max_by_key(|(_, ps)| ps.len()).map(|(h, ps)| (*h, ps.clone())).unwrap_or_default();
+        let (_, majority) =
+            votes.iter().max_by_key(|(_, ps)| ps.len()).map(|(h, ps)| (*h, ps.clone())).unwrap_or_default();
         let strict = majority.len() * 2 > seen.len();
         let outside: Vec<u32> = seen.keys().copied().filter(|p| !strict || !majority.contains(p)).collect();
         let at = |p: u32| self.placement.get(&(p * n + origin)).cloned();

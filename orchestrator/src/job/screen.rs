@@ -83,7 +83,14 @@ mod tests {
         let too_many = obs(Observed::Loss { phase: Phase::Eval, loss: 0.5, correct: 3, count: 2 });
         assert_eq!(report_problem(&too_many).as_deref(), Some("3 correct of 2 samples"));
         let done = |h: &str| {
-            obs(Observed::Done { compute_us: 1, cpu_us: 1, bytes_in: 1, bytes_out: 1, output_sha256: h.into(), round_sha256: None })
+            obs(Observed::Done {
+                compute_us: 1,
+                cpu_us: 1,
+                bytes_in: 1,
+                bytes_out: 1,
+                output_sha256: h.into(),
+                round_sha256: None,
+            })
         };
         assert!(report_problem(&done("xyz")).is_some());
         assert!(report_problem(&done(&"a".repeat(64))).is_none());
