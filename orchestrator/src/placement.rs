@@ -165,18 +165,17 @@ pub fn place<O: Borrow<Offer>>(
         return Err(PlacementError::NoPNodes);
     }
     let all: Vec<&Offer> = offers.iter().map(Borrow::borrow).collect();
-    let groups = demands.iter().map(|d| d.group as usize + 1).max().unwrap_or(1);
+    let group_ids: BTreeSet<u32> = demands.iter().map(|d| d.group).collect();
+    let groups = group_ids.len();
     if groups > 1 && all.len() >= groups && max_pnodes >= groups {
         // Each pipeline on PNodes of its own: the strongest offers dealt out in turn, so the
         // copies, which wait for one another every round, get alike shares.
         let ranked = strongest(&all, all.len().min(max_pnodes));
         let mut out = Vec::with_capacity(demands.len());
-        for g in 0..groups {
+        for (g, id) in group_ids.iter().enumerate() {
             let mine: Vec<&Offer> = ranked.iter().skip(g).step_by(groups).copied().collect();
-            let group: Vec<Demand> = demands.iter().filter(|d| d.group as usize == g).cloned().collect();
-            if !group.is_empty() {
-                out.extend(place(&group, &mine, (max_pnodes / groups).max(1))?);
-            }
+            let group: Vec<Demand> = demands.iter().filter(|d| d.group == *id).cloned().collect();
+            out.extend(place(&group, &mine, (max_pnodes / groups).max(1))?);
         }
         out.sort_by_key(|p| p.0);
         return Ok(out);

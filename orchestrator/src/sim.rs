@@ -394,7 +394,7 @@ pub fn run(args: &SimArgs) -> Result<SimReport, String> {
 /// fixture for tests of the job core.
 pub fn sample_job(in_flight: u32) -> Result<(JobSpec, DataSizes), String> {
     let base = Base::new()?;
-    let scenario = Scenario { in_flight, ..Scenario::draw(0).fault_free() };
+    let scenario = Scenario { in_flight, pipelines: 1, ..Scenario::draw(0).fault_free() };
     let sizes = DataSizes { train: base.data.train.len(), test: base.data.test.len() };
     Ok((base.spec(&scenario), sizes))
 }
