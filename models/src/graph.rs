@@ -200,7 +200,7 @@ fn is_one(v: &u32) -> bool {
     *v == 1
 }
 fn default_sync_every() -> u64 {
-    50
+    100
 }
 fn is_default_sync_every(v: &u64) -> bool {
     *v == default_sync_every()
