@@ -78,6 +78,22 @@ pub struct JobSpec {
     pub resume: Option<ResumeFrom>,
     /// A user's job, or a replica re-executing a segment of one.
     pub kind: JobKind,
+    /// The placement generation the job starts at. PNodes refuse an allocation older than the
+    /// one they hold and drop messages of another generation, so a job resumed by a restarted
+    /// orchestrator must start above every generation its earlier run used:
+    /// [`first_generation_now`] for jobs the job table starts.
+    pub first_generation: u32,
+}
+
+/// A first generation that grows with the wall clock: tenths of a second since 2026-01-01, so a
+/// job started (or resumed after a restart) later starts above the generations of an earlier
+/// run, which moves to a new generation at most once per placement round trip (well over a
+/// tenth of a second). It wraps in 2039; it is never below 1.
+pub fn first_generation_now() -> u32 {
+    const SINCE: u64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let tenths = now.as_millis().saturating_sub(u128::from(SINCE) * 1000) / 100;
+    u32::try_from(tenths % u128::from(u32::MAX)).unwrap_or(0).max(1)
 }
 
 /// What a job runs for.

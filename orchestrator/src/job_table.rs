@@ -191,6 +191,7 @@ impl JobTable {
             persist: self.store.is_some(),
             resume,
             kind: JobKind::Primary,
+            first_generation: crate::job::first_generation_now(),
         };
         let (events, _) = broadcast::channel(1024);
         self.telemetry.follow(&job_id, &spec.graph, steps, events.subscribe());

@@ -470,6 +470,7 @@ impl Base {
             persist: true,
             resume: None,
             kind: JobKind::Primary,
+            first_generation: 1,
         }
     }
 }

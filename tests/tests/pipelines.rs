@@ -158,3 +158,26 @@ fn a_copy_that_lies_about_its_changes_is_caught_by_the_round_check() {
         "the round check caught it: {v}"
     );
 }
+
+#[test]
+fn a_pnode_that_joins_takes_a_pipeline_without_changing_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = model(dir.path(), "kind = \"nesterov\"");
+    let flags = ["--steps", "6000", "--pipelines", "2", "--sync-every", "25"];
+    let want = train_local(&file, &flags)["params_sha256"].as_str().unwrap().to_string();
+    // One PNode: both pipelines share it.
+    let mut mesh = Mesh::start(1).unwrap();
+    let f = file.to_str().unwrap();
+    let job = mesh.spawn_cli(&[&["submit", f, "--orchestrator", &mesh.url, "--wait", "--json"][..], &flags].concat()).unwrap();
+    mesh.wait_for_step(300, T).unwrap();
+    mesh.add_pnode().unwrap();
+    let out = job.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = last_json(&out.stdout).unwrap();
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(s["params_sha256"], want.as_str(), "moving pipelines changes nothing: {s}");
+    let recoveries = s["recoveries"].as_array().cloned().unwrap_or_default();
+    assert!(recoveries.iter().any(|r| r["reason"].as_str().unwrap_or("").contains("spreading")), "{s}");
+    let hosts = hosts_by_pipeline(&s);
+    assert!(hosts[0].is_disjoint(&hosts[1]), "the new pnode took a pipeline: {hosts:?}");
+}

@@ -409,6 +409,9 @@ pub struct JobCore {
     pub(super) excluded: BTreeSet<String>,
     /// PNodes leaving, whose VNodes are moved at the next drained point.
     evacuating: BTreeSet<String>,
+    /// Pipelines share PNodes while PNodes that joined stand idle: spread them at the next
+    /// drained point (the result does not depend on placement, so only throughput changes).
+    spread: bool,
     /// Every recovery so far, for the record.
     recoveries: Vec<Recovery>,
     /// When the latest recovery began, until training completes its first step after it.
@@ -497,12 +500,13 @@ impl JobCore {
             metrics: Metrics::default(),
             last_checkpoint: None,
             last_checkpoint_at: now,
-            generation: 1,
+            generation: spec.first_generation.max(1),
             rollback_point: None,
             last_snapshot_at: now,
             first_step: 0,
             excluded: BTreeSet::new(),
             evacuating: BTreeSet::new(),
+            spread: false,
             recoveries: Vec::new(),
             recovery_started: None,
             stale_reports: 0,
@@ -898,7 +902,7 @@ impl JobCore {
             segment_steps: self.replication.segment_steps(),
             recovery_step: self.recovery_step(),
             replicas_backlogged: self.replication.backlogged(),
-            snapshot_wanted: self.leaving() || self.recovery_snapshot_due(),
+            snapshot_wanted: self.leaving() || self.recovery_snapshot_due() || self.spread,
             replica: matches!(self.spec.kind, JobKind::Replica(_)),
         }
     }
@@ -1088,6 +1092,9 @@ impl JobCore {
             let leaving: Vec<String> = self.evacuating.iter().cloned().collect();
             return self.recover(format!("moving VNodes off leaving pnode(s) {}", leaving.join(", ")), leaving);
         }
+        if std::mem::take(&mut self.spread) {
+            return self.recover("spreading the pipelines over pnodes that joined".into(), Vec::new());
+        }
         self.stage = Stage::Training;
         self.pump();
     }
@@ -1222,6 +1229,12 @@ impl JobCore {
             self.stale_reports += 1;
             return;
         }
+        if self.placement.get(&r.vnode).is_none_or(|p| p.id != r.pnode) {
+            // Not where this placement put that VNode: a PNode still running the work of an
+            // orchestrator that restarted (its generations start again), or a confused one.
+            self.stale_reports += 1;
+            return;
+        }
         self.last_activity = self.now;
         if !self.screen_report(&r) {
             return;
@@ -1339,6 +1352,29 @@ impl JobCore {
             self.log(format!("pnode(s) {} leaving; moving their VNodes at the next drained step", leaving.join(", ")));
             self.pump();
         }
+        if !self.spread && self.stage == Stage::Training && self.pipelines_would_spread(&view) {
+            self.spread = true;
+            self.log("pnodes joined while pipelines share pnodes; spreading them at the next drained step".into());
+            self.pump();
+        }
+    }
+
+    /// Whether some pipelines share a PNode while eligible PNodes this job does not use could
+    /// take them (and the job may use more PNodes than it does).
+    fn pipelines_would_spread(&self, view: &[PNodeView]) -> bool {
+        if self.spec.graph.pipelines() < 2 || !matches!(self.spec.kind, JobKind::Primary) {
+            return false;
+        }
+        let members = self.members();
+        let shared = members.iter().enumerate().any(|(i, a)| members[i + 1..].iter().any(|b| a.iter().any(|p| b.contains(p))));
+        if !shared {
+            return false;
+        }
+        let used: BTreeSet<&str> = self.placement.values().map(|p| p.id.as_str()).collect();
+        let req = self.eligibility(view);
+        let eligible = view.iter().filter(|p| placement::eligible(p, &req)).count();
+        let idle = view.iter().any(|p| placement::eligible(p, &req) && !used.contains(p.id.as_str()));
+        idle && used.len() < eligible.min(self.spec.max_pnodes)
     }
 
     fn report_progress(&mut self) {
