@@ -168,7 +168,9 @@ fn a_pnode_that_joins_takes_a_pipeline_without_changing_the_result() {
     // One PNode: both pipelines share it.
     let mut mesh = Mesh::start(1).unwrap();
     let f = file.to_str().unwrap();
-    let job = mesh.spawn_cli(&[&["submit", f, "--orchestrator", &mesh.url, "--wait", "--json"][..], &flags].concat()).unwrap();
+    let job = mesh
+        .spawn_cli(&[&["submit", f, "--orchestrator", &mesh.url, "--wait", "--json"][..], &flags].concat())
+        .unwrap();
     mesh.wait_for_step(300, T).unwrap();
     mesh.add_pnode().unwrap();
     let out = job.wait_with_output().unwrap();

@@ -1366,7 +1366,8 @@ impl JobCore {
             return false;
         }
         let members = self.members();
-        let shared = members.iter().enumerate().any(|(i, a)| members[i + 1..].iter().any(|b| a.iter().any(|p| b.contains(p))));
+        let shared =
+            members.iter().enumerate().any(|(i, a)| members[i + 1..].iter().any(|b| a.iter().any(|p| b.contains(p))));
         if !shared {
             return false;
         }
