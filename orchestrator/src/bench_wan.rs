@@ -112,6 +112,77 @@ pub struct WanBenchArgs {
     /// The `pnode` executable to start (default: the one beside this executable).
     #[arg(long, env = crate::pnode_bin::ENV)]
     pub pnode_bin: Option<PathBuf>,
+    /// Also time one pipeline on one PNode and print, for every data-parallel mode, a model of
+    /// aggregate samples/s with 1, 2, 4 and 8 pipelines (each on a machine of its own) beside
+    /// what was measured here.
+    #[arg(long)]
+    pub scaling: bool,
+}
+
+/// The scaling model of one data-parallel mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalingRow {
+    /// The mode.
+    pub mode: String,
+    /// Its pipelines.
+    pub pipelines: u32,
+    /// Steps between rounds.
+    pub sync_every: u64,
+    /// Bytes of one copy's change per round, as it travels.
+    pub change_bytes: u64,
+    /// (pipelines, modelled samples/s) for 1, 2, 4 and 8 pipelines.
+    pub model: Vec<(u32, f64)>,
+    /// Measured samples/s of the mode here.
+    pub measured: f64,
+    /// `measured` over the model at the mode's own pipeline count.
+    pub measured_over_model: f64,
+}
+
+/// What `--scaling` adds: the one-pipeline rate the model starts from, and a row per mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalingReport {
+    /// Samples/s of one pipeline on one PNode (the whole graph there, exact, one in flight).
+    pub one_pipeline_samples_per_s: f64,
+    /// One row per data-parallel mode.
+    pub rows: Vec<ScalingRow>,
+}
+
+/// Aggregate samples/s of `r` pipelines, each computing `every` steps of `batch` samples at
+/// `step_s` seconds a step, then exchanging a change of `change_bytes` with each of the other
+/// `r - 1` over an uplink of `bytes_per_s` (`None`: unlimited) after one-way `delay_s`: the
+/// all-to-all round of [`dcnr_vnode::rounds`].
+pub fn scaling_model(
+    step_s: f64,
+    batch: f64,
+    every: f64,
+    delay_s: f64,
+    bytes_per_s: Option<f64>,
+    change_bytes: f64,
+    r: u32,
+) -> f64 {
+    if r <= 1 {
+        return batch / step_s.max(1e-12);
+    }
+    let send = bytes_per_s.map_or(0.0, |bw| f64::from(r - 1) * change_bytes / bw.max(1e-12));
+    f64::from(r) * every * batch / (every * step_s + delay_s + send).max(1e-12)
+}
+
+/// Bytes of one copy's change of every parameter of `graph`'s pipeline 0, packed in `wire`.
+fn change_bytes(graph: &dcnr_model::ValidGraph, wire: dcnr_model::WireFormat) -> u64 {
+    use dcnr_model::WireFormat;
+    let zero = graph.pipeline_zero();
+    zero.nodes
+        .iter()
+        .flat_map(|n| dcnr_vnode::layer::init_node(n, 0))
+        .map(|(_, values)| {
+            let n = values.len() as u64;
+            match wire {
+                WireFormat::F32 => 4 * n,
+                WireFormat::F16 | WireFormat::Bf16 => 2 * n,
+                WireFormat::Int8 => n + 4 * n.div_ceil(dcnr_vnode::compact::INT8_BLOCK as u64),
+            }
+        })
+        .sum()
 }
 
 /// The emulated link.
@@ -177,6 +248,8 @@ pub struct WanReport {
     pub train_local: WanRow,
     /// One row per mode, in the order asked.
     pub modes: Vec<WanRow>,
+    /// With `--scaling`: the scaling model of every data-parallel mode.
+    pub scaling: Option<ScalingReport>,
 }
 
 /// The preset called `name`.
@@ -293,6 +366,8 @@ pub async fn run(args: WanBenchArgs) -> anyhow::Result<WanReport> {
 
     let mut modes = Vec::new();
     let link = shape.map_or_else(|| "no link emulation".to_string(), |s| s.to_string());
+    let graphs: Vec<dcnr_model::ValidGraph> =
+        jobs.iter().filter_map(|(_, e)| e.clone().resolve().ok().map(|r| r.graph)).collect();
     for (m, envelope) in jobs {
         eprintln!("mode {} on {} pnodes, {link}", m.name, args.pnodes);
         let mesh = LocalMesh::start_with(MeshConfig {
@@ -311,6 +386,51 @@ pub async fn run(args: WanBenchArgs) -> anyhow::Result<WanReport> {
         }
         modes.push(row(m.name.to_string(), &summary, bytes));
     }
+    let scaling = if args.scaling {
+        eprintln!("one pipeline on one pnode, {link}");
+        let mut one = Envelope::from_graph(&graph).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        Overrides { in_flight: Some(1), ..length }.apply(&mut one);
+        one.artifacts.persist = false;
+        let mesh = LocalMesh::start_with(MeshConfig {
+            pnodes: 1,
+            data: args.data.clone(),
+            pnode_bin: args.pnode_bin.clone(),
+            pnode_metrics: true,
+            ..MeshConfig::default()
+        })
+        .await?;
+        let result = run_mode(&mesh, one).await;
+        mesh.stop().await;
+        let (summary, _) = result.context("one pipeline on one pnode")?;
+        let rate = summary.samples_per_s.max(1e-9);
+        let batch = summary.batch_size.max(1) as f64;
+        let bw = (args.mbit > 0.0).then(|| args.mbit * 1e6 / 8.0);
+        let rows = graphs
+            .iter()
+            .zip(&modes)
+            .filter(|(g, _)| g.pipelines() > 1)
+            .map(|(g, measured)| {
+                let t = &g.spec.training;
+                let bytes = change_bytes(g, t.outer.wire);
+                let at = |r: u32| {
+                    let every = t.sync_every as f64;
+                    scaling_model(batch / rate, batch, every, args.delay_ms as f64 / 1e3, bw, bytes as f64, r)
+                };
+                ScalingRow {
+                    mode: measured.mode.clone(),
+                    pipelines: g.pipelines(),
+                    sync_every: t.sync_every,
+                    change_bytes: bytes,
+                    model: [1, 2, 4, 8].iter().map(|&r| (r, at(r))).collect(),
+                    measured: measured.samples_per_s,
+                    measured_over_model: measured.samples_per_s / at(g.pipelines()).max(1e-9),
+                }
+            })
+            .collect();
+        Some(ScalingReport { one_pipeline_samples_per_s: rate, rows })
+    } else {
+        None
+    };
     Ok(WanReport {
         link: LinkReport { delay_ms: args.delay_ms, mbit: args.mbit },
         pnodes: args.pnodes,
@@ -318,6 +438,7 @@ pub async fn run(args: WanBenchArgs) -> anyhow::Result<WanReport> {
         batch_size: local.batch_size,
         train_local,
         modes,
+        scaling,
     })
 }
 
@@ -463,6 +584,31 @@ pub fn print(r: &WanReport) {
             row.mode, row.in_flight, row.samples_per_s, row.ratio, acc, per, job, row.recoveries
         );
     }
+    if let Some(s) = &r.scaling {
+        println!(
+            "scaling model (each pipeline on a machine of its own; one pipeline on one pnode measured {:.0} samples/s):",
+            s.one_pipeline_samples_per_s
+        );
+        println!(
+            "{:<14} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
+            "mode", "sync", "change", "R=1", "R=2", "R=4", "R=8", "measured", "/model"
+        );
+        for row in &s.rows {
+            let at = |r: u32| row.model.iter().find(|m| m.0 == r).map_or(0.0, |m| m.1);
+            println!(
+                "{:<14} {:>5} {:>10} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>8.2}x",
+                row.mode,
+                row.sync_every,
+                size(row.change_bytes),
+                at(1),
+                at(2),
+                at(4),
+                at(8),
+                row.measured,
+                row.measured_over_model
+            );
+        }
+    }
     println!(
         "samples/s: training time only (evaluation excluded). bytes/sample: both directions of every link \
          between 10% and 90% of the steps (* = whole job: the run was too short for a window). \
@@ -475,6 +621,29 @@ mod tests {
     use super::*;
 
     const MODEL: &str = crate::demo::BUILTIN_MODEL;
+
+    #[test]
+    fn the_scaling_model_charges_compute_delay_and_the_uplink() {
+        // One pipeline: the step rate.
+        assert!((scaling_model(0.01, 64.0, 50.0, 0.025, Some(1e6), 1e5, 1) - 6400.0).abs() < 1e-6);
+        // Two: 2·50·64 samples per 0.5 s compute + 0.025 s delay + 0.1 s sending.
+        let two = scaling_model(0.01, 64.0, 50.0, 0.025, Some(1e6), 1e5, 2);
+        assert!((two - 6400.0 / 0.625).abs() < 1e-6, "{two}");
+        // Each extra copy costs another change on the uplink; no cap, no cost.
+        let eight = scaling_model(0.01, 64.0, 50.0, 0.025, Some(1e6), 1e5, 8);
+        assert!((eight - 8.0 * 3200.0 / 1.225).abs() < 1e-6, "{eight}");
+        assert!(scaling_model(0.01, 64.0, 50.0, 0.025, None, 1e5, 8) > eight);
+    }
+
+    #[test]
+    fn changes_are_sized_as_they_travel() {
+        let g =
+            dcnr_model::ModelGraph::parse_valid(&std::fs::read_to_string("../models/mnist-mlp.toml").unwrap()).unwrap();
+        // 784·256 + 256 + 256·256 + 256 + 256·10 + 10 parameters.
+        assert_eq!(change_bytes(&g, dcnr_model::WireFormat::F32), 4 * 269_322);
+        let int8 = change_bytes(&g, dcnr_model::WireFormat::Int8);
+        assert!(int8 > 269_322 && int8 < 269_322 + 4 * 269_322 / 60, "{int8}");
+    }
 
     #[test]
     fn presets_write_into_the_training_table() {
