@@ -669,6 +669,8 @@ impl<'a> World<'a> {
         let mut spec = self.base.spec(&self.scenario);
         self.first_step = from.as_ref().map_or(0, |f| f.step);
         spec.resume = from;
+        // As `job::first_generation_now` does with the wall clock: tenths of a second.
+        spec.first_generation = u32::try_from(self.now.as_millis() / 100).unwrap_or(u32::MAX).max(1);
         let sizes = DataSizes { train: self.base.data.train.len(), test: self.base.data.test.len() };
         self.jobs.insert(spec.job_id.clone(), JobCore::new(spec, sizes, self.now));
         self.send_to_job(self.now, "sim", Input::Start);
