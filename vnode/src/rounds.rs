@@ -67,6 +67,20 @@ impl RoundPlan {
                 || mb.saturating_add(1) == self.steps)
     }
 
+    /// The first step at or after `step` whose update closes a round (none past the last step,
+    /// or with one pipeline).
+    pub fn next_round_at(&self, step: u64) -> Option<u64> {
+        if self.pipelines <= 1 || step >= self.steps {
+            return None;
+        }
+        let spe = self.steps_per_epoch.max(1);
+        let within = step % spe;
+        let epoch_start = step - within;
+        let by_every = epoch_start.saturating_add((within / self.every + 1).saturating_mul(self.every) - 1);
+        let epoch_end = epoch_start.saturating_add(spe - 1);
+        Some(by_every.min(epoch_end).min(self.steps - 1))
+    }
+
     /// Rounds closed once `completed` steps are done.
     pub fn rounds_through(&self, completed: u64) -> u64 {
         if self.pipelines <= 1 {
@@ -195,6 +209,7 @@ mod tests {
         assert_eq!(closing, vec![3, 7, 9, 13, 17, 19, 23, 24]);
         for c in 0..=25 {
             assert_eq!(plan.rounds_through(c), closing.iter().filter(|&&m| m < c).count() as u64, "after {c}");
+            assert_eq!(plan.next_round_at(c), closing.iter().copied().find(|&m| m >= c), "from {c}");
         }
         let single = RoundPlan { pipelines: 1, ..plan };
         assert!((0..25).all(|m| !single.closes_round(m)));

@@ -673,7 +673,7 @@ impl VNode {
             // That round is applied: a late or repeated message.
             return Err(VNodeError::Window { vnode, mb, what: "parameter change", next_f, next_b });
         }
-        let next_round = (next_b..=next_b.saturating_add(plan.every())).find(|&m| plan.closes_round(m));
+        let next_round = plan.next_round_at(next_b);
         if open != Some(mb) && next_round != Some(mb) {
             return Err(refuse(format!("no round of this VNode closes at step {mb} (next: {next_round:?})")));
         }
@@ -733,19 +733,10 @@ impl VNode {
         if r.momentum.iter().all(Vec::is_empty) {
             r.momentum.clear();
         }
-        let round_hash = crate::sha256_f32(r.anchor.iter().map(Vec::as_slice));
-        let done = r.open.take().map(|o| match o.1 {
-            Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256, .. } => Outbound::Done {
-                mb,
-                compute_us,
-                cpu_us,
-                bytes_in,
-                bytes_out,
-                output_sha256,
-                round_sha256: Some(round_hash),
-            },
-            other => other,
-        });
+        let mut done = r.open.take().map(|o| o.1);
+        if let Some(Outbound::Done { round_sha256, .. }) = &mut done {
+            *round_sha256 = Some(crate::sha256_f32(r.anchor.iter().map(Vec::as_slice)));
+        }
         let device = self.device.clone();
         let tensors: Option<Vec<Tensor<2>>> = updated.into_iter().map(|t| t.into_burn(&device)).collect();
         let tensors = tensors.ok_or_else(|| self.backend("averaged parameters".into()))?;
