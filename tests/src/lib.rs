@@ -151,6 +151,13 @@ impl Mesh {
         Ok(busy)
     }
 
+    /// A busy PNode (one hosting VNodes) other than those in `not`, waiting up to 10 s for one.
+    pub fn victim(&self, not: &[usize]) -> Result<usize> {
+        wait_for("a busy pnode to fail", Duration::from_secs(10), || {
+            self.busy_pnodes().ok()?.into_iter().find(|i| !not.contains(i))
+        })
+    }
+
     /// The job table (`orchestrator jobs --json`), or an error while the orchestrator is down.
     pub fn jobs(&self) -> Result<Vec<serde_json::Value>> {
         let out = run(&["jobs", "--json", "--orchestrator", &self.url], Duration::from_secs(10))?;

@@ -63,14 +63,7 @@ fn points(seed: u64, n: usize, lo: u64, hi: u64) -> Vec<u64> {
 
 /// A busy PNode (one hosting VNodes) other than those in `not`.
 fn victim(mesh: &Mesh, not: &[usize]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(i) = mesh.busy_pnodes().unwrap().into_iter().find(|i| !not.contains(i)) {
-            return i;
-        }
-        assert!(Instant::now() < deadline, "no busy pnode to fail");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    mesh.victim(not).unwrap()
 }
 
 fn recoveries(s: &serde_json::Value) -> Vec<serde_json::Value> {

@@ -3,7 +3,7 @@
 //! as in exact mode.
 
 use dcnr_tests::{Mesh, fixture, last_json, run};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const T: Duration = Duration::from_secs(180);
 
@@ -58,14 +58,7 @@ fn local_mode_survives_a_killed_pnode_with_the_same_result() {
     let job =
         mesh.spawn_cli(&["submit", env.to_str().unwrap(), "--orchestrator", &mesh.url, "--wait", "--json"]).unwrap();
     mesh.wait_for_step(500, T).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let victim = loop {
-        if let Some(&i) = mesh.busy_pnodes().unwrap().first() {
-            break i;
-        }
-        assert!(Instant::now() < deadline, "no busy pnode to kill");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let victim = mesh.victim(&[]).unwrap();
     mesh.kill_pnode(victim);
     let out = job.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

@@ -6,7 +6,7 @@
 use dcnr_tests::{Mesh, fixture, last_json, run};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const T: Duration = Duration::from_secs(180);
 
@@ -111,14 +111,7 @@ fn a_killed_pnode_costs_time_not_the_result() {
     let job =
         mesh.spawn_cli(&["submit", env.to_str().unwrap(), "--orchestrator", &mesh.url, "--wait", "--json"]).unwrap();
     mesh.wait_for_step(400, T).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let victim = loop {
-        if let Some(&i) = mesh.busy_pnodes().unwrap().first() {
-            break i;
-        }
-        assert!(Instant::now() < deadline, "no busy pnode to kill");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let victim = mesh.victim(&[]).unwrap();
     mesh.kill_pnode(victim);
     let out = job.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
