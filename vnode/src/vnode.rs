@@ -49,8 +49,9 @@ pub struct VNodeSpec {
 
 impl VNodeSpec {
     /// Bytes this VNode needs at batch size `batch`: parameters, two optimizer moments and the
-    /// stash of in-flight versions, plus activations and gradients of every micro-batch in flight.
-    /// The orchestrator places by it and the PNode enforces its limit with it.
+    /// stash of in-flight versions, plus activations and gradients of every micro-batch in flight,
+    /// and the data inputs fed ahead of the window. The orchestrator places by it and the PNode
+    /// enforces its limit with it.
     pub fn memory_estimate(&self, batch: usize) -> u64 {
         let params = self.node.param_count() as u64;
         let acts = (batch * self.node.output_width) as u64;
@@ -58,7 +59,20 @@ impl VNodeSpec {
         // Averaging keeps an anchor and an outer momentum, and holds every copy's change of a round.
         let copies = self.node.copies.len() as u64;
         let averaging = if copies > 1 { 2 + copies } else { 0 };
-        4 * (params * (3 + k + averaging) + acts * (2 + k))
+        // Features (f32 once normalised) and labels wait up to this many steps ahead.
+        let data_width: u64 = self
+            .node
+            .inputs
+            .iter()
+            .map(|s| match (s, self.node.kind) {
+                (Source::Features, NodeKind::Linear { inputs, .. }) => inputs as u64,
+                (Source::Features, _) => self.node.output_width as u64,
+                (Source::Labels, _) => 1,
+                (Source::Node(_), _) => 0,
+            })
+            .sum();
+        let fed = (batch as u64).saturating_mul(data_width).saturating_mul(2 * k + crate::FEED_AHEAD + 8);
+        4 * (params * (3 + k + averaging) + acts * (2 + k) + fed)
     }
 }
 
