@@ -322,6 +322,18 @@ mod tests {
     }
 
     #[test]
+    fn a_job_row_names_its_pipelines_rounds_and_members() {
+        let mut s = status(JobState::Running);
+        s.pipelines = 2;
+        s.rounds = 7;
+        s.members = vec![vec!["pn-1".into()], vec!["pn-2".into(), "pn-3".into()]];
+        let row = serde_json::to_value(job_row(&s, None)).expect("json");
+        assert_eq!(row["pipelines"], 2);
+        assert_eq!(row["rounds"], 7);
+        assert_eq!(row["members"], serde_json::json!([["pn-1"], ["pn-2", "pn-3"]]));
+    }
+
+    #[test]
     fn vnodes_show_their_pnode_and_health() {
         let t = tracks();
         let pnodes = [view("pn-1", "http://a", Health::Healthy), view("pn-2", "http://b", Health::Suspect)];
