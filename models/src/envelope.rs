@@ -102,6 +102,26 @@ pub struct Ctx {
     pub labels: BTreeMap<String, String>,
 }
 
+/// Longest duration, in seconds, an envelope may ask for (a timeout, a checkpoint interval):
+/// one year, far from where adding it to a clock could overflow.
+pub const MAX_DURATION_S: u64 = 366 * 24 * 3600;
+
+/// Longest job id.
+pub const MAX_JOB_ID: usize = 64;
+
+/// Whether `id` may name a job: 1..=128 ASCII letters, digits, `-`, `_` and `.`, not starting
+/// with `.` (ids become store keys and file names, so nothing in one may walk a path).
+pub fn check_job_id(id: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if id.is_empty() || id.len() > MAX_JOB_ID || id.starts_with('.') || !id.chars().all(ok_char) {
+        let shown: String = id.chars().take(40).collect();
+        return Err(format!(
+            "job id {shown:?} is not valid: use 1 to {MAX_JOB_ID} letters, digits, '-', '_' or '.', not starting with '.'"
+        ));
+    }
+    Ok(())
+}
+
 /// `[op]`: the model graph and the training recipe (overrides of the graph's own settings).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
@@ -448,17 +468,19 @@ impl Envelope {
         if c.every_steps == Some(0) || c.every_s == Some(0) || c.keep == 0 {
             return Err(EnvelopeError::Invalid("checkpoint: every_steps, every_s and keep must be at least 1".into()));
         }
-        if p.timeout_s == 0 {
-            return Err(EnvelopeError::Invalid("policy.timeout_s must be at least 1".into()));
+        if c.every_s.is_some_and(|s| s > MAX_DURATION_S) {
+            return Err(EnvelopeError::Invalid(format!(
+                "checkpoint.every_s must be at most {MAX_DURATION_S} (one year)"
+            )));
+        }
+        if p.timeout_s == 0 || p.timeout_s > MAX_DURATION_S {
+            return Err(EnvelopeError::Invalid(format!(
+                "policy.timeout_s must be between 1 and {MAX_DURATION_S} (one year), got {}",
+                p.timeout_s
+            )));
         }
         if let Some(id) = &self.ctx.job_id {
-            let ok =
-                !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-            if !ok {
-                return Err(EnvelopeError::Invalid(format!(
-                    "ctx.job_id `{id}` must be 1-64 characters of A-Z a-z 0-9 . _ -"
-                )));
-            }
+            check_job_id(id).map_err(|e| EnvelopeError::Invalid(format!("ctx.job_id: {e}")))?;
         }
         let root_seed = match self.seed.mode {
             SeedMode::Explicit => {
@@ -528,6 +550,22 @@ mod tests {
         let mut env = Envelope::from_graph(GRAPH).unwrap();
         env.ctx.job_id = Some("../etc".into());
         assert!(matches!(env.resolve(), Err(EnvelopeError::Invalid(_))));
+        for bad in ["..", ".hidden", "", "a/b", "x".repeat(65).as_str()] {
+            assert!(check_job_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_job_id("job-0001-abc_d.e").is_ok());
+        // Durations near u64::MAX would overflow a clock: bounded.
+        let mut env = Envelope::from_graph(GRAPH).unwrap();
+        env.policy.timeout_s = u64::MAX;
+        assert!(matches!(env.resolve(), Err(EnvelopeError::Invalid(e)) if e.contains("timeout_s")));
+        let mut env = Envelope::from_graph(GRAPH).unwrap();
+        env.checkpoint.every_s = Some(u64::MAX / 2);
+        assert!(matches!(env.resolve(), Err(EnvelopeError::Invalid(e)) if e.contains("every_s")));
+        // A dataset is a plain name, never a path or an alias of one.
+        for bad in ["mnist/.", "../mnist", "mnist/", ""] {
+            let text = GRAPH.replace("dataset = \"mnist\"", &format!("dataset = {bad:?}"));
+            assert!(Envelope::from_graph(&text).and_then(Envelope::resolve).is_err(), "{bad:?}");
+        }
         let mut env = Envelope::from_graph(GRAPH).unwrap();
         env.policy.min_pnodes = 5;
         env.policy.max_pnodes = 2;

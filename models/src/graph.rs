@@ -956,6 +956,16 @@ fn check_sizes(g: &ModelGraph) -> Result<(), GraphError> {
     if !(0.0..1.0).contains(&o.momentum) {
         return Err(out_of_range("training.outer.momentum", o.momentum, "0 <= momentum < 1"));
     }
+    let d = &g.data.dataset;
+    // The name becomes a directory name: nothing in it may walk a path or alias another name.
+    if d.is_empty() || d.len() > 64 || !d.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        let shown: String = d.chars().take(40).collect();
+        return Err(out_of_range(
+            "data.dataset",
+            format!("{shown:?}"),
+            "a plain name: 1-64 letters, digits, '-' or '_'",
+        ));
+    }
     if g.data.feature_size == 0 || g.data.feature_size > MAX_FEATURES {
         return Err(out_of_range("data.feature_size", g.data.feature_size, "1..=1048576"));
     }

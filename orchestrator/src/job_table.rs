@@ -254,6 +254,8 @@ impl Handler<Resume> for JobTable {
     fn handle(&mut self, msg: Resume, _: &mut Context<Self>) -> Self::Result {
         let (store, job) = (self.store.clone(), msg.job_id.clone());
         let fut = async move {
+            // The id becomes store keys: nothing in it may walk a path.
+            dcnr_model::envelope::check_job_id(&job).map_err(SubmitError::Setting)?;
             let store =
                 store.ok_or_else(|| SubmitError::Setting("this orchestrator has no store to resume from".into()))?;
             checkpoints::load_latest(store.as_ref(), &job).await.map_err(|e| SubmitError::Data(e.to_string()))

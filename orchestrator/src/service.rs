@@ -104,6 +104,23 @@ fn pnode_to_wire(p: &PNodeView) -> v1::PNodeInfo {
     }
 }
 
+/// Longest text from a peer that is kept (in events, statuses, records): the rest is cut.
+const MAX_PEER_TEXT: usize = 4096;
+
+/// `text` cut to [`MAX_PEER_TEXT`] bytes at a character boundary, saying so.
+fn bounded_text(mut text: String) -> String {
+    if text.len() > MAX_PEER_TEXT {
+        let mut end = MAX_PEER_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = text.len() - end;
+        text.truncate(end);
+        text.push_str(&format!(" [{cut} more bytes cut]"));
+    }
+    text
+}
+
 fn report_from_wire(r: v1::VNodeReport) -> Result<Observation, Status> {
     use v1::v_node_report::Body;
     let body = match r.body {
@@ -125,7 +142,7 @@ fn report_from_wire(r: v1::VNodeReport) -> Result<Observation, Status> {
             correct: l.correct,
             count: l.count,
         },
-        Some(Body::Failure(f)) => Observed::Failure(f.message),
+        Some(Body::Failure(f)) => Observed::Failure(bounded_text(f.message)),
         Some(Body::Rejected(x)) => Observed::Rejected {
             from_vnode: (!x.from_data).then_some(x.from_vnode),
             reason: x.reason.chars().take(1024).collect(),
@@ -426,4 +443,19 @@ pub fn server(svc: OrchestratorService) -> OrchestratorServer<OrchestratorServic
     OrchestratorServer::new(svc)
         .max_decoding_message_size(dcnr_proto::limits::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(dcnr_proto::limits::MAX_MESSAGE_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_text_is_bounded_at_a_character_boundary() {
+        assert_eq!(bounded_text("short".into()), "short");
+        let long = "é".repeat(MAX_PEER_TEXT);
+        let cut = bounded_text(long.clone());
+        assert!(cut.len() < MAX_PEER_TEXT + 40, "{}", cut.len());
+        assert!(cut.ends_with("more bytes cut]"), "{cut}");
+        assert!(long.starts_with(cut.split(" [").next().unwrap()));
+    }
 }
