@@ -159,6 +159,9 @@ pub enum Incoming {
 pub fn message_from_wire(m: v1::VNodeMessage) -> Result<(Target, Incoming), ConvertError> {
     let (job, vnode, mb, generation) = (m.job_id, m.to_vnode, m.micro_batch, m.generation);
     let malformed = |job: &str, what| ConvertError::Malformed { job: job.to_string(), vnode, mb, what };
+    let tensor = |t: Option<&v1::Tensor>| {
+        tensor_from_wire(t).map_err(|source| ConvertError::Tensor { job: job.clone(), vnode, mb, source })
+    };
     let inbound = match m.body {
         Some(Body::Feed(f)) => {
             let phase = phase_from_wire(f.phase).ok_or_else(|| malformed(&job, "unknown phase"))?;
@@ -167,31 +170,13 @@ pub fn message_from_wire(m: v1::VNodeMessage) -> Result<(Target, Incoming), Conv
         }
         Some(Body::Forward(f)) => {
             let phase = phase_from_wire(f.phase).ok_or_else(|| malformed(&job, "unknown phase"))?;
-            let tensor = tensor_from_wire(f.tensor.as_ref()).map_err(|source| ConvertError::Tensor {
-                job: job.clone(),
-                vnode,
-                mb,
-                source,
-            })?;
-            Inbound::Forward { mb, phase, port: f.port, tensor }
+            Inbound::Forward { mb, phase, port: f.port, tensor: tensor(f.tensor.as_ref())? }
         }
         Some(Body::Backward(b)) => {
-            let tensor = tensor_from_wire(b.tensor.as_ref()).map_err(|source| ConvertError::Tensor {
-                job: job.clone(),
-                vnode,
-                mb,
-                source,
-            })?;
-            Inbound::Backward { mb, from: (b.from_vnode, b.from_port), tensor }
+            Inbound::Backward { mb, from: (b.from_vnode, b.from_port), tensor: tensor(b.tensor.as_ref())? }
         }
         Some(Body::Sync(c)) => {
-            let tensor = tensor_from_wire(c.tensor.as_ref()).map_err(|source| ConvertError::Tensor {
-                job: job.clone(),
-                vnode,
-                mb,
-                source,
-            })?;
-            Inbound::Sync { mb, from: c.from_vnode, index: c.index, tensor }
+            Inbound::Sync { mb, from: c.from_vnode, index: c.index, tensor: tensor(c.tensor.as_ref())? }
         }
         None => return Err(malformed(&job, "message has no body")),
     };

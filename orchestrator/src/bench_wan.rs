@@ -167,20 +167,15 @@ pub fn scaling_model(
     f64::from(r) * every * batch / (every * step_s + delay_s + send).max(1e-12)
 }
 
-/// Bytes of one copy's change of every parameter of `graph`'s pipeline 0, packed in `wire`.
+/// Bytes of one copy's change of every parameter of `graph`'s pipeline 0, packed in `wire` by
+/// the encoder the VNodes use.
 fn change_bytes(graph: &dcnr_model::ValidGraph, wire: dcnr_model::WireFormat) -> u64 {
-    use dcnr_model::WireFormat;
     let zero = graph.pipeline_zero();
     zero.nodes
         .iter()
         .flat_map(|n| dcnr_vnode::layer::init_node(n, 0))
-        .map(|(_, values)| {
-            let n = values.len() as u64;
-            match wire {
-                WireFormat::F32 => 4 * n,
-                WireFormat::F16 | WireFormat::Bf16 => 2 * n,
-                WireFormat::Int8 => n + 4 * n.div_ceil(dcnr_vnode::compact::INT8_BLOCK as u64),
-            }
+        .map(|(shape, values)| {
+            dcnr_vnode::compact::pack(&dcnr_vnode::HostTensor::f32(shape, values), wire).data_bytes()
         })
         .sum()
 }
@@ -370,14 +365,7 @@ pub async fn run(args: WanBenchArgs) -> anyhow::Result<WanReport> {
         jobs.iter().filter_map(|(_, e)| e.clone().resolve().ok().map(|r| r.graph)).collect();
     for (m, envelope) in jobs {
         eprintln!("mode {} on {} pnodes, {link}", m.name, args.pnodes);
-        let mesh = LocalMesh::start_with(MeshConfig {
-            pnodes: args.pnodes,
-            data: args.data.clone(),
-            pnode_bin: args.pnode_bin.clone(),
-            pnode_metrics: true,
-            ..MeshConfig::default()
-        })
-        .await?;
+        let mesh = measured_mesh(&args, args.pnodes).await?;
         let result = run_mode(&mesh, envelope).await;
         mesh.stop().await;
         let (summary, bytes) = result.with_context(|| format!("mode {}", m.name))?;
@@ -391,14 +379,7 @@ pub async fn run(args: WanBenchArgs) -> anyhow::Result<WanReport> {
         let mut one = Envelope::from_graph(&graph).map_err(|e| ClientError::Invalid(e.to_string()))?;
         Overrides { in_flight: Some(1), ..length }.apply(&mut one);
         one.artifacts.persist = false;
-        let mesh = LocalMesh::start_with(MeshConfig {
-            pnodes: 1,
-            data: args.data.clone(),
-            pnode_bin: args.pnode_bin.clone(),
-            pnode_metrics: true,
-            ..MeshConfig::default()
-        })
-        .await?;
+        let mesh = measured_mesh(&args, 1).await?;
         let result = run_mode(&mesh, one).await;
         mesh.stop().await;
         let (summary, _) = result.context("one pipeline on one pnode")?;
@@ -440,6 +421,18 @@ pub async fn run(args: WanBenchArgs) -> anyhow::Result<WanReport> {
         modes,
         scaling,
     })
+}
+
+/// A fresh local mesh of `pnodes` PNodes whose `/metrics` the run scrapes.
+async fn measured_mesh(args: &WanBenchArgs, pnodes: usize) -> anyhow::Result<LocalMesh> {
+    LocalMesh::start_with(MeshConfig {
+        pnodes,
+        data: args.data.clone(),
+        pnode_bin: args.pnode_bin.clone(),
+        pnode_metrics: true,
+        ..MeshConfig::default()
+    })
+    .await
 }
 
 /// Bytes on the wire of one run.

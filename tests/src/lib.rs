@@ -158,6 +158,17 @@ impl Mesh {
         })
     }
 
+    /// Submits `job` and waits for it, SIGKILLing a busy PNode once the job reaches `at_step`;
+    /// the submitting CLI's output.
+    pub fn submit_killing_one(&mut self, job: &std::path::Path, at_step: u64, limit: Duration) -> Result<Output> {
+        let f = job.to_string_lossy().to_string();
+        let child = self.spawn_cli(&["submit", &f, "--orchestrator", &self.url, "--wait", "--json"])?;
+        self.wait_for_step(at_step, limit)?;
+        let victim = self.victim(&[])?;
+        self.kill_pnode(victim);
+        Ok(child.wait_with_output()?)
+    }
+
     /// The job table (`orchestrator jobs --json`), or an error while the orchestrator is down.
     pub fn jobs(&self) -> Result<Vec<serde_json::Value>> {
         let out = run(&["jobs", "--json", "--orchestrator", &self.url], Duration::from_secs(10))?;

@@ -55,12 +55,7 @@ fn local_mode_survives_a_killed_pnode_with_the_same_result() {
     let env = envelope(dir.path(), 1500, "in_flight = 8\n[checkpoint]\nevery_steps = 200\n[policy]\ntimeout_s = 150");
     let want = train_local(&env, &[])["params_sha256"].as_str().unwrap().to_string();
     let mut mesh = Mesh::start(4).unwrap();
-    let job =
-        mesh.spawn_cli(&["submit", env.to_str().unwrap(), "--orchestrator", &mesh.url, "--wait", "--json"]).unwrap();
-    mesh.wait_for_step(500, T).unwrap();
-    let victim = mesh.victim(&[]).unwrap();
-    mesh.kill_pnode(victim);
-    let out = job.wait_with_output().unwrap();
+    let out = mesh.submit_killing_one(&env, 500, T).unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let s = last_json(&out.stdout).unwrap();
     assert_eq!(s["status"], "succeeded", "{s}");

@@ -18,6 +18,13 @@ fn model(dir: &Path, outer: &str) -> PathBuf {
     p
 }
 
+/// A job envelope for `model`: `[op]` naming it, then `op` (more of `[op]`, other tables).
+fn job(dir: &Path, model: &Path, op: &str) -> PathBuf {
+    let p = dir.join("job.toml");
+    std::fs::write(&p, format!("[op]\nmodel = {:?}\n{op}", model.to_str().unwrap())).unwrap();
+    p
+}
+
 /// The summary of `train-local` on `file` with extra flags.
 fn train_local(file: &Path, extra: &[&str]) -> serde_json::Value {
     let f = file.to_str().unwrap();
@@ -97,23 +104,11 @@ fn pipelines_equal_train_local_bit_for_bit() {
 fn a_killed_pnode_costs_time_not_the_result() {
     let dir = tempfile::tempdir().unwrap();
     let file = model(dir.path(), "kind = \"nesterov\"");
-    let env = dir.path().join("job.toml");
-    std::fs::write(
-        &env,
-        format!(
-            "[op]\nmodel = {:?}\nsteps = 3000\npipelines = 2\nsync_every = 25\n[checkpoint]\nevery_steps = 200\n[policy]\ntimeout_s = 150",
-            file.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let op = "steps = 3000\npipelines = 2\nsync_every = 25\n[checkpoint]\nevery_steps = 200\n[policy]\ntimeout_s = 150";
+    let env = job(dir.path(), &file, op);
     let want = train_local(&env, &[])["params_sha256"].as_str().unwrap().to_string();
     let mut mesh = Mesh::start(3).unwrap();
-    let job =
-        mesh.spawn_cli(&["submit", env.to_str().unwrap(), "--orchestrator", &mesh.url, "--wait", "--json"]).unwrap();
-    mesh.wait_for_step(400, T).unwrap();
-    let victim = mesh.victim(&[]).unwrap();
-    mesh.kill_pnode(victim);
-    let out = job.wait_with_output().unwrap();
+    let out = mesh.submit_killing_one(&env, 400, T).unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let s = last_json(&out.stdout).unwrap();
     assert_eq!(s["status"], "succeeded", "{s}");
@@ -184,15 +179,9 @@ fn a_pnode_that_joins_takes_a_pipeline_without_changing_the_result() {
 fn replicas_verify_segments_of_a_pipelined_job() {
     let dir = tempfile::tempdir().unwrap();
     let file = model(dir.path(), "kind = \"nesterov\"");
-    let env = dir.path().join("job.toml");
-    std::fs::write(
-        &env,
-        format!(
-            "[op]\nmodel = {:?}\nsteps = 400\npipelines = 2\nsync_every = 20\n[policy]\nmin_pnodes = 4\nverify = \"full\"\nsegment_steps = 50",
-            file.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let op =
+        "steps = 400\npipelines = 2\nsync_every = 20\n[policy]\nmin_pnodes = 4\nverify = \"full\"\nsegment_steps = 50";
+    let env = job(dir.path(), &file, op);
     let want = train_local(&env, &[])["params_sha256"].as_str().unwrap().to_string();
     let mesh = Mesh::start(4).unwrap();
     let s = mesh.submit_wait(&env, &[]).unwrap();

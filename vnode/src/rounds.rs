@@ -53,11 +53,6 @@ impl RoundPlan {
         self.steps_per_epoch
     }
 
-    /// Steps between rounds within an epoch.
-    pub fn every(&self) -> u64 {
-        self.every
-    }
-
     /// Whether the update of step `mb` closes a round (never with one pipeline).
     pub fn closes_round(&self, mb: u64) -> bool {
         let within = mb % self.steps_per_epoch.max(1);

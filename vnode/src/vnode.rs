@@ -328,10 +328,6 @@ type RoundState = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 /// A VNode's part in its copies' averaging rounds.
 struct Rounds {
     averaging: crate::rounds::Averaging,
-    /// This VNode's pipeline: its place in `copies`.
-    me: usize,
-    /// The VNode ids of the copies, by pipeline.
-    copies: Vec<u32>,
     /// Parameters as of the last round.
     anchor: Vec<Vec<f32>>,
     /// Outer momentum per parameter (empty until the first nesterov round).
@@ -342,6 +338,14 @@ struct Rounds {
     changes: BTreeMap<u64, Vec<Vec<Option<Vec<f32>>>>>,
     /// The round this VNode closed and waits on, with the `Done` it reports once it is applied.
     open: Option<(u64, Outbound)>,
+}
+
+impl Rounds {
+    /// The slots of round `mb`'s changes: by pipeline (`copies` of them), by parameter.
+    fn slots(&mut self, mb: u64, copies: usize) -> &mut Vec<Vec<Option<Vec<f32>>>> {
+        let params = self.shapes.len();
+        self.changes.entry(mb).or_insert_with(|| vec![vec![None; params]; copies])
+    }
 }
 
 impl VNode {
@@ -380,23 +384,18 @@ impl VNode {
     fn with_rounds(mut self, restored: Option<RoundState>) -> VNode {
         let node = &self.spec.node;
         let Some(averaging) = self.spec.averaging else { return self };
-        let me = node.copies.iter().position(|&c| c == node.id);
+        // The copies are listed by pipeline, this VNode among them.
+        let listed = node.copies.len() > 1 && node.copies.get(node.pipeline as usize) == Some(&node.id);
         let current = self.params().unwrap_or_default();
-        let (Some(me), false, false) = (me, node.copies.len() < 2, current.is_empty()) else { return self };
+        if !listed || current.is_empty() {
+            return self;
+        }
         let shapes = current.iter().map(|t| t.shape.clone()).collect();
         let (anchor, momentum) = restored.unwrap_or_else(|| {
             (current.iter().map(|t| t.as_f32().map(<[f32]>::to_vec).unwrap_or_default()).collect(), Vec::new())
         });
-        self.rounds = Some(Box::new(Rounds {
-            averaging,
-            me,
-            copies: node.copies.clone(),
-            anchor,
-            momentum,
-            shapes,
-            changes: BTreeMap::new(),
-            open: None,
-        }));
+        self.rounds =
+            Some(Box::new(Rounds { averaging, anchor, momentum, shapes, changes: BTreeMap::new(), open: None }));
         self
     }
 
@@ -667,13 +666,14 @@ impl VNode {
     /// Keeps copy `from`'s change of parameter `index` for the round closed by step `mb`: the
     /// round this VNode waits on, or its next one (a copy may get there first).
     fn take_change(&mut self, mb: u64, from: u32, index: u32, tensor: HostTensor) -> Result<(), VNodeError> {
-        let (vnode, next_f, next_b) = (self.id(), self.next_f, self.next_b);
+        let (vnode, next_f, next_b, me) = (self.id(), self.next_f, self.next_b, self.spec.node.pipeline as usize);
+        let copies = &self.spec.node.copies;
         let Some(r) = self.rounds.as_mut() else {
             return Err(VNodeError::Round { vnode, from, mb, detail: "this VNode averages with no copies".into() });
         };
         let refuse = |detail: String| VNodeError::Round { vnode, from, mb, detail };
-        let Some(p) = r.copies.iter().position(|&c| c == from).filter(|&p| p != r.me) else {
-            return Err(refuse(format!("{from} is not one of its copies {:?}", r.copies)));
+        let Some(p) = copies.iter().position(|&c| c == from).filter(|&p| p != me) else {
+            return Err(refuse(format!("{from} is not one of its copies {copies:?}")));
         };
         let Some(shape) = r.shapes.get(index as usize) else {
             return Err(refuse(format!("no parameter {index} (it has {})", r.shapes.len())));
@@ -691,9 +691,7 @@ impl VNode {
         if open != Some(mb) && next_round != Some(mb) {
             return Err(refuse(format!("no round of this VNode closes at step {mb} (next: {next_round:?})")));
         }
-        let (copies, params) = (r.copies.len(), r.shapes.len());
-        let round = r.changes.entry(mb).or_insert_with(|| vec![vec![None; params]; copies]);
-        let slot = &mut round[p][index as usize];
+        let slot = &mut r.slots(mb, copies.len())[p][index as usize];
         if slot.is_some() {
             return Err(VNodeError::Duplicate { vnode, mb, what: "parameter change" });
         }
@@ -705,22 +703,23 @@ impl VNode {
     /// copy and holds `done` until the round is applied.
     fn open_round(&mut self, mb: u64, done: Outbound, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
         let current = self.params()?;
-        let id = self.id();
+        let (id, me) = (self.id(), self.spec.node.pipeline as usize);
+        let copies = &self.spec.node.copies;
         let Some(r) = self.rounds.as_mut() else {
             out.push(done);
             return Ok(());
         };
-        let (copies, params) = (r.copies.len(), r.shapes.len());
-        let round = r.changes.entry(mb).or_insert_with(|| vec![vec![None; params]; copies]);
-        for (i, (t, anchor)) in current.iter().zip(&r.anchor).enumerate() {
+        let outer = r.averaging.outer;
+        for (i, t) in current.iter().enumerate() {
+            let anchor = r.anchor.get(i).map_or(&[][..], Vec::as_slice);
             let change = crate::rounds::change(t.as_f32().unwrap_or(&[]), anchor);
-            let (packed, own) = crate::rounds::encode_change(change, t.shape.clone(), &r.averaging.outer);
-            for (p, &to) in r.copies.iter().enumerate() {
-                if p != r.me {
+            let (packed, own) = crate::rounds::encode_change(change, t.shape.clone(), &outer);
+            for (p, &to) in copies.iter().enumerate() {
+                if p != me {
                     out.push(Outbound::Sync { to, from: id, mb, index: i as u32, tensor: packed.clone() });
                 }
             }
-            round[r.me][i] = own.as_f32().map(<[f32]>::to_vec);
+            r.slots(mb, copies.len())[me][i] = own.as_f32().map(<[f32]>::to_vec);
         }
         r.open = Some((mb, done));
         self.close_round(out)
@@ -795,7 +794,7 @@ impl VNode {
                 checked.map_err(|error| Rejection { to: node.id, mb: *mb, from, what, error })
             }
             Inbound::Sync { mb, from, tensor, .. } => {
-                if !self.rounds.as_ref().is_some_and(|r| r.copies.contains(from)) {
+                if self.rounds.is_none() || !node.copies.contains(from) {
                     return Ok(());
                 }
                 check_f32(tensor, &[None, None]).map_err(|error| Rejection {

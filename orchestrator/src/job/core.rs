@@ -910,10 +910,10 @@ impl JobCore {
     /// The data inputs to feed: every pipeline's for training; for evaluation pipeline 0's (all
     /// copies hold the same parameters after a round, and an epoch's end closes one).
     fn feed_targets(&self, phase: Phase) -> Vec<FeedTarget> {
-        let per_pipeline = self.spec.graph.pipeline_len() as u32;
+        let first_pipeline = |v: u32| self.spec.graph.nodes.get(v as usize).is_some_and(|n| n.pipeline == 0);
         self.feeders
             .iter()
-            .filter(|(vnode, _, _)| phase == Phase::Train || *vnode < per_pipeline)
+            .filter(|(vnode, _, _)| phase == Phase::Train || first_pipeline(*vnode))
             .map(|(vnode, port, src)| FeedTarget {
                 at: self.vnode_at(*vnode),
                 port: *port,
@@ -1676,8 +1676,8 @@ impl JobCore {
     /// from its latest snapshot without the disagreeing copies' PNodes. False when the job
     /// moved on because of it.
     fn check_round(&mut self, vnode: u32, mb: u64, hash: String) -> bool {
-        let n = self.spec.graph.pipeline_len() as u32;
-        let (origin, pipeline) = (vnode % n.max(1), vnode / n.max(1));
+        let Some(node) = self.spec.graph.nodes.get(vnode as usize) else { return true };
+        let (origin, pipeline, ids) = (node.origin, node.pipeline, node.copies.clone());
         let copies = self.spec.graph.pipelines();
         let seen = self.round_hashes.entry((origin, mb)).or_default();
         seen.insert(pipeline, hash);
@@ -1697,14 +1697,15 @@ impl JobCore {
             votes.iter().max_by_key(|(_, ps)| ps.len()).map(|(h, ps)| (*h, ps.clone())).unwrap_or_default();
         let strict = majority.len() * 2 > seen.len();
         let outside: Vec<u32> = seen.keys().copied().filter(|p| !strict || !majority.contains(p)).collect();
-        let at = |p: u32| self.placement.get(&(p * n + origin)).cloned();
+        let id_of = |p: u32| ids.get(p as usize).copied().unwrap_or(vnode);
+        let at = |p: u32| self.placement.get(&id_of(p)).cloned();
         let name = self.spec.graph.nodes.get(origin as usize).map(|v| v.name.clone()).unwrap_or_default();
         if strict {
             let Some(&p) = outside.first() else { return true };
             let text = format!(
                 "the copies of {name} disagree after the round closed by step {mb}: pipeline {p} differs from pipelines {majority:?}"
             );
-            self.invalid_result(at(p), Some(p * n + origin), Some(mb), text);
+            self.invalid_result(at(p), Some(id_of(p)), Some(mb), text);
             return false;
         }
         let bad: Vec<String> = outside.iter().filter_map(|&p| at(p)).map(|v| v.id).collect();
@@ -1725,18 +1726,16 @@ impl JobCore {
     /// With several pipelines, the first copy whose end state differs from pipeline 0's (after
     /// the last round every copy must hold the same bits): its PNode, the VNode and why.
     fn copies_disagree(&self, params: &Params) -> Option<(PNodeView, u32, String)> {
-        let n = self.spec.graph.pipeline_len();
-        let (first, rest) = (params.get(..n)?, params.get(n..)?);
-        rest.iter().enumerate().find_map(|(i, ps)| {
-            let vnode = (n + i) as u32;
-            let origin = i % n;
+        // Parameters come one entry per placed VNode, in id order: every VNode of the job.
+        params.iter().zip(&self.spec.graph.nodes).find_map(|(ps, node)| {
+            let (vnode, origin) = (node.id, node.origin as usize);
             let same_bits = |a: &Vec<Vec<f32>>, b: &Vec<Vec<f32>>| {
                 a.len() == b.len()
                     && a.iter().zip(b).all(|(x, y)| {
                         x.len() == y.len() && x.iter().zip(y).all(|(u, v)| u.to_bits() == v.to_bits())
                     })
             };
-            if same_bits(ps, &first[origin]) {
+            if node.pipeline == 0 || params.get(origin).is_none_or(|first| same_bits(ps, first)) {
                 return None;
             }
             let p = self.placement.get(&vnode)?.clone();
@@ -1744,7 +1743,7 @@ impl JobCore {
                 "pnode {} ({}) ended vnode {vnode} (pipeline {}) with parameters that differ from vnode {origin}'s after the last round",
                 p.id,
                 p.name,
-                (n + i) / n
+                node.pipeline
             );
             Some((p, vnode, text))
         })
