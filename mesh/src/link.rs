@@ -9,8 +9,8 @@ pub type Link = mpsc::Sender<v1::VNodeMessage>;
 
 /// Opens a client stream of VNode messages to `endpoint`; messages sent on the returned
 /// sender are delivered in order until the stream fails.
-pub fn open_link(endpoint: &str) -> Result<Link, tonic::transport::Error> {
-    let channel = dcnr_proto::transport::endpoint(endpoint, None)?.connect_lazy();
+pub fn open_link(endpoint: &str) -> Result<Link, dcnr_proto::transport::EndpointError> {
+    let channel = dcnr_proto::transport::endpoint(endpoint, None, &dcnr_proto::tls::Expect::AnyPNode)?.connect_lazy();
     let (tx, rx) = mpsc::channel(1024);
     let endpoint = endpoint.to_string();
     tokio::spawn(async move {

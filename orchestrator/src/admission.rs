@@ -115,6 +115,12 @@ impl TrustedToken {
         (!t.is_empty()).then(|| TrustedToken(Some(Sha256::digest(t.as_bytes()).into())))
     }
 
+    /// A token known only by its SHA-256 (64 hex digits).
+    pub fn from_sha256_hex(hex_digest: &str) -> Option<TrustedToken> {
+        let bytes = hex::decode(hex_digest.trim()).ok()?;
+        Some(TrustedToken(Some(bytes.try_into().ok()?)))
+    }
+
     /// Reads the token file; an empty or unreadable file is an error, never "no token".
     pub fn from_file(path: &Path) -> Result<TrustedToken, String> {
         let text = std::fs::read_to_string(path)

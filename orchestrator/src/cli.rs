@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 the job failed or an internal error; 2 invalid input \
-(flags, model graph, dataset); 3 the orchestrator could not be reached; 130 interrupted.";
+(flags, model graph, dataset); 3 the orchestrator could not be reached; 4 credentials refused; 130 interrupted.";
 
 /// DCNR orchestrator: trains model graphs on a mesh of volunteer PNodes.
 #[derive(Parser)]
@@ -22,6 +22,8 @@ pub struct Cli {
     command: Command,
     #[command(flatten)]
     link: LinkArgs,
+    #[command(flatten)]
+    security: client::SecurityArgs,
 }
 
 /// Link emulation for every command (a testing aid, docs/BENCHMARKS.md).
@@ -86,13 +88,24 @@ enum Command {
         /// (e.g. 127.0.0.1:8080; port 0 picks one).
         #[arg(long, env = "DCNR_DASHBOARD")]
         dashboard: Option<SocketAddr>,
+        /// Lifetime of the certificates issued to PNodes, in seconds (renewed at half-life).
+        #[arg(long, env = "DCNR_CERT_LIFETIME_S", default_value_t = crate::ca::DEFAULT_PNODE_CERT_LIFETIME.as_secs())]
+        cert_lifetime_s: u64,
+        /// Also accept maintainer tokens whose SHA-256 (hex) is listed here, comma-separated
+        /// (`sha256sum` of the token text); the TLS directory's own token is always accepted.
+        #[arg(long, env = "DCNR_MAINTAINER_TOKEN_SHA256", value_delimiter = ',', value_name = "HEX")]
+        maintainer_token_sha256: Vec<String>,
+        /// Who may read job status and the PNode list: `open` (anyone who can connect) or
+        /// `token` (maintainers). Default: open when listening on loopback, token otherwise.
+        #[arg(long, env = "DCNR_READS", value_parser = ["open", "token"])]
+        reads: Option<String>,
     },
     /// Submit a job (an envelope, JSON or TOML, or a bare model graph) to a running orchestrator.
     Submit {
         /// Job envelope or model-graph file.
         file: PathBuf,
         /// Orchestrator URL.
-        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "http://127.0.0.1:7070")]
+        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "https://127.0.0.1:7070")]
         orchestrator: String,
         #[command(flatten)]
         overrides: Overrides,
@@ -114,7 +127,7 @@ enum Command {
         #[arg(long)]
         steps: Option<u64>,
         /// Orchestrator URL.
-        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "http://127.0.0.1:7070")]
+        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "https://127.0.0.1:7070")]
         orchestrator: String,
         /// Block until the job ends and print its summary.
         #[arg(long)]
@@ -138,7 +151,7 @@ enum Command {
     /// List jobs and their state.
     Jobs {
         /// Orchestrator URL.
-        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "http://127.0.0.1:7070")]
+        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "https://127.0.0.1:7070")]
         orchestrator: String,
         /// Print JSON.
         #[arg(long)]
@@ -147,7 +160,7 @@ enum Command {
     /// List PNodes and their health.
     Pnodes {
         /// Orchestrator URL.
-        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "http://127.0.0.1:7070")]
+        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "https://127.0.0.1:7070")]
         orchestrator: String,
         /// Print JSON.
         #[arg(long)]
@@ -354,6 +367,8 @@ pub fn main(cli: Cli) -> ExitCode {
         }
         Err(e) => return fail(2, format!("invalid --link-delay-ms / --link-mbit: {e}")),
     }
+    let security = cli.security;
+    crate::demo::set_plaintext_meshes(security.insecure_plaintext);
     match cli.command {
         Command::TrainLocal { file, overrides, data, json } => {
             let envelope = match client::load_job(&file, overrides) {
@@ -456,10 +471,30 @@ pub fn main(cli: Cli) -> ExitCode {
             s3_endpoint,
             trust,
             dashboard,
+            cert_lifetime_s,
+            maintainer_token_sha256,
+            reads,
         } => runtime(async move {
             let (trusted_token, trust) = match trust.resolve() {
                 Ok(t) => t,
                 Err(e) => return fail(2, e),
+            };
+            let mut maintainer_tokens = Vec::new();
+            for h in &maintainer_token_sha256 {
+                match crate::admission::TrustedToken::from_sha256_hex(h) {
+                    Some(t) => maintainer_tokens.push(t),
+                    None => return fail(2, format!("--maintainer-token-sha256: `{h}` is not 64 hex digits")),
+                }
+            }
+            if !(60..=365 * 24 * 3600).contains(&cert_lifetime_s) {
+                return fail(2, "--cert-lifetime-s must be between 60 s and a year");
+            }
+            let security_dir = security.tls_dir.clone();
+            let security = server::SecurityConfig {
+                tls_dir: (!security.insecure_plaintext).then(|| security.tls_dir.clone()),
+                cert_lifetime: Duration::from_secs(cert_lifetime_s),
+                maintainer_tokens,
+                open_reads: reads.map(|r| r == "open"),
             };
             let cfg = ServerConfig {
                 listen,
@@ -477,12 +512,22 @@ pub fn main(cli: Cli) -> ExitCode {
                 trusted_token,
                 trust,
                 dashboard,
+                security,
             };
             let srv = match server::start(cfg).await {
                 Ok(s) => s,
                 Err(e) => return fail(3, format!("{e:#}")),
             };
             println!("orchestrator listening on {}", srv.url());
+            if let Some(ca) = &srv.ca {
+                // On stderr: the first stdout line is the address, which scripts read.
+                eprintln!(
+                    "mesh CA {} (sha256 {}); PNodes pin it with --ca-sha256, maintainers' token is in {}",
+                    ca.ca_file().display(),
+                    ca.tls().ca_sha256(),
+                    crate::ca::local_token_file(&security_dir).display()
+                );
+            }
             if let Some(url) = srv.dashboard_url() {
                 println!("dashboard at {url}");
             }
@@ -500,7 +545,11 @@ pub fn main(cli: Cli) -> ExitCode {
                 Ok(e) => e,
                 Err(e) => return client_fail(e),
             };
-            let mut c = match client::connect(&orchestrator).await {
+            let creds = match security.client(&orchestrator).await {
+                Ok(c) => c,
+                Err(e) => return client_fail(e),
+            };
+            let mut c = match client::connect(&orchestrator, &creds).await {
                 Ok(c) => c,
                 Err(e) => return client_fail(e),
             };
@@ -526,7 +575,11 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }),
         Command::Resume { job_id, steps, orchestrator, wait, json } => runtime(async move {
-            let mut c = match client::connect(&orchestrator).await {
+            let creds = match security.client(&orchestrator).await {
+                Ok(c) => c,
+                Err(e) => return client_fail(e),
+            };
+            let mut c = match client::connect(&orchestrator, &creds).await {
                 Ok(c) => c,
                 Err(e) => return client_fail(e),
             };
@@ -563,7 +616,11 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }),
         Command::Jobs { orchestrator, json } => runtime(async move {
-            let mut c = match client::connect(&orchestrator).await {
+            let creds = match security.client(&orchestrator).await {
+                Ok(c) => c,
+                Err(e) => return client_fail(e),
+            };
+            let mut c = match client::connect(&orchestrator, &creds).await {
                 Ok(c) => c,
                 Err(e) => return client_fail(e),
             };
@@ -611,7 +668,11 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }),
         Command::Pnodes { orchestrator, json } => runtime(async move {
-            let mut c = match client::connect(&orchestrator).await {
+            let creds = match security.client(&orchestrator).await {
+                Ok(c) => c,
+                Err(e) => return client_fail(e),
+            };
+            let mut c = match client::connect(&orchestrator, &creds).await {
                 Ok(c) => c,
                 Err(e) => return client_fail(e),
             };

@@ -6,8 +6,106 @@ use dcnr_model::TrainingMode;
 use dcnr_model::envelope::Envelope;
 use dcnr_proto::limits::{MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
 use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A client of the `Orchestrator` service that presents a maintainer token, if it has one.
+pub type Client = OrchestratorClient<InterceptedService<Channel, Credentials>>;
+
+/// A maintainer token attached to every call (`authorization: Bearer <token>`).
+#[derive(Clone, Default)]
+pub struct Credentials(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({})", if self.0.is_some() { "maintainer token" } else { "none" })
+    }
+}
+
+impl Credentials {
+    /// Credentials carrying `token`.
+    pub fn token(token: &str) -> Result<Credentials, ClientError> {
+        let v = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| ClientError::Invalid("the maintainer token must be printable ASCII".into()))?;
+        Ok(Credentials(Some(v)))
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert(crate::service::AUTHORIZATION, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// How a client reaches the orchestrator securely (flags shared by every command).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecurityArgs {
+    /// The orchestrator's TLS directory: `serve` keeps its CA and local maintainer token
+    /// there; clients on the same machine read both from it.
+    #[arg(long, global = true, env = "DCNR_TLS_DIR", default_value = "dcnr-tls", value_name = "DIR")]
+    pub tls_dir: PathBuf,
+    /// The orchestrator's CA certificate (PEM) to verify it against (default: the TLS
+    /// directory's `ca.pem`).
+    #[arg(long, global = true, env = "DCNR_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Instead of a CA file: the SHA-256 (hex) of the orchestrator's CA certificate
+    /// (`serve` prints it), checked against what the orchestrator presents.
+    #[arg(long, global = true, env = "DCNR_CA_SHA256", value_name = "HEX")]
+    pub ca_sha256: Option<String>,
+    /// File holding a maintainer token, needed to submit and resume jobs (default: DCNR_TOKEN,
+    /// else the TLS directory's `maintainer.token`).
+    #[arg(long, global = true, env = "DCNR_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Local development only: no TLS and no authentication on any link this process serves
+    /// or opens (every process of the mesh must agree).
+    #[arg(long, global = true, env = "DCNR_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+}
+
+impl SecurityArgs {
+    /// Sets up this process's client TLS for `url` and returns the maintainer credentials.
+    pub async fn client(&self, url: &str) -> Result<Credentials, ClientError> {
+        use dcnr_proto::tls::{ClientSecurity, MeshTls, set_client_security};
+        let invalid = |e: dcnr_proto::tls::TlsError| ClientError::Invalid(e.to_string());
+        if self.insecure_plaintext {
+            set_client_security(ClientSecurity::Plaintext);
+        } else {
+            let local = crate::ca::local_ca_file(&self.tls_dir);
+            let tls = match (&self.ca, &self.ca_sha256) {
+                (Some(file), _) => MeshTls::from_ca_file(file).map_err(invalid)?,
+                (None, Some(pin)) => {
+                    let ca = dcnr_proto::tls::fetch_server_ca(url)
+                        .await
+                        .map_err(|e| ClientError::Unreachable { url: url.to_string(), detail: e.to_string() })?;
+                    dcnr_proto::tls::check_pin(&ca, pin).map_err(invalid)?;
+                    MeshTls::new(ca, dcnr_proto::tls::CertSlot::new()).map_err(invalid)?
+                }
+                (None, None) if local.exists() => MeshTls::from_ca_file(&local).map_err(invalid)?,
+                (None, None) => {
+                    return Err(ClientError::Invalid(format!(
+                        "no CA to verify the orchestrator with: pass --ca FILE or --ca-sha256 HEX (no {} here)",
+                        local.display()
+                    )));
+                }
+            };
+            set_client_security(ClientSecurity::Tls(tls));
+        }
+        if let Ok(t) = std::env::var("DCNR_TOKEN") {
+            return Credentials::token(&t);
+        }
+        let file = self.token_file.clone().unwrap_or_else(|| crate::ca::local_token_file(&self.tls_dir));
+        match std::fs::read_to_string(&file) {
+            Ok(t) => Credentials::token(&t),
+            Err(_) if self.token_file.is_none() => Ok(Credentials::default()),
+            Err(e) => Err(ClientError::Invalid(format!("cannot read the token file {}: {e}", file.display()))),
+        }
+    }
+}
 
 /// A failure with the process exit code it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +116,9 @@ pub enum ClientError {
     /// The request was refused as invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The orchestrator refused the caller's credentials.
+    #[error("refused: {0}")]
+    Refused(String),
     /// Anything else the orchestrator answered.
     #[error("orchestrator error: {0}")]
     Other(String),
@@ -29,6 +130,7 @@ impl ClientError {
         match self {
             ClientError::Invalid(_) => 2,
             ClientError::Unreachable { .. } => 3,
+            ClientError::Refused(_) => 4,
             ClientError::Other(_) => 1,
         }
     }
@@ -39,20 +141,24 @@ fn from_status(s: tonic::Status) -> ClientError {
         tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::NotFound => {
             ClientError::Invalid(s.message().to_string())
         }
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            ClientError::Refused(format!("{} ({:?})", s.message(), s.code()))
+        }
         _ => ClientError::Other(format!("{} ({:?})", s.message(), s.code())),
     }
 }
 
-/// Connects to an orchestrator.
-pub async fn connect(url: &str) -> Result<OrchestratorClient<Channel>, ClientError> {
+/// Connects to an orchestrator (the process's client TLS must be set: [`SecurityArgs::client`]).
+pub async fn connect(url: &str, creds: &Credentials) -> Result<Client, ClientError> {
     let unreachable = |detail: String| ClientError::Unreachable { url: url.to_string(), detail };
     // No blanket deadline: watching a job streams for as long as the job runs.
-    let channel = dcnr_proto::transport::endpoint(url, None)
-        .map_err(|e| ClientError::Invalid(format!("`{url}` is not a valid URL: {e}")))?
+    let expect = dcnr_proto::tls::Expect::Orchestrator;
+    let channel = dcnr_proto::transport::endpoint(url, None, &expect)
+        .map_err(|e| ClientError::Invalid(e.to_string()))?
         .connect()
         .await
         .map_err(|e| unreachable(format!("{e}")))?;
-    Ok(OrchestratorClient::new(channel)
+    Ok(OrchestratorClient::with_interceptor(channel, creds.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
@@ -137,7 +243,7 @@ pub fn load_job(path: &Path, o: Overrides) -> Result<Envelope, ClientError> {
 }
 
 /// Submits a job; returns its id.
-pub async fn submit(client: &mut OrchestratorClient<Channel>, envelope: &Envelope) -> Result<String, ClientError> {
+pub async fn submit(client: &mut Client, envelope: &Envelope) -> Result<String, ClientError> {
     let envelope_json = serde_json::to_string(envelope)
         .map_err(|e| ClientError::Invalid(format!("cannot encode the envelope: {e}")))?;
     let mut req = tonic::Request::new(v1::SubmitJobRequest { envelope_json, ..Default::default() });
@@ -148,22 +254,14 @@ pub async fn submit(client: &mut OrchestratorClient<Channel>, envelope: &Envelop
 }
 
 /// Asks the orchestrator to resume a job from its latest snapshot; returns its id.
-pub async fn resume(
-    client: &mut OrchestratorClient<Channel>,
-    job_id: &str,
-    steps: Option<u64>,
-) -> Result<String, ClientError> {
+pub async fn resume(client: &mut Client, job_id: &str, steps: Option<u64>) -> Result<String, ClientError> {
     let mut req = tonic::Request::new(v1::ResumeJobRequest { job_id: job_id.to_string(), steps: steps.unwrap_or(0) });
     req.set_timeout(UNARY_TIMEOUT);
     Ok(client.resume_job(req).await.map_err(from_status)?.into_inner().job_id)
 }
 
 /// Follows a job until it ends, showing progress; returns its summary.
-pub async fn wait(
-    client: &mut OrchestratorClient<Channel>,
-    job_id: &str,
-    show_progress: bool,
-) -> Result<JobSummary, ClientError> {
+pub async fn wait(client: &mut Client, job_id: &str, show_progress: bool) -> Result<JobSummary, ClientError> {
     use v1::job_event::Body;
     let mut stream =
         client.watch_job(v1::WatchJobRequest { job_id: job_id.to_string() }).await.map_err(from_status)?.into_inner();
@@ -205,11 +303,11 @@ pub async fn wait(
 }
 
 /// All jobs.
-pub async fn jobs(client: &mut OrchestratorClient<Channel>) -> Result<Vec<v1::JobStatus>, ClientError> {
+pub async fn jobs(client: &mut Client) -> Result<Vec<v1::JobStatus>, ClientError> {
     Ok(client.list_jobs(v1::ListJobsRequest {}).await.map_err(from_status)?.into_inner().jobs)
 }
 
 /// All PNodes.
-pub async fn pnodes(client: &mut OrchestratorClient<Channel>) -> Result<Vec<v1::PNodeInfo>, ClientError> {
+pub async fn pnodes(client: &mut Client) -> Result<Vec<v1::PNodeInfo>, ClientError> {
     Ok(client.list_p_nodes(v1::ListPNodesRequest {}).await.map_err(from_status)?.into_inner().pnodes)
 }

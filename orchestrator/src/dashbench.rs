@@ -116,7 +116,7 @@ pub async fn run(args: DashBenchArgs) -> anyhow::Result<DashBenchReport> {
 
 async fn measure(mesh: &LocalMesh, envelope: &Envelope, args: &DashBenchArgs) -> anyhow::Result<DashBenchReport> {
     let dash = mesh.dashboard_url().context("the mesh has no dashboard")?;
-    let mut c = client::connect(&mesh.url()).await?;
+    let mut c = mesh.client().await?;
     let job = client::submit(&mut c, envelope).await?;
     // Wait for placement and the first steps, then let curves and events accumulate.
     let deadline = Instant::now() + Duration::from_secs(120);

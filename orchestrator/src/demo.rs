@@ -99,6 +99,8 @@ pub struct MeshConfig {
 /// An orchestrator in this process with PNode child processes on loopback.
 pub struct LocalMesh {
     srv: server::ServerHandle,
+    /// The mesh's TLS directory (CA, maintainer token), removed with the mesh.
+    _tls: Option<tempfile::TempDir>,
     children: Children,
     /// The `pnode` executable every PNode started here runs.
     pnode_exe: PathBuf,
@@ -146,7 +148,22 @@ impl LocalMesh {
             Err(e @ PnodeBinError::NotFound(_)) => return Err(ClientError::Invalid(e.to_string()).into()),
             Err(e) => return Err(e.into()),
         };
+        let tls = match PLAINTEXT_MESHES.load(std::sync::atomic::Ordering::Relaxed) {
+            true => None,
+            false => Some(tempfile::Builder::new().prefix("dcnr-tls-").tempdir()?),
+        };
+        let security = match &tls {
+            Some(dir) => {
+                pnode_args.extend(["--ca".to_string(), crate::ca::local_ca_file(dir.path()).display().to_string()]);
+                server::SecurityConfig::tls(dir.path().to_path_buf())
+            }
+            None => {
+                pnode_args.push("--insecure-plaintext".to_string());
+                server::SecurityConfig { tls_dir: None, ..server::SecurityConfig::tls(PathBuf::new()) }
+            }
+        };
         let cfg = ServerConfig {
+            security,
             listen: "127.0.0.1:0".parse()?,
             data,
             heartbeat: Duration::from_millis(200),
@@ -169,6 +186,7 @@ impl LocalMesh {
         let srv = server::start(cfg).await?;
         let mut mesh = LocalMesh {
             srv,
+            _tls: tls,
             children: Children(Vec::new()),
             pnode_exe,
             pnode_args,
@@ -269,7 +287,7 @@ impl LocalMesh {
 
     /// Submits a job and follows it to the end.
     pub async fn run_job(&self, envelope: &Envelope, progress: bool) -> anyhow::Result<JobSummary> {
-        let mut c = client::connect(&self.srv.url()).await?;
+        let mut c = self.client().await?;
         let job = client::submit(&mut c, envelope).await?;
         if progress {
             eprintln!("submitted {job}");
@@ -277,11 +295,28 @@ impl LocalMesh {
         Ok(client::wait(&mut c, &job, progress).await?)
     }
 
+    /// A maintainer's client of the in-process orchestrator.
+    pub async fn client(&self) -> Result<client::Client, ClientError> {
+        let creds = match self.srv.maintainer_token() {
+            Some(t) => client::Credentials::token(&t)?,
+            None => client::Credentials::default(),
+        };
+        client::connect(&self.srv.url(), &creds).await
+    }
+
     /// Stops the PNodes and the orchestrator.
     pub async fn stop(mut self) {
         self.children.stop().await;
         self.srv.task.abort();
     }
+}
+
+static PLAINTEXT_MESHES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the local meshes this process starts plaintext (`--insecure-plaintext`), e.g. to
+/// measure what TLS costs.
+pub fn set_plaintext_meshes(on: bool) {
+    PLAINTEXT_MESHES.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Runs the demo; the summary is returned whether the job succeeded or failed.

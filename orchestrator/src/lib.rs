@@ -21,6 +21,7 @@ pub mod admission;
 pub mod artifacts;
 pub mod bench;
 pub mod bench_wan;
+pub mod ca;
 pub mod checkpoints;
 pub mod cli;
 pub mod client;

@@ -28,6 +28,7 @@ pub struct OrchestratorMetrics {
     pnode_steps_per_s: GaugeVec,
     pnode_bytes_per_s: GaugeVec,
     data_bytes: IntCounterVec,
+    refused: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -55,6 +56,13 @@ pub static ORCHESTRATOR: LazyLock<OrchestratorMetrics> = LazyLock::new(|| {
     OrchestratorMetrics {
         reports: metric!(r, IntCounterVec, "dcnr_reports_total", "VNode reports received, by kind.", &["kind"]),
         train_steps,
+        refused: metric!(
+            r,
+            IntCounterVec,
+            "dcnr_rpc_refused_total",
+            "Calls refused for want of a credential or permission, by RPC and gRPC code.",
+            &["rpc", "code"]
+        ),
         tensor_bytes: metric!(
             r,
             IntCounterVec,
@@ -119,6 +127,11 @@ impl OrchestratorMetrics {
             Observed::Rejected { .. } => "rejected",
         };
         self.reports.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts a refused call.
+    pub fn refused(&self, rpc: &str, code: tonic::Code) {
+        self.refused.with_label_values(&[rpc, &format!("{code:?}")]).inc();
     }
 
     /// Training micro-batches whose loss reached this process so far, over all jobs.

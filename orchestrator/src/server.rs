@@ -44,6 +44,34 @@ pub struct ServerConfig {
     pub trust: crate::trust::TrustPolicy,
     /// Address to serve the dashboard, its API and /metrics on (none: no dashboard).
     pub dashboard: Option<SocketAddr>,
+    /// Transport security and who may call what.
+    pub security: SecurityConfig,
+}
+
+/// How the orchestrator secures its links (docs/SECURITY.md).
+#[derive(Debug, Clone)]
+pub struct SecurityConfig {
+    /// The TLS directory (CA, local maintainer token); None: plaintext, no authentication
+    /// (local development only).
+    pub tls_dir: Option<PathBuf>,
+    /// Lifetime of PNode certificates.
+    pub cert_lifetime: Duration,
+    /// Maintainer tokens accepted besides the local one (their SHA-256 only is kept).
+    pub maintainer_tokens: Vec<crate::admission::TrustedToken>,
+    /// Whether reads are open to anyone (None: open when listening on loopback only).
+    pub open_reads: Option<bool>,
+}
+
+impl SecurityConfig {
+    /// TLS with the CA in `dir` and the defaults.
+    pub fn tls(dir: PathBuf) -> SecurityConfig {
+        SecurityConfig {
+            tls_dir: Some(dir),
+            cert_lifetime: crate::ca::DEFAULT_PNODE_CERT_LIFETIME,
+            maintainer_tokens: Vec::new(),
+            open_reads: None,
+        }
+    }
 }
 
 /// A running orchestrator.
@@ -60,12 +88,20 @@ pub struct ServerHandle {
     pub telemetry: Telemetry,
     /// Where the dashboard listens, if it was asked for.
     pub dashboard: Option<SocketAddr>,
+    /// The mesh CA (None in plaintext mode).
+    pub ca: Option<crate::ca::SharedCa>,
 }
 
 impl ServerHandle {
     /// The URL PNodes and clients use.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The local maintainer token (None in plaintext mode).
+    pub fn maintainer_token(&self) -> Option<String> {
+        self.ca.as_ref().and_then(|c| c.local_maintainer_token().ok())
     }
 
     /// The dashboard's URL, if it runs.
@@ -79,6 +115,32 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let ca = match &cfg.security.tls_dir {
+        Some(dir) => Some(std::sync::Arc::new(crate::ca::MeshCa::load_or_create(dir)?)),
+        None => None,
+    };
+    let mut maintainers = cfg.security.maintainer_tokens.clone();
+    match &ca {
+        Some(ca) => {
+            // The orchestrator's own calls (to PNodes) present its certificate.
+            dcnr_proto::tls::set_client_security(dcnr_proto::tls::ClientSecurity::Tls(ca.tls().clone()));
+            let local = ca.local_maintainer_token()?;
+            maintainers.extend(crate::admission::TrustedToken::new(&local));
+        }
+        None => {
+            tracing::warn!(
+                "plaintext mode: nothing is encrypted and no caller is authenticated (local development only)"
+            );
+            dcnr_proto::tls::set_client_security(dcnr_proto::tls::ClientSecurity::Plaintext);
+        }
+    }
+    let server_tls = ca.as_ref().map(|c| c.tls().server_config()).transpose()?;
+    let access = crate::service::Access {
+        ca: ca.clone(),
+        cert_lifetime: cfg.security.cert_lifetime,
+        maintainers,
+        open_reads: cfg.security.open_reads.unwrap_or(addr.ip().is_loopback()),
+    };
     let (store, recorded) = match &cfg.store {
         Some(url) => {
             let store = open_store(url, cfg.s3_endpoint.as_deref())?;
@@ -132,6 +194,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         None => None,
     };
     let svc = OrchestratorService {
+        access: std::sync::Arc::new(access),
         registry: registry.clone(),
         jobs: jobs.clone(),
         heartbeat: cfg.heartbeat,
@@ -142,8 +205,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
             ..Default::default()
         }),
     };
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = dcnr_proto::transport::incoming(listener, server_tls);
     let task = tokio::spawn(dcnr_proto::transport::server().add_service(server(svc)).serve_with_incoming(incoming));
     tracing::info!(%addr, "orchestrator listening");
-    Ok(ServerHandle { addr, jobs, registry, task, telemetry, dashboard })
+    Ok(ServerHandle { addr, jobs, registry, task, telemetry, dashboard, ca })
 }

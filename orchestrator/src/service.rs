@@ -11,6 +11,7 @@ use crate::status::{JobEvent, JobState, JobStatus};
 use actix::Addr;
 use dcnr_model::envelope::Envelope;
 use dcnr_proto::PROTOCOL_VERSION;
+use dcnr_proto::tls::Peer;
 use dcnr_proto::v1::{self, orchestrator_server::OrchestratorServer};
 use dcnr_vnode::Phase;
 use std::pin::Pin;
@@ -18,8 +19,106 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+/// Who may call what (docs/SECURITY.md).
+#[derive(Debug)]
+pub struct Access {
+    /// The mesh CA: issues PNode certificates at registration. None: plaintext, nobody is
+    /// authenticated and every check below passes (local development only).
+    pub ca: Option<crate::ca::SharedCa>,
+    /// Lifetime of the PNode certificates it issues.
+    pub cert_lifetime: Duration,
+    /// Maintainer credentials, kept as hashes.
+    pub maintainers: Vec<crate::admission::TrustedToken>,
+    /// Whether job status and the PNode list are open to anyone who can connect.
+    pub open_reads: bool,
+}
+
+/// Metadata key of a maintainer's token (`authorization: Bearer <token>`).
+pub const AUTHORIZATION: &str = "authorization";
+
+impl Access {
+    fn refuse(rpc: &'static str, status: Status) -> Status {
+        crate::metrics::ORCHESTRATOR.refused(rpc, status.code());
+        tracing::info!(rpc, code = ?status.code(), why = status.message(), "call refused");
+        status
+    }
+
+    /// The caller must hold PNode `claimed`'s certificate.
+    fn as_pnode<T>(&self, req: &Request<T>, claimed: &str, rpc: &'static str) -> Result<(), Status> {
+        if self.ca.is_none() {
+            return Ok(());
+        }
+        match dcnr_proto::transport::peer(req) {
+            Peer::PNode(id) if id == claimed => Ok(()),
+            Peer::Anonymous => Err(Self::refuse(
+                rpc,
+                Status::unauthenticated(format!("{rpc} needs the certificate of pnode {claimed}; register first")),
+            )),
+            other => Err(Self::refuse(
+                rpc,
+                Status::permission_denied(format!("{other} may not call {rpc} as pnode {claimed}")),
+            )),
+        }
+    }
+
+    /// The caller must be some registered PNode; returns its id (None in plaintext mode).
+    fn any_pnode<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Option<String>, Status> {
+        if self.ca.is_none() {
+            return Ok(None);
+        }
+        match dcnr_proto::transport::peer(req) {
+            Peer::PNode(id) => Ok(Some(id)),
+            Peer::Anonymous => Err(Self::refuse(
+                rpc,
+                Status::unauthenticated(format!("{rpc} needs a PNode certificate; register first")),
+            )),
+            other => Err(Self::refuse(rpc, Status::permission_denied(format!("{other} may not call {rpc}")))),
+        }
+    }
+
+    /// Whether the request carries a maintainer token.
+    fn maintainer_token<T>(&self, req: &Request<T>) -> Option<bool> {
+        let value = req.metadata().get(AUTHORIZATION)?.to_str().ok()?;
+        let token = value.strip_prefix("Bearer ").unwrap_or(value);
+        Some(self.maintainers.iter().any(|m| m.check(token) == TokenCheck::Matches))
+    }
+
+    /// The caller must present a maintainer token.
+    fn as_maintainer<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<(), Status> {
+        match self.maintainer_token(req) {
+            Some(true) => Ok(()),
+            Some(false) => {
+                Err(Self::refuse(rpc, Status::permission_denied(format!("{rpc}: the maintainer token is not valid"))))
+            }
+            None => Err(Self::refuse(
+                rpc,
+                Status::unauthenticated(format!(
+                    "{rpc} needs a maintainer token (DCNR_TOKEN or --token-file; the orchestrator keeps one in its TLS directory)"
+                )),
+            )),
+        }
+    }
+
+    /// Reads: open, or for maintainers.
+    fn as_reader<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<(), Status> {
+        if self.open_reads { Ok(()) } else { self.as_maintainer(req, rpc) }
+    }
+
+    /// A certificate for a PNode that just proved its key.
+    fn issue(&self, id: &str, key: &[u8; 32]) -> Result<(Vec<Vec<u8>>, u64), Status> {
+        let Some(ca) = &self.ca else { return Ok((Vec::new(), 0)) };
+        let issued = ca
+            .issue_pnode(id, key, self.cert_lifetime)
+            .map_err(|e| Status::internal(format!("cannot issue a certificate: {e}")))?;
+        let expires = issued.not_after.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Ok((issued.chain, expires))
+    }
+}
+
 /// The `Orchestrator` gRPC service.
 pub struct OrchestratorService {
+    /// Who may call what.
+    pub access: std::sync::Arc<Access>,
     /// PNode registry.
     pub registry: Addr<Registry>,
     /// Job table.
@@ -242,11 +341,14 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         });
         let id =
             self.registry.send(register).await.map_err(gone)?.map_err(|e| Status::permission_denied(e.to_string()))?;
+        let (certificate_chain, certificate_expires_unix_ms) = self.access.issue(&id, &key)?;
         Ok(Response::new(v1::RegisterResponse {
             pnode_id: id,
             heartbeat_interval_ms: self.heartbeat.as_millis() as u32,
             protocol_version: PROTOCOL_VERSION,
             trusted,
+            certificate_chain,
+            certificate_expires_unix_ms,
         }))
     }
 
@@ -270,13 +372,25 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     }
 
     async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        self.access.as_pnode(&req, &req.get_ref().pnode_id, "Heartbeat")?;
         let r = req.into_inner();
+        let id = r.pnode_id.clone();
         let known =
             self.registry.send(Heartbeat { id: r.pnode_id, hosted_vnodes: r.hosted_vnodes }).await.map_err(gone)?;
-        Ok(Response::new(v1::HeartbeatResponse { known }))
+        let (mut certificate_chain, mut certificate_expires_unix_ms) = (Vec::new(), 0);
+        if known && r.renew_certificate {
+            let view = self.registry.send(Lookup(id.clone())).await.map_err(gone)?;
+            let key: Option<[u8; 32]> =
+                view.and_then(|v| hex::decode(v.public_key).ok()).and_then(|k| k.try_into().ok());
+            if let Some(key) = key {
+                (certificate_chain, certificate_expires_unix_ms) = self.access.issue(&id, &key)?;
+            }
+        }
+        Ok(Response::new(v1::HeartbeatResponse { known, certificate_chain, certificate_expires_unix_ms }))
     }
 
     async fn resolve(&self, req: Request<v1::ResolveRequest>) -> Result<Response<v1::ResolveResponse>, Status> {
+        self.access.any_pnode(&req, "Resolve")?;
         let r = req.into_inner();
         let endpoint = self
             .jobs
@@ -288,12 +402,21 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     }
 
     async fn report(&self, req: Request<Streaming<v1::VNodeReport>>) -> Result<Response<v1::ReportAck>, Status> {
+        // Every report on the stream must be for the caller's own id.
+        let caller = self.access.any_pnode(&req, "Report")?;
         let mut s = req.into_inner();
         let mut received = 0;
         let mut sender = String::new();
         let end = loop {
             match s.message().await {
                 Ok(Some(r)) => {
+                    if let Some(caller) = caller.as_deref().filter(|c| *c != r.pnode_id) {
+                        let shown: String = r.pnode_id.chars().take(64).collect();
+                        break Err(Access::refuse(
+                            "Report",
+                            Status::permission_denied(format!("pnode {caller} may not report for pnode {shown}")),
+                        ));
+                    }
                     if sender != r.pnode_id {
                         sender.clone_from(&r.pnode_id);
                     }
@@ -317,6 +440,10 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     }
 
     async fn drain(&self, req: Request<v1::DrainRequest>) -> Result<Response<v1::DrainResponse>, Status> {
+        // A PNode may drain itself; a maintainer any PNode.
+        if self.access.maintainer_token(&req) != Some(true) {
+            self.access.as_pnode(&req, &req.get_ref().pnode_id, "Drain")?;
+        }
         let r = req.into_inner();
         let endpoint = self
             .registry
@@ -338,6 +465,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     }
 
     async fn submit_job(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
+        self.access.as_maintainer(&req, "SubmitJob")?;
         let r = req.into_inner();
         let envelope = if r.envelope_json.is_empty() {
             let mut env = Envelope::from_graph(&r.graph_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -357,6 +485,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     }
 
     async fn resume_job(&self, req: Request<v1::ResumeJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
+        self.access.as_maintainer(&req, "ResumeJob")?;
         let r = req.into_inner();
         let resume = Resume { job_id: r.job_id, steps: (r.steps > 0).then_some(r.steps) };
         let job_id = self.jobs.send(resume).await.map_err(gone)?.map_err(|e| match e {
@@ -368,12 +497,14 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     }
 
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::JobStatus>, Status> {
+        self.access.as_reader(&req, "GetJob")?;
         let id = req.into_inner().job_id;
         let s = self.jobs.send(Get(id.clone())).await.map_err(gone)?;
         s.map(|s| Response::new(status_to_wire(&s))).ok_or_else(|| Status::not_found(format!("no job {id}")))
     }
 
-    async fn list_jobs(&self, _: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+    async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        self.access.as_reader(&req, "ListJobs")?;
         let all = self.jobs.send(List).await.map_err(gone)?;
         Ok(Response::new(v1::ListJobsResponse { jobs: all.iter().map(status_to_wire).collect() }))
     }
@@ -381,6 +512,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     type FetchDatasetStream = ChunkStream;
 
     async fn fetch_dataset(&self, req: Request<v1::FetchDatasetRequest>) -> Result<Response<ChunkStream>, Status> {
+        self.access.any_pnode(&req, "FetchDataset")?;
         let sha256 = req.into_inner().sha256;
         let packed = self.data.published(&sha256).ok_or_else(|| {
             let shown: String = sha256.chars().take(64).collect();
@@ -393,6 +525,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     type WatchJobStream = EventStream;
 
     async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<EventStream>, Status> {
+        self.access.as_reader(&req, "WatchJob")?;
         let id = req.into_inner().job_id;
         let (status, rx) = self
             .jobs
@@ -406,8 +539,9 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
 
     async fn list_p_nodes(
         &self,
-        _: Request<v1::ListPNodesRequest>,
+        req: Request<v1::ListPNodesRequest>,
     ) -> Result<Response<v1::ListPNodesResponse>, Status> {
+        self.access.as_reader(&req, "ListPNodes")?;
         let all = self.registry.send(ListPNodes).await.map_err(gone)?;
         Ok(Response::new(v1::ListPNodesResponse { pnodes: all.iter().map(pnode_to_wire).collect() }))
     }

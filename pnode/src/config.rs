@@ -8,7 +8,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct PnodeArgs {
     /// Orchestrator to join.
-    #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "http://127.0.0.1:7070")]
+    #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "https://127.0.0.1:7070")]
     pub orchestrator: String,
     /// Address to serve VNode traffic on (port 0 picks a free port).
     #[arg(long, env = "DCNR_LISTEN", default_value = "127.0.0.1:0")]
@@ -78,6 +78,19 @@ pub struct PnodeArgs {
     /// opens (0 = unlimited).
     #[arg(long, env = "DCNR_LINK_MBIT", default_value_t = 0.0, value_name = "MBIT")]
     pub link_mbit: f64,
+    /// The orchestrator's CA certificate (PEM): the orchestrator and every other PNode must
+    /// hold a certificate from it.
+    #[arg(long, env = "DCNR_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Instead of a CA file: the SHA-256 (hex) of the orchestrator's CA certificate, as
+    /// `orchestrator serve` prints it. Without either, the CA the orchestrator presents at the
+    /// first start is trusted and kept in the data directory (trust on first use).
+    #[arg(long, env = "DCNR_CA_SHA256", value_name = "HEX")]
+    pub ca_sha256: Option<String>,
+    /// Local development only: no TLS and no authentication on any link (the orchestrator and
+    /// every PNode must agree).
+    #[arg(long, env = "DCNR_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
     /// Protocol version to announce; a testing aid for version negotiation.
     #[arg(long, hide = true, default_value_t = dcnr_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,

@@ -87,6 +87,17 @@ impl NodeKey {
         dcnr_proto::identity::pnode_id(&self.public())
     }
 
+    /// The key in PKCS#8 DER: the TLS key of this PNode's certificate.
+    pub fn pkcs8(&self) -> Result<Vec<u8>, IdentityError> {
+        use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+        Ok(self
+            .signing
+            .to_pkcs8_der()
+            .map_err(|e| IdentityError::Entropy(format!("cannot encode the key: {e}")))?
+            .as_bytes()
+            .to_vec())
+    }
+
     /// Where the key is kept; `None` for an ephemeral key.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()

@@ -23,6 +23,7 @@ pub use dcnr_vnode::fault;
 pub mod identity;
 pub mod membership;
 pub mod metrics;
+pub mod pinning;
 pub mod router;
 pub mod service;
 
@@ -49,7 +50,9 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         let at = metrics::start_pnode_exporter(addr).await?;
         tracing::info!(%at, "serving metrics at http://{at}/metrics");
     }
-    let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
+    let tls = pinning::setup(&args).await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = args.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     let orchestrator = membership::OrchestratorLink::connect(&args.orchestrator, args.connect_timeout())
         .await
         .with_context(|| format!("cannot reach orchestrator at {}", args.orchestrator))?;
@@ -60,8 +63,17 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
             identity::NodeKey::ephemeral()?
         }
     };
-    let creds = membership::Credentials { key: std::sync::Arc::new(key), token: args.trusted_token()? };
+    let creds = membership::Credentials {
+        key: std::sync::Arc::new(key),
+        token: args.trusted_token()?,
+        certificate: tls.as_ref().map(|t| t.identity.clone()),
+    };
     let identity = membership::register(&orchestrator, &args, &endpoint, &creds).await?;
+    // Registration was anonymous; from now on every call presents the certificate it earned.
+    let orchestrator = match tls {
+        Some(_) => membership::OrchestratorLink::connect(&args.orchestrator, args.connect_timeout()).await?,
+        None => orchestrator,
+    };
     tracing::info!(pnode = %identity.pnode_id, trusted = identity.trusted, %endpoint, "registered with orchestrator");
     let fault = args.injector();
     if let Some(f) = &fault {
@@ -80,7 +92,8 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         args.max_dataset_bytes(),
         orchestrator.clone(),
     ));
-    let mut server = tokio::spawn(service::serve(listener, host.clone(), router.clone(), datasets));
+    let server_tls = tls.as_ref().map(|t| t.server_config()).transpose()?;
+    let mut server = tokio::spawn(service::serve(listener, server_tls, host.clone(), router.clone(), datasets));
     let mut heartbeat = tokio::spawn(membership::heartbeat_loop(
         orchestrator.clone(),
         args.clone(),

@@ -8,7 +8,7 @@ use actix::Addr;
 use anyhow::{Context as _, bail};
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
@@ -24,9 +24,9 @@ pub struct OrchestratorLink {
 impl OrchestratorLink {
     /// Connects, retrying until `patience` has passed (the orchestrator may still be starting).
     pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<OrchestratorLink> {
-        let endpoint = dcnr_proto::transport::unary_endpoint(url).with_context(|| {
-            format!("`{url}` is not a valid orchestrator URL (expected e.g. http://127.0.0.1:7070)")
-        })?;
+        let expect = dcnr_proto::tls::Expect::Orchestrator;
+        let endpoint = dcnr_proto::transport::unary_endpoint(url, &expect)
+            .with_context(|| format!("cannot use the orchestrator URL `{url}`"))?;
         let deadline = Instant::now() + patience;
         let mut wait = Duration::from_millis(50);
         let channel = loop {
@@ -40,8 +40,8 @@ impl OrchestratorLink {
                 Err(e) => return Err(e).context("connection failed"),
             }
         };
-        let streams = dcnr_proto::transport::endpoint(url, None)
-            .with_context(|| format!("`{url}` is not a valid orchestrator URL"))?
+        let streams = dcnr_proto::transport::endpoint(url, None, &expect)
+            .with_context(|| format!("cannot use the orchestrator URL `{url}`"))?
             .connect_lazy();
         let client = |channel| {
             OrchestratorClient::new(channel)
@@ -181,6 +181,33 @@ pub struct Identity {
     pub heartbeat: Duration,
     /// Whether the orchestrator accepted the trusted-mode token.
     pub trusted: bool,
+    /// When the current certificate was installed and when it expires (None in plaintext mode).
+    pub certificate: Option<(SystemTime, SystemTime)>,
+}
+
+impl Identity {
+    /// Whether half of the certificate's lifetime has passed, so the next heartbeat asks for a
+    /// new one.
+    fn wants_renewal(&self, now: SystemTime) -> bool {
+        let Some((issued, expires)) = self.certificate else { return false };
+        let half = expires.duration_since(issued).unwrap_or_default() / 2;
+        now >= issued + half
+    }
+}
+
+/// Installs a certificate chain from the orchestrator; returns its validity.
+fn install(
+    slot: &dcnr_proto::tls::CertSlot,
+    key: &crate::identity::NodeKey,
+    chain: Vec<Vec<u8>>,
+    expires_unix_ms: u64,
+) -> anyhow::Result<(SystemTime, SystemTime)> {
+    if chain.is_empty() {
+        bail!("the orchestrator issued no certificate: is it running with --insecure-plaintext?");
+    }
+    let chain = chain.into_iter().map(dcnr_proto::tls::CertificateDer::from).collect();
+    slot.set(chain, &key.pkcs8()?).context("the issued certificate is not usable")?;
+    Ok((SystemTime::now(), UNIX_EPOCH + Duration::from_millis(expires_unix_ms)))
 }
 
 /// What a PNode proves and presents at registration: its key and the trusted-mode token.
@@ -190,6 +217,8 @@ pub struct Credentials {
     pub key: std::sync::Arc<crate::identity::NodeKey>,
     /// Trusted-mode token; empty for none.
     pub token: String,
+    /// Where the certificate issued at registration goes (None in plaintext mode).
+    pub certificate: Option<std::sync::Arc<dcnr_proto::tls::CertSlot>>,
 }
 
 /// Registers this PNode, proving possession of its key by signing a fresh challenge. A refused
@@ -226,10 +255,15 @@ pub async fn register(
     if !creds.token.is_empty() && !resp.trusted {
         tracing::warn!("registered as untrusted: the orchestrator has no trusted-mode token configured");
     }
+    let certificate = match &creds.certificate {
+        Some(slot) => Some(install(slot, &creds.key, resp.certificate_chain, resp.certificate_expires_unix_ms)?),
+        None => None,
+    };
     Ok(Identity {
         pnode_id: resp.pnode_id,
         heartbeat: Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(50))),
         trusted: resp.trusted,
+        certificate,
     })
 }
 
@@ -252,9 +286,26 @@ pub async fn heartbeat_loop(
             bail!("the orchestrator has been unreachable for {:?}; exiting", orphan);
         }
         let hosted = host.send(Count).await.unwrap_or(0) as u32;
-        let req = v1::HeartbeatRequest { pnode_id: identity.pnode_id.clone(), hosted_vnodes: hosted };
+        let renew = identity.wants_renewal(SystemTime::now());
+        let req = v1::HeartbeatRequest {
+            pnode_id: identity.pnode_id.clone(),
+            hosted_vnodes: hosted,
+            renew_certificate: renew,
+        };
         match link.client().heartbeat(req).await {
-            Ok(r) if r.get_ref().known => last_ok = Instant::now(),
+            Ok(r) if r.get_ref().known => {
+                last_ok = Instant::now();
+                let r = r.into_inner();
+                if let (Some(slot), false) = (&creds.certificate, r.certificate_chain.is_empty()) {
+                    match install(slot, &creds.key, r.certificate_chain, r.certificate_expires_unix_ms) {
+                        Ok(validity) => {
+                            identity.certificate = Some(validity);
+                            tracing::info!("certificate renewed");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot install the renewed certificate"),
+                    }
+                }
+            }
             Ok(_) => {
                 // The orchestrator restarted or declared this PNode lost: whatever it hosts was
                 // already given up and relocated, so it is dropped rather than left computing.

@@ -59,6 +59,8 @@ pub struct PnodeMetrics {
     pub dataset_cache_corrupt: IntCounter,
     /// Feed requests refused (a port that reads no data, a batch beyond the data).
     pub feeds_refused: IntCounter,
+    /// Calls refused for want of a credential or permission, by RPC and gRPC code.
+    pub rpc_refused: IntCounterVec,
 }
 
 /// This process's PNode metrics.
@@ -115,6 +117,12 @@ pub static PNODE: LazyLock<PnodeMetrics> = LazyLock::new(|| {
             "Cached dataset packs found corrupt and fetched again.",
         ),
         feeds_refused: counter(&r, "dcnr_pnode_feeds_refused_total", "Feed requests refused."),
+        rpc_refused: counter_vec(
+            &r,
+            "dcnr_rpc_refused_total",
+            "Calls refused for want of a credential or permission, by RPC and gRPC code.",
+            &["rpc", "code"],
+        ),
         registry: r,
     }
 });

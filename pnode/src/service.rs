@@ -12,6 +12,7 @@ use dcnr_mesh::convert::{self, Incoming};
 use dcnr_model::ValidGraph;
 use dcnr_model::graph::Source;
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;
+use dcnr_proto::tls::Peer;
 use dcnr_proto::v1::{self, p_node_server::PNodeServer};
 use dcnr_vnode::VNodeSpec;
 use std::sync::Arc;
@@ -26,6 +27,38 @@ pub struct PNodeService {
     host: Addr<Host>,
     router: Router,
     datasets: Arc<Datasets>,
+    /// Plaintext mode: no caller is authenticated and the checks below pass (local development).
+    plaintext: bool,
+}
+
+fn refuse(rpc: &'static str, status: Status) -> Status {
+    PNODE.rpc_refused.with_label_values(&[rpc, &format!("{:?}", status.code())]).inc();
+    tracing::info!(rpc, code = ?status.code(), why = status.message(), "call refused");
+    status
+}
+
+impl PNodeService {
+    /// The caller must be the orchestrator: only it places, releases and snapshots work.
+    fn from_orchestrator<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<(), Status> {
+        match (self.plaintext, dcnr_proto::transport::peer(req)) {
+            (true, _) | (false, Peer::Orchestrator) => Ok(()),
+            (false, Peer::Anonymous) => {
+                Err(refuse(rpc, Status::unauthenticated(format!("{rpc} needs the orchestrator's certificate"))))
+            }
+            (false, other) => Err(refuse(rpc, Status::permission_denied(format!("{other} may not call {rpc}")))),
+        }
+    }
+
+    /// The caller must be a member of the mesh (the orchestrator or a registered PNode).
+    fn from_member<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Peer, Status> {
+        match (self.plaintext, dcnr_proto::transport::peer(req)) {
+            (true, p) => Ok(p),
+            (false, Peer::Anonymous) => {
+                Err(refuse(rpc, Status::unauthenticated(format!("{rpc} needs a mesh member's certificate"))))
+            }
+            (false, p) => Ok(p),
+        }
+    }
 }
 
 fn unavailable<E: std::fmt::Display>(e: E) -> Status {
@@ -35,6 +68,7 @@ fn unavailable<E: std::fmt::Display>(e: E) -> Status {
 #[tonic::async_trait]
 impl v1::p_node_server::PNode for PNodeService {
     async fn allocate(&self, req: Request<v1::AllocateRequest>) -> Result<Response<v1::AllocateResponse>, Status> {
+        self.from_orchestrator(&req, "Allocate")?;
         let req = req.into_inner();
         let sent: ValidGraph = serde_json::from_str(&req.graph_json)
             .map_err(|e| Status::invalid_argument(format!("graph_json is not a validated graph: {e}")))?;
@@ -108,6 +142,7 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 
     async fn release(&self, req: Request<v1::ReleaseRequest>) -> Result<Response<v1::ReleaseResponse>, Status> {
+        self.from_orchestrator(&req, "Release")?;
         let job = req.into_inner().job_id;
         let released = self.host.send(Release(job.clone())).await.map_err(unavailable)?;
         tracing::info!(%job, released, "released VNodes");
@@ -115,15 +150,23 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 
     async fn exchange(&self, req: Request<Streaming<v1::VNodeMessage>>) -> Result<Response<v1::ExchangeAck>, Status> {
+        let peer = self.from_member(&req, "Exchange")?;
         let mut stream = req.into_inner();
         let mut received = 0u64;
         while let Some(m) = stream.message().await? {
             PNODE.wire_messages_received.inc();
             PNODE.wire_bytes_received.inc_by(prost::Message::encoded_len(&m) as u64);
             let (to, incoming) = convert::message_from_wire(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let routed = match incoming {
-                Incoming::Inbound(inbound) => self.router.deliver_local(to, inbound),
-                Incoming::Feed(feed) => self.router.deliver_feed(to, feed),
+            // Data feeds come only from the orchestrator, VNode traffic only from PNodes.
+            let routed = match (incoming, &peer) {
+                (Incoming::Inbound(_), Peer::Orchestrator) | (Incoming::Feed(_), Peer::PNode(_)) if !self.plaintext => {
+                    return Err(refuse(
+                        "Exchange",
+                        Status::permission_denied(format!("{peer} may not send this kind of message")),
+                    ));
+                }
+                (Incoming::Inbound(inbound), _) => self.router.deliver_local(to, inbound),
+                (Incoming::Feed(feed), _) => self.router.deliver_feed(to, feed),
             };
             match routed {
                 Ok(()) => {}
@@ -140,6 +183,7 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 
     async fn snapshot(&self, req: Request<v1::SnapshotRequest>) -> Result<Response<v1::SnapshotResponse>, Status> {
+        self.from_orchestrator(&req, "Snapshot")?;
         let req = req.into_inner();
         let actor =
             self.host.send(Find(req.job_id.clone(), req.vnode)).await.map_err(unavailable)?.ok_or_else(|| {
@@ -150,6 +194,7 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 
     async fn ping(&self, req: Request<v1::PingRequest>) -> Result<Response<v1::PingResponse>, Status> {
+        self.from_member(&req, "Ping")?;
         let req = req.into_inner();
         let bytes = match &req.payload {
             Some(p) => {
@@ -175,6 +220,7 @@ impl v1::p_node_server::PNode for PNodeService {
         &self,
         req: Request<v1::FetchParamsRequest>,
     ) -> Result<Response<v1::FetchParamsResponse>, Status> {
+        self.from_orchestrator(&req, "FetchParams")?;
         let req = req.into_inner();
         let actor =
             self.host.send(Find(req.job_id.clone(), req.vnode)).await.map_err(unavailable)?.ok_or_else(|| {
@@ -188,15 +234,18 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 }
 
-/// Serves the `PNode` service on `listener` with Nagle off and explicit limits.
+/// Serves the `PNode` service on `listener` with Nagle off and explicit limits; with `tls`,
+/// over TLS with every caller's certificate checked (None: plaintext, local development only).
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<dcnr_proto::tls::ServerTls>>,
     host: Addr<Host>,
     router: Router,
     datasets: Arc<Datasets>,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let svc = PNodeServer::new(PNodeService { host, router, datasets })
+    let plaintext = tls.is_none();
+    let incoming = dcnr_proto::transport::incoming(listener, tls);
+    let svc = PNodeServer::new(PNodeService { host, router, datasets, plaintext })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     dcnr_proto::transport::server().add_service(svc).serve_with_incoming(incoming).await

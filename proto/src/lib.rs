@@ -14,6 +14,7 @@ pub mod identity;
 pub mod limits;
 pub mod shaping;
 pub mod tensor;
+pub mod tls;
 pub mod transport;
 
 pub use tonic;

@@ -28,8 +28,10 @@ const SLOWEST_DATASET_LINK: u64 = 1 << 20;
 const RELEASE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A client for a PNode's service with the protocol's limits.
-pub fn pnode_client(endpoint: &str) -> Result<PNodeClient<tonic::transport::Channel>, tonic::transport::Error> {
-    let channel = dcnr_proto::transport::unary_endpoint(endpoint)?.connect_lazy();
+pub fn pnode_client(
+    endpoint: &str,
+) -> Result<PNodeClient<tonic::transport::Channel>, dcnr_proto::transport::EndpointError> {
+    let channel = dcnr_proto::transport::unary_endpoint(endpoint, &dcnr_proto::tls::Expect::AnyPNode)?.connect_lazy();
     Ok(PNodeClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -92,9 +94,10 @@ pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) 
         async move {
             let fail = |why: String| PNodeFailure { pnode: pnode.clone(), why };
             // The channel's own deadline would cut a long dataset fetch short: the call's is set below.
-            let channel = dcnr_proto::transport::endpoint(&endpoint, None)
-                .map_err(|e| fail(format!("{endpoint}: {e}")))?
-                .connect_lazy();
+            let channel =
+                dcnr_proto::transport::endpoint(&endpoint, None, &dcnr_proto::tls::Expect::PNode(pnode.clone()))
+                    .map_err(|e| fail(format!("{endpoint}: {e}")))?
+                    .connect_lazy();
             let mut c = PNodeClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
