@@ -428,8 +428,11 @@ pub fn client_security() -> Option<ClientSecurity> {
     CLIENT.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-pub(crate) fn client_tls_for(expect: &Expect) -> Result<Option<(Arc<ClientConfig>, ServerName<'static>)>, TlsError> {
-    match client_security() {
+pub(crate) fn client_tls_for(
+    security: Option<&ClientSecurity>,
+    expect: &Expect,
+) -> Result<Option<(Arc<ClientConfig>, ServerName<'static>)>, TlsError> {
+    match security {
         // The name sent in the handshake is only a label: the verifier checks what the
         // certificate names against `expect`.
         Some(ClientSecurity::Tls(t)) => Ok(Some((t.client_config(expect)?, ServerName::try_from(ORCHESTRATOR_NAME).map_err(|e| TlsError::Parse(e.to_string()))?))),

@@ -64,8 +64,19 @@ impl ClientEndpoint {
 /// A client endpoint for `url`, whose server must prove to be `expect`; `deadline` applies to
 /// unary calls (None for long-lived streams).
 pub fn endpoint(url: &str, deadline: Option<Duration>, expect: &Expect) -> Result<ClientEndpoint, EndpointError> {
+    endpoint_as(url, deadline, expect, crate::tls::client_security().as_ref())
+}
+
+/// Like [`endpoint`], with `security` instead of the process's client security (a test that
+/// acts as several parties at once).
+pub fn endpoint_as(
+    url: &str,
+    deadline: Option<Duration>,
+    expect: &Expect,
+    security: Option<&crate::tls::ClientSecurity>,
+) -> Result<ClientEndpoint, EndpointError> {
     let tls = match url.split_once("://").map(|(scheme, _)| scheme) {
-        Some("https") => match crate::tls::client_tls_for(expect)? {
+        Some("https") => match crate::tls::client_tls_for(security, expect)? {
             Some(tls) => Some(tls),
             None => {
                 return Err(EndpointError::Scheme(format!(
@@ -73,7 +84,7 @@ pub fn endpoint(url: &str, deadline: Option<Duration>, expect: &Expect) -> Resul
                 )));
             }
         },
-        Some("http") => match crate::tls::client_security() {
+        Some("http") => match security {
             Some(crate::tls::ClientSecurity::Plaintext) => None,
             _ => {
                 return Err(EndpointError::Scheme(format!(

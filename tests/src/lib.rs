@@ -21,6 +21,88 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The TLS directory every orchestrator this test process starts shares: one mesh CA
+/// (`ca.pem`) and one maintainer token, so every CLI call and PNode finds both through
+/// `DCNR_TLS_DIR` and `DCNR_CA`. Created by the first `orchestrator serve`.
+pub fn tls_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| match tempfile::Builder::new().prefix("dcnr-test-tls-").tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("cannot create a TLS directory for the tests: {e}"),
+    })
+    .path()
+}
+
+/// The mesh CA certificate of this test process's orchestrators.
+pub fn ca_file() -> PathBuf {
+    tls_dir().join("ca.pem")
+}
+
+/// The maintainer token of this test process's orchestrators.
+pub fn maintainer_token() -> Result<String> {
+    Ok(std::fs::read_to_string(tls_dir().join("maintainer.token"))?.trim().to_string())
+}
+
+/// Points a command of ours at the shared TLS directory and CA.
+pub fn secure(cmd: &mut Command) -> &mut Command {
+    cmd.env("DCNR_TLS_DIR", tls_dir()).env("DCNR_CA", ca_file())
+}
+
+/// Who a test's own gRPC client is.
+pub enum Caller {
+    /// No certificate.
+    Anonymous,
+    /// A registered PNode: its id and its certificate.
+    Member(String, std::sync::Arc<dcnr_proto::tls::CertSlot>),
+}
+
+/// A gRPC channel to `url` (a server that must prove to be `expect`) as `caller`, over TLS with
+/// this process's CA.
+pub async fn channel(url: &str, expect: dcnr_proto::tls::Expect, caller: &Caller) -> Result<tonic::transport::Channel> {
+    let slot = match caller {
+        Caller::Anonymous => dcnr_proto::tls::CertSlot::new(),
+        Caller::Member(_, slot) => slot.clone(),
+    };
+    let ca = dcnr_proto::tls::MeshTls::from_ca_file(&ca_file())?;
+    let tls = dcnr_proto::tls::MeshTls::new(ca.ca().clone(), slot)?;
+    let security = dcnr_proto::tls::ClientSecurity::Tls(tls);
+    Ok(dcnr_proto::transport::endpoint_as(url, Some(Duration::from_secs(20)), &expect, Some(&security))?
+        .connect()
+        .await?)
+}
+
+/// An anonymous client of the orchestrator at `url`.
+pub async fn orchestrator_client(
+    url: &str,
+) -> Result<dcnr_proto::v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel>> {
+    let c = channel(url, dcnr_proto::tls::Expect::Orchestrator, &Caller::Anonymous).await?;
+    Ok(dcnr_proto::v1::orchestrator_client::OrchestratorClient::new(c))
+}
+
+/// Registers a fresh identity (key from `seed`) with the orchestrator at `url` as a PNode
+/// listening at `endpoint`, the way `pnode` does; returns it as a caller holding its certificate.
+pub async fn register_member(url: &str, seed: u8, endpoint: &str) -> Result<Caller> {
+    use dcnr_proto::v1;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+    let mut orch = orchestrator_client(url).await?;
+    let public = key.verifying_key().to_bytes().to_vec();
+    let nonce = orch.challenge(v1::ChallengeRequest { public_key: public }).await?.into_inner().nonce;
+    let mut req = v1::RegisterRequest {
+        protocol_version: dcnr_proto::PROTOCOL_VERSION,
+        name: format!("member-{seed}"),
+        endpoint: endpoint.to_string(),
+        nonce,
+        ..Default::default()
+    };
+    dcnr_proto::identity::sign_registration(&key, &mut req);
+    let r = orch.register(req).await?.into_inner();
+    let slot = dcnr_proto::tls::CertSlot::new();
+    let pkcs8 = ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_der(&key).map_err(|e| anyhow!("{e}"))?;
+    let chain = r.certificate_chain.into_iter().map(dcnr_proto::tls::CertificateDer::from).collect();
+    slot.set(chain, pkcs8.as_bytes())?;
+    Ok(Caller::Member(r.pnode_id, slot))
+}
+
 /// Path of a fixture file.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
@@ -90,7 +172,7 @@ impl Mesh {
 
     /// Starts the orchestrator again on the same address and store (after [`Mesh::kill_orchestrator`]).
     pub fn restart_orchestrator(&mut self) -> Result<()> {
-        let listen = self.url.trim_start_matches("http://").to_string();
+        let listen = self.url.trim_start_matches("https://").to_string();
         let args: Vec<&str> = self.serve_args.iter().map(String::as_str).collect();
         let envs: Vec<(&str, &str)> = self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -227,6 +309,7 @@ fn spawn_orchestrator(
 ) -> Result<(Proc, String, Option<String>)> {
     {
         let mut cmd = Command::new(bin("orchestrator"));
+        secure(&mut cmd);
         cmd.args(["serve", "--listen", listen, "--step-deadline-s", "60"]);
         if !serve_args.contains(&"--store") {
             cmd.arg("--store").arg(store);
@@ -250,7 +333,7 @@ fn spawn_orchestrator(
         });
         let line = rx.recv_timeout(Duration::from_secs(30)).context("orchestrator did not report its address")?;
         let url = line.rsplit(' ').next().unwrap_or_default().to_string();
-        if !url.starts_with("http://127.0.0.1:") {
+        if !url.starts_with("https://127.0.0.1:") {
             bail!("unexpected first line from orchestrator: {line}");
         }
         let dashboard = if serve_args.contains(&"--dashboard") {
@@ -278,7 +361,7 @@ impl Mesh {
         // Named by index unless the caller names it.
         let name = format!("test-pnode-{}", self.pnodes.len());
         let naming: &[&str] = if extra.contains(&"--name") { &[] } else { &["--name", &name] };
-        let child = Command::new(bin("pnode"))
+        let child = secure(&mut Command::new(bin("pnode")))
             .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "20"])
             .args(naming)
             .args(extra)
@@ -335,7 +418,7 @@ impl Mesh {
 
     /// Starts `orchestrator ARGS` in the background, killed when dropped.
     pub fn spawn_cli(&self, args: &[&str]) -> Result<Child> {
-        Command::new(bin("orchestrator"))
+        secure(&mut Command::new(bin("orchestrator")))
             .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -411,7 +494,7 @@ pub fn run_bin(name: &str, args: &[&str], limit: Duration) -> Result<Output> {
 
 /// Runs a workspace binary with extra environment variables to completion within `limit`.
 pub fn run_bin_env(name: &str, args: &[&str], envs: &[(&str, &str)], limit: Duration) -> Result<Output> {
-    let mut child = Command::new(bin(name))
+    let mut child = secure(&mut Command::new(bin(name)))
         .args(args)
         .envs(envs.iter().copied())
         .env("RUST_LOG", "warn")

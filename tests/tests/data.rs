@@ -154,13 +154,19 @@ fn feeds_are_checked_and_only_published_packs_are_served() -> Result<()> {
     let mesh = Mesh::start(1)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let mut orch = v1::orchestrator_client::OrchestratorClient::connect(mesh.url.clone()).await?;
+        // Packs go to registered PNodes only.
+        let mut anon = dcnr_tests::orchestrator_client(&mesh.url).await?;
+        let err = anon.fetch_dataset(v1::FetchDatasetRequest { sha256: "ab".repeat(32) }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        let me = dcnr_tests::register_member(&mesh.url, 42, "https://127.0.0.1:9").await?;
+        let c = dcnr_tests::channel(&mesh.url, dcnr_proto::tls::Expect::Orchestrator, &me).await?;
+        let mut orch = v1::orchestrator_client::OrchestratorClient::new(c);
         // No job has published anything: nothing is served.
         let err = orch.fetch_dataset(v1::FetchDatasetRequest { sha256: "ab".repeat(32) }).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
 
         let pnodes = orch.list_p_nodes(v1::ListPNodesRequest {}).await?.into_inner().pnodes;
-        let mut pn = v1::p_node_client::PNodeClient::connect(pnodes[0].endpoint.clone()).await?;
+        let pnode = pnodes.iter().find(|p| p.name != "member-42").ok_or_else(|| anyhow::anyhow!("no pnode"))?;
         let feed = |phase: i32| v1::VNodeMessage {
             job_id: "nojob".into(),
             to_vnode: 0,
@@ -168,20 +174,15 @@ fn feeds_are_checked_and_only_published_packs_are_served() -> Result<()> {
             body: Some(v1::v_node_message::Body::Feed(v1::Feed { port: 0, phase, batch: 0 })),
             generation: 1,
         };
-        // A feed with no phase is malformed: the stream is refused.
+        let c = dcnr_tests::channel(&pnode.endpoint, dcnr_proto::tls::Expect::AnyPNode, &me).await?;
+        let mut pn = v1::p_node_client::PNodeClient::new(c);
+        // A feed with no phase is malformed: the stream is refused whoever sends it.
         let err = pn.exchange(tokio_stream::iter(vec![feed(0)])).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("unknown phase"), "{}", err.message());
-        // A feed for a VNode not hosted here (nothing allocated, no pack) is dropped and counted.
-        let stale = |mut pn: v1::p_node_client::PNodeClient<tonic::transport::Channel>| async move {
-            let req = v1::PingRequest { payload: None, job_id: String::new() };
-            pn.ping(req).await.map(|r| r.into_inner().stale_dropped)
-        };
-        let before = stale(pn.clone()).await?;
-        let train = v1::Phase::Train as i32;
-        let ack = pn.exchange(tokio_stream::iter(vec![feed(train), feed(train)])).await?.into_inner();
-        assert_eq!(ack.received, 2);
-        assert_eq!(stale(pn.clone()).await?, before + 2);
+        // Feeds come only from the orchestrator: a PNode's well-formed one is refused outright.
+        let err = pn.exchange(tokio_stream::iter(vec![feed(v1::Phase::Train as i32)])).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
         anyhow::Ok(())
     })?;
     Ok(())

@@ -2,7 +2,7 @@
 //! versions, garbled gRPC messages, unreachable orchestrators, wrong flags.
 
 use dcnr_proto::v1;
-use dcnr_tests::{Mesh, fixture, run, run_bin};
+use dcnr_tests::{Mesh, channel, fixture, orchestrator_client, register_member, run, run_bin};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
@@ -31,8 +31,9 @@ fn pnode_with_another_protocol_version_is_refused() {
 
 #[test]
 fn unreachable_orchestrator_and_bad_flags_have_distinct_exit_codes() {
-    // Port 1 on loopback is closed: nothing listens there.
-    let out = run(&["jobs", "--orchestrator", "http://127.0.0.1:1"], T).unwrap();
+    // A mesh first, so that this process's CA exists; port 1 on loopback is closed.
+    let _mesh = Mesh::start(0).unwrap();
+    let out = run(&["jobs", "--orchestrator", "https://127.0.0.1:1"], T).unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run(&["demo", "--no-such-flag"], T).unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -49,10 +50,13 @@ fn garbled_and_oversized_vnode_messages_are_refused() {
     let mesh = Mesh::start(1).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let mut orch = v1::orchestrator_client::OrchestratorClient::connect(mesh.url.clone()).await.unwrap();
+        let mut orch = orchestrator_client(&mesh.url).await.unwrap();
         let pnodes = orch.list_p_nodes(v1::ListPNodesRequest {}).await.unwrap().into_inner().pnodes;
         let endpoint = pnodes[0].endpoint.clone();
-        let mut pn = v1::p_node_client::PNodeClient::connect(endpoint).await.unwrap();
+        // A registered member of the mesh may send VNode traffic; its garbage is still refused.
+        let me = register_member(&mesh.url, 41, "https://127.0.0.1:9").await.unwrap();
+        let c = channel(&endpoint, dcnr_proto::tls::Expect::AnyPNode, &me).await.unwrap();
+        let mut pn = v1::p_node_client::PNodeClient::new(c);
         // Shape says 4 floats, bytes hold 3.
         let bad = v1::VNodeMessage {
             job_id: "nojob".into(),
@@ -108,7 +112,8 @@ fn garbled_and_oversized_vnode_messages_are_refused() {
             })
             .await
             .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        // ... but placing work is the orchestrator's alone.
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     });
     assert!(mesh_alive(mesh));
 }

@@ -164,7 +164,7 @@ fn registrations_without_a_valid_proof_of_key_are_refused() {
     let mesh = Mesh::start(0).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let mut orch = v1::orchestrator_client::OrchestratorClient::connect(mesh.url.clone()).await.unwrap();
+        let mut orch = dcnr_tests::orchestrator_client(&mesh.url).await.unwrap();
         let (mine, other) = (SigningKey::from_bytes(&[5; 32]), SigningKey::from_bytes(&[6; 32]));
         let challenge = |key: &SigningKey| v1::ChallengeRequest { public_key: key.verifying_key().to_bytes().to_vec() };
         let request = |nonce: Vec<u8>| v1::RegisterRequest {
