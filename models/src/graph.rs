@@ -360,6 +360,9 @@ impl WireFormat {
 fn default_epochs() -> u32 {
     1
 }
+/// Most micro-batches a job may keep in flight.
+pub const MAX_IN_FLIGHT: u32 = 64;
+
 fn default_in_flight() -> u32 {
     1
 }
@@ -924,7 +927,7 @@ fn check_sizes(g: &ModelGraph) -> Result<(), GraphError> {
     if t.eval_batch_size == 0 || t.eval_batch_size > MAX_BATCH {
         return Err(out_of_range("training.eval_batch_size", t.eval_batch_size, "1..=65536"));
     }
-    if t.in_flight == 0 || t.in_flight > 64 {
+    if t.in_flight == 0 || t.in_flight > MAX_IN_FLIGHT {
         return Err(out_of_range("training.in_flight", t.in_flight, "1..=64"));
     }
     if t.aux.hidden > MAX_FEATURES {

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+/// Longest capability string (arch, OS, GPU, determinism class) a PNode may advertise.
+const MAX_CAPABILITY_TEXT: usize = 256;
+
 /// Who may call what (docs/SECURITY.md).
 #[derive(Debug)]
 pub struct Access {
@@ -302,7 +305,14 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         }
         let url_ok = r.endpoint.starts_with("http://") || r.endpoint.starts_with("https://");
         if !url_ok || r.endpoint.len() > 512 || r.name.len() > 256 {
-            return Err(Status::invalid_argument(format!("bad endpoint {:?} or name", r.endpoint)));
+            return Err(Status::invalid_argument(format!("bad endpoint {:?} or name", bounded_text(r.endpoint))));
+        }
+        if let Some(c) = &r.capabilities
+            && [&c.arch, &c.os, &c.gpu, &c.determinism_class].iter().any(|s| s.len() > MAX_CAPABILITY_TEXT)
+        {
+            return Err(Status::invalid_argument(format!(
+                "capability strings are limited to {MAX_CAPABILITY_TEXT} bytes"
+            )));
         }
         // Proof of identity: a valid signature over a nonce this orchestrator issued to this key.
         let key = dcnr_proto::identity::verify_registration(&r).map_err(|e| Status::unauthenticated(e.to_string()))?;

@@ -25,8 +25,8 @@ pub struct PnodeArgs {
     /// Cores to advertise (default: all available).
     #[arg(long, env = "DCNR_CORES")]
     pub cores: Option<u32>,
-    /// Memory to advertise, and to allow hosted VNodes in all, in MiB (default: physical memory,
-    /// not enforced).
+    /// Memory to advertise, and to allow hosted VNodes in all, in MiB (default: physical memory
+    /// advertised, three quarters of it enforced).
     #[arg(long, env = "DCNR_MEMORY_MIB")]
     pub memory_mib: Option<u64>,
     /// Seconds to keep retrying the first connection to the orchestrator.

@@ -85,7 +85,12 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     }
 
     let router = router::Router::start(orchestrator.clone(), identity.pnode_id.clone(), fault);
-    let memory_limit = args.memory_mib.map(|m| m * 1024 * 1024).unwrap_or(0);
+    // Without --memory-mib, three quarters of physical memory: one allocation must not be able
+    // to ask for more than the machine has.
+    let memory_limit = match args.memory_mib {
+        Some(m) => m.saturating_mul(1024 * 1024),
+        None => capabilities::detect(None, None).memory_bytes / 4 * 3,
+    };
     let host = actors::Host::start_new(router.clone(), args.max_vnodes, memory_limit);
     let datasets = std::sync::Arc::new(datasets::Datasets::new(
         args.data_dir.as_deref(),

@@ -17,6 +17,12 @@ pub async fn setup(args: &PnodeArgs) -> anyhow::Result<Option<MeshTls>> {
         set_client_security(ClientSecurity::Plaintext);
         return Ok(None);
     }
+    if args.orchestrator.starts_with("http://") {
+        anyhow::bail!(
+            "`{}` is plaintext; the mesh speaks TLS (https://). Plaintext is for local development only: pass --insecure-plaintext to every process",
+            args.orchestrator
+        );
+    }
     let slot = CertSlot::new();
     let tls = match (&args.ca, &args.ca_sha256) {
         (Some(file), _) => {
@@ -44,7 +50,7 @@ async fn fetch_ca(url: &str, args: &PnodeArgs) -> anyhow::Result<dcnr_proto::tls
                 tracing::debug!(error = %e, "orchestrator not reachable yet; retrying");
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(e).context("cannot read the orchestrator's CA"),
+            Err(e) => return Err(e).with_context(|| format!("cannot reach orchestrator at {url} to read its CA")),
         }
     }
 }

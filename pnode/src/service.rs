@@ -74,8 +74,11 @@ impl v1::p_node_server::PNode for PNodeService {
             .map_err(|e| Status::invalid_argument(format!("graph_json is not a validated graph: {e}")))?;
         // Validated again here: a PNode trusts no peer's word that a graph is consistent.
         let graph = sent.spec.validate().map_err(|e| Status::invalid_argument(format!("graph_json: {e}")))?;
-        if req.in_flight == 0 {
-            return Err(Status::invalid_argument("in_flight must be at least 1"));
+        if req.in_flight == 0 || req.in_flight > dcnr_model::graph::MAX_IN_FLIGHT {
+            return Err(Status::invalid_argument(format!(
+                "in_flight must be between 1 and {}",
+                dcnr_model::graph::MAX_IN_FLIGHT
+            )));
         }
         let train_samples = usize::try_from(req.train_samples)
             .map_err(|_| Status::invalid_argument("train_samples does not fit this machine"))?;

@@ -18,11 +18,11 @@ fn unreachable_orchestrator_is_a_clear_error() {
     // Port 1 on loopback is closed; with a 1 s patience the pnode gives up quickly.
     let out = Command::new(BIN)
         .args(["--connect-timeout-s", "1"])
-        .env("DCNR_ORCHESTRATOR", "http://127.0.0.1:1")
+        .env("DCNR_ORCHESTRATOR", "https://127.0.0.1:1")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach orchestrator at http://127.0.0.1:1"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach orchestrator at https://127.0.0.1:1"));
 }
 
 #[test]

@@ -71,8 +71,14 @@ impl VNodeSpec {
                 (Source::Node(_), _) => 0,
             })
             .sum();
-        let fed = (batch as u64).saturating_mul(data_width).saturating_mul(2 * k + crate::FEED_AHEAD + 8);
-        4 * (params * (3 + k + averaging) + acts * (2 + k) + fed)
+        // Saturating: `in_flight` and the widths come from a peer, and a sum that wrapped would
+        // slip under any limit.
+        let fed = (batch as u64).saturating_mul(data_width).saturating_mul(k.saturating_mul(2) + crate::FEED_AHEAD + 8);
+        let words = params
+            .saturating_mul(k.saturating_add(3 + averaging))
+            .saturating_add(acts.saturating_mul(k.saturating_add(2)))
+            .saturating_add(fed);
+        words.saturating_mul(4)
     }
 }
 
