@@ -637,6 +637,7 @@ pub fn main(cli: Cli) -> ExitCode {
                             "steps_done": j.steps_done, "steps_total": j.steps_total,
                             "pipelines": j.pipelines.max(1), "rounds": j.rounds,
                             "members": j.members.iter().map(|m| m.pnodes.clone()).collect::<Vec<_>>(),
+                            "generation": j.generation,
                             "error": j.error,
                         })
                     })

@@ -209,6 +209,7 @@ impl JobTable {
             pipelines: spec.graph.pipelines(),
             rounds: 0,
             members: Vec::new(),
+            generation: 0,
         };
         if let Some(store) = self.store.clone() {
             // The job is recorded as active before it runs, so an orchestrator that crashes and

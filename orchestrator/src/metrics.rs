@@ -206,6 +206,7 @@ mod tests {
             pipelines: 1,
             rounds: 0,
             members: Vec::new(),
+            generation: 0,
             job_id: id.into(),
             state,
             model: "m".into(),

@@ -167,6 +167,7 @@ pub fn status_to_wire(s: &JobStatus) -> v1::JobStatus {
         pipelines: s.pipelines,
         rounds: s.rounds,
         members: s.members.iter().map(|m| v1::PipelineMembers { pnodes: m.clone() }).collect(),
+        generation: s.generation,
         samples_per_s: s.samples_per_s,
     }
 }
@@ -411,7 +412,10 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             .await
             .map_err(gone)?
             .ok_or_else(|| Status::not_found(format!("vnode {} of job {} is not placed", r.vnode, r.job_id)))?;
-        Ok(Response::new(v1::ResolveResponse { pnode_id: String::new(), endpoint }))
+        // Which PNode that is: a receiver checks that a message comes from where its sender is placed.
+        let pnodes = self.registry.send(ListPNodes).await.map_err(gone)?;
+        let pnode_id = pnodes.into_iter().find(|p| p.endpoint == endpoint).map(|p| p.id).unwrap_or_default();
+        Ok(Response::new(v1::ResolveResponse { pnode_id, endpoint }))
     }
 
     async fn report(&self, req: Request<Streaming<v1::VNodeReport>>) -> Result<Response<v1::ReportAck>, Status> {

@@ -54,6 +54,9 @@ pub struct JobStatus {
     pub rounds: u64,
     /// The PNodes hosting each pipeline's VNodes, by pipeline (empty until placed).
     pub members: Vec<Vec<String>>,
+    /// Placement generation now (0 before the first placement).
+    #[serde(default)]
+    pub generation: u32,
 }
 
 /// Something that happened to a job, pushed to watchers.

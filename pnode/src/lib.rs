@@ -25,6 +25,7 @@ pub mod membership;
 pub mod metrics;
 pub mod pinning;
 pub mod router;
+pub mod senders;
 pub mod service;
 
 pub use config::PnodeArgs;
@@ -98,7 +99,9 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         orchestrator.clone(),
     ));
     let server_tls = tls.as_ref().map(|t| t.server_config()).transpose()?;
-    let mut server = tokio::spawn(service::serve(listener, server_tls, host.clone(), router.clone(), datasets));
+    let senders = std::sync::Arc::new(senders::Senders::new(orchestrator.clone()));
+    let mut server =
+        tokio::spawn(service::serve(listener, server_tls, host.clone(), router.clone(), datasets, senders));
     let mut heartbeat = tokio::spawn(membership::heartbeat_loop(
         orchestrator.clone(),
         args.clone(),

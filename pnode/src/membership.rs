@@ -62,6 +62,13 @@ impl OrchestratorLink {
         Ok(r.into_inner().endpoint)
     }
 
+    /// The PNode hosting (job, vnode), and its endpoint.
+    pub async fn resolve_placement(&self, job: &str, vnode: u32) -> Result<(String, String), tonic::Status> {
+        let r = self.client.clone().resolve(v1::ResolveRequest { job_id: job.to_string(), vnode }).await?;
+        let r = r.into_inner();
+        Ok((r.pnode_id, r.endpoint))
+    }
+
     /// Asks the orchestrator to move this PNode's VNodes elsewhere; returns how many remain here.
     pub async fn drain(&self, pnode_id: &str, timeout: Duration) -> Result<u32, tonic::Status> {
         let mut req = tonic::Request::new(v1::DrainRequest {

@@ -7,6 +7,7 @@ use crate::datasets::Datasets;
 use crate::metrics::PNODE;
 use crate::router::RouteError;
 use crate::router::Router;
+use crate::senders::Senders;
 use actix::Addr;
 use dcnr_mesh::convert::{self, Incoming};
 use dcnr_model::ValidGraph;
@@ -27,6 +28,8 @@ pub struct PNodeService {
     host: Addr<Host>,
     router: Router,
     datasets: Arc<Datasets>,
+    /// Where the senders of VNode messages are placed.
+    senders: Arc<Senders>,
     /// Plaintext mode: no caller is authenticated and the checks below pass (local development).
     plaintext: bool,
 }
@@ -140,6 +143,7 @@ impl v1::p_node_server::PNode for PNodeService {
             .await
             .map_err(unavailable)?
             .map_err(Status::failed_precondition)?;
+        self.senders.allocated(&req.job_id, req.generation, Arc::new(graph));
         tracing::info!(job = %req.job_id, vnodes = n, generation = req.generation, "allocated VNodes");
         Ok(Response::new(v1::AllocateResponse { allocated: n }))
     }
@@ -148,6 +152,7 @@ impl v1::p_node_server::PNode for PNodeService {
         self.from_orchestrator(&req, "Release")?;
         let job = req.into_inner().job_id;
         let released = self.host.send(Release(job.clone())).await.map_err(unavailable)?;
+        self.senders.released(&job);
         tracing::info!(%job, released, "released VNodes");
         Ok(Response::new(v1::ReleaseResponse { released }))
     }
@@ -167,6 +172,12 @@ impl v1::p_node_server::PNode for PNodeService {
                         "Exchange",
                         Status::permission_denied(format!("{peer} may not send this kind of message")),
                     ));
+                }
+                (Incoming::Inbound(inbound), Peer::PNode(sender)) if !self.plaintext => {
+                    if let Err(e) = self.senders.check(&to.job, to.generation, to.vnode, &inbound, sender).await {
+                        return Err(refuse("Exchange", Status::permission_denied(e.to_string())));
+                    }
+                    self.router.deliver_local(to, inbound)
                 }
                 (Incoming::Inbound(inbound), _) => self.router.deliver_local(to, inbound),
                 (Incoming::Feed(feed), _) => self.router.deliver_feed(to, feed),
@@ -245,10 +256,11 @@ pub async fn serve(
     host: Addr<Host>,
     router: Router,
     datasets: Arc<Datasets>,
+    senders: Arc<Senders>,
 ) -> Result<(), tonic::transport::Error> {
     let plaintext = tls.is_none();
     let incoming = dcnr_proto::transport::incoming(listener, tls);
-    let svc = PNodeServer::new(PNodeService { host, router, datasets, plaintext })
+    let svc = PNodeServer::new(PNodeService { host, router, datasets, senders, plaintext })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     dcnr_proto::transport::server().add_service(svc).serve_with_incoming(incoming).await

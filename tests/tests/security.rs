@@ -55,11 +55,11 @@ fn callers_without_the_right_credentials_are_refused_and_training_is_unharmed() 
     let mesh = Mesh::start_with(2, &["--dashboard", "127.0.0.1:0"], &[]).unwrap();
     let job_file = fixture("tiny-mlp.toml");
     let job_path = job_file.to_str().unwrap().to_string();
-    let reference = run(&["train-local", &job_path, "--steps", "400", "--json"], Duration::from_secs(120)).unwrap();
+    let reference = run(&["train-local", &job_path, "--steps", "3000", "--json"], Duration::from_secs(120)).unwrap();
     let want = last_json(&reference.stdout).unwrap()["params_sha256"].as_str().unwrap().to_string();
     // The job trains while the attacks run.
     let trainer = mesh
-        .spawn_cli(&["submit", &job_path, "--orchestrator", &mesh.url, "--steps", "400", "--wait", "--json"])
+        .spawn_cli(&["submit", &job_path, "--orchestrator", &mesh.url, "--steps", "3000", "--wait", "--json"])
         .unwrap();
     let job = dcnr_tests::wait_for("the job to start", Duration::from_secs(30), || {
         mesh.jobs().ok()?.iter().find(|j| j["state"] == "running").and_then(|j| j["job_id"].as_str().map(String::from))
@@ -116,6 +116,33 @@ fn callers_without_the_right_credentials_are_refused_and_training_is_unharmed() 
         refused(orch.report(tokio_stream::iter(reports)).await, Code::PermissionDenied, "Report for another pnode");
         refused(orch.submit_job(submit).await, Code::Unauthenticated, "SubmitJob by a pnode without a token");
         attack_pnode(&victim_endpoint, &me, Code::PermissionDenied, &job).await;
+
+        // A member sending VNode traffic in the name of a VNode placed elsewhere: `act1` (vnode 1)
+        // takes its input from `fc1` (vnode 0), which is not on this member.
+        let generation = mesh.jobs().unwrap().iter().find(|j| j["job_id"] == job.as_str()).unwrap()["generation"]
+            .as_u64()
+            .unwrap() as u32;
+        let forged = v1::VNodeMessage {
+            job_id: job.clone(),
+            to_vnode: 1,
+            micro_batch: 1_000_000,
+            body: Some(v1::v_node_message::Body::Forward(v1::Forward {
+                port: 0,
+                phase: v1::Phase::Train as i32,
+                tensor: Some(v1::Tensor { shape: vec![1, 32], dtype: v1::Dtype::F32 as i32, data: vec![0; 128] }),
+            })),
+            generation,
+        };
+        let mut hits = 0;
+        for p in mesh.pnodes().unwrap().iter().filter(|p| p["name"] != "member-77") {
+            let c = channel(p["endpoint"].as_str().unwrap(), Expect::AnyPNode, &me).await.unwrap();
+            match PNodeClient::new(c).exchange(tokio_stream::iter(vec![forged.clone()])).await {
+                Err(s) if s.code() == Code::PermissionDenied => hits += 1,
+                other => panic!("forged VNode message: {other:?}"),
+            }
+        }
+        // Both PNodes host part of the job, so both know where fc1 is placed.
+        assert_eq!(hits, 2, "a message from where fc1 is not placed must be refused");
 
         // Plaintext to a TLS server: no handshake, no call.
         dcnr_proto::tls::set_client_security(dcnr_proto::tls::ClientSecurity::Plaintext);

@@ -289,6 +289,7 @@ mod tests {
             pipelines: 1,
             rounds: 0,
             members: Vec::new(),
+            generation: 0,
             job_id: "j".into(),
             state,
             model: "tiny".into(),

@@ -1184,6 +1184,7 @@ impl JobCore {
             pipelines: self.spec.graph.pipelines(),
             rounds: self.rounds(),
             members: self.members(),
+            generation: self.generation,
         }
     }
 

@@ -1,0 +1,138 @@
+//! Who may send a VNode message: the PNode placed, in the current placement, for the VNode
+//! that sent it. The sending VNode follows from the message and the job's graph (a `Forward`
+//! comes from the source of its port, a `Backward` or `Sync` names its sender); where that VNode
+//! is placed comes from the orchestrator (`Resolve`), cached, and asked again when the cached
+//! answer disagrees (a relocation this PNode took no part in).
+
+use crate::membership::OrchestratorLink;
+use dcnr_model::ValidGraph;
+use dcnr_model::graph::Source;
+use dcnr_vnode::Inbound;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why a message was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SenderError {
+    /// The message names no VNode that feeds its target.
+    #[error("a message to vnode {to} of job {job} names no VNode that sends to it")]
+    NoSender {
+        /// Job.
+        job: String,
+        /// Target VNode.
+        to: u32,
+    },
+    /// The sending VNode is placed elsewhere.
+    #[error("vnode {from} of job {job} is not placed on pnode {peer}")]
+    NotPlaced {
+        /// Job.
+        job: String,
+        /// The VNode the message comes from.
+        from: u32,
+        /// The PNode that sent it.
+        peer: String,
+    },
+}
+
+/// The VNode that sent `msg` to VNode `to` of `graph`, if the message names a real one.
+pub fn sending_vnode(graph: &ValidGraph, to: u32, msg: &Inbound) -> Option<u32> {
+    let node = graph.nodes.get(to as usize)?;
+    match msg {
+        Inbound::Forward { port, .. } => match node.inputs.get(*port as usize)? {
+            Source::Node(id) => Some(*id),
+            _ => None,
+        },
+        Inbound::Backward { from, .. } => graph.nodes.get(from.0 as usize).map(|n| n.id),
+        Inbound::Sync { from, .. } => graph.nodes.get(*from as usize).map(|n| n.id),
+    }
+}
+
+/// Least time between two questions about one VNode's placement: a PNode sending messages in
+/// the name of VNodes it does not host cannot make this PNode flood the orchestrator.
+const RESOLVE_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
+/// The graphs of the jobs hosted here and where their VNodes are placed.
+pub struct Senders {
+    /// Job → (placement generation, graph).
+    graphs: Mutex<HashMap<String, (u32, Arc<ValidGraph>)>>,
+    /// (job, vnode) → (PNode id, when the orchestrator said so).
+    placed: Mutex<HashMap<(String, u32), (String, Instant)>>,
+    orchestrator: OrchestratorLink,
+}
+
+impl Senders {
+    /// Nothing known yet; placements are asked of `orchestrator`.
+    pub fn new(orchestrator: OrchestratorLink) -> Senders {
+        Senders { graphs: Mutex::default(), placed: Mutex::default(), orchestrator }
+    }
+
+    /// A job was (re)allocated here in `generation` with `graph`: what was known of its
+    /// placement may be stale.
+    pub fn allocated(&self, job: &str, generation: u32, graph: Arc<ValidGraph>) {
+        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).insert(job.to_string(), (generation, graph));
+        self.placed.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.0 != job);
+    }
+
+    /// A job's VNodes left this PNode.
+    pub fn released(&self, job: &str) {
+        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).remove(job);
+        self.placed.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.0 != job);
+    }
+
+    /// Accepts `msg` of placement `generation` to VNode `to` of `job` from PNode `peer` only if
+    /// `peer` hosts the VNode that sent it. A job not hosted here, or a message of another
+    /// generation, passes: the router and the VNode drop those as stale.
+    pub async fn check(
+        &self,
+        job: &str,
+        generation: u32,
+        to: u32,
+        msg: &Inbound,
+        peer: &str,
+    ) -> Result<(), SenderError> {
+        let graph = match self.graphs.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
+            Some((g, graph)) if *g == generation => graph.clone(),
+            _ => return Ok(()),
+        };
+        let from = sending_vnode(&graph, to, msg).ok_or_else(|| SenderError::NoSender { job: job.into(), to })?;
+        let key = (job.to_string(), from);
+        let not_placed = || SenderError::NotPlaced { job: job.into(), from, peer: peer.into() };
+        let cached = self.placed.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        match cached {
+            Some((pnode, _)) if pnode == peer => return Ok(()),
+            Some((_, at)) if at.elapsed() < RESOLVE_AGAIN_AFTER => return Err(not_placed()),
+            _ => {}
+        }
+        let (pnode, _) = self.orchestrator.resolve_placement(job, from).await.map_err(|_| not_placed())?;
+        let ok = pnode == peer;
+        self.placed.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (pnode, Instant::now()));
+        if ok { Ok(()) } else { Err(not_placed()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph() -> ValidGraph {
+        let toml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-mlp.toml"));
+        dcnr_model::ModelGraph::parse_valid(&toml.unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_sender_follows_from_the_message_and_the_graph() {
+        let g = graph();
+        let t = dcnr_vnode::HostTensor::f32(vec![1, 1], vec![0.0]);
+        let fwd = |port| Inbound::Forward { mb: 0, phase: dcnr_vnode::Phase::Train, port, tensor: t.clone() };
+        assert_eq!(sending_vnode(&g, 1, &fwd(0)), Some(0), "act's input comes from fc1");
+        assert_eq!(sending_vnode(&g, 0, &fwd(0)), None, "fc1 reads features: no VNode sends them");
+        assert_eq!(sending_vnode(&g, 3, &fwd(1)), None, "labels come from the data");
+        assert_eq!(sending_vnode(&g, 1, &fwd(5)), None, "no such port");
+        assert_eq!(sending_vnode(&g, 99, &fwd(0)), None, "no such vnode");
+        let back = Inbound::Backward { mb: 0, from: (2, 0), tensor: t.clone() };
+        assert_eq!(sending_vnode(&g, 1, &back), Some(2));
+        let back = Inbound::Backward { mb: 0, from: (42, 0), tensor: t };
+        assert_eq!(sending_vnode(&g, 1, &back), None);
+    }
+}
