@@ -1,0 +1,42 @@
+//! Decoders reachable from the network, fed arbitrary bytes: each answers with a value or an
+//! error, never a panic, and never allocates beyond what its input justifies. Long runs:
+//! `PROPTEST_CASES=1000000 cargo test --release -p dcnr-proto --test fuzz`.
+
+use dcnr_proto::v1;
+use proptest::prelude::*;
+
+proptest! {
+    #[test]
+    fn tensors_from_any_bytes_decode_or_fail_cleanly(
+        shape in proptest::collection::vec(any::<u64>(), 0..6),
+        dtype in any::<i32>(),
+        data in proptest::collection::vec(any::<u8>(), 0..512),
+    ) {
+        let t = v1::Tensor { shape, dtype, data };
+        if let Ok(d) = dcnr_proto::tensor::decode(Some(&t)) {
+            // What decodes is consistent with the bytes it came from.
+            let elements = d.shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+            prop_assert!(elements.is_some_and(|n| n <= t.data.len()), "{:?} from {} bytes", d.shape, t.data.len());
+        }
+    }
+
+    #[test]
+    fn wire_messages_from_any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        use prost::Message as _;
+        for decoded in [
+            v1::VNodeMessage::decode(bytes.as_slice()).map(|m| m.encoded_len()),
+            v1::RegisterRequest::decode(bytes.as_slice()).map(|m| m.encoded_len()),
+            v1::AllocateRequest::decode(bytes.as_slice()).map(|m| m.encoded_len()),
+            v1::VNodeReport::decode(bytes.as_slice()).map(|m| m.encoded_len()),
+        ] {
+            if let Ok(len) = decoded {
+                prop_assert!(len <= bytes.len() * 2 + 16);
+            }
+        }
+    }
+
+    #[test]
+    fn certificates_from_any_bytes_name_nobody(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        prop_assert_eq!(dcnr_proto::tls::Peer::from_leaf(&bytes), dcnr_proto::tls::Peer::Anonymous);
+    }
+}
