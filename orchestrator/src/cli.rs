@@ -99,6 +99,10 @@ enum Command {
         /// `token` (maintainers). Default: open when listening on loopback, token otherwise.
         #[arg(long, env = "DCNR_READS", value_parser = ["open", "token"])]
         reads: Option<String>,
+        /// A host name the dashboard answers to (repeatable), besides localhost and IP
+        /// literals; any other `Host` header is refused (DNS rebinding).
+        #[arg(long, env = "DCNR_DASHBOARD_HOSTS", value_delimiter = ',')]
+        dashboard_host: Vec<String>,
     },
     /// Submit a job (an envelope, JSON or TOML, or a bare model graph) to a running orchestrator.
     Submit {
@@ -474,6 +478,7 @@ pub fn main(cli: Cli) -> ExitCode {
             cert_lifetime_s,
             maintainer_token_sha256,
             reads,
+            dashboard_host,
         } => runtime(async move {
             let (trusted_token, trust) = match trust.resolve() {
                 Ok(t) => t,
@@ -513,6 +518,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 trust,
                 dashboard,
                 security,
+                dashboard_hosts: dashboard_host,
             };
             let srv = match server::start(cfg).await {
                 Ok(s) => s,

@@ -164,6 +164,7 @@ impl LocalMesh {
         };
         let cfg = ServerConfig {
             security,
+            dashboard_hosts: Vec::new(),
             listen: "127.0.0.1:0".parse()?,
             data,
             heartbeat: Duration::from_millis(200),

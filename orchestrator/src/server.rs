@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub dashboard: Option<SocketAddr>,
     /// Transport security and who may call what.
     pub security: SecurityConfig,
+    /// Host names the dashboard answers to besides loopback names and IP literals.
+    pub dashboard_hosts: Vec<String>,
 }
 
 /// How the orchestrator secures its links (docs/SECURITY.md).
@@ -188,7 +190,12 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     jobs.do_send(ResumeActive);
     let dashboard = match cfg.dashboard {
         Some(at) => {
-            let state = DashState { jobs: jobs.clone(), registry: registry.clone(), telemetry: telemetry.clone() };
+            let state = DashState {
+                jobs: jobs.clone(),
+                registry: registry.clone(),
+                telemetry: telemetry.clone(),
+                hosts: std::sync::Arc::new(cfg.dashboard_hosts.clone()),
+            };
             Some(dashboard::start(at, state).await?)
         }
         None => None,

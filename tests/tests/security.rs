@@ -166,6 +166,14 @@ fn callers_without_the_right_credentials_are_refused_and_training_is_unharmed() 
 
     // ... and every refusal was counted.
     let dash = mesh.dashboard.clone().unwrap();
+    // A page elsewhere that rebinds its DNS name to this machine sends its own Host: refused.
+    let addr = dash.trim_start_matches("http://").trim_end_matches('/');
+    let mut raw = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::{Read, Write};
+    raw.write_all(b"GET /api/jobs HTTP/1.1\r\nHost: evil.example.com:8080\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 421"), "{answer}");
     let (code, metrics) = http_get(&format!("{dash}metrics")).unwrap();
     assert_eq!(code, 200);
     for rpc in ["SubmitJob", "Drain", "Report", "Heartbeat", "FetchDataset", "Resolve", "ResumeJob"] {

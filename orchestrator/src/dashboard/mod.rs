@@ -50,6 +50,34 @@ pub struct DashState {
     pub registry: Addr<Registry>,
     /// Curves, placement, rates and the event log.
     pub telemetry: Telemetry,
+    /// Host names the dashboard answers to besides loopback names and IP literals.
+    pub hosts: std::sync::Arc<Vec<String>>,
+}
+
+/// Whether a request's `Host` header names this dashboard: a loopback name, an IP literal, or a
+/// name the operator allowed (`serve --dashboard-host`). A page on another site that rebinds
+/// its DNS name to this machine sends its own name, and is refused.
+pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(n, port)| if port.parse::<u16>().is_ok() { n } else { host }),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name.parse::<std::net::IpAddr>().is_ok()
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(&name))
+}
+
+async fn check_host(State(s): State<DashState>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+    if host_allowed(host, &s.hosts) {
+        next.run(req).await
+    } else {
+        let shown: String = host.chars().take(100).collect();
+        ApiError(StatusCode::MISDIRECTED_REQUEST, format!("this dashboard does not answer to host `{shown}`"))
+            .into_response()
+    }
 }
 
 /// An API failure, answered as JSON `{"error": ...}`.
@@ -115,6 +143,7 @@ pub fn router(state: DashState) -> Router {
         .route("/api/stream", get(stream))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such page".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
 }
 
@@ -266,4 +295,21 @@ pub async fn start(addr: SocketAddr, state: DashState) -> anyhow::Result<SocketA
     });
     tracing::info!(%local, "dashboard listening");
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn only_local_names_ip_literals_and_allowed_names_pass() {
+        let allowed = vec!["dash.example.org".to_string()];
+        for ok in ["127.0.0.1:8080", "localhost:8080", "LOCALHOST", "[::1]:8080", "10.0.0.7:80", "dash.example.org:443"]
+        {
+            assert!(host_allowed(ok, &allowed), "{ok}");
+        }
+        for bad in ["evil.example.com:8080", "", "localhost.evil.com", "127.0.0.1.evil.com:8080"] {
+            assert!(!host_allowed(bad, &allowed), "{bad}");
+        }
+    }
 }
