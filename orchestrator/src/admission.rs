@@ -14,6 +14,9 @@ pub const CHALLENGE_TTL: Duration = Duration::from_secs(30);
 /// flood of `Challenge` calls cannot grow memory without bound.
 pub const MAX_PENDING: usize = 4096;
 
+/// Most outstanding challenges for one source address, so one client cannot take them all.
+pub const MAX_PENDING_PER_SOURCE: usize = 32;
+
 /// Why a challenge could not be issued or redeemed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AdmissionError {
@@ -23,6 +26,9 @@ pub enum AdmissionError {
     /// The public key is not 32 bytes.
     #[error("the public key has {0} bytes; 32 needed")]
     KeyLength(usize),
+    /// Too many challenges outstanding for this source address.
+    #[error("too many registrations in progress from this address; retry shortly")]
+    SourceBusy,
     /// Never issued, already used, or expired.
     #[error("the registration nonce is unknown, used or expired; ask for a new challenge")]
     UnknownNonce,
@@ -36,7 +42,9 @@ pub enum AdmissionError {
 pub struct Challenges {
     ttl: Duration,
     max: usize,
-    pending: HashMap<[u8; 32], ([u8; 32], Instant)>,
+    per_source: usize,
+    /// Nonce → (public key, expiry, source address).
+    pending: HashMap<[u8; 32], ([u8; 32], Instant, Option<std::net::IpAddr>)>,
 }
 
 impl Default for Challenges {
@@ -48,24 +56,34 @@ impl Default for Challenges {
 impl Challenges {
     /// An empty set with the given lifetime and bound.
     pub fn new(ttl: Duration, max: usize) -> Challenges {
-        Challenges { ttl, max, pending: HashMap::new() }
+        Challenges { ttl, max, per_source: MAX_PENDING_PER_SOURCE.min(max), pending: HashMap::new() }
     }
 
-    /// Records `nonce` (fresh random bytes from the caller) as issued to `public_key` at `now`.
-    pub fn issue(&mut self, public_key: &[u8], nonce: [u8; 32], now: Instant) -> Result<[u8; 32], AdmissionError> {
+    /// Records `nonce` (fresh random bytes from the caller) as issued to `public_key`, asked
+    /// from address `source`, at `now`.
+    pub fn issue(
+        &mut self,
+        public_key: &[u8],
+        nonce: [u8; 32],
+        source: Option<std::net::IpAddr>,
+        now: Instant,
+    ) -> Result<[u8; 32], AdmissionError> {
         let key: [u8; 32] = public_key.try_into().map_err(|_| AdmissionError::KeyLength(public_key.len()))?;
-        self.pending.retain(|_, (_, expires)| *expires > now);
+        self.pending.retain(|_, (_, expires, _)| *expires > now);
+        if source.is_some() && self.pending.values().filter(|p| p.2 == source).count() >= self.per_source {
+            return Err(AdmissionError::SourceBusy);
+        }
         if self.pending.len() >= self.max {
             return Err(AdmissionError::Busy);
         }
-        self.pending.insert(nonce, (key, now + self.ttl));
+        self.pending.insert(nonce, (key, now + self.ttl, source));
         Ok(nonce)
     }
 
     /// Consumes `nonce` for `public_key`: each nonce admits at most one registration.
     pub fn redeem(&mut self, nonce: &[u8], public_key: &[u8; 32], now: Instant) -> Result<(), AdmissionError> {
         let nonce: [u8; 32] = nonce.try_into().map_err(|_| AdmissionError::UnknownNonce)?;
-        let (key, expires) = self.pending.remove(&nonce).ok_or(AdmissionError::UnknownNonce)?;
+        let (key, expires, _) = self.pending.remove(&nonce).ok_or(AdmissionError::UnknownNonce)?;
         if expires <= now {
             return Err(AdmissionError::UnknownNonce);
         }
@@ -150,18 +168,31 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Challenges::new(Duration::from_secs(5), 2);
         let (k1, k2) = ([1u8; 32], [2u8; 32]);
-        let n = c.issue(&k1, [9; 32], t0).unwrap();
+        let n = c.issue(&k1, [9; 32], None, t0).unwrap();
         assert_eq!(c.redeem(&n, &k2, t0), Err(AdmissionError::WrongKey));
-        let n = c.issue(&k1, [9; 32], t0).unwrap();
+        let n = c.issue(&k1, [9; 32], None, t0).unwrap();
         assert_eq!(c.redeem(&n, &k1, t0), Ok(()));
         assert_eq!(c.redeem(&n, &k1, t0), Err(AdmissionError::UnknownNonce), "no replay");
-        let n = c.issue(&k1, [8; 32], t0).unwrap();
+        let n = c.issue(&k1, [8; 32], None, t0).unwrap();
         assert_eq!(c.redeem(&n, &k1, t0 + Duration::from_secs(6)), Err(AdmissionError::UnknownNonce));
-        assert_eq!(c.issue(&[0; 3], [1; 32], t0), Err(AdmissionError::KeyLength(3)));
-        c.issue(&k1, [1; 32], t0).unwrap();
-        c.issue(&k1, [2; 32], t0).unwrap();
-        assert_eq!(c.issue(&k1, [3; 32], t0), Err(AdmissionError::Busy));
-        assert!(c.issue(&k1, [3; 32], t0 + Duration::from_secs(6)).is_ok(), "expired ones make room");
+        assert_eq!(c.issue(&[0; 3], [1; 32], None, t0), Err(AdmissionError::KeyLength(3)));
+        c.issue(&k1, [1; 32], None, t0).unwrap();
+        c.issue(&k1, [2; 32], None, t0).unwrap();
+        assert_eq!(c.issue(&k1, [3; 32], None, t0), Err(AdmissionError::Busy));
+        assert!(c.issue(&k1, [3; 32], None, t0 + Duration::from_secs(6)).is_ok(), "expired ones make room");
+    }
+
+    #[test]
+    fn one_source_cannot_take_every_challenge() {
+        let t0 = Instant::now();
+        let mut c = Challenges::new(Duration::from_secs(5), 100);
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for i in 0..MAX_PENDING_PER_SOURCE {
+            c.issue(&[1; 32], [i as u8; 32], Some(a), t0).unwrap();
+        }
+        assert_eq!(c.issue(&[1; 32], [200; 32], Some(a), t0), Err(AdmissionError::SourceBusy));
+        assert!(c.issue(&[1; 32], [201; 32], Some(b), t0).is_ok(), "another source still registers");
+        assert!(c.issue(&[1; 32], [202; 32], Some(a), t0 + Duration::from_secs(6)).is_ok(), "expired ones make room");
     }
 
     #[test]

@@ -367,6 +367,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     }
 
     async fn challenge(&self, req: Request<v1::ChallengeRequest>) -> Result<Response<v1::ChallengeResponse>, Status> {
+        let source = req.extensions().get::<dcnr_proto::transport::PeerInfo>().and_then(|i| i.remote).map(|a| a.ip());
         let mut nonce = [0u8; dcnr_proto::identity::NONCE_BYTES];
         getrandom::fill(&mut nonce).map_err(|e| Status::internal(format!("no randomness for a nonce: {e}")))?;
         let issued = self
@@ -374,9 +375,9 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             .challenges
             .lock()
             .map_err(|_| Status::internal("admission state is poisoned"))?
-            .issue(&req.get_ref().public_key, nonce, Instant::now())
+            .issue(&req.get_ref().public_key, nonce, source, Instant::now())
             .map_err(|e| match e {
-                AdmissionError::Busy => Status::resource_exhausted(e.to_string()),
+                AdmissionError::Busy | AdmissionError::SourceBusy => Status::resource_exhausted(e.to_string()),
                 _ => Status::invalid_argument(e.to_string()),
             })?;
         Ok(Response::new(v1::ChallengeResponse {
