@@ -42,7 +42,7 @@ fn refuse(rpc: &'static str, status: Status) -> Status {
 
 impl PNodeService {
     /// The caller must be the orchestrator: only it places, releases and snapshots work.
-    fn from_orchestrator<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<(), Status> {
+    fn require_orchestrator<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<(), Status> {
         match (self.plaintext, dcnr_proto::transport::peer(req)) {
             (true, _) | (false, Peer::Orchestrator) => Ok(()),
             (false, Peer::Anonymous) => {
@@ -53,7 +53,7 @@ impl PNodeService {
     }
 
     /// The caller must be a member of the mesh (the orchestrator or a registered PNode).
-    fn from_member<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Peer, Status> {
+    fn require_member<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Peer, Status> {
         match (self.plaintext, dcnr_proto::transport::peer(req)) {
             (true, p) => Ok(p),
             (false, Peer::Anonymous) => {
@@ -71,7 +71,7 @@ fn unavailable<E: std::fmt::Display>(e: E) -> Status {
 #[tonic::async_trait]
 impl v1::p_node_server::PNode for PNodeService {
     async fn allocate(&self, req: Request<v1::AllocateRequest>) -> Result<Response<v1::AllocateResponse>, Status> {
-        self.from_orchestrator(&req, "Allocate")?;
+        self.require_orchestrator(&req, "Allocate")?;
         let req = req.into_inner();
         let sent: ValidGraph = serde_json::from_str(&req.graph_json)
             .map_err(|e| Status::invalid_argument(format!("graph_json is not a validated graph: {e}")))?;
@@ -149,7 +149,7 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 
     async fn release(&self, req: Request<v1::ReleaseRequest>) -> Result<Response<v1::ReleaseResponse>, Status> {
-        self.from_orchestrator(&req, "Release")?;
+        self.require_orchestrator(&req, "Release")?;
         let job = req.into_inner().job_id;
         let released = self.host.send(Release(job.clone())).await.map_err(unavailable)?;
         self.senders.released(&job);
@@ -158,7 +158,7 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 
     async fn exchange(&self, req: Request<Streaming<v1::VNodeMessage>>) -> Result<Response<v1::ExchangeAck>, Status> {
-        let peer = self.from_member(&req, "Exchange")?;
+        let peer = self.require_member(&req, "Exchange")?;
         let mut stream = req.into_inner();
         let mut received = 0u64;
         while let Some(m) = stream.message().await? {
@@ -197,7 +197,7 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 
     async fn snapshot(&self, req: Request<v1::SnapshotRequest>) -> Result<Response<v1::SnapshotResponse>, Status> {
-        self.from_orchestrator(&req, "Snapshot")?;
+        self.require_orchestrator(&req, "Snapshot")?;
         let req = req.into_inner();
         let actor =
             self.host.send(Find(req.job_id.clone(), req.vnode)).await.map_err(unavailable)?.ok_or_else(|| {
@@ -208,7 +208,7 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 
     async fn ping(&self, req: Request<v1::PingRequest>) -> Result<Response<v1::PingResponse>, Status> {
-        self.from_member(&req, "Ping")?;
+        self.require_member(&req, "Ping")?;
         let req = req.into_inner();
         let bytes = match &req.payload {
             Some(p) => {
@@ -234,7 +234,7 @@ impl v1::p_node_server::PNode for PNodeService {
         &self,
         req: Request<v1::FetchParamsRequest>,
     ) -> Result<Response<v1::FetchParamsResponse>, Status> {
-        self.from_orchestrator(&req, "FetchParams")?;
+        self.require_orchestrator(&req, "FetchParams")?;
         let req = req.into_inner();
         let actor =
             self.host.send(Find(req.job_id.clone(), req.vnode)).await.map_err(unavailable)?.ok_or_else(|| {
