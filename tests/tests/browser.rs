@@ -73,7 +73,10 @@ where
 async fn dashboard_shows_live_curves_pnodes_and_placement_in_chromium() {
     let chromium = which("chromium").expect("chromium is missing: apt-get install chromium chromium-driver");
     let (_driver, driver_url) = start_chromedriver();
-    let mut mesh = Mesh::start_with(1, &["--dashboard", "127.0.0.1:0"], &[]).unwrap();
+    // Chromium's start takes both cores for a moment; a PNode must not count as lost meanwhile
+    // (the join events are counted below).
+    let serve = ["--dashboard", "127.0.0.1:0", "--heartbeat-timeout-ms", "10000"];
+    let mut mesh = Mesh::start_with(1, &serve, &[]).unwrap();
     mesh.add_pnode_with(&["--name", HOSTILE_NAME]).unwrap();
     mesh.wait_for_pnodes(2).unwrap();
     let dash = mesh.dashboard.clone().unwrap();
