@@ -47,6 +47,14 @@ pub enum SanityError {
         /// The limit.
         limit: f32,
     },
+    /// A micro-batch no honest sender could have produced yet.
+    #[error("micro-batch {mb} is ahead of anything this VNode can take (at most {limit})")]
+    Ahead {
+        /// The micro-batch sent.
+        mb: u64,
+        /// The furthest one that could be legitimate.
+        limit: u64,
+    },
     /// A class label out of range.
     #[error("label {label} at {index} is not in 0..{classes}")]
     Label {

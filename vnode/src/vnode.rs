@@ -771,7 +771,7 @@ impl VNode {
     /// [`VNode::handle`] refuses them. A rejected message must not be handled: the VNode's state
     /// stays as it was.
     pub fn screen(&self, msg: &Inbound) -> Result<(), crate::sanity::Rejection> {
-        use crate::sanity::{Rejection, Sender, check_f32, check_labels};
+        use crate::sanity::{Rejection, SanityError, Sender, check_f32, check_labels};
         let node = &self.spec.node;
         let unpacked;
         let msg = if msg.tensor().is_packed() {
@@ -781,13 +781,25 @@ impl VNode {
             msg
         };
         match msg {
-            Inbound::Forward { mb, port, tensor, .. } => {
+            Inbound::Forward { mb, port, tensor, phase } => {
                 let Some(source) = node.inputs.get(*port as usize) else { return Ok(()) };
                 let (from, what) = match source {
                     Source::Node(v) => (Sender::VNode(*v), "activation"),
                     Source::Features => (Sender::Data, "features"),
                     Source::Labels => (Sender::Data, "labels"),
                 };
+                // A training input from the future: no honest producer runs that far ahead, so it
+                // is the sender's fault, not a reason for this VNode to fail.
+                let limit = self.next_f + 2 * u64::from(self.spec.in_flight) + crate::FEED_AHEAD + 8;
+                if *phase == Phase::Train && *mb >= limit {
+                    return Err(Rejection {
+                        to: node.id,
+                        mb: *mb,
+                        from,
+                        what,
+                        error: SanityError::Ahead { mb: *mb, limit },
+                    });
+                }
                 let checked = match (node.kind, source) {
                     (NodeKind::SoftmaxCrossEntropy { classes }, Source::Labels) => check_labels(tensor, classes),
                     (_, Source::Features) if matches!(tensor.data, HostData::U8(_)) => self.screen_pixels(tensor),
@@ -814,6 +826,16 @@ impl VNode {
             Inbound::Backward { mb, from, tensor } => {
                 if !self.grad_from.contains(from) {
                     return Ok(());
+                }
+                // A gradient for a forward this VNode has not done yet cannot be honest.
+                if *mb >= self.next_f {
+                    return Err(Rejection {
+                        to: node.id,
+                        mb: *mb,
+                        from: Sender::VNode(from.0),
+                        what: "gradient",
+                        error: SanityError::Ahead { mb: *mb, limit: self.next_f.saturating_sub(1) },
+                    });
                 }
                 let rows = self.saved.get(mb).map(|s| s.rows);
                 check_f32(tensor, &[rows, Some(node.output_width)]).map_err(|error| Rejection {

@@ -231,6 +231,18 @@ fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
     assert_eq!(r.from, Sender::Data);
     let grad = Inbound::Backward { mb: 0, from: (2, 0), tensor: HostTensor::f32(vec![5, 8], vec![f32::INFINITY; 40]) };
     assert_eq!(act1.screen(&grad).unwrap_err().from, Sender::VNode(2));
+    // Micro-batches from the future are the sender's fault, not the VNode's failure.
+    let ahead = Inbound::Forward {
+        mb: 1_000_000,
+        phase: Phase::Train,
+        port: 0,
+        tensor: HostTensor::f32(vec![5, 8], vec![0.5; 40]),
+    };
+    let r = act1.screen(&ahead).unwrap_err();
+    assert_eq!(r.from, Sender::VNode(0));
+    assert!(matches!(r.error, SanityError::Ahead { mb: 1_000_000, .. }), "{r}");
+    let early = Inbound::Backward { mb: 3, from: (2, 0), tensor: HostTensor::f32(vec![5, 8], vec![0.5; 40]) };
+    assert!(matches!(act1.screen(&early).unwrap_err().error, SanityError::Ahead { mb: 3, .. }));
 }
 
 /// The test graph in local mode; `hidden` sizes the auxiliary heads (0 = one linear layer).
