@@ -123,7 +123,7 @@ impl std::fmt::Display for Peer {
 }
 
 /// Whom a client means to reach: the server's certificate must name it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Expect {
     /// The orchestrator.
     Orchestrator,
@@ -257,14 +257,19 @@ pub struct MeshTls {
     ca_der: CertificateDer<'static>,
     /// This process's certificate (empty for an anonymous client).
     pub identity: Arc<CertSlot>,
+    /// One client config per party reached, built once.
+    clients: Arc<std::sync::Mutex<std::collections::HashMap<Expect, Arc<ClientConfig>>>>,
 }
+
+/// Most client configs kept (one per PNode reached); beyond it the cache starts again.
+const MAX_CLIENT_CONFIGS: usize = 4096;
 
 impl MeshTls {
     /// Trusts the CA certificate `ca` (DER), with `identity` as this process's certificate.
     pub fn new(ca: CertificateDer<'static>, identity: Arc<CertSlot>) -> Result<MeshTls, TlsError> {
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone()).map_err(|e| TlsError::Parse(format!("the CA certificate is not usable: {e}")))?;
-        Ok(MeshTls { roots: Arc::new(roots), ca_der: ca, identity })
+        Ok(MeshTls { roots: Arc::new(roots), ca_der: ca, identity, clients: Arc::default() })
     }
 
     /// Trusts the CA in PEM file `path`; no certificate of its own.
@@ -288,6 +293,19 @@ impl MeshTls {
     /// The client side: verifies that the server is `expect` with a certificate from the CA,
     /// presents our certificate if we have one.
     pub fn client_config(&self, expect: &Expect) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(expect) {
+            return Ok(c.clone());
+        }
+        if clients.len() >= MAX_CLIENT_CONFIGS {
+            clients.clear();
+        }
+        let config = self.new_client_config(expect)?;
+        clients.insert(expect.clone(), config.clone());
+        Ok(config)
+    }
+
+    fn new_client_config(&self, expect: &Expect) -> Result<Arc<ClientConfig>, TlsError> {
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Parse(format!("server verifier: {e}")))?;
@@ -297,6 +315,9 @@ impl MeshTls {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(self.identity.clone());
+        // No session resumption: a resumed session keeps the identity of the one it resumes, and
+        // a PNode's first connection (to register) is anonymous while later ones must not be.
+        c.resumption = rustls::client::Resumption::disabled();
         c.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(Arc::new(c))
     }
