@@ -279,6 +279,27 @@ impl PNodeTable {
         Ok(standing)
     }
 
+    /// Drops PNodes silent for longer than `after` (long lost: they would have to register
+    /// anew anyway) and forgets their identities where the book holds nothing worth keeping;
+    /// returns how many records and book entries went. Keeps the table and the book bounded
+    /// against identities made to be thrown away.
+    pub fn evict_dead(&mut self, now: Duration, after: Duration) -> (usize, usize) {
+        let dead: Vec<String> = self
+            .records
+            .iter()
+            .filter(|(_, r)| now.saturating_sub(r.last_seen) > after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut forgotten = 0;
+        for id in &dead {
+            self.records.remove(id);
+            if self.trust.forget_if_blank(id) {
+                forgotten += 1;
+            }
+        }
+        (dead.len(), forgotten)
+    }
+
     /// A heartbeat from `id` at `now`, reporting the VNodes it hosts.
     pub fn heartbeat(&mut self, id: &str, hosted_vnodes: u32, now: Duration) -> Beat {
         let Some(r) = self.records.get_mut(id) else { return Beat::Unknown };
@@ -499,6 +520,9 @@ impl Registry {
     }
 }
 
+/// Silence after which a PNode's record is dropped (and its identity forgotten if blank).
+pub const EVICT_AFTER: Duration = Duration::from_secs(3600);
+
 impl Actor for Registry {
     type Context = Context<Self>;
 
@@ -506,6 +530,13 @@ impl Actor for Registry {
         // Routine changes (valid results, registrations) are saved within a second; a
         // quarantine at once.
         ctx.run_interval(Duration::from_secs(1), |act, ctx| act.save_book(ctx));
+        ctx.run_interval(Duration::from_secs(60), |act, _| {
+            let (records, identities) = act.table.evict_dead(act.clock.now(), EVICT_AFTER);
+            if records > 0 {
+                tracing::info!(records, identities, "forgot PNodes silent for an hour");
+                act.unsaved |= identities > 0;
+            }
+        });
     }
 }
 
@@ -690,6 +721,22 @@ mod tests {
         assert_eq!(health(&t, "a", 10), Some(Health::Healthy));
         assert_eq!(health(&t, "nobody", 0), None);
         assert_eq!(t.heartbeat("nobody", 0, Duration::ZERO), Beat::Unknown);
+    }
+
+    #[test]
+    fn long_silent_pnodes_are_dropped_and_only_blank_identities_forgotten() {
+        let mut t = table();
+        for id in ["throwaway", "cheat", "alive"] {
+            t.register(reg(id, 1), Duration::ZERO).unwrap();
+        }
+        t.record_outcome("cheat", &Outcome::Invalid("wrong sum".into()));
+        assert_eq!(t.heartbeat("alive", 0, 400 * MS), Beat::Alive);
+        assert_eq!(t.evict_dead(700 * MS, 750 * MS), (0, 0), "nobody silent that long yet");
+        assert_eq!(t.evict_dead(700 * MS, 450 * MS), (2, 1));
+        assert!(t.lookup("alive", 700 * MS).is_some(), "a PNode heard from recently stays");
+        assert!(t.lookup("throwaway", 700 * MS).is_none() && t.lookup("cheat", 700 * MS).is_none());
+        assert!(t.trust().get("throwaway").is_none(), "nothing worth keeping");
+        assert_eq!(t.trust().get("cheat").map(|r| r.invalid), Some(1), "a strike outlives the record");
     }
 
     #[test]

@@ -200,6 +200,20 @@ impl TrustBook {
         self
     }
 
+    /// Forgets `id` if its record holds nothing worth keeping: never quarantined, never caught
+    /// with an invalid result, and no earned trust. A throwaway identity that registered and
+    /// vanished then costs nothing forever; one that misbehaved or earned standing is kept.
+    /// True if it was forgotten.
+    pub fn forget_if_blank(&mut self, id: &str) -> bool {
+        let blank = self.by_id.get(id).is_some_and(|r| {
+            r.quarantined.is_none() && r.invalid == 0 && r.strikes == 0 && r.standing(&self.policy) == Standing::New
+        });
+        if blank {
+            self.by_id.remove(id);
+        }
+        blank
+    }
+
     /// The record of `id`, if it was ever seen.
     pub fn get(&self, id: &str) -> Option<&Reputation> {
         self.by_id.get(id)
