@@ -34,6 +34,8 @@ pub fn register(r: &Registry, c: Box<dyn prometheus::core::Collector>) {
 pub struct LinkBytesCollector {
     sent: IntCounter,
     received: IntCounter,
+    /// TLS handshakes this process's servers refused or that timed out.
+    refused_handshakes: IntCounter,
     /// Two scrapes at once must not both add the same increase.
     catch_up: Mutex<()>,
 }
@@ -44,6 +46,10 @@ impl LinkBytesCollector {
         Ok(LinkBytesCollector {
             sent: IntCounter::new("dcnr_link_bytes_sent_total", "Bytes written by this process's gRPC clients.")?,
             received: IntCounter::new("dcnr_link_bytes_received_total", "Bytes read by this process's gRPC clients.")?,
+            refused_handshakes: IntCounter::new(
+                "dcnr_tls_handshakes_refused_total",
+                "TLS handshakes this process's servers refused or that timed out.",
+            )?,
             catch_up: Mutex::new(()),
         })
     }
@@ -51,7 +57,7 @@ impl LinkBytesCollector {
 
 impl Collector for LinkBytesCollector {
     fn desc(&self) -> Vec<&Desc> {
-        self.sent.desc().into_iter().chain(self.received.desc()).collect()
+        self.sent.desc().into_iter().chain(self.received.desc()).chain(self.refused_handshakes.desc()).collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -59,7 +65,14 @@ impl Collector for LinkBytesCollector {
         let now = link_bytes();
         self.sent.inc_by(now.sent.saturating_sub(self.sent.get()));
         self.received.inc_by(now.received.saturating_sub(self.received.get()));
-        self.sent.collect().into_iter().chain(self.received.collect()).collect()
+        let refused = dcnr_proto::transport::refused_handshakes();
+        self.refused_handshakes.inc_by(refused.saturating_sub(self.refused_handshakes.get()));
+        self.sent
+            .collect()
+            .into_iter()
+            .chain(self.received.collect())
+            .chain(self.refused_handshakes.collect())
+            .collect()
     }
 }
 
@@ -80,7 +93,11 @@ mod tests {
         let r = Registry::new();
         register_link_bytes(&r);
         let text = encode(&r);
-        for line in ["# TYPE dcnr_link_bytes_sent_total counter", "# TYPE dcnr_link_bytes_received_total counter"] {
+        for line in [
+            "# TYPE dcnr_link_bytes_sent_total counter",
+            "# TYPE dcnr_link_bytes_received_total counter",
+            "# TYPE dcnr_tls_handshakes_refused_total counter",
+        ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
     }

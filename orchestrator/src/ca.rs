@@ -187,11 +187,6 @@ impl MeshCa {
     }
 }
 
-/// Where the TLS directory is unless `--tls-dir` says otherwise.
-pub fn default_dir() -> PathBuf {
-    PathBuf::from("dcnr-tls")
-}
-
 /// The CA certificate in `dir`, for clients on the orchestrator's machine.
 pub fn local_ca_file(dir: &Path) -> PathBuf {
     dir.join("ca.pem")

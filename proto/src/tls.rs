@@ -102,14 +102,6 @@ impl Peer {
         }
         Peer::Anonymous
     }
-
-    /// The PNode id, if the peer is a PNode.
-    pub fn pnode(&self) -> Option<&str> {
-        match self {
-            Peer::PNode(id) => Some(id),
-            _ => None,
-        }
-    }
 }
 
 impl std::fmt::Display for Peer {
