@@ -24,6 +24,8 @@ pub struct Deliver {
     pub generation: u32,
     /// The message.
     pub msg: Inbound,
+    /// Its place in the VNode's queue of messages from the network, freed when it is handled.
+    pub slot: Option<crate::router::QueueSlot>,
 }
 
 /// A request to feed a VNode one input from the job's data, from the given generation.
@@ -85,7 +87,7 @@ impl Handler<FeedInput> for VNodeActor {
             None => Err(format!("vnode {id} reads none of the job's data")),
         };
         match built {
-            Ok(inbound) => self.handle(Deliver { generation: msg.generation, msg: inbound }, ctx),
+            Ok(inbound) => self.handle(Deliver { generation: msg.generation, msg: inbound, slot: None }, ctx),
             Err(why) => {
                 // Only a confused or hostile sender asks for this; the job must hear of it, but the
                 // VNode's state is untouched and stays usable.
@@ -324,7 +326,8 @@ impl Handler<Allocate> for Host {
                 failed: false,
                 feeder,
             });
-            let local = Local { deliver: addr.clone().recipient(), feed: addr.clone().recipient() };
+            let local =
+                Local { deliver: addr.clone().recipient(), feed: addr.clone().recipient(), queued: Default::default() };
             self.router.add_local((msg.job.clone(), vnode), local);
             hosted.push(Hosted { vnode, generation, memory: per_vnode, addr, arbiter });
         }

@@ -22,6 +22,34 @@ pub enum RouteError {
     /// The target VNode is not hosted on this PNode.
     #[error("vnode {1} of job {0} is not hosted on this pnode")]
     NotHosted(String, u32),
+    /// The target VNode has [`MAX_QUEUED`] messages from the network waiting already.
+    #[error("vnode {1} of job {0} has {MAX_QUEUED} messages waiting; the sender is flooding it")]
+    Full(String, u32),
+}
+
+/// Most messages from the network waiting for one VNode. An honest job never comes near it:
+/// a VNode takes at most `2 * in_flight + FEED_AHEAD + 8` micro-batches ahead per port, and
+/// the window refuses the rest. Beyond it a sender's stream is refused, so a flooding peer
+/// cannot grow a PNode's memory without bound.
+pub const MAX_QUEUED: usize = 4096;
+
+/// A message's place in a VNode's queue; the place is freed when the message is dropped
+/// (handled, or discarded with its actor).
+pub struct QueueSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl QueueSlot {
+    /// Takes a place in `queue`, unless it holds [`MAX_QUEUED`] already.
+    fn take(queue: &Arc<std::sync::atomic::AtomicUsize>) -> Option<QueueSlot> {
+        use std::sync::atomic::Ordering;
+        queue.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_QUEUED).then_some(n + 1)).ok()?;
+        Some(QueueSlot(queue.clone()))
+    }
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 enum Egress {
@@ -46,6 +74,8 @@ pub struct Local {
     pub deliver: Recipient<Deliver>,
     /// Feed requests.
     pub feed: Recipient<FeedInput>,
+    /// Messages from the network waiting for it.
+    pub queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Cheap-to-clone handle used by actors (to send) and the gRPC service (to deliver).
@@ -126,15 +156,13 @@ impl Router {
         }
     }
 
-    /// Delivers a message that arrived from the network to a local VNode.
+    /// Delivers a message that arrived from the network to a local VNode, if its queue has room.
     pub fn deliver_local(&self, to: Target, msg: Inbound) -> Result<(), RouteError> {
-        match self.local(&to.job, to.vnode) {
-            Some(r) => {
-                r.do_send(Deliver { generation: to.generation, msg });
-                Ok(())
-            }
-            None => Err(RouteError::NotHosted(to.job, to.vnode)),
-        }
+        let found = self.inner.local.read().ok().and_then(|m| m.get(&(to.job.clone(), to.vnode)).cloned());
+        let Some(local) = found else { return Err(RouteError::NotHosted(to.job, to.vnode)) };
+        let Some(slot) = QueueSlot::take(&local.queued) else { return Err(RouteError::Full(to.job, to.vnode)) };
+        local.deliver.do_send(Deliver { generation: to.generation, msg, slot: Some(slot) });
+        Ok(())
     }
 
     /// Sends one output of VNode `from` (of placement `generation` of `job`) to wherever it must go.
@@ -147,7 +175,7 @@ impl Router {
         let out = match out.into_delivery() {
             Ok((to, msg)) => {
                 match self.local(job, to) {
-                    Some(r) => r.do_send(Deliver { generation, msg }),
+                    Some(r) => r.do_send(Deliver { generation, msg, slot: None }),
                     None => self.egress(convert::inbound_message(&target(to), &msg)),
                 }
                 return;
@@ -300,5 +328,21 @@ async fn report_loop(mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>, orchestra
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_takes_at_most_max_queued_and_frees_a_place_per_message_dropped() {
+        let q = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut held: Vec<QueueSlot> = (0..MAX_QUEUED).map(|_| QueueSlot::take(&q).unwrap()).collect();
+        assert!(QueueSlot::take(&q).is_none(), "full");
+        held.pop();
+        assert!(QueueSlot::take(&q).is_some(), "a handled message makes room");
+        drop(held);
+        assert_eq!(q.load(std::sync::atomic::Ordering::Acquire), 0);
     }
 }

@@ -190,6 +190,9 @@ impl v1::p_node_server::PNode for PNodeService {
                     tracing::debug!(error = %e, "message for a VNode not hosted here dropped");
                     self.router.count_stale();
                 }
+                Err(e @ RouteError::Full(..)) => {
+                    return Err(refuse("Exchange", Status::resource_exhausted(e.to_string())));
+                }
             }
             received += 1;
         }
