@@ -137,6 +137,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         }
     }
     let server_tls = ca.as_ref().map(|c| c.tls().server_config()).transpose()?;
+    // The dashboard's reads follow the same rule as the API's, judged by where it listens.
+    let dashboard_readers = match (cfg.dashboard, &ca) {
+        (Some(at), Some(_)) if !cfg.security.open_reads.unwrap_or(at.ip().is_loopback()) => {
+            Some(std::sync::Arc::new(maintainers.clone()))
+        }
+        _ => None,
+    };
     let access = crate::service::Access {
         ca: ca.clone(),
         cert_lifetime: cfg.security.cert_lifetime,
@@ -195,6 +202,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
                 registry: registry.clone(),
                 telemetry: telemetry.clone(),
                 hosts: std::sync::Arc::new(cfg.dashboard_hosts.clone()),
+                readers: dashboard_readers,
             };
             Some(dashboard::start(at, state).await?)
         }

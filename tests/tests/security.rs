@@ -183,3 +183,35 @@ fn callers_without_the_right_credentials_are_refused_and_training_is_unharmed() 
         );
     }
 }
+
+#[test]
+fn with_token_reads_status_and_the_dashboard_need_a_maintainer_token() {
+    let mesh = Mesh::start_with(1, &["--dashboard", "127.0.0.1:0", "--reads", "token"], &[]).unwrap();
+    let token = dcnr_tests::maintainer_token().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut anon = orchestrator_client(&mesh.url).await.unwrap();
+        refused(anon.list_jobs(v1::ListJobsRequest {}).await, Code::Unauthenticated, "anonymous ListJobs");
+        refused(anon.list_p_nodes(v1::ListPNodesRequest {}).await, Code::Unauthenticated, "anonymous ListPNodes");
+        let mut req = tonic::Request::new(v1::ListJobsRequest {});
+        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        assert!(anon.list_jobs(req).await.is_ok(), "a maintainer reads");
+    });
+    let dash = mesh.dashboard.clone().unwrap();
+    let addr = dash.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let get = |path: &str, extra: &str| {
+        use std::io::{Read, Write};
+        let mut raw = std::net::TcpStream::connect(&addr).unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
+        raw.write_all(head.as_bytes()).unwrap();
+        let mut answer = String::new();
+        raw.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert!(get("/api/jobs", "").starts_with("HTTP/1.1 401"), "no token");
+    assert!(get("/api/jobs", "Authorization: Bearer wrong\r\n").starts_with("HTTP/1.1 401"), "a wrong token");
+    assert!(get("/api/jobs", &format!("Authorization: Bearer {token}\r\n")).starts_with("HTTP/1.1 200"));
+    let first = get(&format!("/?token={token}"), "");
+    assert!(first.starts_with("HTTP/1.1 200") && first.to_lowercase().contains("set-cookie: dcnr_token="), "{first}");
+    assert!(get("/api/jobs", &format!("Cookie: dcnr_token={token}\r\n")).starts_with("HTTP/1.1 200"));
+}

@@ -52,6 +52,33 @@ pub struct DashState {
     pub telemetry: Telemetry,
     /// Host names the dashboard answers to besides loopback names and IP literals.
     pub hosts: std::sync::Arc<Vec<String>>,
+    /// Maintainer tokens one of which every request must carry (None: reads are open).
+    pub readers: Option<std::sync::Arc<Vec<crate::admission::TrustedToken>>>,
+}
+
+/// Cookie that carries the token after a first visit with `?token=`.
+const TOKEN_COOKIE: &str = "dcnr_token";
+
+/// The token a request presents: `Authorization: Bearer`, the cookie, or `?token=` (the last
+/// also answered with the cookie, so the page's own requests carry it).
+fn presented_token(req: &axum::extract::Request) -> (Option<String>, bool) {
+    let headers = req.headers();
+    if let Some(t) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return (Some(t.strip_prefix("Bearer ").unwrap_or(t).to_string()), false);
+    }
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| kv.trim().strip_prefix(TOKEN_COOKIE).and_then(|r| r.strip_prefix('=')).map(str::to_string));
+    if cookie.is_some() {
+        return (cookie, false);
+    }
+    let query = req.uri().query().unwrap_or_default();
+    let from_query = query.split('&').find_map(|kv| kv.strip_prefix("token=").map(str::to_string));
+    let set = from_query.is_some();
+    (from_query, set)
 }
 
 /// Whether a request's `Host` header names this dashboard: a loopback name, an IP literal, or a
@@ -72,7 +99,21 @@ pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
 async fn check_host(State(s): State<DashState>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
     if host_allowed(host, &s.hosts) {
-        next.run(req).await
+        let Some(readers) = &s.readers else { return next.run(req).await };
+        let (token, set_cookie) = presented_token(&req);
+        let Some(token) = token.filter(|t| readers.iter().any(|r| r.check(t) == crate::admission::TokenCheck::Matches))
+        else {
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "this dashboard needs a maintainer token: open it once as /?token=TOKEN".into(),
+            )
+            .into_response();
+        };
+        let mut response = next.run(req).await;
+        if set_cookie && let Ok(v) = format!("{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/").parse() {
+            response.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        response
     } else {
         let shown: String = host.chars().take(100).collect();
         ApiError(StatusCode::MISDIRECTED_REQUEST, format!("this dashboard does not answer to host `{shown}`"))
