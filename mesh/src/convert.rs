@@ -2,6 +2,7 @@
 //! orchestrator's data feeder alike. A `Feed` is decoded into a [`FeedRequest`], which only the
 //! PNode hosting the VNode can turn into its input (it holds the job's dataset).
 
+use dcnr_proto::seal::{self, Route};
 use dcnr_proto::tensor::{self, TensorError};
 use dcnr_proto::v1::{self, v_node_message::Body};
 use dcnr_vnode::{HostData, HostTensor, Inbound, Phase};
@@ -82,6 +83,7 @@ pub fn forward_message(to: &Target, mb: u64, phase: Phase, port: u32, t: &HostTe
         micro_batch: mb,
         body: Some(Body::Forward(v1::Forward { port, phase: phase_to_wire(phase), tensor: Some(tensor_to_wire(t)) })),
         generation: to.generation,
+        seal: None,
     }
 }
 
@@ -97,6 +99,7 @@ pub fn backward_message(to: &Target, mb: u64, from: (u32, u32), t: &HostTensor) 
             from_port: from.1,
             tensor: Some(tensor_to_wire(t)),
         })),
+        seal: None,
     }
 }
 
@@ -109,6 +112,7 @@ pub fn sync_message(to: &Target, mb: u64, from: u32, index: u32, t: &HostTensor)
         micro_batch: mb,
         generation: to.generation,
         body: Some(Body::Sync(v1::Sync { from_vnode: from, index, tensor: Some(tensor_to_wire(t)) })),
+        seal: None,
     }
 }
 
@@ -119,6 +123,34 @@ pub fn inbound_message(to: &Target, msg: &Inbound) -> v1::VNodeMessage {
         Inbound::Backward { mb, from, tensor } => backward_message(to, *mb, *from, tensor),
         Inbound::Sync { mb, from, index, tensor } => sync_message(to, *mb, *from, *index, tensor),
     }
+}
+
+/// How a training activation or gradient enters its VNode, the part of a seal's context the
+/// message itself names; `None` for evaluation traffic and parameter syncs, which carry no seal.
+pub fn seal_route(msg: &Inbound) -> Option<Route> {
+    match msg {
+        Inbound::Forward { phase: Phase::Train, port, .. } => Some(Route::Forward { port: *port }),
+        Inbound::Backward { from, .. } => Some(Route::Backward { from_vnode: from.0, from_port: from.1 }),
+        Inbound::Forward { .. } | Inbound::Sync { .. } => None,
+    }
+}
+
+/// [`seal_route`] of a wire message, with the tensor the seal must describe.
+pub fn wire_seal_route(m: &v1::VNodeMessage) -> Option<(Route, &v1::Tensor)> {
+    match &m.body {
+        Some(Body::Forward(f)) if f.phase == v1::Phase::Train as i32 => {
+            Some((Route::Forward { port: f.port }, f.tensor.as_ref()?))
+        }
+        Some(Body::Backward(b)) => {
+            Some((Route::Backward { from_vnode: b.from_vnode, from_port: b.from_port }, b.tensor.as_ref()?))
+        }
+        _ => None,
+    }
+}
+
+/// The seal context of a message for `to`: where it went and how.
+pub fn seal_context<'a>(to: &'a Target, mb: u64, route: Route) -> seal::Context<'a> {
+    seal::Context { job: &to.job, generation: to.generation, to_vnode: to.vnode, micro_batch: mb, route }
 }
 
 /// A request to feed data input `port` of micro-batch `mb` from batch `batch` of the job's
@@ -143,6 +175,7 @@ pub fn feed_message(to: &Target, feed: FeedRequest) -> v1::VNodeMessage {
         micro_batch: feed.mb,
         body: Some(Body::Feed(v1::Feed { port: feed.port, phase: phase_to_wire(feed.phase), batch: feed.batch })),
         generation: to.generation,
+        seal: None,
     }
 }
 

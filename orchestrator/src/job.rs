@@ -159,6 +159,8 @@ pub enum Observed {
         output_sha256: String,
         /// When the step closed an averaging round: hex SHA-256 of the parameters it gave.
         round_sha256: Option<String>,
+        /// Sealed jobs: the activations and gradients it consumed, with their seals.
+        inputs: Vec<crate::verify::StepInput>,
     },
     /// Loss VNode result.
     Loss {

@@ -8,9 +8,11 @@ use crate::registry::{
     self, Caps, Heartbeat, ListPNodes, Lookup, MarkLost, PNodeView, Register, Registration, Registry,
 };
 use crate::status::{JobEvent, JobState, JobStatus};
+use crate::verify::StepInput;
 use actix::Addr;
 use dcnr_model::envelope::Envelope;
 use dcnr_proto::PROTOCOL_VERSION;
+use dcnr_proto::seal::Route;
 use dcnr_proto::tls::Peer;
 use dcnr_proto::v1::{self, orchestrator_server::OrchestratorServer};
 use dcnr_vnode::Phase;
@@ -227,6 +229,38 @@ fn bounded_text(mut text: String) -> String {
     text
 }
 
+/// Most inputs one step report may name: far above any node's ports plus consumers.
+const MAX_STEP_INPUTS: usize = 256;
+
+/// The evidence of what a VNode consumed, checked for shape (the signatures are checked only
+/// when a verification needs them).
+fn step_inputs_from_wire(inputs: Vec<v1::StepInput>, generation: u32) -> Result<Vec<StepInput>, Status> {
+    if inputs.len() > MAX_STEP_INPUTS {
+        return Err(Status::invalid_argument(format!("a step report names more than {MAX_STEP_INPUTS} inputs")));
+    }
+    inputs
+        .into_iter()
+        .map(|i| {
+            let bad = |what: &str| Status::invalid_argument(format!("step input: {what}"));
+            let s = i.seal.ok_or_else(|| bad("no hash"))?;
+            let tensor_sha256 = s.tensor_sha256.as_slice().try_into().map_err(|_| bad("hash is not 32 bytes"))?;
+            let seal = match (s.public_key.len(), s.signature.len()) {
+                (0, 0) => None,
+                _ => Some((
+                    s.public_key.as_slice().try_into().map_err(|_| bad("public key is not 32 bytes"))?,
+                    s.signature.as_slice().try_into().map_err(|_| bad("signature is not 64 bytes"))?,
+                )),
+            };
+            let route = if i.backward {
+                Route::Backward { from_vnode: i.from_vnode, from_port: i.from_port }
+            } else {
+                Route::Forward { port: i.port }
+            };
+            Ok(StepInput { route, tensor_sha256, seal, generation })
+        })
+        .collect()
+}
+
 fn report_from_wire(r: v1::VNodeReport) -> Result<Observation, Status> {
     use v1::v_node_report::Body;
     let body = match r.body {
@@ -237,6 +271,7 @@ fn report_from_wire(r: v1::VNodeReport) -> Result<Observation, Status> {
             bytes_out: d.bytes_out,
             output_sha256: hex::encode(&d.output_sha256),
             round_sha256: (!d.round_sha256.is_empty()).then(|| hex::encode(&d.round_sha256)),
+            inputs: step_inputs_from_wire(d.inputs, r.generation)?,
         },
         Some(Body::Loss(l)) => Observed::Loss {
             phase: match v1::Phase::try_from(l.phase) {

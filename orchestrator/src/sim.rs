@@ -1155,6 +1155,8 @@ impl<'a> World<'a> {
                                         bytes_out,
                                         output_sha256: hex::encode(output_sha256),
                                         round_sha256: round_sha256.map(hex::encode),
+                                        // The simulation moves tensors without sealing them.
+                                        inputs: Vec::new(),
                                     },
                                 ));
                             }

@@ -608,6 +608,7 @@ mod tests {
                     bytes_out: 50,
                     output_sha256: String::new(),
                     round_sha256: None,
+                    inputs: Vec::new(),
                 },
             });
         }

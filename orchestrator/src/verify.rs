@@ -7,6 +7,9 @@
 
 use crate::trust::Standing;
 use dcnr_model::envelope::{Policy, Verify};
+use dcnr_model::graph::{Source, ValidGraph};
+use dcnr_proto::seal::{self, Route};
+use dcnr_proto::{identity, v1};
 use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
@@ -240,15 +243,68 @@ impl Settings {
     }
 }
 
+/// One tensor a VNode consumed in a training step, as its receiver reported it: the evidence
+/// that says who sent what (docs/TRUST.md, "Blame").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepInput {
+    /// How it entered the VNode.
+    pub route: Route,
+    /// Its hash ([`dcnr_proto::seal::tensor_sha256`]).
+    pub tensor_sha256: [u8; 32],
+    /// The sender's public key and signature; `None` for a delivery between VNodes of one PNode.
+    pub seal: Option<([u8; 32], [u8; 64])>,
+    /// Placement generation of the report it came with, part of what the seal signs.
+    pub generation: u32,
+}
+
+/// What blame needs of the graph: the causal order and which VNode feeds each input port.
+#[derive(Debug, Clone, Default)]
+pub struct Wiring {
+    /// VNodes in topological order.
+    pub topo: Vec<u32>,
+    /// (VNode, port) → the VNode whose output feeds it.
+    pub producers: BTreeMap<(u32, u32), u32>,
+}
+
+impl Wiring {
+    /// The wiring of a validated graph.
+    pub fn of(graph: &ValidGraph) -> Wiring {
+        let producers = graph
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                n.inputs.iter().enumerate().filter_map(move |(port, s)| match s {
+                    Source::Node(u) => Some(((n.id, port as u32), *u)),
+                    _ => None,
+                })
+            })
+            .collect();
+        Wiring { topo: graph.topo.clone(), producers }
+    }
+
+    /// The VNode that sends what arrives at `vnode` by `route`.
+    fn sender(&self, vnode: u32, route: Route) -> Option<u32> {
+        match route {
+            Route::Forward { port } => self.producers.get(&(vnode, port)).copied(),
+            Route::Backward { from_vnode, .. } => Some(from_vnode),
+        }
+    }
+}
+
 /// What one execution of a segment produced, for comparison with other executions of it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExecutionDigest {
     /// Which execution: "job" for the job's own, "replica N" for the others.
     pub label: String,
+    /// The job id its PNodes knew it by (a replica's own), part of what seals sign.
+    pub job_id: String,
     /// First step of the segment.
     pub start: u64,
     /// Per VNode: the output hash (hex) it reported for each step of the segment, in order.
     pub outputs: BTreeMap<u32, Vec<String>>,
+    /// Per (step, VNode): the activations and gradients it consumed, in route order (sealed
+    /// jobs; empty otherwise).
+    pub inputs: BTreeMap<(u64, u32), Vec<StepInput>>,
     /// Per VNode: SHA-256 of its state bytes at the segment's end.
     pub states: BTreeMap<u32, [u8; 32]>,
     /// Per VNode: (first step, PNode) of each placement it had, so a step names who ran it.
@@ -256,7 +312,9 @@ pub struct ExecutionDigest {
 }
 
 impl ExecutionDigest {
-    /// One hash over everything compared: equal fingerprints are equal executions.
+    /// One hash over everything compared: equal fingerprints are equal executions. The hashes
+    /// of the tensors each VNode consumed count too, so the accepted execution's account of
+    /// what was sent is itself agreed by a quorum; who signed them does not.
     pub fn fingerprint(&self) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(b"dcnr-execution-v1\0");
@@ -272,6 +330,21 @@ impl ExecutionDigest {
             h.update(v.to_le_bytes());
             h.update(s);
         }
+        for ((step, v), inputs) in &self.inputs {
+            h.update(step.to_le_bytes());
+            h.update(v.to_le_bytes());
+            h.update((inputs.len() as u64).to_le_bytes());
+            for i in inputs {
+                let (kind, a, b) = match i.route {
+                    Route::Forward { port } => (0u8, port, 0),
+                    Route::Backward { from_vnode, from_port } => (1u8, from_vnode, from_port),
+                };
+                h.update([kind]);
+                h.update(a.to_le_bytes());
+                h.update(b.to_le_bytes());
+                h.update(i.tensor_sha256);
+            }
+        }
         h.finalize().into()
     }
 
@@ -283,6 +356,30 @@ impl ExecutionDigest {
     /// Every PNode that ran part of the segment (`ran_on` holds only the segment's placements).
     pub fn pnodes(&self) -> std::collections::BTreeSet<String> {
         self.ran_on.values().flatten().map(|(_, p)| p.clone()).collect()
+    }
+
+    /// Whether `input`, consumed by `vnode` at `step`, is proven to come from `sender`'s PNode:
+    /// sealed by that PNode for this very context, or passed between two VNodes of one PNode
+    /// (whose word about it is its own).
+    fn proves(&self, input: &StepInput, vnode: u32, step: u64, sender: u32) -> bool {
+        let Some(signer) = self.pnode_at(sender, step) else { return false };
+        let Some((key, signature)) = &input.seal else { return self.pnode_at(vnode, step) == Some(signer) };
+        if identity::pnode_id(key) != signer {
+            return false;
+        }
+        let ctx = seal::Context {
+            job: &self.job_id,
+            generation: input.generation,
+            to_vnode: vnode,
+            micro_batch: step,
+            route: input.route,
+        };
+        let wire = v1::Seal {
+            tensor_sha256: input.tensor_sha256.to_vec(),
+            public_key: key.to_vec(),
+            signature: signature.to_vec(),
+        };
+        seal::verify(&wire, &ctx).is_ok()
     }
 }
 
@@ -301,51 +398,134 @@ pub fn placements_within(all: &[(u64, String)], start: u64, end: u64) -> Vec<(u6
     out
 }
 
+/// What departed from the accepted execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// The VNode's output hash.
+    Output,
+    /// A tensor the VNode sent to `to`, proven by its seal, while it reported the agreed output.
+    Sent {
+        /// The receiving VNode.
+        to: u32,
+    },
+    /// The VNode's account of what it consumed, which it cannot prove came from its sender.
+    Evidence,
+    /// The VNode's end state (every output agreed).
+    EndState,
+}
+
+impl Departure {
+    /// Its name in reports: output, sent, evidence or end state.
+    pub fn name(self) -> &'static str {
+        match self {
+            Departure::Output => "output",
+            Departure::Sent { .. } => "sent",
+            Departure::Evidence => "evidence",
+            Departure::EndState => "end state",
+        }
+    }
+}
+
 /// Where an execution first departs from an accepted one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Divergence {
-    /// The VNode.
+    /// The VNode whose PNode is to blame.
     pub vnode: u32,
-    /// The step whose output differs; the segment's last step when only the end states do.
+    /// The step; the segment's last step when only the end states differ.
     pub step: u64,
-    /// Whether only the end state differs (every output agreed).
-    pub state_only: bool,
+    /// What departed.
+    pub what: Departure,
     /// The accepted hash (hex).
     pub expected: String,
     /// The other execution's hash (hex; "missing" when it reported none).
     pub got: String,
 }
 
+fn hex_or_missing(h: Option<&[u8; 32]>) -> String {
+    h.map(hex::encode).unwrap_or_else(|| "missing".into())
+}
+
+/// The first difference of `other` from `accepted` in what `vnode` consumed at `step` (its
+/// activations, or its gradients with `backward`), and who is to blame for it: the sender when
+/// the other execution proves it sent that tensor, the receiver otherwise.
+fn input_divergence(
+    accepted: &ExecutionDigest,
+    other: &ExecutionDigest,
+    wiring: &Wiring,
+    vnode: u32,
+    step: u64,
+    backward: bool,
+) -> Option<Divergence> {
+    let pick = |d: &ExecutionDigest| -> BTreeMap<Route, StepInput> {
+        d.inputs
+            .get(&(step, vnode))
+            .into_iter()
+            .flatten()
+            .filter(|i| matches!(i.route, Route::Backward { .. }) == backward)
+            .map(|i| (i.route, i.clone()))
+            .collect()
+    };
+    let (want, got) = (pick(accepted), pick(other));
+    let routes: std::collections::BTreeSet<Route> = want.keys().chain(got.keys()).copied().collect();
+    routes.into_iter().find_map(|route| {
+        let (w, g) = (want.get(&route), got.get(&route));
+        if w.map(|i| i.tensor_sha256) == g.map(|i| i.tensor_sha256) {
+            return None;
+        }
+        let expected = hex_or_missing(w.map(|i| &i.tensor_sha256));
+        let received = hex_or_missing(g.map(|i| &i.tensor_sha256));
+        let sender = wiring.sender(vnode, route);
+        let proven = match (g, sender) {
+            (Some(g), Some(s)) if w.is_some() => other.proves(g, vnode, step, s).then_some(s),
+            _ => None,
+        };
+        Some(match proven {
+            Some(s) => Divergence { vnode: s, step, what: Departure::Sent { to: vnode }, expected, got: received },
+            None => Divergence { vnode, step, what: Departure::Evidence, expected, got: received },
+        })
+    })
+}
+
 /// The first difference of `other` from `accepted`, in causal order: step by step, each step's
-/// VNodes in topological order (a VNode's output is computed before anything downstream sees
-/// it), then the end states. That VNode's PNode in `other` is the one to blame: everything it
-/// consumed agreed with the accepted execution.
-pub fn first_divergence(accepted: &ExecutionDigest, other: &ExecutionDigest, topo: &[u32]) -> Option<Divergence> {
+/// VNodes in topological order (what a VNode consumed, then its output), then the gradients
+/// each consumed in reverse order, then the end states. The VNode named is the one to blame:
+/// everything it consumed agreed with the accepted execution, or (a tensor it sent) its own
+/// seal shows it sent something else while it reported the agreed output.
+pub fn first_divergence(accepted: &ExecutionDigest, other: &ExecutionDigest, wiring: &Wiring) -> Option<Divergence> {
     let steps = accepted.outputs.values().map(Vec::len).max().unwrap_or(0);
     for i in 0..steps {
-        for v in topo {
+        let step = accepted.start + i as u64;
+        for v in &wiring.topo {
+            if let Some(d) = input_divergence(accepted, other, wiring, *v, step, false) {
+                return Some(d);
+            }
             let want = accepted.outputs.get(v).and_then(|h| h.get(i));
             let got = other.outputs.get(v).and_then(|h| h.get(i));
             if want != got {
                 return Some(Divergence {
                     vnode: *v,
-                    step: accepted.start + i as u64,
-                    state_only: false,
+                    step,
+                    what: Departure::Output,
                     expected: want.cloned().unwrap_or_else(|| "missing".into()),
                     got: got.cloned().unwrap_or_else(|| "missing".into()),
                 });
             }
         }
+        for v in wiring.topo.iter().rev() {
+            if let Some(d) = input_divergence(accepted, other, wiring, *v, step, true) {
+                return Some(d);
+            }
+        }
     }
     let last = accepted.start + steps.saturating_sub(1) as u64;
-    topo.iter().find_map(|v| {
+    wiring.topo.iter().find_map(|v| {
         let (want, got) = (accepted.states.get(v), other.states.get(v));
         (want != got).then(|| Divergence {
             vnode: *v,
             step: last,
-            state_only: true,
-            expected: want.map(hex::encode).unwrap_or_else(|| "missing".into()),
-            got: got.map(hex::encode).unwrap_or_else(|| "missing".into()),
+            what: Departure::EndState,
+            expected: hex_or_missing(want),
+            got: hex_or_missing(got),
         })
     })
 }
@@ -376,6 +556,10 @@ pub struct Mismatch {
     pub expected_sha256: String,
     /// Hex of the dissenting hash.
     pub got_sha256: String,
+    /// What departed: output, sent (a tensor it signed, see docs/TRUST.md), evidence or end
+    /// state.
+    #[serde(default)]
+    pub what: String,
 }
 
 /// A result refused by the cheap checks.
@@ -530,7 +714,9 @@ mod tests {
     fn digest(label: &str, outputs: &[(u32, &[&str])], ran_on: &[(u32, &[(u64, &str)])]) -> ExecutionDigest {
         ExecutionDigest {
             label: label.into(),
+            job_id: format!("j-{label}"),
             start: 10,
+            inputs: BTreeMap::new(),
             outputs: outputs.iter().map(|(v, h)| (*v, h.iter().map(|x| x.to_string()).collect())).collect(),
             states: outputs.iter().map(|(v, _)| (*v, [*v as u8; 32])).collect(),
             ran_on: ran_on.iter().map(|(v, ps)| (*v, ps.iter().map(|(f, p)| (*f, p.to_string())).collect())).collect(),
@@ -543,9 +729,9 @@ mod tests {
         let good = digest("job", &[(0, &["x0", "x1"]), (1, &["y0", "y1"]), (2, &["z0", "z1"])], &where_);
         // Step 10 agrees; at step 11 vnode 1 departs first (vnode 2, downstream, follows).
         let bad = digest("replica 1", &[(0, &["x0", "x1"]), (1, &["y0", "Y1"]), (2, &["z0", "Z1"])], &where_);
-        let topo = [0, 1, 2];
+        let topo = Wiring { topo: vec![0, 1, 2], ..Wiring::default() };
         let d = first_divergence(&good, &bad, &topo).unwrap();
-        assert_eq!((d.vnode, d.step, d.state_only, d.got.as_str()), (1, 11, false, "Y1"));
+        assert_eq!((d.vnode, d.step, d.what, d.got.as_str()), (1, 11, Departure::Output, "Y1"));
         assert_eq!(bad.pnode_at(d.vnode, d.step), Some("c"), "vnode 1 moved to c at step 11");
         assert_eq!(bad.pnode_at(1, 10), Some("b"));
         assert_eq!(first_divergence(&good, &good.clone(), &topo), None);
@@ -555,12 +741,56 @@ mod tests {
         let mut lazy = good.clone();
         lazy.states.insert(2, [9; 32]);
         let d = first_divergence(&good, &lazy, &topo).unwrap();
-        assert_eq!((d.vnode, d.step, d.state_only), (2, 11, true));
+        assert_eq!((d.vnode, d.step, d.what), (2, 11, Departure::EndState));
         assert_ne!(good.fingerprint(), lazy.fingerprint());
         // A missing output is a divergence too.
         let short = digest("replica 2", &[(0, &["x0"]), (1, &["y0", "y1"]), (2, &["z0", "z1"])], &where_);
         assert_eq!(first_divergence(&good, &short, &topo).map(|d| (d.vnode, d.got)), Some((0, "missing".into())));
         assert_eq!(good.pnodes().into_iter().collect::<Vec<_>>(), vec!["a", "b", "c"]);
+    }
+
+    /// Two VNodes (0 feeds 1's port 0) on PNodes of keys 1 and 2 (`local`: both on key 1's),
+    /// one step at 10; vnode 0 reports output "x" and 1 "y", and 1 says it consumed `sent`
+    /// (sealed by `signer` unless local).
+    fn sealed(label: &str, sent: [u8; 32], signer: u8, generation: u32, local: bool) -> ExecutionDigest {
+        use ed25519_dalek::SigningKey;
+        let id = |k: u8| identity::pnode_id(&SigningKey::from_bytes(&[k; 32]).verifying_key().to_bytes());
+        let (p0, p1) = (id(1), if local { id(1) } else { id(2) });
+        let mut d = digest(label, &[(0, &["x"]), (1, &["y"])], &[(0, &[(0, &p0)]), (1, &[(0, &p1)])]);
+        let route = Route::Forward { port: 0 };
+        let ctx = seal::Context { job: &d.job_id, generation, to_vnode: 1, micro_batch: 10, route };
+        let s = seal::sign(&SigningKey::from_bytes(&[signer; 32]), &ctx, sent);
+        let seal =
+            (!local).then(|| (s.public_key.as_slice().try_into().unwrap(), s.signature.as_slice().try_into().unwrap()));
+        d.inputs.insert((10, 1), vec![StepInput { route, tensor_sha256: sent, seal, generation: 1 }]);
+        d
+    }
+
+    #[test]
+    fn a_sender_is_blamed_for_a_tensor_it_signed_and_a_receiver_cannot_frame_it() {
+        let wiring = Wiring { topo: vec![0, 1], producers: [((1, 0), 0)].into_iter().collect() };
+        let good = sealed("job", [1; 32], 1, 1, false);
+        assert_eq!(first_divergence(&good, &sealed("replica 1", [1; 32], 1, 1, false), &wiring), None);
+        // Vnode 0's PNode reports the agreed output but signed noise for vnode 1.
+        let bad = sealed("replica 1", [2; 32], 1, 1, false);
+        assert_ne!(good.fingerprint(), bad.fingerprint(), "what was consumed is part of the vote");
+        let d = first_divergence(&good, &bad, &wiring).unwrap();
+        assert_eq!((d.vnode, d.step, d.what), (0, 10, Departure::Sent { to: 1 }));
+        assert_eq!(d.what.name(), "sent");
+        // A receiver's own signature, or a seal of another generation, proves nothing: the
+        // receiver is blamed for an account of its input it cannot back.
+        for forged in [sealed("replica 1", [2; 32], 2, 1, false), sealed("replica 1", [2; 32], 1, 2, false)] {
+            let d = first_divergence(&good, &forged, &wiring).unwrap();
+            assert_eq!((d.vnode, d.what), (1, Departure::Evidence));
+        }
+        // Between two VNodes of one PNode there is no seal; that PNode is to blame either way.
+        let d = first_divergence(&good, &sealed("replica 1", [2; 32], 1, 1, true), &wiring).unwrap();
+        assert_eq!((d.vnode, d.what), (0, Departure::Sent { to: 1 }));
+        // An input left out of the account is the receiver's doing too.
+        let mut silent = bad.clone();
+        silent.inputs.clear();
+        let d = first_divergence(&good, &silent, &wiring).unwrap();
+        assert_eq!((d.vnode, d.what, d.got.as_str()), (1, Departure::Evidence, "missing"));
     }
 
     #[test]

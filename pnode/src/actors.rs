@@ -6,14 +6,16 @@
 //! builds its own inputs from the feed requests it gets.
 
 use crate::metrics::PNODE;
-use crate::router::{Local, Router};
+use crate::router::{Evidence, Local, Router};
 use actix::prelude::*;
-use dcnr_mesh::convert::FeedRequest;
+use dcnr_mesh::convert::{self, FeedRequest};
 use dcnr_model::dataset::Splits;
 use dcnr_model::graph::Normalize;
+use dcnr_proto::seal::Route;
+use dcnr_proto::v1;
 use dcnr_vnode::batches::Feeder;
 use dcnr_vnode::{HostTensor, Inbound, Outbound, VNode, VNodeSpec};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// A message for a VNode, from the given placement generation of its job.
@@ -26,6 +28,8 @@ pub struct Deliver {
     pub msg: Inbound,
     /// Its place in the VNode's queue of messages from the network, freed when it is handled.
     pub slot: Option<crate::router::QueueSlot>,
+    /// What is known of where its tensor came from.
+    pub evidence: Evidence,
 }
 
 /// A request to feed a VNode one input from the job's data, from the given generation.
@@ -62,6 +66,42 @@ pub struct VNodeActor {
     failed: bool,
     /// Builds this VNode's data inputs; `None` when it reads no data.
     feeder: Option<Feeder>,
+    /// Whether the job seals its training tensors (a verified job).
+    sealed: bool,
+    /// Sealed jobs: what each pending step consumed, reported with its `Done`.
+    inputs: BTreeMap<u64, Vec<v1::StepInput>>,
+}
+
+impl VNodeActor {
+    /// Routes one output; a `Done` takes along what its step consumed.
+    fn emit(&mut self, o: Outbound) {
+        count_outbound(&o);
+        let inputs = match &o {
+            Outbound::Done { mb, .. } => {
+                // Steps complete in order: whatever is older than this one is no longer wanted.
+                let later = self.inputs.split_off(&(mb + 1));
+                std::mem::replace(&mut self.inputs, later).remove(mb).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        self.router.send(&self.job, self.vnode.id(), self.generation, self.sealed, o, inputs);
+    }
+
+    /// Keeps the evidence of a tensor the VNode accepted for step `mb`.
+    fn keep(&mut self, mb: u64, route: Route, evidence: Evidence) {
+        let seal = match evidence {
+            Evidence::Sealed(seal) => seal,
+            Evidence::Local(hash) => v1::Seal { tensor_sha256: hash.to_vec(), ..Default::default() },
+            Evidence::None | Evidence::Unproven(_) => return,
+        };
+        let input = match route {
+            Route::Forward { port } => v1::StepInput { port, seal: Some(seal), ..Default::default() },
+            Route::Backward { from_vnode, from_port } => {
+                v1::StepInput { backward: true, from_vnode, from_port, seal: Some(seal), ..Default::default() }
+            }
+        };
+        self.inputs.entry(mb).or_default().push(input);
+    }
 }
 
 impl Actor for VNodeActor {
@@ -87,7 +127,10 @@ impl Handler<FeedInput> for VNodeActor {
             None => Err(format!("vnode {id} reads none of the job's data")),
         };
         match built {
-            Ok(inbound) => self.handle(Deliver { generation: msg.generation, msg: inbound, slot: None }, ctx),
+            Ok(inbound) => self.handle(
+                Deliver { generation: msg.generation, msg: inbound, slot: None, evidence: Evidence::None },
+                ctx,
+            ),
             Err(why) => {
                 // Only a confused or hostile sender asks for this; the job must hear of it, but the
                 // VNode's state is untouched and stays usable.
@@ -118,6 +161,14 @@ impl Handler<Deliver> for VNodeActor {
             Inbound::Sync { mb, .. } => (*mb, "sync"),
         };
         PNODE.vnode_messages_in.with_label_values(&[pass]).inc();
+        let route = if self.sealed { convert::seal_route(&msg.msg) } else { None };
+        if let (Some(_), Evidence::Unproven(why)) = (route, &msg.evidence) {
+            // A verified job's tensor whose sender does not stand by it: refused like a bad value.
+            let r = self.vnode.unproven(&msg.msg, why.clone());
+            tracing::warn!(job = %self.job, vnode = self.vnode.id(), error = %r, "refused a tensor");
+            self.router.reject(&self.job, self.vnode.id(), self.generation, &r);
+            return;
+        }
         // Cheap checks first: a refused tensor never reaches the VNode, whose state stays valid,
         // and the orchestrator learns who sent it.
         let handled = match self.vnode.receive(msg.msg) {
@@ -130,10 +181,11 @@ impl Handler<Deliver> for VNodeActor {
         };
         match handled {
             Ok(outs) => {
-                let id = self.vnode.id();
+                if let Some(route) = route {
+                    self.keep(mb, route, msg.evidence);
+                }
                 for o in outs {
-                    count_outbound(&o);
-                    self.router.send(&self.job, id, self.generation, o);
+                    self.emit(o);
                 }
             }
             Err(e) if e.is_stale() => {
@@ -259,6 +311,8 @@ pub struct Allocate {
     pub memory: u64,
     /// How the job's raw pixels become features.
     pub normalize: Normalize,
+    /// Whether the job seals its training tensors.
+    pub sealed: bool,
     /// The job's data, when a VNode here reads it.
     pub data: Option<JobData>,
 }
@@ -318,6 +372,7 @@ impl Handler<Allocate> for Host {
         for (v, feeder) in vnodes {
             let arbiter = Arbiter::new();
             let (job, router, vnode, generation) = (msg.job.clone(), self.router.clone(), v.id(), msg.generation);
+            let sealed = msg.sealed;
             let addr = VNodeActor::start_in_arbiter(&arbiter.handle(), move |_| VNodeActor {
                 job,
                 generation,
@@ -325,6 +380,8 @@ impl Handler<Allocate> for Host {
                 router,
                 failed: false,
                 feeder,
+                sealed,
+                inputs: BTreeMap::new(),
             });
             let local =
                 Local { deliver: addr.clone().recipient(), feed: addr.clone().recipient(), queued: Default::default() };

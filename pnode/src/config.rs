@@ -67,6 +67,10 @@ pub struct PnodeArgs {
     /// Delay of each message under --fault slow, in milliseconds.
     #[arg(long, env = "DCNR_FAULT_DELAY_MS", default_value_t = 100)]
     pub fault_delay_ms: u64,
+    /// With --fault: report the output hash of the honest result instead of what was sent (a
+    /// cheater covering its tracks; only its signatures on what it sent give it away).
+    #[arg(long, env = "DCNR_FAULT_CONCEAL", requires = "fault")]
+    pub fault_conceal: bool,
     /// Serve Prometheus metrics on this address at /metrics (e.g. 127.0.0.1:9101; port 0 picks one).
     #[arg(long, env = "DCNR_METRICS")]
     pub metrics: Option<SocketAddr>,
@@ -130,6 +134,9 @@ impl PnodeArgs {
 
     /// The fault injector asked for, if any.
     pub fn injector(&self) -> Option<crate::fault::Injector> {
-        self.fault.map(|f| crate::fault::Injector::new(f, self.fault_seed, Duration::from_millis(self.fault_delay_ms)))
+        self.fault.map(|f| {
+            let i = crate::fault::Injector::new(f, self.fault_seed, Duration::from_millis(self.fault_delay_ms));
+            if self.fault_conceal { i.concealing() } else { i }
+        })
     }
 }

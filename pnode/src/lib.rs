@@ -85,7 +85,7 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         );
     }
 
-    let router = router::Router::start(orchestrator.clone(), identity.pnode_id.clone(), fault);
+    let router = router::Router::start(orchestrator.clone(), creds.key.clone(), fault);
     // Without --memory-mib, three quarters of physical memory: one allocation must not be able
     // to ask for more than the machine has.
     let memory_limit = match args.memory_mib {

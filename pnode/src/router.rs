@@ -7,7 +7,7 @@ use crate::membership::OrchestratorLink;
 use actix::Recipient;
 use dcnr_mesh::convert::{self, FeedRequest, Target};
 use dcnr_mesh::link::{Link, open_link};
-use dcnr_proto::v1;
+use dcnr_proto::{seal, v1};
 use dcnr_vnode::{Inbound, Outbound};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -53,8 +53,22 @@ impl Drop for QueueSlot {
 }
 
 enum Egress {
-    Message(v1::VNodeMessage),
+    /// A message, and whether to seal it.
+    Message(v1::VNodeMessage, bool),
     ForgetJob(String),
+}
+
+/// What a delivered tensor's origin is known to be (sealed jobs record it with the step).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Evidence {
+    /// Not a training activation or gradient from another VNode, or a job that seals nothing.
+    None,
+    /// From a VNode of this PNode: the tensor's hash.
+    Local([u8; 32]),
+    /// From another PNode, with its checked seal.
+    Sealed(v1::Seal),
+    /// From another PNode, without a seal that holds: why.
+    Unproven(String),
 }
 
 struct Inner {
@@ -86,10 +100,15 @@ pub struct Router {
 
 impl Router {
     /// Starts the egress and report tasks on the current tokio runtime.
-    pub fn start(orchestrator: OrchestratorLink, pnode_id: String, fault: Option<crate::fault::Injector>) -> Router {
+    pub fn start(
+        orchestrator: OrchestratorLink,
+        key: Arc<crate::identity::NodeKey>,
+        fault: Option<crate::fault::Injector>,
+    ) -> Router {
         let (egress, egress_rx) = mpsc::unbounded_channel();
         let (reports, reports_rx) = mpsc::unbounded_channel();
-        tokio::spawn(egress_loop(egress_rx, orchestrator.clone()));
+        tokio::spawn(egress_loop(egress_rx, orchestrator.clone(), key.clone()));
+        let pnode_id = key.pnode_id();
         tokio::spawn(report_loop(reports_rx, orchestrator));
         let inner = Inner {
             pnode_id: RwLock::new(pnode_id),
@@ -157,16 +176,18 @@ impl Router {
     }
 
     /// Delivers a message that arrived from the network to a local VNode, if its queue has room.
-    pub fn deliver_local(&self, to: Target, msg: Inbound) -> Result<(), RouteError> {
+    pub fn deliver_local(&self, to: Target, msg: Inbound, evidence: Evidence) -> Result<(), RouteError> {
         let found = self.inner.local.read().ok().and_then(|m| m.get(&(to.job.clone(), to.vnode)).cloned());
         let Some(local) = found else { return Err(RouteError::NotHosted(to.job, to.vnode)) };
         let Some(slot) = QueueSlot::take(&local.queued) else { return Err(RouteError::Full(to.job, to.vnode)) };
-        local.deliver.do_send(Deliver { generation: to.generation, msg, slot: Some(slot) });
+        local.deliver.do_send(Deliver { generation: to.generation, msg, slot: Some(slot), evidence });
         Ok(())
     }
 
-    /// Sends one output of VNode `from` (of placement `generation` of `job`) to wherever it must go.
-    pub fn send(&self, job: &str, from: u32, generation: u32, out: Outbound) {
+    /// Sends one output of VNode `from` (of placement `generation` of `job`) to wherever it must
+    /// go; with `sealed`, training tensors carry a seal (or, to a VNode here, their hash), and
+    /// a `Done` report carries `inputs`, what the VNode consumed for that step.
+    pub fn send(&self, job: &str, from: u32, generation: u32, sealed: bool, out: Outbound, inputs: Vec<v1::StepInput>) {
         let target = |vnode| Target { job: job.to_string(), vnode, generation };
         let out = match &self.inner.fault {
             Some(f) => f.apply(job, from, out),
@@ -174,9 +195,17 @@ impl Router {
         };
         let out = match out.into_delivery() {
             Ok((to, msg)) => {
+                let seal = sealed && convert::seal_route(&msg).is_some();
                 match self.local(job, to) {
-                    Some(r) => r.do_send(Deliver { generation, msg, slot: None }),
-                    None => self.egress(convert::inbound_message(&target(to), &msg)),
+                    Some(r) => {
+                        let evidence = if seal {
+                            Evidence::Local(seal::tensor_sha256(&convert::tensor_to_wire(msg.tensor())))
+                        } else {
+                            Evidence::None
+                        };
+                        r.do_send(Deliver { generation, msg, slot: None, evidence })
+                    }
+                    None => self.egress(convert::inbound_message(&target(to), &msg), seal),
                 }
                 return;
             }
@@ -195,6 +224,7 @@ impl Router {
                     bytes_out,
                     output_sha256: output_sha256.to_vec(),
                     round_sha256: round_sha256.map(|h| h.to_vec()).unwrap_or_default(),
+                    inputs,
                 }),
             ),
             Outbound::Loss { mb, phase, loss, correct, count } => self.report(
@@ -241,17 +271,35 @@ impl Router {
         });
     }
 
-    fn egress(&self, m: v1::VNodeMessage) {
-        let _ = self.inner.egress.send(Egress::Message(m));
+    fn egress(&self, m: v1::VNodeMessage, seal: bool) {
+        let _ = self.inner.egress.send(Egress::Message(m, seal));
     }
 }
 
-async fn egress_loop(mut rx: mpsc::UnboundedReceiver<Egress>, orchestrator: OrchestratorLink) {
+/// Signs what `m` carries with `key`, for its receiver to check and keep.
+fn seal_message(key: &crate::identity::NodeKey, m: &mut v1::VNodeMessage) {
+    let Some((route, tensor)) = convert::wire_seal_route(m) else { return };
+    let hash = seal::tensor_sha256(tensor);
+    let to = Target { job: m.job_id.clone(), vnode: m.to_vnode, generation: m.generation };
+    m.seal = Some(seal::sign(key.signing(), &convert::seal_context(&to, m.micro_batch, route), hash));
+}
+
+async fn egress_loop(
+    mut rx: mpsc::UnboundedReceiver<Egress>,
+    orchestrator: OrchestratorLink,
+    key: Arc<crate::identity::NodeKey>,
+) {
     let mut locations: HashMap<VKey, String> = HashMap::new();
     let mut links: HashMap<String, Link> = HashMap::new();
     while let Some(e) = rx.recv().await {
         let m = match e {
-            Egress::Message(m) => m,
+            // Sealing here keeps hashing and signing off the VNode's thread.
+            Egress::Message(mut m, seal) => {
+                if seal {
+                    seal_message(&key, &mut m);
+                }
+                m
+            }
             Egress::ForgetJob(job) => {
                 locations.retain(|k, _| k.0 != job);
                 continue;

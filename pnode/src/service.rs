@@ -6,7 +6,7 @@ use crate::actors::{Alive, Allocate, Find, GetParams, Host, JobData, JobVNodes, 
 use crate::datasets::Datasets;
 use crate::metrics::PNODE;
 use crate::router::RouteError;
-use crate::router::Router;
+use crate::router::{Evidence, Router};
 use crate::senders::Senders;
 use actix::Addr;
 use dcnr_mesh::convert::{self, Incoming};
@@ -139,7 +139,15 @@ impl v1::p_node_server::PNode for PNodeService {
         let normalize = graph.spec.data.normalize;
         let n = self
             .host
-            .send(Allocate { job: req.job_id.clone(), generation: req.generation, specs, memory, normalize, data })
+            .send(Allocate {
+                job: req.job_id.clone(),
+                generation: req.generation,
+                specs,
+                memory,
+                normalize,
+                data,
+                sealed: req.seal_messages,
+            })
             .await
             .map_err(unavailable)?
             .map_err(Status::failed_precondition)?;
@@ -164,6 +172,7 @@ impl v1::p_node_server::PNode for PNodeService {
         while let Some(m) = stream.message().await? {
             PNODE.wire_messages_received.inc();
             PNODE.wire_bytes_received.inc_by(prost::Message::encoded_len(&m) as u64);
+            let evidence = evidence_of(&m, &peer);
             let (to, incoming) = convert::message_from_wire(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
             // Data feeds come only from the orchestrator, VNode traffic only from PNodes.
             let routed = match (incoming, &peer) {
@@ -177,9 +186,9 @@ impl v1::p_node_server::PNode for PNodeService {
                     if let Err(e) = self.senders.check(&to.job, to.generation, to.vnode, &inbound, sender).await {
                         return Err(refuse("Exchange", Status::permission_denied(e.to_string())));
                     }
-                    self.router.deliver_local(to, inbound)
+                    self.router.deliver_local(to, inbound, evidence)
                 }
-                (Incoming::Inbound(inbound), _) => self.router.deliver_local(to, inbound),
+                (Incoming::Inbound(inbound), _) => self.router.deliver_local(to, inbound, evidence),
                 (Incoming::Feed(feed), _) => self.router.deliver_feed(to, feed),
             };
             match routed {
@@ -267,4 +276,59 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     dcnr_proto::transport::server().add_service(svc).serve_with_incoming(incoming).await
+}
+
+/// What a message from `peer` proves about its tensor: checked on arrival, so a VNode keeps only
+/// seals that hold, signed by the PNode that sent them.
+fn evidence_of(m: &v1::VNodeMessage, peer: &Peer) -> Evidence {
+    let Some((route, tensor)) = convert::wire_seal_route(m) else { return Evidence::None };
+    let Some(seal) = &m.seal else { return Evidence::Unproven("the tensor carries no seal".into()) };
+    let to = convert::Target { job: m.job_id.clone(), vnode: m.to_vnode, generation: m.generation };
+    match dcnr_proto::seal::check_sent(Some(seal), tensor, &convert::seal_context(&to, m.micro_batch, route)) {
+        Ok((key, _)) => match peer {
+            Peer::PNode(sender) if dcnr_proto::identity::pnode_id(&key) != *sender => {
+                Evidence::Unproven(format!("sealed by {}, sent by {sender}", dcnr_proto::identity::pnode_id(&key)))
+            }
+            _ => Evidence::Sealed(seal.clone()),
+        },
+        Err(e) => Evidence::Unproven(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dcnr_proto::seal::{self, Route};
+
+    #[test]
+    fn only_a_seal_of_the_sending_pnode_for_this_very_message_is_kept() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let sender = Peer::PNode(dcnr_proto::identity::pnode_id(&key.verifying_key().to_bytes()));
+        let to = convert::Target { job: "j".into(), vnode: 1, generation: 4 };
+        let tensor = dcnr_vnode::HostTensor::f32(vec![1, 2], vec![0.5, -1.0]);
+        let plain = convert::forward_message(&to, 9, dcnr_vnode::Phase::Train, 0, &tensor);
+        let ctx = convert::seal_context(&to, 9, Route::Forward { port: 0 });
+        let hash = seal::tensor_sha256(&convert::tensor_to_wire(&tensor));
+        let sealed = v1::VNodeMessage { seal: Some(seal::sign(&key, &ctx, hash)), ..plain.clone() };
+
+        assert!(matches!(evidence_of(&sealed, &sender), Evidence::Sealed(_)));
+        assert!(matches!(evidence_of(&plain, &sender), Evidence::Unproven(w) if w.contains("no seal")));
+        let other = Peer::PNode("pn-0000000000000000".into());
+        assert!(matches!(evidence_of(&sealed, &other), Evidence::Unproven(w) if w.contains("sealed by")));
+        // The seal of another micro-batch, or over another tensor, does not hold.
+        let moved = v1::VNodeMessage { micro_batch: 10, ..sealed.clone() };
+        assert!(matches!(evidence_of(&moved, &sender), Evidence::Unproven(w) if w.contains("signature")));
+        let swapped = convert::forward_message(
+            &to,
+            9,
+            dcnr_vnode::Phase::Train,
+            0,
+            &dcnr_vnode::HostTensor::f32(vec![1, 2], vec![0.0, 0.0]),
+        );
+        let swapped = v1::VNodeMessage { seal: sealed.seal.clone(), ..swapped };
+        assert!(matches!(evidence_of(&swapped, &sender), Evidence::Unproven(w) if w.contains("hash")));
+        // Evaluation traffic is never sealed.
+        let eval = convert::forward_message(&to, 9, dcnr_vnode::Phase::Eval, 0, &tensor);
+        assert_eq!(evidence_of(&eval, &sender), Evidence::None);
+    }
 }

@@ -173,6 +173,7 @@ fn feeds_are_checked_and_only_published_packs_are_served() -> Result<()> {
             micro_batch: 0,
             body: Some(v1::v_node_message::Body::Feed(v1::Feed { port: 0, phase, batch: 0 })),
             generation: 1,
+            seal: None,
         };
         let c = dcnr_tests::channel(&pnode.endpoint, dcnr_proto::tls::Expect::AnyPNode, &me).await?;
         let mut pn = v1::p_node_client::PNodeClient::new(c);

@@ -68,6 +68,7 @@ fn garbled_and_oversized_vnode_messages_are_refused() {
                 tensor: Some(v1::Tensor { shape: vec![2, 2], dtype: v1::Dtype::F32 as i32, data: vec![0; 12] }),
             })),
             generation: 1,
+            seal: None,
         };
         let err = pn.exchange(tokio_stream::iter(vec![bad])).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -83,6 +84,7 @@ fn garbled_and_oversized_vnode_messages_are_refused() {
                 tensor: Some(v1::Tensor { shape: vec![1], dtype: v1::Dtype::F32 as i32, data: vec![0; 4] }),
             })),
             generation: 1,
+            seal: None,
         };
         // ... is stale (a relocation moved it away), not a broken stream: dropped and counted.
         let stale = |pn: &mut v1::p_node_client::PNodeClient<tonic::transport::Channel>| {

@@ -132,6 +132,7 @@ fn callers_without_the_right_credentials_are_refused_and_training_is_unharmed() 
                 tensor: Some(v1::Tensor { shape: vec![1, 32], dtype: v1::Dtype::F32 as i32, data: vec![0; 128] }),
             })),
             generation,
+            seal: None,
         };
         let mut hits = 0;
         for p in mesh.pnodes().unwrap().iter().filter(|p| p["name"] != "member-77") {

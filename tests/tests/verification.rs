@@ -199,3 +199,28 @@ fn three_replicas_outvote_a_cheater_without_an_arbiter() {
         .collect();
     assert_eq!(pnodes.len(), 3, "{v}");
 }
+
+#[test]
+fn a_cheater_that_reports_honest_hashes_is_named_by_its_own_signatures() {
+    // It hosts one VNode and sends noise downstream while reporting the honest output hash, so
+    // the first output to depart is an honest PNode's. What it signed for the tensors it sent
+    // names it instead.
+    let cheat = ["--fault", "corrupt", "--fault-conceal", "--cores", "64", "--max-vnodes", "1"];
+    let o = run_job(3, Some(&cheat), 200, "verify = \"full\"\nsegment_steps = 50");
+    let id = o.cheat_id.clone().unwrap();
+    let v = &o.verification;
+    assert_eq!(o.summary["params_sha256"], o.reference["params_sha256"], "{}\n{v}", o.summary);
+    let mismatches = v["mismatches"].as_array().unwrap();
+    assert!(!mismatches.is_empty(), "{v}");
+    for m in mismatches {
+        assert_eq!(m["pnode"], id.as_str(), "{v}");
+        assert_eq!(m["what"], "sent", "{v}");
+    }
+    // Only the cheater is struck (the job then runs without it); every honest PNode keeps a
+    // clean record.
+    for p in &o.pnodes {
+        let clean = p["reputation"].as_f64() == Some(1.0);
+        assert_eq!(clean, p["pnode_id"] != id.as_str(), "{p}\n{v}");
+        assert!(!clean || p["standing"] == "new", "{p}\n{v}");
+    }
+}

@@ -95,12 +95,20 @@ pub struct Injector {
     spec: FaultSpec,
     seed: u64,
     delay: Duration,
+    conceal: bool,
 }
 
 impl Injector {
     /// An injector for `spec`, deterministic given `seed`; `delay` is used by `slow`.
     pub fn new(spec: FaultSpec, seed: u64, delay: Duration) -> Injector {
-        Injector { spec, seed, delay }
+        Injector { spec, seed, delay, conceal: false }
+    }
+
+    /// The same fault, covering its tracks: `Done` reports keep the hash of the honest result,
+    /// so only what the PNode signed for the tensors it sent can show who cheated.
+    pub fn concealing(mut self) -> Injector {
+        self.conceal = true;
+        self
     }
 
     /// The fault.
@@ -162,7 +170,7 @@ impl Injector {
             Outbound::Done { mb, output_sha256, .. } => {
                 // The hash describes what was sent: a node that sent something else cannot report
                 // the honest hash without doing the honest work.
-                if kind.alters_results() && self.hit(job, from, *mb, Phase::Train).is_some() {
+                if kind.alters_results() && !self.conceal && self.hit(job, from, *mb, Phase::Train).is_some() {
                     let mut h = Sha256::new();
                     h.update(*output_sha256);
                     h.update(kind.name().as_bytes());
@@ -232,6 +240,26 @@ mod tests {
         let noisy = values(&at(FaultKind::Corrupt, fwd(0)));
         assert!(noisy.iter().all(|x| (0.0..2.0).contains(x)) && noisy != vec![1.0; 3]);
         assert_eq!(values(&at(FaultKind::Slow, fwd(0))), vec![1.0; 3]);
+    }
+
+    #[test]
+    fn a_concealing_fault_reports_the_honest_hash() {
+        let done = || Outbound::Done {
+            mb: 0,
+            compute_us: 0,
+            cpu_us: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            output_sha256: [7; 32],
+            round_sha256: None,
+        };
+        let hash = |o: Outbound| match o {
+            Outbound::Done { output_sha256, .. } => output_sha256,
+            _ => unreachable!(),
+        };
+        let plain = Injector::new(FaultSpec { kind: FaultKind::Corrupt, rate: 1.0 }, 1, Duration::ZERO);
+        assert_ne!(hash(plain.clone().apply("j", 0, done())), [7; 32]);
+        assert_eq!(hash(plain.concealing().apply("j", 0, done())), [7; 32]);
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub enum SanityError {
         /// The furthest one that could be legitimate.
         limit: u64,
     },
+    /// A tensor of a verified job that its sender did not prove it sent (no valid seal).
+    #[error("no valid proof of origin: {0}")]
+    Unproven(String),
     /// A class label out of range.
     #[error("label {label} at {index} is not in 0..{classes}")]
     Label {

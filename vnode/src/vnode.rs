@@ -849,6 +849,22 @@ impl VNode {
         }
     }
 
+    /// The refusal of `msg` because its sender did not prove it sent it (`why`), naming that
+    /// sender as the cheap checks do.
+    pub fn unproven(&self, msg: &Inbound, why: String) -> crate::sanity::Rejection {
+        use crate::sanity::{Rejection, SanityError, Sender};
+        let node = &self.spec.node;
+        let (mb, from, what) = match msg {
+            Inbound::Forward { mb, port, .. } => match node.inputs.get(*port as usize) {
+                Some(Source::Node(v)) => (*mb, Sender::VNode(*v), "activation"),
+                _ => (*mb, Sender::Data, "features"),
+            },
+            Inbound::Backward { mb, from, .. } => (*mb, Sender::VNode(from.0), "gradient"),
+            Inbound::Sync { mb, from, .. } => (*mb, Sender::VNode(*from), "parameter change"),
+        };
+        Rejection { to: node.id, mb, from, what, error: SanityError::Unproven(why) }
+    }
+
     /// Raw pixels on the features port: the shape of the features they become, and a table
     /// whose every value is sane (so every pixel is).
     fn screen_pixels(&self, t: &HostTensor) -> Result<(), crate::sanity::SanityError> {

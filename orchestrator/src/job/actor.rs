@@ -161,6 +161,7 @@ impl JobActor {
                     dataset,
                     readers,
                     train_samples: self.core.train_samples() as u64,
+                    seal_messages: self.core.seals_messages(),
                 };
                 ctx.spawn(pnodes::allocate_all(common, allocations).into_actor(self).map(move |result, act, ctx| {
                     act.input(ctx, Input::Allocated { generation, result });

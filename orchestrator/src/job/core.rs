@@ -22,6 +22,7 @@ use crate::registry::PNodeView;
 use crate::status::{JobEvent, JobState, JobStatus};
 use crate::summary::{JobSummary, Recovery, params_hashes, vnode_summaries};
 use crate::trust::Transition;
+use crate::verify::StepInput;
 use dcnr_model::envelope::ArtifactKind;
 use dcnr_model::graph::Source;
 use dcnr_vnode::Phase;
@@ -393,6 +394,9 @@ pub struct JobCore {
     error: Option<String>,
     error_code: Option<&'static str>,
     pub(super) executions: BTreeMap<u32, Execution>,
+    /// Sealed jobs: what each VNode consumed at each step not yet in a segment's digest, by
+    /// (step, VNode), in route order.
+    pub(super) step_inputs: BTreeMap<(u64, u32), Vec<StepInput>>,
     metrics: Metrics,
     /// Step of the last persisted checkpoint (or resumed from).
     last_checkpoint: Option<u64>,
@@ -497,6 +501,7 @@ impl JobCore {
             error: None,
             error_code: None,
             executions: BTreeMap::new(),
+            step_inputs: BTreeMap::new(),
             metrics: Metrics::default(),
             last_checkpoint: None,
             last_checkpoint_at: now,
@@ -862,6 +867,12 @@ impl JobCore {
         self.rollback_point.as_ref().map(|r| r.step).unwrap_or(self.first_step)
     }
 
+    /// Whether this job's VNodes seal what they send and report what they consume: every
+    /// execution whose results are compared (a verified job and its replicas).
+    pub fn seals_messages(&self) -> bool {
+        self.replication.segment_steps().is_some() || matches!(self.spec.kind, JobKind::Replica(_))
+    }
+
     /// Whether a PNode this job is placed on is leaving.
     fn leaving(&self) -> bool {
         self.placement.values().any(|p| self.evacuating.contains(&p.id))
@@ -1147,6 +1158,7 @@ impl JobCore {
         self.emit(Effect::DropLinks);
         self.test = self.metrics.roll_back(resumed_step, self.epochs_evaluated);
         record::truncate_executions(&mut self.executions, (resumed_step - self.first_step) as usize);
+        self.step_inputs.split_off(&(resumed_step, 0));
         let old: BTreeSet<String> =
             self.placement.values().filter(|p| !self.excluded.contains(&p.id)).map(|p| p.endpoint.clone()).collect();
         self.spec.resume = to;
@@ -1241,7 +1253,7 @@ impl JobCore {
             return;
         }
         match r.body {
-            Observed::Done { compute_us, cpu_us, bytes_in, bytes_out, output_sha256, round_sha256 } => {
+            Observed::Done { compute_us, cpu_us, bytes_in, bytes_out, output_sha256, round_sha256, mut inputs } => {
                 if r.mb < self.completed
                     || self.finished_mbs.contains(&r.mb)
                     || self.done.get(&r.mb).is_some_and(|d| d.contains(&r.vnode))
@@ -1258,6 +1270,10 @@ impl JobCore {
                     e.bytes_out += bytes_out;
                     // Done reports of one VNode arrive in step order (one stream, in-order updates).
                     e.output_sha256.push(output_sha256);
+                }
+                if self.seals_messages() && !inputs.is_empty() {
+                    inputs.sort_by_key(|i| i.route);
+                    self.step_inputs.insert((r.mb, r.vnode), inputs);
                 }
                 if let Some(hash) = round_sha256
                     && !self.check_round(r.vnode, r.mb, hash)
@@ -1861,6 +1877,7 @@ mod tests {
                 bytes_out: 1,
                 output_sha256: "ab".repeat(32),
                 round_sha256: None,
+                inputs: Vec::new(),
             },
         })
     }

@@ -56,6 +56,8 @@ pub struct AllocateCommon {
     pub readers: BTreeSet<u32>,
     /// Samples in the training split (with several pipelines, it fixes when rounds close).
     pub train_samples: u64,
+    /// Whether VNodes seal what they send and report what they consume (verified jobs).
+    pub seal_messages: bool,
 }
 
 /// A dataset pack as an allocation names it.
@@ -88,6 +90,7 @@ pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) 
             dataset_sha256: dataset.map(|d| d.sha256.clone()).unwrap_or_default(),
             dataset_bytes: dataset.map_or(0, |d| d.bytes),
             train_samples: common.train_samples,
+            seal_messages: common.seal_messages,
         };
         let deadline = allocate_deadline(dataset.map(|d| d.bytes));
         let (pnode, endpoint) = (a.pnode, a.endpoint);

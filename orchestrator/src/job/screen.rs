@@ -90,6 +90,7 @@ mod tests {
                 bytes_out: 1,
                 output_sha256: h.into(),
                 round_sha256: None,
+                inputs: Vec::new(),
             })
         };
         assert!(report_problem(&done("xyz")).is_some());

@@ -18,7 +18,9 @@ use crate::checkpoints::ResumeFrom;
 use crate::events::{NewEvent, Severity};
 use crate::registry::PNodeView;
 use crate::trust::Standing;
-use crate::verify::{self, ExecutionDigest, Mismatch, Quorum, QuorumRule, SegmentVerdict, Settings, Spotcheck};
+use crate::verify::{
+    self, Departure, ExecutionDigest, Mismatch, Quorum, QuorumRule, SegmentVerdict, Settings, Spotcheck, Wiring,
+};
 use dcnr_model::envelope::Verify;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -211,7 +213,9 @@ impl JobCore {
         let b = end.saturating_sub(self.first_step) as usize;
         ExecutionDigest {
             label: label.to_string(),
+            job_id: self.spec.job_id.clone(),
             start,
+            inputs: self.step_inputs.range((start, 0)..(end, 0)).map(|(k, v)| (*k, v.clone())).collect(),
             outputs: self
                 .executions
                 .iter()
@@ -238,6 +242,8 @@ impl JobCore {
         }
         let job = self.digest("job", start_step, end.step, &end.states);
         let end_step = end.step;
+        // What the segment consumed is in its digest now; nothing earlier is compared again.
+        self.step_inputs = self.step_inputs.split_off(&(end_step, 0));
         let standings: Vec<Standing> =
             job.pnodes().iter().map(|p| self.replication.placed.get(p).map_or(Standing::New, |v| v.standing)).collect();
         let r = &mut self.replication;
@@ -365,10 +371,10 @@ impl JobCore {
         match verify::evaluate(&seg.rule, &votes) {
             Quorum::Pending { .. } => self.start_replica(id),
             Quorum::NeedArbiter { .. } => {
-                let topo = &self.spec.graph.topo;
+                let wiring = Wiring::of(&self.spec.graph);
                 let first = &seg.digests[0];
                 for other in &seg.digests[1..] {
-                    if let Some(d) = verify::first_divergence(first, other, topo) {
+                    if let Some(d) = verify::first_divergence(first, other, &wiring) {
                         seg.suspects.extend(first.pnode_at(d.vnode, d.step).map(str::to_string));
                         seg.suspects.extend(other.pnode_at(d.vnode, d.step).map(str::to_string));
                     }
@@ -388,10 +394,16 @@ impl JobCore {
         let steps = seg.end - seg.start_step;
         self.verification.executions_compared += steps * self.spec.graph.nodes.len() as u64 * seg.digests.len() as u64;
         let mut culprits: Vec<(String, String)> = Vec::new();
+        let wiring = Wiring::of(&self.spec.graph);
         for d in seg.digests.iter().filter(|d| dissent.contains(&d.label)) {
-            let Some(div) = verify::first_divergence(&accepted, d, &self.spec.graph.topo) else { continue };
+            let Some(div) = verify::first_divergence(&accepted, d, &wiring) else { continue };
             let Some(pnode) = d.pnode_at(div.vnode, div.step) else { continue };
-            let what = if div.state_only { "end state" } else { "output" };
+            let what = match div.what {
+                Departure::Output => "output".to_string(),
+                Departure::EndState => "end state".to_string(),
+                Departure::Sent { to } => format!("tensor it signed for vnode {to}"),
+                Departure::Evidence => "unproven account of its input".to_string(),
+            };
             let reason = format!(
                 "{} disagreed with the quorum ({}) at vnode {} step {}: {what} {} instead of {}",
                 d.label,
@@ -407,6 +419,7 @@ impl JobCore {
                 pnode: pnode.to_string(),
                 expected_sha256: div.expected.clone(),
                 got_sha256: div.got.clone(),
+                what: div.what.name().to_string(),
             });
             culprits.push((pnode.to_string(), reason));
         }
