@@ -340,6 +340,8 @@ pub enum ArtifactKind {
     Envelope,
     /// What was verified and found: invalid results, mismatches, quarantines.
     Verification,
+    /// The trained parameters, as safetensors (docs/MODEL_FORMAT.md); what `export` reads.
+    Params,
 }
 
 /// `[artifacts]`.
@@ -364,6 +366,7 @@ fn all_kinds() -> Vec<ArtifactKind> {
         ArtifactKind::Metrics,
         ArtifactKind::Envelope,
         ArtifactKind::Verification,
+        ArtifactKind::Params,
     ]
 }
 

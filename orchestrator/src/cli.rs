@@ -241,6 +241,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a finished job's trained parameters (safetensors) and graph to a directory.
+    Export {
+        #[command(flatten)]
+        args: crate::export::ExportArgs,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-run a recorded job from its envelope and check every recorded hash.
     Replay {
         #[command(flatten)]
@@ -420,6 +428,22 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::BenchScale { args, json } => {
             bench_report(crate::scale_bench::run(&args), json, crate::scale_bench::print)
         }
+        Command::Export { args, json } => runtime(async move {
+            match crate::export::run(args).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        println!("exported job {} ({} tensors, params {}):", r.job_id, r.tensors, r.params_sha256);
+                        for f in &r.files {
+                            println!("  {}", f.display());
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, e),
+            }
+        }),
         Command::Replay { args, json } => runtime(async move {
             match crate::replay::run(args).await {
                 Ok(r) => {

@@ -7,7 +7,7 @@
 //! mesh simulator), [`service`] (the gRPC adapter), [`server`] (starts actors and the gRPC
 //! server), [`client`] + [`cli`] + [`progress`] (the command line), [`demo`] (a local mesh of
 //! `pnode` processes, found by [`pnode_bin`]), [`local`] (single-process reference), [`data`],
-//! [`summary`], [`status`]. Which modules may name tonic, actix or HTTP crates is stated once,
+//! [`summary`], [`status`], [`export`] (trained parameters as safetensors). Which modules may name tonic, actix or HTTP crates is stated once,
 //! in docs/ARCHITECTURE.md ("Which modules name which framework").
 //! Trust: [`admission`] (registration challenges, trusted token), [`trust`] (pure: reputation
 //! and quarantine), [`verify`] (pure: spot checks, quorum, the verification report).
@@ -31,6 +31,7 @@ pub mod dashboard;
 pub mod data;
 pub mod demo;
 pub mod events;
+pub mod export;
 pub mod job;
 pub mod job_table;
 pub mod ledger;

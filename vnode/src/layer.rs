@@ -46,6 +46,25 @@ pub fn init_node(node: &ValidNode, root_seed: u64) -> HostParams {
     params
 }
 
+/// The name and shape of every parameter tensor a VNode holds, in the order it holds them: a
+/// linear node's `<id>.weight` [inputs, outputs] and `<id>.bias` [outputs], then its auxiliary
+/// head's `<id>.aux.<layer>.weight` and `.bias` (docs/MODEL_FORMAT.md).
+pub fn param_layout(node: &ValidNode) -> Vec<(String, Vec<usize>)> {
+    let linear = |prefix: String, inputs: usize, outputs: usize| {
+        [(format!("{prefix}.weight"), vec![inputs, outputs]), (format!("{prefix}.bias"), vec![outputs])]
+    };
+    let mut out = Vec::new();
+    if let NodeKind::Linear { inputs, outputs } = node.kind {
+        out.extend(linear(node.name.clone(), inputs, outputs));
+    }
+    if let Some(head) = &node.aux {
+        for (i, (inputs, outputs)) in head.layers().into_iter().enumerate() {
+            out.extend(linear(format!("{}.aux.{i}", node.name), inputs, outputs));
+        }
+    }
+    out
+}
+
 /// Number of parameter tensors of the kind itself; an auxiliary head's follow them.
 pub fn own_tensors(kind: NodeKind) -> usize {
     match kind {

@@ -1599,7 +1599,12 @@ impl JobCore {
     }
 
     /// The job's artifacts and record, to be written when it ends; a failed job gets one too.
-    fn artifacts(&self, summary: &JobSummary, stage: Stage) -> Option<(JobRecord, Files)> {
+    fn artifacts(
+        &self,
+        summary: &JobSummary,
+        stage: Stage,
+        params: Option<&[Vec<Vec<f32>>]>,
+    ) -> Option<(JobRecord, Files)> {
         let wanted = &self.spec.envelope.artifacts;
         if !self.spec.persist || !wanted.persist {
             return None;
@@ -1629,6 +1634,12 @@ impl JobCore {
                 ArtifactKind::Verification => {
                     files.push(("verification.json", json(serde_json::json!(self.verification))))
                 }
+                // Pipeline 0's: every copy holds the same parameters.
+                ArtifactKind::Params => match params.map(|p| self.params_file(summary, p)) {
+                    Some(Ok(bytes)) => files.push((crate::export::PARAMS_ARTIFACT, bytes)),
+                    Some(Err(e)) => tracing::warn!(job = %self.spec.job_id, error = %e, "parameters not stored"),
+                    None => {}
+                },
             }
         }
         let record = JobRecord {
@@ -1660,7 +1671,7 @@ impl JobCore {
             self.loss_window = (0.0, 0);
         }
         let summary = self.summary(params.as_deref());
-        let record = self.artifacts(&summary, Stage::Ended);
+        let record = self.artifacts(&summary, Stage::Ended, params.as_deref());
         self.stage = Stage::Ended;
         self.awaiting = None;
         self.held.clear();
@@ -1669,6 +1680,24 @@ impl JobCore {
         let release: BTreeSet<String> = self.placement.values().map(|p| p.endpoint.clone()).collect();
         self.emit(Effect::DropLinks);
         self.emit(Effect::Finish { status, record, release });
+    }
+
+    /// The `params.safetensors` artifact of the final parameters.
+    fn params_file(
+        &self,
+        summary: &JobSummary,
+        params: &[Vec<Vec<f32>>],
+    ) -> Result<Vec<u8>, crate::export::ExportError> {
+        let pipeline = &params[..self.spec.graph.pipeline_len().min(params.len())];
+        let meta = [
+            ("format", "dcnr-params-v1".to_string()),
+            ("job_id", self.spec.job_id.clone()),
+            ("model", self.spec.graph.spec.model.name.clone()),
+            ("steps", summary.steps.to_string()),
+            ("params_sha256", summary.params_sha256.clone().unwrap_or_default()),
+        ];
+        let meta = meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        crate::export::params_safetensors(&self.spec.graph, pipeline, meta)
     }
 
     /// Checks the collected parameters (finite, sane magnitudes) before they are summarised.

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Loads a model exported by `orchestrator export` with safetensors and numpy, runs its forward
+pass over a dataset's test split, and checks the accuracy the job reported.
+
+usage: check_export.py EXPORT_DIR DATA_DIR [--tolerance 1e-4]
+Prints one JSON line: {"accuracy": ..., "reported": ..., "samples": ...}; exits 1 on a mismatch.
+"""
+import argparse
+import gzip
+import json
+import os
+import sys
+
+import numpy as np
+from safetensors.numpy import load_file
+
+
+def idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def forward(graph, params, features):
+    """Evaluates every node once its inputs are known; answers the loss node's logits."""
+    data = graph["data"]
+    values = {data.get("features", "image"): features}
+    inputs = {}
+    for e in graph["edge"]:
+        inputs.setdefault(e["to"], []).append(e["from"])
+    nodes = {n["id"]: n for n in graph["node"]}
+    logits = None
+    pending = list(nodes)
+    while pending:
+        progressed = False
+        for name in list(pending):
+            srcs = [s for s in inputs.get(name, []) if s != data.get("labels", "label")]
+            if not all(s in values for s in srcs):
+                continue
+            n, xs = nodes[name], [values[s] for s in srcs]
+            kind = n["kind"]
+            if kind == "linear":
+                y = xs[0] @ params[f"{name}.weight"] + params[f"{name}.bias"]
+            elif kind == "relu":
+                y = np.maximum(xs[0], np.float32(0))
+            elif kind == "tanh":
+                y = np.tanh(xs[0])
+            elif kind == "softmax_cross_entropy":
+                y = logits = xs[0]
+            else:
+                raise SystemExit(f"node {name}: kind {kind} is not supported by this check")
+            values[name] = y.astype(np.float32)
+            pending.remove(name)
+            progressed = True
+        if not progressed:
+            raise SystemExit(f"cannot order nodes {pending}")
+    return logits
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("export_dir")
+    ap.add_argument("data_dir")
+    ap.add_argument("--tolerance", type=float, default=1e-4)
+    a = ap.parse_args()
+    graph = json.load(open(os.path.join(a.export_dir, "graph.json")))
+    summary = json.load(open(os.path.join(a.export_dir, "summary.json")))
+    params = load_file(os.path.join(a.export_dir, "model.safetensors"))
+    d = graph["data"]
+    norm = d.get("normalize", {"mean": 0.0, "std": 1.0})
+    root = os.path.join(a.data_dir, d["dataset"])
+    images = idx(os.path.join(root, "t10k-images-idx3-ubyte.gz")).reshape(-1, d["feature_size"])
+    labels = idx(os.path.join(root, "t10k-labels-idx1-ubyte.gz")).astype(np.int64)
+    # The same table a VNode builds: (x / 255 - mean) / std in f32.
+    table = ((np.arange(256, dtype=np.float32) / np.float32(255)) - np.float32(norm["mean"])) / np.float32(norm["std"])
+    logits = forward(graph, params, table[images])
+    accuracy = float((logits.argmax(axis=1) == labels).mean())
+    reported = summary["test_accuracy"]
+    print(json.dumps({"accuracy": accuracy, "reported": reported, "samples": int(labels.size)}))
+    if abs(accuracy - reported) > a.tolerance:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+//! A trained model leaves the mesh: `export` writes its parameters as safetensors with its
+//! graph, and an independent forward pass in numpy over the test set gets the accuracy the job
+//! reported.
+
+use dcnr_tests::{Mesh, fixture, last_json, run};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(120);
+
+fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("data")
+}
+
+#[test]
+fn an_exported_model_gives_the_reported_accuracy_in_numpy() {
+    let mesh = Mesh::start(2).unwrap();
+    let s = mesh.submit_wait(&fixture("tiny-mlp.toml"), &["--steps", "200"]).unwrap();
+    assert_eq!(s["status"], "succeeded", "{s}");
+    let job = s["job_id"].as_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let store = mesh.artifacts.path().to_str().unwrap().to_string();
+    let dir = out.path().join("model");
+    let r =
+        run(&["export", job, "--format", "safetensors", "-o", dir.to_str().unwrap(), "--store", &store, "--json"], T)
+            .unwrap();
+    assert_eq!(r.status.code(), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    let written = last_json(&r.stdout).unwrap();
+    assert_eq!(written["tensors"], 4, "fc1 and fc2, weight and bias: {written}");
+    assert_eq!(written["params_sha256"], s["params_sha256"]);
+
+    let check = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python").join("check_export.py");
+    let py = Command::new("python3").arg(&check).arg(&dir).arg(data_dir()).output().expect("python3 runs");
+    let report = String::from_utf8_lossy(&py.stdout);
+    assert!(py.status.success(), "{report}\n{}", String::from_utf8_lossy(&py.stderr));
+    let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert_eq!(report["samples"], 10000);
+    assert!(report["accuracy"].as_f64().unwrap() > 0.8, "{report}");
+
+    // A job that does not exist, and a format nobody asked for, are clear errors.
+    let missing = run(&["export", "no-such-job", "-o", dir.to_str().unwrap(), "--store", &store], T).unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no-such-job"));
+    let bad = run(&["export", job, "--format", "onnx", "-o", dir.to_str().unwrap(), "--store", &store], T).unwrap();
+    assert_eq!(bad.status.code(), Some(2), "clap refuses an unknown format");
+}
