@@ -191,6 +191,30 @@ pub struct TrainingSpec {
     /// What a round applies to the averaged parameter change.
     #[serde(default, skip_serializing_if = "is_default")]
     pub outer: OuterSpec,
+    /// Learning-rate schedule (default constant).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub lr_schedule: Schedule,
+    /// Per-VNode gradient clipping: the L2 norm its gradients are scaled down to (off by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f32>,
+    /// Label smoothing of the loss, in [0, 1) (0 = plain one-hot targets).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub label_smoothing: f32,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
+}
+
+impl TrainingSpec {
+    /// The recipe every VNode applies.
+    pub fn recipe(&self) -> Recipe {
+        Recipe {
+            schedule: self.lr_schedule,
+            clip_grad_norm: self.clip_grad_norm,
+            label_smoothing: self.label_smoothing,
+        }
+    }
 }
 
 fn default_pipelines() -> u32 {
@@ -396,6 +420,107 @@ pub enum OptimizerSpec {
         #[serde(default = "default_eps")]
         eps: f32,
     },
+    /// AdamW (Loshchilov & Hutter): Adam with weight decay applied to the parameters directly,
+    /// scaled by the (scheduled) learning rate, not through the gradient.
+    Adamw {
+        /// Learning rate.
+        lr: f32,
+        /// First-moment decay.
+        #[serde(default = "default_beta1")]
+        beta1: f32,
+        /// Second-moment decay.
+        #[serde(default = "default_beta2")]
+        beta2: f32,
+        /// Denominator epsilon.
+        #[serde(default = "default_eps")]
+        eps: f32,
+        /// Decoupled weight decay per step (times the learning rate).
+        #[serde(default = "default_weight_decay")]
+        weight_decay: f32,
+    },
+}
+
+fn default_weight_decay() -> f32 {
+    0.01
+}
+
+/// How the learning rate changes with the step number: a factor of the optimizer's `lr`,
+/// computed from the number of updates applied, so a resumed job continues on the same curve.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Schedule {
+    /// The same rate throughout (after the warm-up, if any).
+    #[default]
+    Constant,
+    /// Linear warm-up over `warmup_steps`, then a half cosine from 1 down to `min_factor` over
+    /// `decay_steps`, then `min_factor`.
+    Cosine {
+        /// Steps of linear warm-up from lr/warmup_steps to lr.
+        #[serde(default)]
+        warmup_steps: u64,
+        /// Steps of decay after the warm-up.
+        decay_steps: u64,
+        /// Final factor of `lr`.
+        #[serde(default)]
+        min_factor: f32,
+    },
+    /// Linear warm-up, then times `gamma` every `every` steps.
+    Step {
+        /// Steps of linear warm-up.
+        #[serde(default)]
+        warmup_steps: u64,
+        /// Steps between decays.
+        every: u64,
+        /// Factor applied at each decay.
+        gamma: f32,
+    },
+    /// Linear warm-up over `warmup_steps`, then constant.
+    Warmup {
+        /// Steps of linear warm-up.
+        warmup_steps: u64,
+    },
+}
+
+impl Schedule {
+    /// The factor of `lr` for the update that follows `applied` updates.
+    pub fn factor(&self, applied: u64) -> f32 {
+        let warm = |w: u64| if applied < w { (applied + 1) as f64 / w as f64 } else { 1.0 };
+        let f = match *self {
+            Schedule::Constant => 1.0,
+            Schedule::Warmup { warmup_steps } => warm(warmup_steps),
+            Schedule::Cosine { warmup_steps, decay_steps, min_factor } => {
+                if applied < warmup_steps {
+                    warm(warmup_steps)
+                } else {
+                    let p = ((applied - warmup_steps) as f64 / decay_steps.max(1) as f64).min(1.0);
+                    // libm, not the platform's: the same bits on every machine of a class.
+                    let min = f64::from(min_factor);
+                    min + (1.0 - min) * 0.5 * (1.0 + libm::cos(std::f64::consts::PI * p))
+                }
+            }
+            Schedule::Step { warmup_steps, every, gamma } => {
+                if applied < warmup_steps {
+                    warm(warmup_steps)
+                } else {
+                    let k = (applied - warmup_steps) / every.max(1);
+                    libm::pow(f64::from(gamma), k.min(i32::MAX as u64) as f64)
+                }
+            }
+        };
+        f as f32
+    }
+}
+
+/// What a VNode applies around its optimizer and loss, from `[training]`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Recipe {
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Scale a VNode's gradients down to this L2 norm (over all its parameter tensors) when
+    /// they exceed it.
+    pub clip_grad_norm: Option<f32>,
+    /// Weight of the uniform distribution mixed into the loss's one-hot target.
+    pub label_smoothing: f32,
 }
 
 fn default_beta1() -> f32 {
@@ -988,7 +1113,7 @@ fn check_sizes(g: &ModelGraph) -> Result<(), GraphError> {
                 return Err(out_of_range("optimizer.momentum", momentum, "0 <= momentum < 1"));
             }
         }
-        OptimizerSpec::Adam { lr, beta1, beta2, eps } => {
+        OptimizerSpec::Adam { lr, beta1, beta2, eps } | OptimizerSpec::Adamw { lr, beta1, beta2, eps, .. } => {
             if !lr_ok(lr) {
                 return Err(out_of_range("optimizer.lr", lr, "0 < lr < 100"));
             }
@@ -1001,6 +1126,55 @@ fn check_sizes(g: &ModelGraph) -> Result<(), GraphError> {
                 return Err(out_of_range("optimizer.eps", eps, "eps > 0"));
             }
         }
+    }
+    if let OptimizerSpec::Adamw { weight_decay, .. } = g.optimizer
+        && !(weight_decay.is_finite() && (0.0..1.0).contains(&weight_decay))
+    {
+        return Err(out_of_range("optimizer.weight_decay", weight_decay, "0 <= weight_decay < 1"));
+    }
+    check_recipe(&g.training)
+}
+
+/// The `[training]` recipe fields: schedule, clipping, label smoothing.
+fn check_recipe(t: &TrainingSpec) -> Result<(), GraphError> {
+    const MAX_STEPS: u64 = 1 << 40;
+    let warm = match t.lr_schedule {
+        Schedule::Constant => 0,
+        Schedule::Warmup { warmup_steps } => {
+            if warmup_steps == 0 {
+                return Err(out_of_range("training.lr_schedule.warmup_steps", 0, ">= 1"));
+            }
+            warmup_steps
+        }
+        Schedule::Cosine { warmup_steps, decay_steps, min_factor } => {
+            if !(1..=MAX_STEPS).contains(&decay_steps) {
+                return Err(out_of_range("training.lr_schedule.decay_steps", decay_steps, "1..=2^40"));
+            }
+            if !(0.0..=1.0).contains(&min_factor) {
+                return Err(out_of_range("training.lr_schedule.min_factor", min_factor, "0 <= min_factor <= 1"));
+            }
+            warmup_steps
+        }
+        Schedule::Step { warmup_steps, every, gamma } => {
+            if !(1..=MAX_STEPS).contains(&every) {
+                return Err(out_of_range("training.lr_schedule.every", every, "1..=2^40"));
+            }
+            if !(gamma > 0.0 && gamma <= 1.0) {
+                return Err(out_of_range("training.lr_schedule.gamma", gamma, "0 < gamma <= 1"));
+            }
+            warmup_steps
+        }
+    };
+    if warm > MAX_STEPS {
+        return Err(out_of_range("training.lr_schedule.warmup_steps", warm, "at most 2^40"));
+    }
+    if let Some(c) = t.clip_grad_norm
+        && !(c.is_finite() && c > 0.0)
+    {
+        return Err(out_of_range("training.clip_grad_norm", c, "a finite norm > 0"));
+    }
+    if !(0.0..1.0).contains(&t.label_smoothing) {
+        return Err(out_of_range("training.label_smoothing", t.label_smoothing, "0 <= label_smoothing < 1"));
     }
     Ok(())
 }

@@ -9,5 +9,5 @@ pub mod graph;
 
 pub use graph::{
     AuxHead, AuxSpec, DataSpec, Edge, GraphError, ModelGraph, NodeKind, NodeSpec, OptimizerSpec, OuterKind, OuterSpec,
-    TrainingMode, TrainingSpec, ValidGraph, ValidNode, WireFormat,
+    Recipe, Schedule, TrainingMode, TrainingSpec, ValidGraph, ValidNode, WireFormat,
 };

@@ -722,3 +722,35 @@ fn named_blocks_must_cover_every_node_and_be_contiguous() {
         "block `a` is not contiguous in the topological order: it resumes at node `fc2` after another block"
     );
 }
+
+#[test]
+fn training_recipes_parse_and_bad_values_are_named() {
+    let with =
+        |training: &str| ModelGraph::parse(&BASE.replacen("[training]\n", &format!("[training]\n{training}\n"), 1));
+    let g = with(
+        "lr_schedule = { kind = \"cosine\", warmup_steps = 10, decay_steps = 100, min_factor = 0.1 }\nclip_grad_norm = 1.0\nlabel_smoothing = 0.1",
+    )
+    .unwrap();
+    let r = g.training.recipe();
+    assert_eq!(r.schedule, dcnr_model::Schedule::Cosine { warmup_steps: 10, decay_steps: 100, min_factor: 0.1 });
+    assert_eq!((r.clip_grad_norm, r.label_smoothing), (Some(1.0), 0.1));
+    assert!(g.validate().is_ok());
+
+    for (training, what) in [
+        ("lr_schedule = { kind = \"cosine\", decay_steps = 0 }", "training.lr_schedule.decay_steps"),
+        ("lr_schedule = { kind = \"step\", every = 10, gamma = 1.5 }", "training.lr_schedule.gamma"),
+        ("lr_schedule = { kind = \"warmup\", warmup_steps = 0 }", "training.lr_schedule.warmup_steps"),
+        ("clip_grad_norm = 0.0", "training.clip_grad_norm"),
+        ("label_smoothing = 1.0", "training.label_smoothing"),
+    ] {
+        assert_eq!(out_of_range(with(training).unwrap()).0, what, "{training}");
+    }
+    assert!(with("lr_schedule = { kind = \"exponential\" }").is_err(), "unknown schedules are refused");
+
+    let mut g = base();
+    g.optimizer = OptimizerSpec::Adamw { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 2.0 };
+    assert_eq!(out_of_range(g).0, "optimizer.weight_decay");
+    let mut g = base();
+    g.optimizer = OptimizerSpec::Adamw { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
+    assert!(g.validate().is_ok());
+}

@@ -172,6 +172,7 @@ fn trained_vnodes(envelope: &Envelope) -> anyhow::Result<(Vec<dcnr_vnode::VNodeS
         .map(|n| VNodeSpec {
             node: n.clone(),
             optimizer: g.spec.optimizer,
+            recipe: g.spec.training.recipe(),
             root_seed: r.root_seed,
             in_flight: 1,
             averaging: None,

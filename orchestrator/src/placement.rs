@@ -109,6 +109,7 @@ pub fn demands(graph: &ValidGraph, root_seed: u64, in_flight: u32) -> Vec<Demand
             let vspec = dcnr_vnode::VNodeSpec {
                 node: n.clone(),
                 optimizer: graph.spec.optimizer,
+                recipe: graph.spec.training.recipe(),
                 root_seed,
                 in_flight,
                 averaging: None,

@@ -909,6 +909,7 @@ impl<'a> World<'a> {
                         let vspec = VNodeSpec {
                             node,
                             optimizer: spec.graph.spec.optimizer,
+                            recipe: spec.graph.spec.training.recipe(),
                             root_seed: spec.root_seed,
                             in_flight: spec.in_flight,
                             averaging: dcnr_vnode::rounds::Averaging::of(&spec.graph, TRAIN),

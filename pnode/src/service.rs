@@ -99,6 +99,7 @@ impl v1::p_node_server::PNode for PNodeService {
                 let spec = VNodeSpec {
                     node: node.clone(),
                     optimizer: graph.spec.optimizer,
+                    recipe: graph.spec.training.recipe(),
                     root_seed: req.root_seed,
                     in_flight: req.in_flight,
                     averaging: dcnr_vnode::rounds::Averaging::of(&graph, train_samples),

@@ -56,3 +56,20 @@ fn pipelined_training_is_identical_from_run_to_run() {
     assert_eq!(jobs.len(), 2);
     assert!(jobs.iter().all(|j| j["state"] == "succeeded"), "{jobs:?}");
 }
+
+#[test]
+fn a_training_recipe_trains_on_the_mesh_bit_for_bit() {
+    // AdamW, warm-up and cosine decay, gradient clipping and label smoothing: every VNode
+    // applies them from its own step count, so the mesh still equals the single process.
+    let recipe = fixture("tiny-mlp-recipe.toml");
+    let out = run(&["train-local", recipe.to_str().unwrap(), "--json"], Duration::from_secs(120)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference = last_json(&out.stdout).unwrap();
+    assert_ne!(reference["params_sha256"], local("100")["params_sha256"], "the recipe changes training");
+    let mesh = Mesh::start(2).unwrap();
+    let s = mesh.submit_wait(&recipe, &[]).unwrap();
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(s["params_sha256"], reference["params_sha256"], "mesh differs from train-local");
+    assert_eq!(s["test_accuracy"], reference["test_accuracy"]);
+    assert!(s["test_accuracy"].as_f64().unwrap() > 0.8, "{s}");
+}

@@ -105,6 +105,17 @@ pub fn forward(kind: NodeKind, params: &[Tensor<2>], inputs: &[Tensor<2>]) -> Te
     }
 }
 
+/// The loss's target: one-hot, or with `smoothing` > 0, `(1 - smoothing) * one_hot +
+/// smoothing / classes`.
+pub fn target(labels: &[i32], classes: usize, smoothing: f32) -> Vec<f32> {
+    let hot = one_hot(labels, classes);
+    if smoothing == 0.0 {
+        return hot;
+    }
+    let floor = smoothing / classes as f32;
+    hot.into_iter().map(|h| h * (1.0 - smoothing) + floor).collect()
+}
+
 /// Mean softmax cross-entropy of `logits` against a one-hot target.
 pub fn loss(logits: Tensor<2>, one_hot: Tensor<2>) -> Tensor<1> {
     let batch = logits.dims()[0] as f32;

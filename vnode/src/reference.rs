@@ -40,7 +40,8 @@ impl Reference {
         let device = crate::device();
         let params: Vec<Vec<Tensor<2>>> =
             graph.nodes.iter().map(|n| layer::params_to_device(&layer::init_node(n, root_seed), &device)).collect();
-        let optimizers = params.iter().map(|p| Optimizer::new(optimizer, p.len())).collect();
+        let recipe = graph.spec.training.recipe();
+        let optimizers = params.iter().map(|p| Optimizer::new(optimizer, recipe, p.len())).collect();
         Reference { graph: graph.clone(), device, params, optimizers }
     }
 
@@ -72,7 +73,8 @@ impl Reference {
             };
             if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind {
                 let logits = value_of(&node.inputs[0]).ok_or("loss input missing")?;
-                let target = HostTensor::f32(vec![labels.len(), classes], layer::one_hot(labels, classes));
+                let smoothing = self.graph.spec.training.label_smoothing;
+                let target = HostTensor::f32(vec![labels.len(), classes], layer::target(labels, classes, smoothing));
                 let target = target.to_burn(device).ok_or("one-hot")?;
                 return Ok((layer::loss(logits.clone(), target), logits));
             }
@@ -141,7 +143,9 @@ impl Reference {
                 };
                 if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind {
                     let logits = value_of(&node.inputs[0]).ok_or("loss input missing")?;
-                    let target = HostTensor::f32(vec![labels.len(), classes], layer::one_hot(labels, classes));
+                    let smoothing = self.graph.spec.training.label_smoothing;
+                    let target =
+                        HostTensor::f32(vec![labels.len(), classes], layer::target(labels, classes, smoothing));
                     let target = target.to_burn(&ad).ok_or("one-hot")?;
                     let logits_host = HostTensor::from_burn(logits.clone().inner())?;
                     block_loss = Some(layer::loss(logits, target));

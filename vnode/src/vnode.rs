@@ -39,6 +39,8 @@ pub struct VNodeSpec {
     pub node: ValidNode,
     /// Optimizer for its parameters.
     pub optimizer: OptimizerSpec,
+    /// Learning-rate schedule, gradient clipping and label smoothing (`[training]`).
+    pub recipe: dcnr_model::Recipe,
     /// Root seed of the job.
     pub root_seed: u64,
     /// Micro-batches in flight (>= 1).
@@ -360,7 +362,7 @@ impl VNode {
         let device = crate::device();
         let host = layer::init_node(&spec.node, spec.root_seed);
         let params = layer::params_to_device(&host, &device);
-        let optimizer = Optimizer::new(spec.optimizer, params.len());
+        let optimizer = Optimizer::new(spec.optimizer, spec.recipe, params.len());
         let mut spec = spec;
         spec.in_flight = spec.in_flight.max(1);
         let node = &spec.node;
@@ -525,7 +527,8 @@ impl VNode {
         if n > 0 && restored.back().map(|v| v.0) != Some(header.updates) {
             return Err(mismatch("the current parameter version is missing".into()));
         }
-        fresh.optimizer = Optimizer::restored(fresh.spec.optimizer, header.optimizer_steps, first, second);
+        fresh.optimizer =
+            Optimizer::restored(fresh.spec.optimizer, fresh.spec.recipe, header.optimizer_steps, first, second);
         if n > 0 {
             fresh.versions = restored;
         } else {
@@ -1134,7 +1137,8 @@ impl VNode {
         let device = if train { self.device.clone().autodiff() } else { self.device.clone() };
         let x = logits.to_burn(&device).ok_or_else(|| self.backend("logits not rank 2".into()))?;
         let x = if train { x.require_grad() } else { x };
-        let target = HostTensor::f32(vec![labels.len(), classes], layer::one_hot(labels, classes));
+        let smoothing = self.spec.recipe.label_smoothing;
+        let target = HostTensor::f32(vec![labels.len(), classes], layer::target(labels, classes, smoothing));
         let target = target.to_burn(&device).ok_or_else(|| self.backend("one-hot".into()))?;
         let l = layer::loss(x.clone(), target);
         let value = l.clone().into_data().try_to_vec::<f32>().map_err(|e| self.backend(format!("{e:?}")))?;

@@ -91,6 +91,7 @@ fn mesh(g: &ValidGraph, steps: u64, in_flight: u32, order_seed: u64) -> (Vec<Vec
             VNode::new(VNodeSpec {
                 node: n.clone(),
                 optimizer: g.spec.optimizer,
+                recipe: g.spec.training.recipe(),
                 root_seed: 9,
                 in_flight,
                 averaging: None,
@@ -158,6 +159,7 @@ fn mesh_with_restart(g: &ValidGraph, first: u64, total: u64, in_flight: u32) -> 
     let spec = |n: &dcnr_model::graph::ValidNode| VNodeSpec {
         node: n.clone(),
         optimizer: g.spec.optimizer,
+        recipe: g.spec.training.recipe(),
         root_seed: 9,
         in_flight,
         averaging: None,
@@ -188,6 +190,7 @@ fn corrupt_or_foreign_state_is_refused() {
     let spec = |i: usize| VNodeSpec {
         node: g.nodes[i].clone(),
         optimizer: g.spec.optimizer,
+        recipe: g.spec.training.recipe(),
         root_seed: 9,
         in_flight: 1,
         averaging: None,
@@ -210,6 +213,7 @@ fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
     let spec = |i: usize| VNodeSpec {
         node: g.nodes[i].clone(),
         optimizer: g.spec.optimizer,
+        recipe: g.spec.training.recipe(),
         root_seed: 9,
         in_flight: 1,
         averaging: None,
@@ -305,6 +309,7 @@ fn local_mode_block_output_takes_no_gradient_and_evaluates_without_labels() {
     let spec = |i: usize| VNodeSpec {
         node: g.nodes[i].clone(),
         optimizer: g.spec.optimizer,
+        recipe: g.spec.training.recipe(),
         root_seed: 9,
         in_flight: 4,
         averaging: None,

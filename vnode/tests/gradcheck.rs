@@ -86,6 +86,7 @@ fn vnode(node: &ValidNode) -> VNode {
     VNode::new(VNodeSpec {
         node: node.clone(),
         optimizer: OptimizerSpec::Sgd { lr: 1.0, momentum: 0.0 },
+        recipe: Default::default(),
         root_seed: SEED,
         in_flight: 1,
         averaging: None,

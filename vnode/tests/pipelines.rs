@@ -81,6 +81,7 @@ fn spec(g: &ValidGraph, n: &dcnr_model::graph::ValidNode, in_flight: u32) -> VNo
     VNodeSpec {
         node: n.clone(),
         optimizer: g.spec.optimizer,
+        recipe: g.spec.training.recipe(),
         root_seed: 9,
         in_flight,
         averaging: Averaging::of(g, TRAIN),

@@ -79,6 +79,7 @@ fn vnodes(g: &ValidGraph, normalize: Option<Normalize>) -> Vec<VNode> {
             let v = VNode::new(VNodeSpec {
                 node: n.clone(),
                 optimizer: g.spec.optimizer,
+                recipe: g.spec.training.recipe(),
                 root_seed: 9,
                 in_flight: 1,
                 averaging: None,
