@@ -754,3 +754,18 @@ fn training_recipes_parse_and_bad_values_are_named() {
     g.optimizer = OptimizerSpec::Adamw { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
     assert!(g.validate().is_ok());
 }
+
+#[test]
+fn every_shipped_model_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") && path.file_name().is_some_and(|f| f != "Cargo.toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            ModelGraph::parse_valid(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "mnist-mlp and mnist-mlp-tuned at least");
+}
