@@ -581,6 +581,8 @@ pub enum NodeKind {
     Relu,
     /// Elementwise tanh.
     Tanh,
+    /// Elementwise GELU, the exact form `x·Φ(x)` (Φ the standard normal CDF, through erf).
+    Gelu,
     /// Mean softmax cross-entropy of logits against integer labels; starts the backward wave.
     SoftmaxCrossEntropy {
         /// Number of classes (logit width).
@@ -589,7 +591,7 @@ pub enum NodeKind {
 }
 
 /// Names accepted in `kind = "..."`.
-pub const KNOWN_KINDS: &[&str] = &["linear", "relu", "tanh", "softmax_cross_entropy"];
+pub const KNOWN_KINDS: &[&str] = &["linear", "relu", "tanh", "gelu", "softmax_cross_entropy"];
 
 impl NodeKind {
     /// Input port names, in port order.
@@ -619,6 +621,7 @@ impl NodeKind {
             NodeKind::Linear { .. } => "linear",
             NodeKind::Relu => "relu",
             NodeKind::Tanh => "tanh",
+            NodeKind::Gelu => "gelu",
             NodeKind::SoftmaxCrossEntropy { .. } => "softmax_cross_entropy",
         }
     }
@@ -1209,6 +1212,10 @@ fn resolve_kind(n: &NodeSpec, classes: usize) -> Result<NodeKind, GraphError> {
             no_widths()?;
             NodeKind::Tanh
         }
+        "gelu" => {
+            no_widths()?;
+            NodeKind::Gelu
+        }
         // The class count is a property of the labels, so it comes from `[data]`.
         "softmax_cross_entropy" => {
             no_widths()?;
@@ -1234,7 +1241,7 @@ fn output_width(kind: NodeKind, ins: &[usize]) -> Result<usize, (usize, String)>
             }
             Ok(outputs)
         }
-        NodeKind::Relu | NodeKind::Tanh => Ok(ins[0]),
+        NodeKind::Relu | NodeKind::Tanh | NodeKind::Gelu => Ok(ins[0]),
         NodeKind::SoftmaxCrossEntropy { .. } => {
             if ins[0] != ins[1] {
                 return Err((0, format!("logits have width {}, but the labels have {} classes", ins[0], ins[1])));

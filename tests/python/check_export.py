@@ -8,6 +8,7 @@ Prints one JSON line: {"accuracy": ..., "reported": ..., "samples": ...}; exits 
 import argparse
 import gzip
 import json
+import math
 import os
 import sys
 
@@ -47,6 +48,9 @@ def forward(graph, params, features):
                 y = np.maximum(xs[0], np.float32(0))
             elif kind == "tanh":
                 y = np.tanh(xs[0])
+            elif kind == "gelu":
+                erf = np.vectorize(math.erf, otypes=[np.float64])
+                y = 0.5 * xs[0] * (1.0 + erf(xs[0] / math.sqrt(2.0)))
             elif kind == "softmax_cross_entropy":
                 y = logits = xs[0]
             else:

@@ -59,7 +59,7 @@ fn pipelined_training_is_identical_from_run_to_run() {
 
 #[test]
 fn a_training_recipe_trains_on_the_mesh_bit_for_bit() {
-    // AdamW, warm-up and cosine decay, gradient clipping and label smoothing: every VNode
+    // A GELU, AdamW, warm-up and cosine decay, gradient clipping and label smoothing: every VNode
     // applies them from its own step count, so the mesh still equals the single process.
     let recipe = fixture("tiny-mlp-recipe.toml");
     let out = run(&["train-local", recipe.to_str().unwrap(), "--json"], Duration::from_secs(120)).unwrap();

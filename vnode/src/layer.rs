@@ -100,6 +100,7 @@ pub fn forward(kind: NodeKind, params: &[Tensor<2>], inputs: &[Tensor<2>]) -> Te
         NodeKind::Linear { .. } => x.matmul(params[0].clone()) + params[1].clone(),
         NodeKind::Relu => activation::relu(x),
         NodeKind::Tanh => activation::tanh(x),
+        NodeKind::Gelu => activation::gelu(x),
         // A loss has no activation output; `loss` computes it.
         NodeKind::SoftmaxCrossEntropy { .. } => x,
     }

@@ -1,4 +1,4 @@
-//! Finite-difference gradient checks of every VNode kind (linear, relu, tanh, softmax cross-entropy), driven through the public VNode API.
+//! Finite-difference gradient checks of every VNode kind (linear, relu, tanh, gelu, softmax cross-entropy), driven through the public VNode API.
 
 use dcnr_model::graph::{ValidGraph, ValidNode};
 use dcnr_model::{ModelGraph, NodeKind, OptimizerSpec};
@@ -169,7 +169,11 @@ fn numeric_input_grad(node: &ValidNode, x: &[f32], shape: &[usize], g: &[f32]) -
 
 /// Checks the input gradient of elementwise or linear node `id` on input `x`.
 fn check_input_gradient(id: u32, x: Vec<f32>, rng: &mut ChaCha8Rng) {
-    let g = graph();
+    check_input_gradient_in(&graph(), id, x, rng)
+}
+
+/// [`check_input_gradient`] for node `id` of graph `g`.
+fn check_input_gradient_in(g: &ValidGraph, id: u32, x: Vec<f32>, rng: &mut ChaCha8Rng) {
     let node = &g.nodes[id as usize];
     let inputs = x.len() / BATCH;
     let width = node.output_width;
@@ -189,6 +193,24 @@ fn tanh_input_gradient_matches_finite_differences() {
     for _ in 0..3 {
         let x = random(&mut rng, BATCH * 5, -2.0, 2.0);
         check_input_gradient(TANH, x, &mut rng);
+    }
+}
+
+#[test]
+fn gelu_matches_its_formula_and_finite_differences() {
+    // The same chain with a GELU where the tanh was.
+    let g = ModelGraph::parse_valid(&GRAPH.replacen("kind = \"tanh\"", "kind = \"gelu\"", 1)).unwrap();
+    let node = &g.nodes[TANH as usize];
+    assert_eq!(node.kind, NodeKind::Gelu);
+    // x·Φ(x): 0 at 0, about 0.8413 at 1 and -0.1587 at -1.
+    let y = eval(&mut vnode(node), 0, vec![0.0, 1.0, -1.0, 3.0, -3.0], &[1, 5]);
+    for (got, want) in y.iter().zip([0.0, 0.841_345, -0.158_655, 2.995_95, -0.004_05]) {
+        assert!((got - want).abs() < 1e-4, "{y:?}");
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for _ in 0..3 {
+        let x = random(&mut rng, BATCH * 5, -3.0, 3.0);
+        check_input_gradient_in(&g, TANH, x, &mut rng);
     }
 }
 
