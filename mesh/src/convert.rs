@@ -148,6 +148,19 @@ pub fn wire_seal_route(m: &v1::VNodeMessage) -> Option<(Route, &v1::Tensor)> {
     }
 }
 
+/// [`seal::tensor_sha256`] of the wire form of `t`, without building it for f32 tensors (the
+/// activations and gradients of every local delivery in a sealed job).
+pub fn tensor_sha256(t: &HostTensor) -> [u8; 32] {
+    match &t.data {
+        // In memory, a little-endian machine's f32 bytes are their wire bytes.
+        HostData::F32(v) if cfg!(target_endian = "little") => {
+            let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+            seal::hash_parts(v1::Dtype::F32 as i32, &shape, bytemuck::cast_slice(v))
+        }
+        _ => seal::tensor_sha256(&tensor_to_wire(t)),
+    }
+}
+
 /// The seal context of a message for `to`: where it went and how.
 pub fn seal_context<'a>(to: &'a Target, mb: u64, route: Route) -> seal::Context<'a> {
     seal::Context { job: &to.job, generation: to.generation, to_vnode: to.vnode, micro_batch: mb, route }
@@ -219,6 +232,17 @@ pub fn message_from_wire(m: v1::VNodeMessage) -> Result<(Target, Incoming), Conv
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_tensor_hashes_as_its_wire_form() {
+        for t in [
+            HostTensor::f32(vec![2, 3], vec![0.5, -1.0, 3.25, 0.0, -0.0, 7.0]),
+            HostTensor::i32(vec![3], vec![1, 2, 9]),
+            HostTensor::u8(vec![1, 2], vec![0, 255]),
+        ] {
+            assert_eq!(tensor_sha256(&t), seal::tensor_sha256(&tensor_to_wire(&t)), "{t:?}");
+        }
+    }
 
     #[test]
     fn feeds_round_trip_and_garbled_ones_are_refused() {

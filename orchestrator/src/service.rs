@@ -242,6 +242,7 @@ fn step_inputs_from_wire(inputs: Vec<v1::StepInput>, generation: u32) -> Result<
         .into_iter()
         .map(|i| {
             let bad = |what: &str| Status::invalid_argument(format!("step input: {what}"));
+            let route = Route::of_input(&i);
             let s = i.seal.ok_or_else(|| bad("no hash"))?;
             let tensor_sha256 = s.tensor_sha256.as_slice().try_into().map_err(|_| bad("hash is not 32 bytes"))?;
             let seal = match (s.public_key.len(), s.signature.len()) {
@@ -250,11 +251,6 @@ fn step_inputs_from_wire(inputs: Vec<v1::StepInput>, generation: u32) -> Result<
                     s.public_key.as_slice().try_into().map_err(|_| bad("public key is not 32 bytes"))?,
                     s.signature.as_slice().try_into().map_err(|_| bad("signature is not 64 bytes"))?,
                 )),
-            };
-            let route = if i.backward {
-                Route::Backward { from_vnode: i.from_vnode, from_port: i.from_port }
-            } else {
-                Route::Forward { port: i.port }
             };
             Ok(StepInput { route, tensor_sha256, seal, generation })
         })

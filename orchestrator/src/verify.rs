@@ -335,10 +335,7 @@ impl ExecutionDigest {
             h.update(v.to_le_bytes());
             h.update((inputs.len() as u64).to_le_bytes());
             for i in inputs {
-                let (kind, a, b) = match i.route {
-                    Route::Forward { port } => (0u8, port, 0),
-                    Route::Backward { from_vnode, from_port } => (1u8, from_vnode, from_port),
-                };
+                let (kind, a, b) = i.route.parts();
                 h.update([kind]);
                 h.update(a.to_le_bytes());
                 h.update(b.to_le_bytes());

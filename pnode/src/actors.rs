@@ -94,13 +94,7 @@ impl VNodeActor {
             Evidence::Local(hash) => v1::Seal { tensor_sha256: hash.to_vec(), ..Default::default() },
             Evidence::None | Evidence::Unproven(_) => return,
         };
-        let input = match route {
-            Route::Forward { port } => v1::StepInput { port, seal: Some(seal), ..Default::default() },
-            Route::Backward { from_vnode, from_port } => {
-                v1::StepInput { backward: true, from_vnode, from_port, seal: Some(seal), ..Default::default() }
-            }
-        };
-        self.inputs.entry(mb).or_default().push(input);
+        self.inputs.entry(mb).or_default().push(route.input(seal));
     }
 }
 

@@ -198,11 +198,8 @@ impl Router {
                 let seal = sealed && convert::seal_route(&msg).is_some();
                 match self.local(job, to) {
                     Some(r) => {
-                        let evidence = if seal {
-                            Evidence::Local(seal::tensor_sha256(&convert::tensor_to_wire(msg.tensor())))
-                        } else {
-                            Evidence::None
-                        };
+                        let evidence =
+                            if seal { Evidence::Local(convert::tensor_sha256(msg.tensor())) } else { Evidence::None };
                         r.do_send(Deliver { generation, msg, slot: None, evidence })
                     }
                     None => self.egress(convert::inbound_message(&target(to), &msg), seal),

@@ -37,6 +37,37 @@ pub enum Route {
     },
 }
 
+impl Route {
+    /// (kind, a, b): 0 and the port for a forward, 1 and the consumer for a backward; the form
+    /// in which seals and execution fingerprints hash a route.
+    pub fn parts(self) -> (u8, u32, u32) {
+        match self {
+            Route::Forward { port } => (0, port, 0),
+            Route::Backward { from_vnode, from_port } => (1, from_vnode, from_port),
+        }
+    }
+
+    /// The route a reported input names.
+    pub fn of_input(i: &v1::StepInput) -> Route {
+        if i.backward {
+            Route::Backward { from_vnode: i.from_vnode, from_port: i.from_port }
+        } else {
+            Route::Forward { port: i.port }
+        }
+    }
+
+    /// A report of the tensor that came this way, with its seal (or its hash alone).
+    pub fn input(self, seal: v1::Seal) -> v1::StepInput {
+        let seal = Some(seal);
+        match self {
+            Route::Forward { port } => v1::StepInput { port, seal, ..Default::default() },
+            Route::Backward { from_vnode, from_port } => {
+                v1::StepInput { backward: true, from_vnode, from_port, seal, ..Default::default() }
+            }
+        }
+    }
+}
+
 /// Where a sealed tensor went: everything the signature binds besides the hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Context<'a> {
@@ -74,14 +105,20 @@ pub enum SealError {
 
 /// SHA-256 of a wire tensor: dtype, shape and bytes, so equal hashes mean equal tensors.
 pub fn tensor_sha256(t: &v1::Tensor) -> [u8; 32] {
+    hash_parts(t.dtype, &t.shape, &t.data)
+}
+
+/// [`tensor_sha256`] of the tensor these fields would encode, for a caller that holds them
+/// without a wire tensor (and need not build one just to hash it).
+pub fn hash_parts(dtype: i32, shape: &[u64], data: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(TENSOR_TAG);
-    h.update(t.dtype.to_le_bytes());
-    h.update((t.shape.len() as u64).to_le_bytes());
-    for d in &t.shape {
+    h.update(dtype.to_le_bytes());
+    h.update((shape.len() as u64).to_le_bytes());
+    for d in shape {
         h.update(d.to_le_bytes());
     }
-    h.update(&t.data);
+    h.update(data);
     h.finalize().into()
 }
 
@@ -94,10 +131,7 @@ pub fn payload(ctx: &Context<'_>, tensor_sha256: &[u8; 32]) -> Vec<u8> {
     out.extend_from_slice(&ctx.generation.to_le_bytes());
     out.extend_from_slice(&ctx.to_vnode.to_le_bytes());
     out.extend_from_slice(&ctx.micro_batch.to_le_bytes());
-    let (kind, a, b) = match ctx.route {
-        Route::Forward { port } => (0u8, port, 0),
-        Route::Backward { from_vnode, from_port } => (1u8, from_vnode, from_port),
-    };
+    let (kind, a, b) = ctx.route.parts();
     out.push(kind);
     out.extend_from_slice(&a.to_le_bytes());
     out.extend_from_slice(&b.to_le_bytes());
