@@ -633,6 +633,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn garbled_step_inputs_are_refused_with_a_reason() {
+        let seal = |h: usize, k: usize, s: usize| v1::Seal {
+            tensor_sha256: vec![1; h],
+            public_key: vec![2; k],
+            signature: vec![3; s],
+        };
+        let input = |seal| v1::StepInput { backward: true, from_vnode: 4, from_port: 1, seal, ..Default::default() };
+        let ok = step_inputs_from_wire(vec![input(Some(seal(32, 32, 64))), input(Some(seal(32, 0, 0)))], 7).unwrap();
+        assert_eq!(ok[0].route, Route::Backward { from_vnode: 4, from_port: 1 });
+        assert_eq!((ok[0].generation, ok[0].seal.is_some(), ok[1].seal.is_none()), (7, true, true));
+        for (bad, why) in [
+            (input(None), "no hash"),
+            (input(Some(seal(31, 0, 0))), "hash is not 32 bytes"),
+            (input(Some(seal(32, 32, 0))), "signature is not 64 bytes"),
+            (input(Some(seal(32, 5, 64))), "public key is not 32 bytes"),
+        ] {
+            let err = step_inputs_from_wire(vec![bad], 1).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains(why), "{}", err.message());
+        }
+        let flood = vec![input(Some(seal(32, 0, 0))); MAX_STEP_INPUTS + 1];
+        assert!(step_inputs_from_wire(flood, 1).unwrap_err().message().contains("more than"));
+    }
+
+    #[test]
     fn peer_text_is_bounded_at_a_character_boundary() {
         assert_eq!(bounded_text("short".into()), "short");
         let long = "é".repeat(MAX_PEER_TEXT);
