@@ -232,7 +232,7 @@ async fn checkpoint_times(
 async fn ping(mesh: &LocalMesh, n: usize) -> anyhow::Result<Vec<f64>> {
     let snap = mesh.registry().send(ListPNodes).await?;
     let endpoint = snap.first().map(|p| p.endpoint.clone()).context("no pnode to ping")?;
-    let mut client = pnode_client(&endpoint)?;
+    let mut client = pnode_client(&endpoint, &dcnr_proto::tls::Expect::AnyPNode)?;
     let payload = dcnr_proto::tensor::encode_f32(&[64, 256], &vec![0.5f32; 64 * 256]);
     let req = v1::PingRequest { payload: Some(payload), job_id: String::new() };
     for _ in 0..50 {

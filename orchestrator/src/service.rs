@@ -303,7 +303,7 @@ const MAX_DRAIN: Duration = Duration::from_secs(600);
 async fn probe_pnode(registry: Addr<Registry>, id: String) {
     let Ok(Some(view)) = registry.send(Lookup(id.clone())).await else { return };
     let alive = async {
-        let mut c = crate::job::pnode_client(&view.endpoint).ok()?;
+        let mut c = crate::job::pnode_client(&view.endpoint, &dcnr_proto::tls::Expect::PNode(id.clone())).ok()?;
         let mut req = Request::new(v1::PingRequest { payload: None, job_id: String::new() });
         req.set_timeout(Duration::from_millis(500));
         c.ping(req).await.ok()

@@ -7,6 +7,7 @@ use super::core::{Allocation, CollectError, FeedTarget, PNodeFailure, Params, St
 use dcnr_mesh::convert;
 use dcnr_mesh::link::{Link, open_link};
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;
+use dcnr_proto::tls::Expect;
 use dcnr_proto::v1::{self, p_node_client::PNodeClient};
 use dcnr_vnode::{HostData, Phase};
 use std::collections::{BTreeSet, HashMap};
@@ -27,11 +28,13 @@ const SLOWEST_DATASET_LINK: u64 = 1 << 20;
 /// are stale either way.
 const RELEASE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// A client for a PNode's service with the protocol's limits.
+/// A client for a PNode's service with the protocol's limits, answered only by `expect` (the
+/// PNode with that id where it is known, any member where only the endpoint is).
 pub fn pnode_client(
     endpoint: &str,
+    expect: &Expect,
 ) -> Result<PNodeClient<tonic::transport::Channel>, dcnr_proto::transport::EndpointError> {
-    let channel = dcnr_proto::transport::unary_endpoint(endpoint, &dcnr_proto::tls::Expect::AnyPNode)?.connect_lazy();
+    let channel = dcnr_proto::transport::unary_endpoint(endpoint, expect)?.connect_lazy();
     Ok(PNodeClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -97,10 +100,9 @@ pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) 
         async move {
             let fail = |why: String| PNodeFailure { pnode: pnode.clone(), why };
             // The channel's own deadline would cut a long dataset fetch short: the call's is set below.
-            let channel =
-                dcnr_proto::transport::endpoint(&endpoint, None, &dcnr_proto::tls::Expect::PNode(pnode.clone()))
-                    .map_err(|e| fail(format!("{endpoint}: {e}")))?
-                    .connect_lazy();
+            let channel = dcnr_proto::transport::endpoint(&endpoint, None, &Expect::PNode(pnode.clone()))
+                .map_err(|e| fail(format!("{endpoint}: {e}")))?
+                .connect_lazy();
             let mut c = PNodeClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -116,7 +118,7 @@ pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) 
 /// Stops a job's VNodes on the given PNodes, best effort; `brief` bounds each call.
 pub async fn release_everywhere(job: &str, endpoints: BTreeSet<String>, brief: bool) {
     let calls = endpoints.into_iter().map(|e| async move {
-        if let Ok(mut c) = pnode_client(&e) {
+        if let Ok(mut c) = pnode_client(&e, &Expect::AnyPNode) {
             let mut req = tonic::Request::new(v1::ReleaseRequest { job_id: job.to_string() });
             if brief {
                 req.set_timeout(RELEASE_TIMEOUT);
@@ -135,7 +137,8 @@ pub async fn fetch_states(job: String, targets: Vec<VNodeAt>) -> Result<States, 
         let job = job.clone();
         async move {
             let fail = |why: String| PNodeFailure { pnode: t.pnode.clone(), why };
-            let mut c = pnode_client(&t.endpoint).map_err(|e| fail(format!("{}: {e}", t.endpoint)))?;
+            let mut c = pnode_client(&t.endpoint, &Expect::PNode(t.pnode.clone()))
+                .map_err(|e| fail(format!("{}: {e}", t.endpoint)))?;
             let mut req = tonic::Request::new(v1::SnapshotRequest { job_id: job, vnode: t.vnode });
             req.set_timeout(SNAPSHOT_TIMEOUT);
             let r = c
@@ -154,7 +157,8 @@ pub async fn fetch_params(job: String, targets: Vec<VNodeAt>) -> Result<Params, 
         let job = job.clone();
         async move {
             let unreachable = |why: String| CollectError::Unreachable(PNodeFailure { pnode: t.pnode.clone(), why });
-            let mut client = pnode_client(&t.endpoint).map_err(|e| unreachable(format!("{}: {e}", t.endpoint)))?;
+            let mut client = pnode_client(&t.endpoint, &Expect::PNode(t.pnode.clone()))
+                .map_err(|e| unreachable(format!("{}: {e}", t.endpoint)))?;
             let mut req = tonic::Request::new(v1::FetchParamsRequest { job_id: job, vnode: t.vnode });
             req.set_timeout(SNAPSHOT_TIMEOUT);
             let r = client
@@ -198,8 +202,9 @@ pub async fn probe(job: String, pnodes: Vec<(String, String)>) -> Vec<(String, R
     let calls = pnodes.into_iter().map(|(id, endpoint)| {
         let job = job.clone();
         async move {
+            let expect = Expect::PNode(id.clone());
             let busy = async {
-                let mut c = pnode_client(&endpoint).map_err(|e| e.to_string())?;
+                let mut c = pnode_client(&endpoint, &expect).map_err(|e| e.to_string())?;
                 let mut req = tonic::Request::new(v1::PingRequest { payload: None, job_id: job });
                 req.set_timeout(PROBE_TIMEOUT);
                 let r = c.ping(req).await.map_err(|s| s.message().to_string())?.into_inner();
