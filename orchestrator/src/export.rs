@@ -143,7 +143,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<Exported> {
     let tensors = parsed.len();
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let files = [
-        (args.out.join("model.safetensors"), params.clone()),
+        (args.out.join("model.safetensors"), params),
         (args.out.join("graph.json"), serde_json::to_vec_pretty(&graph.spec)?),
         (args.out.join("summary.json"), serde_json::to_vec_pretty(&summary)?),
     ];
