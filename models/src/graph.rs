@@ -547,6 +547,9 @@ pub struct NodeSpec {
     /// Output width (linear).
     #[serde(default)]
     pub outputs: Option<usize>,
+    /// Fraction of activations zeroed in training (dropout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f32>,
     /// Block this node belongs to; when no node names one, blocks follow from the graph.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<String>,
@@ -567,7 +570,7 @@ pub struct Edge {
 
 /// Node kinds this version runs. New kinds add a variant here, a shape rule in `output_width`,
 /// and a layer in the vnode crate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeKind {
     /// Affine map `y = x W + b`, W of shape [inputs, outputs].
@@ -583,6 +586,21 @@ pub enum NodeKind {
     Tanh,
     /// Elementwise GELU, the exact form `x·Φ(x)` (Φ the standard normal CDF, through erf).
     Gelu,
+    /// Per-sample normalisation over the width, then a learned scale and shift (ε = 1e-5).
+    LayerNorm {
+        /// The normalised width.
+        width: usize,
+    },
+    /// Zeroes each activation with probability `rate` in training and scales the rest by
+    /// 1/(1 − rate); the identity in evaluation. Masks come from the job's seed streams.
+    Dropout {
+        /// Probability of zeroing, 0 <= rate < 1.
+        rate: f32,
+    },
+    /// Elementwise sum of two inputs of one width (a residual join).
+    Add,
+    /// The two inputs side by side: width a + width b.
+    Concat,
     /// Mean softmax cross-entropy of logits against integer labels; starts the backward wave.
     SoftmaxCrossEntropy {
         /// Number of classes (logit width).
@@ -591,13 +609,15 @@ pub enum NodeKind {
 }
 
 /// Names accepted in `kind = "..."`.
-pub const KNOWN_KINDS: &[&str] = &["linear", "relu", "tanh", "gelu", "softmax_cross_entropy"];
+pub const KNOWN_KINDS: &[&str] =
+    &["linear", "relu", "tanh", "gelu", "layer_norm", "dropout", "add", "concat", "softmax_cross_entropy"];
 
 impl NodeKind {
     /// Input port names, in port order.
     pub fn ports(&self) -> &'static [&'static str] {
         match self {
             NodeKind::SoftmaxCrossEntropy { .. } => &["logits", "labels"],
+            NodeKind::Add | NodeKind::Concat => &["a", "b"],
             _ => &["in"],
         }
     }
@@ -611,6 +631,7 @@ impl NodeKind {
     pub fn param_count(&self) -> usize {
         match *self {
             NodeKind::Linear { inputs, outputs } => inputs * outputs + outputs,
+            NodeKind::LayerNorm { width } => 2 * width,
             _ => 0,
         }
     }
@@ -622,6 +643,10 @@ impl NodeKind {
             NodeKind::Relu => "relu",
             NodeKind::Tanh => "tanh",
             NodeKind::Gelu => "gelu",
+            NodeKind::LayerNorm { .. } => "layer_norm",
+            NodeKind::Dropout { .. } => "dropout",
+            NodeKind::Add => "add",
+            NodeKind::Concat => "concat",
             NodeKind::SoftmaxCrossEntropy { .. } => "softmax_cross_entropy",
         }
     }
@@ -653,6 +678,9 @@ pub struct ValidNode {
     pub consumers: Vec<(u32, u32)>,
     /// Per-sample output width.
     pub output_width: usize,
+    /// Per input port, the per-sample width arriving there (for a labels port: the classes).
+    #[serde(default)]
+    pub input_widths: Vec<usize>,
     /// Index of this node's block (blocks are numbered in the canonical topological order).
     #[serde(default)]
     pub block: u32,
@@ -695,6 +723,11 @@ impl ValidNode {
     pub fn layer_inputs(&self) -> &[Source] {
         let n = self.kind.ports().len().min(self.inputs.len());
         &self.inputs[..n]
+    }
+
+    /// The per-sample width arriving on input port `port` (0 for a port it does not have).
+    pub fn input_width(&self, port: usize) -> usize {
+        self.input_widths.get(port).copied().unwrap_or(0)
     }
 
     /// Name of input port `port`.
@@ -790,7 +823,7 @@ impl ModelGraph {
             let ports = kind.ports();
             let port = match &e.port {
                 None if ports.len() == 1 => 0,
-                None => default_port(kind, &src).ok_or_else(|| GraphError::UnknownPort {
+                None => default_port(kind, &src, &inputs[to]).ok_or_else(|| GraphError::UnknownPort {
                     from: e.from.clone(),
                     to: e.to.clone(),
                     kind: kind.name().into(),
@@ -852,6 +885,7 @@ impl ModelGraph {
         let topo = topo_order(&resolved_inputs).map_err(|i| GraphError::Cycle(self.nodes[i].id.clone()))?;
 
         let mut widths = vec![0usize; kinds.len()];
+        let mut input_widths = vec![Vec::new(); kinds.len()];
         for &i in &topo {
             let i = i as usize;
             let in_widths: Vec<usize> = resolved_inputs[i]
@@ -875,6 +909,7 @@ impl ModelGraph {
                     detail,
                 }
             })?;
+            input_widths[i] = in_widths;
         }
 
         let (block_of, blocks) = self.assign_blocks(&kinds, &resolved_inputs, &consumers, &topo)?;
@@ -900,6 +935,7 @@ impl ModelGraph {
                 inputs: resolved_inputs[i].clone(),
                 consumers: consumers[i].clone(),
                 output_width: widths[i],
+                input_widths: input_widths[i].clone(),
                 block: block_of[i],
                 input_crosses_block: resolved_inputs[i]
                     .iter()
@@ -928,6 +964,7 @@ impl ModelGraph {
                     labels_port: n.inputs.len() as u32,
                 };
                 n.inputs.push(Source::Labels);
+                n.input_widths.push(self.data.classes);
                 n.input_crosses_block.push(false);
                 n.aux = Some(head);
                 if n.param_count() > MAX_PARAMS_PER_NODE {
@@ -944,7 +981,8 @@ impl ModelGraph {
     }
 
     /// Each node's block index and the block names. Named blocks must cover every node or none;
-    /// unnamed, a block starts at every linear node fed by another node. Blocks must be
+    /// unnamed, a block starts at every linear node fed by another node where one node's output
+    /// alone crosses from the nodes before it to those after. Blocks must be
     /// contiguous in `topo`, and every block but the last must have exactly one node whose
     /// output leaves it.
     fn assign_blocks(
@@ -955,16 +993,33 @@ impl ModelGraph {
         topo: &[u32],
     ) -> Result<(Vec<u32>, Vec<String>), GraphError> {
         let named = self.nodes.iter().any(|n| n.block.is_some());
+        // How many nodes' outputs cross the cut before each position of `topo`: an automatic
+        // block may only start where exactly one does, so a residual join stays in one block.
+        let mut position = vec![0usize; self.nodes.len()];
+        for (k, &i) in topo.iter().enumerate() {
+            position[i as usize] = k;
+        }
+        let mut crossing = vec![0i64; topo.len() + 1];
+        for (i, cs) in consumers.iter().enumerate() {
+            if let Some(last) = cs.iter().map(|(c, _)| position[*c as usize]).max() {
+                crossing[position[i] + 1] += 1;
+                crossing[last + 1] -= 1;
+            }
+        }
+        for k in 1..crossing.len() {
+            crossing[k] += crossing[k - 1];
+        }
         let mut block_of = vec![0u32; self.nodes.len()];
         let mut blocks: Vec<String> = Vec::new();
-        for &i in topo {
+        for (k, &i) in topo.iter().enumerate() {
             let i = i as usize;
             let name = if named {
                 self.nodes[i].block.clone().ok_or_else(|| GraphError::BlockUnmarked(self.nodes[i].id.clone()))?
             } else {
                 let starts = blocks.is_empty()
                     || (matches!(kinds[i], NodeKind::Linear { .. })
-                        && inputs[i].iter().any(|s| matches!(s, Source::Node(_))));
+                        && inputs[i].iter().any(|s| matches!(s, Source::Node(_)))
+                        && crossing[k] == 1);
                 if starts { self.nodes[i].id.clone() } else { blocks.last().cloned().unwrap_or_default() }
             };
             if blocks.last() != Some(&name) {
@@ -1035,10 +1090,13 @@ fn into_pipelines(
     (all, all_topo, all_blocks)
 }
 
-fn default_port(kind: NodeKind, src: &Source) -> Option<usize> {
+/// The port an edge without one goes to: a loss's by what it carries; a join's first port not
+/// yet fed, in edge order.
+fn default_port(kind: NodeKind, src: &Source, fed: &[Vec<Source>]) -> Option<usize> {
     match (kind, src) {
         (NodeKind::SoftmaxCrossEntropy { .. }, Source::Labels) => Some(1),
         (NodeKind::SoftmaxCrossEntropy { .. }, _) => Some(0),
+        (NodeKind::Add | NodeKind::Concat, _) => fed.iter().position(Vec::is_empty),
         _ => None,
     }
 }
@@ -1193,9 +1251,22 @@ fn resolve_kind(n: &NodeSpec, classes: usize) -> Result<NodeKind, GraphError> {
     let no_widths = || -> Result<(), GraphError> {
         match (n.inputs, n.outputs) {
             (None, None) => Ok(()),
-            _ => Err(out_of_range(format!("node `{}`: inputs/outputs", n.id), "set", "only linear nodes take widths")),
+            _ => Err(out_of_range(
+                format!("node `{}`: inputs/outputs", n.id),
+                "set",
+                "only linear (inputs, outputs) and layer_norm (inputs) take widths",
+            )),
         }
     };
+    let no_rate = || -> Result<(), GraphError> {
+        match n.rate {
+            None => Ok(()),
+            Some(r) => Err(out_of_range(format!("node `{}`: rate", n.id), r, "only dropout takes a rate")),
+        }
+    };
+    if n.kind != "dropout" {
+        no_rate()?;
+    }
     let kind = match n.kind.as_str() {
         "linear" => {
             let k = NodeKind::Linear { inputs: width("inputs", n.inputs)?, outputs: width("outputs", n.outputs)? };
@@ -1215,6 +1286,28 @@ fn resolve_kind(n: &NodeSpec, classes: usize) -> Result<NodeKind, GraphError> {
         "gelu" => {
             no_widths()?;
             NodeKind::Gelu
+        }
+        "layer_norm" => {
+            if n.outputs.is_some() {
+                return Err(out_of_range(format!("node `{}`: outputs", n.id), "set", "layer_norm takes only inputs"));
+            }
+            NodeKind::LayerNorm { width: width("inputs", n.inputs)? }
+        }
+        "dropout" => {
+            no_widths()?;
+            match n.rate {
+                Some(rate) if (0.0..1.0).contains(&rate) => NodeKind::Dropout { rate },
+                Some(rate) => return Err(out_of_range(format!("node `{}`: rate", n.id), rate, "0 <= rate < 1")),
+                None => return Err(out_of_range(format!("node `{}`: rate", n.id), "missing", "required for dropout")),
+            }
+        }
+        "add" => {
+            no_widths()?;
+            NodeKind::Add
+        }
+        "concat" => {
+            no_widths()?;
+            NodeKind::Concat
         }
         // The class count is a property of the labels, so it comes from `[data]`.
         "softmax_cross_entropy" => {
@@ -1241,7 +1334,23 @@ fn output_width(kind: NodeKind, ins: &[usize]) -> Result<usize, (usize, String)>
             }
             Ok(outputs)
         }
-        NodeKind::Relu | NodeKind::Tanh | NodeKind::Gelu => Ok(ins[0]),
+        NodeKind::Relu | NodeKind::Tanh | NodeKind::Gelu | NodeKind::Dropout { .. } => Ok(ins[0]),
+        NodeKind::LayerNorm { width } => {
+            if ins[0] != width {
+                return Err((0, format!("layer_norm normalises width {width}, gets {}", ins[0])));
+            }
+            Ok(width)
+        }
+        NodeKind::Add => {
+            if ins[0] != ins[1] {
+                return Err((1, format!("add joins equal widths, gets {} and {}", ins[0], ins[1])));
+            }
+            Ok(ins[0])
+        }
+        NodeKind::Concat => ins[0]
+            .checked_add(ins[1])
+            .filter(|w| *w <= MAX_FEATURES)
+            .ok_or((1, format!("concat width {} + {} exceeds 1048576", ins[0], ins[1]))),
         NodeKind::SoftmaxCrossEntropy { .. } => {
             if ins[0] != ins[1] {
                 return Err((0, format!("logits have width {}, but the labels have {} classes", ins[0], ins[1])));

@@ -75,6 +75,7 @@ fn node(id: &str, kind: &str, widths: Option<(usize, usize)>) -> NodeSpec {
         kind: kind.into(),
         inputs: widths.map(|w| w.0),
         outputs: widths.map(|w| w.1),
+        rate: None,
         block: None,
     }
 }
@@ -159,7 +160,7 @@ fn unknown_kind_is_named() {
         GraphError::UnknownKind {
             node: "relu1".into(),
             kind: "swish".into(),
-            known: "linear, relu, tanh, gelu, softmax_cross_entropy".into()
+            known: "linear, relu, tanh, gelu, layer_norm, dropout, add, concat, softmax_cross_entropy".into()
         }
     );
     assert!(msg.contains("`relu1`") && msg.contains("`swish`") && msg.contains("softmax_cross_entropy"), "{msg}");
@@ -768,4 +769,130 @@ fn every_shipped_model_validates() {
         }
     }
     assert!(n >= 2, "mnist-mlp and mnist-mlp-tuned at least");
+}
+
+/// BASE with a residual join: fc1 -> relu1 -> fc1b linear(5,5) -> ln -> drop -> sum = add(drop,
+/// relu1) -> fc2, and `extra` inserted into the node list.
+fn residual(ln_width: usize, rate: &str, extra_edges: &str) -> String {
+    let nodes = format!(
+        r#"[[node]]
+id = "fc1b"
+kind = "linear"
+inputs = 5
+outputs = 5
+
+[[node]]
+id = "ln"
+kind = "layer_norm"
+inputs = {ln_width}
+
+[[node]]
+id = "drop"
+kind = "dropout"
+{rate}
+
+[[node]]
+id = "sum"
+kind = "add"
+
+[[node]]
+id = "fc2""#
+    );
+    let edges = format!(
+        r#"[[edge]]
+from = "relu1"
+to = "fc1b"
+
+[[edge]]
+from = "fc1b"
+to = "ln"
+
+[[edge]]
+from = "ln"
+to = "drop"
+{extra_edges}
+[[edge]]
+from = "sum"
+to = "fc2""#
+    );
+    BASE.replacen("[[node]]\nid = \"fc2\"", &nodes, 1).replacen("[[edge]]\nfrom = \"relu1\"\nto = \"fc2\"", &edges, 1)
+}
+
+const JOIN: &str = r#"
+[[edge]]
+from = "drop"
+to = "sum"
+
+[[edge]]
+from = "relu1"
+to = "sum"
+"#;
+
+#[test]
+fn a_residual_join_validates_with_ports_in_edge_order_and_one_block_around_it() {
+    let g = ModelGraph::parse_valid(&residual(5, "rate = 0.25", JOIN)).unwrap();
+    let id = |name: &str| g.nodes.iter().position(|n| n.name == name).unwrap();
+    let sum = &g.nodes[id("sum")];
+    assert_eq!(sum.kind, NodeKind::Add);
+    assert_eq!(sum.inputs, vec![Source::Node(id("drop") as u32), Source::Node(id("relu1") as u32)]);
+    assert_eq!(sum.input_widths, vec![5, 5]);
+    assert_eq!(g.nodes[id("drop")].kind, NodeKind::Dropout { rate: 0.25 });
+    assert_eq!(g.nodes[id("ln")].kind, NodeKind::LayerNorm { width: 5 });
+    assert_eq!(g.nodes[id("ln")].param_count(), 10);
+    // relu1 alone crosses into the join's block, whose output alone crosses into fc2's.
+    assert_ne!(g.nodes[id("fc1b")].block, g.nodes[id("relu1")].block);
+    assert_eq!(g.nodes[id("sum")].block, g.nodes[id("fc1b")].block);
+    assert_ne!(g.nodes[id("fc2")].block, g.nodes[id("sum")].block);
+    // A skip from fc1 crosses the cut before fc1b beside relu1, so no block starts there.
+    let g = ModelGraph::parse_valid(&residual(5, "rate = 0.25", &JOIN.replace("from = \"relu1\"", "from = \"fc1\"")))
+        .unwrap();
+    assert_eq!(g.nodes[id("fc1b")].block, g.nodes[id("fc1")].block);
+    assert_ne!(g.nodes[id("fc2")].block, g.nodes[id("sum")].block);
+    // Explicit ports may reverse the order.
+    let swapped = "[[edge]]\nfrom = \"drop\"\nto = \"sum\"\nport = \"b\"\n\n[[edge]]\nfrom = \"relu1\"\nto = \"sum\"\nport = \"a\"\n";
+    let g = ModelGraph::parse_valid(&residual(5, "rate = 0.25", swapped)).unwrap();
+    assert_eq!(g.nodes[id("sum")].inputs, vec![Source::Node(id("relu1") as u32), Source::Node(id("drop") as u32)]);
+}
+
+#[test]
+fn new_kinds_give_precise_errors() {
+    let cases: [(String, &str); 7] = [
+        (residual(4, "rate = 0.25", JOIN), "layer_norm normalises width 4, gets 5"),
+        (residual(5, "", JOIN), "node `drop`: rate = missing is out of range (required for dropout)"),
+        (residual(5, "rate = 1.0", JOIN), "node `drop`: rate = 1 is out of range (0 <= rate < 1)"),
+        (
+            residual(5, "rate = 0.1", &JOIN.replace("from = \"relu1\"", "from = \"image\"")),
+            "edge image -> sum.b: add joins equal widths, gets 5 and 4",
+        ),
+        (residual(5, "rate = 0.1", &format!("{JOIN}\n[[edge]]\nfrom = \"fc1\"\nto = \"sum\"\n")), "(none given)"),
+        (
+            residual(5, "rate = 0.1", &JOIN[..JOIN.find("[[edge]]\nfrom = \"relu1\"").unwrap()]),
+            "port `b` has 0 incoming edges",
+        ),
+        (
+            BASE.replace("kind = \"relu\"", "kind = \"relu\"\nrate = 0.5"),
+            "node `relu1`: rate = 0.5 is out of range (only dropout takes a rate)",
+        ),
+    ];
+    for (text, want) in cases {
+        let msg = ModelGraph::parse_valid(&text).unwrap_err().to_string();
+        assert!(msg.contains(want), "want {want:?} in: {msg}");
+    }
+}
+
+#[test]
+fn concat_widths_add_up_and_layer_norm_takes_only_inputs() {
+    let cat = residual(5, "rate = 0.0", JOIN)
+        .replace("kind = \"add\"", "kind = \"concat\"")
+        .replace("id = \"fc2\"\nkind = \"linear\"\ninputs = 5", "id = \"fc2\"\nkind = \"linear\"\ninputs = 10");
+    let g = ModelGraph::parse_valid(&cat).unwrap();
+    let sum = g.nodes.iter().find(|n| n.name == "sum").unwrap();
+    assert_eq!((sum.kind, sum.output_width), (NodeKind::Concat, 10));
+    let wrong = residual(5, "rate = 0.1", JOIN).replace("kind = \"add\"", "kind = \"concat\"");
+    let msg = ModelGraph::parse_valid(&wrong).unwrap_err().to_string();
+    assert!(msg.contains("linear expects 5 input features, gets 10"), "{msg}");
+    let ln = residual(5, "rate = 0.1", JOIN)
+        .replace("inputs = 5\n\n[[node]]\nid = \"drop\"", "inputs = 5\noutputs = 5\n\n[[node]]\nid = \"drop\"");
+    let msg = ModelGraph::parse_valid(&ln).unwrap_err().to_string();
+    assert!(msg.contains("layer_norm takes only inputs"), "{msg}");
 }

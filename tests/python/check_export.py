@@ -28,16 +28,25 @@ def forward(graph, params, features):
     """Evaluates every node once its inputs are known; answers the loss node's logits."""
     data = graph["data"]
     values = {data.get("features", "image"): features}
+    nodes = {n["id"]: n for n in graph["node"]}
+    # Sources by port: an edge without a port takes the kind's first port not yet fed, in
+    # edge order (docs/MODEL_FORMAT.md).
+    ports = {"add": ["a", "b"], "concat": ["a", "b"]}
     inputs = {}
     for e in graph["edge"]:
-        inputs.setdefault(e["to"], []).append(e["from"])
-    nodes = {n["id"]: n for n in graph["node"]}
+        if e["from"] == data.get("labels", "label"):
+            continue
+        names = ports.get(nodes[e["to"]]["kind"], ["in"])
+        fed = inputs.setdefault(e["to"], {})
+        port = e.get("port") or next(p for p in names if p not in fed)
+        fed[port] = e["from"]
+    inputs = {to: [fed[p] for p in sorted(fed, key=lambda p: (p != "logits", p))] for to, fed in inputs.items()}
     logits = None
     pending = list(nodes)
     while pending:
         progressed = False
         for name in list(pending):
-            srcs = [s for s in inputs.get(name, []) if s != data.get("labels", "label")]
+            srcs = inputs.get(name, [])
             if not all(s in values for s in srcs):
                 continue
             n, xs = nodes[name], [values[s] for s in srcs]
@@ -51,6 +60,16 @@ def forward(graph, params, features):
             elif kind == "gelu":
                 erf = np.vectorize(math.erf, otypes=[np.float64])
                 y = 0.5 * xs[0] * (1.0 + erf(xs[0] / math.sqrt(2.0)))
+            elif kind == "layer_norm":
+                centred = xs[0] - xs[0].mean(axis=1, keepdims=True)
+                var = (centred * centred).mean(axis=1, keepdims=True)
+                y = centred / np.sqrt(var + np.float32(1e-5)) * params[f"{name}.weight"] + params[f"{name}.bias"]
+            elif kind == "dropout":
+                y = xs[0]
+            elif kind == "add":
+                y = xs[0] + xs[1]
+            elif kind == "concat":
+                y = np.concatenate([xs[0], xs[1]], axis=1)
             elif kind == "softmax_cross_entropy":
                 y = logits = xs[0]
             else:

@@ -1,7 +1,7 @@
 //! The math of each node kind, shared by the VNodes and the single-process reference so both
 //! run exactly the same kernels in the same order.
 
-use crate::seed::{Purpose, stream, uniform};
+use crate::seed::{Purpose, stream, stream_path, uniform};
 use burn::tensor::{Tensor, TensorData, activation};
 use dcnr_model::NodeKind;
 use dcnr_model::graph::{AuxHead, ValidNode};
@@ -26,6 +26,8 @@ pub fn init_params(kind: NodeKind, root_seed: u64, vnode: u32) -> HostParams {
         NodeKind::Linear { inputs, outputs } => {
             draw_linear(&mut stream(root_seed, Purpose::Init, vnode as u64), inputs, outputs)
         }
+        // Scale 1, shift 0: the identity on a normalised input, as is usual.
+        NodeKind::LayerNorm { width } => vec![(vec![1, width], vec![1.0; width]), (vec![1, width], vec![0.0; width])],
         _ => Vec::new(),
     }
 }
@@ -47,15 +49,20 @@ pub fn init_node(node: &ValidNode, root_seed: u64) -> HostParams {
 }
 
 /// The name and shape of every parameter tensor a VNode holds, in the order it holds them: a
-/// linear node's `<id>.weight` [inputs, outputs] and `<id>.bias` [outputs], then its auxiliary
-/// head's `<id>.aux.<layer>.weight` and `.bias` (docs/MODEL_FORMAT.md).
+/// linear node's `<id>.weight` [inputs, outputs] and `<id>.bias` [outputs] (a layer_norm's
+/// scale and shift, [width] each, under the same names), then its auxiliary head's
+/// `<id>.aux.<layer>.weight` and `.bias` (docs/MODEL_FORMAT.md).
 pub fn param_layout(node: &ValidNode) -> Vec<(String, Vec<usize>)> {
     let linear = |prefix: String, inputs: usize, outputs: usize| {
         [(format!("{prefix}.weight"), vec![inputs, outputs]), (format!("{prefix}.bias"), vec![outputs])]
     };
     let mut out = Vec::new();
-    if let NodeKind::Linear { inputs, outputs } = node.kind {
-        out.extend(linear(node.name.clone(), inputs, outputs));
+    match node.kind {
+        NodeKind::Linear { inputs, outputs } => out.extend(linear(node.name.clone(), inputs, outputs)),
+        NodeKind::LayerNorm { width } => {
+            out.extend([(format!("{}.weight", node.name), vec![width]), (format!("{}.bias", node.name), vec![width])])
+        }
+        _ => {}
     }
     if let Some(head) = &node.aux {
         for (i, (inputs, outputs)) in head.layers().into_iter().enumerate() {
@@ -68,7 +75,7 @@ pub fn param_layout(node: &ValidNode) -> Vec<(String, Vec<usize>)> {
 /// Number of parameter tensors of the kind itself; an auxiliary head's follow them.
 pub fn own_tensors(kind: NodeKind) -> usize {
     match kind {
-        NodeKind::Linear { .. } => 2,
+        NodeKind::Linear { .. } | NodeKind::LayerNorm { .. } => 2,
         _ => 0,
     }
 }
@@ -93,14 +100,69 @@ pub fn params_to_device(params: &[(Vec<usize>, Vec<f32>)], device: &burn::tensor
         .collect()
 }
 
-/// Forward of a non-loss node on `[batch, width]` inputs.
-pub fn forward(kind: NodeKind, params: &[Tensor<2>], inputs: &[Tensor<2>]) -> Tensor<2> {
+/// What a forward pass is for: training draws dropout masks, evaluation draws nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Evaluation or inference: dropout is the identity.
+    Eval,
+    /// Training step `step` of the node `origin` (its id in pipeline 0) in pipeline `pipeline`.
+    Train {
+        /// The job's root seed.
+        root_seed: u64,
+        /// The node's id in pipeline 0.
+        origin: u32,
+        /// The node's pipeline.
+        pipeline: u32,
+        /// The micro-batch (step) number.
+        step: u64,
+    },
+}
+
+/// The layer_norm's ε, PyTorch's default.
+pub const LAYER_NORM_EPS: f32 = 1e-5;
+
+/// Dropout's multiplier per element of a `[rows, width]` activation: 0 with probability `rate`,
+/// else 1/(1 − rate). Each element compares 24 random bits with the rate, so the mask is a
+/// function of the seed stream alone.
+pub fn dropout_mask(rate: f32, rows: usize, width: usize, pass: Pass) -> Vec<f32> {
+    let Pass::Train { root_seed, origin, pipeline, step } = pass else {
+        return vec![1.0; rows * width];
+    };
+    let mut rng = stream_path(root_seed, Purpose::Dropout, &[origin as u64, pipeline as u64, step]);
+    let threshold = (rate as f64 * 16_777_216.0).round() as u32;
+    let keep = 1.0 / (1.0 - rate);
+    (0..rows * width)
+        .map(|_| {
+            use rand::Rng;
+            if (rng.next_u32() >> 8) >= threshold { keep } else { 0.0 }
+        })
+        .collect()
+}
+
+/// Forward of a non-loss node on `[batch, width]` inputs, one per port.
+pub fn forward(kind: NodeKind, params: &[Tensor<2>], inputs: &[Tensor<2>], pass: Pass) -> Tensor<2> {
     let x = inputs[0].clone();
     match kind {
         NodeKind::Linear { .. } => x.matmul(params[0].clone()) + params[1].clone(),
         NodeKind::Relu => activation::relu(x),
         NodeKind::Tanh => activation::tanh(x),
         NodeKind::Gelu => activation::gelu(x),
+        NodeKind::LayerNorm { .. } => {
+            let centred = x.clone() - x.mean_dim(1);
+            let var = (centred.clone() * centred.clone()).mean_dim(1);
+            centred / (var + LAYER_NORM_EPS).sqrt() * params[0].clone() + params[1].clone()
+        }
+        NodeKind::Dropout { rate } => match pass {
+            Pass::Train { .. } if rate > 0.0 => {
+                let [rows, width] = x.dims();
+                let mask = TensorData::new(dropout_mask(rate, rows, width, pass), [rows, width]);
+                let mask: Tensor<2> = Tensor::from_data(mask, &x.device());
+                x * mask
+            }
+            _ => x,
+        },
+        NodeKind::Add => x + inputs[1].clone(),
+        NodeKind::Concat => Tensor::cat(vec![x, inputs[1].clone()], 1),
         // A loss has no activation output; `loss` computes it.
         NodeKind::SoftmaxCrossEntropy { .. } => x,
     }

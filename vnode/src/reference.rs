@@ -13,7 +13,7 @@ use crate::compact;
 use crate::host::HostTensor;
 use crate::layer;
 use crate::optim::Optimizer;
-use burn::tensor::{Device, Gradients, Tensor};
+use burn::tensor::{Device, Tensor};
 use dcnr_model::graph::{Source, ValidGraph};
 use dcnr_model::{NodeKind, OptimizerSpec, TrainingMode, WireFormat};
 
@@ -23,6 +23,28 @@ pub struct Reference {
     device: Device,
     params: Vec<Vec<Tensor<2>>>,
     optimizers: Vec<Optimizer>,
+    root_seed: u64,
+    /// The data-parallel copy this trainer is, for the streams of dropout masks.
+    pipeline: u32,
+    /// Training steps taken: the next step's number.
+    steps: u64,
+}
+
+/// What a node's forward left for its backward in a reference step.
+enum Recorded {
+    /// The loss: the gradient of its logits.
+    Loss(HostTensor),
+    /// Any other node: its output, inputs and parameters as autodiff leaves, and in local mode
+    /// its auxiliary head's loss.
+    Node(Box<RecordedNode>),
+}
+
+/// A non-loss node's forward, kept for its backward.
+struct RecordedNode {
+    y: Tensor<2>,
+    inputs: Vec<Tensor<2>>,
+    params: Vec<Tensor<2>>,
+    head_loss: Option<Tensor<1>>,
 }
 
 /// Loss and correct predictions of one batch.
@@ -42,7 +64,12 @@ impl Reference {
             graph.nodes.iter().map(|n| layer::params_to_device(&layer::init_node(n, root_seed), &device)).collect();
         let recipe = graph.spec.training.recipe();
         let optimizers = params.iter().map(|p| Optimizer::new(optimizer, recipe, p.len())).collect();
-        Reference { graph: graph.clone(), device, params, optimizers }
+        Reference { graph: graph.clone(), device, params, optimizers, root_seed, pipeline: 0, steps: 0 }
+    }
+
+    /// The pass of node `origin` in the step being taken.
+    fn train_pass(&self, origin: u32) -> layer::Pass {
+        layer::Pass::Train { root_seed: self.root_seed, origin, pipeline: self.pipeline, step: self.steps }
     }
 
     /// The whole chain to the loss. With `packed`, values crossing a block boundary take the
@@ -54,6 +81,7 @@ impl Reference {
         labels: &[i32],
         device: &Device,
         packed: bool,
+        train: bool,
     ) -> Result<(Tensor<1>, Tensor<2>), String> {
         let x = features.to_burn(device).ok_or("features must be f32 [batch, width]")?;
         let mut values: Vec<Option<Tensor<2>>> = vec![None; self.graph.nodes.len()];
@@ -82,128 +110,144 @@ impl Reference {
                 node.layer_inputs().iter().map(value_of).collect::<Option<_>>().ok_or("input missing")?;
             let own = &params[id as usize];
             let own = &own[..layer::own_tensors(node.kind).min(own.len())];
-            values[id as usize] = Some(layer::forward(node.kind, own, &ins));
+            let pass = if train { self.train_pass(node.origin) } else { layer::Pass::Eval };
+            values[id as usize] = Some(layer::forward(node.kind, own, &ins, pass));
         }
         Err("graph has no loss".into())
     }
 
-    /// One training step on a batch: synchronous SGD in exact mode, block by block in local mode.
+    /// One training step on a batch: synchronous SGD in exact mode; in local mode every block
+    /// on its own loss (its head's, or the real loss for the last block).
+    ///
+    /// The step is taken node by node, as the VNodes take it: each node's forward records its
+    /// own autodiff graph over its inputs as leaves, and its backward starts from the sum of its
+    /// consumers' gradients taken in consumer order on the host. A whole-graph autodiff would
+    /// sum the gradients reaching a node with several consumers in its own order, and floating
+    /// point addition is not associative.
     pub fn train_step(&mut self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
-        if self.graph.mode() == TrainingMode::Local {
-            return self.train_step_local(features, labels);
-        }
-        let ad = self.device.clone().autodiff();
-        let leaves: Vec<Vec<Tensor<2>>> =
-            self.params.iter().map(|ps| ps.iter().map(|p| p.clone().autodiff().require_grad()).collect()).collect();
-        let (loss, logits) = self.run(&leaves, features, labels, &ad, false)?;
-        let value = loss.clone().into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-        let logits = HostTensor::from_burn(logits.inner())?;
-        let grads = loss.backward();
-        for (i, ps) in leaves.iter().enumerate() {
-            if ps.is_empty() {
-                continue;
-            }
-            let gs: Vec<Tensor<2>> =
-                ps.iter().map(|p| p.grad(&grads)).collect::<Option<_>>().ok_or("missing gradient")?;
-            self.params[i] = self.optimizers[i].update(&self.params[i], gs);
-        }
-        let classes = self.graph.spec.data.classes;
-        Ok(BatchResult {
-            loss: value.first().copied().unwrap_or(f32::NAN),
-            correct: layer::correct(logits.as_f32().unwrap_or(&[]), labels, classes),
-        })
+        let result = self.train_step_nodes(features, labels);
+        self.steps += 1;
+        result
     }
 
-    /// One local-mode step: every block in order trains on its own loss (its head's, or the real
-    /// loss for the last block), reading earlier blocks' outputs as plain values.
-    fn train_step_local(&mut self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
-        let classes = self.graph.spec.data.classes;
-        let mut crossing: Vec<Option<HostTensor>> = vec![None; self.graph.nodes.len()];
+    fn train_step_nodes(&mut self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
+        let ad = self.device.clone().autodiff();
+        let n = self.graph.nodes.len();
+        let training = &self.graph.spec.training;
+        let (classes, smoothing) = (self.graph.spec.data.classes, training.label_smoothing);
+        // Local mode trains blocks apart, each on values as they arrive over the wire.
+        let packed = self.graph.mode() == TrainingMode::Local && training.wire != WireFormat::F32;
+        let mut outputs: Vec<Option<HostTensor>> = vec![None; n];
+        let mut saved: Vec<Option<Recorded>> = (0..n).map(|_| None).collect();
         let mut result = None;
-        for b in 0..self.graph.blocks.len() as u32 {
-            let ad = self.device.clone().autodiff();
-            let ids = self.graph.block_nodes(b);
-            let mut leaves: Vec<Vec<Tensor<2>>> = vec![Vec::new(); self.graph.nodes.len()];
-            for &id in &ids {
-                leaves[id as usize] =
-                    self.params[id as usize].iter().map(|p| p.clone().autodiff().require_grad()).collect();
-            }
-            let x = features.to_burn(&ad).ok_or("features must be f32 [batch, width]")?;
-            let mut live: Vec<Option<Tensor<2>>> = vec![None; self.graph.nodes.len()];
-            let mut block_loss = None;
-            for &id in &ids {
-                let node = &self.graph.nodes[id as usize];
-                let value_of = |s: &Source| -> Option<Tensor<2>> {
-                    match s {
-                        Source::Node(p) if self.graph.nodes.get(*p as usize)?.block == b => live[*p as usize].clone(),
-                        Source::Node(p) => crossing[*p as usize].as_ref()?.to_burn(&ad),
-                        Source::Features => Some(x.clone()),
-                        Source::Labels => None,
+        for &id in &self.graph.topo {
+            let node = &self.graph.nodes[id as usize];
+            let value_of = |s: &Source| -> Option<HostTensor> {
+                match s {
+                    Source::Node(p) => {
+                        let v = outputs[*p as usize].as_ref()?;
+                        let crosses = self.graph.nodes.get(*p as usize)?.block != node.block;
+                        Some(if packed && crosses { compact::round_trip(v, training.wire) } else { v.clone() })
                     }
-                };
-                if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind {
-                    let logits = value_of(&node.inputs[0]).ok_or("loss input missing")?;
-                    let smoothing = self.graph.spec.training.label_smoothing;
-                    let target =
-                        HostTensor::f32(vec![labels.len(), classes], layer::target(labels, classes, smoothing));
-                    let target = target.to_burn(&ad).ok_or("one-hot")?;
-                    let logits_host = HostTensor::from_burn(logits.clone().inner())?;
-                    block_loss = Some(layer::loss(logits, target));
-                    result = Some(logits_host);
-                    continue;
+                    Source::Features => Some(features.clone()),
+                    Source::Labels => None,
                 }
-                let ins: Vec<Tensor<2>> =
-                    node.layer_inputs().iter().map(value_of).collect::<Option<_>>().ok_or("input missing")?;
-                let ps = &leaves[id as usize];
-                let own = layer::own_tensors(node.kind).min(ps.len());
-                let y = layer::forward(node.kind, &ps[..own], &ins);
-                if node.consumer_crosses_block.iter().any(|&c| c) {
-                    let value = HostTensor::from_burn(y.clone())?;
-                    crossing[id as usize] = Some(compact::round_trip(&value, self.graph.spec.training.wire));
-                }
-                if let Some(head) = &node.aux {
-                    let logits = layer::aux_logits(head, &ps[own..], y.clone()).ok_or("auxiliary head parameters")?;
+            };
+            if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind {
+                let logits = value_of(&node.inputs[0]).ok_or("loss input missing")?;
+                let leaf = logits.to_burn(&ad).ok_or("logits must be f32 [batch, classes]")?.require_grad();
+                let target = HostTensor::f32(vec![labels.len(), classes], layer::target(labels, classes, smoothing));
+                let loss = layer::loss(leaf.clone(), target.to_burn(&ad).ok_or("one-hot")?);
+                let value = loss.clone().into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+                let grads = loss.backward();
+                let dlogits = HostTensor::from_burn(leaf.grad(&grads).ok_or("no gradient for logits")?)?;
+                result = Some((value.first().copied().unwrap_or(f32::NAN), logits));
+                saved[id as usize] = Some(Recorded::Loss(dlogits));
+                continue;
+            }
+            let inputs: Vec<Tensor<2>> = node
+                .layer_inputs()
+                .iter()
+                .enumerate()
+                .map(|(port, s)| {
+                    let x = value_of(s)?.to_burn(&ad)?;
+                    Some(if node.sends_gradient(port) { x.require_grad() } else { x })
+                })
+                .collect::<Option<_>>()
+                .ok_or("input missing")?;
+            let params: Vec<Tensor<2>> =
+                self.params[id as usize].iter().map(|p| p.clone().autodiff().require_grad()).collect();
+            let own = layer::own_tensors(node.kind).min(params.len());
+            let y = layer::forward(node.kind, &params[..own], &inputs, self.train_pass(node.origin));
+            let head_loss = match &node.aux {
+                Some(head) => {
+                    let logits =
+                        layer::aux_logits(head, &params[own..], y.clone()).ok_or("auxiliary head parameters")?;
                     let target =
                         HostTensor::f32(vec![labels.len(), head.classes], layer::one_hot(labels, head.classes));
-                    block_loss = Some(layer::loss(logits, target.to_burn(&ad).ok_or("one-hot")?));
+                    Some(layer::loss(logits, target.to_burn(&ad).ok_or("one-hot")?))
                 }
-                live[id as usize] = Some(y);
-            }
-            let loss = block_loss.ok_or_else(|| format!("block {b} has no loss"))?;
-            let value = loss.clone().into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-            // A block without parameters has nothing to learn (and no recorded graph).
-            if ids.iter().any(|&id| !leaves[id as usize].is_empty()) {
-                let grads = loss.backward();
-                self.apply(&ids, &leaves, &grads)?;
-            }
-            if b + 1 == self.graph.blocks.len() as u32 {
-                let logits = result.take().ok_or("the last block has no loss node")?;
-                return Ok(BatchResult {
-                    loss: value.first().copied().unwrap_or(f32::NAN),
-                    correct: layer::correct(logits.as_f32().unwrap_or(&[]), labels, classes),
-                });
+                None => None,
+            };
+            outputs[id as usize] = Some(HostTensor::from_burn(y.clone().inner())?);
+            saved[id as usize] = Some(Recorded::Node(Box::new(RecordedNode { y, inputs, params, head_loss })));
+        }
+        // Per node, the gradient each consumer sends back, in consumer order.
+        let mut arriving: Vec<Vec<Option<HostTensor>>> =
+            self.graph.nodes.iter().map(|n| vec![None; n.consumers.len()]).collect();
+        for &id in self.graph.topo.iter().rev() {
+            let node = &self.graph.nodes[id as usize];
+            let input_grads: Vec<Option<HostTensor>> = match saved[id as usize].take() {
+                Some(Recorded::Loss(dlogits)) => vec![Some(dlogits)],
+                Some(Recorded::Node(node_pass)) => {
+                    let RecordedNode { y, inputs, params, head_loss } = *node_pass;
+                    if params.is_empty() && !(0..inputs.len()).any(|p| node.sends_gradient(p)) {
+                        continue;
+                    }
+                    let grads = match head_loss {
+                        Some(loss) => loss.backward(),
+                        None => {
+                            let from: Vec<Option<HostTensor>> = arriving[id as usize]
+                                .iter_mut()
+                                .enumerate()
+                                .filter(|(i, _)| node.expects_gradient(*i))
+                                .map(|(_, g)| g.take())
+                                .collect();
+                            let g = crate::vnode::sum_in_order(from).ok_or("missing gradient")?;
+                            (y * g.to_burn(&ad).ok_or("gradient")?).sum().backward()
+                        }
+                    };
+                    if !params.is_empty() {
+                        let gs: Vec<Tensor<2>> =
+                            params.iter().map(|p| p.grad(&grads)).collect::<Option<_>>().ok_or("missing gradient")?;
+                        self.params[id as usize] = self.optimizers[id as usize].update(&self.params[id as usize], gs);
+                    }
+                    inputs
+                        .iter()
+                        .enumerate()
+                        .map(|(port, x)| match node.sends_gradient(port) {
+                            true => x.grad(&grads).map(HostTensor::from_burn).transpose(),
+                            false => Ok(None),
+                        })
+                        .collect::<Result<_, _>>()?
+                }
+                None => continue,
+            };
+            for (port, g) in input_grads.into_iter().enumerate() {
+                if let (Some(g), Some(Source::Node(p))) = (g, node.inputs.get(port)) {
+                    let producer = &self.graph.nodes[*p as usize];
+                    let slot = producer.consumers.iter().position(|c| *c == (id, port as u32)).ok_or("consumer")?;
+                    arriving[*p as usize][slot] = Some(g);
+                }
             }
         }
-        Err("graph has no blocks".into())
-    }
-
-    /// Applies the optimizer of each node in `ids` with the gradients of its leaves.
-    fn apply(&mut self, ids: &[u32], leaves: &[Vec<Tensor<2>>], grads: &Gradients) -> Result<(), String> {
-        for &id in ids {
-            let i = id as usize;
-            if leaves[i].is_empty() {
-                continue;
-            }
-            let gs: Vec<Tensor<2>> =
-                leaves[i].iter().map(|p| p.grad(grads)).collect::<Option<_>>().ok_or("missing gradient")?;
-            self.params[i] = self.optimizers[i].update(&self.params[i], gs);
-        }
-        Ok(())
+        let (loss, logits) = result.ok_or("graph has no loss")?;
+        Ok(BatchResult { loss, correct: layer::correct(logits.as_f32().unwrap_or(&[]), labels, classes) })
     }
 
     /// Forward-only loss and accuracy of a batch with the current parameters.
     pub fn evaluate(&self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
-        let (loss, logits) = self.run(&self.params, features, labels, &self.device, true)?;
+        let (loss, logits) = self.run(&self.params, features, labels, &self.device, true, false)?;
         let value = loss.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
         let logits = HostTensor::from_burn(logits)?;
         Ok(BatchResult {
@@ -251,8 +295,9 @@ impl Pipelines {
         train_samples: usize,
     ) -> Result<Pipelines, String> {
         let zero = graph.pipeline_zero();
-        let copies: Vec<Reference> =
-            (0..graph.pipelines()).map(|_| Reference::new(&zero, optimizer, root_seed)).collect();
+        let copies: Vec<Reference> = (0..graph.pipelines())
+            .map(|p| Reference { pipeline: p, ..Reference::new(&zero, optimizer, root_seed) })
+            .collect();
         let anchor = copies
             .first()
             .map(|c| c.params())

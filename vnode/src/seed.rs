@@ -15,6 +15,9 @@ pub enum Purpose {
     Shuffle,
     /// Initial parameters of a VNode's auxiliary head in local mode (id = VNode id).
     AuxInit,
+    /// A dropout node's mask for one training step (ids = node id in pipeline 0, pipeline,
+    /// step).
+    Dropout,
 }
 
 impl Purpose {
@@ -23,24 +26,37 @@ impl Purpose {
             Purpose::Init => b"init",
             Purpose::Shuffle => b"shuffle",
             Purpose::AuxInit => b"aux-init",
+            Purpose::Dropout => b"dropout",
         }
     }
 }
 
 /// The 32-byte key of one stream.
 pub fn derive(root: u64, purpose: Purpose, id: u64) -> [u8; 32] {
+    derive_path(root, purpose, &[id])
+}
+
+/// The key of a stream named by several ids; with one id it is [`derive`]'s.
+pub fn derive_path(root: u64, purpose: Purpose, ids: &[u64]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"dcnr-seed-v1");
     h.update(root.to_le_bytes());
     h.update((purpose.tag().len() as u32).to_le_bytes());
     h.update(purpose.tag());
-    h.update(id.to_le_bytes());
+    for id in ids {
+        h.update(id.to_le_bytes());
+    }
     h.finalize().into()
 }
 
 /// The ChaCha20 stream for (root, purpose, id).
 pub fn stream(root: u64, purpose: Purpose, id: u64) -> ChaCha20Rng {
     ChaCha20Rng::from_seed(derive(root, purpose, id))
+}
+
+/// The ChaCha20 stream for (root, purpose, ids).
+pub fn stream_path(root: u64, purpose: Purpose, ids: &[u64]) -> ChaCha20Rng {
+    ChaCha20Rng::from_seed(derive_path(root, purpose, ids))
 }
 
 /// A uniform f32 in [-bound, bound) from 24 random bits; spelled out here rather than taken
@@ -61,6 +77,8 @@ mod tests {
         assert_ne!(derive(1, Purpose::Init, 0), derive(1, Purpose::Init, 1));
         assert_ne!(derive(1, Purpose::Init, 0), derive(2, Purpose::Init, 0));
         assert_ne!(derive(1, Purpose::Init, 0), derive(1, Purpose::Shuffle, 0));
+        assert_eq!(derive(1, Purpose::Init, 5), derive_path(1, Purpose::Init, &[5]));
+        assert_ne!(derive_path(1, Purpose::Dropout, &[0, 0, 1]), derive_path(1, Purpose::Dropout, &[0, 1, 0]));
         let mut a = stream(7, Purpose::Init, 3);
         let x = uniform(&mut a, 0.5);
         assert!((-0.5..0.5).contains(&x));

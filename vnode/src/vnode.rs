@@ -66,11 +66,11 @@ impl VNodeSpec {
             .node
             .inputs
             .iter()
-            .map(|s| match (s, self.node.kind) {
-                (Source::Features, NodeKind::Linear { inputs, .. }) => inputs as u64,
-                (Source::Features, _) => self.node.output_width as u64,
-                (Source::Labels, _) => 1,
-                (Source::Node(_), _) => 0,
+            .enumerate()
+            .map(|(port, s)| match s {
+                Source::Features => self.node.input_width(port) as u64,
+                Source::Labels => 1,
+                Source::Node(_) => 0,
             })
             .sum();
         // Saturating: `in_flight` and the widths come from a peer, and a sum that wrapped would
@@ -803,14 +803,11 @@ impl VNode {
                         error: SanityError::Ahead { mb: *mb, limit },
                     });
                 }
-                let checked = match (node.kind, source) {
-                    (NodeKind::SoftmaxCrossEntropy { classes }, Source::Labels) => check_labels(tensor, classes),
-                    (_, Source::Features) if matches!(tensor.data, HostData::U8(_)) => self.screen_pixels(tensor),
-                    (_, Source::Labels) => check_labels(tensor, node.aux.map_or(0, |a| a.classes)),
-                    (NodeKind::Linear { inputs, .. }, _) => check_f32(tensor, &[None, Some(inputs)]),
-                    (NodeKind::SoftmaxCrossEntropy { classes }, _) => check_f32(tensor, &[None, Some(classes)]),
-                    // Element-wise kinds keep their input's width.
-                    _ => check_f32(tensor, &[None, Some(node.output_width)]),
+                let width = node.input_width(*port as usize);
+                let checked = match source {
+                    Source::Labels => check_labels(tensor, width),
+                    Source::Features if matches!(tensor.data, HostData::U8(_)) => self.screen_pixels(tensor, width),
+                    _ => check_f32(tensor, &[None, Some(width)]),
                 };
                 checked.map_err(|error| Rejection { to: node.id, mb: *mb, from, what, error })
             }
@@ -870,15 +867,10 @@ impl VNode {
 
     /// Raw pixels on the features port: the shape of the features they become, and a table
     /// whose every value is sane (so every pixel is).
-    fn screen_pixels(&self, t: &HostTensor) -> Result<(), crate::sanity::SanityError> {
+    fn screen_pixels(&self, t: &HostTensor, width: usize) -> Result<(), crate::sanity::SanityError> {
         use crate::sanity::{MAX_ABS, SanityError, check_u8, check_values};
         let Some(table) = &self.pixel_values else {
             return Err(SanityError::Dtype { expected: "f32", got: "u8" });
-        };
-        let width = match self.spec.node.kind {
-            NodeKind::Linear { inputs, .. } => inputs,
-            NodeKind::SoftmaxCrossEntropy { classes } => classes,
-            _ => self.spec.node.output_width,
         };
         check_u8(t, &[None, Some(width)])?;
         check_values(&table[..], MAX_ABS)
@@ -925,14 +917,20 @@ impl VNode {
             }
             return Ok(());
         }
-        let width = match node.kind {
-            NodeKind::Linear { inputs, .. } => Some(inputs),
-            NodeKind::SoftmaxCrossEntropy { classes } => Some(classes),
-            _ => None,
-        };
-        let ok = t.as_f32().is_some() && t.shape.len() == 2 && t.shape[0] > 0 && width.is_none_or(|w| t.shape[1] == w);
+        let width = node.input_width(port);
+        let ok = t.as_f32().is_some() && t.shape.len() == 2 && t.shape[0] > 0 && t.shape[1] == width;
         if !ok {
-            return Err(shape_err(format!("input port {port} wants f32 [batch, {:?}], got {:?}", width, t.shape)));
+            return Err(shape_err(format!("input port {port} wants f32 [batch, {width}], got {:?}", t.shape)));
+        }
+        Ok(())
+    }
+
+    /// A join's inputs must be of one batch: mismatched rows are a producer's error, which
+    /// must not reach the tensor kernels.
+    fn check_rows(&self, mb: u64, inputs: &[HostTensor]) -> Result<(), VNodeError> {
+        let rows: Vec<usize> = inputs.iter().map(HostTensor::rows).collect();
+        if rows.windows(2).any(|w| w[0] != w[1]) {
+            return Err(VNodeError::Shape { vnode: self.id(), mb, detail: format!("inputs of {rows:?} rows") });
         }
         Ok(())
     }
@@ -1032,13 +1030,20 @@ impl VNode {
             Some(head) if inputs.len() > head.labels_port as usize => Some(inputs.remove(head.labels_port as usize)),
             _ => None,
         };
+        self.check_rows(mb, &inputs)?;
         let n_inputs = inputs.len();
         let leaves = self.inputs_on(inputs, &ad, true);
-        if leaves.len() != n_inputs {
+        if leaves.len() != n_inputs || n_inputs != self.spec.node.kind.ports().len() {
             return Err(self.backend("input could not be loaded".into()));
         }
         let own = layer::own_tensors(self.spec.node.kind).min(params.len());
-        let y = layer::forward(self.spec.node.kind, &params[..own], &leaves);
+        let pass = layer::Pass::Train {
+            root_seed: self.spec.root_seed,
+            origin: self.spec.node.origin,
+            pipeline: self.spec.node.pipeline,
+            step: mb,
+        };
+        let y = layer::forward(self.spec.node.kind, &params[..own], &leaves, pass);
         let aux_loss = match (self.spec.node.aux, labels) {
             (Some(head), Some(labels)) => Some(self.aux_loss(mb, &head, &params[own..], y.clone(), &labels, &ad)?),
             _ => None,
@@ -1241,10 +1246,18 @@ impl VNode {
             out.push(Outbound::Loss { mb, phase: Phase::Eval, loss, correct, count });
             return Ok(());
         }
+        let labels_port = self.spec.node.aux.map(|a| a.labels_port as usize);
+        let inputs: Vec<HostTensor> =
+            inputs.into_iter().enumerate().filter(|(port, _)| Some(*port) != labels_port).map(|(_, t)| t).collect();
+        self.check_rows(mb, &inputs)?;
+        let n_inputs = inputs.len();
         let xs = self.inputs_on(inputs, &self.device, false);
+        if xs.len() != n_inputs || n_inputs != self.spec.node.kind.ports().len() {
+            return Err(self.backend("input could not be loaded".into()));
+        }
         let current = self.current();
         let own = layer::own_tensors(self.spec.node.kind).min(current.len());
-        let y = layer::forward(self.spec.node.kind, &current[..own], &xs);
+        let y = layer::forward(self.spec.node.kind, &current[..own], &xs, layer::Pass::Eval);
         let y = HostTensor::from_burn(y).map_err(|d| self.backend(d))?;
         self.emit_forward(mb, Phase::Eval, y, out);
         Ok(())
@@ -1275,7 +1288,8 @@ fn take_complete(map: &mut BTreeMap<u64, Vec<Option<HostTensor>>>, mb: u64) -> O
 }
 
 /// Sums gradients from several consumers in consumer order, so the float result is canonical.
-fn sum_in_order(gs: Vec<Option<HostTensor>>) -> Option<HostTensor> {
+/// The gradients a node's consumers sent, added in consumer order on the host.
+pub(crate) fn sum_in_order(gs: Vec<Option<HostTensor>>) -> Option<HostTensor> {
     let mut it = gs.into_iter();
     let mut acc = it.next()??;
     for g in it {
