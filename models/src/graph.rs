@@ -10,6 +10,10 @@ use std::collections::{BTreeMap, HashMap};
 
 /// Largest feature width a node may have; beyond it a typo, not a model, is the likely cause.
 pub const MAX_FEATURES: usize = 1 << 20;
+/// Most channels a conv2d may produce.
+pub const MAX_CHANNELS: usize = 1 << 16;
+/// Largest kernel, stride or padding of a convolution or pooling window.
+pub const MAX_WINDOW: usize = 64;
 /// Largest parameter count of one VNode (256 Mi floats = 1 GiB).
 pub const MAX_PARAMS_PER_NODE: usize = 1 << 28;
 /// Most nodes in one graph.
@@ -128,7 +132,15 @@ pub struct DataSpec {
     /// Pixel normalisation `(x/255 - mean) / std`.
     #[serde(default)]
     pub normalize: Normalize,
+    /// The features' spatial shape `[channels, height, width]`, row-major, whose product is
+    /// `feature_size`; convolutions and pooling need it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
 }
+
+/// A per-sample spatial shape `[channels, height, width]`: how a flat row of that many values
+/// is read by convolutions and pooling (row-major).
+pub type Shape = [usize; 3];
 
 fn default_features() -> String {
     "image".into()
@@ -550,6 +562,21 @@ pub struct NodeSpec {
     /// Fraction of activations zeroed in training (dropout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<f32>,
+    /// Output channels (conv2d).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+    /// Square window side (conv2d, max_pool2d, avg_pool2d).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<usize>,
+    /// Window step (conv2d: default 1; pools: default the kernel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride: Option<usize>,
+    /// Zeros added on every side (conv2d; default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padding: Option<usize>,
+    /// The spatial shape a reshape gives its input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
     /// Block this node belongs to; when no node names one, blocks follow from the graph.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<String>,
@@ -601,6 +628,44 @@ pub enum NodeKind {
     Add,
     /// The two inputs side by side: width a + width b.
     Concat,
+    /// 2-D convolution of a `[c, h, w]` input with `channels` square filters, plus a bias.
+    Conv2d {
+        /// Output channels.
+        channels: usize,
+        /// Filter side.
+        kernel: usize,
+        /// Step between windows.
+        stride: usize,
+        /// Zeros on every side.
+        padding: usize,
+        /// The input's shape, known once shapes are inferred.
+        input: Shape,
+    },
+    /// The maximum of each `kernel`×`kernel` window, per channel.
+    MaxPool2d {
+        /// Window side.
+        kernel: usize,
+        /// Step between windows.
+        stride: usize,
+        /// The input's shape, known once shapes are inferred.
+        input: Shape,
+    },
+    /// The mean of each `kernel`×`kernel` window, per channel.
+    AvgPool2d {
+        /// Window side.
+        kernel: usize,
+        /// Step between windows.
+        stride: usize,
+        /// The input's shape, known once shapes are inferred.
+        input: Shape,
+    },
+    /// Forgets the input's spatial shape; the values pass unchanged.
+    Flatten,
+    /// Gives a flat input a spatial shape; the values pass unchanged.
+    Reshape {
+        /// The shape given.
+        shape: Shape,
+    },
     /// Mean softmax cross-entropy of logits against integer labels; starts the backward wave.
     SoftmaxCrossEntropy {
         /// Number of classes (logit width).
@@ -609,8 +674,22 @@ pub enum NodeKind {
 }
 
 /// Names accepted in `kind = "..."`.
-pub const KNOWN_KINDS: &[&str] =
-    &["linear", "relu", "tanh", "gelu", "layer_norm", "dropout", "add", "concat", "softmax_cross_entropy"];
+pub const KNOWN_KINDS: &[&str] = &[
+    "linear",
+    "relu",
+    "tanh",
+    "gelu",
+    "layer_norm",
+    "dropout",
+    "add",
+    "concat",
+    "conv2d",
+    "max_pool2d",
+    "avg_pool2d",
+    "flatten",
+    "reshape",
+    "softmax_cross_entropy",
+];
 
 impl NodeKind {
     /// Input port names, in port order.
@@ -632,6 +711,9 @@ impl NodeKind {
         match *self {
             NodeKind::Linear { inputs, outputs } => inputs * outputs + outputs,
             NodeKind::LayerNorm { width } => 2 * width,
+            NodeKind::Conv2d { channels, kernel, input, .. } => {
+                channels.saturating_mul(input[0].saturating_mul(kernel).saturating_mul(kernel)).saturating_add(channels)
+            }
             _ => 0,
         }
     }
@@ -647,6 +729,11 @@ impl NodeKind {
             NodeKind::Dropout { .. } => "dropout",
             NodeKind::Add => "add",
             NodeKind::Concat => "concat",
+            NodeKind::Conv2d { .. } => "conv2d",
+            NodeKind::MaxPool2d { .. } => "max_pool2d",
+            NodeKind::AvgPool2d { .. } => "avg_pool2d",
+            NodeKind::Flatten => "flatten",
+            NodeKind::Reshape { .. } => "reshape",
             NodeKind::SoftmaxCrossEntropy { .. } => "softmax_cross_entropy",
         }
     }
@@ -681,6 +768,9 @@ pub struct ValidNode {
     /// Per input port, the per-sample width arriving there (for a labels port: the classes).
     #[serde(default)]
     pub input_widths: Vec<usize>,
+    /// The output's spatial shape, when it has one (its product is `output_width`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_shape: Option<Shape>,
     /// Index of this node's block (blocks are numbered in the canonical topological order).
     #[serde(default)]
     pub block: u32,
@@ -781,7 +871,7 @@ impl ModelGraph {
     /// Checks names, kinds, edges, arity, acyclicity, shapes and sizes.
     pub fn validate(self) -> Result<ValidGraph, GraphError> {
         check_sizes(&self)?;
-        let kinds = self.nodes.iter().map(|n| resolve_kind(n, self.data.classes)).collect::<Result<Vec<_>, _>>()?;
+        let mut kinds = self.nodes.iter().map(|n| resolve_kind(n, self.data.classes)).collect::<Result<Vec<_>, _>>()?;
 
         let mut ids: HashMap<&str, u32> = HashMap::new();
         for name in [&self.data.features, &self.data.labels] {
@@ -885,18 +975,20 @@ impl ModelGraph {
         let topo = topo_order(&resolved_inputs).map_err(|i| GraphError::Cycle(self.nodes[i].id.clone()))?;
 
         let mut widths = vec![0usize; kinds.len()];
+        let mut shapes: Vec<Option<Shape>> = vec![None; kinds.len()];
         let mut input_widths = vec![Vec::new(); kinds.len()];
         for &i in &topo {
             let i = i as usize;
-            let in_widths: Vec<usize> = resolved_inputs[i]
+            let layouts: Vec<(usize, Option<Shape>)> = resolved_inputs[i]
                 .iter()
                 .map(|s| match s {
-                    Source::Node(p) => widths[*p as usize],
-                    Source::Features => self.data.feature_size,
-                    Source::Labels => self.data.classes,
+                    Source::Node(p) => (widths[*p as usize], shapes[*p as usize]),
+                    Source::Features => (self.data.feature_size, self.data.shape),
+                    Source::Labels => (self.data.classes, None),
                 })
                 .collect();
-            widths[i] = output_width(kinds[i], &in_widths).map_err(|(port, detail)| {
+            let in_widths: Vec<usize> = layouts.iter().map(|l| l.0).collect();
+            (widths[i], shapes[i]) = output_layout(&mut kinds[i], &layouts).map_err(|(port, detail)| {
                 let from = match &resolved_inputs[i][port] {
                     Source::Node(p) => self.nodes[*p as usize].id.clone(),
                     Source::Features => self.data.features.clone(),
@@ -936,6 +1028,7 @@ impl ModelGraph {
                 consumers: consumers[i].clone(),
                 output_width: widths[i],
                 input_widths: input_widths[i].clone(),
+                output_shape: shapes[i],
                 block: block_of[i],
                 input_crosses_block: resolved_inputs[i]
                     .iter()
@@ -1101,6 +1194,15 @@ fn default_port(kind: NodeKind, src: &Source, fed: &[Vec<Source>]) -> Option<usi
     }
 }
 
+/// A spatial shape: every side at least 1, at most 1048576 values in all.
+fn check_shape(what: &str, shape: Shape) -> Result<(), GraphError> {
+    let total = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if shape.contains(&0) || total.is_none_or(|t| t > MAX_FEATURES) {
+        return Err(out_of_range(what, format!("{shape:?}"), "sides >= 1, at most 1048576 values"));
+    }
+    Ok(())
+}
+
 fn out_of_range(what: impl Into<String>, value: impl ToString, range: &str) -> GraphError {
     GraphError::OutOfRange { what: what.into(), value: value.to_string(), range: range.into() }
 }
@@ -1157,6 +1259,17 @@ fn check_sizes(g: &ModelGraph) -> Result<(), GraphError> {
     }
     if g.data.feature_size == 0 || g.data.feature_size > MAX_FEATURES {
         return Err(out_of_range("data.feature_size", g.data.feature_size, "1..=1048576"));
+    }
+    if let Some(shape) = g.data.shape {
+        check_shape("data.shape", shape)?;
+        let total: usize = shape.iter().product();
+        if total != g.data.feature_size {
+            return Err(out_of_range(
+                "data.shape",
+                format!("{shape:?}"),
+                &format!("channels x height x width = feature_size {}", g.data.feature_size),
+            ));
+        }
     }
     if g.data.classes < 2 || g.data.classes > MAX_FEATURES {
         return Err(out_of_range("data.classes", g.data.classes, "2..=1048576"));
@@ -1258,15 +1371,33 @@ fn resolve_kind(n: &NodeSpec, classes: usize) -> Result<NodeKind, GraphError> {
             )),
         }
     };
-    let no_rate = || -> Result<(), GraphError> {
-        match n.rate {
-            None => Ok(()),
-            Some(r) => Err(out_of_range(format!("node `{}`: rate", n.id), r, "only dropout takes a rate")),
+    // Every field but the widths belongs to a few kinds; anywhere else it is an error.
+    let fields: [(&str, bool, &[&str]); 6] = [
+        ("rate", n.rate.is_some(), &["dropout"]),
+        ("channels", n.channels.is_some(), &["conv2d"]),
+        ("kernel", n.kernel.is_some(), &["conv2d", "max_pool2d", "avg_pool2d"]),
+        ("stride", n.stride.is_some(), &["conv2d", "max_pool2d", "avg_pool2d"]),
+        ("padding", n.padding.is_some(), &["conv2d"]),
+        ("shape", n.shape.is_some(), &["reshape"]),
+    ];
+    for (field, set, kinds) in fields {
+        if set && !kinds.contains(&n.kind.as_str()) {
+            return Err(out_of_range(
+                format!("node `{}`: {field}", n.id),
+                "set",
+                &format!("only {} take it", kinds.join(", ")),
+            ));
         }
-    };
-    if n.kind != "dropout" {
-        no_rate()?;
     }
+    let small = |field: &str, v: Option<usize>, default: Option<usize>, range: std::ops::RangeInclusive<usize>| match v
+        .or(default)
+    {
+        Some(x) if range.contains(&x) => Ok(x),
+        Some(x) => {
+            Err(out_of_range(format!("node `{}`: {field}", n.id), x, &format!("{}..={}", range.start(), range.end())))
+        }
+        None => Err(out_of_range(format!("node `{}`: {field}", n.id), "missing", "required for this kind")),
+    };
     let kind = match n.kind.as_str() {
         "linear" => {
             let k = NodeKind::Linear { inputs: width("inputs", n.inputs)?, outputs: width("outputs", n.outputs)? };
@@ -1309,6 +1440,38 @@ fn resolve_kind(n: &NodeSpec, classes: usize) -> Result<NodeKind, GraphError> {
             no_widths()?;
             NodeKind::Concat
         }
+        "conv2d" => {
+            no_widths()?;
+            NodeKind::Conv2d {
+                channels: small("channels", n.channels, None, 1..=MAX_CHANNELS)?,
+                kernel: small("kernel", n.kernel, None, 1..=MAX_WINDOW)?,
+                stride: small("stride", n.stride, Some(1), 1..=MAX_WINDOW)?,
+                padding: small("padding", n.padding, Some(0), 0..=MAX_WINDOW)?,
+                input: [0; 3],
+            }
+        }
+        "max_pool2d" | "avg_pool2d" => {
+            no_widths()?;
+            let kernel = small("kernel", n.kernel, None, 1..=MAX_WINDOW)?;
+            let stride = small("stride", n.stride, Some(kernel), 1..=MAX_WINDOW)?;
+            if n.kind == "max_pool2d" {
+                NodeKind::MaxPool2d { kernel, stride, input: [0; 3] }
+            } else {
+                NodeKind::AvgPool2d { kernel, stride, input: [0; 3] }
+            }
+        }
+        "flatten" => {
+            no_widths()?;
+            NodeKind::Flatten
+        }
+        "reshape" => {
+            no_widths()?;
+            let shape = n
+                .shape
+                .ok_or_else(|| out_of_range(format!("node `{}`: shape", n.id), "missing", "required for reshape"))?;
+            check_shape(&format!("node `{}`: shape", n.id), shape)?;
+            NodeKind::Reshape { shape }
+        }
         // The class count is a property of the labels, so it comes from `[data]`.
         "softmax_cross_entropy" => {
             no_widths()?;
@@ -1325,7 +1488,73 @@ fn resolve_kind(n: &NodeSpec, classes: usize) -> Result<NodeKind, GraphError> {
     Ok(kind)
 }
 
-/// Output width of a node given the widths arriving on its ports, or (port, reason) on mismatch.
+/// Output width and spatial shape of a node given the widths and shapes arriving on its ports,
+/// or (port, reason) on mismatch. Fills in the input shape a spatial kind was resolved without.
+fn output_layout(
+    kind: &mut NodeKind,
+    layouts: &[(usize, Option<Shape>)],
+) -> Result<(usize, Option<Shape>), (usize, String)> {
+    let ins: Vec<usize> = layouts.iter().map(|l| l.0).collect();
+    let shape = layouts.first().and_then(|l| l.1);
+    let spatial = |what: &str| -> Result<Shape, (usize, String)> {
+        shape.ok_or((0, format!("{what} needs a spatial input: give `[data] shape` or a `reshape` before it")))
+    };
+    let window = |what: &str, kernel: usize, stride: usize, padding: usize, [c, h, w]: Shape| {
+        let (ph, pw) = (h + 2 * padding, w + 2 * padding);
+        if kernel > ph || kernel > pw {
+            return Err((0, format!("{what} window {kernel} is larger than the padded input {ph}x{pw}")));
+        }
+        Ok([c, (ph - kernel) / stride + 1, (pw - kernel) / stride + 1])
+    };
+    let sized = |s: Shape| -> Result<(usize, Option<Shape>), (usize, String)> {
+        let width = s.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|w| *w <= MAX_FEATURES);
+        width.map(|w| (w, Some(s))).ok_or((0, format!("output shape {s:?} exceeds 1048576 values")))
+    };
+    match kind {
+        NodeKind::Conv2d { channels: _, kernel, stride, padding, input } => {
+            let s = spatial("conv2d")?;
+            let [_, oh, ow] = window("conv2d", *kernel, *stride, *padding, s)?;
+            *input = s;
+            if kind.param_count() > MAX_PARAMS_PER_NODE {
+                return Err((0, format!("conv2d has {} parameters (at most 268435456)", kind.param_count())));
+            }
+            let NodeKind::Conv2d { channels, .. } = *kind else { return Err((0, "conv2d".into())) };
+            return sized([channels, oh, ow]);
+        }
+        NodeKind::MaxPool2d { kernel, stride, input } | NodeKind::AvgPool2d { kernel, stride, input } => {
+            let s = spatial("pooling")?;
+            *input = s;
+            return sized(window("pooling", *kernel, *stride, 0, s)?);
+        }
+        NodeKind::Reshape { shape: to } => {
+            let to = *to;
+            let (w, _) = sized(to)?;
+            if w != ins[0] {
+                return Err((0, format!("reshape to {to:?} needs width {w}, gets {}", ins[0])));
+            }
+            return Ok((w, Some(to)));
+        }
+        NodeKind::Flatten => return Ok((ins[0], None)),
+        NodeKind::Relu | NodeKind::Tanh | NodeKind::Gelu | NodeKind::Dropout { .. } | NodeKind::LayerNorm { .. } => {
+            let w = output_width(*kind, &ins)?;
+            return Ok((w, shape));
+        }
+        NodeKind::Add => {
+            let w = output_width(*kind, &ins)?;
+            let (a, b) = (layouts[0].1, layouts.get(1).and_then(|l| l.1));
+            if let (Some(a), Some(b)) = (a, b)
+                && a != b
+            {
+                return Err((1, format!("add joins equal shapes, gets {a:?} and {b:?}")));
+            }
+            return Ok((w, a.or(b)));
+        }
+        _ => {}
+    }
+    output_width(*kind, &ins).map(|w| (w, None))
+}
+
+/// Output width of a flat node given the widths arriving on its ports, or (port, reason).
 fn output_width(kind: NodeKind, ins: &[usize]) -> Result<usize, (usize, String)> {
     match kind {
         NodeKind::Linear { inputs, outputs } => {
@@ -1351,6 +1580,12 @@ fn output_width(kind: NodeKind, ins: &[usize]) -> Result<usize, (usize, String)>
             .checked_add(ins[1])
             .filter(|w| *w <= MAX_FEATURES)
             .ok_or((1, format!("concat width {} + {} exceeds 1048576", ins[0], ins[1]))),
+        // Spatial kinds keep their width here; `output_layout` gives their shapes.
+        NodeKind::Conv2d { .. }
+        | NodeKind::MaxPool2d { .. }
+        | NodeKind::AvgPool2d { .. }
+        | NodeKind::Flatten
+        | NodeKind::Reshape { .. } => Ok(ins[0]),
         NodeKind::SoftmaxCrossEntropy { .. } => {
             if ins[0] != ins[1] {
                 return Err((0, format!("logits have width {}, but the labels have {} classes", ins[0], ins[1])));

@@ -76,6 +76,11 @@ fn node(id: &str, kind: &str, widths: Option<(usize, usize)>) -> NodeSpec {
         inputs: widths.map(|w| w.0),
         outputs: widths.map(|w| w.1),
         rate: None,
+        channels: None,
+        kernel: None,
+        stride: None,
+        padding: None,
+        shape: None,
         block: None,
     }
 }

@@ -24,11 +24,22 @@ def idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def windows(x, shape, kernel, stride, padding=0):
+    """A flat [n, c*h*w] batch as [n, c, oh, ow, kernel, kernel] windows."""
+    c, h, w = shape
+    x = x.reshape(-1, c, h, w)
+    if padding:
+        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    v = np.lib.stride_tricks.sliding_window_view(x, (kernel, kernel), axis=(2, 3))
+    return v[:, :, ::stride, ::stride]
+
+
 def forward(graph, params, features):
     """Evaluates every node once its inputs are known; answers the loss node's logits."""
     data = graph["data"]
     values = {data.get("features", "image"): features}
     nodes = {n["id"]: n for n in graph["node"]}
+    shapes = {data.get("features", "image"): data.get("shape")}
     # Sources by port: an edge without a port takes the kind's first port not yet fed, in
     # edge order (docs/MODEL_FORMAT.md).
     ports = {"add": ["a", "b"], "concat": ["a", "b"]}
@@ -51,6 +62,8 @@ def forward(graph, params, features):
                 continue
             n, xs = nodes[name], [values[s] for s in srcs]
             kind = n["kind"]
+            shape = shapes.get(srcs[0]) if srcs else None
+            out_shape = shape if kind in ("relu", "tanh", "gelu", "dropout", "layer_norm", "add") else None
             if kind == "linear":
                 y = xs[0] @ params[f"{name}.weight"] + params[f"{name}.bias"]
             elif kind == "relu":
@@ -70,11 +83,30 @@ def forward(graph, params, features):
                 y = xs[0] + xs[1]
             elif kind == "concat":
                 y = np.concatenate([xs[0], xs[1]], axis=1)
+            elif kind == "conv2d":
+                k, st, pad = n["kernel"], n.get("stride", 1), n.get("padding", 0)
+                win = windows(xs[0], shape, k, st, pad)  # [n, c, oh, ow, k, k]
+                wgt = params[f"{name}.weight"]  # [out, c, k, k]
+                y = np.einsum("ncxyij,ocij->noxy", win, wgt, optimize=True)
+                y = y + params[f"{name}.bias"][None, :, None, None]
+                out_shape = list(y.shape[1:])
+                y = y.reshape(y.shape[0], -1)
+            elif kind in ("max_pool2d", "avg_pool2d"):
+                k = n["kernel"]
+                win = windows(xs[0], shape, k, n.get("stride", k))
+                y = win.max(axis=(4, 5)) if kind == "max_pool2d" else win.mean(axis=(4, 5))
+                out_shape = list(y.shape[1:])
+                y = y.reshape(y.shape[0], -1)
+            elif kind == "flatten":
+                y = xs[0]
+            elif kind == "reshape":
+                y, out_shape = xs[0], n["shape"]
             elif kind == "softmax_cross_entropy":
                 y = logits = xs[0]
             else:
                 raise SystemExit(f"node {name}: kind {kind} is not supported by this check")
             values[name] = y.astype(np.float32)
+            shapes[name] = out_shape
             pending.remove(name)
             progressed = True
         if not progressed:

@@ -72,3 +72,30 @@ fn joins_and_normalisation_train_on_the_mesh_bit_for_bit_and_export_to_numpy() {
     let py = Command::new("python3").arg(&check).arg(&target).arg(data_dir()).output().expect("python3 runs");
     assert!(py.status.success(), "{}\n{}", String::from_utf8_lossy(&py.stdout), String::from_utf8_lossy(&py.stderr));
 }
+
+#[test]
+fn a_cnn_trains_on_the_mesh_bit_for_bit_and_exports_to_numpy() {
+    // conv2d with padding and stride, max and average pooling and flatten: the mesh equals
+    // train-local, and numpy's own convolution of the exported filters gets the same accuracy.
+    let model = fixture("tiny-cnn.toml");
+    let out = run(&["train-local", model.to_str().unwrap(), "--json"], T).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference = last_json(&out.stdout).unwrap();
+    let mesh = Mesh::start(2).unwrap();
+    let s = mesh.submit_wait(&model, &[]).unwrap();
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(s["params_sha256"], reference["params_sha256"], "mesh differs from train-local");
+    assert_eq!(s["test_accuracy"], reference["test_accuracy"]);
+    assert!(s["test_accuracy"].as_f64().unwrap() > 0.7, "{s}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = mesh.artifacts.path().to_str().unwrap().to_string();
+    let job = s["job_id"].as_str().unwrap();
+    let target = dir.path().join("model");
+    let r = run(&["export", job, "-o", target.to_str().unwrap(), "--store", &store, "--json"], T).unwrap();
+    assert_eq!(r.status.code(), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(last_json(&r.stdout).unwrap()["tensors"], 6, "conv1, conv2 and head, weight and bias");
+    let check = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python").join("check_export.py");
+    let py = Command::new("python3").arg(&check).arg(&target).arg(data_dir()).output().expect("python3 runs");
+    assert!(py.status.success(), "{}\n{}", String::from_utf8_lossy(&py.stdout), String::from_utf8_lossy(&py.stderr));
+}

@@ -2,6 +2,8 @@
 //! run exactly the same kernels in the same order.
 
 use crate::seed::{Purpose, stream, stream_path, uniform};
+use burn::tensor::module::{avg_pool2d, conv2d, max_pool2d};
+use burn::tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
 use burn::tensor::{Tensor, TensorData, activation};
 use dcnr_model::NodeKind;
 use dcnr_model::graph::{AuxHead, ValidNode};
@@ -13,10 +15,16 @@ pub type HostParams = Vec<(Vec<usize>, Vec<f32>)>;
 /// Weight [inputs, outputs] then bias [1, outputs], both U(-1/sqrt(inputs), 1/sqrt(inputs)),
 /// drawn in that order from `rng`.
 fn draw_linear(rng: &mut ChaCha20Rng, inputs: usize, outputs: usize) -> HostParams {
-    let bound = 1.0 / (inputs as f32).sqrt();
-    let w = (0..inputs * outputs).map(|_| uniform(rng, bound)).collect();
-    let b = (0..outputs).map(|_| uniform(rng, bound)).collect();
-    vec![(vec![inputs, outputs], w), (vec![1, outputs], b)]
+    draw_affine(rng, [inputs, outputs], outputs, inputs)
+}
+
+/// A weight of `shape` then a bias `[1, bias]`, both U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn
+/// in that order from `rng` (PyTorch's default bound for linear and convolution layers).
+fn draw_affine(rng: &mut ChaCha20Rng, shape: [usize; 2], bias: usize, fan_in: usize) -> HostParams {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let w = (0..shape[0] * shape[1]).map(|_| uniform(rng, bound)).collect();
+    let b = (0..bias).map(|_| uniform(rng, bound)).collect();
+    vec![(shape.to_vec(), w), (vec![1, bias], b)]
 }
 
 /// Initial parameters of a node, drawn from its own ChaCha stream: for linear, weight
@@ -27,6 +35,11 @@ pub fn init_params(kind: NodeKind, root_seed: u64, vnode: u32) -> HostParams {
             draw_linear(&mut stream(root_seed, Purpose::Init, vnode as u64), inputs, outputs)
         }
         // Scale 1, shift 0: the identity on a normalised input, as is usual.
+        // Filters [channels, c·k·k] (each row one filter, row-major [c, k, k]), as linear's.
+        NodeKind::Conv2d { channels, kernel, input, .. } => {
+            let fan_in = input[0] * kernel * kernel;
+            draw_affine(&mut stream(root_seed, Purpose::Init, vnode as u64), [channels, fan_in], channels, fan_in)
+        }
         NodeKind::LayerNorm { width } => vec![(vec![1, width], vec![1.0; width]), (vec![1, width], vec![0.0; width])],
         _ => Vec::new(),
     }
@@ -62,6 +75,10 @@ pub fn param_layout(node: &ValidNode) -> Vec<(String, Vec<usize>)> {
         NodeKind::LayerNorm { width } => {
             out.extend([(format!("{}.weight", node.name), vec![width]), (format!("{}.bias", node.name), vec![width])])
         }
+        NodeKind::Conv2d { channels, kernel, input, .. } => out.extend([
+            (format!("{}.weight", node.name), vec![channels, input[0], kernel, kernel]),
+            (format!("{}.bias", node.name), vec![channels]),
+        ]),
         _ => {}
     }
     if let Some(head) = &node.aux {
@@ -75,7 +92,7 @@ pub fn param_layout(node: &ValidNode) -> Vec<(String, Vec<usize>)> {
 /// Number of parameter tensors of the kind itself; an auxiliary head's follow them.
 pub fn own_tensors(kind: NodeKind) -> usize {
     match kind {
-        NodeKind::Linear { .. } | NodeKind::LayerNorm { .. } => 2,
+        NodeKind::Linear { .. } | NodeKind::LayerNorm { .. } | NodeKind::Conv2d { .. } => 2,
         _ => 0,
     }
 }
@@ -162,6 +179,31 @@ pub fn forward(kind: NodeKind, params: &[Tensor<2>], inputs: &[Tensor<2>], pass:
             _ => x,
         },
         NodeKind::Add => x + inputs[1].clone(),
+        NodeKind::Conv2d { channels, kernel, stride, padding, input: [c, h, w] } => {
+            let rows = x.dims()[0];
+            let filters: Tensor<4> = params[0].clone().reshape([channels, c, kernel, kernel]);
+            let bias: Tensor<1> = params[1].clone().reshape([channels]);
+            let options = ConvOptions::new([stride, stride], [padding, padding], [1, 1], 1);
+            let y = conv2d(x.reshape([rows, c, h, w]), filters, Some(bias), options);
+            let [_, oc, oh, ow] = y.dims();
+            y.reshape([rows, oc * oh * ow])
+        }
+        NodeKind::MaxPool2d { kernel, stride, input: [c, h, w] } => {
+            let rows = x.dims()[0];
+            let options = MaxPoolOptions::new([kernel, kernel]).with_stride([stride, stride]);
+            let y = max_pool2d(x.reshape([rows, c, h, w]), options);
+            let [_, oc, oh, ow] = y.dims();
+            y.reshape([rows, oc * oh * ow])
+        }
+        NodeKind::AvgPool2d { kernel, stride, input: [c, h, w] } => {
+            let rows = x.dims()[0];
+            let options = AvgPoolOptions::new([kernel, kernel]).with_stride([stride, stride]);
+            let y = avg_pool2d(x.reshape([rows, c, h, w]), options);
+            let [_, oc, oh, ow] = y.dims();
+            y.reshape([rows, oc * oh * ow])
+        }
+        // The values are the same row-major numbers; only the graph's view of them changes.
+        NodeKind::Flatten | NodeKind::Reshape { .. } => x,
         NodeKind::Concat => Tensor::cat(vec![x, inputs[1].clone()], 1),
         // A loss has no activation output; `loss` computes it.
         NodeKind::SoftmaxCrossEntropy { .. } => x,

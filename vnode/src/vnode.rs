@@ -76,8 +76,16 @@ impl VNodeSpec {
         // Saturating: `in_flight` and the widths come from a peer, and a sum that wrapped would
         // slip under any limit.
         let fed = (batch as u64).saturating_mul(data_width).saturating_mul(k.saturating_mul(2) + crate::FEED_AHEAD + 8);
+        // A convolution unfolds its input into one column per output position while it runs.
+        let scratch = match self.node.kind {
+            NodeKind::Conv2d { kernel, input, .. } => (batch as u64)
+                .saturating_mul((input[0] * kernel * kernel) as u64)
+                .saturating_mul((self.node.output_width / self.node.output_shape.map_or(1, |s| s[0].max(1))) as u64),
+            _ => 0,
+        };
         let words = params
             .saturating_mul(k.saturating_add(3 + averaging))
+            .saturating_add(scratch)
             .saturating_add(acts.saturating_mul(k.saturating_add(2)))
             .saturating_add(fed);
         words.saturating_mul(4)
