@@ -1385,7 +1385,7 @@ fn resolve_kind(n: &NodeSpec, classes: usize) -> Result<NodeKind, GraphError> {
             return Err(out_of_range(
                 format!("node `{}`: {field}", n.id),
                 "set",
-                &format!("only {} take it", kinds.join(", ")),
+                &format!("only for {}", kinds.join(", ")),
             ));
         }
     }

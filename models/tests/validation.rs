@@ -165,7 +165,10 @@ fn unknown_kind_is_named() {
         GraphError::UnknownKind {
             node: "relu1".into(),
             kind: "swish".into(),
-            known: "linear, relu, tanh, gelu, layer_norm, dropout, add, concat, softmax_cross_entropy".into()
+            known:
+                "linear, relu, tanh, gelu, layer_norm, dropout, add, concat, conv2d, max_pool2d, avg_pool2d, flatten, \
+                    reshape, softmax_cross_entropy"
+                    .into()
         }
     );
     assert!(msg.contains("`relu1`") && msg.contains("`swish`") && msg.contains("softmax_cross_entropy"), "{msg}");
@@ -876,7 +879,7 @@ fn new_kinds_give_precise_errors() {
         ),
         (
             BASE.replace("kind = \"relu\"", "kind = \"relu\"\nrate = 0.5"),
-            "node `relu1`: rate = 0.5 is out of range (only dropout takes a rate)",
+            "node `relu1`: rate = set is out of range (only for dropout)",
         ),
     ];
     for (text, want) in cases {
@@ -900,4 +903,69 @@ fn concat_widths_add_up_and_layer_norm_takes_only_inputs() {
         .replace("inputs = 5\n\n[[node]]\nid = \"drop\"", "inputs = 5\noutputs = 5\n\n[[node]]\nid = \"drop\"");
     let msg = ModelGraph::parse_valid(&ln).unwrap_err().to_string();
     assert!(msg.contains("layer_norm takes only inputs"), "{msg}");
+}
+
+/// BASE with fc1 replaced by `conv` (the given fields) -> `flat` -> fc1 linear(w, 5), and
+/// `[data]` extended by `data`.
+fn spatial(data: &str, conv: &str, width: usize) -> String {
+    BASE.replace("classes = 3\n", &format!("classes = 3\n{data}\n"))
+        .replacen(
+            "[[node]]\nid = \"fc1\"\nkind = \"linear\"\ninputs = 4",
+            &format!("[[node]]\nid = \"conv\"\n{conv}\n\n[[node]]\nid = \"flat\"\nkind = \"flatten\"\n\n[[node]]\nid = \"fc1\"\nkind = \"linear\"\ninputs = {width}"),
+            1,
+        )
+        .replacen(
+            "[[edge]]\nfrom = \"image\"\nto = \"fc1\"",
+            "[[edge]]\nfrom = \"image\"\nto = \"conv\"\n\n[[edge]]\nfrom = \"conv\"\nto = \"flat\"\n\n[[edge]]\nfrom = \"flat\"\nto = \"fc1\"",
+            1,
+        )
+}
+
+#[test]
+fn spatial_kinds_carry_shapes_and_give_precise_errors() {
+    // image [1, 2, 2] -> conv (3 channels, 2x2, padding 1) = [3, 3, 3] -> flat -> fc1(27, 5).
+    let conv = "kind = \"conv2d\"\nchannels = 3\nkernel = 2\npadding = 1";
+    let g = ModelGraph::parse_valid(&spatial("shape = [1, 2, 2]", conv, 27)).unwrap();
+    assert_eq!(g.nodes[0].kind, NodeKind::Conv2d { channels: 3, kernel: 2, stride: 1, padding: 1, input: [1, 2, 2] });
+    assert_eq!((g.nodes[0].output_shape, g.nodes[0].output_width, g.nodes[0].param_count()), (Some([3, 3, 3]), 27, 15));
+    assert_eq!((g.nodes[1].output_shape, g.nodes[1].output_width), (None, 27));
+
+    let cases = [
+        (spatial("", conv, 27), "conv2d needs a spatial input: give `[data] shape` or a `reshape` before it"),
+        (
+            spatial("shape = [1, 2, 3]", conv, 27),
+            "data.shape = [1, 2, 3] is out of range (channels x height x width = feature_size 4)",
+        ),
+        (
+            spatial("shape = [1, 2, 2]", "kind = \"conv2d\"\nchannels = 3\nkernel = 5", 27),
+            "conv2d window 5 is larger than the padded input 2x2",
+        ),
+        (
+            spatial("shape = [1, 2, 2]", "kind = \"conv2d\"\nkernel = 2", 27),
+            "node `conv`: channels = missing is out of range (required for this kind)",
+        ),
+        (
+            spatial("shape = [1, 2, 2]", "kind = \"conv2d\"\nchannels = 3\nkernel = 2\nstride = 0", 27),
+            "node `conv`: stride = 0 is out of range (1..=64)",
+        ),
+        (spatial("shape = [1, 2, 2]", conv, 12), "linear expects 12 input features, gets 27"),
+        (spatial("", "kind = \"reshape\"\nshape = [2, 2, 2]", 8), "reshape to [2, 2, 2] needs width 8, gets 4"),
+        (
+            spatial("", "kind = \"max_pool2d\"\nkernel = 2\npadding = 1", 1),
+            "node `conv`: padding = set is out of range (only for conv2d)",
+        ),
+        (
+            BASE.replace("kind = \"relu\"", "kind = \"relu\"\nkernel = 3"),
+            "node `relu1`: kernel = set is out of range (only for conv2d, max_pool2d, avg_pool2d)",
+        ),
+    ];
+    for (text, want) in cases {
+        let msg = ModelGraph::parse_valid(&text).unwrap_err().to_string();
+        assert!(msg.contains(want), "want {want:?} in: {msg}");
+    }
+    // A reshape gives a flat input the shape a pool needs.
+    let text = spatial("", "kind = \"reshape\"\nshape = [1, 2, 2]", 4)
+        .replace("id = \"flat\"\nkind = \"flatten\"", "id = \"flat\"\nkind = \"avg_pool2d\"\nkernel = 1");
+    let g = ModelGraph::parse_valid(&text).unwrap();
+    assert_eq!(g.nodes[1].kind, NodeKind::AvgPool2d { kernel: 1, stride: 1, input: [1, 2, 2] });
 }
