@@ -447,3 +447,83 @@ fn joins_normalisation_and_dropout_are_bit_identical_to_the_reference_in_any_ord
     let plain = ModelGraph::parse_valid(&JOINS.replace("rate = 0.3", "rate = 0.0")).unwrap();
     assert_ne!(reference(&plain, 30).0, want);
 }
+
+/// image [1, 2, 3] -> conv (2 channels, 2x2, padding 1) = [2, 3, 4] -> max_pool (2x2, stride 1)
+/// = [2, 2, 3] -> avg_pool (2x2, stride 1) = [2, 1, 2] -> flatten -> linear(4, 3) -> loss.
+const SPATIAL: &str = r#"
+[model]
+name = "spatial"
+[data]
+dataset = "synthetic"
+feature_size = 6
+classes = 3
+shape = [1, 2, 3]
+[training]
+batch_size = 5
+[optimizer]
+kind = "adam"
+lr = 0.01
+[[node]]
+id = "conv"
+kind = "conv2d"
+channels = 2
+kernel = 2
+padding = 1
+[[node]]
+id = "mp"
+kind = "max_pool2d"
+kernel = 2
+stride = 1
+[[node]]
+id = "ap"
+kind = "avg_pool2d"
+kernel = 2
+stride = 1
+[[node]]
+id = "flat"
+kind = "flatten"
+[[node]]
+id = "fc"
+kind = "linear"
+inputs = 4
+outputs = 3
+[[node]]
+id = "loss"
+kind = "softmax_cross_entropy"
+[[edge]]
+from = "image"
+to = "conv"
+[[edge]]
+from = "conv"
+to = "mp"
+[[edge]]
+from = "mp"
+to = "ap"
+[[edge]]
+from = "ap"
+to = "flat"
+[[edge]]
+from = "flat"
+to = "fc"
+[[edge]]
+from = "fc"
+to = "loss"
+[[edge]]
+from = "label"
+to = "loss"
+"#;
+
+#[test]
+fn convolutions_and_pooling_are_bit_identical_to_the_reference_and_restore_midway() {
+    let g = ModelGraph::parse_valid(SPATIAL).unwrap();
+    let (want, want_losses) = reference(&g, 30);
+    for order in 0..3 {
+        let (got, losses) = mesh(&g, 30, 1, order);
+        assert_eq!(got, want, "parameters differ with delivery order {order}");
+        assert_eq!(losses, want_losses);
+    }
+    assert_eq!(mesh_with_restart(&g, 30, 30, 1), mesh_with_restart(&g, 11, 30, 1));
+    // Pipelined, every delivery order still gives one result.
+    let (first, _) = mesh(&g, 30, 3, 7);
+    assert_eq!(mesh(&g, 30, 3, 8).0, first);
+}
