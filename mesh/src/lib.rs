@@ -10,6 +10,7 @@
 //! `vnode` only, so `orchestrator` and `pnode` can share it without depending on each other.
 
 pub mod convert;
+pub mod discovery;
 pub mod exposition;
 pub mod link;
 pub mod signal;

@@ -7,9 +7,14 @@ use std::time::Duration;
 /// Flags of `pnode`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PnodeArgs {
-    /// Orchestrator to join.
+    /// Orchestrator to join: a URL, or several comma-separated, or `dns:NAME` (the SRV records
+    /// of `_dcnr._tcp.NAME` list orchestrators; a TXT record there may pin the CA with
+    /// `dcnr-ca-sha256=HEX`). The first that accepts a connection is joined.
     #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "https://127.0.0.1:7070")]
     pub orchestrator: String,
+    /// DNS server for `dns:` names (default: this machine's resolver configuration).
+    #[arg(long, env = "DCNR_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
     /// Address to serve VNode traffic on (port 0 picks a free port).
     #[arg(long, env = "DCNR_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,

@@ -19,6 +19,7 @@ pub mod actors;
 pub mod capabilities;
 pub mod config;
 pub mod datasets;
+pub mod discover;
 pub use dcnr_vnode::fault;
 pub mod identity;
 pub mod membership;
@@ -39,6 +40,7 @@ use tokio::net::TcpListener;
 /// Runs a PNode until Ctrl-C/SIGTERM. Must run inside an actix
 /// System (see [`run_blocking`]).
 pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
+    discover::check(&args)?;
     // Before any connection opens: connections keep the settings they were opened with.
     let shape = args.link_shape()?;
     dcnr_proto::shaping::configure(shape)?;
@@ -51,6 +53,7 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         let at = metrics::start_pnode_exporter(addr).await?;
         tracing::info!(%at, "serving metrics at http://{at}/metrics");
     }
+    let args = discover::choose(&args).await?;
     let tls = pinning::setup(&args).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let endpoint = args.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));

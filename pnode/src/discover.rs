@@ -1,0 +1,88 @@
+//! Which orchestrator to join: the `--orchestrator` list resolved (`dcnr_mesh::discovery`),
+//! then the first candidate that answers (with TLS: completes a handshake, and presents the
+//! pinned CA when a pin is known), retried until `--connect-timeout-s`.
+
+use crate::config::PnodeArgs;
+use anyhow::Context as _;
+use dcnr_mesh::discovery::{Candidate, Discovery, Source, parse_sources};
+use std::time::{Duration, Instant};
+
+/// How long one candidate gets to accept a connection before the next is tried.
+const PROBE: Duration = Duration::from_secs(1);
+
+/// `args` with `orchestrator` set to the chosen URL, and `ca_sha256` to the pin DNS published
+/// when neither `--ca` nor `--ca-sha256` was given. A single URL is used as it is.
+pub async fn choose(args: &PnodeArgs) -> anyhow::Result<PnodeArgs> {
+    let sources = parse_sources(&args.orchestrator)?;
+    if let [Source::Url(url)] = sources.as_slice() {
+        return Ok(PnodeArgs { orchestrator: url.clone(), ..args.clone() });
+    }
+    let scheme = if args.insecure_plaintext { "http" } else { "https" };
+    let discovery = Discovery::new(args.dns_server)?;
+    let deadline = Instant::now() + args.connect_timeout();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        // Resolved afresh on every round: DNS may change while nothing answers.
+        let candidates = discovery.candidates(&sources, scheme).await;
+        match &candidates {
+            Ok(found) => {
+                tracing::debug!(candidates = ?found.iter().map(|c| &c.url).collect::<Vec<_>>(), "orchestrators found");
+                for c in found {
+                    let chosen = adopt(args, c);
+                    if answers(&chosen).await {
+                        tracing::info!(orchestrator = %c.url, pinned = chosen.ca_sha256.is_some(), "joining");
+                        return Ok(chosen);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "discovery failed; retrying"),
+        }
+        if Instant::now() + wait >= deadline {
+            let why = match candidates {
+                Ok(found) => format!("none of {} candidate(s) answered", found.len()),
+                Err(e) => e.to_string(),
+            };
+            anyhow::bail!("no orchestrator reachable from `{}`: {why}", args.orchestrator);
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn adopt(args: &PnodeArgs, c: &Candidate) -> PnodeArgs {
+    let pin = match (&args.ca, &args.ca_sha256) {
+        (None, None) => c.ca_sha256.clone(),
+        _ => args.ca_sha256.clone(),
+    };
+    PnodeArgs { orchestrator: c.url.clone(), ca_sha256: pin, ..args.clone() }
+}
+
+/// Whether the orchestrator `args` now names answers within [`PROBE`]: in plaintext mode it
+/// accepts a TCP connection; with TLS it completes a handshake and, when `--ca-sha256` or DNS
+/// gave a pin, presents that CA (a candidate that does not is passed over, and said so).
+async fn answers(args: &PnodeArgs) -> bool {
+    let url = args.orchestrator.as_str();
+    if args.insecure_plaintext {
+        let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let authority = authority.split('/').next().unwrap_or(authority);
+        return matches!(tokio::time::timeout(PROBE, tokio::net::TcpStream::connect(authority)).await, Ok(Ok(_)));
+    }
+    match tokio::time::timeout(PROBE, dcnr_proto::tls::fetch_server_ca(url)).await {
+        Ok(Ok(ca)) => match &args.ca_sha256 {
+            Some(pin) => match dcnr_proto::tls::check_pin(&ca, pin) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(orchestrator = %url, error = %e, "passing over an orchestrator with another CA");
+                    false
+                }
+            },
+            None => true,
+        },
+        _ => false,
+    }
+}
+
+/// The `--orchestrator` value, checked early so a typo fails before anything else starts.
+pub fn check(args: &PnodeArgs) -> anyhow::Result<()> {
+    parse_sources(&args.orchestrator).map(|_| ()).context("invalid --orchestrator")
+}
