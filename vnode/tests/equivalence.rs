@@ -432,15 +432,22 @@ from = "label"
 to = "loss"
 "#;
 
-#[test]
-fn joins_normalisation_and_dropout_are_bit_identical_to_the_reference_in_any_order() {
-    let g = ModelGraph::parse_valid(JOINS).unwrap();
-    let (want, want_losses) = reference(&g, 30);
+/// The in-memory mesh, synchronous, in three delivery orders, equals the reference after
+/// `steps` steps, losses included; returns the reference's parameters.
+fn assert_equals_reference_in_any_order(g: &ValidGraph, steps: u64) -> Vec<Vec<HostTensor>> {
+    let (want, want_losses) = reference(g, steps);
     for order in 0..3 {
-        let (got, losses) = mesh(&g, 30, 1, order);
+        let (got, losses) = mesh(g, steps, 1, order);
         assert_eq!(got, want, "parameters differ with delivery order {order}");
         assert_eq!(losses, want_losses);
     }
+    want
+}
+
+#[test]
+fn joins_normalisation_and_dropout_are_bit_identical_to_the_reference_in_any_order() {
+    let g = ModelGraph::parse_valid(JOINS).unwrap();
+    let want = assert_equals_reference_in_any_order(&g, 30);
     // Dropout's masks are part of the step, so a restart midway redraws the same ones.
     assert_eq!(mesh_with_restart(&g, 30, 30, 1), mesh_with_restart(&g, 13, 30, 1));
     // And they matter: without dropout the result differs.
@@ -516,12 +523,7 @@ to = "loss"
 #[test]
 fn convolutions_and_pooling_are_bit_identical_to_the_reference_and_restore_midway() {
     let g = ModelGraph::parse_valid(SPATIAL).unwrap();
-    let (want, want_losses) = reference(&g, 30);
-    for order in 0..3 {
-        let (got, losses) = mesh(&g, 30, 1, order);
-        assert_eq!(got, want, "parameters differ with delivery order {order}");
-        assert_eq!(losses, want_losses);
-    }
+    assert_equals_reference_in_any_order(&g, 30);
     assert_eq!(mesh_with_restart(&g, 30, 30, 1), mesh_with_restart(&g, 11, 30, 1));
     // Pipelined, every delivery order still gives one result.
     let (first, _) = mesh(&g, 30, 3, 7);

@@ -1,8 +1,11 @@
 //! Finite-difference gradient checks of every VNode kind (linear, relu, tanh, gelu, softmax cross-entropy), driven through the public VNode API.
 
+mod common;
+
+use common::{assert_close, f32s, random, sgd_vnode};
 use dcnr_model::graph::{ValidGraph, ValidNode};
-use dcnr_model::{ModelGraph, NodeKind, OptimizerSpec};
-use dcnr_vnode::{HostTensor, Inbound, Outbound, Phase, VNode, VNodeSpec};
+use dcnr_model::{ModelGraph, NodeKind};
+use dcnr_vnode::{HostTensor, Inbound, Outbound, Phase, VNode};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -81,35 +84,8 @@ fn graph() -> ValidGraph {
     ModelGraph::parse_valid(GRAPH).unwrap()
 }
 
-/// SGD with lr = 1 and no momentum: an update subtracts exactly the gradient.
 fn vnode(node: &ValidNode) -> VNode {
-    VNode::new(VNodeSpec {
-        node: node.clone(),
-        optimizer: OptimizerSpec::Sgd { lr: 1.0, momentum: 0.0 },
-        recipe: Default::default(),
-        root_seed: SEED,
-        in_flight: 1,
-        averaging: None,
-    })
-}
-
-fn random(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(lo..hi)).collect()
-}
-
-fn f32s(t: &HostTensor) -> Vec<f32> {
-    t.as_f32().unwrap().to_vec()
-}
-
-/// Asserts `got` (analytic) matches `want` (numeric) within 1% relative error, with an absolute
-/// floor of 0.2% of the largest numeric entry so near-zero entries do not demand exact equality.
-fn assert_close(what: &str, got: &[f32], want: &[f64]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs())).max(1e-6);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w).abs();
-        assert!(err <= 1e-2 * w.abs() + 2e-3 * scale, "{what}[{i}]: analytic {g} vs numeric {w} (scale {scale})");
-    }
+    sgd_vnode(node, SEED)
 }
 
 /// Train forward then backward of one non-loss VNode with upstream gradient `g`: returns the

@@ -2,9 +2,12 @@
 //! public VNode API: finite differences for input and filter gradients, and each forward
 //! against a direct f64 loop over the windows.
 
+mod common;
+
+use common::{assert_close, f32s, random, sgd_vnode};
 use dcnr_model::graph::{ValidGraph, ValidNode};
-use dcnr_model::{ModelGraph, NodeKind, OptimizerSpec};
-use dcnr_vnode::{HostTensor, Inbound, Outbound, Phase, VNode, VNodeSpec};
+use dcnr_model::{ModelGraph, NodeKind};
+use dcnr_vnode::{HostTensor, Inbound, Outbound, Phase, VNode};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -89,27 +92,7 @@ fn graph() -> ValidGraph {
 }
 
 fn vnode(node: &ValidNode) -> VNode {
-    VNode::new(VNodeSpec {
-        node: node.clone(),
-        optimizer: OptimizerSpec::Sgd { lr: 1.0, momentum: 0.0 },
-        recipe: Default::default(),
-        root_seed: 3,
-        in_flight: 1,
-        averaging: None,
-    })
-}
-
-fn f32s(t: &HostTensor) -> Vec<f32> {
-    t.as_f32().unwrap().to_vec()
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f64]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs())).max(1e-6);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w).abs();
-        assert!(err <= 1e-2 * w.abs() + 2e-3 * scale, "{what}[{i}]: analytic {g} vs numeric {w} (scale {scale})");
-    }
+    sgd_vnode(node, 3)
 }
 
 /// Train forward and backward of `v` on `x` with upstream gradient `g`: (output, input gradient).
@@ -185,18 +168,14 @@ fn conv_f64(node: &ValidNode, x: &[f32], filters: &[f32], bias: &[f32]) -> Vec<f
     y
 }
 
-fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
 #[test]
 fn conv2d_matches_a_direct_convolution_and_its_gradients_match_finite_differences() {
     let g = graph();
     for id in [CONV, CONV2] {
         let node = &g.nodes[id as usize];
         let mut rng = ChaCha8Rng::seed_from_u64(id as u64);
-        let x = random(&mut rng, BATCH * node.input_width(0));
-        let gy = random(&mut rng, BATCH * node.output_width);
+        let x = random(&mut rng, BATCH * node.input_width(0), -1.0, 1.0);
+        let gy = random(&mut rng, BATCH * node.output_width, -1.0, 1.0);
         let mut v = vnode(node);
         let before = v.params().unwrap();
         let (filters, bias) = (f32s(&before[0]), f32s(&before[1]));
@@ -247,7 +226,7 @@ fn pooling_gradients_match_finite_differences() {
         for i in (1..n).rev() {
             x.swap(i, rng.random_range(0..=i));
         }
-        let gy = random(&mut rng, BATCH * node.output_width);
+        let gy = random(&mut rng, BATCH * node.output_width, -1.0, 1.0);
         let (y, dx) = train_step(&mut vnode(node), node, &x, &gy);
         assert_eq!(y.len(), BATCH * node.output_width);
         assert_close(&format!("{} input gradient", node.name), &dx, &numeric(node, &x, &gy));
