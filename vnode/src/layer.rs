@@ -179,28 +179,17 @@ pub fn forward(kind: NodeKind, params: &[Tensor<2>], inputs: &[Tensor<2>], pass:
             _ => x,
         },
         NodeKind::Add => x + inputs[1].clone(),
-        NodeKind::Conv2d { channels, kernel, stride, padding, input: [c, h, w] } => {
-            let rows = x.dims()[0];
-            let filters: Tensor<4> = params[0].clone().reshape([channels, c, kernel, kernel]);
+        NodeKind::Conv2d { channels, kernel, stride, padding, input } => {
+            let filters: Tensor<4> = params[0].clone().reshape([channels, input[0], kernel, kernel]);
             let bias: Tensor<1> = params[1].clone().reshape([channels]);
             let options = ConvOptions::new([stride, stride], [padding, padding], [1, 1], 1);
-            let y = conv2d(x.reshape([rows, c, h, w]), filters, Some(bias), options);
-            let [_, oc, oh, ow] = y.dims();
-            y.reshape([rows, oc * oh * ow])
+            spatial(x, input, |x| conv2d(x, filters, Some(bias), options))
         }
-        NodeKind::MaxPool2d { kernel, stride, input: [c, h, w] } => {
-            let rows = x.dims()[0];
-            let options = MaxPoolOptions::new([kernel, kernel]).with_stride([stride, stride]);
-            let y = max_pool2d(x.reshape([rows, c, h, w]), options);
-            let [_, oc, oh, ow] = y.dims();
-            y.reshape([rows, oc * oh * ow])
+        NodeKind::MaxPool2d { kernel, stride, input } => {
+            spatial(x, input, |x| max_pool2d(x, MaxPoolOptions::new([kernel, kernel]).with_stride([stride, stride])))
         }
-        NodeKind::AvgPool2d { kernel, stride, input: [c, h, w] } => {
-            let rows = x.dims()[0];
-            let options = AvgPoolOptions::new([kernel, kernel]).with_stride([stride, stride]);
-            let y = avg_pool2d(x.reshape([rows, c, h, w]), options);
-            let [_, oc, oh, ow] = y.dims();
-            y.reshape([rows, oc * oh * ow])
+        NodeKind::AvgPool2d { kernel, stride, input } => {
+            spatial(x, input, |x| avg_pool2d(x, AvgPoolOptions::new([kernel, kernel]).with_stride([stride, stride])))
         }
         // The values are the same row-major numbers; only the graph's view of them changes.
         NodeKind::Flatten | NodeKind::Reshape { .. } => x,
@@ -208,6 +197,14 @@ pub fn forward(kind: NodeKind, params: &[Tensor<2>], inputs: &[Tensor<2>], pass:
         // A loss has no activation output; `loss` computes it.
         NodeKind::SoftmaxCrossEntropy { .. } => x,
     }
+}
+
+/// `f` applied to flat rows `x` read as `[rows, c, h, w]`; its result flattened back to rows.
+fn spatial(x: Tensor<2>, [c, h, w]: [usize; 3], f: impl FnOnce(Tensor<4>) -> Tensor<4>) -> Tensor<2> {
+    let rows = x.dims()[0];
+    let y = f(x.reshape([rows, c, h, w]));
+    let [_, oc, oh, ow] = y.dims();
+    y.reshape([rows, oc * oh * ow])
 }
 
 /// The loss's target: one-hot, or with `smoothing` > 0, `(1 - smoothing) * one_hot +
