@@ -149,6 +149,44 @@ pub fn txt_pin(name: &str, strings: &[String]) -> Result<Option<String>, Discove
     }
 }
 
+/// How long a candidate gets to answer [`answers`].
+pub const PROBE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Why a candidate did not answer [`answers`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Nothing answered, or the handshake failed.
+    #[error("{0}")]
+    Unreachable(String),
+    /// It answered with another CA than the pin.
+    #[error("{0}")]
+    OtherCa(String),
+}
+
+/// Whether the orchestrator at `url` answers within [`PROBE`]: in plaintext mode it accepts a
+/// TCP connection; with TLS it completes a handshake and, given a `pin`, presents that CA.
+pub async fn answers(url: &str, plaintext: bool, pin: Option<&str>) -> Result<(), ProbeError> {
+    let silent = || ProbeError::Unreachable("no answer".into());
+    if plaintext {
+        let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let authority = authority.split('/').next().unwrap_or(authority);
+        return match tokio::time::timeout(PROBE, tokio::net::TcpStream::connect(authority)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(ProbeError::Unreachable(e.to_string())),
+            Err(_) => Err(silent()),
+        };
+    }
+    let ca = match tokio::time::timeout(PROBE, dcnr_proto::tls::fetch_server_ca(url)).await {
+        Ok(Ok(ca)) => ca,
+        Ok(Err(e)) => return Err(ProbeError::Unreachable(e.to_string())),
+        Err(_) => return Err(silent()),
+    };
+    match pin {
+        Some(pin) => dcnr_proto::tls::check_pin(&ca, pin).map_err(|e| ProbeError::OtherCa(e.to_string())),
+        None => Ok(()),
+    }
+}
+
 /// No cache (every look-up asks again, so a changed record is seen at once; look-ups are rare),
 /// and a short timeout so a dead DNS server does not hold up the next attempt.
 fn options() -> ResolverOpts {

@@ -575,11 +575,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 Ok(e) => e,
                 Err(e) => return client_fail(e),
             };
-            let creds = match security.client(&orchestrator).await {
-                Ok(c) => c,
-                Err(e) => return client_fail(e),
-            };
-            let mut c = match client::connect(&orchestrator, &creds).await {
+            let mut c = match security.connect(&orchestrator).await {
                 Ok(c) => c,
                 Err(e) => return client_fail(e),
             };
@@ -605,11 +601,7 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }),
         Command::Resume { job_id, steps, orchestrator, wait, json } => runtime(async move {
-            let creds = match security.client(&orchestrator).await {
-                Ok(c) => c,
-                Err(e) => return client_fail(e),
-            };
-            let mut c = match client::connect(&orchestrator, &creds).await {
+            let mut c = match security.connect(&orchestrator).await {
                 Ok(c) => c,
                 Err(e) => return client_fail(e),
             };
@@ -646,11 +638,7 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }),
         Command::Jobs { orchestrator, json } => runtime(async move {
-            let creds = match security.client(&orchestrator).await {
-                Ok(c) => c,
-                Err(e) => return client_fail(e),
-            };
-            let mut c = match client::connect(&orchestrator, &creds).await {
+            let mut c = match security.connect(&orchestrator).await {
                 Ok(c) => c,
                 Err(e) => return client_fail(e),
             };
@@ -699,11 +687,7 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }),
         Command::Pnodes { orchestrator, json } => runtime(async move {
-            let creds = match security.client(&orchestrator).await {
-                Ok(c) => c,
-                Err(e) => return client_fail(e),
-            };
-            let mut c = match client::connect(&orchestrator, &creds).await {
+            let mut c = match security.connect(&orchestrator).await {
                 Ok(c) => c,
                 Err(e) => return client_fail(e),
             };

@@ -65,9 +65,45 @@ pub struct SecurityArgs {
     /// or opens (every process of the mesh must agree).
     #[arg(long, global = true, env = "DCNR_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,
+    /// DNS server for `--orchestrator dns:NAME` (default: this machine's resolver configuration).
+    #[arg(long, global = true, env = "DCNR_DNS_SERVER", value_name = "ADDR")]
+    pub dns_server: Option<std::net::SocketAddr>,
 }
 
 impl SecurityArgs {
+    /// Connects to the orchestrator `--orchestrator` names: a URL, comma-separated URLs or
+    /// `dns:NAME` (`dcnr_mesh::discovery`), the first candidate that answers, with the CA
+    /// pinned by DNS when no CA was given; returns a client carrying the maintainer credentials.
+    pub async fn connect(&self, orchestrator: &str) -> Result<Client, ClientError> {
+        use dcnr_mesh::discovery::{Discovery, Source, parse_sources};
+        let sources = parse_sources(orchestrator).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let mut pinned = self.clone();
+        let url = match sources.as_slice() {
+            [Source::Url(url)] => url.clone(),
+            _ => {
+                let unreachable = |detail: String| ClientError::Unreachable { url: orchestrator.to_string(), detail };
+                let scheme = if self.insecure_plaintext { "http" } else { "https" };
+                let discovery = Discovery::new(self.dns_server).map_err(|e| unreachable(e.to_string()))?;
+                let found = discovery.candidates(&sources, scheme).await.map_err(|e| unreachable(e.to_string()))?;
+                let mut chosen = None;
+                // A CA given here (flag or this machine's TLS directory) wins over a pin from DNS.
+                let own_ca = self.ca.is_some() || crate::ca::local_ca_file(&self.tls_dir).exists();
+                for c in found {
+                    let pin = self.ca_sha256.clone().or_else(|| c.ca_sha256.clone().filter(|_| !own_ca));
+                    let probe_pin = pin.as_deref().filter(|_| self.ca.is_none());
+                    if dcnr_mesh::discovery::answers(&c.url, self.insecure_plaintext, probe_pin).await.is_ok() {
+                        pinned.ca_sha256 = pin;
+                        chosen = Some(c.url);
+                        break;
+                    }
+                }
+                chosen.ok_or_else(|| unreachable("no candidate answered".into()))?
+            }
+        };
+        let creds = pinned.client(&url).await?;
+        connect(&url, &creds).await
+    }
+
     /// Sets up this process's client TLS for `url` and returns the maintainer credentials.
     pub async fn client(&self, url: &str) -> Result<Credentials, ClientError> {
         use dcnr_proto::tls::{ClientSecurity, MeshTls, set_client_security};

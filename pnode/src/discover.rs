@@ -7,9 +7,6 @@ use anyhow::Context as _;
 use dcnr_mesh::discovery::{Candidate, Discovery, Source, parse_sources};
 use std::time::{Duration, Instant};
 
-/// How long one candidate gets to accept a connection before the next is tried.
-const PROBE: Duration = Duration::from_secs(1);
-
 /// `args` with `orchestrator` set to the chosen URL, and `ca_sha256` to the pin DNS published
 /// when neither `--ca` nor `--ca-sha256` was given. A single URL is used as it is.
 pub async fn choose(args: &PnodeArgs) -> anyhow::Result<PnodeArgs> {
@@ -57,28 +54,17 @@ fn adopt(args: &PnodeArgs, c: &Candidate) -> PnodeArgs {
     PnodeArgs { orchestrator: c.url.clone(), ca_sha256: pin, ..args.clone() }
 }
 
-/// Whether the orchestrator `args` now names answers within [`PROBE`]: in plaintext mode it
-/// accepts a TCP connection; with TLS it completes a handshake and, when `--ca-sha256` or DNS
-/// gave a pin, presents that CA (a candidate that does not is passed over, and said so).
+/// Whether the orchestrator `args` now names answers (`discovery::answers`); a candidate
+/// presenting another CA than the pin is passed over, and said so.
 async fn answers(args: &PnodeArgs) -> bool {
-    let url = args.orchestrator.as_str();
-    if args.insecure_plaintext {
-        let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
-        let authority = authority.split('/').next().unwrap_or(authority);
-        return matches!(tokio::time::timeout(PROBE, tokio::net::TcpStream::connect(authority)).await, Ok(Ok(_)));
-    }
-    match tokio::time::timeout(PROBE, dcnr_proto::tls::fetch_server_ca(url)).await {
-        Ok(Ok(ca)) => match &args.ca_sha256 {
-            Some(pin) => match dcnr_proto::tls::check_pin(&ca, pin) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(orchestrator = %url, error = %e, "passing over an orchestrator with another CA");
-                    false
-                }
-            },
-            None => true,
-        },
-        _ => false,
+    let pin = args.ca_sha256.as_deref().filter(|_| args.ca.is_none());
+    match dcnr_mesh::discovery::answers(&args.orchestrator, args.insecure_plaintext, pin).await {
+        Ok(()) => true,
+        Err(e @ dcnr_mesh::discovery::ProbeError::OtherCa(_)) => {
+            tracing::warn!(orchestrator = %args.orchestrator, error = %e, "passing over an orchestrator with another CA");
+            false
+        }
+        Err(_) => false,
     }
 }
 

@@ -3,11 +3,12 @@
 //! orchestrator, pins its CA from the TXT record, passes over a dead candidate, notices a DNS
 //! change while it waits, and refuses a CA other than the published one.
 
-use dcnr_tests::{Mesh, Proc, bin, ca_file, fixture, free_port, secure, wait_for};
+use dcnr_tests::{Mesh, Proc, bin, ca_file, fixture, free_port, run, secure, wait_for};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const NAME: &str = "mesh.test";
+const T: Duration = Duration::from_secs(30);
 
 /// dnsmasq serving only the given SRV targets `(port, priority)` (all on 127.0.0.1) and TXT
 /// strings under `_dcnr._tcp.mesh.test`, with TTL 0, on `port`.
@@ -63,6 +64,14 @@ fn a_pnode_finds_the_orchestrator_and_its_ca_through_dns_and_trains() {
     mesh.wait_for_pnodes(1).unwrap();
     let s = mesh.submit_wait(&fixture("tiny-mlp.toml"), &["--steps", "30"]).unwrap();
     assert_eq!(s["status"], "succeeded", "{s}");
+    // The command line finds it the same way.
+    let dns_server = format!("127.0.0.1:{dns_port}");
+    let out =
+        run(&["jobs", "--json", "--orchestrator", &format!("dns:{NAME}"), "--dns-server", &dns_server], T).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(s["job_id"].as_str().unwrap()));
+    let none = run(&["jobs", "--orchestrator", "dns:nothing.test", "--dns-server", &dns_server], T).unwrap();
+    assert_eq!(none.status.code(), Some(3), "unreachable: {}", String::from_utf8_lossy(&none.stderr));
 }
 
 #[test]
