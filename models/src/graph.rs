@@ -1511,14 +1511,13 @@ fn output_layout(
         width.map(|w| (w, Some(s))).ok_or((0, format!("output shape {s:?} exceeds 1048576 values")))
     };
     match kind {
-        NodeKind::Conv2d { channels: _, kernel, stride, padding, input } => {
-            let s = spatial("conv2d")?;
+        NodeKind::Conv2d { channels, kernel, stride, padding, input } => {
+            let (s, channels) = (spatial("conv2d")?, *channels);
             let [_, oh, ow] = window("conv2d", *kernel, *stride, *padding, s)?;
             *input = s;
             if kind.param_count() > MAX_PARAMS_PER_NODE {
                 return Err((0, format!("conv2d has {} parameters (at most 268435456)", kind.param_count())));
             }
-            let NodeKind::Conv2d { channels, .. } = *kind else { return Err((0, "conv2d".into())) };
             return sized([channels, oh, ow]);
         }
         NodeKind::MaxPool2d { kernel, stride, input } | NodeKind::AvgPool2d { kernel, stride, input } => {
