@@ -48,10 +48,12 @@ pub fn tensor_from_wire(t: Option<&v1::Tensor>) -> Result<HostTensor, TensorErro
     })
 }
 
-fn phase_from_wire(p: i32) -> Option<Phase> {
+/// The phase a wire value names (`None`: unspecified or unknown).
+pub fn phase_from_wire(p: i32) -> Option<Phase> {
     match v1::Phase::try_from(p) {
         Ok(v1::Phase::Train) => Some(Phase::Train),
         Ok(v1::Phase::Eval) => Some(Phase::Eval),
+        Ok(v1::Phase::Infer) => Some(Phase::Infer),
         _ => None,
     }
 }
@@ -61,6 +63,7 @@ pub fn phase_to_wire(p: Phase) -> i32 {
     match p {
         Phase::Train => v1::Phase::Train as i32,
         Phase::Eval => v1::Phase::Eval as i32,
+        Phase::Infer => v1::Phase::Infer as i32,
     }
 }
 

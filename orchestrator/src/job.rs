@@ -173,6 +173,8 @@ pub enum Observed {
         /// Samples.
         count: u32,
     },
+    /// A served model's class probabilities for one inference micro-batch, f32 [rows, classes].
+    Predictions(dcnr_vnode::HostTensor),
     /// The VNode failed.
     Failure(String),
     /// The VNode refused a tensor that failed the cheap checks.

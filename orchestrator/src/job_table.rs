@@ -6,6 +6,7 @@ use crate::checkpoints::{self, ResumeFrom};
 use crate::data::DataCache;
 use crate::job::{JobActor, JobKind, JobServices, JobSpec, Observation};
 use crate::registry::Registry;
+use crate::serve::{InferError, InferRows, Inferred, ServeActor, ServeLimits};
 use crate::status::{JobEvent, JobState, JobStatus};
 use crate::telemetry::Telemetry;
 use actix::prelude::*;
@@ -65,6 +66,9 @@ pub struct JobTable {
     locations: HashMap<(String, u32), String>,
     /// Replica jobs (re-executions of a job's segments), which are routed but not listed.
     replicas: HashMap<String, Addr<JobActor>>,
+    /// Served models, by the job they were trained by.
+    serving: HashMap<String, Addr<ServeActor>>,
+    serve_limits: ServeLimits,
     telemetry: Telemetry,
 }
 
@@ -87,8 +91,16 @@ impl JobTable {
             jobs: BTreeMap::new(),
             locations: HashMap::new(),
             replicas: HashMap::new(),
+            serving: HashMap::new(),
+            serve_limits: ServeLimits::default(),
             telemetry: Telemetry::default(),
         }
+    }
+
+    /// Serves models within `limits`.
+    pub fn with_serve_limits(mut self, limits: ServeLimits) -> JobTable {
+        self.serve_limits = limits;
+        self
     }
 
     /// Reports submissions, placements and each job's events to `telemetry`.
@@ -356,7 +368,7 @@ impl Handler<Placed> for JobTable {
     fn handle(&mut self, msg: Placed, _: &mut Context<Self>) {
         // A new placement replaces the old one whole.
         self.locations.retain(|k, _| k.0 != msg.job_id);
-        if !self.replicas.contains_key(&msg.job_id) {
+        if !self.replicas.contains_key(&msg.job_id) && !msg.job_id.ends_with(crate::serve::SERVING_SUFFIX) {
             self.telemetry.placed(&msg.job_id, &msg.locations);
         }
         for (v, e) in msg.locations {
@@ -382,6 +394,13 @@ impl Handler<Observation> for JobTable {
     type Result = ();
 
     fn handle(&mut self, msg: Observation, _: &mut Context<Self>) {
+        if let Some(job) = msg.job_id.strip_suffix(crate::serve::SERVING_SUFFIX) {
+            match self.serving.get(job) {
+                Some(a) => a.do_send(msg),
+                None => tracing::debug!(job = %msg.job_id, "report for a model not served"),
+            }
+            return;
+        }
         let replica = self.replicas.get(&msg.job_id);
         match self.jobs.get(&msg.job_id).and_then(|e| e.actor.as_ref()).or(replica) {
             Some(a) => a.do_send(msg),
@@ -415,6 +434,9 @@ impl Handler<Evacuate> for JobTable {
         for a in self.jobs.values().filter_map(|e| e.actor.as_ref()).chain(self.replicas.values()) {
             a.do_send(Evacuate(msg.0.clone()));
         }
+        for a in self.serving.values() {
+            a.do_send(Evacuate(msg.0.clone()));
+        }
     }
 }
 
@@ -428,6 +450,63 @@ impl Handler<HostedOn> for JobTable {
 
     fn handle(&mut self, msg: HostedOn, _: &mut Context<Self>) -> usize {
         self.locations.values().filter(|e| **e == msg.0).count()
+    }
+}
+
+/// Runs job `job`'s trained model on `inputs` (starting to serve it if it is not yet served).
+#[derive(Message)]
+#[rtype(result = "Result<Inferred, InferError>")]
+pub struct Infer {
+    /// Job id, record hash or result hash.
+    pub job: String,
+    /// The rows.
+    pub inputs: dcnr_vnode::HostTensor,
+}
+
+impl Handler<Infer> for JobTable {
+    type Result = ResponseFuture<Result<Inferred, InferError>>;
+
+    fn handle(&mut self, msg: Infer, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(store) = self.store.clone() else {
+            let why = "this orchestrator keeps no artifacts (--store), so it has no trained model to serve";
+            return Box::pin(async move { Err(InferError::NotFound(why.into())) });
+        };
+        let actor = match self.serving.get(&msg.job) {
+            Some(a) if a.connected() => a.clone(),
+            _ => {
+                let (job, limits, registry, jobs) =
+                    (msg.job.clone(), self.serve_limits.clone(), self.registry.clone(), ctx.address());
+                let a = ServeActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+                    ServeActor::new(job, store, limits, registry, jobs)
+                });
+                self.serving.insert(msg.job.clone(), a.clone());
+                a
+            }
+        };
+        Box::pin(async move {
+            actor
+                .send(InferRows(msg.inputs))
+                .await
+                .map_err(|e| InferError::Unavailable(format!("serving stopped: {e}")))?
+        })
+    }
+}
+
+/// A served model stopped (idle, or it could not be loaded).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ServingEnded(pub String, pub Addr<ServeActor>);
+
+impl Handler<ServingEnded> for JobTable {
+    type Result = ();
+
+    fn handle(&mut self, msg: ServingEnded, _: &mut Context<Self>) {
+        // A newer actor may already serve the job: only the one that stopped leaves.
+        if self.serving.get(&msg.0) == Some(&msg.1) {
+            self.serving.remove(&msg.0);
+        }
+        let id = crate::serve::serving_id(&msg.0);
+        self.locations.retain(|k, _| k.0 != id);
     }
 }
 

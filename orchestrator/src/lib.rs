@@ -44,6 +44,7 @@ pub mod recovery_bench;
 pub mod registry;
 pub mod replay;
 pub mod scale_bench;
+pub mod serve;
 pub mod server;
 pub mod service;
 pub mod sim;

@@ -122,7 +122,8 @@ impl OrchestratorMetrics {
                 self.train_steps.inc();
                 "loss"
             }
-            Observed::Loss { phase: Phase::Eval, .. } => "eval_loss",
+            Observed::Loss { phase: Phase::Eval | Phase::Infer, .. } => "eval_loss",
+            Observed::Predictions(_) => "predictions",
             Observed::Failure(_) => "failure",
             Observed::Rejected { .. } => "rejected",
         };

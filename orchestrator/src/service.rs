@@ -3,10 +3,11 @@
 
 use crate::admission::{AdmissionError, TokenCheck};
 use crate::job::{Observation, Observed};
-use crate::job_table::{Evacuate, Get, HostedOn, JobTable, List, Resolve, Resume, Submit, SubmitError, Watch};
+use crate::job_table::{Evacuate, Get, HostedOn, Infer, JobTable, List, Resolve, Resume, Submit, SubmitError, Watch};
 use crate::registry::{
     self, Caps, Heartbeat, ListPNodes, Lookup, MarkLost, PNodeView, Register, Registration, Registry,
 };
+use crate::serve::InferError;
 use crate::status::{JobEvent, JobState, JobStatus};
 use crate::verify::StepInput;
 use actix::Addr;
@@ -270,15 +271,18 @@ fn report_from_wire(r: v1::VNodeReport) -> Result<Observation, Status> {
             inputs: step_inputs_from_wire(d.inputs, r.generation)?,
         },
         Some(Body::Loss(l)) => Observed::Loss {
-            phase: match v1::Phase::try_from(l.phase) {
-                Ok(v1::Phase::Train) => Phase::Train,
-                Ok(v1::Phase::Eval) => Phase::Eval,
-                _ => return Err(Status::invalid_argument("loss report with unknown phase")),
+            phase: match dcnr_mesh::convert::phase_from_wire(l.phase) {
+                Some(p @ (Phase::Train | Phase::Eval)) => p,
+                _ => return Err(Status::invalid_argument("loss report of no training or evaluation phase")),
             },
             loss: l.loss,
             correct: l.correct,
             count: l.count,
         },
+        Some(Body::Predictions(p)) => Observed::Predictions(
+            dcnr_mesh::convert::tensor_from_wire(p.probabilities.as_ref())
+                .map_err(|e| Status::invalid_argument(format!("predictions: {e}")))?,
+        ),
         Some(Body::Failure(f)) => Observed::Failure(bounded_text(f.message)),
         Some(Body::Rejected(x)) => Observed::Rejected {
             from_vnode: (!x.from_data).then_some(x.from_vnode),
@@ -543,6 +547,27 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             _ => Status::invalid_argument(e.to_string()),
         })?;
         Ok(Response::new(v1::SubmitJobResponse { job_id }))
+    }
+
+    async fn infer(&self, req: Request<v1::InferRequest>) -> Result<Response<v1::InferResponse>, Status> {
+        // Serving spends volunteers' compute and shows what a model learned: maintainers only.
+        self.access.as_maintainer(&req, "Infer")?;
+        let r = req.into_inner();
+        let inputs = dcnr_mesh::convert::tensor_from_wire(r.inputs.as_ref())
+            .map_err(|e| Status::invalid_argument(format!("inputs: {e}")))?;
+        let inferred = self.jobs.send(Infer { job: r.job_id, inputs }).await.map_err(gone)?.map_err(|e| match e {
+            InferError::NotFound(why) => Status::not_found(why),
+            InferError::Invalid(why) => Status::invalid_argument(why),
+            InferError::Unavailable(why) => Status::unavailable(why),
+        })?;
+        let classes = inferred.probabilities.shape.get(1).copied().unwrap_or(1);
+        let values = inferred.probabilities.as_f32().unwrap_or(&[]);
+        Ok(Response::new(v1::InferResponse {
+            classes: crate::serve::model::classes_of(values, classes),
+            probabilities: Some(dcnr_mesh::convert::tensor_to_wire(&inferred.probabilities)),
+            params_sha256: inferred.params_sha256,
+            generation: inferred.generation,
+        }))
     }
 
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::JobStatus>, Status> {

@@ -1137,7 +1137,10 @@ impl<'a> World<'a> {
                             Err(report) => report,
                         };
                         match out {
-                            Outbound::Forward { .. } | Outbound::Backward { .. } | Outbound::Sync { .. } => {}
+                            Outbound::Forward { .. }
+                            | Outbound::Backward { .. }
+                            | Outbound::Sync { .. }
+                            | Outbound::Predictions { .. } => {}
                             Outbound::Done {
                                 mb,
                                 compute_us,

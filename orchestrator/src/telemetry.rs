@@ -289,7 +289,7 @@ impl Tracks {
                 t.window.correct += u64::from(*correct);
                 t.window.samples += u64::from(*count);
             }
-            Observed::Loss { phase: Phase::Eval, .. } => {}
+            Observed::Loss { phase: Phase::Eval | Phase::Infer, .. } | Observed::Predictions(_) => {}
             Observed::Failure(msg) | Observed::Rejected { reason: msg, .. } => {
                 if let Some(v) = t.vnodes.get_mut(r.vnode as usize) {
                     v.failure = Some(msg.clone());

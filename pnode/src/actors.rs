@@ -219,6 +219,7 @@ fn count_outbound(o: &Outbound) {
             "done"
         }
         Outbound::Loss { .. } => "loss",
+        Outbound::Predictions { .. } => "predictions",
     };
     PNODE.vnode_messages_out.with_label_values(&[kind]).inc();
 }

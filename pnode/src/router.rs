@@ -236,6 +236,15 @@ impl Router {
                     count,
                 }),
             ),
+            Outbound::Predictions { mb, probabilities } => self.report(
+                job,
+                from,
+                generation,
+                mb,
+                v1::v_node_report::Body::Predictions(v1::Predictions {
+                    probabilities: Some(convert::tensor_to_wire(&probabilities)),
+                }),
+            ),
             // Delivered above.
             Outbound::Forward { .. } | Outbound::Backward { .. } | Outbound::Sync { .. } => {}
         }

@@ -33,6 +33,14 @@ pub enum SenderError {
         /// The PNode that sent it.
         peer: String,
     },
+    /// The orchestrator sends a VNode nothing but the features of a model it serves.
+    #[error("the orchestrator may send vnode {to} of job {job} only inference features of a served model")]
+    NotServedInput {
+        /// Job.
+        job: String,
+        /// Target VNode.
+        to: u32,
+    },
 }
 
 /// The VNode that sent `msg` to VNode `to` of `graph`, if the message names a real one.
@@ -54,8 +62,8 @@ const RESOLVE_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// The graphs of the jobs hosted here and where their VNodes are placed.
 pub struct Senders {
-    /// Job → (placement generation, graph).
-    graphs: Mutex<HashMap<String, (u32, Arc<ValidGraph>)>>,
+    /// Job → (placement generation, graph, whether it serves a trained model).
+    graphs: Mutex<HashMap<String, (u32, Arc<ValidGraph>, bool)>>,
     /// (job, vnode) → (PNode id, when the orchestrator said so).
     placed: Mutex<HashMap<(String, u32), (String, Instant)>>,
     orchestrator: OrchestratorLink,
@@ -69,8 +77,8 @@ impl Senders {
 
     /// A job was (re)allocated here in `generation` with `graph`: what was known of its
     /// placement may be stale.
-    pub fn allocated(&self, job: &str, generation: u32, graph: Arc<ValidGraph>) {
-        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).insert(job.to_string(), (generation, graph));
+    pub fn allocated(&self, job: &str, generation: u32, graph: Arc<ValidGraph>, serving: bool) {
+        self.graphs.lock().unwrap_or_else(|p| p.into_inner()).insert(job.to_string(), (generation, graph, serving));
         self.placed.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.0 != job);
     }
 
@@ -92,7 +100,7 @@ impl Senders {
         peer: &str,
     ) -> Result<(), SenderError> {
         let graph = match self.graphs.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
-            Some((g, graph)) if *g == generation => graph.clone(),
+            Some((g, graph, _)) if *g == generation => graph.clone(),
             _ => return Ok(()),
         };
         let from = sending_vnode(&graph, to, msg).ok_or_else(|| SenderError::NoSender { job: job.into(), to })?;
@@ -108,6 +116,25 @@ impl Senders {
         let ok = pnode == peer;
         self.placed.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (pnode, Instant::now()));
         if ok { Ok(()) } else { Err(not_placed()) }
+    }
+}
+
+impl Senders {
+    /// Accepts a VNode message from the orchestrator only if it is inference input: a `Forward`
+    /// of phase `Infer` into a features port of a VNode of a job allocated here for serving.
+    pub fn check_served_input(&self, job: &str, to: u32, msg: &Inbound) -> Result<(), SenderError> {
+        let refused = || SenderError::NotServedInput { job: job.into(), to };
+        let graphs = self.graphs.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, graph, true)) = graphs.get(job) else { return Err(refused()) };
+        match msg {
+            Inbound::Forward { phase: dcnr_vnode::Phase::Infer, port, .. }
+                if graph.nodes.get(to as usize).and_then(|n| n.inputs.get(*port as usize))
+                    == Some(&Source::Features) =>
+            {
+                Ok(())
+            }
+            _ => Err(refused()),
+        }
     }
 }
 

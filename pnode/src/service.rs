@@ -111,6 +111,8 @@ impl v1::p_node_server::PNode for PNodeService {
         let memory = specs.iter().map(|(s, _)| s.memory_estimate(batch)).sum();
         let reader = specs.iter().find(|(s, _)| s.node.inputs.iter().any(|i| !matches!(i, Source::Node(_))));
         let data = match reader {
+            // Served models get their features inline, from the orchestrator.
+            _ if req.serving => None,
             None => None,
             Some((s, _)) if req.dataset_sha256.is_empty() => {
                 return Err(Status::invalid_argument(format!(
@@ -152,7 +154,7 @@ impl v1::p_node_server::PNode for PNodeService {
             .await
             .map_err(unavailable)?
             .map_err(Status::failed_precondition)?;
-        self.senders.allocated(&req.job_id, req.generation, Arc::new(graph));
+        self.senders.allocated(&req.job_id, req.generation, Arc::new(graph), req.serving);
         tracing::info!(job = %req.job_id, vnodes = n, generation = req.generation, "allocated VNodes");
         Ok(Response::new(v1::AllocateResponse { allocated: n }))
     }
@@ -175,9 +177,16 @@ impl v1::p_node_server::PNode for PNodeService {
             PNODE.wire_bytes_received.inc_by(prost::Message::encoded_len(&m) as u64);
             let evidence = evidence_of(&m, &peer);
             let (to, incoming) = convert::message_from_wire(m).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            // Data feeds come only from the orchestrator, VNode traffic only from PNodes.
+            // Data feeds come only from the orchestrator, VNode traffic only from PNodes, except
+            // the features of a served model, which the orchestrator sends inline.
             let routed = match (incoming, &peer) {
-                (Incoming::Inbound(_), Peer::Orchestrator) | (Incoming::Feed(_), Peer::PNode(_)) if !self.plaintext => {
+                (Incoming::Inbound(inbound), Peer::Orchestrator) if !self.plaintext => {
+                    if let Err(e) = self.senders.check_served_input(&to.job, to.vnode, &inbound) {
+                        return Err(refuse("Exchange", Status::permission_denied(e.to_string())));
+                    }
+                    self.router.deliver_local(to, inbound, evidence)
+                }
+                (Incoming::Feed(_), Peer::PNode(_)) if !self.plaintext => {
                     return Err(refuse(
                         "Exchange",
                         Status::permission_denied(format!("{peer} may not send this kind of message")),

@@ -83,6 +83,12 @@ pub fn eval_range(batch: u64, size: usize, samples: usize) -> Option<Range<usize
 /// Why a feed request cannot be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FeedError {
+    /// Inference inputs come with the request, never from the job's dataset.
+    #[error("vnode {vnode}: inference inputs are sent inline, not fed from the dataset")]
+    Inference {
+        /// The VNode.
+        vnode: u32,
+    },
     /// The port exists but is fed by another VNode, or does not exist.
     #[error("vnode {vnode}: input port {port} does not read the job's data")]
     NotData {
@@ -177,7 +183,7 @@ impl Feeder {
         let samples = self.samples(mb, phase, batch)?;
         let set = match phase {
             Phase::Train => &self.data.train,
-            Phase::Eval => &self.data.test,
+            Phase::Eval | Phase::Infer => &self.data.test,
         };
         // The plan and the range only name samples of their set; a miss would be a bug here,
         // reported rather than a panic.
@@ -202,6 +208,7 @@ impl Feeder {
                 }
                 Ok(self.plan.shard_indices(batch, self.pipeline))
             }
+            Phase::Infer => Err(FeedError::Inference { vnode }),
             Phase::Eval => {
                 let samples = self.data.test.len();
                 let size = self.eval_batch;

@@ -124,7 +124,11 @@ impl Injector {
         h.update(job.as_bytes());
         h.update(vnode.to_le_bytes());
         h.update(mb.to_le_bytes());
-        h.update([matches!(phase, Phase::Eval) as u8]);
+        h.update([match phase {
+            Phase::Train => 0u8,
+            Phase::Eval => 1,
+            Phase::Infer => 2,
+        }]);
         ChaCha20Rng::from_seed(h.finalize().into())
     }
 
@@ -158,6 +162,11 @@ impl Injector {
                         FaultKind::Lazy => 0.0,
                         FaultKind::SignFlip | FaultKind::Slow => *loss,
                     };
+                }
+            }
+            Outbound::Predictions { mb, probabilities } => {
+                if let Some(mut rng) = self.hit(job, from, *mb, Phase::Infer) {
+                    self.distort(kind, false, probabilities, &mut rng);
                 }
             }
             Outbound::Sync { mb, tensor, .. } => {

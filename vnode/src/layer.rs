@@ -225,6 +225,11 @@ pub fn loss(logits: Tensor<2>, one_hot: Tensor<2>) -> Tensor<1> {
     (logp * one_hot).sum().mul_scalar(-1.0 / batch)
 }
 
+/// Class probabilities of `logits`: the softmax of each row, what serving answers.
+pub fn probabilities(logits: Tensor<2>) -> Tensor<2> {
+    activation::softmax(logits, 1)
+}
+
 /// One-hot rows of `labels` over `classes` classes as a host buffer.
 pub fn one_hot(labels: &[i32], classes: usize) -> Vec<f32> {
     let mut v = vec![0.0f32; labels.len() * classes];

@@ -72,26 +72,17 @@ impl Reference {
         layer::Pass::Train { root_seed: self.root_seed, origin, pipeline: self.pipeline, step: self.steps }
     }
 
-    /// The whole chain to the loss. With `packed`, values crossing a block boundary take the
-    /// job's wire format and back, as between VNodes (forward only: no autodiff passes it).
-    fn run(
-        &self,
-        params: &[Vec<Tensor<2>>],
-        features: &HostTensor,
-        labels: &[i32],
-        device: &Device,
-        packed: bool,
-        train: bool,
-    ) -> Result<(Tensor<1>, Tensor<2>), String> {
+    /// The logits reaching the loss, forward only with the current parameters. Values crossing
+    /// a block boundary take the job's wire format and back, as between VNodes.
+    fn logits(&self, features: &HostTensor) -> Result<Tensor<2>, String> {
+        let device = &self.device;
         let x = features.to_burn(device).ok_or("features must be f32 [batch, width]")?;
         let mut values: Vec<Option<Tensor<2>>> = vec![None; self.graph.nodes.len()];
         let wire = self.graph.spec.training.wire;
         for &id in &self.graph.topo {
             let node = &self.graph.nodes[id as usize];
             let value_of = |s: &Source| match s {
-                Source::Node(p)
-                    if packed && wire != WireFormat::F32 && self.graph.nodes[*p as usize].block != node.block =>
-                {
+                Source::Node(p) if wire != WireFormat::F32 && self.graph.nodes[*p as usize].block != node.block => {
                     let v = HostTensor::from_burn(values[*p as usize].clone()?).ok()?;
                     compact::round_trip(&v, wire).to_burn(device)
                 }
@@ -99,19 +90,14 @@ impl Reference {
                 Source::Features => Some(x.clone()),
                 Source::Labels => None,
             };
-            if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind {
-                let logits = value_of(&node.inputs[0]).ok_or("loss input missing")?;
-                let smoothing = self.graph.spec.training.label_smoothing;
-                let target = HostTensor::f32(vec![labels.len(), classes], layer::target(labels, classes, smoothing));
-                let target = target.to_burn(device).ok_or("one-hot")?;
-                return Ok((layer::loss(logits.clone(), target), logits));
+            if let NodeKind::SoftmaxCrossEntropy { .. } = node.kind {
+                return value_of(&node.inputs[0]).ok_or_else(|| "loss input missing".to_string());
             }
             let ins: Vec<Tensor<2>> =
                 node.layer_inputs().iter().map(value_of).collect::<Option<_>>().ok_or("input missing")?;
-            let own = &params[id as usize];
+            let own = &self.params[id as usize];
             let own = &own[..layer::own_tensors(node.kind).min(own.len())];
-            let pass = if train { self.train_pass(node.origin) } else { layer::Pass::Eval };
-            values[id as usize] = Some(layer::forward(node.kind, own, &ins, pass));
+            values[id as usize] = Some(layer::forward(node.kind, own, &ins, layer::Pass::Eval));
         }
         Err("graph has no loss".into())
     }
@@ -247,13 +233,26 @@ impl Reference {
 
     /// Forward-only loss and accuracy of a batch with the current parameters.
     pub fn evaluate(&self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
-        let (loss, logits) = self.run(&self.params, features, labels, &self.device, true, false)?;
+        let logits = self.logits(features)?;
+        let classes = self.graph.spec.data.classes;
+        let target = HostTensor::f32(
+            vec![labels.len(), classes],
+            layer::target(labels, classes, self.graph.spec.training.label_smoothing),
+        );
+        let target = target.to_burn(&self.device).ok_or("one-hot")?;
+        let loss = layer::loss(logits.clone(), target);
         let value = loss.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
         let logits = HostTensor::from_burn(logits)?;
         Ok(BatchResult {
             loss: value.first().copied().unwrap_or(f32::NAN),
-            correct: layer::correct(logits.as_f32().unwrap_or(&[]), labels, self.graph.spec.data.classes),
+            correct: layer::correct(logits.as_f32().unwrap_or(&[]), labels, classes),
         })
+    }
+
+    /// Class probabilities of a batch with the current parameters: the single-process forward
+    /// serving answers with.
+    pub fn predict(&self, features: &HostTensor) -> Result<HostTensor, String> {
+        HostTensor::from_burn(layer::probabilities(self.logits(features)?))
     }
 
     /// Replaces the parameters of node `node` (same count and shapes).

@@ -30,6 +30,16 @@ pub enum Phase {
     Train,
     /// Forward only, with the current parameters.
     Eval,
+    /// Serving: forward only, with the current parameters; the loss needs no labels and reports
+    /// class probabilities.
+    Infer,
+}
+
+impl Phase {
+    /// Whether this phase only runs forward (no gradient, no update, dropout off).
+    pub fn forward_only(self) -> bool {
+        self != Phase::Train
+    }
 }
 
 /// What a VNode needs to exist: its own node, its optimizer, the job's root seed, the window.
@@ -209,6 +219,13 @@ pub enum Outbound {
         /// Samples in the micro-batch.
         count: u32,
     },
+    /// A loss VNode's class probabilities for inference micro-batch `mb`: f32 [rows, classes].
+    Predictions {
+        /// Micro-batch index.
+        mb: u64,
+        /// The softmax of the logits.
+        probabilities: HostTensor,
+    },
 }
 
 impl Outbound {
@@ -218,7 +235,7 @@ impl Outbound {
             Outbound::Forward { to, port, mb, phase, tensor } => Ok((to, Inbound::Forward { mb, phase, port, tensor })),
             Outbound::Backward { to, from, mb, tensor } => Ok((to, Inbound::Backward { mb, from, tensor })),
             Outbound::Sync { to, from, mb, index, tensor } => Ok((to, Inbound::Sync { mb, from, index, tensor })),
-            report @ (Outbound::Done { .. } | Outbound::Loss { .. }) => Err(report),
+            report @ (Outbound::Done { .. } | Outbound::Loss { .. } | Outbound::Predictions { .. }) => Err(report),
         }
     }
 }
@@ -323,6 +340,9 @@ pub struct VNode {
     next_b: u64,
     train_inputs: BTreeMap<u64, Vec<Option<HostTensor>>>,
     eval_inputs: BTreeMap<u64, Vec<Option<HostTensor>>>,
+    /// Inference inputs waiting for the rest of their micro-batch (kept apart from evaluation's:
+    /// both number their micro-batches from 0).
+    infer_inputs: BTreeMap<u64, Vec<Option<HostTensor>>>,
     grads: BTreeMap<u64, Vec<Option<HostTensor>>>,
     saved: BTreeMap<u64, Saved>,
     /// The consumers that send a gradient back, in consumer order (in local mode, those in
@@ -386,6 +406,7 @@ impl VNode {
             next_b: 0,
             train_inputs: BTreeMap::new(),
             eval_inputs: BTreeMap::new(),
+            infer_inputs: BTreeMap::new(),
             grads: BTreeMap::new(),
             saved: BTreeMap::new(),
             received: BTreeMap::new(),
@@ -557,6 +578,33 @@ impl VNode {
         Ok(fresh)
     }
 
+    /// A VNode of `spec` holding `params` (its parameter tensors in canonical order, row-major,
+    /// as [`VNode::params`] gives them) instead of its initial ones: how a trained model is
+    /// served from its stored parameters.
+    pub fn with_params(spec: VNodeSpec, params: Vec<Vec<f32>>) -> Result<VNode, VNodeError> {
+        let mut fresh = VNode::new(spec);
+        let vnode = fresh.id();
+        let mismatch = |m: String| VNodeError::State { vnode, source: crate::checkpoint::StateError::Mismatch(m) };
+        let current = fresh.current();
+        if current.len() != params.len() {
+            return Err(mismatch(format!("{} parameter tensors where the graph says {}", params.len(), current.len())));
+        }
+        let mut loaded = Vec::with_capacity(params.len());
+        for (i, (p, values)) in current.iter().zip(params).enumerate() {
+            let shape = p.dims().to_vec();
+            if shape.iter().product::<usize>() != values.len() {
+                return Err(mismatch(format!("parameter {i} has {} values; the graph says {shape:?}", values.len())));
+            }
+            loaded.push(
+                HostTensor::f32(shape, values)
+                    .into_burn(&fresh.device)
+                    .ok_or_else(|| mismatch(format!("parameter {i}")))?,
+            );
+        }
+        fresh.versions = VecDeque::from([(0, loaded)]);
+        Ok(fresh)
+    }
+
     /// VNode id.
     pub fn id(&self) -> u32 {
         self.spec.node.id
@@ -610,12 +658,18 @@ impl VNode {
                 }
                 let tensor = self.widen_pixels(mb, port as usize, tensor)?;
                 self.check_input(mb, port as usize, &tensor)?;
-                if phase == Phase::Eval {
+                if phase.forward_only() {
                     // Evaluation runs the chain to the real loss; an auxiliary head is not
-                    // evaluated, so its labels are not waited for.
-                    ports = self.spec.node.layer_inputs().len();
+                    // evaluated, so its labels are not waited for. Inference has no labels at all.
+                    ports = match (phase, self.spec.node.kind) {
+                        (Phase::Infer, NodeKind::SoftmaxCrossEntropy { .. }) => 1,
+                        _ => self.spec.node.layer_inputs().len(),
+                    };
                     if port as usize >= ports {
-                        return Ok(out);
+                        return match phase {
+                            Phase::Infer => Err(VNodeError::Port { vnode: self.id(), port, ports }),
+                            _ => Ok(out),
+                        };
                     }
                 }
                 let k = self.spec.in_flight as u64;
@@ -626,11 +680,12 @@ impl VNode {
                         }
                         &mut self.train_inputs
                     }
-                    Phase::Eval => {
-                        if self.eval_inputs.len() >= MAX_PENDING_EVAL && !self.eval_inputs.contains_key(&mb) {
-                            return Err(self.window_err(mb, "eval input (too many pending)"));
+                    Phase::Eval | Phase::Infer => {
+                        let pending = if phase == Phase::Eval { &mut self.eval_inputs } else { &mut self.infer_inputs };
+                        if pending.len() >= MAX_PENDING_EVAL && !pending.contains_key(&mb) {
+                            return Err(self.window_err(mb, "forward-only input (too many pending)"));
                         }
-                        &mut self.eval_inputs
+                        pending
                     }
                 };
                 let entry = slots.entry(mb).or_insert_with(|| vec![None; ports]);
@@ -641,10 +696,13 @@ impl VNode {
                 if phase == Phase::Train {
                     *self.received.entry(mb).or_default() += wire_bytes;
                 }
-                if phase == Phase::Eval
-                    && let Some(inputs) = take_complete(&mut self.eval_inputs, mb)
-                {
-                    self.eval(mb, inputs, &mut out)?;
+                let pending = match phase {
+                    Phase::Train => None,
+                    Phase::Eval => take_complete(&mut self.eval_inputs, mb),
+                    Phase::Infer => take_complete(&mut self.infer_inputs, mb),
+                };
+                if let Some(inputs) = pending {
+                    self.eval(mb, phase, inputs, &mut out)?;
                 }
             }
             Inbound::Backward { mb, from, tensor } => {
@@ -1247,8 +1305,20 @@ impl VNode {
         Ok(())
     }
 
-    fn eval(&mut self, mb: u64, inputs: Vec<HostTensor>, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
+    /// A forward-only pass (evaluation or inference) of micro-batch `mb` on complete `inputs`.
+    fn eval(
+        &mut self,
+        mb: u64,
+        phase: Phase,
+        inputs: Vec<HostTensor>,
+        out: &mut Vec<Outbound>,
+    ) -> Result<(), VNodeError> {
         if let NodeKind::SoftmaxCrossEntropy { classes } = self.spec.node.kind {
+            if phase == Phase::Infer {
+                let probabilities = self.probabilities(mb, &inputs, classes)?;
+                out.push(Outbound::Predictions { mb, probabilities });
+                return Ok(());
+            }
             let (loss, correct, _) = self.loss_pass(mb, &inputs, classes, false)?;
             let count = inputs.first().map(HostTensor::rows).unwrap_or(0) as u32;
             out.push(Outbound::Loss { mb, phase: Phase::Eval, loss, correct, count });
@@ -1267,8 +1337,19 @@ impl VNode {
         let own = layer::own_tensors(self.spec.node.kind).min(current.len());
         let y = layer::forward(self.spec.node.kind, &current[..own], &xs, layer::Pass::Eval);
         let y = HostTensor::from_burn(y).map_err(|d| self.backend(d))?;
-        self.emit_forward(mb, Phase::Eval, y, out);
+        self.emit_forward(mb, phase, y, out);
         Ok(())
+    }
+
+    /// The class probabilities of `logits` (`inputs[0]`), as [`layer::probabilities`] gives them.
+    fn probabilities(&self, mb: u64, inputs: &[HostTensor], classes: usize) -> Result<HostTensor, VNodeError> {
+        let logits = inputs.first().filter(|l| l.shape.get(1) == Some(&classes)).ok_or_else(|| VNodeError::Shape {
+            vnode: self.id(),
+            mb,
+            detail: format!("inference needs logits of {classes} classes"),
+        })?;
+        let x = logits.to_burn(&self.device).ok_or_else(|| self.backend("logits not rank 2".into()))?;
+        HostTensor::from_burn(layer::probabilities(x)).map_err(|d| self.backend(d))
     }
 }
 

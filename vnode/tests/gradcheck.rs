@@ -406,7 +406,7 @@ fn route(nodes: &mut [Option<VNode>], mut queue: Vec<(u32, Inbound)>) -> (Vec<(u
                     }
                 }
                 Outbound::Loss { loss, .. } => losses.push(loss),
-                Outbound::Done { .. } | Outbound::Sync { .. } => {}
+                Outbound::Done { .. } | Outbound::Sync { .. } | Outbound::Predictions { .. } => {}
             }
         }
     }

@@ -162,6 +162,7 @@ impl JobActor {
                     readers,
                     train_samples: self.core.train_samples() as u64,
                     seal_messages: self.core.seals_messages(),
+                    serving: false,
                 };
                 ctx.spawn(pnodes::allocate_all(common, allocations).into_actor(self).map(move |result, act, ctx| {
                     act.input(ctx, Input::Allocated { generation, result });

@@ -1318,6 +1318,11 @@ impl JobCore {
             }
             // Refused in `screen_report`.
             Observed::Rejected { .. } => return,
+            // Only a served model answers these; a training job never asks.
+            Observed::Predictions(_) | Observed::Loss { phase: Phase::Infer, .. } => {
+                self.stale_reports += 1;
+                return;
+            }
         }
         self.pump();
     }

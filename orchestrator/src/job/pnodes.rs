@@ -61,6 +61,8 @@ pub struct AllocateCommon {
     pub train_samples: u64,
     /// Whether VNodes seal what they send and report what they consume (verified jobs).
     pub seal_messages: bool,
+    /// Serving a trained model: forward only, features sent inline, no dataset pack.
+    pub serving: bool,
 }
 
 /// A dataset pack as an allocation names it.
@@ -94,6 +96,7 @@ pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) 
             dataset_bytes: dataset.map_or(0, |d| d.bytes),
             train_samples: common.train_samples,
             seal_messages: common.seal_messages,
+            serving: common.serving,
         };
         let deadline = allocate_deadline(dataset.map(|d| d.bytes));
         let (pnode, endpoint) = (a.pnode, a.endpoint);
@@ -235,16 +238,33 @@ impl DataLinks {
         phase: Phase,
         batch: u64,
     ) -> Result<(), String> {
-        let at = &target.at;
-        let to = convert::Target { job: job.to_string(), vnode: at.vnode, generation };
+        let to = convert::Target { job: job.to_string(), vnode: target.at.vnode, generation };
         let msg = convert::feed_message(&to, convert::FeedRequest { mb, phase, port: target.port, batch });
+        self.deliver(target, msg)
+    }
+
+    /// Sends a served model's micro-batch `mb` of inference `inputs` to `target`.
+    pub fn send_inputs(
+        &mut self,
+        job: &str,
+        generation: u32,
+        target: &FeedTarget,
+        mb: u64,
+        inputs: &dcnr_vnode::HostTensor,
+    ) -> Result<(), String> {
+        let to = convert::Target { job: job.to_string(), vnode: target.at.vnode, generation };
+        self.deliver(target, convert::forward_message(&to, mb, Phase::Infer, target.port, inputs))
+    }
+
+    fn deliver(&mut self, target: &FeedTarget, msg: v1::VNodeMessage) -> Result<(), String> {
+        let at = &target.at;
         crate::metrics::ORCHESTRATOR.feed_sent(prost::Message::encoded_len(&msg));
         if !self.links.contains_key(&at.endpoint) {
             let link = open_link(&at.endpoint).map_err(|e| format!("bad endpoint {}: {e}", at.endpoint))?;
             self.links.insert(at.endpoint.clone(), link);
         }
         let link = self.links.get(&at.endpoint).ok_or_else(|| format!("no link to the pnode of vnode {}", at.vnode))?;
-        link.try_send(msg).map_err(|e| format!("cannot feed vnode {} at {}: {e}", at.vnode, at.endpoint))
+        link.try_send(msg).map_err(|e| format!("cannot send to vnode {} at {}: {e}", at.vnode, at.endpoint))
     }
 
     /// Closes every link.

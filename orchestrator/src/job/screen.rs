@@ -27,7 +27,8 @@ pub fn report_problem(r: &Observation) -> Option<String> {
                 None
             }
         }
-        Observed::Failure(_) | Observed::Rejected { .. } => None,
+        // Checked by serving, the only one that asks for them.
+        Observed::Failure(_) | Observed::Rejected { .. } | Observed::Predictions(_) => None,
     }
 }
 
