@@ -25,7 +25,7 @@ const MAX_SIDE: u64 = 4096;
 /// Largest highest label value: the datasets here have ten classes.
 const MAX_LABEL: u8 = 9;
 /// Cap on decompressed bytes so a gzip bomb is refused instead of exhausting memory.
-const MAX_DECOMPRESSED: u64 = 200 * 1024 * 1024;
+pub const MAX_DECOMPRESSED: u64 = 200 * 1024 * 1024;
 /// The file whose presence marks a directory as holding a dataset.
 const MARKER_FILE: &str = "train-images-idx3-ubyte.gz";
 /// Environment variable that points at the data (dataset dir or its parent).
@@ -505,7 +505,7 @@ fn check_length(actual: usize, expected: u64, path: &Path) -> Result<(), Dataset
 }
 
 /// Decompresses a whole gzip file, refusing anything that expands past `limit` bytes.
-fn read_gz(path: &Path, limit: u64) -> Result<Vec<u8>, DatasetError> {
+pub fn read_gz(path: &Path, limit: u64) -> Result<Vec<u8>, DatasetError> {
     let file = File::open(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
     let mut decoder = MultiGzDecoder::new(BufReader::with_capacity(1 << 16, file)).take(limit + 1);
     let mut out = Vec::new();

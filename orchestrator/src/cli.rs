@@ -249,6 +249,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a finished job's model on new inputs (IDX, PNG/PGM or JSON rows) on the mesh, or with
+    /// --local in this process, and print each row's class and probability.
+    Predict {
+        #[command(flatten)]
+        args: crate::predict::PredictArgs,
+        /// Orchestrator URL (or comma-separated URLs, or dns:NAME).
+        #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "https://127.0.0.1:7070")]
+        orchestrator: String,
+        /// Print every row and the totals as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-run a recorded job from its envelope and check every recorded hash.
     Replay {
         #[command(flatten)]
@@ -350,7 +362,7 @@ fn bench_report<R: serde::Serialize>(report: anyhow::Result<R>, json: bool, prin
 }
 
 fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {e}");
+    eprintln!("error: {e:#}");
     ExitCode::from(code)
 }
 
@@ -442,6 +454,30 @@ pub fn main(cli: Cli) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(1, e),
+            }
+        }),
+        Command::Predict { args, orchestrator, json } => runtime(async move {
+            let client = if args.local {
+                None
+            } else {
+                match security.connect(&orchestrator).await {
+                    Ok(c) => Some(c),
+                    Err(e) => return client_fail(e),
+                }
+            };
+            match crate::predict::run(&args, client).await {
+                Ok(p) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&p).unwrap_or_default());
+                    } else {
+                        crate::predict::print(&p, args.show);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    let code = crate::predict::exit_code(&e);
+                    fail(code, e)
+                }
             }
         }),
         Command::Replay { args, json } => runtime(async move {

@@ -172,6 +172,11 @@ impl ClientError {
     }
 }
 
+/// The client error an orchestrator's refusal maps to.
+pub fn status_error(s: tonic::Status) -> ClientError {
+    from_status(s)
+}
+
 fn from_status(s: tonic::Status) -> ClientError {
     match s.code() {
         tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::NotFound => {

@@ -39,6 +39,7 @@ pub mod local;
 pub mod metrics;
 pub mod placement;
 pub mod pnode_bin;
+pub mod predict;
 pub mod progress;
 pub mod recovery_bench;
 pub mod registry;

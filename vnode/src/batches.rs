@@ -320,6 +320,8 @@ to = "loss"
         assert!(loss.input(0, Phase::Eval, 1, u64::MAX).is_err());
         let msg = loss.input(0, Phase::Eval, 1, 3).unwrap_err().to_string();
         assert!(msg.contains("beyond the 5 test samples"), "{msg}");
+        // Inference inputs come with the request: the dataset never feeds them.
+        assert_eq!(loss.input(0, Phase::Infer, 1, 0), Err(FeedError::Inference { vnode: 1 }));
         let empty = Arc::new(Splits {
             train: ImageSet { rows: 1, cols: 2, images: vec![], labels: vec![] },
             ..(*data()).clone()

@@ -57,3 +57,37 @@ pub fn train(
         }
     }
 }
+
+/// Runs inference micro-batch `mb` of `features` through `nodes` (indexed by VNode id),
+/// delivering pending messages in the order `pick` chooses; returns the loss VNode's class
+/// probabilities.
+pub fn infer(
+    graph: &ValidGraph,
+    nodes: &mut [VNode],
+    mb: u64,
+    features: &HostTensor,
+    mut pick: impl FnMut(usize) -> usize,
+) -> Result<Option<HostTensor>, VNodeError> {
+    let mut queue: Vec<(u32, Inbound)> = Vec::new();
+    for n in &graph.nodes {
+        for (port, src) in n.inputs.iter().enumerate() {
+            if *src == Source::Features {
+                let tensor = features.clone();
+                queue.push((n.id, Inbound::Forward { mb, phase: Phase::Infer, port: port as u32, tensor }));
+            }
+        }
+    }
+    let mut answer = None;
+    while !queue.is_empty() {
+        let (to, msg) = queue.swap_remove(pick(queue.len()).min(queue.len() - 1));
+        let Some(node) = nodes.get_mut(to as usize) else { continue };
+        for out in node.handle(msg)? {
+            match out.into_delivery() {
+                Ok(delivery) => queue.push(delivery),
+                Err(Outbound::Predictions { probabilities, .. }) => answer = Some(probabilities),
+                Err(_) => {}
+            }
+        }
+    }
+    Ok(answer)
+}

@@ -4,7 +4,7 @@
 use dcnr_model::ModelGraph;
 use dcnr_model::graph::ValidGraph;
 use dcnr_vnode::reference::Reference;
-use dcnr_vnode::{HostTensor, VNode, VNodeSpec, memory};
+use dcnr_vnode::{HostTensor, Inbound, Outbound, Phase, VNode, VNodeSpec, memory};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -208,7 +208,6 @@ fn corrupt_or_foreign_state_is_refused() {
 #[test]
 fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
     use dcnr_vnode::sanity::{SanityError, Sender};
-    use dcnr_vnode::{Inbound, Phase};
     let g = graph("sgd");
     let spec = |i: usize| VNodeSpec {
         node: g.nodes[i].clone(),
@@ -528,4 +527,71 @@ fn convolutions_and_pooling_are_bit_identical_to_the_reference_and_restore_midwa
     // Pipelined, every delivery order still gives one result.
     let (first, _) = mesh(&g, 30, 3, 7);
     assert_eq!(mesh(&g, 30, 3, 8).0, first);
+}
+
+/// Trains `steps` steps on the in-memory mesh and in the reference, then serves both: the
+/// VNodes' inference (in several delivery orders) equals the reference's forward bit for bit,
+/// and serving changes no parameter.
+fn assert_inference_equals_reference(g: &ValidGraph, steps: u64) {
+    let mut nodes: Vec<VNode> = g
+        .nodes
+        .iter()
+        .map(|n| {
+            let spec = VNodeSpec {
+                node: n.clone(),
+                optimizer: g.spec.optimizer,
+                recipe: g.spec.training.recipe(),
+                root_seed: 9,
+                in_flight: 1,
+                averaging: None,
+            };
+            VNode::new(spec)
+        })
+        .collect();
+    memory::train(g, &mut nodes, 0..steps, 1, labelled_batch, |_| 0).unwrap();
+    let trained: Vec<_> = nodes.iter().map(|n| n.params().unwrap()).collect();
+    let mut r = Reference::new(g, g.spec.optimizer, 9);
+    for s in 0..steps {
+        let (x, y) = batch(s);
+        r.train_step(&x, &y).unwrap();
+    }
+    for (mb, order) in [(0u64, 0u64), (1, 1), (2, 2)] {
+        let (x, _) = batch(100 + mb);
+        let mut rng = ChaCha8Rng::seed_from_u64(order);
+        let got = memory::infer(g, &mut nodes, mb, &x, |n| rng.random_range(0..n)).unwrap().expect("no predictions");
+        let want = r.predict(&x).unwrap();
+        assert_eq!(got, want, "inference differs from the reference (delivery order {order})");
+        let rows = want.as_f32().unwrap().chunks(3).map(|row| row.iter().sum::<f32>()).collect::<Vec<_>>();
+        assert!(rows.iter().all(|s| (s - 1.0).abs() < 1e-5), "rows are not distributions: {rows:?}");
+    }
+    assert_eq!(nodes.iter().map(|n| n.params().unwrap()).collect::<Vec<_>>(), trained);
+}
+
+#[test]
+fn inference_is_the_reference_forward_bit_for_bit_on_chains_joins_and_convolutions() {
+    assert_inference_equals_reference(&graph("adam"), 5);
+    assert_inference_equals_reference(&ModelGraph::parse_valid(JOINS).unwrap(), 5);
+    assert_inference_equals_reference(&ModelGraph::parse_valid(SPATIAL).unwrap(), 5);
+}
+
+#[test]
+fn inference_takes_no_labels_and_answers_probabilities() {
+    let g = graph("sgd");
+    let spec = |id: usize| VNodeSpec {
+        node: g.nodes[id].clone(),
+        optimizer: g.spec.optimizer,
+        recipe: g.spec.training.recipe(),
+        root_seed: 9,
+        in_flight: 1,
+        averaging: None,
+    };
+    let mut loss = VNode::new(spec(5));
+    let labels = HostTensor::i32(vec![2], vec![0, 1]);
+    let err = loss.handle(Inbound::Forward { mb: 0, phase: Phase::Infer, port: 1, tensor: labels }).unwrap_err();
+    assert!(err.to_string().contains("no input port 1"), "{err}");
+    let logits = HostTensor::f32(vec![2, 3], vec![0.0, 1.0, 2.0, 3.0, 3.0, 3.0]);
+    let out = loss.handle(Inbound::Forward { mb: 0, phase: Phase::Infer, port: 0, tensor: logits }).unwrap();
+    let [Outbound::Predictions { mb: 0, probabilities }] = out.as_slice() else { panic!("{out:?}") };
+    let p = probabilities.as_f32().unwrap();
+    assert!((p[3] - 1.0 / 3.0).abs() < 1e-6 && p[2] > p[1] && p[1] > p[0]);
 }

@@ -394,7 +394,7 @@ impl ServeCore {
             return self.replace(format!("vnode {vnode} on {pnode} sent malformed predictions"), Some(pnode));
         }
         let Some(piece) = self.pieces.remove(&mb) else { return };
-        let Some(HostData::F32(values)) = Some(probabilities.data) else { return };
+        let HostData::F32(values) = probabilities.data else { return };
         let Some(pending) = self.requests.get_mut(&piece.request) else { return };
         if let Some(slot) = pending.parts.get_mut(piece.index) {
             *slot = Some(values);
@@ -428,11 +428,10 @@ impl ServeCore {
     fn on_tick(&mut self) {
         match self.stage {
             Stage::Placing(_) | Stage::Ready => self.effects.push(Effect::ListPNodes),
-            Stage::Allocating => {}
             Stage::Idle if self.requests.is_empty() && self.now.saturating_sub(self.last_used) >= self.limits.idle => {
                 self.effects.push(Effect::Stop)
             }
-            Stage::Idle => {}
+            Stage::Allocating | Stage::Idle => {}
         }
         if self.stage == Stage::Ready {
             let late = self
@@ -448,8 +447,8 @@ impl ServeCore {
                 self.effects.push(Effect::Log("idle: releasing the served model's VNodes".into()));
                 self.effects.push(Effect::Release { endpoints });
                 self.placement.clear();
-                self.generation = self.generation.wrapping_add(1);
                 self.stage = Stage::Idle;
+                self.effects.push(Effect::Stop);
             }
         }
     }
@@ -496,5 +495,248 @@ impl ServeCore {
     /// Whether requests are waiting or running.
     pub fn busy(&self) -> bool {
         !self.requests.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRAPH: &str = r#"
+[model]
+name = "t"
+[data]
+dataset = "mnist"
+feature_size = 4
+classes = 3
+[training]
+batch_size = 2
+[optimizer]
+kind = "sgd"
+lr = 0.1
+[[node]]
+id = "fc"
+kind = "linear"
+inputs = 4
+outputs = 3
+[[node]]
+id = "loss"
+kind = "softmax_cross_entropy"
+[[edge]]
+from = "image"
+to = "fc"
+[[edge]]
+from = "fc"
+to = "loss"
+[[edge]]
+from = "label"
+to = "loss"
+"#;
+
+    fn pnode(i: usize, health: Health) -> PNodeView {
+        PNodeView {
+            id: format!("p{i}"),
+            name: format!("p{i}"),
+            endpoint: format!("http://h{i}:1"),
+            caps: crate::sim::sim_caps(),
+            health,
+            hosted_vnodes: 0,
+            public_key: String::new(),
+            trusted: false,
+            standing: crate::trust::Standing::New,
+            reputation: 1.0,
+            quarantine_reason: None,
+        }
+    }
+
+    fn limits() -> ServeLimits {
+        ServeLimits { max_rows: 3, in_flight: 2, ..ServeLimits::default() }
+    }
+
+    fn core() -> ServeCore {
+        let graph = dcnr_model::graph::ModelGraph::parse_valid(GRAPH).unwrap();
+        ServeCore::new(graph, vec![(0, vec![1]), (1, vec![2])], limits(), 7, Duration::ZERO)
+    }
+
+    fn at(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    fn rows(n: usize) -> HostTensor {
+        HostTensor::u8(vec![n, 4], (0..n * 4).map(|i| i as u8).collect())
+    }
+
+    /// Places `c` on `pnodes` and acknowledges the allocation; returns the effects after it.
+    fn place(c: &mut ServeCore, pnodes: &[PNodeView], t: Duration) -> Vec<Effect> {
+        c.step(Input::View(pnodes.to_vec()), t);
+        let effects = c.take_effects();
+        let Some(Effect::Allocate { generation, allocations }) = effects.last() else { panic!("{effects:?}") };
+        // Every VNode goes with its trained state.
+        let states: Vec<&Vec<u8>> = allocations.iter().flat_map(|a| a.vnodes.iter().map(|(_, s)| s)).collect();
+        assert!(states.iter().all(|s| !s.is_empty()));
+        let generation = *generation;
+        c.step(Input::Allocated { generation, result: Ok(()) }, t);
+        c.take_effects()
+    }
+
+    fn predictions(c: &ServeCore, pnode: &str, mb: u64, n: usize) -> Input {
+        let values = (0..n).flat_map(|_| [0.25f32, 0.5, 0.25]).collect();
+        Input::Report(Observation {
+            job_id: "j.serve".into(),
+            vnode: 1,
+            mb,
+            pnode: pnode.into(),
+            generation: c.generation(),
+            body: Observed::Predictions(HostTensor::f32(vec![n, 3], values)),
+        })
+    }
+
+    fn sends(effects: &[Effect]) -> Vec<(u64, usize)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send { mb, inputs, targets, .. } => {
+                    assert_eq!(targets.len(), 1, "one features port");
+                    Some((*mb, inputs.rows()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_request_is_cut_into_its_own_micro_batches_and_answered_whole() {
+        let mut c = core();
+        c.step(Input::Request { id: 1, inputs: rows(7) }, at(0));
+        assert_eq!(c.take_effects(), vec![Effect::ListPNodes]);
+        let effects = place(&mut c, &[pnode(0, Health::Healthy)], at(1));
+        assert!(matches!(&effects[1], Effect::Placed { locations } if locations.len() == 2));
+        // 7 rows in pieces of 3: two in flight, the third waits for room.
+        assert_eq!(sends(&effects), vec![(0, 3), (1, 3)]);
+        c.step(Input::Request { id: 2, inputs: rows(1) }, at(2));
+        assert!(sends(&c.take_effects()).is_empty());
+        c.step(predictions(&c, "p0", 1, 3), at(3));
+        assert_eq!(sends(&c.take_effects()), vec![(2, 1)]);
+        c.step(predictions(&c, "p0", 0, 3), at(4));
+        assert_eq!(sends(&c.take_effects()), vec![(3, 1)]);
+        c.step(predictions(&c, "p0", 2, 1), at(5));
+        let effects = c.take_effects();
+        let Some(Effect::Answer { id: 1, result: Ok(a) }) = effects.first() else { panic!("{effects:?}") };
+        assert_eq!(a.probabilities.shape, vec![7, 3]);
+        c.step(predictions(&c, "p0", 3, 1), at(6));
+        assert!(matches!(c.take_effects().as_slice(), [Effect::Answer { id: 2, result: Ok(_) }]));
+        assert!(!c.busy());
+    }
+
+    #[test]
+    fn a_lost_pnode_is_replaced_and_unanswered_work_resent_in_a_new_generation() {
+        let mut c = core();
+        c.step(Input::Request { id: 1, inputs: rows(2) }, at(0));
+        c.take_effects();
+        place(&mut c, &[pnode(0, Health::Healthy)], at(1));
+        let first = c.generation();
+        c.step(Input::Tick, at(300));
+        assert_eq!(c.take_effects(), vec![Effect::ListPNodes]);
+        c.step(Input::View(vec![pnode(0, Health::Lost), pnode(1, Health::Healthy)]), at(301));
+        let effects = c.take_effects();
+        assert!(
+            effects.iter().any(|e| matches!(e, Effect::Release { endpoints } if endpoints.contains("http://h0:1")))
+        );
+        assert!(effects.contains(&Effect::ListPNodes));
+        assert_eq!(c.generation(), first + 1);
+        // A late answer of the old generation counts for nothing.
+        let mut old = predictions(&c, "p0", 0, 2);
+        if let Input::Report(r) = &mut old {
+            r.generation = first;
+        }
+        c.step(old, at(302));
+        assert!(c.take_effects().is_empty());
+        // The lost PNode is not used again; the work is sent again to the new one.
+        let effects = place(&mut c, &[pnode(0, Health::Healthy), pnode(1, Health::Healthy)], at(303));
+        let Some(Effect::Placed { locations }) = effects.get(1) else { panic!("{effects:?}") };
+        assert!(locations.iter().all(|(_, e)| e == "http://h1:1"));
+        assert_eq!(sends(&effects), vec![(0, 2)]);
+        // Only the PNode placed for the loss speaks for it.
+        c.step(predictions(&c, "p0", 0, 2), at(304));
+        assert!(c.take_effects().is_empty());
+        c.step(predictions(&c, "p1", 0, 2), at(305));
+        assert!(
+            matches!(c.take_effects().as_slice(), [Effect::Answer { id: 1, result: Ok(a) }] if a.generation == first + 1)
+        );
+    }
+
+    #[test]
+    fn malformed_predictions_a_failure_or_silence_replace_the_placement() {
+        let mut c = core();
+        c.step(Input::Request { id: 1, inputs: rows(2) }, at(0));
+        c.take_effects();
+        let all: Vec<PNodeView> = (0..4).map(|i| pnode(i, Health::Healthy)).collect();
+        // The PNode the loss VNode (1) is placed on, from the placement's locations.
+        let loss_host = |effects: &[Effect]| -> String {
+            let Some(Effect::Placed { locations }) = effects.get(1) else { panic!("{effects:?}") };
+            let endpoint = &locations.iter().find(|(v, _)| *v == 1).unwrap().1;
+            all.iter().find(|p| &p.endpoint == endpoint).unwrap().id.clone()
+        };
+        let host = loss_host(&place(&mut c, &all, at(1)));
+        let g = c.generation();
+        // Wrong row count.
+        c.step(predictions(&c, &host, 0, 1), at(2));
+        assert!(c.take_effects().iter().any(|e| matches!(e, Effect::Log(l) if l.contains("malformed"))));
+        assert_eq!(c.generation(), g + 1);
+        let next = loss_host(&place(&mut c, &all, at(3)));
+        assert_ne!(next, host, "the PNode that sent malformed predictions is not used again");
+        let report = Input::Report(Observation {
+            job_id: "j.serve".into(),
+            vnode: 1,
+            mb: 0,
+            pnode: next,
+            generation: c.generation(),
+            body: Observed::Failure("out of memory".into()),
+        });
+        c.step(report, at(4));
+        assert_eq!(c.generation(), g + 2);
+        place(&mut c, &all, at(5));
+        c.step(Input::Tick, at(5) + limits().deadline + at(1));
+        assert!(c.take_effects().iter().any(|e| matches!(e, Effect::Log(l) if l.contains("unanswered"))));
+        assert_eq!(c.generation(), g + 3);
+    }
+
+    #[test]
+    fn without_capacity_requests_fail_after_the_placement_timeout_and_too_many_are_refused() {
+        let mut c = core();
+        c.step(Input::Request { id: 1, inputs: rows(1) }, at(0));
+        c.take_effects();
+        c.step(Input::View(vec![pnode(0, Health::Lost)]), at(10));
+        assert!(c.take_effects().is_empty(), "waits for capacity");
+        c.step(Input::View(vec![]), limits().placement_timeout + at(1));
+        let effects = c.take_effects();
+        assert!(
+            matches!(effects.as_slice(), [Effect::Answer { id: 1, result: Err(why) }] if why.contains("could not be placed")),
+            "{effects:?}"
+        );
+        let mut c = ServeCore::new(
+            dcnr_model::graph::ModelGraph::parse_valid(GRAPH).unwrap(),
+            vec![],
+            ServeLimits { max_requests: 1, ..limits() },
+            1,
+            Duration::ZERO,
+        );
+        c.step(Input::Request { id: 1, inputs: rows(1) }, at(0));
+        c.step(Input::Request { id: 2, inputs: rows(1) }, at(0));
+        assert!(c.take_effects().iter().any(|e| matches!(e, Effect::Answer { id: 2, result: Err(_) })));
+    }
+
+    #[test]
+    fn idle_serving_releases_its_vnodes_and_stops() {
+        let mut c = core();
+        c.step(Input::Request { id: 1, inputs: rows(1) }, at(0));
+        c.take_effects();
+        place(&mut c, &[pnode(0, Health::Healthy)], at(1));
+        c.step(predictions(&c, "p0", 0, 1), at(2));
+        c.take_effects();
+        c.step(Input::Tick, limits().idle + at(3));
+        let effects = c.take_effects();
+        assert!(effects.iter().any(|e| matches!(e, Effect::Release { .. })), "{effects:?}");
+        assert!(effects.contains(&Effect::Stop));
     }
 }
