@@ -241,6 +241,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure a served model's latency (batch 1 and 64) and throughput on a local mesh beside
+    /// the single-process forward.
+    BenchServe {
+        #[command(flatten)]
+        args: crate::serve_bench::ServeBenchArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a finished job's trained parameters (safetensors) and graph to a directory.
     Export {
         #[command(flatten)]
@@ -439,6 +448,9 @@ pub fn main(cli: Cli) -> ExitCode {
         // In memory and single-threaded: no runtime, so nothing else allocates while it counts.
         Command::BenchScale { args, json } => {
             bench_report(crate::scale_bench::run(&args), json, crate::scale_bench::print)
+        }
+        Command::BenchServe { args, json } => {
+            runtime(async move { bench_report(crate::serve_bench::run(args).await, json, crate::serve_bench::print) })
         }
         Command::Export { args, json } => runtime(async move {
             match crate::export::run(args).await {

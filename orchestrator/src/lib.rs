@@ -46,6 +46,7 @@ pub mod registry;
 pub mod replay;
 pub mod scale_bench;
 pub mod serve;
+pub mod serve_bench;
 pub mod server;
 pub mod service;
 pub mod sim;
