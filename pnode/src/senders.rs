@@ -60,10 +60,13 @@ pub fn sending_vnode(graph: &ValidGraph, to: u32, msg: &Inbound) -> Option<u32> 
 /// the name of VNodes it does not host cannot make this PNode flood the orchestrator.
 const RESOLVE_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
+/// A job hosted here: its placement generation, graph, and whether it serves a trained model.
+type Hosted = (u32, Arc<ValidGraph>, bool);
+
 /// The graphs of the jobs hosted here and where their VNodes are placed.
 pub struct Senders {
-    /// Job → (placement generation, graph, whether it serves a trained model).
-    graphs: Mutex<HashMap<String, (u32, Arc<ValidGraph>, bool)>>,
+    /// Job → what it was allocated with.
+    graphs: Mutex<HashMap<String, Hosted>>,
     /// (job, vnode) → (PNode id, when the orchestrator said so).
     placed: Mutex<HashMap<(String, u32), (String, Instant)>>,
     orchestrator: OrchestratorLink,

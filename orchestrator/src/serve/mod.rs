@@ -68,6 +68,9 @@ pub struct InferRows(pub HostTensor);
 
 type Reply = oneshot::Sender<Result<Inferred, InferError>>;
 
+/// A loaded model and its VNodes' states.
+type Loaded = (Model, Vec<(u32, Vec<u8>)>);
+
 /// Serving one model: loading it first, then serving.
 enum Serving {
     Loading(Vec<(HostTensor, Reply)>),
@@ -113,7 +116,7 @@ impl ServeActor {
         }
     }
 
-    fn loaded(&mut self, ctx: &mut Context<Self>, loaded: Result<(Model, Vec<(u32, Vec<u8>)>), String>) {
+    fn loaded(&mut self, ctx: &mut Context<Self>, loaded: Result<Loaded, String>) {
         let buffered = match std::mem::replace(&mut self.serving, Serving::Loading(Vec::new())) {
             Serving::Loading(b) => b,
             ready @ Serving::Ready { .. } => {
