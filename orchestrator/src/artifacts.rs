@@ -47,6 +47,9 @@ pub trait ObjectStore: Send + Sync {
     async fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError>;
     /// Reads a reference.
     async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// Creates ref `name` → `hash` only if it does not exist, atomically: of several callers
+    /// exactly one gets `true` (leases are taken this way).
+    async fn create_ref(&self, name: &str, hash: &str) -> Result<bool, StoreError>;
     /// Names of references under `prefix/`, at any depth.
     async fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Every object's hash and age (None when the store cannot tell).
@@ -170,6 +173,22 @@ impl ObjectStore for DirStore {
     async fn set_ref(&self, name: &str, hash: &str) -> Result<(), StoreError> {
         check_ref(name)?;
         self.write_atomic(&self.root.join("refs").join(name), hash.as_bytes())
+    }
+
+    async fn create_ref(&self, name: &str, hash: &str) -> Result<bool, StoreError> {
+        check_ref(name)?;
+        let path = self.root.join("refs").join(name);
+        let dir = path.parent().unwrap_or(&self.root);
+        std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(Self::io(dir))?;
+        std::io::Write::write_all(&mut tmp, hash.as_bytes()).map_err(Self::io(dir))?;
+        tmp.as_file().sync_all().map_err(Self::io(dir))?;
+        // A hard link fails if the name exists: creation with its content, in one step.
+        match std::fs::hard_link(tmp.path(), &path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
     }
 
     async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError> {
@@ -317,6 +336,25 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
+    async fn create_ref(&self, name: &str, hash: &str) -> Result<bool, StoreError> {
+        check_ref(name)?;
+        // S3's conditional write: the PUT fails with 412 when the key exists.
+        let put = self
+            .bucket
+            .put_object_builder(self.key(&format!("refs/{name}")), hash.as_bytes())
+            .with_header("If-None-Match", "*")
+            .map_err(|e| self.err(e))?;
+        match put.execute().await {
+            Ok(r) if r.status_code() == 412 => Ok(false),
+            Ok(r) if (200..300).contains(&r.status_code()) => Ok(true),
+            Ok(r) => {
+                Err(StoreError::S3 { location: self.location.clone(), detail: format!("status {}", r.status_code()) })
+            }
+            Err(s3::error::S3Error::HttpFailWithBody(412, _)) => Ok(false),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
     async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError> {
         check_ref(name)?;
         let bytes = self.read(&self.key(&format!("refs/{name}"))).await?;
@@ -425,6 +463,17 @@ impl ObjectStore for MemoryStore {
     async fn get_ref(&self, name: &str) -> Result<Option<String>, StoreError> {
         check_ref(name)?;
         Ok(self.lock().refs.get(name).cloned())
+    }
+
+    async fn create_ref(&self, name: &str, hash: &str) -> Result<bool, StoreError> {
+        check_ref(name)?;
+        match self.lock().refs.entry(name.to_string()) {
+            std::collections::btree_map::Entry::Occupied(_) => Ok(false),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(hash.to_string());
+                Ok(true)
+            }
+        }
     }
 
     async fn list_refs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {

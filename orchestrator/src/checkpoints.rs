@@ -195,37 +195,49 @@ pub async fn load_active(store: &dyn ObjectStore) -> Result<Vec<(String, Envelop
     let mut found = Vec::new();
     for name in store.list_refs("active").await? {
         let Some(job) = name.strip_prefix("active/").map(str::to_string) else { continue };
-        if store.get_ref(&format!("jobs/{job}")).await?.is_some() {
-            // It ended, but the orchestrator stopped before forgetting it.
-            store.delete_ref(&name).await?;
-            continue;
-        }
-        let Some(hash) = store.get_ref(&name).await? else { continue };
-        let envelope: Envelope = match store.get(&hash).await {
-            Ok(b) => match serde_json::from_slice(&b) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(%job, error = %e, "the recorded envelope of a running job is unreadable; skipped");
-                    continue;
-                }
-            },
-            Err(e) => {
-                tracing::error!(%job, error = %e, "the recorded envelope of a running job is missing; skipped");
-                continue;
-            }
-        };
-        match load_latest(store, &job).await {
-            Ok((env, from)) => found.push((job, env, Some(from))),
-            Err(LoadError::NoCheckpoint { detail, .. }) => {
-                if !detail.is_empty() {
-                    tracing::warn!(%job, "no usable checkpoint{detail}; starting over");
-                }
-                found.push((job, envelope, None));
-            }
-            Err(LoadError::Store(e)) => return Err(e),
+        if let Some((envelope, from)) = load_active_job(store, &job).await? {
+            found.push((job, envelope, from));
         }
     }
     Ok(found)
+}
+
+/// One job recorded as running: its envelope and the checkpoint to continue from; `None` when it
+/// ended (its stale marker is removed) or its envelope is unreadable (said in the log).
+pub async fn load_active_job(
+    store: &dyn ObjectStore,
+    job: &str,
+) -> Result<Option<(Envelope, Option<ResumeFrom>)>, StoreError> {
+    let name = active_ref(job);
+    if store.get_ref(&format!("jobs/{job}")).await?.is_some() {
+        // It ended, but its orchestrator stopped before forgetting it.
+        store.delete_ref(&name).await?;
+        return Ok(None);
+    }
+    let Some(hash) = store.get_ref(&name).await? else { return Ok(None) };
+    let envelope: Envelope = match store.get(&hash).await {
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(%job, error = %e, "the recorded envelope of a running job is unreadable; skipped");
+                return Ok(None);
+            }
+        },
+        Err(e) => {
+            tracing::error!(%job, error = %e, "the recorded envelope of a running job is missing; skipped");
+            return Ok(None);
+        }
+    };
+    match load_latest(store, job).await {
+        Ok((env, from)) => Ok(Some((env, Some(from)))),
+        Err(LoadError::NoCheckpoint { detail, .. }) => {
+            if !detail.is_empty() {
+                tracing::warn!(%job, "no usable checkpoint{detail}; starting over");
+            }
+            Ok(Some((envelope, None)))
+        }
+        Err(LoadError::Store(e)) => Err(e),
+    }
 }
 
 /// What a garbage collection did.

@@ -103,6 +103,14 @@ enum Command {
         /// literals; any other `Host` header is refused (DNS rebinding).
         #[arg(long, env = "DCNR_DASHBOARD_HOSTS", value_delimiter = ',')]
         dashboard_host: Vec<String>,
+        /// This orchestrator's name among several sharing one store (default: host name and
+        /// listen address); a restarted instance of the same name resumes its jobs at once.
+        #[arg(long, env = "DCNR_INSTANCE")]
+        instance: Option<String>,
+        /// Seconds a job's lease lasts unrenewed; another orchestrator sharing the store takes the
+        /// job over after that.
+        #[arg(long, env = "DCNR_LEASE_TERM_S", default_value_t = 5.0)]
+        lease_term_s: f64,
     },
     /// Submit a job (an envelope, JSON or TOML, or a bare model graph) to a running orchestrator.
     Submit {
@@ -551,7 +559,12 @@ pub fn main(cli: Cli) -> ExitCode {
             maintainer_token_sha256,
             reads,
             dashboard_host,
+            instance,
+            lease_term_s,
         } => runtime(async move {
+            if !(0.3..=3600.0).contains(&lease_term_s) {
+                return fail(2, "--lease-term-s must be between 0.3 and 3600");
+            }
             let (trusted_token, trust) = match trust.resolve() {
                 Ok(t) => t,
                 Err(e) => return fail(2, e),
@@ -591,6 +604,8 @@ pub fn main(cli: Cli) -> ExitCode {
                 dashboard,
                 security,
                 dashboard_hosts: dashboard_host,
+                instance,
+                lease_term: Duration::from_secs_f64(lease_term_s),
             };
             let srv = match server::start(cfg).await {
                 Ok(s) => s,

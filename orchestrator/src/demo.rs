@@ -165,6 +165,8 @@ impl LocalMesh {
         let cfg = ServerConfig {
             security,
             dashboard_hosts: Vec::new(),
+            instance: None,
+            lease_term: Duration::from_secs(5),
             listen: "127.0.0.1:0".parse()?,
             data,
             heartbeat: Duration::from_millis(200),

@@ -5,6 +5,7 @@ use crate::artifacts::ObjectStore;
 use crate::checkpoints::{self, ResumeFrom};
 use crate::data::DataCache;
 use crate::job::{JobActor, JobKind, JobServices, JobSpec, Observation};
+use crate::lease::{Held, Leases, Renewal};
 use crate::registry::Registry;
 use crate::serve::{InferError, InferRows, Inferred, ServeActor, ServeLimits};
 use crate::status::{JobEvent, JobState, JobStatus};
@@ -68,6 +69,12 @@ pub struct JobTable {
     replicas: HashMap<String, Addr<JobActor>>,
     /// Served models, by the job they were trained by.
     serving: HashMap<String, Addr<ServeActor>>,
+    /// Job ownership among orchestrators sharing the store (none: this one owns every job).
+    leases: Option<Arc<Leases>>,
+    /// The leases this orchestrator holds, by job.
+    held: HashMap<String, Held>,
+    /// Whether a lease round is in progress (one at a time).
+    lease_round: bool,
     serve_limits: ServeLimits,
     telemetry: Telemetry,
 }
@@ -92,9 +99,18 @@ impl JobTable {
             locations: HashMap::new(),
             replicas: HashMap::new(),
             serving: HashMap::new(),
+            leases: None,
+            held: HashMap::new(),
+            lease_round: false,
             serve_limits: ServeLimits::default(),
             telemetry: Telemetry::default(),
         }
+    }
+
+    /// Owns jobs through `leases`, shared with other orchestrators using the same store.
+    pub fn with_leases(mut self, leases: Leases) -> JobTable {
+        self.leases = Some(Arc::new(leases));
+        self
     }
 
     /// Serves models within `limits`.
@@ -112,6 +128,115 @@ impl JobTable {
 
 impl Actor for JobTable {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(leases) = &self.leases {
+            // Renewed three times a term: one slow store call does not lose a job.
+            ctx.run_interval(leases.term() / 3, |act, ctx| act.lease_round(ctx));
+        }
+    }
+}
+
+/// What one lease round found.
+#[derive(Default)]
+struct LeaseRound {
+    /// Leases taken for jobs running here.
+    taken: Vec<Held>,
+    /// Jobs running here that another orchestrator owns now, and why.
+    lost: Vec<(String, String)>,
+    /// Jobs whose owner stopped renewing, taken over: to resume here.
+    adopted: Vec<(Held, Envelope, Option<ResumeFrom>)>,
+}
+
+impl JobTable {
+    /// Renews the leases of the jobs running here (a job whose lease another orchestrator took
+    /// stops here), takes leases for jobs that have none yet, and takes over the jobs of
+    /// orchestrators that stopped renewing theirs, resuming each from its newest checkpoint.
+    fn lease_round(&mut self, ctx: &mut Context<Self>) {
+        let (Some(leases), Some(store)) = (self.leases.clone(), self.store.clone()) else { return };
+        if self.lease_round {
+            return;
+        }
+        self.lease_round = true;
+        let running: Vec<String> =
+            self.jobs.iter().filter(|(_, e)| e.actor.is_some()).map(|(id, _)| id.clone()).collect();
+        let held = self.held.clone();
+        let round = async move {
+            let mut out = LeaseRound::default();
+            for job in &running {
+                match held.get(job) {
+                    Some(h) => match leases.renew(h).await {
+                        Ok(Renewal::Renewed) => {}
+                        Ok(Renewal::Lost { by_seq }) => {
+                            out.lost.push((job.clone(), format!("another orchestrator took lease {by_seq}")))
+                        }
+                        Err(e) => tracing::warn!(%job, error = %e, "cannot renew the job's lease"),
+                    },
+                    None => match leases.take(job, false).await {
+                        Ok(Some(h)) => out.taken.push(h),
+                        Ok(None) => out.lost.push((job.clone(), "another orchestrator holds its lease".into())),
+                        Err(e) => tracing::warn!(%job, error = %e, "cannot take the job's lease"),
+                    },
+                }
+            }
+            let active = match store.list_refs("active").await {
+                Ok(names) => names,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the running jobs in the store");
+                    return out;
+                }
+            };
+            for name in active {
+                let Some(job) = name.strip_prefix("active/") else { continue };
+                if running.iter().any(|r| r == job) {
+                    continue;
+                }
+                // Only a job whose lease lapsed: one with none is being started by its owner.
+                match leases.take(job, true).await {
+                    Ok(Some(h)) => match checkpoints::load_active_job(store.as_ref(), job).await {
+                        Ok(Some((envelope, from))) => out.adopted.push((h, envelope, from)),
+                        Ok(None) => {
+                            let _ = leases.release(job).await;
+                        }
+                        Err(e) => tracing::warn!(%job, error = %e, "cannot load a job to take over"),
+                    },
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(%job, error = %e, "cannot take over the job's lease"),
+                }
+            }
+            out
+        };
+        ctx.spawn(round.into_actor(self).map(|out, act, ctx| {
+            act.lease_round = false;
+            for h in out.taken {
+                act.held.insert(h.job.clone(), h);
+            }
+            for (job, why) in out.lost {
+                act.held.remove(&job);
+                if let Some(e) = act.jobs.get_mut(&job) {
+                    if let Some(a) = e.actor.take() {
+                        a.do_send(crate::job::actor::Relinquish);
+                    }
+                    e.status.error = Some(format!("owned by another orchestrator: {why}"));
+                }
+                act.locations.retain(|k, _| k.0 != job);
+                tracing::warn!(%job, %why, "job moved to another orchestrator");
+            }
+            for (h, mut envelope, from) in out.adopted {
+                let job = h.job.clone();
+                envelope.seed = SeedSpec { mode: SeedMode::Explicit, value: envelope.seed.value };
+                envelope.ctx.job_id = Some(job.clone());
+                let step = from.as_ref().map(|f| f.step).unwrap_or(0);
+                match act.start_job(envelope, from, ctx) {
+                    Ok(_) => {
+                        act.held.insert(job.clone(), h);
+                        tracing::warn!(%job, step, "took over a job whose orchestrator stopped renewing its lease");
+                    }
+                    Err(e) => tracing::error!(%job, error = %e, "cannot take over a job"),
+                }
+            }
+        }));
+    }
 }
 
 /// A submission.
@@ -298,24 +423,40 @@ impl Handler<ResumeActive> for JobTable {
     type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, _: ResumeActive, _: &mut Context<Self>) -> Self::Result {
-        let store = self.store.clone();
+        let (store, leases) = (self.store.clone(), self.leases.clone());
         let fut = async move {
             let Some(store) = store else { return Vec::new() };
-            match checkpoints::load_active(store.as_ref()).await {
+            let found = match checkpoints::load_active(store.as_ref()).await {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot list the jobs that were running");
-                    Vec::new()
+                    return Vec::new();
+                }
+            };
+            let Some(leases) = leases else { return found.into_iter().map(|(j, e, f)| (j, e, f, None)).collect() };
+            // With several orchestrators, only the jobs no other one holds.
+            let mut mine = Vec::new();
+            for (job, envelope, from) in found {
+                match leases.take(&job, false).await {
+                    Ok(Some(h)) => mine.push((job, envelope, from, Some(h))),
+                    Ok(None) => tracing::info!(%job, "another orchestrator runs this job"),
+                    Err(e) => tracing::error!(%job, error = %e, "cannot take the lease of a job that was running"),
                 }
             }
+            mine
         };
         Box::pin(fut.into_actor(self).map(|found, act, ctx| {
-            for (job, mut envelope, from) in found {
+            for (job, mut envelope, from, held) in found {
                 envelope.seed = SeedSpec { mode: SeedMode::Explicit, value: envelope.seed.value };
                 envelope.ctx.job_id = Some(job.clone());
                 let step = from.as_ref().map(|f| f.step).unwrap_or(0);
                 match act.start_job(envelope, from, ctx) {
-                    Ok(_) => tracing::info!(%job, step, "resuming a job that was running before the restart"),
+                    Ok(_) => {
+                        if let Some(h) = held {
+                            act.held.insert(job.clone(), h);
+                        }
+                        tracing::info!(%job, step, "resuming a job that was running before the restart")
+                    }
                     Err(e) => {
                         tracing::error!(%job, error = %e, "cannot resume a job that was running before the restart")
                     }
@@ -343,6 +484,14 @@ impl Handler<StatusUpdate> for JobTable {
         }
         if let Some(e) = self.jobs.get_mut(&msg.0.job_id) {
             if msg.0.state.is_final() {
+                if let (Some(leases), Some(_)) = (self.leases.clone(), self.held.remove(&msg.0.job_id)) {
+                    let job = msg.0.job_id.clone();
+                    actix::spawn(async move {
+                        if let Err(e) = leases.release(&job).await {
+                            tracing::warn!(%job, error = %e, "cannot release the job's lease");
+                        }
+                    });
+                }
                 e.actor = None;
                 self.locations.retain(|k, _| k.0 != msg.0.job_id);
                 let _ = e.events.send(JobEvent::Finished(Box::new(msg.0.clone())));

@@ -34,6 +34,7 @@ pub mod events;
 pub mod export;
 pub mod job;
 pub mod job_table;
+pub mod lease;
 pub mod ledger;
 pub mod local;
 pub mod metrics;

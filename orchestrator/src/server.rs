@@ -48,6 +48,12 @@ pub struct ServerConfig {
     pub security: SecurityConfig,
     /// Host names the dashboard answers to besides loopback names and IP literals.
     pub dashboard_hosts: Vec<String>,
+    /// This orchestrator's name among those sharing the store (None: the host name and the
+    /// address it listens on).
+    pub instance: Option<String>,
+    /// How long a job's lease lasts unrenewed: another orchestrator sharing the store takes the
+    /// job over after this much silence.
+    pub lease_term: Duration,
 }
 
 /// How the orchestrator secures its links (docs/SECURITY.md).
@@ -188,9 +194,14 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let registry = registry.start();
     let telemetry = Telemetry::new(EventLog::default());
     let data = DataCache::new(cfg.data.clone());
-    let jobs = JobTable::new(registry.clone(), data.clone(), cfg.jobs.clone(), store, recorded)
-        .with_telemetry(telemetry.clone())
-        .start();
+    let mut jobs = JobTable::new(registry.clone(), data.clone(), cfg.jobs.clone(), store.clone(), recorded)
+        .with_telemetry(telemetry.clone());
+    if let Some(store) = &store {
+        let instance = cfg.instance.clone().unwrap_or_else(|| format!("{}/{addr}", host_name()));
+        tracing::info!(%instance, term = ?cfg.lease_term, "owning jobs through leases in the store");
+        jobs = jobs.with_leases(crate::lease::Leases::new(store.clone(), instance, cfg.lease_term));
+    }
+    let jobs = jobs.start();
     tokio::spawn(telemetry.clone().watch(registry.clone()));
     // Jobs that were running when a previous orchestrator stopped go on; their placement waits
     // for PNodes to register again.
@@ -224,4 +235,14 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let task = tokio::spawn(dcnr_proto::transport::server().add_service(server(svc)).serve_with_incoming(incoming));
     tracing::info!(%addr, "orchestrator listening");
     Ok(ServerHandle { addr, jobs, registry, task, telemetry, dashboard, ca })
+}
+
+/// This machine's name (for the default instance name), or `localhost` when it cannot be read.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }

@@ -10,13 +10,24 @@ use std::time::{Duration, Instant};
 /// `args` with `orchestrator` set to the chosen URL, and `ca_sha256` to the pin DNS published
 /// when neither `--ca` nor `--ca-sha256` was given. A single URL is used as it is.
 pub async fn choose(args: &PnodeArgs) -> anyhow::Result<PnodeArgs> {
+    choose_within(args, args.connect_timeout()).await
+}
+
+/// Whether the `--orchestrator` value can name more than one orchestrator (a list or a DNS
+/// name), so that a PNode whose orchestrator is gone may look for another.
+pub fn can_fail_over(args: &PnodeArgs) -> bool {
+    parse_sources(&args.orchestrator).is_ok_and(|s| !matches!(s.as_slice(), [Source::Url(_)]))
+}
+
+/// [`choose`], giving up after `patience`.
+pub async fn choose_within(args: &PnodeArgs, patience: Duration) -> anyhow::Result<PnodeArgs> {
     let sources = parse_sources(&args.orchestrator)?;
     if let [Source::Url(url)] = sources.as_slice() {
         return Ok(PnodeArgs { orchestrator: url.clone(), ..args.clone() });
     }
     let scheme = if args.insecure_plaintext { "http" } else { "https" };
     let discovery = Discovery::new(args.dns_server)?;
-    let deadline = Instant::now() + args.connect_timeout();
+    let deadline = Instant::now() + patience;
     let mut wait = Duration::from_millis(100);
     loop {
         // Resolved afresh on every round: DNS may change while nothing answers.

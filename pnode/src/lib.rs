@@ -53,6 +53,7 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         let at = metrics::start_pnode_exporter(addr).await?;
         tracing::info!(%at, "serving metrics at http://{at}/metrics");
     }
+    let given = args.clone();
     let args = discover::choose(&args).await?;
     let tls = pinning::setup(&args).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -108,6 +109,7 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let mut heartbeat = tokio::spawn(membership::heartbeat_loop(
         orchestrator.clone(),
         args.clone(),
+        given,
         endpoint,
         identity,
         host,

@@ -12,9 +12,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-/// A connection to the orchestrator's gRPC service.
+/// A connection to the orchestrator's gRPC service. Clones share it: when the PNode fails over
+/// to another orchestrator ([`OrchestratorLink::switch_to`]), every user follows.
 #[derive(Clone)]
 pub struct OrchestratorLink {
+    inner: std::sync::Arc<std::sync::RwLock<Channels>>,
+}
+
+#[derive(Clone)]
+struct Channels {
+    url: String,
     client: OrchestratorClient<Channel>,
     /// A channel without the unary deadline: the channel-level deadline bounds a whole call, so
     /// on `client` a client stream such as the reports would be cut after it.
@@ -24,6 +31,27 @@ pub struct OrchestratorLink {
 impl OrchestratorLink {
     /// Connects, retrying until `patience` has passed (the orchestrator may still be starting).
     pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<OrchestratorLink> {
+        let channels = Self::channels(url, patience).await?;
+        Ok(OrchestratorLink { inner: std::sync::Arc::new(std::sync::RwLock::new(channels)) })
+    }
+
+    /// Points this link, and every clone of it, at the orchestrator at `url`.
+    pub async fn switch_to(&self, url: &str, patience: Duration) -> anyhow::Result<()> {
+        let channels = Self::channels(url, patience).await?;
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = channels;
+        Ok(())
+    }
+
+    /// The URL of the orchestrator this link reaches now.
+    pub fn url(&self) -> String {
+        self.now().url
+    }
+
+    fn now(&self) -> Channels {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn channels(url: &str, patience: Duration) -> anyhow::Result<Channels> {
         let expect = dcnr_proto::tls::Expect::Orchestrator;
         let endpoint = dcnr_proto::transport::unary_endpoint(url, &expect)
             .with_context(|| format!("cannot use the orchestrator URL `{url}`"))?;
@@ -48,23 +76,23 @@ impl OrchestratorLink {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
         };
-        Ok(OrchestratorLink { client: client(channel), streams: client(streams) })
+        Ok(Channels { url: url.to_string(), client: client(channel), streams: client(streams) })
     }
 
     /// The generated client, for callers that need a call not wrapped here.
     pub fn client(&self) -> OrchestratorClient<Channel> {
-        self.client.clone()
+        self.now().client
     }
 
     /// Endpoint of the PNode hosting (job, vnode).
     pub async fn resolve(&self, job: &str, vnode: u32) -> Result<String, tonic::Status> {
-        let r = self.client.clone().resolve(v1::ResolveRequest { job_id: job.to_string(), vnode }).await?;
+        let r = self.client().resolve(v1::ResolveRequest { job_id: job.to_string(), vnode }).await?;
         Ok(r.into_inner().endpoint)
     }
 
     /// The PNode hosting (job, vnode), and its endpoint.
     pub async fn resolve_placement(&self, job: &str, vnode: u32) -> Result<(String, String), tonic::Status> {
-        let r = self.client.clone().resolve(v1::ResolveRequest { job_id: job.to_string(), vnode }).await?;
+        let r = self.client().resolve(v1::ResolveRequest { job_id: job.to_string(), vnode }).await?;
         let r = r.into_inner();
         Ok((r.pnode_id, r.endpoint))
     }
@@ -76,7 +104,7 @@ impl OrchestratorLink {
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
         });
         req.set_timeout(timeout + Duration::from_secs(2));
-        Ok(self.client.clone().drain(req).await?.into_inner().remaining_vnodes)
+        Ok(self.client().drain(req).await?.into_inner().remaining_vnodes)
     }
 
     /// Fetches dataset pack `sha256`, which the allocation said is `expected` bytes. The stream
@@ -84,7 +112,7 @@ impl OrchestratorLink {
     /// stalls for [`FETCH_IDLE`] is abandoned. The caller checks the hash.
     pub async fn fetch_dataset(&self, sha256: &str, expected: u64) -> Result<Vec<u8>, FetchError> {
         let req = v1::FetchDatasetRequest { sha256: sha256.to_string() };
-        let mut stream = self.client.clone().fetch_dataset(req).await.map_err(FetchError::status)?.into_inner();
+        let mut stream = self.client().fetch_dataset(req).await.map_err(FetchError::status)?.into_inner();
         let capacity = usize::try_from(expected).map_err(|_| FetchError::Overrun { expected, got: expected })?;
         let mut out = Vec::with_capacity(capacity);
         loop {
@@ -115,7 +143,7 @@ impl OrchestratorLink {
     /// Streams reports until `rx` closes or the call fails.
     pub async fn report_stream(&self, rx: mpsc::Receiver<v1::VNodeReport>) -> Result<(), tonic::Status> {
         let req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        self.streams.clone().report(req).await.map(|_| ())
+        self.now().streams.report(req).await.map(|_| ())
     }
 }
 
@@ -278,6 +306,7 @@ pub async fn register(
 pub async fn heartbeat_loop(
     link: OrchestratorLink,
     args: PnodeArgs,
+    given: PnodeArgs,
     endpoint: String,
     identity: Identity,
     host: Addr<Host>,
@@ -287,6 +316,7 @@ pub async fn heartbeat_loop(
     let mut identity = identity;
     let mut last_ok = Instant::now();
     let orphan = Duration::from_secs(args.orphan_timeout_s);
+    let fail_over = crate::discover::can_fail_over(&given);
     loop {
         tokio::time::sleep(identity.heartbeat).await;
         if !orphan.is_zero() && last_ok.elapsed() > orphan {
@@ -322,7 +352,37 @@ pub async fn heartbeat_loop(
                 router.set_pnode_id(identity.pnode_id.clone());
                 last_ok = Instant::now();
             }
-            Err(s) => tracing::warn!(status = %s, "heartbeat failed"),
+            Err(s) => {
+                tracing::warn!(status = %s, "heartbeat failed");
+                let silent = last_ok.elapsed();
+                if fail_over && silent >= (identity.heartbeat * FAIL_OVER_AFTER).max(MIN_FAIL_OVER) {
+                    let Ok(other) = crate::discover::choose_within(&given, FAIL_OVER_SEARCH).await else { continue };
+                    if other.orchestrator == link.url() {
+                        continue;
+                    }
+                    link.switch_to(&other.orchestrator, FAIL_OVER_SEARCH).await?;
+                    // Its jobs are taken over by another orchestrator, which allocates them anew.
+                    let dropped = host.send(ReleaseAll).await.unwrap_or(0);
+                    tracing::warn!(
+                        from = ?silent,
+                        orchestrator = %other.orchestrator,
+                        dropped,
+                        "orchestrator unreachable; failing over"
+                    );
+                    identity = register(&link, &other, &endpoint, &creds).await?;
+                    router.set_pnode_id(identity.pnode_id.clone());
+                    last_ok = Instant::now();
+                }
+            }
         }
     }
 }
+
+/// Heartbeat periods of silence after which a PNode given several orchestrators looks for another.
+const FAIL_OVER_AFTER: u32 = 3;
+
+/// Least silence before failing over, whatever the heartbeat period.
+const MIN_FAIL_OVER: Duration = Duration::from_secs(1);
+
+/// How long one search for another orchestrator may take.
+const FAIL_OVER_SEARCH: Duration = Duration::from_secs(3);

@@ -393,3 +393,19 @@ impl Handler<Cancel> for JobActor {
         self.input(ctx, Input::Cancel);
     }
 }
+
+/// Another orchestrator owns the job now (it took the lease): stop driving it at once, writing
+/// nothing. Its VNodes are left to the new owner, whose allocations replace them.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Relinquish;
+
+impl Handler<Relinquish> for JobActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Relinquish, ctx: &mut Context<Self>) {
+        tracing::warn!(job = %self.job_id(), "another orchestrator owns this job now; stopping it here");
+        self.links.clear();
+        ctx.stop();
+    }
+}
