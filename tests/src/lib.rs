@@ -164,6 +164,15 @@ impl Mesh {
         Ok(mesh)
     }
 
+    /// Starts another orchestrator on a free port sharing this mesh's store, TLS directory and
+    /// `serve` flags; returns it and its URL.
+    pub fn start_peer_orchestrator(&self) -> Result<(Proc, String)> {
+        let args: Vec<&str> = self.serve_args.iter().map(String::as_str).collect();
+        let envs: Vec<(&str, &str)> = self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let (p, url, _) = spawn_orchestrator("127.0.0.1:0", self.artifacts.path(), &args, &envs)?;
+        Ok((p, url))
+    }
+
     /// Kills the orchestrator with SIGKILL (a crash).
     pub fn kill_orchestrator(&mut self) {
         let _ = self.orchestrator.0.kill();
@@ -358,11 +367,18 @@ impl Mesh {
 
     /// Starts one more PNode with extra flags.
     pub fn add_pnode_with(&mut self, extra: &[&str]) -> Result<()> {
+        let url = self.url.clone();
+        self.add_pnode_joining(&url, extra)
+    }
+
+    /// Starts one more PNode with extra flags, joining the orchestrators `orchestrator` names
+    /// (a URL, a comma-separated list, or `dns:NAME`).
+    pub fn add_pnode_joining(&mut self, orchestrator: &str, extra: &[&str]) -> Result<()> {
         // Named by index unless the caller names it.
         let name = format!("test-pnode-{}", self.pnodes.len());
         let naming: &[&str] = if extra.contains(&"--name") { &[] } else { &["--name", &name] };
         let child = secure(&mut Command::new(bin("pnode")))
-            .args(["--orchestrator", &self.url, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "20"])
+            .args(["--orchestrator", orchestrator, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "20"])
             .args(naming)
             .args(extra)
             .env("RUST_LOG", std::env::var("DCNR_TEST_LOG").unwrap_or_else(|_| "warn".into()))

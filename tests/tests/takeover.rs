@@ -1,0 +1,57 @@
+//! Several orchestrators sharing one store: the one that owns a running job is SIGKILLed, the
+//! PNodes fail over to the other, which takes the job's lease once it lapses and finishes the
+//! job with `train-local`'s parameters.
+
+use dcnr_tests::{Mesh, fixture, last_json, run, wait_for};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(120);
+
+fn job_state(url: &str, job: &str) -> Option<(String, u64)> {
+    let out = run(&["jobs", "--json", "--orchestrator", url], Duration::from_secs(10)).ok()?;
+    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let j = jobs.as_array()?.iter().find(|j| j["job_id"] == job)?;
+    Some((j["state"].as_str()?.to_string(), j["steps_done"].as_u64()?))
+}
+
+#[test]
+fn a_job_survives_the_death_of_its_orchestrator_and_ends_as_train_local() {
+    let model = fixture("tiny-mlp.toml");
+    let steps = "3000";
+    let local = run(&["train-local", model.to_str().unwrap(), "--steps", steps, "--json"], T).unwrap();
+    assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
+    let reference = last_json(&local.stdout).unwrap();
+
+    let mut mesh = Mesh::start_with(0, &["--lease-term-s", "1"], &[]).unwrap();
+    let (_peer, peer_url) = mesh.start_peer_orchestrator().unwrap();
+    let both = format!("{},{peer_url}", mesh.url);
+    for _ in 0..3 {
+        mesh.add_pnode_joining(&both, &[]).unwrap();
+    }
+    mesh.wait_for_pnodes(3).unwrap();
+
+    let f = model.to_str().unwrap();
+    let out = run(&["submit", f, "--orchestrator", &mesh.url, "--steps", steps], T).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    mesh.wait_for_step(200, T).unwrap();
+    // The peer knows the job is held: it does not run it meanwhile.
+    assert_eq!(job_state(&peer_url, &job), None, "the peer runs a job the first orchestrator owns");
+
+    mesh.kill_orchestrator();
+    let killed = Instant::now();
+    let resumed = wait_for("the peer to take the job over", Duration::from_secs(30), || {
+        job_state(&peer_url, &job).filter(|(state, done)| state == "running" && *done > 0)
+    })
+    .unwrap();
+    let takeover = killed.elapsed();
+    eprintln!("takeover: first step on the peer {takeover:?} after the kill (step {})", resumed.1);
+    wait_for("the job to finish on the peer", T, || {
+        job_state(&peer_url, &job).filter(|(state, _)| state == "succeeded" || state == "failed")
+    })
+    .unwrap();
+    // The record is written just after the state turns final.
+    let result = wait_for("the job's record", Duration::from_secs(10), || mesh.result(&job).ok()).unwrap();
+    assert_eq!(result["summary"]["status"], "succeeded", "{result}");
+    assert_eq!(result["summary"]["params_sha256"], reference["params_sha256"], "taken over, the job drifted");
+}
