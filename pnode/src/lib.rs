@@ -106,16 +106,8 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let senders = std::sync::Arc::new(senders::Senders::new(orchestrator.clone()));
     let mut server =
         tokio::spawn(service::serve(listener, server_tls, host.clone(), router.clone(), datasets, senders));
-    let mut heartbeat = tokio::spawn(membership::heartbeat_loop(
-        orchestrator.clone(),
-        args.clone(),
-        given,
-        endpoint,
-        identity,
-        host,
-        router.clone(),
-        creds,
-    ));
+    let member = membership::Member { link: orchestrator.clone(), args: args.clone(), given, endpoint, creds };
+    let mut heartbeat = tokio::spawn(membership::heartbeat_loop(member, identity, host, router.clone()));
     tokio::select! {
         r = &mut server => return r.context("gRPC server task failed")?.context("gRPC server failed"),
         r = &mut heartbeat => return r.context("heartbeat task failed")?,

@@ -304,15 +304,12 @@ pub async fn register(
 
 /// Heartbeats forever; registers again if the orchestrator has forgotten this PNode.
 pub async fn heartbeat_loop(
-    link: OrchestratorLink,
-    args: PnodeArgs,
-    given: PnodeArgs,
-    endpoint: String,
+    member: Member,
     identity: Identity,
     host: Addr<Host>,
     router: Router,
-    creds: Credentials,
 ) -> anyhow::Result<()> {
+    let Member { link, args, given, endpoint, creds } = member;
     let mut identity = identity;
     let mut last_ok = Instant::now();
     let orphan = Duration::from_secs(args.orphan_timeout_s);
@@ -376,6 +373,20 @@ pub async fn heartbeat_loop(
             }
         }
     }
+}
+
+/// Who this PNode is to the orchestrators: what [`heartbeat_loop`] registers and heartbeats with.
+pub struct Member {
+    /// The link to the orchestrator joined.
+    pub link: OrchestratorLink,
+    /// The flags, `--orchestrator` being the one joined.
+    pub args: PnodeArgs,
+    /// The flags as given (`--orchestrator` as a list or DNS name: where to fail over to).
+    pub given: PnodeArgs,
+    /// This PNode's advertised endpoint.
+    pub endpoint: String,
+    /// Its key, token and certificate slot.
+    pub creds: Credentials,
 }
 
 /// Heartbeat periods of silence after which a PNode given several orchestrators looks for another.
