@@ -1,8 +1,9 @@
 //! Several orchestrators sharing one store: the one that owns a running job is SIGKILLed, the
 //! PNodes fail over to the other, which takes the job's lease once it lapses and finishes the
-//! job with `train-local`'s parameters.
+//! job with `train-local`'s parameters. Over a directory store and over S3 (s3s-fs).
 
-use dcnr_tests::{Mesh, fixture, last_json, run, wait_for};
+use dcnr_tests::{Mesh, S3Server, fixture, last_json, run, wait_for};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(120);
@@ -14,15 +15,26 @@ fn job_state(url: &str, job: &str) -> Option<(String, u64)> {
     Some((j["state"].as_str()?.to_string(), j["steps_done"].as_u64()?))
 }
 
-#[test]
-fn a_job_survives_the_death_of_its_orchestrator_and_ends_as_train_local() {
+/// A job's `result.json` read straight from an S3 server's directory (`refs/`, `objects/`).
+fn stored_result(base: &Path, job: &str) -> Option<serde_json::Value> {
+    let object = |h: &str| std::fs::read(base.join("objects").join(h.trim())).ok();
+    let record: serde_json::Value =
+        serde_json::from_slice(&object(&std::fs::read_to_string(base.join("refs/jobs").join(job)).ok()?)?).ok()?;
+    serde_json::from_slice(&object(record["artifacts"]["result.json"].as_str()?)?).ok()
+}
+
+/// Runs the takeover on a mesh started with `serve_args` and `envs`; the store's files are in
+/// `s3_root` (an S3 server's directory) or else the mesh's artifact directory.
+fn survives_the_death_of_its_orchestrator(serve_args: &[&str], envs: &[(&str, &str)], s3_root: Option<&Path>) {
     let model = fixture("tiny-mlp.toml");
     let steps = "3000";
     let local = run(&["train-local", model.to_str().unwrap(), "--steps", steps, "--json"], T).unwrap();
     assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
     let reference = last_json(&local.stdout).unwrap();
 
-    let mut mesh = Mesh::start_with(0, &["--lease-term-s", "1"], &[]).unwrap();
+    let mut args = vec!["--lease-term-s", "1"];
+    args.extend_from_slice(serve_args);
+    let mut mesh = Mesh::start_with(0, &args, envs).unwrap();
     let (_peer, peer_url) = mesh.start_peer_orchestrator().unwrap();
     let both = format!("{},{peer_url}", mesh.url);
     for _ in 0..3 {
@@ -44,14 +56,29 @@ fn a_job_survives_the_death_of_its_orchestrator_and_ends_as_train_local() {
         job_state(&peer_url, &job).filter(|(state, done)| state == "running" && *done > 0)
     })
     .unwrap();
-    let takeover = killed.elapsed();
-    eprintln!("takeover: first step on the peer {takeover:?} after the kill (step {})", resumed.1);
+    eprintln!("takeover: first step on the peer {:?} after the kill (step {})", killed.elapsed(), resumed.1);
     wait_for("the job to finish on the peer", T, || {
         job_state(&peer_url, &job).filter(|(state, _)| state == "succeeded" || state == "failed")
     })
     .unwrap();
     // The record is written just after the state turns final.
-    let result = wait_for("the job's record", Duration::from_secs(10), || mesh.result(&job).ok()).unwrap();
+    let result = wait_for("the job's record", Duration::from_secs(10), || match s3_root {
+        Some(base) => stored_result(base, &job),
+        None => mesh.result(&job).ok(),
+    })
+    .unwrap();
     assert_eq!(result["summary"]["status"], "succeeded", "{result}");
     assert_eq!(result["summary"]["params_sha256"], reference["params_sha256"], "taken over, the job drifted");
+}
+
+#[test]
+fn a_job_survives_the_death_of_its_orchestrator_and_ends_as_train_local() {
+    survives_the_death_of_its_orchestrator(&[], &[], None);
+}
+
+#[test]
+fn leases_in_s3_hand_a_job_over_the_same_way() {
+    let s3 = S3Server::start(&["dcnr"]).unwrap();
+    let args = ["--store", "s3://dcnr/ha", "--s3-endpoint", &s3.endpoint];
+    survives_the_death_of_its_orchestrator(&args, &s3.env(), Some(&s3.root.path().join("dcnr/ha")));
 }
