@@ -450,6 +450,15 @@ impl Mesh {
     }
 }
 
+/// The state and steps done of `job` as the orchestrator at `url` lists it (`None`: not listed,
+/// or the orchestrator does not answer).
+pub fn job_state(url: &str, job: &str) -> Option<(String, u64)> {
+    let out = run(&["jobs", "--json", "--orchestrator", url], Duration::from_secs(10)).ok()?;
+    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let j = jobs.as_array()?.iter().find(|j| j["job_id"] == job)?;
+    Some((j["state"].as_str()?.to_string(), j["steps_done"].as_u64()?))
+}
+
 /// A loopback port that was free a moment ago (another process may take it before use).
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

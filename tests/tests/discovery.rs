@@ -1,9 +1,10 @@
 //! Finding the orchestrator through DNS: a real DNS server (dnsmasq) on loopback publishes SRV
 //! and TXT records under `_dcnr._tcp.NAME`, and a `pnode --orchestrator dns:NAME` finds the
 //! orchestrator, pins its CA from the TXT record, passes over a dead candidate, notices a DNS
-//! change while it waits, and refuses a CA other than the published one.
+//! change while it waits, refuses a CA other than the published one, and, when its orchestrator
+//! dies, follows the name to an orchestrator added to it since, which finishes the job.
 
-use dcnr_tests::{Mesh, Proc, bin, ca_file, fixture, free_port, run, secure, wait_for};
+use dcnr_tests::{Mesh, Proc, bin, ca_file, fixture, free_port, job_state, last_json, run, secure, wait_for};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -105,4 +106,35 @@ fn a_waiting_pnode_sees_a_dns_change_and_a_wrong_pin_is_refused() {
     std::io::Read::read_to_string(wrong.0.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("no orchestrator reachable from `dns:mesh.test`"), "{err}");
     assert!(err.contains("another CA"), "{err}");
+}
+
+#[test]
+fn pnodes_follow_the_name_to_an_added_orchestrator_which_finishes_the_job() {
+    let model = fixture("tiny-mlp.toml");
+    let local = run(&["train-local", model.to_str().unwrap(), "--steps", "3000", "--json"], T).unwrap();
+    assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
+    let reference = last_json(&local.stdout).unwrap();
+    let mut mesh = Mesh::start_with(0, &["--lease-term-s", "1"], &[]).unwrap();
+    let (_b, b_url) = mesh.start_peer_orchestrator().unwrap();
+    let dns_port = free_port().unwrap();
+    let pin = format!("dcnr-ca-sha256={}", ca_sha256());
+    // At first the name lists only the first orchestrator.
+    let first = dns(dns_port, &[(port_of(&mesh.url), 0)], std::slice::from_ref(&pin));
+    let _pnodes: Vec<Proc> = (0..2).map(|_| pnode(dns_port, &[])).collect();
+    mesh.wait_for_pnodes(2).unwrap();
+    let out = run(&["submit", model.to_str().unwrap(), "--orchestrator", &mesh.url, "--steps", "3000"], T).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    mesh.wait_for_step(200, T).unwrap();
+    // The second orchestrator is added to the name; then the first dies.
+    drop(first);
+    let _both = dns(dns_port, &[(port_of(&mesh.url), 0), (port_of(&b_url), 10)], &[pin]);
+    mesh.kill_orchestrator();
+    wait_for("the job to finish on the added orchestrator", Duration::from_secs(120), || {
+        job_state(&b_url, &job).filter(|(state, _)| state == "succeeded" || state == "failed")
+    })
+    .unwrap();
+    let result = wait_for("the job's record", Duration::from_secs(10), || mesh.result(&job).ok()).unwrap();
+    assert_eq!(result["summary"]["status"], "succeeded", "{result}");
+    assert_eq!(result["summary"]["params_sha256"], reference["params_sha256"]);
 }

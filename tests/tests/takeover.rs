@@ -2,18 +2,11 @@
 //! PNodes fail over to the other, which takes the job's lease once it lapses and finishes the
 //! job with `train-local`'s parameters. Over a directory store and over S3 (s3s-fs).
 
-use dcnr_tests::{Mesh, S3Server, fixture, last_json, run, wait_for};
+use dcnr_tests::{Mesh, S3Server, fixture, job_state, last_json, run, wait_for};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(120);
-
-fn job_state(url: &str, job: &str) -> Option<(String, u64)> {
-    let out = run(&["jobs", "--json", "--orchestrator", url], Duration::from_secs(10)).ok()?;
-    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let j = jobs.as_array()?.iter().find(|j| j["job_id"] == job)?;
-    Some((j["state"].as_str()?.to_string(), j["steps_done"].as_u64()?))
-}
 
 /// A job's `result.json` read straight from an S3 server's directory (`refs/`, `objects/`).
 fn stored_result(base: &Path, job: &str) -> Option<serde_json::Value> {
