@@ -241,6 +241,18 @@ impl PNodeTable {
         &self.trust
     }
 
+    /// Joins other orchestrators' records into the book, and the PNodes' views follow; returns
+    /// how many identities changed.
+    pub fn absorb_trust(&mut self, other: &BTreeMap<String, crate::trust::Reputation>) -> usize {
+        let changed = self.trust.absorb(other);
+        for id in &changed {
+            if let Some(r) = self.records.get_mut(id) {
+                sync_trust(&mut r.view, &self.trust);
+            }
+        }
+        changed.len()
+    }
+
     /// PNodes registered.
     pub fn len(&self) -> usize {
         self.records.len()
@@ -465,6 +477,10 @@ pub struct Registry {
     clock: Clock,
     /// Where the trust book is saved (none: memory only).
     store: Option<std::sync::Arc<dyn crate::artifacts::ObjectStore>>,
+    /// This orchestrator's name: its book is saved under it.
+    instance: String,
+    /// A read of the other orchestrators' books is running.
+    absorbing: bool,
     /// The book changed since it was last saved.
     unsaved: bool,
     /// A save is running.
@@ -478,21 +494,49 @@ impl Registry {
             table: PNodeTable::new(policy, TrustBook::new(TrustPolicy::default())),
             clock: Clock::start(),
             store: None,
+            instance: String::new(),
+            absorbing: false,
             unsaved: false,
             saving: false,
         }
     }
 
-    /// Saves the trust book in `store` (and starts from `saved`, what an earlier run saved).
+    /// Saves the trust book in `store` as `instance`'s (and starts from `saved`, every book
+    /// saved there before, joined).
     pub fn with_ledger(
         mut self,
         store: std::sync::Arc<dyn crate::artifacts::ObjectStore>,
+        instance: String,
         saved: BTreeMap<String, crate::trust::Reputation>,
     ) -> Registry {
         let book = self.table.trust().clone().with_reputations(saved);
         self.table = PNodeTable::new(self.table.policy(), book);
         self.store = Some(store);
+        self.instance = instance;
         self
+    }
+
+    /// Reads every orchestrator's saved book and joins it into this one, so a quarantine
+    /// decided by another orchestrator sharing the store holds here too.
+    fn absorb_books(&mut self, ctx: &mut Context<Self>) {
+        let Some(store) = self.store.clone() else { return };
+        if self.absorbing {
+            return;
+        }
+        self.absorbing = true;
+        ctx.spawn(async move { crate::ledger::load(store.as_ref()).await }.into_actor(self).map(|r, act, _| {
+            act.absorbing = false;
+            match r {
+                Ok(books) => {
+                    let changed = act.table.absorb_trust(&books);
+                    if changed > 0 {
+                        tracing::info!(identities = changed, "took in other orchestrators' trust records");
+                        act.unsaved = true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the other orchestrators' trust books"),
+            }
+        }));
     }
 
     /// Writes the book if it changed and no write is running; a failed write is retried later.
@@ -504,13 +548,16 @@ impl Registry {
         self.unsaved = false;
         self.saving = true;
         let book = self.table.trust().reputations().clone();
-        ctx.spawn(async move { crate::ledger::save(store.as_ref(), &book).await }.into_actor(self).map(|r, act, _| {
-            act.saving = false;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "cannot save the trust book; will retry");
-                act.unsaved = true;
-            }
-        }));
+        let instance = self.instance.clone();
+        ctx.spawn(async move { crate::ledger::save(store.as_ref(), &instance, &book).await }.into_actor(self).map(
+            |r, act, _| {
+                act.saving = false;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "cannot save the trust book; will retry");
+                    act.unsaved = true;
+                }
+            },
+        ));
     }
 
     /// The same with other reputation rules (before any PNode registers: the book starts empty).
@@ -530,6 +577,7 @@ impl Actor for Registry {
         // Routine changes (valid results, registrations) are saved within a second; a
         // quarantine at once.
         ctx.run_interval(Duration::from_secs(1), |act, ctx| act.save_book(ctx));
+        ctx.run_interval(Duration::from_secs(1), |act, ctx| act.absorb_books(ctx));
         ctx.run_interval(Duration::from_secs(60), |act, _| {
             let (records, identities) = act.table.evict_dead(act.clock.now(), EVICT_AFTER);
             if records > 0 {

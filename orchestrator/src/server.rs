@@ -182,6 +182,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         }
         None => (None, Default::default()),
     };
+    let instance = cfg.instance.clone().unwrap_or_else(|| format!("{}/{addr}", host_name()));
     let mut registry =
         Registry::new(HealthPolicy { interval: cfg.heartbeat, timeout: cfg.heartbeat_timeout }).with_trust(cfg.trust);
     if let Some(store) = &store {
@@ -189,7 +190,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         let saved = crate::ledger::load(store.as_ref()).await.context("cannot read the saved trust book")?;
         let quarantined = saved.values().filter(|r| r.quarantined.is_some()).count();
         tracing::info!(identities = saved.len(), quarantined, "trust book loaded");
-        registry = registry.with_ledger(store.clone(), saved);
+        registry = registry.with_ledger(store.clone(), instance.clone(), saved);
     }
     let registry = registry.start();
     let telemetry = Telemetry::new(EventLog::default());
@@ -197,9 +198,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let mut jobs = JobTable::new(registry.clone(), data.clone(), cfg.jobs.clone(), store.clone(), recorded)
         .with_telemetry(telemetry.clone());
     if let Some(store) = &store {
-        let instance = cfg.instance.clone().unwrap_or_else(|| format!("{}/{addr}", host_name()));
         tracing::info!(%instance, term = ?cfg.lease_term, "owning jobs through leases in the store");
-        jobs = jobs.with_leases(crate::lease::Leases::new(store.clone(), instance, cfg.lease_term));
+        jobs = jobs.with_leases(crate::lease::Leases::new(store.clone(), instance.clone(), cfg.lease_term));
     }
     let jobs = jobs.start();
     tokio::spawn(telemetry.clone().watch(registry.clone()));

@@ -100,6 +100,30 @@ pub struct Reputation {
 }
 
 impl Reputation {
+    /// The join of two orchestrators' records of one identity: a quarantine in either holds;
+    /// counts are the larger of the two (each is a lower bound of what the identity did, and
+    /// merging again changes nothing); the run of valid results is the shorter. Commutative,
+    /// associative and idempotent, so books merged in any order and any number of times agree.
+    pub fn join(&self, other: &Reputation) -> Reputation {
+        Reputation {
+            consecutive_valid: self.consecutive_valid.min(other.consecutive_valid),
+            valid: self.valid.max(other.valid),
+            invalid: self.invalid.max(other.invalid),
+            strikes: self.strikes.max(other.strikes),
+            error_rate: self.error_rate.max(other.error_rate),
+            token_trusted: self.token_trusted && other.token_trusted,
+            // The smaller reason, so the choice does not depend on the order of merging.
+            quarantined: match (&self.quarantined, &other.quarantined) {
+                (Some(a), Some(b)) => Some(a.min(b).clone()),
+                (a, b) => a.clone().or_else(|| b.clone()),
+            },
+            last_invalid: match (&self.last_invalid, &other.last_invalid) {
+                (Some(a), Some(b)) => Some(a.min(b).clone()),
+                (a, b) => a.clone().or_else(|| b.clone()),
+            },
+        }
+    }
+
     /// Standing under `policy`.
     pub fn standing(&self, policy: &TrustPolicy) -> Standing {
         if self.quarantined.is_some() {
@@ -200,6 +224,23 @@ impl TrustBook {
         self
     }
 
+    /// Joins another orchestrator's records into this book ([`Reputation::join`]); returns the
+    /// identities whose record changed.
+    pub fn absorb(&mut self, other: &BTreeMap<String, Reputation>) -> Vec<String> {
+        let mut changed = Vec::new();
+        for (id, theirs) in other {
+            let merged = match self.by_id.get(id) {
+                Some(ours) => ours.join(theirs),
+                None => theirs.clone(),
+            };
+            if self.by_id.get(id) != Some(&merged) {
+                self.by_id.insert(id.clone(), merged);
+                changed.push(id.clone());
+            }
+        }
+        changed
+    }
+
     /// Forgets `id` if its record holds nothing worth keeping: never quarantined, never caught
     /// with an invalid result, and no earned trust. A throwaway identity that registered and
     /// vanished then costs nothing forever; one that misbehaved or earned standing is kept.
@@ -234,6 +275,48 @@ impl TrustBook {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn any_reputation() -> impl Strategy<Value = Reputation> {
+        (
+            (0u64..5, 0u64..5, 0u64..5, 0u32..4),
+            (0.0f64..1.0, any::<bool>()),
+            (proptest::option::of("[ab]"), proptest::option::of("[xy]")),
+        )
+            .prop_map(|((c, v, i, s), (e, t), (q, l))| Reputation {
+                consecutive_valid: c,
+                valid: v,
+                invalid: i,
+                strikes: s,
+                error_rate: e,
+                token_trusted: t,
+                quarantined: q,
+                last_invalid: l,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn joining_books_is_order_free_and_keeps_every_quarantine(
+            a in any_reputation(), b in any_reputation(), c in any_reputation()
+        ) {
+            prop_assert_eq!(a.join(&b), b.join(&a));
+            prop_assert_eq!(a.join(&b).join(&c), a.join(&b.join(&c)));
+            prop_assert_eq!(a.join(&a), a.clone());
+            prop_assert_eq!(a.join(&b).quarantined.is_some(), a.quarantined.is_some() || b.quarantined.is_some());
+        }
+    }
+
+    #[test]
+    fn a_quarantine_absorbed_from_another_book_holds_here() {
+        let mut here = TrustBook::new(TrustPolicy::default());
+        assert!(here.admit("pn-1", false).is_ok());
+        let mut there = BTreeMap::new();
+        there.insert("pn-1".to_string(), Reputation { quarantined: Some("3 strikes".into()), ..Reputation::default() });
+        assert_eq!(here.absorb(&there), vec!["pn-1".to_string()]);
+        assert!(here.admit("pn-1", false).is_err());
+        assert!(!here.placeable("pn-1"));
+        assert!(here.absorb(&there).is_empty(), "absorbing twice changes nothing");
+    }
 
     fn bad() -> Outcome {
         Outcome::Invalid("NaN".into())

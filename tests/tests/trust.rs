@@ -34,6 +34,8 @@ fn id_of_key_file(dir: &Path) -> String {
 #[test]
 fn nan_results_are_caught_discarded_and_the_sender_is_quarantined_for_good() {
     let mut mesh = Mesh::start_with(0, &["--quarantine-after", "1"], &[]).unwrap();
+    // A second orchestrator on the same store: a quarantine decided by the first holds there too.
+    let (_peer, peer_url) = mesh.start_peer_orchestrator().unwrap();
     let dirs = tempfile::tempdir().unwrap();
     let (honest, cheat) = (dirs.path().join("honest"), dirs.path().join("cheat"));
     mesh.add_pnode_with(&["--name", "honest", "--data-dir", honest.to_str().unwrap()]).unwrap();
@@ -85,6 +87,14 @@ fn nan_results_are_caught_discarded_and_the_sender_is_quarantined_for_good() {
         run_bin("pnode", &["--orchestrator", &mesh.url, "--name", "cheat", "--data-dir", cheat.to_str().unwrap()], T)
             .unwrap();
     assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("quarantined") && stderr.contains(&cheat_id), "{stderr}");
+    // The other orchestrator reads the first one's book within a second or two.
+    std::thread::sleep(Duration::from_secs(3));
+    let out =
+        run_bin("pnode", &["--orchestrator", &peer_url, "--name", "cheat", "--data-dir", cheat.to_str().unwrap()], T)
+            .unwrap();
+    assert!(!out.status.success(), "the peer orchestrator admitted a quarantined identity");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("quarantined") && stderr.contains(&cheat_id), "{stderr}");
 
