@@ -160,12 +160,6 @@ impl Leases {
         }
         Ok(())
     }
-
-    /// Whether another orchestrator holds `job` now.
-    pub async fn held_elsewhere(&self, job: &str) -> Result<bool, StoreError> {
-        let current = self.newest_record(job).await?;
-        Ok(may_take(current.as_ref(), &self.owner, now_unix_ms()).is_none())
-    }
 }
 
 #[cfg(test)]
@@ -203,7 +197,6 @@ mod tests {
             assert_eq!(held.seq, 0);
             assert_eq!(b.take("j", false).await.unwrap(), None, "a holds it");
             assert_eq!(b.take("k", true).await.unwrap(), None, "no lease yet: its owner is starting it");
-            assert!(b.held_elsewhere("j").await.unwrap());
             assert_eq!(a.renew(&held).await.unwrap(), Renewal::Renewed);
             // a stops renewing; once the term passed, b takes the next sequence.
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -243,17 +243,16 @@ pub fn one_hot(labels: &[i32], classes: usize) -> Vec<f32> {
 
 /// Number of rows whose arg-max logit equals the label (first maximum wins ties).
 pub fn correct(logits: &[f32], labels: &[i32], classes: usize) -> u32 {
-    logits
-        .chunks_exact(classes)
-        .zip(labels)
-        .filter(|(row, l)| {
-            let mut best = 0;
-            for (j, v) in row.iter().enumerate() {
-                if *v > row[best] {
-                    best = j;
-                }
-            }
-            best as i32 == **l
-        })
-        .count() as u32
+    logits.chunks_exact(classes).zip(labels).filter(|(row, l)| argmax(row) as i32 == **l).count() as u32
+}
+
+/// Index of the largest value of `row` (the first on a tie; 0 for an empty row).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (j, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = j;
+        }
+    }
+    best
 }

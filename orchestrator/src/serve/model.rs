@@ -169,16 +169,5 @@ impl Model {
 
 /// The most probable class of each row of `probabilities` `[rows, classes]` (the lowest index on a tie).
 pub fn classes_of(probabilities: &[f32], classes: usize) -> Vec<u32> {
-    probabilities
-        .chunks_exact(classes.max(1))
-        .map(|row| {
-            let mut best = 0;
-            for (j, v) in row.iter().enumerate() {
-                if *v > row[best] {
-                    best = j;
-                }
-            }
-            best as u32
-        })
-        .collect()
+    probabilities.chunks_exact(classes.max(1)).map(|row| dcnr_vnode::layer::argmax(row) as u32).collect()
 }
