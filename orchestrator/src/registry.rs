@@ -203,6 +203,25 @@ impl Record {
     }
 }
 
+/// A healthy-or-not PNode view `p<i>` at `http://h<i>:1` with the simulator's capabilities, for
+/// tests of the modules that place work.
+#[cfg(test)]
+pub(crate) fn test_view(i: usize, health: Health) -> PNodeView {
+    PNodeView {
+        id: format!("p{i}"),
+        name: format!("p{i}"),
+        endpoint: format!("http://h{i}:1"),
+        caps: crate::sim::sim_caps(),
+        health,
+        hosted_vnodes: 0,
+        public_key: String::new(),
+        trusted: false,
+        standing: crate::trust::Standing::New,
+        reputation: 1.0,
+        quarantine_reason: None,
+    }
+}
+
 /// Copies `id`'s standing, score and quarantine reason from the book into its view.
 fn sync_trust(view: &mut PNodeView, trust: &TrustBook) {
     view.standing = trust.standing(&view.id);

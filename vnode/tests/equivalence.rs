@@ -74,6 +74,23 @@ fn graph(opt: &str) -> ValidGraph {
     ModelGraph::parse_valid(&text).unwrap()
 }
 
+/// The spec of VNode `id` of `g` under the tests' seed.
+fn spec(g: &ValidGraph, id: usize, in_flight: u32) -> VNodeSpec {
+    VNodeSpec {
+        node: g.nodes[id].clone(),
+        optimizer: g.spec.optimizer,
+        recipe: g.spec.training.recipe(),
+        root_seed: 9,
+        in_flight,
+        averaging: None,
+    }
+}
+
+/// Fresh VNodes of every node of `g`, indexed by id.
+fn vnodes(g: &ValidGraph, in_flight: u32) -> Vec<VNode> {
+    (0..g.nodes.len()).map(|id| VNode::new(spec(g, id, in_flight))).collect()
+}
+
 fn batch(step: u64) -> (HostTensor, Vec<i32>) {
     let mut rng = ChaCha8Rng::seed_from_u64(1000 + step);
     let x: Vec<f32> = (0..30).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -84,20 +101,7 @@ fn batch(step: u64) -> (HostTensor, Vec<i32>) {
 /// Runs `steps` micro-batches through in-memory VNodes with `in_flight` in flight, delivering
 /// pending messages in an order drawn from `order_seed`; returns all parameters and the losses.
 fn mesh(g: &ValidGraph, steps: u64, in_flight: u32, order_seed: u64) -> (Vec<Vec<HostTensor>>, Vec<f32>) {
-    let mut nodes: Vec<VNode> = g
-        .nodes
-        .iter()
-        .map(|n| {
-            VNode::new(VNodeSpec {
-                node: n.clone(),
-                optimizer: g.spec.optimizer,
-                recipe: g.spec.training.recipe(),
-                root_seed: 9,
-                in_flight,
-                averaging: None,
-            })
-        })
-        .collect();
+    let mut nodes = vnodes(g, in_flight);
     let mut rng = ChaCha8Rng::seed_from_u64(order_seed);
     let losses = memory::train(g, &mut nodes, 0..steps, in_flight, labelled_batch, |n| rng.random_range(0..n)).unwrap();
     (nodes.iter().map(|n| n.params().unwrap()).collect(), losses)
@@ -156,20 +160,12 @@ fn training_reduces_the_loss() {
 
 /// Trains `first` steps, snapshots every VNode, restores them into fresh VNodes, and trains on.
 fn mesh_with_restart(g: &ValidGraph, first: u64, total: u64, in_flight: u32) -> Vec<Vec<HostTensor>> {
-    let spec = |n: &dcnr_model::graph::ValidNode| VNodeSpec {
-        node: n.clone(),
-        optimizer: g.spec.optimizer,
-        recipe: g.spec.training.recipe(),
-        root_seed: 9,
-        in_flight,
-        averaging: None,
-    };
-    let mut nodes: Vec<VNode> = g.nodes.iter().map(|n| VNode::new(spec(n))).collect();
+    let mut nodes = vnodes(g, in_flight);
     let last = |n: usize| n - 1;
     memory::train(g, &mut nodes, 0..first, in_flight, labelled_batch, last).unwrap();
     let states: Vec<Vec<u8>> = nodes.iter().map(|n| n.snapshot().unwrap()).collect();
     let mut restored: Vec<VNode> =
-        g.nodes.iter().zip(&states).map(|(n, s)| VNode::restore(spec(n), s).unwrap()).collect();
+        states.iter().enumerate().map(|(id, s)| VNode::restore(spec(g, id, in_flight), s).unwrap()).collect();
     memory::train(g, &mut restored, first..total, in_flight, labelled_batch, last).unwrap();
     restored.iter().map(|n| n.params().unwrap()).collect()
 }
@@ -187,14 +183,7 @@ fn snapshot_and_restore_midway_changes_nothing() {
 #[test]
 fn corrupt_or_foreign_state_is_refused() {
     let g = graph("adam");
-    let spec = |i: usize| VNodeSpec {
-        node: g.nodes[i].clone(),
-        optimizer: g.spec.optimizer,
-        recipe: g.spec.training.recipe(),
-        root_seed: 9,
-        in_flight: 1,
-        averaging: None,
-    };
+    let spec = |i: usize| spec(&g, i, 1);
     let state = VNode::new(spec(0)).snapshot().unwrap();
     assert!(VNode::restore(spec(2), &state).is_err(), "state of fc1 must not load into fc2");
     let mut cut = state.clone();
@@ -209,14 +198,7 @@ fn corrupt_or_foreign_state_is_refused() {
 fn screen_names_the_sender_of_a_bad_tensor_and_leaves_the_vnode_untouched() {
     use dcnr_vnode::sanity::{SanityError, Sender};
     let g = graph("sgd");
-    let spec = |i: usize| VNodeSpec {
-        node: g.nodes[i].clone(),
-        optimizer: g.spec.optimizer,
-        recipe: g.spec.training.recipe(),
-        root_seed: 9,
-        in_flight: 1,
-        averaging: None,
-    };
+    let spec = |i: usize| spec(&g, i, 1);
     let act1 = VNode::new(spec(1));
     let fwd = |t: HostTensor| Inbound::Forward { mb: 0, phase: Phase::Train, port: 0, tensor: t };
     let good = HostTensor::f32(vec![5, 8], vec![0.5; 40]);
@@ -305,14 +287,7 @@ fn local_mode_snapshot_and_restore_keeps_the_heads() {
 fn local_mode_block_output_takes_no_gradient_and_evaluates_without_labels() {
     use dcnr_vnode::{Inbound, Outbound, Phase, VNodeError};
     let g = local_graph("adam", 0);
-    let spec = |i: usize| VNodeSpec {
-        node: g.nodes[i].clone(),
-        optimizer: g.spec.optimizer,
-        recipe: g.spec.training.recipe(),
-        root_seed: 9,
-        in_flight: 4,
-        averaging: None,
-    };
+    let spec = |i: usize| spec(&g, i, 4);
     let mut act1 = VNode::new(spec(1));
     let x = HostTensor::f32(vec![5, 8], vec![0.5; 40]);
     let labels = HostTensor::i32(vec![5], vec![0, 1, 2, 0, 1]);
@@ -533,21 +508,7 @@ fn convolutions_and_pooling_are_bit_identical_to_the_reference_and_restore_midwa
 /// VNodes' inference (in several delivery orders) equals the reference's forward bit for bit,
 /// and serving changes no parameter.
 fn assert_inference_equals_reference(g: &ValidGraph, steps: u64) {
-    let mut nodes: Vec<VNode> = g
-        .nodes
-        .iter()
-        .map(|n| {
-            let spec = VNodeSpec {
-                node: n.clone(),
-                optimizer: g.spec.optimizer,
-                recipe: g.spec.training.recipe(),
-                root_seed: 9,
-                in_flight: 1,
-                averaging: None,
-            };
-            VNode::new(spec)
-        })
-        .collect();
+    let mut nodes = vnodes(g, 1);
     memory::train(g, &mut nodes, 0..steps, 1, labelled_batch, |_| 0).unwrap();
     let trained: Vec<_> = nodes.iter().map(|n| n.params().unwrap()).collect();
     let mut r = Reference::new(g, g.spec.optimizer, 9);
@@ -577,15 +538,7 @@ fn inference_is_the_reference_forward_bit_for_bit_on_chains_joins_and_convolutio
 #[test]
 fn inference_takes_no_labels_and_answers_probabilities() {
     let g = graph("sgd");
-    let spec = |id: usize| VNodeSpec {
-        node: g.nodes[id].clone(),
-        optimizer: g.spec.optimizer,
-        recipe: g.spec.training.recipe(),
-        root_seed: 9,
-        in_flight: 1,
-        averaging: None,
-    };
-    let mut loss = VNode::new(spec(5));
+    let mut loss = VNode::new(spec(&g, 5, 1));
     let labels = HostTensor::i32(vec![2], vec![0, 1]);
     let err = loss.handle(Inbound::Forward { mb: 0, phase: Phase::Infer, port: 1, tensor: labels }).unwrap_err();
     assert!(err.to_string().contains("no input port 1"), "{err}");

@@ -1855,19 +1855,7 @@ mod tests {
     use crate::registry::Health;
 
     fn pnode(i: usize) -> PNodeView {
-        PNodeView {
-            id: format!("p{i}"),
-            name: format!("p{i}"),
-            endpoint: format!("http://h{i}:1"),
-            caps: crate::sim::sim_caps(),
-            health: Health::Healthy,
-            hosted_vnodes: 0,
-            public_key: String::new(),
-            trusted: false,
-            standing: crate::trust::Standing::New,
-            reputation: 1.0,
-            quarantine_reason: None,
-        }
+        crate::registry::test_view(i, Health::Healthy)
     }
 
     fn core() -> JobCore {

@@ -533,21 +533,7 @@ from = "label"
 to = "loss"
 "#;
 
-    fn pnode(i: usize, health: Health) -> PNodeView {
-        PNodeView {
-            id: format!("p{i}"),
-            name: format!("p{i}"),
-            endpoint: format!("http://h{i}:1"),
-            caps: crate::sim::sim_caps(),
-            health,
-            hosted_vnodes: 0,
-            public_key: String::new(),
-            trusted: false,
-            standing: crate::trust::Standing::New,
-            reputation: 1.0,
-            quarantine_reason: None,
-        }
-    }
+    use crate::registry::test_view as pnode;
 
     fn limits() -> ServeLimits {
         ServeLimits { max_rows: 3, in_flight: 2, ..ServeLimits::default() }
