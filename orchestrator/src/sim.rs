@@ -968,7 +968,7 @@ impl<'a> World<'a> {
             }
             Effect::FetchParams { generation, targets } => {
                 let (t, result) = self.gather(job, &targets, |v| {
-                    let ps = v.params().map_err(|e| e.to_string())?;
+                    let ps = v.params();
                     Ok(ps
                         .into_iter()
                         .filter_map(|t| match t.data {

@@ -236,7 +236,7 @@ impl Handler<GetParams> for VNodeActor {
     type Result = Result<(Vec<HostTensor>, u64), String>;
 
     fn handle(&mut self, _: GetParams, _: &mut Context<Self>) -> Self::Result {
-        let p = self.vnode.params().map_err(|e| e.to_string())?;
+        let p = self.vnode.params();
         Ok((p, self.vnode.version()))
     }
 }

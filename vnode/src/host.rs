@@ -1,6 +1,6 @@
 //! Host-side tensors: the plain data a VNode receives and emits.
 
-use burn::tensor::{Tensor, TensorData};
+use crate::kernels::Matrix;
 
 /// Element data of a host tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,23 +96,17 @@ impl HostTensor {
         bytes as u64
     }
 
-    /// Copies a rank-2 float tensor onto `device`.
-    pub(crate) fn to_burn(&self, device: &burn::tensor::Device) -> Option<Tensor<2>> {
-        self.clone().into_burn(device)
-    }
-
-    /// Moves a rank-2 float tensor onto `device` without copying it on the host.
-    pub(crate) fn into_burn(self, device: &burn::tensor::Device) -> Option<Tensor<2>> {
+    /// A rank-2 float tensor as a matrix, moving its values.
+    pub fn into_matrix(self) -> Option<Matrix> {
         match (self.data, self.shape.as_slice()) {
-            (HostData::F32(v), &[r, c]) => Some(Tensor::from_data(TensorData::new(v, [r, c]), device)),
+            (HostData::F32(v), &[r, c]) => Matrix::new(r, c, v),
             _ => None,
         }
     }
 
-    /// Copies a rank-2 burn tensor back to the host.
-    pub(crate) fn from_burn(t: Tensor<2>) -> Result<HostTensor, String> {
-        let shape = t.dims().to_vec();
-        let v = t.into_data().try_into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-        Ok(HostTensor::f32(shape, v))
+    /// A matrix as a rank-2 float tensor, moving its values.
+    pub fn from_matrix(m: Matrix) -> HostTensor {
+        let shape = vec![m.rows(), m.cols()];
+        HostTensor::f32(shape, m.into_data())
     }
 }

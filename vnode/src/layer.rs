@@ -2,12 +2,12 @@
 //! run exactly the same kernels in the same order.
 
 use crate::seed::{Purpose, stream, stream_path, uniform};
-use burn::tensor::module::{avg_pool2d, conv2d, max_pool2d};
-use burn::tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
-use burn::tensor::{Tensor, TensorData, activation};
+use crate::kernels::{self, Matrix, ShapeError};
+use crate::spatial;
 use dcnr_model::NodeKind;
 use dcnr_model::graph::{AuxHead, ValidNode};
 use rand_chacha::ChaCha20Rng;
+use std::sync::Arc;
 
 /// Host parameters: (shape, row-major values) per tensor.
 pub type HostParams = Vec<(Vec<usize>, Vec<f32>)>;
@@ -97,26 +97,6 @@ pub fn own_tensors(kind: NodeKind) -> usize {
     }
 }
 
-/// Logits of an auxiliary head on a block output `y`, from the head's parameter tensors.
-pub fn aux_logits(head: &AuxHead, params: &[Tensor<2>], y: Tensor<2>) -> Option<Tensor<2>> {
-    match (head.hidden, params) {
-        (0, [w, b]) => Some(y.matmul(w.clone()) + b.clone()),
-        (h, [w1, b1, w2, b2]) if h > 0 => {
-            let hidden = activation::relu(y.matmul(w1.clone()) + b1.clone());
-            Some(hidden.matmul(w2.clone()) + b2.clone())
-        }
-        _ => None,
-    }
-}
-
-/// Loads host parameters onto a device.
-pub fn params_to_device(params: &[(Vec<usize>, Vec<f32>)], device: &burn::tensor::Device) -> Vec<Tensor<2>> {
-    params
-        .iter()
-        .map(|(shape, v)| Tensor::from_data(TensorData::new(v.clone(), [shape[0], shape[1]]), device))
-        .collect()
-}
-
 /// What a forward pass is for: training draws dropout masks, evaluation draws nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
@@ -156,57 +136,335 @@ pub fn dropout_mask(rate: f32, rows: usize, width: usize, pass: Pass) -> Vec<f32
         .collect()
 }
 
-/// Forward of a non-loss node on `[batch, width]` inputs, one per port.
-pub fn forward(kind: NodeKind, params: &[Tensor<2>], inputs: &[Tensor<2>], pass: Pass) -> Tensor<2> {
-    let x = inputs[0].clone();
+/// A node's parameter tensors as matrices, in canonical order, shared between parameter
+/// versions until an update writes one.
+pub type Params = Vec<Arc<Matrix>>;
+
+/// Host parameters as matrices; `None` if one is not rank 2 or its values do not fill it.
+pub fn to_params(host: &[(Vec<usize>, Vec<f32>)]) -> Option<Params> {
+    host.iter()
+        .map(|(shape, v)| match shape.as_slice() {
+            &[r, c] => Matrix::new(r, c, v.clone()).map(Arc::new),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Why a pass could not run: shapes that do not fit (a checked input never gets here).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KernelError {
+    /// A product whose operands do not fit.
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+    /// A parameter tensor that is not a matrix of the kind's shape.
+    #[error("a parameter tensor does not have the shape of its kind")]
+    Parameter,
+    /// Inputs that do not fit the kind (count, rows or width).
+    #[error("the inputs do not fit the node: {0}")]
+    Inputs(String),
+    /// What a backward needs was not kept by its forward.
+    #[error("the forward kept no {0} for the backward")]
+    Missing(&'static str),
+    /// Labels that do not fit the logits.
+    #[error("{rows} rows of logits but {labels} labels")]
+    Labels {
+        /// Rows of logits.
+        rows: usize,
+        /// Labels given.
+        labels: usize,
+    },
+    /// The spatial kinds' backend refused a tensor.
+    #[error("spatial backend: {0}")]
+    Spatial(String),
+}
+
+/// What a training forward keeps for its backward, by kind.
+pub struct Kept(Keep);
+
+enum Keep {
+    /// The backward needs nothing (add, flatten, reshape, dropout in evaluation).
+    Nothing,
+    /// The forward's input (linear, gelu).
+    Input(Matrix),
+    /// The forward's output (relu, tanh).
+    Output(Matrix),
+    /// Dropout's multipliers.
+    Mask(Vec<f32>),
+    /// layer_norm's normalised input and per-row 1/σ.
+    Norm { xhat: Matrix, inv_std: Vec<f32> },
+    /// concat: the width of its first input.
+    Split(usize),
+    /// A spatial kind's recorded autodiff graph.
+    Spatial(Box<spatial::Tape>),
+}
+
+/// A training forward's output and what its backward needs.
+pub struct Forward {
+    /// The node's output, `[batch, width]`.
+    pub output: Matrix,
+    /// What the backward reads.
+    pub kept: Kept,
+}
+
+/// Forward of a non-loss node on `[batch, width]` inputs, one per port. `want_dx[port]` says
+/// which inputs' gradients the backward will be asked for (the spatial kinds record only
+/// those); in evaluation nothing is kept.
+pub fn forward(
+    kind: NodeKind,
+    params: &[Arc<Matrix>],
+    inputs: Vec<Matrix>,
+    pass: Pass,
+    want_dx: &[bool],
+) -> Result<Forward, KernelError> {
+    let train = matches!(pass, Pass::Train { .. });
+    let ports = kind.ports().len();
+    if inputs.len() != ports {
+        return Err(KernelError::Inputs(format!("{} inputs for {ports} ports", inputs.len())));
+    }
+    let mut inputs = inputs.into_iter();
+    let mut next = || inputs.next().ok_or(KernelError::Inputs("an input is missing".into()));
+    let x = next()?;
+    let kept = |k: Keep| Kept(if train { k } else { Keep::Nothing });
+    let done = |output: Matrix, k: Keep| Ok(Forward { output, kept: kept(k) });
     match kind {
-        NodeKind::Linear { .. } => x.matmul(params[0].clone()) + params[1].clone(),
-        NodeKind::Relu => activation::relu(x),
-        NodeKind::Tanh => activation::tanh(x),
-        NodeKind::Gelu => activation::gelu(x),
-        NodeKind::LayerNorm { .. } => {
-            let centred = x.clone() - x.mean_dim(1);
-            let var = (centred.clone() * centred.clone()).mean_dim(1);
-            centred / (var + LAYER_NORM_EPS).sqrt() * params[0].clone() + params[1].clone()
+        NodeKind::Linear { .. } => match params {
+            [w, b] => done(linear(&x, w, b)?, Keep::Input(x)),
+            _ => Err(KernelError::Parameter),
+        },
+        NodeKind::Relu => {
+            let mut y = x;
+            kernels::relu(y.data_mut());
+            let k = if train { Keep::Output(y.clone()) } else { Keep::Nothing };
+            done(y, k)
         }
+        NodeKind::Tanh => {
+            let mut y = x;
+            y.data_mut().iter_mut().for_each(|v| *v = v.tanh());
+            let k = if train { Keep::Output(y.clone()) } else { Keep::Nothing };
+            done(y, k)
+        }
+        NodeKind::Gelu => {
+            let mut y = x.clone();
+            y.data_mut().iter_mut().for_each(|v| *v = gelu(*v));
+            done(y, Keep::Input(x))
+        }
+        NodeKind::LayerNorm { width } => match params {
+            [scale, shift] if scale.data().len() == width && shift.data().len() == width && x.cols() == width => {
+                let (xhat, inv_std) = normalise(x);
+                let mut y = xhat.clone();
+                for row in y.data_mut().chunks_exact_mut(width.max(1)) {
+                    for ((v, s), t) in row.iter_mut().zip(scale.data()).zip(shift.data()) {
+                        *v = *v * s + t;
+                    }
+                }
+                done(y, Keep::Norm { xhat, inv_std })
+            }
+            _ => Err(KernelError::Parameter),
+        },
         NodeKind::Dropout { rate } => match pass {
             Pass::Train { .. } if rate > 0.0 => {
-                let [rows, width] = x.dims();
-                let mask = TensorData::new(dropout_mask(rate, rows, width, pass), [rows, width]);
-                let mask: Tensor<2> = Tensor::from_data(mask, &x.device());
-                x * mask
+                let mask = dropout_mask(rate, x.rows(), x.cols(), pass);
+                let mut y = x;
+                y.data_mut().iter_mut().zip(&mask).for_each(|(v, m)| *v *= m);
+                done(y, Keep::Mask(mask))
             }
-            _ => x,
+            _ => done(x, Keep::Nothing),
         },
-        NodeKind::Add => x + inputs[1].clone(),
-        NodeKind::Conv2d { channels, kernel, stride, padding, input } => {
-            let filters: Tensor<4> = params[0].clone().reshape([channels, input[0], kernel, kernel]);
-            let bias: Tensor<1> = params[1].clone().reshape([channels]);
-            let options = ConvOptions::new([stride, stride], [padding, padding], [1, 1], 1);
-            spatial(x, input, |x| conv2d(x, filters, Some(bias), options))
+        NodeKind::Add => {
+            let other = next()?;
+            if other.rows() != x.rows() || other.cols() != x.cols() {
+                return Err(KernelError::Inputs("add's inputs differ in shape".into()));
+            }
+            let mut y = x;
+            kernels::add_assign(y.data_mut(), other.data());
+            done(y, Keep::Nothing)
         }
-        NodeKind::MaxPool2d { kernel, stride, input } => {
-            spatial(x, input, |x| max_pool2d(x, MaxPoolOptions::new([kernel, kernel]).with_stride([stride, stride])))
+        NodeKind::Concat => {
+            let other = next()?;
+            if other.rows() != x.rows() {
+                return Err(KernelError::Inputs("concat's inputs differ in rows".into()));
+            }
+            let (a, b) = (x.cols(), other.cols());
+            let mut data = Vec::with_capacity(x.rows() * (a + b));
+            for (l, r) in x.data().chunks_exact(a.max(1)).zip(other.data().chunks_exact(b.max(1))) {
+                data.extend_from_slice(&l[..a]);
+                data.extend_from_slice(&r[..b]);
+            }
+            let y = Matrix::new(x.rows(), a + b, data).ok_or(KernelError::Inputs("concat".into()))?;
+            done(y, Keep::Split(a))
         }
-        NodeKind::AvgPool2d { kernel, stride, input } => {
-            spatial(x, input, |x| avg_pool2d(x, AvgPoolOptions::new([kernel, kernel]).with_stride([stride, stride])))
+        NodeKind::Conv2d { .. } | NodeKind::MaxPool2d { .. } | NodeKind::AvgPool2d { .. } => {
+            let (y, tape) = spatial::forward(kind, params, x, train && want_dx.first().copied().unwrap_or(false), train)?;
+            done(y, tape.map_or(Keep::Nothing, |t| Keep::Spatial(Box::new(t))))
         }
         // The values are the same row-major numbers; only the graph's view of them changes.
-        NodeKind::Flatten | NodeKind::Reshape { .. } => x,
-        NodeKind::Concat => Tensor::cat(vec![x, inputs[1].clone()], 1),
-        // A loss has no activation output; `loss` computes it.
-        NodeKind::SoftmaxCrossEntropy { .. } => x,
+        NodeKind::Flatten | NodeKind::Reshape { .. } => done(x, Keep::Nothing),
+        // A loss has no activation output; `softmax_cross_entropy` computes it.
+        NodeKind::SoftmaxCrossEntropy { .. } => done(x, Keep::Nothing),
     }
 }
 
-/// `f` applied to flat rows `x` read as `[rows, c, h, w]`; its result flattened back to rows.
-fn spatial(x: Tensor<2>, [c, h, w]: [usize; 3], f: impl FnOnce(Tensor<4>) -> Tensor<4>) -> Tensor<2> {
-    let rows = x.dims()[0];
-    let y = f(x.reshape([rows, c, h, w]));
-    let [_, oc, oh, ow] = y.dims();
-    y.reshape([rows, oc * oh * ow])
+/// Backward of a non-loss node given the gradient `g` of its output: the gradients of its own
+/// parameter tensors (canonical order) and, per port where `want_dx` asks, of its input.
+pub fn backward(
+    kind: NodeKind,
+    params: &[Arc<Matrix>],
+    kept: Kept,
+    g: Matrix,
+    want_dx: &[bool],
+) -> Result<(Vec<Matrix>, Vec<Option<Matrix>>), KernelError> {
+    let want = |port: usize| want_dx.get(port).copied().unwrap_or(false);
+    let one = |dx: Matrix| vec![want(0).then_some(dx)];
+    match (kind, kept.0) {
+        (NodeKind::Linear { .. }, Keep::Input(x)) => match params {
+            [w, _] => {
+                let (dw, db, dx) = linear_backward(&x, w, &g, want(0))?;
+                Ok((vec![dw, db], vec![dx]))
+            }
+            _ => Err(KernelError::Parameter),
+        },
+        (NodeKind::Relu, Keep::Output(y)) => {
+            let mut g = g;
+            kernels::relu_backward(g.data_mut(), y.data());
+            Ok((Vec::new(), one(g)))
+        }
+        (NodeKind::Tanh, Keep::Output(y)) => {
+            let mut g = g;
+            kernels::tanh_backward(g.data_mut(), y.data());
+            Ok((Vec::new(), one(g)))
+        }
+        (NodeKind::Gelu, Keep::Input(x)) => {
+            let mut g = g;
+            g.data_mut().iter_mut().zip(x.data()).for_each(|(g, x)| *g *= gelu_slope(*x));
+            Ok((Vec::new(), one(g)))
+        }
+        (NodeKind::LayerNorm { width }, Keep::Norm { xhat, inv_std }) => match params {
+            [scale, _] if scale.data().len() == width && g.cols() == width && xhat.cols() == width => {
+                let (dscale, dshift) = (products_by_column(&g, &xhat), kernels::column_sums(&g));
+                let mut dx = g;
+                let n = width as f32;
+                for ((row, xh), inv) in
+                    dx.data_mut().chunks_exact_mut(width.max(1)).zip(xhat.data().chunks_exact(width.max(1))).zip(inv_std)
+                {
+                    let (mut sum, mut dot) = (0.0f32, 0.0f32);
+                    for ((d, s), h) in row.iter_mut().zip(scale.data()).zip(xh) {
+                        *d *= s;
+                        sum += *d;
+                        dot += *d * h;
+                    }
+                    let (mean, mean_dot) = (sum / n, dot / n);
+                    for (d, h) in row.iter_mut().zip(xh) {
+                        *d = inv * (*d - mean - h * mean_dot);
+                    }
+                }
+                let row = |v: Vec<f32>| Matrix::new(1, width, v).ok_or(KernelError::Parameter);
+                Ok((vec![row(dscale)?, row(dshift)?], one(dx)))
+            }
+            _ => Err(KernelError::Parameter),
+        },
+        (NodeKind::Dropout { .. }, Keep::Mask(mask)) => {
+            let mut g = g;
+            g.data_mut().iter_mut().zip(&mask).for_each(|(g, m)| *g *= m);
+            Ok((Vec::new(), one(g)))
+        }
+        (NodeKind::Add, _) => Ok((Vec::new(), vec![want(0).then(|| g.clone()), want(1).then_some(g)])),
+        (NodeKind::Concat, Keep::Split(a)) => {
+            let (rows, width) = (g.rows(), g.cols());
+            let b = width.checked_sub(a).ok_or(KernelError::Missing("split"))?;
+            let (mut l, mut r) = (Vec::with_capacity(rows * a), Vec::with_capacity(rows * b));
+            for row in g.data().chunks_exact(width.max(1)) {
+                l.extend_from_slice(&row[..a]);
+                r.extend_from_slice(&row[a..]);
+            }
+            let part = |cols, v| Matrix::new(rows, cols, v).ok_or(KernelError::Missing("split"));
+            Ok((Vec::new(), vec![want(0).then_some(part(a, l)?), want(1).then_some(part(b, r)?)]))
+        }
+        (NodeKind::Conv2d { .. } | NodeKind::MaxPool2d { .. } | NodeKind::AvgPool2d { .. }, Keep::Spatial(tape)) => {
+            let (grads, dx) = spatial::backward(*tape, g)?;
+            Ok((grads, vec![dx.filter(|_| want(0))]))
+        }
+        (NodeKind::Dropout { .. } | NodeKind::Flatten | NodeKind::Reshape { .. }, Keep::Nothing) => {
+            Ok((Vec::new(), one(g)))
+        }
+        (NodeKind::SoftmaxCrossEntropy { .. }, _) => Ok((Vec::new(), one(g))),
+        _ => Err(KernelError::Missing("record of its kind")),
+    }
 }
 
+/// `x · w + b` for `x` `[batch, inputs]`, `w` `[inputs, outputs]`, `b` `[1, outputs]`.
+pub fn linear(x: &Matrix, w: &Matrix, b: &Matrix) -> Result<Matrix, KernelError> {
+    if b.rows() != 1 || b.cols() != w.cols() {
+        return Err(KernelError::Parameter);
+    }
+    let mut y = Matrix::zeros(x.rows(), w.cols());
+    for row in y.data_mut().chunks_exact_mut(w.cols().max(1)) {
+        row.copy_from_slice(b.data());
+    }
+    kernels::matmul(y.data_mut(), x.view(), w.view(), true)?;
+    Ok(y)
+}
+
+/// Gradients of `linear`: (dw = xᵀ·g, db = column sums of g), and dx = g·wᵀ when `want_dx`.
+pub fn linear_backward(
+    x: &Matrix,
+    w: &Matrix,
+    g: &Matrix,
+    want_dx: bool,
+) -> Result<(Matrix, Matrix, Option<Matrix>), KernelError> {
+    let mut dw = Matrix::zeros(w.rows(), w.cols());
+    kernels::matmul(dw.data_mut(), x.view().t(), g.view(), false)?;
+    let db = Matrix::new(1, g.cols(), kernels::column_sums(g)).ok_or(KernelError::Parameter)?;
+    let dx = if want_dx {
+        let mut dx = Matrix::zeros(g.rows(), w.rows());
+        kernels::matmul(dx.data_mut(), g.view(), w.view().t(), false)?;
+        Some(dx)
+    } else {
+        None
+    };
+    Ok((dw, db, dx))
+}
+
+/// The exact GELU, `x·Φ(x)` with `Φ(x) = (1 + erf(x/√2)) / 2`; `erf` from libm, the same bits
+/// on every CPU.
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// d gelu / dx = Φ(x) + x·φ(x).
+fn gelu_slope(x: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+    cdf + x * INV_SQRT_2PI * libm::expf(-0.5 * x * x)
+}
+
+/// Each row of `x` centred on its mean and divided by √(variance + ε), with the 1/σ of each row.
+fn normalise(x: Matrix) -> (Matrix, Vec<f32>) {
+    let width = x.cols();
+    let n = width as f32;
+    let mut xhat = x;
+    let mut inv_std = Vec::with_capacity(xhat.rows());
+    for row in xhat.data_mut().chunks_exact_mut(width.max(1)) {
+        let mean = row.iter().sum::<f32>() / n;
+        row.iter_mut().for_each(|v| *v -= mean);
+        let var = row.iter().map(|v| v * v).sum::<f32>() / n;
+        let inv = 1.0 / (var + LAYER_NORM_EPS).sqrt();
+        row.iter_mut().for_each(|v| *v *= inv);
+        inv_std.push(inv);
+    }
+    (xhat, inv_std)
+}
+
+/// Per column, the sum over rows (in order) of `a · b`, element by element.
+fn products_by_column(a: &Matrix, b: &Matrix) -> Vec<f32> {
+    let width = a.cols().max(1);
+    let mut acc = vec![0.0f32; a.cols()];
+    for (ra, rb) in a.data().chunks_exact(width).zip(b.data().chunks_exact(width)) {
+        for ((s, x), y) in acc.iter_mut().zip(ra).zip(rb) {
+            *s += x * y;
+        }
+    }
+    acc
+}
 /// The loss's target: one-hot, or with `smoothing` > 0, `(1 - smoothing) * one_hot +
 /// smoothing / classes`.
 pub fn target(labels: &[i32], classes: usize, smoothing: f32) -> Vec<f32> {
@@ -218,16 +476,91 @@ pub fn target(labels: &[i32], classes: usize, smoothing: f32) -> Vec<f32> {
     hot.into_iter().map(|h| h * (1.0 - smoothing) + floor).collect()
 }
 
-/// Mean softmax cross-entropy of `logits` against a one-hot target.
-pub fn loss(logits: Tensor<2>, one_hot: Tensor<2>) -> Tensor<1> {
-    let batch = logits.dims()[0] as f32;
-    let logp = activation::log_softmax(logits, 1);
-    (logp * one_hot).sum().mul_scalar(-1.0 / batch)
+/// Mean softmax cross-entropy of `logits` against `target` rows (one-hot or smoothed, from
+/// [`target`]), and its gradient with respect to the logits: `(softmax · Σtarget − target) /
+/// rows`.
+pub fn softmax_cross_entropy(logits: &Matrix, target: &[f32]) -> Result<(f32, Matrix), KernelError> {
+    let (rows, classes) = (logits.rows(), logits.cols());
+    if target.len() != logits.data().len() {
+        return Err(KernelError::Labels { rows, labels: target.len() / classes.max(1) });
+    }
+    let scale = 1.0 / rows.max(1) as f32;
+    let mut grad = logits.clone();
+    let mut total = 0.0f32;
+    for (row, t) in grad.data_mut().chunks_exact_mut(classes.max(1)).zip(target.chunks_exact(classes.max(1))) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for v in row.iter_mut() {
+            *v -= max;
+        }
+        let picked: f32 = row.iter().zip(t).map(|(v, t)| v * t).sum();
+        let mass: f32 = t.iter().sum();
+        for v in row.iter_mut() {
+            *v = v.exp();
+            sum += *v;
+        }
+        // −Σ t·(x − max − ln Σ e^(x − max)).
+        total += mass * sum.ln() - picked;
+        for (v, t) in row.iter_mut().zip(t) {
+            *v = (*v / sum * mass - t) * scale;
+        }
+    }
+    Ok((total * scale, grad))
 }
 
 /// Class probabilities of `logits`: the softmax of each row, what serving answers.
-pub fn probabilities(logits: Tensor<2>) -> Tensor<2> {
-    activation::softmax(logits, 1)
+pub fn probabilities(logits: &Matrix) -> Matrix {
+    let mut p = logits.clone();
+    for row in p.data_mut().chunks_exact_mut(logits.cols().max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+    p
+}
+
+/// What training an auxiliary head on a block output gives: the head's loss, its parameter
+/// gradients (canonical order) and the gradient of the block output.
+pub struct HeadPass {
+    /// Mean loss of the head.
+    pub loss: f32,
+    /// Gradients of the head's parameter tensors.
+    pub grads: Vec<Matrix>,
+    /// Gradient of the block output the head reads.
+    pub dy: Matrix,
+}
+
+/// Forward and backward of an auxiliary head on block output `y` against `labels` (one-hot).
+pub fn head_pass(head: &AuxHead, params: &[Arc<Matrix>], y: &Matrix, labels: &[i32]) -> Result<HeadPass, KernelError> {
+    if labels.len() != y.rows() {
+        return Err(KernelError::Labels { rows: y.rows(), labels: labels.len() });
+    }
+    let target = one_hot(labels, head.classes);
+    let missing = || KernelError::Missing("gradient");
+    match (head.hidden, params) {
+        (0, [w, b]) => {
+            let logits = linear(y, w, b)?;
+            let (loss, dl) = softmax_cross_entropy(&logits, &target)?;
+            let (dw, db, dy) = linear_backward(y, w, &dl, true)?;
+            Ok(HeadPass { loss, grads: vec![dw, db], dy: dy.ok_or_else(missing)? })
+        }
+        (h, [w1, b1, w2, b2]) if h > 0 => {
+            let mut hidden = linear(y, w1, b1)?;
+            kernels::relu(hidden.data_mut());
+            let logits = linear(&hidden, w2, b2)?;
+            let (loss, dl) = softmax_cross_entropy(&logits, &target)?;
+            let (dw2, db2, dh) = linear_backward(&hidden, w2, &dl, true)?;
+            let mut dh = dh.ok_or_else(missing)?;
+            kernels::relu_backward(dh.data_mut(), hidden.data());
+            let (dw1, db1, dy) = linear_backward(y, w1, &dh, true)?;
+            Ok(HeadPass { loss, grads: vec![dw1, db1, dw2, db2], dy: dy.ok_or_else(missing)? })
+        }
+        _ => Err(KernelError::Parameter),
+    }
 }
 
 /// One-hot rows of `labels` over `classes` classes as a host buffer.

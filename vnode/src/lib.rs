@@ -1,4 +1,4 @@
-//! VNode kinds on burn: per-layer forward, local backward, optimizers, and the state machine
+//! VNode kinds: per-layer forward, local backward, optimizers, and the state machine
 //! that orders a VNode's work so its results never depend on message timing.
 //!
 //! Architecture invariant: no networking and no actor framework here. A [`VNode`] consumes
@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod compact;
 pub mod fault;
 pub mod host;
+pub mod kernels;
 pub mod layer;
 pub mod memory;
 pub mod optim;
@@ -17,6 +18,7 @@ pub mod reference;
 pub mod rounds;
 pub mod sanity;
 pub mod seed;
+pub mod spatial;
 mod vnode;
 
 pub use host::{HostData, HostTensor};
@@ -27,10 +29,11 @@ pub use vnode::{Inbound, Outbound, Phase, VNode, VNodeError, VNodeSpec};
 /// path (a VNode holds early inputs until the update order lets it run).
 pub const FEED_AHEAD: u64 = 32;
 
-/// The burn device all VNode math runs on (CPU, pure Rust).
-pub fn device() -> burn::tensor::Device {
-    burn::tensor::Device::flex()
-}
+/// The kernels VNode math runs on, as the determinism class names them: results agree bit for
+/// bit only between machines with the same kernels, architecture and SIMD features. Dense,
+/// element-wise and optimizer passes run on `gemm` and host code ([`kernels`]); the spatial
+/// kinds on burn's flex backend ([`spatial`]).
+pub const KERNELS: &str = "gemm-0.19+flex-0.22";
 
 /// SHA-256 over f32 values as little-endian bytes: the canonical parameter and activation hash.
 pub fn sha256_f32<'a>(chunks: impl IntoIterator<Item = &'a [f32]>) -> [u8; 32] {

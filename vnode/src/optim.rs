@@ -1,7 +1,12 @@
-//! Optimizers applied by a VNode to its own parameters with its own state.
+//! Optimizers applied by a VNode to its own parameters with its own state: one fused pass per
+//! parameter tensor, in place (`kernels::sgd`, `kernels::adam`).
 
-use burn::tensor::Tensor;
+use crate::kernels::{self, AdamStep, Matrix};
 use dcnr_model::{OptimizerSpec, Recipe};
+use std::sync::Arc;
+
+/// One moment estimate of a parameter tensor, absent until the first update.
+pub type Moment = Option<Vec<f32>>;
 
 /// Optimizer state of one VNode: one slot per parameter tensor.
 #[derive(Debug, Clone)]
@@ -9,8 +14,18 @@ pub struct Optimizer {
     spec: OptimizerSpec,
     recipe: Recipe,
     step: u64,
-    first: Vec<Option<Tensor<2>>>,
-    second: Vec<Option<Tensor<2>>>,
+    first: Vec<Moment>,
+    second: Vec<Moment>,
+}
+
+/// An update whose gradients do not match the parameters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{params} parameter tensors, {grads} gradients, {slots} optimizer slots: tensor {index} does not fit")]
+pub struct UpdateError {
+    params: usize,
+    grads: usize,
+    slots: usize,
+    index: usize,
 }
 
 impl Optimizer {
@@ -24,106 +39,103 @@ impl Optimizer {
         self.step
     }
 
-    /// The moment estimates (first, second) per parameter, for checkpoints.
-    pub fn moments(&self) -> (&[Option<Tensor<2>>], &[Option<Tensor<2>>]) {
+    /// The moment estimates (first, second) per parameter, for checkpoints; absent before the
+    /// first update (and the second always for SGD).
+    pub fn moments(&self) -> (&[Moment], &[Moment]) {
         (&self.first, &self.second)
     }
 
     /// State restored from a checkpoint.
-    pub fn restored(
-        spec: OptimizerSpec,
-        recipe: Recipe,
-        step: u64,
-        first: Vec<Option<Tensor<2>>>,
-        second: Vec<Option<Tensor<2>>>,
-    ) -> Optimizer {
+    pub fn restored(spec: OptimizerSpec, recipe: Recipe, step: u64, first: Vec<Moment>, second: Vec<Moment>) -> Optimizer {
         Optimizer { spec, recipe, step, first, second }
     }
 
-    /// Returns the parameters after one update with `grads` (same order and shapes).
-    pub fn update(&mut self, params: &[Tensor<2>], grads: Vec<Tensor<2>>) -> Vec<Tensor<2>> {
-        let factor = self.recipe.schedule.factor(self.step);
-        let grads = match self.recipe.clip_grad_norm {
-            Some(max) => clip(grads, max),
-            None => grads,
+    /// Applies one update with `grads` (same order and shapes) to `params`, in place where no
+    /// other parameter version shares a tensor (copy on write otherwise).
+    pub fn update(&mut self, params: &mut [Arc<Matrix>], mut grads: Vec<Matrix>) -> Result<(), UpdateError> {
+        let (n, slots) = (params.len(), self.first.len().min(self.second.len()));
+        let misfit = |index| UpdateError { params: n, grads: grads.len(), slots, index };
+        if grads.len() != n || slots != n {
+            return Err(misfit(0));
+        }
+        let fits = |i: usize, len: usize| {
+            grads[i].data().len() == len
+                && self.first[i].as_ref().is_none_or(|m| m.len() == len)
+                && self.second[i].as_ref().is_none_or(|v| v.len() == len)
         };
+        if let Some(i) = params.iter().enumerate().position(|(i, p)| !fits(i, p.data().len())) {
+            return Err(misfit(i));
+        }
+        if let Some(max) = self.recipe.clip_grad_norm {
+            clip(&mut grads, max);
+        }
+        let factor = self.recipe.schedule.factor(self.step);
         self.step += 1;
-        let t = self.step as i32;
-        params
-            .iter()
-            .zip(grads)
-            .enumerate()
-            .map(|(i, (p, g))| match self.spec {
+        let t = i32::try_from(self.step).unwrap_or(i32::MAX);
+        for (i, (p, g)) in params.iter_mut().zip(&grads).enumerate() {
+            let p = Arc::make_mut(p).data_mut();
+            let len = p.len();
+            match self.spec {
+                OptimizerSpec::Sgd { lr, momentum } if momentum == 0.0 => {
+                    kernels::sgd(p, &mut [], g.data(), lr * factor, 0.0)
+                }
                 OptimizerSpec::Sgd { lr, momentum } => {
-                    let lr = lr * factor;
-                    if momentum == 0.0 {
-                        return p.clone() - g.mul_scalar(lr);
-                    }
-                    let v = match self.first[i].take() {
-                        Some(v) => v.mul_scalar(momentum) + g,
-                        None => g,
-                    };
-                    self.first[i] = Some(v.clone());
-                    p.clone() - v.mul_scalar(lr)
+                    let v = self.first[i].get_or_insert_with(|| vec![0.0; len]);
+                    kernels::sgd(p, v, g.data(), lr * factor, momentum);
                 }
-                OptimizerSpec::Adam { lr, beta1, beta2, eps } | OptimizerSpec::Adamw { lr, beta1, beta2, eps, .. } => {
-                    let lr = lr * factor;
-                    let m = match self.first[i].take() {
-                        Some(m) => m.mul_scalar(beta1) + g.clone().mul_scalar(1.0 - beta1),
-                        None => g.clone().mul_scalar(1.0 - beta1),
-                    };
-                    let g2 = g.clone() * g;
-                    let v = match self.second[i].take() {
-                        Some(v) => v.mul_scalar(beta2) + g2.mul_scalar(1.0 - beta2),
-                        None => g2.mul_scalar(1.0 - beta2),
-                    };
-                    self.first[i] = Some(m.clone());
-                    self.second[i] = Some(v.clone());
-                    let m_hat = m.div_scalar(1.0 - beta1.powi(t));
-                    let v_hat = v.div_scalar(1.0 - beta2.powi(t));
-                    let step = m_hat.mul_scalar(lr) / (v_hat.sqrt().add_scalar(eps));
-                    match self.spec {
-                        // Decoupled decay: shrink the parameters themselves, not the gradient.
-                        OptimizerSpec::Adamw { weight_decay, .. } if weight_decay > 0.0 => {
-                            p.clone().mul_scalar(1.0 - lr * weight_decay) - step
-                        }
-                        _ => p.clone() - step,
-                    }
+                OptimizerSpec::Adam { lr, beta1, beta2, eps } => {
+                    let step = AdamStep::new(lr * factor, beta1, beta2, eps, t);
+                    let m = self.first[i].get_or_insert_with(|| vec![0.0; len]);
+                    let v = self.second[i].get_or_insert_with(|| vec![0.0; len]);
+                    kernels::adam(p, m, v, g.data(), step);
                 }
-            })
-            .collect()
+                OptimizerSpec::Adamw { lr, beta1, beta2, eps, weight_decay } => {
+                    // Decoupled decay: shrink the parameters themselves, not the gradient.
+                    let step = AdamStep { decay: 1.0 - lr * factor * weight_decay, ..AdamStep::new(lr * factor, beta1, beta2, eps, t) };
+                    let m = self.first[i].get_or_insert_with(|| vec![0.0; len]);
+                    let v = self.second[i].get_or_insert_with(|| vec![0.0; len]);
+                    kernels::adam(p, m, v, g.data(), step);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 /// `grads` scaled down to L2 norm `max` over all of them when their norm exceeds it. The norm
-/// is summed on the host in f64, in order, so it is the same with any thread count.
-fn clip(grads: Vec<Tensor<2>>, max: f32) -> Vec<Tensor<2>> {
-    let mut sum = 0f64;
-    for g in &grads {
-        if let Ok(v) = g.clone().into_data().try_to_vec::<f32>() {
-            sum += v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>();
-        }
-    }
+/// is summed in f64, in order, so it is the same with any thread count.
+fn clip(grads: &mut [Matrix], max: f32) {
+    let sum: f64 = grads.iter().flat_map(|g| g.data()).map(|x| f64::from(*x) * f64::from(*x)).sum();
     let norm = sum.sqrt();
     if norm.is_nan() || norm <= f64::from(max) {
-        return grads;
+        return;
     }
     let scale = (f64::from(max) / norm) as f32;
-    grads.into_iter().map(|g| g.mul_scalar(scale)).collect()
+    grads.iter_mut().flat_map(|g| g.data_mut()).for_each(|x| *x *= scale);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::TensorData;
     use dcnr_model::Schedule;
 
-    fn t(v: &[f32]) -> Tensor<2> {
-        Tensor::from_data(TensorData::new(v.to_vec(), [1, v.len()]), &crate::device())
+    fn t(v: &[f32]) -> Arc<Matrix> {
+        Arc::new(Matrix::new(1, v.len(), v.to_vec()).unwrap())
     }
 
-    fn values(t: &Tensor<2>) -> Vec<f32> {
-        t.clone().into_data().try_to_vec::<f32>().unwrap()
+    fn g(v: &[f32]) -> Matrix {
+        Matrix::new(1, v.len(), v.to_vec()).unwrap()
+    }
+
+    fn values(t: &Arc<Matrix>) -> Vec<f32> {
+        t.data().to_vec()
+    }
+
+    /// One update of `params` by `grads`, the parameters after it.
+    fn step(o: &mut Optimizer, params: &[&[f32]], grads: &[&[f32]]) -> Vec<Arc<Matrix>> {
+        let mut ps: Vec<Arc<Matrix>> = params.iter().map(|p| t(p)).collect();
+        o.update(&mut ps, grads.iter().map(|x| g(x)).collect()).unwrap();
+        ps
     }
 
     #[test]
@@ -147,7 +159,7 @@ mod tests {
         let adamw = |wd| OptimizerSpec::Adamw { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: wd };
         let run = |spec| {
             let mut o = Optimizer::new(spec, Recipe::default(), 1);
-            values(&o.update(&[t(&[1.0, -2.0])], vec![t(&[0.0, 0.0])])[0])
+            values(&step(&mut o, &[&[1.0, -2.0]], &[&[0.0, 0.0]])[0])
         };
         assert_eq!(run(adamw(0.0)), run(adam), "no decay: Adam's bits");
         // A zero gradient moves nothing but the decay: p * (1 - lr * wd).
@@ -160,13 +172,13 @@ mod tests {
         let recipe = Recipe { clip_grad_norm: Some(1.0), ..Recipe::default() };
         let mut o = Optimizer::new(sgd, recipe, 2);
         // Norm 5 over both tensors: scaled by 1/5.
-        let out = o.update(&[t(&[0.0]), t(&[0.0])], vec![t(&[3.0]), t(&[4.0])]);
+        let out = step(&mut o, &[&[0.0], &[0.0]], &[&[3.0], &[4.0]]);
         assert_eq!((values(&out[0]), values(&out[1])), (vec![-0.6], vec![-0.8]));
         // Below the norm: untouched.
-        let small = o.update(&[t(&[0.0])], vec![t(&[0.5])]);
+        let small = step(&mut Optimizer::new(sgd, recipe, 1), &[&[0.0]], &[&[0.5]]);
         assert_eq!(values(&small[0]), vec![-0.5]);
         let warm = Recipe { schedule: Schedule::Warmup { warmup_steps: 4 }, ..Recipe::default() };
         let mut o = Optimizer::new(sgd, warm, 1);
-        assert_eq!(values(&o.update(&[t(&[0.0])], vec![t(&[1.0])])[0]), vec![-0.25]);
+        assert_eq!(values(&step(&mut o, &[&[0.0]], &[&[1.0]])[0]), vec![-0.25]);
     }
 }

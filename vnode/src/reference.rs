@@ -1,27 +1,27 @@
-//! The single-process reference: the same graph trained with ordinary whole-graph autodiff,
-//! no VNodes and no messages. The mesh must reproduce its parameters bit for bit in
+//! The single-process reference: the same graph trained in one process, no VNodes and no
+//! messages. The mesh must reproduce its parameters bit for bit in
 //! synchronous mode, and in local mode for any `in_flight`; keeping both on the kernels of
 //! [`crate::layer`] is what makes that hold.
 //!
-//! In local mode a step trains block by block, in block order: each block is a small
-//! whole-graph autodiff over its nodes and its output's auxiliary head (the last block: the real
+//! In local mode a step trains block by block, in block order: each block trains its
+//! nodes and its output's auxiliary head (the last block: the real
 //! loss), fed the detached outputs of earlier blocks for the same micro-batch, exactly as the
 //! VNodes receive them: packed in the job's wire format and unpacked again. (Exact mode's
 //! training here keeps f32 at block boundaries; only its evaluation applies the wire format.)
 
 use crate::compact;
 use crate::host::HostTensor;
-use crate::layer;
+use crate::kernels::Matrix;
+use crate::layer::{self, Params};
 use crate::optim::Optimizer;
-use burn::tensor::{Device, Tensor};
 use dcnr_model::graph::{Source, ValidGraph};
 use dcnr_model::{NodeKind, OptimizerSpec, TrainingMode, WireFormat};
+use std::sync::Arc;
 
 /// Whole-graph trainer over a validated graph.
 pub struct Reference {
     graph: ValidGraph,
-    device: Device,
-    params: Vec<Vec<Tensor<2>>>,
+    params: Vec<Params>,
     optimizers: Vec<Optimizer>,
     root_seed: u64,
     /// The data-parallel copy this trainer is, for the streams of dropout masks.
@@ -34,17 +34,9 @@ pub struct Reference {
 enum Recorded {
     /// The loss: the gradient of its logits.
     Loss(HostTensor),
-    /// Any other node: its output, inputs and parameters as autodiff leaves, and in local mode
-    /// its auxiliary head's loss.
-    Node(Box<RecordedNode>),
-}
-
-/// A non-loss node's forward, kept for its backward.
-struct RecordedNode {
-    y: Tensor<2>,
-    inputs: Vec<Tensor<2>>,
-    params: Vec<Tensor<2>>,
-    head_loss: Option<Tensor<1>>,
+    /// Any other node: what its kind keeps, and in local mode its auxiliary head's parameter
+    /// gradients and the gradient of its output.
+    Node(layer::Kept, Option<(Vec<Matrix>, Matrix)>),
 }
 
 /// Loss and correct predictions of one batch.
@@ -59,12 +51,12 @@ pub struct BatchResult {
 impl Reference {
     /// Parameters initialised exactly as the VNodes initialise theirs.
     pub fn new(graph: &ValidGraph, optimizer: OptimizerSpec, root_seed: u64) -> Reference {
-        let device = crate::device();
-        let params: Vec<Vec<Tensor<2>>> =
-            graph.nodes.iter().map(|n| layer::params_to_device(&layer::init_node(n, root_seed), &device)).collect();
+        // Drawn parameters are always rank 2.
+        let params: Vec<Params> =
+            graph.nodes.iter().map(|n| layer::to_params(&layer::init_node(n, root_seed)).unwrap_or_default()).collect();
         let recipe = graph.spec.training.recipe();
         let optimizers = params.iter().map(|p| Optimizer::new(optimizer, recipe, p.len())).collect();
-        Reference { graph: graph.clone(), device, params, optimizers, root_seed, pipeline: 0, steps: 0 }
+        Reference { graph: graph.clone(), params, optimizers, root_seed, pipeline: 0, steps: 0 }
     }
 
     /// The pass of node `origin` in the step being taken.
@@ -74,30 +66,29 @@ impl Reference {
 
     /// The logits reaching the loss, forward only with the current parameters. Values crossing
     /// a block boundary take the job's wire format and back, as between VNodes.
-    fn logits(&self, features: &HostTensor) -> Result<Tensor<2>, String> {
-        let device = &self.device;
-        let x = features.to_burn(device).ok_or("features must be f32 [batch, width]")?;
-        let mut values: Vec<Option<Tensor<2>>> = vec![None; self.graph.nodes.len()];
+    fn logits(&self, features: &HostTensor) -> Result<Matrix, String> {
+        let mut values: Vec<Option<HostTensor>> = vec![None; self.graph.nodes.len()];
         let wire = self.graph.spec.training.wire;
         for &id in &self.graph.topo {
             let node = &self.graph.nodes[id as usize];
             let value_of = |s: &Source| match s {
                 Source::Node(p) if wire != WireFormat::F32 && self.graph.nodes[*p as usize].block != node.block => {
-                    let v = HostTensor::from_burn(values[*p as usize].clone()?).ok()?;
-                    compact::round_trip(&v, wire).to_burn(device)
+                    Some(compact::round_trip(values[*p as usize].as_ref()?, wire))
                 }
                 Source::Node(p) => values[*p as usize].clone(),
-                Source::Features => Some(x.clone()),
+                Source::Features => Some(features.clone()),
                 Source::Labels => None,
             };
+            let matrix = |s: &Source| value_of(s).and_then(HostTensor::into_matrix);
             if let NodeKind::SoftmaxCrossEntropy { .. } = node.kind {
-                return value_of(&node.inputs[0]).ok_or_else(|| "loss input missing".to_string());
+                return matrix(&node.inputs[0]).ok_or_else(|| "loss input missing".to_string());
             }
-            let ins: Vec<Tensor<2>> =
-                node.layer_inputs().iter().map(value_of).collect::<Option<_>>().ok_or("input missing")?;
+            let ins: Vec<Matrix> =
+                node.layer_inputs().iter().map(matrix).collect::<Option<_>>().ok_or("input missing")?;
             let own = &self.params[id as usize];
             let own = &own[..layer::own_tensors(node.kind).min(own.len())];
-            values[id as usize] = Some(layer::forward(node.kind, own, &ins, layer::Pass::Eval));
+            let y = layer::forward(node.kind, own, ins, layer::Pass::Eval, &[]).map_err(|e| e.to_string())?;
+            values[id as usize] = Some(HostTensor::from_matrix(y.output));
         }
         Err("graph has no loss".into())
     }
@@ -105,19 +96,17 @@ impl Reference {
     /// One training step on a batch: synchronous SGD in exact mode; in local mode every block
     /// on its own loss (its head's, or the real loss for the last block).
     ///
-    /// The step is taken node by node, as the VNodes take it: each node's forward records its
-    /// own autodiff graph over its inputs as leaves, and its backward starts from the sum of its
-    /// consumers' gradients taken in consumer order on the host. A whole-graph autodiff would
-    /// sum the gradients reaching a node with several consumers in its own order, and floating
-    /// point addition is not associative.
+    /// The step is taken node by node, as the VNodes take it: each node's forward keeps what
+    /// its own backward reads, and its backward starts from the sum of its consumers' gradients
+    /// taken in consumer order. A whole-graph autodiff would sum the gradients reaching a node
+    /// with several consumers in its own order, and floating point addition is not associative.
     pub fn train_step(&mut self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
-        let result = self.train_step_nodes(features, labels);
+        let result = crate::kernels::run(|| self.train_step_nodes(features, labels));
         self.steps += 1;
         result
     }
 
     fn train_step_nodes(&mut self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
-        let ad = self.device.clone().autodiff();
         let n = self.graph.nodes.len();
         let training = &self.graph.spec.training;
         let (classes, smoothing) = (self.graph.spec.data.classes, training.label_smoothing);
@@ -140,43 +129,34 @@ impl Reference {
                 }
             };
             if let NodeKind::SoftmaxCrossEntropy { classes } = node.kind {
-                let logits = value_of(&node.inputs[0]).ok_or("loss input missing")?;
-                let leaf = logits.to_burn(&ad).ok_or("logits must be f32 [batch, classes]")?.require_grad();
-                let target = HostTensor::f32(vec![labels.len(), classes], layer::target(labels, classes, smoothing));
-                let loss = layer::loss(leaf.clone(), target.to_burn(&ad).ok_or("one-hot")?);
-                let value = loss.clone().into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-                let grads = loss.backward();
-                let dlogits = HostTensor::from_burn(leaf.grad(&grads).ok_or("no gradient for logits")?)?;
-                result = Some((value.first().copied().unwrap_or(f32::NAN), logits));
-                saved[id as usize] = Some(Recorded::Loss(dlogits));
+                let logits = value_of(&node.inputs[0]).and_then(HostTensor::into_matrix).ok_or("loss input missing")?;
+                let target = layer::target(labels, classes, smoothing);
+                let (loss, dlogits) = layer::softmax_cross_entropy(&logits, &target).map_err(|e| e.to_string())?;
+                result = Some((loss, logits));
+                saved[id as usize] = Some(Recorded::Loss(HostTensor::from_matrix(dlogits)));
                 continue;
             }
-            let inputs: Vec<Tensor<2>> = node
+            let inputs: Vec<Matrix> = node
                 .layer_inputs()
                 .iter()
-                .enumerate()
-                .map(|(port, s)| {
-                    let x = value_of(s)?.to_burn(&ad)?;
-                    Some(if node.sends_gradient(port) { x.require_grad() } else { x })
-                })
+                .map(|s| value_of(s).and_then(HostTensor::into_matrix))
                 .collect::<Option<_>>()
                 .ok_or("input missing")?;
-            let params: Vec<Tensor<2>> =
-                self.params[id as usize].iter().map(|p| p.clone().autodiff().require_grad()).collect();
+            let want_dx: Vec<bool> = (0..inputs.len()).map(|port| node.sends_gradient(port)).collect();
+            let params = &self.params[id as usize];
             let own = layer::own_tensors(node.kind).min(params.len());
-            let y = layer::forward(node.kind, &params[..own], &inputs, self.train_pass(node.origin));
-            let head_loss = match &node.aux {
+            let pass = self.train_pass(node.origin);
+            let forward =
+                layer::forward(node.kind, &params[..own], inputs, pass, &want_dx).map_err(|e| e.to_string())?;
+            let head = match &node.aux {
                 Some(head) => {
-                    let logits =
-                        layer::aux_logits(head, &params[own..], y.clone()).ok_or("auxiliary head parameters")?;
-                    let target =
-                        HostTensor::f32(vec![labels.len(), head.classes], layer::one_hot(labels, head.classes));
-                    Some(layer::loss(logits, target.to_burn(&ad).ok_or("one-hot")?))
+                    let p = layer::head_pass(head, &params[own..], &forward.output, labels).map_err(|e| e.to_string())?;
+                    Some((p.grads, p.dy))
                 }
                 None => None,
             };
-            outputs[id as usize] = Some(HostTensor::from_burn(y.clone().inner())?);
-            saved[id as usize] = Some(Recorded::Node(Box::new(RecordedNode { y, inputs, params, head_loss })));
+            outputs[id as usize] = Some(HostTensor::from_matrix(forward.output));
+            saved[id as usize] = Some(Recorded::Node(forward.kept, head));
         }
         // Per node, the gradient each consumer sends back, in consumer order.
         let mut arriving: Vec<Vec<Option<HostTensor>>> =
@@ -185,13 +165,13 @@ impl Reference {
             let node = &self.graph.nodes[id as usize];
             let input_grads: Vec<Option<HostTensor>> = match saved[id as usize].take() {
                 Some(Recorded::Loss(dlogits)) => vec![Some(dlogits)],
-                Some(Recorded::Node(node_pass)) => {
-                    let RecordedNode { y, inputs, params, head_loss } = *node_pass;
-                    if params.is_empty() && !(0..inputs.len()).any(|p| node.sends_gradient(p)) {
+                Some(Recorded::Node(kept, head)) => {
+                    let want_dx: Vec<bool> = (0..node.kind.ports().len()).map(|p| node.sends_gradient(p)).collect();
+                    if self.params[id as usize].is_empty() && !want_dx.contains(&true) {
                         continue;
                     }
-                    let grads = match head_loss {
-                        Some(loss) => loss.backward(),
+                    let (head_grads, g) = match head {
+                        Some(head) => head,
                         None => {
                             let from: Vec<Option<HostTensor>> = arriving[id as usize]
                                 .iter_mut()
@@ -199,23 +179,19 @@ impl Reference {
                                 .filter(|(i, _)| node.expects_gradient(*i))
                                 .map(|(_, g)| g.take())
                                 .collect();
-                            let g = crate::vnode::sum_in_order(from).ok_or("missing gradient")?;
-                            (y * g.to_burn(&ad).ok_or("gradient")?).sum().backward()
+                            let g = crate::vnode::sum_in_order(from).and_then(HostTensor::into_matrix);
+                            (Vec::new(), g.ok_or("missing gradient")?)
                         }
                     };
-                    if !params.is_empty() {
-                        let gs: Vec<Tensor<2>> =
-                            params.iter().map(|p| p.grad(&grads)).collect::<Option<_>>().ok_or("missing gradient")?;
-                        self.params[id as usize] = self.optimizers[id as usize].update(&self.params[id as usize], gs);
+                    let params = &mut self.params[id as usize];
+                    let own = layer::own_tensors(node.kind).min(params.len());
+                    let (mut grads, dxs) =
+                        layer::backward(node.kind, &params[..own], kept, g, &want_dx).map_err(|e| e.to_string())?;
+                    grads.extend(head_grads);
+                    if !grads.is_empty() {
+                        self.optimizers[id as usize].update(params, grads).map_err(|e| e.to_string())?;
                     }
-                    inputs
-                        .iter()
-                        .enumerate()
-                        .map(|(port, x)| match node.sends_gradient(port) {
-                            true => x.grad(&grads).map(HostTensor::from_burn).transpose(),
-                            false => Ok(None),
-                        })
-                        .collect::<Result<_, _>>()?
+                    dxs.into_iter().map(|dx| dx.map(HostTensor::from_matrix)).collect()
                 }
                 None => continue,
             };
@@ -228,31 +204,24 @@ impl Reference {
             }
         }
         let (loss, logits) = result.ok_or("graph has no loss")?;
-        Ok(BatchResult { loss, correct: layer::correct(logits.as_f32().unwrap_or(&[]), labels, classes) })
+        Ok(BatchResult { loss, correct: layer::correct(logits.data(), labels, classes) })
     }
 
     /// Forward-only loss and accuracy of a batch with the current parameters.
     pub fn evaluate(&self, features: &HostTensor, labels: &[i32]) -> Result<BatchResult, String> {
-        let logits = self.logits(features)?;
-        let classes = self.graph.spec.data.classes;
-        let target = HostTensor::f32(
-            vec![labels.len(), classes],
-            layer::target(labels, classes, self.graph.spec.training.label_smoothing),
-        );
-        let target = target.to_burn(&self.device).ok_or("one-hot")?;
-        let loss = layer::loss(logits.clone(), target);
-        let value = loss.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-        let logits = HostTensor::from_burn(logits)?;
-        Ok(BatchResult {
-            loss: value.first().copied().unwrap_or(f32::NAN),
-            correct: layer::correct(logits.as_f32().unwrap_or(&[]), labels, classes),
+        crate::kernels::run(|| {
+            let logits = self.logits(features)?;
+            let classes = self.graph.spec.data.classes;
+            let target = layer::target(labels, classes, self.graph.spec.training.label_smoothing);
+            let (loss, _) = layer::softmax_cross_entropy(&logits, &target).map_err(|e| e.to_string())?;
+            Ok(BatchResult { loss, correct: layer::correct(logits.data(), labels, classes) })
         })
     }
 
     /// Class probabilities of a batch with the current parameters: the single-process forward
     /// serving answers with.
     pub fn predict(&self, features: &HostTensor) -> Result<HostTensor, String> {
-        HostTensor::from_burn(layer::probabilities(self.logits(features)?))
+        Ok(HostTensor::from_matrix(layer::probabilities(&self.logits(features)?)))
     }
 
     /// Replaces the parameters of node `node` (same count and shapes).
@@ -262,14 +231,21 @@ impl Reference {
             return Err(format!("node {node} has {} parameters, not {}", slot.len(), params.len()));
         }
         for (p, t) in slot.iter_mut().zip(params) {
-            *p = t.to_burn(&self.device).ok_or_else(|| format!("node {node}: a parameter is not f32 rank 2"))?;
+            let m = t.clone().into_matrix().ok_or_else(|| format!("node {node}: a parameter is not f32 rank 2"))?;
+            if (m.rows(), m.cols()) != (p.rows(), p.cols()) {
+                return Err(format!("node {node}: a parameter of another shape"));
+            }
+            *p = Arc::new(m);
         }
         Ok(())
     }
 
     /// Parameters of every node, by VNode id, in canonical order.
-    pub fn params(&self) -> Result<Vec<Vec<HostTensor>>, String> {
-        self.params.iter().map(|ps| ps.iter().map(|p| HostTensor::from_burn(p.clone())).collect()).collect()
+    pub fn params(&self) -> Vec<Vec<HostTensor>> {
+        self.params
+            .iter()
+            .map(|ps| ps.iter().map(|p| HostTensor::f32(vec![p.rows(), p.cols()], p.data().to_vec())).collect())
+            .collect()
     }
 }
 
@@ -300,7 +276,6 @@ impl Pipelines {
         let anchor = copies
             .first()
             .map(|c| c.params())
-            .transpose()?
             .unwrap_or_default()
             .into_iter()
             .map(|ps| ps.into_iter().map(|p| p.as_f32().map(<[f32]>::to_vec).unwrap_or_default()).collect())
@@ -335,7 +310,7 @@ impl Pipelines {
     /// continues from the result.
     fn average(&mut self) -> Result<(), String> {
         let Some(averaging) = self.averaging else { return Ok(()) };
-        let params: Vec<Vec<Vec<HostTensor>>> = self.copies.iter().map(Reference::params).collect::<Result<_, _>>()?;
+        let params: Vec<Vec<Vec<HostTensor>>> = self.copies.iter().map(Reference::params).collect();
         for node in 0..self.anchor.len() {
             let tensors = self.anchor[node].len();
             if tensors == 0 {
@@ -377,6 +352,6 @@ impl Pipelines {
 
     /// Parameters of every node of pipeline 0, by VNode id.
     pub fn params(&self) -> Result<Vec<Vec<HostTensor>>, String> {
-        self.copies.first().ok_or("no pipelines")?.params()
+        Ok(self.copies.first().ok_or("no pipelines")?.params())
     }
 }

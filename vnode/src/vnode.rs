@@ -11,16 +11,16 @@
 //!
 //! In local mode (`TrainingMode::Local`) no gradient crosses a block boundary: a VNode sends
 //! none to a producer in another block and expects none from a consumer in another block, and
-//! a block output starts its backward from its auxiliary head's loss, recorded in the same
-//! autodiff graph as its forward. Every VNode then runs micro-batch m on version m, whatever K.
+//! a block output starts its backward from its auxiliary head's loss, computed with its forward. Every VNode then runs micro-batch m on version m, whatever K.
 
 use crate::host::{HostData, HostTensor};
-use crate::layer;
+use crate::kernels::Matrix;
+use crate::layer::{self, KernelError, Params};
 use crate::optim::Optimizer;
-use burn::tensor::{Device, Tensor};
 use dcnr_model::graph::{Normalize, Source, ValidNode};
 use dcnr_model::{NodeKind, OptimizerSpec, TrainingMode, WireFormat};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Training or evaluation traffic.
@@ -299,16 +299,15 @@ impl VNodeError {
 const MAX_PENDING_EVAL: usize = 4096;
 
 struct Saved {
-    /// Output of the recorded forward (non-loss nodes).
-    output: Option<Tensor<2>>,
-    /// Input leaves, present where the source is another VNode (its gradient is wanted).
-    inputs: Vec<Option<Tensor<2>>>,
-    params: Vec<Tensor<2>>,
+    /// What a non-loss node's forward kept for its backward.
+    kept: Option<layer::Kept>,
+    /// The parameter version the forward ran on.
+    params: Params,
     /// A loss's input gradients, computed together with its forward.
     loss_grads: Vec<Option<HostTensor>>,
-    /// A block output's auxiliary loss (local mode), recorded with its forward; backward
-    /// starts from it.
-    aux_loss: Option<Tensor<1>>,
+    /// A block output's auxiliary head (local mode), trained with its forward: the head's
+    /// parameter gradients, and the block output's gradient the backward starts from.
+    head: Option<(Vec<Matrix>, Matrix)>,
     output_sha256: [u8; 32],
     forward_us: u64,
     forward_cpu_us: u64,
@@ -332,9 +331,8 @@ fn cpu_us(since: Option<cpu_time::ThreadTime>) -> u64 {
 /// One VNode: a node of the graph with its parameters, optimizer state and pending work.
 pub struct VNode {
     spec: VNodeSpec,
-    device: Device,
     /// Parameter versions still needed, oldest first; the last is current.
-    versions: VecDeque<(u64, Vec<Tensor<2>>)>,
+    versions: VecDeque<(u64, Params)>,
     optimizer: Optimizer,
     next_f: u64,
     next_b: u64,
@@ -387,9 +385,8 @@ impl Rounds {
 impl VNode {
     /// Creates the VNode with parameters drawn from its seed stream.
     pub fn new(spec: VNodeSpec) -> VNode {
-        let device = crate::device();
-        let host = layer::init_node(&spec.node, spec.root_seed);
-        let params = layer::params_to_device(&host, &device);
+        // Drawn parameters are always rank 2.
+        let params = layer::to_params(&layer::init_node(&spec.node, spec.root_seed)).unwrap_or_default();
         let optimizer = Optimizer::new(spec.optimizer, spec.recipe, params.len());
         let mut spec = spec;
         spec.in_flight = spec.in_flight.max(1);
@@ -399,7 +396,6 @@ impl VNode {
         VNode {
             grad_from,
             spec,
-            device,
             versions: VecDeque::from([(0, params)]),
             optimizer,
             next_f: 0,
@@ -423,7 +419,7 @@ impl VNode {
         let Some(averaging) = self.spec.averaging else { return self };
         // The copies are listed by pipeline, this VNode among them.
         let listed = node.copies.len() > 1 && node.copies.get(node.pipeline as usize) == Some(&node.id);
-        let current = self.params().unwrap_or_default();
+        let current = self.params();
         if !listed || current.is_empty() {
             return self;
         }
@@ -457,23 +453,20 @@ impl VNode {
         }
         let mut tensors = Vec::new();
         let mut data = Vec::new();
-        let mut push =
-            |role: TensorRole, index: usize, version: Option<u64>, t: &Tensor<2>| -> Result<(), VNodeError> {
-                let h = HostTensor::from_burn(t.clone()).map_err(|d| self.backend(d))?;
-                tensors.push(TensorEntry { role, index, version, shape: h.shape.clone() });
-                data.push(h.as_f32().map(<[f32]>::to_vec).unwrap_or_default());
-                Ok(())
-            };
+        let shapes: Vec<Vec<usize>> = self.current().iter().map(|p| vec![p.rows(), p.cols()]).collect();
         for (version, ps) in &self.versions {
             for (i, p) in ps.iter().enumerate() {
-                push(TensorRole::Param, i, Some(*version), p)?;
+                let shape = vec![p.rows(), p.cols()];
+                tensors.push(TensorEntry { role: TensorRole::Param, index: i, version: Some(*version), shape });
+                data.push(p.data().to_vec());
             }
         }
         let (first, second) = self.optimizer.moments();
         for (role, moments) in [(TensorRole::First, first), (TensorRole::Second, second)] {
             for (i, m) in moments.iter().enumerate() {
-                if let Some(m) = m {
-                    push(role, i, None, m)?;
+                if let (Some(m), Some(shape)) = (m, shapes.get(i)) {
+                    tensors.push(TensorEntry { role, index: i, version: None, shape: shape.clone() });
+                    data.push(m.clone());
                 }
             }
         }
@@ -512,9 +505,9 @@ impl VNode {
             )));
         }
         let mut fresh = VNode::new(spec);
-        let shapes: Vec<Vec<usize>> = fresh.current().iter().map(|p| p.dims().to_vec()).collect();
+        let shapes: Vec<Vec<usize>> = fresh.current().iter().map(|p| vec![p.rows(), p.cols()]).collect();
         let n = shapes.len();
-        let mut versions: std::collections::BTreeMap<u64, Vec<Option<Tensor<2>>>> = Default::default();
+        let mut versions: std::collections::BTreeMap<u64, Vec<Option<Arc<Matrix>>>> = Default::default();
         let (mut first, mut second) = (vec![None; n], vec![None; n]);
         let (mut anchor, mut momentum) = (vec![None; n], vec![None; n]);
         for (entry, values) in header.tensors.iter().zip(data) {
@@ -535,19 +528,21 @@ impl VNode {
                 }
                 _ => {}
             }
-            let t = HostTensor::f32(entry.shape.clone(), values).into_burn(&fresh.device);
-            let slot = match entry.role {
-                TensorRole::Param => &mut versions
-                    .entry(entry.version.unwrap_or(header.updates))
-                    .or_insert_with(|| vec![None; n])[entry.index],
-                TensorRole::First => &mut first[entry.index],
-                TensorRole::Second | TensorRole::Anchor | TensorRole::OuterMomentum => &mut second[entry.index],
-            };
-            *slot = t;
+            match entry.role {
+                TensorRole::Param => {
+                    let m = HostTensor::f32(entry.shape.clone(), values)
+                        .into_matrix()
+                        .ok_or_else(|| mismatch(format!("parameter {} does not fill its shape", entry.index)))?;
+                    versions.entry(entry.version.unwrap_or(header.updates)).or_insert_with(|| vec![None; n])
+                        [entry.index] = Some(Arc::new(m));
+                }
+                TensorRole::First => first[entry.index] = Some(values),
+                TensorRole::Second | TensorRole::Anchor | TensorRole::OuterMomentum => second[entry.index] = Some(values),
+            }
         }
         let mut restored = VecDeque::new();
         for (version, ps) in versions {
-            let ps: Vec<Tensor<2>> = ps
+            let ps: Params = ps
                 .into_iter()
                 .collect::<Option<_>>()
                 .ok_or_else(|| mismatch(format!("a parameter of version {version} is missing")))?;
@@ -591,15 +586,12 @@ impl VNode {
         }
         let mut loaded = Vec::with_capacity(params.len());
         for (i, (p, values)) in current.iter().zip(params).enumerate() {
-            let shape = p.dims().to_vec();
-            if shape.iter().product::<usize>() != values.len() {
-                return Err(mismatch(format!("parameter {i} has {} values; the graph says {shape:?}", values.len())));
-            }
-            loaded.push(
-                HostTensor::f32(shape, values)
-                    .into_burn(&fresh.device)
-                    .ok_or_else(|| mismatch(format!("parameter {i}")))?,
-            );
+            let (rows, cols) = (p.rows(), p.cols());
+            let len = values.len();
+            let m = Matrix::new(rows, cols, values).ok_or_else(|| {
+                mismatch(format!("parameter {i} has {len} values; the graph says [{rows}, {cols}]"))
+            })?;
+            loaded.push(Arc::new(m));
         }
         fresh.versions = VecDeque::from([(0, loaded)]);
         Ok(fresh)
@@ -616,16 +608,26 @@ impl VNode {
     }
 
     /// Current parameters in canonical order, on the host.
-    pub fn params(&self) -> Result<Vec<HostTensor>, VNodeError> {
-        self.current().iter().map(|p| HostTensor::from_burn(p.clone()).map_err(|detail| self.backend(detail))).collect()
+    pub fn params(&self) -> Vec<HostTensor> {
+        self.current().iter().map(|p| HostTensor::f32(vec![p.rows(), p.cols()], p.data().to_vec())).collect()
     }
 
-    fn current(&self) -> &[Tensor<2>] {
+    fn current(&self) -> &[Arc<Matrix>] {
         self.versions.back().map(|v| v.1.as_slice()).unwrap_or(&[])
     }
 
     fn backend(&self, detail: String) -> VNodeError {
         VNodeError::Backend { vnode: self.id(), detail }
+    }
+
+    /// A kernel's refusal of micro-batch `mb`: a shape error when the inputs did not fit.
+    fn kernel(&self, mb: u64, e: KernelError) -> VNodeError {
+        match e {
+            KernelError::Inputs(_) | KernelError::Labels { .. } => {
+                VNodeError::Shape { vnode: self.id(), mb, detail: e.to_string() }
+            }
+            _ => self.backend(e.to_string()),
+        }
     }
 
     fn window_err(&self, mb: u64, what: &'static str) -> VNodeError {
@@ -649,6 +651,17 @@ impl VNode {
 
     /// [`VNode::handle`] of a message already in f32, `wire_bytes` being its size as it travelled.
     fn handle_unpacked(&mut self, msg: Inbound, wire_bytes: u64) -> Result<Vec<Outbound>, VNodeError> {
+        // In synchronous exact mode one VNode of the job computes at a time, so its kernels take
+        // every core; otherwise VNodes compute side by side, each on its own host thread.
+        if self.spec.in_flight == 1 && self.spec.node.mode == TrainingMode::Exact {
+            crate::kernels::run(|| self.handle_here(msg, wire_bytes))
+        } else {
+            self.handle_here(msg, wire_bytes)
+        }
+    }
+
+    /// [`VNode::handle_unpacked`], on whichever thread its host chose.
+    fn handle_here(&mut self, msg: Inbound, wire_bytes: u64) -> Result<Vec<Outbound>, VNodeError> {
         let mut out = Vec::new();
         match msg {
             Inbound::Forward { mb, phase, port, tensor } => {
@@ -777,7 +790,7 @@ impl VNode {
     /// Opens the round closed by the update of step `mb`: sends this VNode's change to every
     /// copy and holds `done` until the round is applied.
     fn open_round(&mut self, mb: u64, done: Outbound, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
-        let current = self.params()?;
+        let current = self.params();
         let (id, me) = (self.id(), self.spec.node.pipeline as usize);
         let copies = &self.spec.node.copies;
         let Some(r) = self.rounds.as_mut() else {
@@ -816,7 +829,7 @@ impl VNode {
         for i in 0..n {
             let of_copies: Vec<&[f32]> = changes.iter().map(|p| p[i].as_deref().unwrap_or(&[])).collect();
             crate::rounds::outer_step(&r.averaging.outer, &mut r.anchor[i], &mut r.momentum[i], &of_copies);
-            updated.push(HostTensor::f32(r.shapes[i].clone(), r.anchor[i].clone()));
+            updated.push(HostTensor::f32(r.shapes[i].clone(), r.anchor[i].clone()).into_matrix().map(Arc::new));
         }
         if r.momentum.iter().all(Vec::is_empty) {
             r.momentum.clear();
@@ -825,8 +838,7 @@ impl VNode {
         if let Some(Outbound::Done { round_sha256, .. }) = &mut done {
             *round_sha256 = Some(crate::sha256_f32(r.anchor.iter().map(Vec::as_slice)));
         }
-        let device = self.device.clone();
-        let tensors: Option<Vec<Tensor<2>>> = updated.into_iter().map(|t| t.into_burn(&device)).collect();
+        let tensors: Option<Params> = updated.into_iter().collect();
         let tensors = tensors.ok_or_else(|| self.backend("averaged parameters".into()))?;
         if let Some(v) = self.versions.back_mut() {
             v.1 = tensors;
@@ -1043,20 +1055,25 @@ impl VNode {
         }
     }
 
-    fn params_at(&self, version: u64) -> Vec<Tensor<2>> {
+    fn params_at(&self, version: u64) -> Params {
         self.versions.iter().find(|v| v.0 == version).or(self.versions.back()).map(|v| v.1.clone()).unwrap_or_default()
     }
 
-    /// The kind's own inputs on `device`; with `track`, those whose gradient goes back to their
-    /// producer are autodiff leaves.
-    fn inputs_on(&self, inputs: Vec<HostTensor>, device: &Device, track: bool) -> Vec<Tensor<2>> {
+    /// Which of the kind's inputs send their gradient back to a producer.
+    fn want_dx(&self) -> Vec<bool> {
+        (0..self.spec.node.kind.ports().len()).map(|port| self.spec.node.sends_gradient(port)).collect()
+    }
+
+    /// The kind's own inputs as matrices, with the rows they all share.
+    fn matrices(&self, mb: u64, inputs: Vec<HostTensor>) -> Result<Vec<Matrix>, VNodeError> {
+        self.check_rows(mb, &inputs)?;
+        let ports = self.spec.node.kind.ports().len();
+        if inputs.len() != ports {
+            return Err(VNodeError::Shape { vnode: self.id(), mb, detail: format!("{} inputs for {ports} ports", inputs.len()) });
+        }
         inputs
             .into_iter()
-            .enumerate()
-            .filter_map(|(port, t)| {
-                let x = t.into_burn(device)?;
-                Some(if track && self.spec.node.sends_gradient(port) { x.require_grad() } else { x })
-            })
+            .map(|t| t.into_matrix().ok_or_else(|| self.backend("an input is not f32 [rows, width]".into())))
             .collect()
     }
 
@@ -1064,7 +1081,6 @@ impl VNode {
         let started = Instant::now();
         let cpu = cpu_now();
         let bytes_in = self.received.remove(&mb).unwrap_or(0);
-        let ad = self.device.clone().autodiff();
         let rows = inputs.first().map(HostTensor::rows).unwrap_or(0);
         if let NodeKind::SoftmaxCrossEntropy { classes } = self.spec.node.kind {
             let (loss, correct, dlogits) = self.loss_pass(mb, &inputs, classes, true)?;
@@ -1074,11 +1090,10 @@ impl VNode {
             self.saved.insert(
                 mb,
                 Saved {
-                    output: None,
-                    inputs: Vec::new(),
+                    kept: None,
                     params: Vec::new(),
                     loss_grads: vec![Some(dlogits), None],
-                    aux_loss: None,
+                    head: None,
                     output_sha256: hash,
                     forward_us: started.elapsed().as_micros() as u64,
                     forward_cpu_us: cpu_us(cpu),
@@ -1089,44 +1104,42 @@ impl VNode {
             );
             return Ok(());
         }
-        let params: Vec<Tensor<2>> =
-            self.params_at(self.needed_version(mb)).into_iter().map(|p| p.autodiff().require_grad()).collect();
+        let params = self.params_at(self.needed_version(mb));
         let mut inputs = inputs;
         let labels = match self.spec.node.aux {
             Some(head) if inputs.len() > head.labels_port as usize => Some(inputs.remove(head.labels_port as usize)),
             _ => None,
         };
-        self.check_rows(mb, &inputs)?;
-        let n_inputs = inputs.len();
-        let leaves = self.inputs_on(inputs, &ad, true);
-        if leaves.len() != n_inputs || n_inputs != self.spec.node.kind.ports().len() {
-            return Err(self.backend("input could not be loaded".into()));
-        }
-        let own = layer::own_tensors(self.spec.node.kind).min(params.len());
+        let xs = self.matrices(mb, inputs)?;
+        let kind = self.spec.node.kind;
+        let own = layer::own_tensors(kind).min(params.len());
         let pass = layer::Pass::Train {
             root_seed: self.spec.root_seed,
             origin: self.spec.node.origin,
             pipeline: self.spec.node.pipeline,
             step: mb,
         };
-        let y = layer::forward(self.spec.node.kind, &params[..own], &leaves, pass);
-        let aux_loss = match (self.spec.node.aux, labels) {
-            (Some(head), Some(labels)) => Some(self.aux_loss(mb, &head, &params[own..], y.clone(), &labels, &ad)?),
+        let forward = layer::forward(kind, &params[..own], xs, pass, &self.want_dx()).map_err(|e| self.kernel(mb, e))?;
+        let head = match (self.spec.node.aux, labels) {
+            (Some(head), Some(labels)) => {
+                let HostData::I32(labels) = &labels.data else {
+                    return Err(VNodeError::Shape { vnode: self.id(), mb, detail: "labels must be i32".into() });
+                };
+                let pass = layer::head_pass(&head, &params[own..], &forward.output, labels)
+                    .map_err(|e| self.kernel(mb, e))?;
+                Some((pass.grads, pass.dy))
+            }
             _ => None,
         };
-        let y_host = HostTensor::from_burn(y.clone()).map_err(|d| self.backend(d))?;
-        let hash = crate::sha256_f32([y_host.as_f32().unwrap_or(&[])]);
-        let bytes_out = self.emit_forward(mb, Phase::Train, y_host, out);
-        let tracked =
-            leaves.into_iter().enumerate().map(|(port, x)| self.spec.node.sends_gradient(port).then_some(x)).collect();
+        let hash = crate::sha256_f32([forward.output.data()]);
+        let bytes_out = self.emit_forward(mb, Phase::Train, HostTensor::from_matrix(forward.output), out);
         self.saved.insert(
             mb,
             Saved {
-                output: Some(y),
-                inputs: tracked,
+                kept: Some(forward.kept),
                 params,
                 loss_grads: Vec::new(),
-                aux_loss,
+                head,
                 output_sha256: hash,
                 forward_us: started.elapsed().as_micros() as u64,
                 forward_cpu_us: cpu_us(cpu),
@@ -1159,33 +1172,6 @@ impl VNode {
         bytes
     }
 
-    /// The auxiliary head's loss on block output `y`, recorded in `y`'s autodiff graph.
-    fn aux_loss(
-        &self,
-        mb: u64,
-        head: &dcnr_model::AuxHead,
-        params: &[Tensor<2>],
-        y: Tensor<2>,
-        labels: &HostTensor,
-        device: &Device,
-    ) -> Result<Tensor<1>, VNodeError> {
-        let HostData::I32(labels) = &labels.data else {
-            return Err(VNodeError::Shape { vnode: self.id(), mb, detail: "labels must be i32".into() });
-        };
-        if y.dims()[0] != labels.len() {
-            return Err(VNodeError::Shape {
-                vnode: self.id(),
-                mb,
-                detail: format!("{} output rows but {} labels", y.dims()[0], labels.len()),
-            });
-        }
-        let logits =
-            layer::aux_logits(head, params, y).ok_or_else(|| self.backend("auxiliary head parameters".into()))?;
-        let target = HostTensor::f32(vec![labels.len(), head.classes], layer::one_hot(labels, head.classes));
-        let target = target.to_burn(device).ok_or_else(|| self.backend("one-hot".into()))?;
-        Ok(layer::loss(logits, target))
-    }
-
     /// Loss, correct count and (when training) the logits gradient.
     fn loss_pass(
         &self,
@@ -1198,78 +1184,57 @@ impl VNode {
             (Some(l), Some(HostData::I32(y))) => (l, y),
             _ => return Err(VNodeError::Shape { vnode: self.id(), mb, detail: "loss needs logits and labels".into() }),
         };
-        if logits.rows() != labels.len() {
+        if logits.rows() != labels.len() || logits.shape.get(1) != Some(&classes) {
             return Err(VNodeError::Shape {
                 vnode: self.id(),
                 mb,
-                detail: format!("{} logits rows but {} labels", logits.rows(), labels.len()),
+                detail: format!("logits {:?} for {} labels of {classes} classes", logits.shape, labels.len()),
             });
         }
-        let device = if train { self.device.clone().autodiff() } else { self.device.clone() };
-        let x = logits.to_burn(&device).ok_or_else(|| self.backend("logits not rank 2".into()))?;
-        let x = if train { x.require_grad() } else { x };
-        let smoothing = self.spec.recipe.label_smoothing;
-        let target = HostTensor::f32(vec![labels.len(), classes], layer::target(labels, classes, smoothing));
-        let target = target.to_burn(&device).ok_or_else(|| self.backend("one-hot".into()))?;
-        let l = layer::loss(x.clone(), target);
-        let value = l.clone().into_data().try_to_vec::<f32>().map_err(|e| self.backend(format!("{e:?}")))?;
-        let correct = layer::correct(logits.as_f32().unwrap_or(&[]), labels, classes);
-        let grad = if train {
-            let grads = l.backward();
-            let g = x.grad(&grads).ok_or_else(|| self.backend("no gradient for logits".into()))?;
-            Some(HostTensor::from_burn(g).map_err(|d| self.backend(d))?)
-        } else {
-            None
-        };
-        Ok((value.first().copied().unwrap_or(f32::NAN), correct, grad))
+        let x = logits.clone().into_matrix().ok_or_else(|| self.backend("logits not f32 rank 2".into()))?;
+        let target = layer::target(labels, classes, self.spec.recipe.label_smoothing);
+        let (value, grad) = layer::softmax_cross_entropy(&x, &target).map_err(|e| self.kernel(mb, e))?;
+        let correct = layer::correct(x.data(), labels, classes);
+        Ok((value, correct, train.then(|| HostTensor::from_matrix(grad))))
     }
 
     fn train_backward(&mut self, mb: u64, out: &mut Vec<Outbound>) -> Result<(), VNodeError> {
         let started = Instant::now();
         let cpu = cpu_now();
         let saved = self.saved.remove(&mb).ok_or_else(|| self.backend(format!("no saved forward for {mb}")))?;
+        let Saved { kept, params, loss_grads, head, output_sha256, forward_us, forward_cpu_us, .. } = saved;
         let (mut bytes_in, mut bytes_out) = (saved.bytes_in, saved.bytes_out);
-        let input_grads: Vec<Option<HostTensor>> = if let Some(y) = saved.output {
-            let gs = self.grads.remove(&mb).unwrap_or_default();
-            bytes_in += self.received.remove(&mb).unwrap_or(0);
-            let needs_backward = !saved.params.is_empty() || saved.inputs.iter().any(Option::is_some);
-            if !needs_backward {
-                Vec::new()
-            } else {
-                let grads = match saved.aux_loss {
-                    // A block output's only consumers are in other blocks: its gradient is
-                    // its head's alone.
-                    Some(loss) => loss.backward(),
-                    None => {
-                        let g = sum_in_order(gs).ok_or_else(|| self.backend("missing gradient".into()))?;
-                        let g = g
-                            .into_burn(&self.device.clone().autodiff())
-                            .ok_or_else(|| self.backend("gradient".into()))?;
-                        (y * g).sum().backward()
+        let kind = self.spec.node.kind;
+        let input_grads: Vec<Option<HostTensor>> = match kept {
+            None => loss_grads,
+            Some(kept) => {
+                let gs = self.grads.remove(&mb).unwrap_or_default();
+                bytes_in += self.received.remove(&mb).unwrap_or(0);
+                let want_dx = self.want_dx();
+                if params.is_empty() && !want_dx.contains(&true) {
+                    Vec::new()
+                } else {
+                    let (head_grads, g) = match head {
+                        // A block output's only consumers are in other blocks: its gradient is
+                        // its head's alone.
+                        Some(head) => head,
+                        None => {
+                            let g = sum_in_order(gs).and_then(HostTensor::into_matrix);
+                            (Vec::new(), g.ok_or_else(|| self.backend("missing gradient".into()))?)
+                        }
+                    };
+                    let own = layer::own_tensors(kind).min(params.len());
+                    let (mut grads, dxs) =
+                        layer::backward(kind, &params[..own], kept, g, &want_dx).map_err(|e| self.kernel(mb, e))?;
+                    grads.extend(head_grads);
+                    // Released first, so the update can write the parameters in place.
+                    drop(params);
+                    if !grads.is_empty() {
+                        self.apply_update(mb, grads)?;
                     }
-                };
-                let pgrads: Vec<Tensor<2>> = saved
-                    .params
-                    .iter()
-                    .map(|p| p.grad(&grads))
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| self.backend("parameter without gradient".into()))?;
-                if !pgrads.is_empty() {
-                    let current = self.current().to_vec();
-                    let updated = self.optimizer.update(&current, pgrads);
-                    self.versions.push_back((mb + 1, updated));
+                    dxs.into_iter().map(|dx| dx.map(HostTensor::from_matrix)).collect()
                 }
-                saved
-                    .inputs
-                    .iter()
-                    .map(|x| match x {
-                        Some(x) => x.grad(&grads).map(HostTensor::from_burn).transpose().map_err(|d| self.backend(d)),
-                        None => Ok(None),
-                    })
-                    .collect::<Result<_, _>>()?
             }
-        } else {
-            saved.loss_grads
         };
         for (port, (g, src)) in input_grads.into_iter().zip(&self.spec.node.inputs).enumerate() {
             if !self.spec.node.sends_gradient(port) {
@@ -1287,21 +1252,28 @@ impl VNode {
                 out.push(Outbound::Backward { to: *to, from: (self.id(), port as u32), mb, tensor });
             }
         }
-        let compute_us = saved.forward_us + started.elapsed().as_micros() as u64;
-        let cpu_us = saved.forward_cpu_us + cpu_us(cpu);
-        let done = Outbound::Done {
-            mb,
-            compute_us,
-            cpu_us,
-            bytes_in,
-            bytes_out,
-            output_sha256: saved.output_sha256,
-            round_sha256: None,
-        };
+        let compute_us = forward_us + started.elapsed().as_micros() as u64;
+        let cpu_us = forward_cpu_us + cpu_us(cpu);
+        let done = Outbound::Done { mb, compute_us, cpu_us, bytes_in, bytes_out, output_sha256, round_sha256: None };
         if self.rounds.as_ref().is_some_and(|r| r.averaging.plan.closes_round(mb)) {
             return self.open_round(mb, done, out);
         }
         out.push(done);
+        Ok(())
+    }
+
+    /// Update number `mb + 1`: the current parameters after one optimizer step. They are written
+    /// in place unless a forward still to run reads the current version (pipelined exact mode),
+    /// which then keeps it.
+    fn apply_update(&mut self, mb: u64, grads: Vec<Matrix>) -> Result<(), VNodeError> {
+        let keep_from = self.needed_version(self.next_f);
+        let (version, mut params) =
+            self.versions.pop_back().ok_or_else(|| self.backend("no parameter version".into()))?;
+        if version >= keep_from {
+            self.versions.push_back((version, params.clone()));
+        }
+        self.optimizer.update(&mut params, grads).map_err(|e| self.backend(e.to_string()))?;
+        self.versions.push_back((mb + 1, params));
         Ok(())
     }
 
@@ -1327,17 +1299,12 @@ impl VNode {
         let labels_port = self.spec.node.aux.map(|a| a.labels_port as usize);
         let inputs: Vec<HostTensor> =
             inputs.into_iter().enumerate().filter(|(port, _)| Some(*port) != labels_port).map(|(_, t)| t).collect();
-        self.check_rows(mb, &inputs)?;
-        let n_inputs = inputs.len();
-        let xs = self.inputs_on(inputs, &self.device, false);
-        if xs.len() != n_inputs || n_inputs != self.spec.node.kind.ports().len() {
-            return Err(self.backend("input could not be loaded".into()));
-        }
+        let xs = self.matrices(mb, inputs)?;
         let current = self.current();
         let own = layer::own_tensors(self.spec.node.kind).min(current.len());
-        let y = layer::forward(self.spec.node.kind, &current[..own], &xs, layer::Pass::Eval);
-        let y = HostTensor::from_burn(y).map_err(|d| self.backend(d))?;
-        self.emit_forward(mb, phase, y, out);
+        let y = layer::forward(self.spec.node.kind, &current[..own], xs, layer::Pass::Eval, &[])
+            .map_err(|e| self.kernel(mb, e))?;
+        self.emit_forward(mb, phase, HostTensor::from_matrix(y.output), out);
         Ok(())
     }
 
@@ -1348,8 +1315,8 @@ impl VNode {
             mb,
             detail: format!("inference needs logits of {classes} classes"),
         })?;
-        let x = logits.to_burn(&self.device).ok_or_else(|| self.backend("logits not rank 2".into()))?;
-        HostTensor::from_burn(layer::probabilities(x)).map_err(|d| self.backend(d))
+        let x = logits.clone().into_matrix().ok_or_else(|| self.backend("logits not f32 rank 2".into()))?;
+        Ok(HostTensor::from_matrix(layer::probabilities(&x)))
     }
 }
 

@@ -104,7 +104,7 @@ fn mesh(g: &ValidGraph, steps: u64, in_flight: u32, order_seed: u64) -> (Vec<Vec
     let mut nodes = vnodes(g, in_flight);
     let mut rng = ChaCha8Rng::seed_from_u64(order_seed);
     let losses = memory::train(g, &mut nodes, 0..steps, in_flight, labelled_batch, |n| rng.random_range(0..n)).unwrap();
-    (nodes.iter().map(|n| n.params().unwrap()).collect(), losses)
+    (nodes.iter().map(|n| n.params()).collect(), losses)
 }
 
 fn labelled_batch(step: u64, _pipeline: u32) -> (HostTensor, HostTensor) {
@@ -120,7 +120,7 @@ fn reference(g: &ValidGraph, steps: u64) -> (Vec<Vec<HostTensor>>, Vec<f32>) {
             r.train_step(&x, &y).unwrap().loss
         })
         .collect();
-    (r.params().unwrap(), losses)
+    (r.params(), losses)
 }
 
 #[test]
@@ -167,7 +167,7 @@ fn mesh_with_restart(g: &ValidGraph, first: u64, total: u64, in_flight: u32) -> 
     let mut restored: Vec<VNode> =
         states.iter().enumerate().map(|(id, s)| VNode::restore(spec(g, id, in_flight), s).unwrap()).collect();
     memory::train(g, &mut restored, first..total, in_flight, labelled_batch, last).unwrap();
-    restored.iter().map(|n| n.params().unwrap()).collect()
+    restored.iter().map(|n| n.params()).collect()
 }
 
 #[test]
@@ -510,7 +510,7 @@ fn convolutions_and_pooling_are_bit_identical_to_the_reference_and_restore_midwa
 fn assert_inference_equals_reference(g: &ValidGraph, steps: u64) {
     let mut nodes = vnodes(g, 1);
     memory::train(g, &mut nodes, 0..steps, 1, labelled_batch, |_| 0).unwrap();
-    let trained: Vec<_> = nodes.iter().map(|n| n.params().unwrap()).collect();
+    let trained: Vec<_> = nodes.iter().map(|n| n.params()).collect();
     let mut r = Reference::new(g, g.spec.optimizer, 9);
     for s in 0..steps {
         let (x, y) = batch(s);
@@ -525,7 +525,7 @@ fn assert_inference_equals_reference(g: &ValidGraph, steps: u64) {
         let rows = want.as_f32().unwrap().chunks(3).map(|row| row.iter().sum::<f32>()).collect::<Vec<_>>();
         assert!(rows.iter().all(|s| (s - 1.0).abs() < 1e-5), "rows are not distributions: {rows:?}");
     }
-    assert_eq!(nodes.iter().map(|n| n.params().unwrap()).collect::<Vec<_>>(), trained);
+    assert_eq!(nodes.iter().map(|n| n.params()).collect::<Vec<_>>(), trained);
 }
 
 #[test]

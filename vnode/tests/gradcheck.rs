@@ -236,12 +236,12 @@ fn linear_parameter_gradient_equals_the_sgd_step() {
     let gy = random(&mut rng, BATCH * outputs, -1.0, 1.0);
 
     let mut v = vnode(node);
-    let before = v.params().unwrap();
+    let before = v.params();
     assert_eq!(before.len(), 2);
     assert_eq!(before[0].shape, [inputs, outputs]);
     assert_eq!(before[1].shape, [1, outputs]);
     // Same seed, same parameters: a fresh VNode for the same node starts identical.
-    assert_eq!(vnode(node).params().unwrap(), before);
+    assert_eq!(vnode(node).params(), before);
     let (w, b) = (f32s(&before[0]), f32s(&before[1]));
 
     // The canonical layout is what the VNode computes with.
@@ -256,7 +256,7 @@ fn linear_parameter_gradient_equals_the_sgd_step() {
     let xt = HostTensor::f32(vec![BATCH, inputs], x.clone());
     train_step(&mut v, node, &xt, &HostTensor::f32(vec![BATCH, outputs], gy.clone()));
     assert_eq!(v.version(), 1);
-    let after = v.params().unwrap();
+    let after = v.params();
     // lr = 1, no momentum: gradient = before - after.
     let step =
         |b: &HostTensor, a: &HostTensor| -> Vec<f32> { f32s(b).iter().zip(f32s(a)).map(|(b, a)| b - a).collect() };

@@ -177,7 +177,7 @@ fn conv2d_matches_a_direct_convolution_and_its_gradients_match_finite_difference
         let x = random(&mut rng, BATCH * node.input_width(0), -1.0, 1.0);
         let gy = random(&mut rng, BATCH * node.output_width, -1.0, 1.0);
         let mut v = vnode(node);
-        let before = v.params().unwrap();
+        let before = v.params();
         let (filters, bias) = (f32s(&before[0]), f32s(&before[1]));
         let (y, dx) = train_step(&mut v, node, &x, &gy);
         assert_close(&format!("{} forward", node.name), &y, &conv_f64(node, &x, &filters, &bias));
@@ -188,7 +188,7 @@ fn conv2d_matches_a_direct_convolution_and_its_gradients_match_finite_difference
         }
         // SGD with lr 1: the change of each filter weight is its gradient, which is linear in the
         // weights' coefficient: d/dw sum(y·g) = sum(y(w + e_i)·g) - sum(y(w)·g) exactly.
-        let after = v.params().unwrap();
+        let after = v.params();
         let dw: Vec<f32> = filters.iter().zip(f32s(&after[0])).map(|(b, a)| b - a).collect();
         let base: f64 = conv_f64(node, &x, &filters, &bias).iter().zip(&gy).map(|(y, g)| y * *g as f64).sum();
         let want: Vec<f64> = (0..filters.len())

@@ -102,7 +102,7 @@ fn train(g: &ValidGraph, nodes: &mut [VNode], steps: std::ops::Range<u64>, in_fl
 fn mesh(g: &ValidGraph, steps: u64, in_flight: u32, order: u64) -> Vec<Vec<HostTensor>> {
     let mut nodes: Vec<VNode> = g.nodes.iter().map(|n| VNode::new(spec(g, n, in_flight))).collect();
     train(g, &mut nodes, 0..steps, in_flight, order);
-    nodes.iter().map(|n| n.params().unwrap()).collect()
+    nodes.iter().map(|n| n.params()).collect()
 }
 
 fn reference(g: &ValidGraph, steps: u64) -> Vec<Vec<HostTensor>> {
@@ -148,7 +148,7 @@ fn averaging_changes_the_result_and_one_pipeline_is_plain_training() {
         let (x, y) = batch(s, 0, 1);
         plain.train_step(&x, &y).unwrap();
     }
-    assert_eq!(reference(&one, 63), plain.params().unwrap());
+    assert_eq!(reference(&one, 63), plain.params());
 }
 
 #[test]
@@ -163,7 +163,7 @@ fn snapshot_and_restore_between_rounds_changes_nothing() {
         let mut restored: Vec<VNode> =
             g.nodes.iter().zip(&states).map(|(n, s)| VNode::restore(spec(&g, n, 1), s).unwrap()).collect();
         train(&g, &mut restored, 13..31, 1, 8);
-        let resumed: Vec<Vec<HostTensor>> = restored.iter().map(|n| n.params().unwrap()).collect();
+        let resumed: Vec<Vec<HostTensor>> = restored.iter().map(|n| n.params()).collect();
         assert_eq!(resumed, straight, "{outer}");
     }
 }
