@@ -1,16 +1,24 @@
 //! `bench`: training throughput of the single-process reference and of local meshes of 1, 2
 //! and 3 PNodes (synchronous and pipelined), measured side by side in one run, plus the
-//! round-trip latency of one 64 KiB VNode message over loopback gRPC.
+//! round-trip latency of one 64 KiB VNode message over loopback gRPC. Beside them, when python3
+//! and numpy are present, the same MLP trained by a plain numpy loop (`mlp_numpy_bench.py`, run
+//! as a child process in the same run), the yardstick of the VNode math; `--only-compute`
+//! measures just that comparison per optimizer and batch size.
 
 use crate::client::Overrides;
 use crate::demo::{LocalMesh, model_text};
 use crate::job::pnode_client;
 use crate::registry::ListPNodes;
 use anyhow::Context as _;
+use dcnr_model::OptimizerSpec;
 use dcnr_model::envelope::Envelope;
 use dcnr_proto::v1;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// Where the numpy reference script lies relative to the data root (the parent of the dataset
+/// directories), or to a `shared` directory beside the checkout.
+const NUMPY_SCRIPT: &str = "tools/mlp_numpy_bench.py";
 
 /// Flags of `bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -45,6 +53,85 @@ pub struct BenchArgs {
     /// Skip the throughput and latency measurements.
     #[arg(long)]
     pub only_checkpoints: bool,
+    /// Measure only the single-process compute against the numpy reference, for every
+    /// optimizer and batch size of `--optimizers` and `--batches`, one epoch per run.
+    #[arg(long)]
+    pub only_compute: bool,
+    /// Optimizers of the compute table: `adam` (lr 0.001) and `sgd` (lr 0.05, momentum 0.9),
+    /// the numpy script's recipes.
+    #[arg(long, value_delimiter = ',', default_value = "adam,sgd", value_parser = parse_optimizer)]
+    pub optimizers: Vec<ComputeOptimizer>,
+    /// Batch sizes of the compute table.
+    #[arg(long, value_delimiter = ',', default_value = "64,256")]
+    pub batches: Vec<usize>,
+    /// The numpy reference script (default: `tools/mlp_numpy_bench.py` beside the data
+    /// directory); without python3 and numpy the comparison is skipped with a note.
+    #[arg(long, env = "DCNR_NUMPY_BENCH")]
+    pub numpy_bench: Option<PathBuf>,
+}
+
+/// An optimizer of the compute table, with the numpy script's hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputeOptimizer {
+    /// Adam, lr 0.001.
+    Adam,
+    /// SGD with momentum 0.9, lr 0.05.
+    Sgd,
+}
+
+impl ComputeOptimizer {
+    /// Its name on the numpy script's command line.
+    fn name(self) -> &'static str {
+        match self {
+            ComputeOptimizer::Adam => "adam",
+            ComputeOptimizer::Sgd => "sgd",
+        }
+    }
+
+    /// The recipe train-local runs.
+    fn spec(self) -> OptimizerSpec {
+        match self {
+            ComputeOptimizer::Adam => OptimizerSpec::Adam { lr: 0.001, beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+            ComputeOptimizer::Sgd => OptimizerSpec::Sgd { lr: 0.05, momentum: 0.9 },
+        }
+    }
+}
+
+fn parse_optimizer(s: &str) -> Result<ComputeOptimizer, String> {
+    match s {
+        "adam" => Ok(ComputeOptimizer::Adam),
+        "sgd" => Ok(ComputeOptimizer::Sgd),
+        other => Err(format!("unknown optimizer `{other}` (adam, sgd)")),
+    }
+}
+
+/// One cell of the compute table: an optimizer and batch size, numpy against train-local.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ComputeRow {
+    /// Optimizer.
+    pub optimizer: ComputeOptimizer,
+    /// Samples per step.
+    pub batch: usize,
+    /// Every numpy run's samples/s (empty when numpy is unavailable).
+    pub numpy: Vec<f64>,
+    /// Every train-local run's samples/s.
+    pub local: Vec<f64>,
+    /// Median train-local / median numpy, when numpy ran.
+    pub ratio: Option<f64>,
+}
+
+/// The numpy reference measured beside the throughput rows, for the model's own recipe.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NumpyReference {
+    /// The optimizer and batch size it ran.
+    pub optimizer: ComputeOptimizer,
+    /// Samples per step.
+    pub batch: usize,
+    /// Every run's samples/s.
+    pub samples_per_s: Vec<f64>,
+    /// Median samples/s.
+    pub median: f64,
 }
 
 /// One measured configuration.
@@ -86,6 +173,84 @@ pub struct BenchReport {
     pub hop_rtt_p50_us: f64,
     /// 64 KiB round trip p99 in microseconds.
     pub hop_rtt_p99_us: f64,
+    /// The numpy loop on the model's recipe, when it could run.
+    pub numpy: Option<NumpyReference>,
+    /// Why numpy did not run, when it did not.
+    pub numpy_skipped: Option<String>,
+    /// The compute table (`--only-compute`).
+    pub compute: Vec<ComputeRow>,
+}
+
+impl BenchReport {
+    fn empty() -> BenchReport {
+        BenchReport {
+            checkpoints: None,
+            rows: Vec::new(),
+            hop_rtt_p50_us: 0.0,
+            hop_rtt_p99_us: 0.0,
+            numpy: None,
+            numpy_skipped: None,
+            compute: Vec::new(),
+        }
+    }
+}
+
+/// The numpy reference: the script and the dataset directory it reads.
+struct Numpy {
+    script: PathBuf,
+    data: PathBuf,
+}
+
+impl Numpy {
+    /// The script and the MNIST directory, or why the comparison cannot run.
+    fn find(explicit: Option<&Path>, data: Option<&Path>) -> Result<Numpy, String> {
+        let data = dcnr_model::dataset::locate("mnist", data).map_err(|e| format!("no MNIST directory: {e}"))?;
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let searched = match explicit {
+            Some(p) => vec![p.to_path_buf()],
+            None => vec![
+                data.join("..").join("..").join(NUMPY_SCRIPT),
+                cwd.join(NUMPY_SCRIPT),
+                cwd.join("..").join("shared").join(NUMPY_SCRIPT),
+                cwd.join("..").join("..").join("shared").join(NUMPY_SCRIPT),
+            ],
+        };
+        match searched.iter().find(|p| p.is_file()) {
+            Some(script) => Ok(Numpy { script: script.clone(), data }),
+            None => {
+                let list: Vec<String> = searched.iter().map(|p| p.display().to_string()).collect();
+                Err(format!("no numpy reference script (--numpy-bench); looked at {}", list.join(", ")))
+            }
+        }
+    }
+
+    /// Samples/s of one epoch of the numpy loop.
+    fn run(&self, optimizer: ComputeOptimizer, batch: usize) -> Result<f64, String> {
+        let out = std::process::Command::new("python3")
+            .arg(&self.script)
+            .args(["--optimizer", optimizer.name(), "--batch", &batch.to_string(), "--data"])
+            .arg(&self.data)
+            .output()
+            .map_err(|e| format!("python3 did not start: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let last = err.lines().last().unwrap_or("").chars().take(300).collect::<String>();
+            return Err(format!("the numpy reference failed ({}): {last}", out.status));
+        }
+        let line = text.lines().last().unwrap_or("");
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("the numpy reference printed no JSON line: {e}"))?;
+        v["samples_per_s"].as_f64().ok_or_else(|| "the numpy reference printed no samples_per_s".to_string())
+    }
+}
+
+/// The optimizer of the compute table matching a recipe's kind.
+fn compute_optimizer(spec: OptimizerSpec) -> ComputeOptimizer {
+    match spec {
+        OptimizerSpec::Adam { .. } | OptimizerSpec::Adamw { .. } => ComputeOptimizer::Adam,
+        OptimizerSpec::Sgd { .. } => ComputeOptimizer::Sgd,
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -112,7 +277,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         None => None,
     };
     if args.only_checkpoints {
-        return Ok(BenchReport { checkpoints, rows: Vec::new(), hop_rtt_p50_us: 0.0, hop_rtt_p99_us: 0.0 });
+        return Ok(BenchReport { checkpoints, ..BenchReport::empty() });
+    }
+    let numpy = Numpy::find(args.numpy_bench.as_deref(), args.data.as_deref());
+    if args.only_compute {
+        let (compute, numpy_skipped) = compute_table(&args, &base, &numpy)?;
+        return Ok(BenchReport { checkpoints, compute, numpy_skipped, ..BenchReport::empty() });
     }
     let with = |k: u32| {
         let mut e = base.clone();
@@ -122,11 +292,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     };
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     let mut local = Vec::new();
+    let recipe = with(1).resolve()?.graph;
+    let (optimizer, batch) = (compute_optimizer(recipe.spec.optimizer), recipe.spec.training.batch_size);
+    let (mut numpy_runs, mut numpy_skipped) = (Vec::new(), numpy.as_ref().err().cloned());
     for _ in 0..args.repeat {
+        // Interleaved, so a change in the machine's load falls on both alike.
+        if let (Ok(n), None) = (&numpy, &numpy_skipped) {
+            match n.run(optimizer, batch) {
+                Ok(v) => numpy_runs.push(v),
+                Err(e) => numpy_skipped = Some(e),
+            }
+        }
         let s = crate::local::run(with(1), args.data.clone(), false)?;
         local.push(s.samples_per_s);
     }
     eprintln!("train-local: {:.0} samples/s (median)", median(&local));
+    let numpy = (numpy_skipped.is_none() && !numpy_runs.is_empty()).then(|| NumpyReference {
+        optimizer,
+        batch,
+        median: median(&numpy_runs),
+        samples_per_s: numpy_runs,
+    });
     rows.push(("train-local (1 process)".into(), local));
     let (mut rtts, mut rtt_done) = (Vec::new(), false);
     for &p in &args.pnodes {
@@ -157,7 +343,57 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         .collect();
     rtts.sort_by(f64::total_cmp);
     let pct = |q: f64| rtts.get(((rtts.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
-    Ok(BenchReport { checkpoints, rows, hop_rtt_p50_us: pct(0.5), hop_rtt_p99_us: pct(0.99) })
+    Ok(BenchReport {
+        checkpoints,
+        rows,
+        hop_rtt_p50_us: pct(0.5),
+        hop_rtt_p99_us: pct(0.99),
+        numpy,
+        numpy_skipped,
+        compute: Vec::new(),
+    })
+}
+
+/// The compute table: per optimizer and batch size, `--repeat` runs of one epoch of numpy and
+/// of train-local, interleaved. Without numpy only train-local is measured, with the reason.
+fn compute_table(
+    args: &BenchArgs,
+    base: &Envelope,
+    numpy: &Result<Numpy, String>,
+) -> anyhow::Result<(Vec<ComputeRow>, Option<String>)> {
+    let mut skipped = numpy.as_ref().err().cloned();
+    let mut rows = Vec::new();
+    for &optimizer in &args.optimizers {
+        for &batch in &args.batches {
+            let mut e = base.clone();
+            Overrides { epochs: Some(1), in_flight: Some(1), ..Overrides::default() }.apply(&mut e);
+            e.op.batch_size = Some(batch);
+            e.op.optimizer = Some(optimizer.spec());
+            e.artifacts.persist = false;
+            let (mut np, mut local) = (Vec::new(), Vec::new());
+            for _ in 0..args.repeat.max(1) {
+                if let (Ok(n), None) = (numpy, &skipped) {
+                    match n.run(optimizer, batch) {
+                        Ok(v) => np.push(v),
+                        Err(err) => skipped = Some(err),
+                    }
+                }
+                local.push(crate::local::run(e.clone(), args.data.clone(), false)?.samples_per_s);
+            }
+            if skipped.is_some() {
+                np.clear();
+            }
+            let ratio = (!np.is_empty()).then(|| median(&local) / median(&np).max(1e-9));
+            eprintln!(
+                "{} batch {batch}: train-local {:.0} samples/s, numpy {}",
+                optimizer.name(),
+                median(&local),
+                if np.is_empty() { "-".to_string() } else { format!("{:.0}", median(&np)) }
+            );
+            rows.push(ComputeRow { optimizer, batch, numpy: np, local, ratio });
+        }
+    }
+    Ok((rows, skipped))
 }
 
 /// VNodes of the model after two synchronous training steps on synthetic data (so the optimizer
@@ -259,6 +495,29 @@ pub fn print(r: &BenchReport) {
             c.runs.len()
         );
     }
+    if let Some(why) = &r.numpy_skipped {
+        println!("numpy reference skipped: {why}");
+    }
+    if !r.compute.is_empty() {
+        println!(
+            "{:<18} {:>14} {:>14} {:>7}   runs (numpy | train-local)",
+            "optimizer, batch", "numpy", "train-local", "ratio"
+        );
+        let runs = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ");
+        for c in &r.compute {
+            let np = if c.numpy.is_empty() { "-".to_string() } else { format!("{:.0}", median(&c.numpy)) };
+            let ratio = c.ratio.map_or("-".to_string(), |x| format!("{x:.2}x"));
+            println!(
+                "{:<18} {:>14} {:>14.0} {:>7}   {} | {}",
+                format!("{}, {}", c.optimizer.name(), c.batch),
+                np,
+                median(&c.local),
+                ratio,
+                runs(&c.numpy),
+                runs(&c.local)
+            );
+        }
+    }
     if r.rows.is_empty() {
         return;
     }
@@ -266,6 +525,18 @@ pub fn print(r: &BenchReport) {
     for row in &r.rows {
         let runs: Vec<String> = row.samples_per_s.iter().map(|v| format!("{v:.0}")).collect();
         println!("{:<44} {:>12.0} {:>7.2}x   {}", row.config, row.median, row.ratio, runs.join(" "));
+    }
+    if let Some(n) = &r.numpy {
+        let runs: Vec<String> = n.samples_per_s.iter().map(|v| format!("{v:.0}")).collect();
+        let local = r.rows.first().map_or(0.0, |row| row.median);
+        println!(
+            "{:<44} {:>12.0} {:>7.2}x   {}   (train-local / numpy: {:.2}x)",
+            format!("numpy + BLAS ({}, batch {})", n.optimizer.name(), n.batch),
+            n.median,
+            n.median / local.max(1e-9),
+            runs.join(" "),
+            local / n.median.max(1e-9)
+        );
     }
     println!(
         "64 KiB message round trip over loopback gRPC: p50 {:.0} us, p99 {:.0} us",

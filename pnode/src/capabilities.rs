@@ -16,8 +16,8 @@ pub fn detect(cores: Option<u32>, memory_mib: Option<u64>) -> Capabilities {
     }
 }
 
-/// Results are only compared bit for bit between nodes of the same class: same backend and
-/// version, same architecture and the SIMD features its kernels may pick.
+/// Results are only compared bit for bit between nodes of the same class: same kernels and
+/// versions (`dcnr_vnode::KERNELS`), same architecture and the SIMD features its kernels may pick.
 pub fn determinism_class() -> String {
     let mut feats: Vec<&str> = Vec::new();
     #[cfg(target_arch = "x86_64")]
@@ -32,7 +32,7 @@ pub fn determinism_class() -> String {
             }
         }
     }
-    format!("flex-0.22/{}/{}", std::env::consts::ARCH, feats.join("+"))
+    format!("{}/{}/{}", dcnr_vnode::KERNELS, std::env::consts::ARCH, feats.join("+"))
 }
 
 fn physical_memory() -> u64 {

@@ -17,7 +17,7 @@ const ASYNC: &[&str] = &["tokio", "tokio-stream", "futures"];
 /// HTTP servers and clients, and what speaks HTTP for us.
 const HTTP: &[&str] = &["axum", "hyper", "hyper-util", "ureq", "rust-s3"];
 /// Tensor math.
-const MATH: &[&str] = &["burn"];
+const MATH: &[&str] = &["burn", "gemm", "pulp"];
 
 /// What one workspace crate may depend on.
 struct Rule {
