@@ -113,8 +113,11 @@ pub struct ScaleBenchReport {
 }
 
 /// Determinism classes of the simulated mesh, with their weights in percent.
-const CLASSES: [(&str, u64); 3] =
-    [("gemm-0.19+flex-0.22/x86_64/avx2+fma", 60), ("gemm-0.19+flex-0.22/x86_64/avx2+fma+avx512f", 25), ("gemm-0.19+flex-0.22/aarch64/", 15)];
+const CLASSES: [(&str, u64); 3] = [
+    ("gemm-0.19+flex-0.22/x86_64/avx2+fma", 60),
+    ("gemm-0.19+flex-0.22/x86_64/avx2+fma+avx512f", 25),
+    ("gemm-0.19+flex-0.22/aarch64/", 15),
+];
 const CORES: [u32; 8] = [2, 4, 6, 8, 12, 16, 24, 32];
 const MEMORY_GIB: [u64; 5] = [4, 8, 16, 32, 64];
 /// Layer widths of the jobs' MLPs: small, medium, large.

@@ -297,7 +297,15 @@ pub struct AdamStep {
 impl AdamStep {
     /// The constants of update number `t` (from 1).
     pub fn new(lr: f32, beta1: f32, beta2: f32, eps: f32, t: i32) -> AdamStep {
-        AdamStep { lr, beta1, beta2, eps, correction1: 1.0 - beta1.powi(t), correction2: 1.0 - beta2.powi(t), decay: 1.0 }
+        AdamStep {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            correction1: 1.0 - beta1.powi(t),
+            correction2: 1.0 - beta2.powi(t),
+            decay: 1.0,
+        }
     }
 }
 
@@ -433,8 +441,15 @@ mod tests {
                 let mut p = filled(1, 300_000, 6).into_data();
                 let (mut m, mut v) = (vec![0.1; p.len()], vec![0.2; p.len()]);
                 let g = filled(1, 300_000, 7).into_data();
-                let s =
-                    AdamStep { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, correction1: 0.1, correction2: 0.001, decay: 1.0 };
+                let s = AdamStep {
+                    lr: 0.01,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    correction1: 0.1,
+                    correction2: 0.001,
+                    decay: 1.0,
+                };
                 adam(&mut p, &mut m, &mut v, &g, s);
                 (out, dw, p, m, v)
             })

@@ -1,8 +1,8 @@
 //! The math of each node kind, shared by the VNodes and the single-process reference so both
 //! run exactly the same kernels in the same order.
 
-use crate::seed::{Purpose, stream, stream_path, uniform};
 use crate::kernels::{self, Matrix, ShapeError};
+use crate::seed::{Purpose, stream, stream_path, uniform};
 use crate::spatial;
 use dcnr_model::NodeKind;
 use dcnr_model::graph::{AuxHead, ValidNode};
@@ -294,7 +294,8 @@ pub fn forward(
             done(y, Keep::Split(a))
         }
         NodeKind::Conv2d { .. } | NodeKind::MaxPool2d { .. } | NodeKind::AvgPool2d { .. } => {
-            let (y, tape) = spatial::forward(kind, params, x, train && want_dx.first().copied().unwrap_or(false), train)?;
+            let (y, tape) =
+                spatial::forward(kind, params, x, train && want_dx.first().copied().unwrap_or(false), train)?;
             done(y, tape.map_or(Keep::Nothing, |t| Keep::Spatial(Box::new(t))))
         }
         // The values are the same row-major numbers; only the graph's view of them changes.
@@ -343,8 +344,11 @@ pub fn backward(
                 let (dscale, dshift) = (products_by_column(&g, &xhat), kernels::column_sums(&g));
                 let mut dx = g;
                 let n = width as f32;
-                for ((row, xh), inv) in
-                    dx.data_mut().chunks_exact_mut(width.max(1)).zip(xhat.data().chunks_exact(width.max(1))).zip(inv_std)
+                for ((row, xh), inv) in dx
+                    .data_mut()
+                    .chunks_exact_mut(width.max(1))
+                    .zip(xhat.data().chunks_exact(width.max(1)))
+                    .zip(inv_std)
                 {
                     let (mut sum, mut dot) = (0.0f32, 0.0f32);
                     for ((d, s), h) in row.iter_mut().zip(scale.data()).zip(xh) {

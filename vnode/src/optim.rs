@@ -46,7 +46,13 @@ impl Optimizer {
     }
 
     /// State restored from a checkpoint.
-    pub fn restored(spec: OptimizerSpec, recipe: Recipe, step: u64, first: Vec<Moment>, second: Vec<Moment>) -> Optimizer {
+    pub fn restored(
+        spec: OptimizerSpec,
+        recipe: Recipe,
+        step: u64,
+        first: Vec<Moment>,
+        second: Vec<Moment>,
+    ) -> Optimizer {
         Optimizer { spec, recipe, step, first, second }
     }
 
@@ -76,9 +82,7 @@ impl Optimizer {
             let p = Arc::make_mut(p).data_mut();
             let len = p.len();
             match self.spec {
-                OptimizerSpec::Sgd { lr, momentum } if momentum == 0.0 => {
-                    kernels::sgd(p, &mut [], g.data(), lr * factor, 0.0)
-                }
+                OptimizerSpec::Sgd { lr, momentum: 0.0 } => kernels::sgd(p, &mut [], g.data(), lr * factor, 0.0),
                 OptimizerSpec::Sgd { lr, momentum } => {
                     let v = self.first[i].get_or_insert_with(|| vec![0.0; len]);
                     kernels::sgd(p, v, g.data(), lr * factor, momentum);
@@ -91,7 +95,10 @@ impl Optimizer {
                 }
                 OptimizerSpec::Adamw { lr, beta1, beta2, eps, weight_decay } => {
                     // Decoupled decay: shrink the parameters themselves, not the gradient.
-                    let step = AdamStep { decay: 1.0 - lr * factor * weight_decay, ..AdamStep::new(lr * factor, beta1, beta2, eps, t) };
+                    let step = AdamStep {
+                        decay: 1.0 - lr * factor * weight_decay,
+                        ..AdamStep::new(lr * factor, beta1, beta2, eps, t)
+                    };
                     let m = self.first[i].get_or_insert_with(|| vec![0.0; len]);
                     let v = self.second[i].get_or_insert_with(|| vec![0.0; len]);
                     kernels::adam(p, m, v, g.data(), step);

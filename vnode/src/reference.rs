@@ -150,7 +150,8 @@ impl Reference {
                 layer::forward(node.kind, &params[..own], inputs, pass, &want_dx).map_err(|e| e.to_string())?;
             let head = match &node.aux {
                 Some(head) => {
-                    let p = layer::head_pass(head, &params[own..], &forward.output, labels).map_err(|e| e.to_string())?;
+                    let p =
+                        layer::head_pass(head, &params[own..], &forward.output, labels).map_err(|e| e.to_string())?;
                     Some((p.grads, p.dy))
                 }
                 None => None,

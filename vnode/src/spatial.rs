@@ -59,7 +59,7 @@ pub fn forward(
     }
     let device = device().autodiff();
     let x = to_burn(x, &device);
-    let x = want_dx.then(|| x.clone().require_grad()).unwrap_or(x);
+    let x = if want_dx { x.require_grad() } else { x };
     let ps: Vec<Tensor<2>> = params.iter().map(|p| to_burn(Matrix::clone(p), &device).require_grad()).collect();
     let y = apply(kind, &ps, x.clone())?;
     let host = to_host(y.clone().inner())?;
@@ -76,7 +76,8 @@ pub fn backward(tape: Tape, g: Matrix) -> Result<(Vec<Matrix>, Option<Matrix>), 
     let g = to_burn(g, &device().autodiff());
     let grads = (y * g).sum().backward();
     let missing = || KernelError::Missing("gradient");
-    let pgrads = params.iter().map(|p| p.grad(&grads).ok_or_else(missing).and_then(to_host)).collect::<Result<_, _>>()?;
+    let pgrads =
+        params.iter().map(|p| p.grad(&grads).ok_or_else(missing).and_then(to_host)).collect::<Result<_, _>>()?;
     let dx = x.map(|x| x.grad(&grads).ok_or_else(missing).and_then(to_host)).transpose()?;
     Ok((pgrads, dx))
 }

@@ -537,7 +537,9 @@ impl VNode {
                         [entry.index] = Some(Arc::new(m));
                 }
                 TensorRole::First => first[entry.index] = Some(values),
-                TensorRole::Second | TensorRole::Anchor | TensorRole::OuterMomentum => second[entry.index] = Some(values),
+                TensorRole::Second | TensorRole::Anchor | TensorRole::OuterMomentum => {
+                    second[entry.index] = Some(values)
+                }
             }
         }
         let mut restored = VecDeque::new();
@@ -588,9 +590,8 @@ impl VNode {
         for (i, (p, values)) in current.iter().zip(params).enumerate() {
             let (rows, cols) = (p.rows(), p.cols());
             let len = values.len();
-            let m = Matrix::new(rows, cols, values).ok_or_else(|| {
-                mismatch(format!("parameter {i} has {len} values; the graph says [{rows}, {cols}]"))
-            })?;
+            let m = Matrix::new(rows, cols, values)
+                .ok_or_else(|| mismatch(format!("parameter {i} has {len} values; the graph says [{rows}, {cols}]")))?;
             loaded.push(Arc::new(m));
         }
         fresh.versions = VecDeque::from([(0, loaded)]);
@@ -1069,7 +1070,11 @@ impl VNode {
         self.check_rows(mb, &inputs)?;
         let ports = self.spec.node.kind.ports().len();
         if inputs.len() != ports {
-            return Err(VNodeError::Shape { vnode: self.id(), mb, detail: format!("{} inputs for {ports} ports", inputs.len()) });
+            return Err(VNodeError::Shape {
+                vnode: self.id(),
+                mb,
+                detail: format!("{} inputs for {ports} ports", inputs.len()),
+            });
         }
         inputs
             .into_iter()
@@ -1119,14 +1124,15 @@ impl VNode {
             pipeline: self.spec.node.pipeline,
             step: mb,
         };
-        let forward = layer::forward(kind, &params[..own], xs, pass, &self.want_dx()).map_err(|e| self.kernel(mb, e))?;
+        let forward =
+            layer::forward(kind, &params[..own], xs, pass, &self.want_dx()).map_err(|e| self.kernel(mb, e))?;
         let head = match (self.spec.node.aux, labels) {
             (Some(head), Some(labels)) => {
                 let HostData::I32(labels) = &labels.data else {
                     return Err(VNodeError::Shape { vnode: self.id(), mb, detail: "labels must be i32".into() });
                 };
-                let pass = layer::head_pass(&head, &params[own..], &forward.output, labels)
-                    .map_err(|e| self.kernel(mb, e))?;
+                let pass =
+                    layer::head_pass(&head, &params[own..], &forward.output, labels).map_err(|e| self.kernel(mb, e))?;
                 Some((pass.grads, pass.dy))
             }
             _ => None,
