@@ -62,12 +62,19 @@ pub fn model_text(path: Option<&PathBuf>) -> anyhow::Result<String> {
 struct Children(Vec<(String, Child)>);
 
 impl Children {
+    /// Asks every PNode to leave (SIGTERM: it drains and deregisters), so the orchestrator sees
+    /// departures rather than losses; whoever has not left within 5 s is killed.
     async fn stop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.start_kill();
+        for (_, c) in &self.0 {
+            if let Some(pid) = c.id() {
+                let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            }
         }
         for (_, c) in &mut self.0 {
-            let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+            if tokio::time::timeout(Duration::from_secs(5), c.wait()).await.is_err() {
+                let _ = c.start_kill();
+                let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+            }
         }
         self.0.clear();
     }
@@ -234,7 +241,15 @@ impl LocalMesh {
         };
         let metrics_flag = metrics.map(|a| vec!["--metrics".to_string(), a.to_string()]).unwrap_or_default();
         let child = Command::new(&self.pnode_exe)
-            .args(["--orchestrator", &self.srv.url(), "--listen", "127.0.0.1:0", "--orphan-timeout-s", "5"])
+            .args([
+                "--orchestrator",
+                &self.srv.url(),
+                "--listen",
+                "127.0.0.1:0",
+                "--orphan-timeout-s",
+                "5",
+                "--ephemeral",
+            ])
             .arg("--name")
             .arg(name)
             .args(link)

@@ -356,6 +356,11 @@ impl PNodeTable {
         }
     }
 
+    /// Whether `id` announced that it is leaving.
+    pub fn is_draining(&self, id: &str) -> bool {
+        self.records.get(id).is_some_and(|r| r.draining)
+    }
+
     /// Marks `id` as leaving; answers its endpoint, or `None` if it is unknown.
     pub fn drain(&mut self, id: &str) -> Option<String> {
         let r = self.records.get_mut(id)?;
@@ -673,8 +678,14 @@ impl Handler<MarkLost> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: MarkLost, _: &mut Context<Self>) {
+        let leaving = self.table.is_draining(&msg.0);
         if self.table.mark_lost(&msg.0) {
-            tracing::warn!(pnode = %msg.0, "pnode is unreachable; declared lost");
+            // A PNode that announced its departure and then went away has left, as it said.
+            if leaving {
+                tracing::info!(pnode = %msg.0, "pnode left");
+            } else {
+                tracing::warn!(pnode = %msg.0, "pnode is unreachable; declared lost");
+            }
         }
     }
 }

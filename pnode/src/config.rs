@@ -52,6 +52,10 @@ pub struct PnodeArgs {
     /// identity, and no reputation, at every start, and fetches datasets again.
     #[arg(long, env = "DCNR_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Run without --data-dir on purpose (a throwaway PNode, such as those of a local mesh): a
+    /// new identity at every start, and no warning about it.
+    #[arg(long, conflicts_with = "data_dir")]
+    pub ephemeral: bool,
     /// Largest dataset pack this PNode fetches and keeps, in MiB; an allocation whose job reads
     /// a larger one is refused. Packs are cached in `<data-dir>/datasets` (in memory only
     /// without --data-dir).

@@ -64,7 +64,9 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let key = match &args.data_dir {
         Some(dir) => identity::NodeKey::load_or_create(dir)?,
         None => {
-            tracing::warn!("no --data-dir: this pnode gets a new identity, with no reputation, at every start");
+            if !args.ephemeral {
+                tracing::warn!("no --data-dir: this pnode gets a new identity, with no reputation, at every start");
+            }
             identity::NodeKey::ephemeral()?
         }
     };
