@@ -162,6 +162,9 @@ enum Command {
     },
     /// List jobs and their state.
     Jobs {
+        /// Show only this job, with its summary once it ended. Any orchestrator sharing the
+        /// owner's store answers for an ended job, and names the owner of a running one.
+        job: Option<String>,
         /// Orchestrator URL.
         #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "https://127.0.0.1:7070")]
         orchestrator: String,
@@ -178,7 +181,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Train a job in this process with whole-graph autodiff (the reference).
+    /// Train a job in this process, node by node on the VNodes' kernels (the reference).
     TrainLocal {
         /// Job envelope or model-graph file.
         file: PathBuf,
@@ -700,30 +703,25 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => fail(3, e),
             }
         }),
-        Command::Jobs { orchestrator, json } => runtime(async move {
+        Command::Jobs { job, orchestrator, json } => runtime(async move {
             let mut c = match security.connect(&orchestrator).await {
                 Ok(c) => c,
                 Err(e) => return client_fail(e),
             };
-            let jobs = match client::jobs(&mut c).await {
+            let jobs = match &job {
+                Some(id) => client::job(&mut c, id).await.map(|j| vec![j]),
+                None => client::jobs(&mut c).await,
+            };
+            let jobs = match jobs {
                 Ok(j) => j,
                 Err(e) => return client_fail(e),
             };
             if json {
-                let rows: Vec<_> = jobs
-                    .iter()
-                    .map(|j| {
-                        serde_json::json!({
-                            "job_id": j.job_id, "state": state_name(j.state), "model": j.model,
-                            "steps_done": j.steps_done, "steps_total": j.steps_total,
-                            "pipelines": j.pipelines.max(1), "rounds": j.rounds,
-                            "members": j.members.iter().map(|m| m.pnodes.clone()).collect::<Vec<_>>(),
-                            "generation": j.generation,
-                            "error": j.error,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(rows));
+                let rows: Vec<_> = jobs.iter().map(job_json).collect();
+                match (job, rows.as_slice()) {
+                    (Some(_), [one]) => println!("{one}"),
+                    _ => println!("{}", serde_json::Value::Array(rows)),
+                }
             } else {
                 println!(
                     "{:<22} {:<10} {:<14} {:>15} {:>8} {:>9} {:>6}",
@@ -792,6 +790,20 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }),
     }
+}
+
+/// One job as `jobs --json` prints it; its summary (once it ended) under `summary`.
+fn job_json(j: &dcnr_proto::v1::JobStatus) -> serde_json::Value {
+    let summary: serde_json::Value = serde_json::from_str(&j.summary_json).unwrap_or(serde_json::Value::Null);
+    serde_json::json!({
+        "job_id": j.job_id, "state": state_name(j.state), "model": j.model,
+        "steps_done": j.steps_done, "steps_total": j.steps_total,
+        "pipelines": j.pipelines.max(1), "rounds": j.rounds,
+        "members": j.members.iter().map(|m| m.pnodes.clone()).collect::<Vec<_>>(),
+        "generation": j.generation,
+        "error": j.error,
+        "summary": summary,
+    })
 }
 
 fn state_name(s: i32) -> &'static str {

@@ -348,6 +348,12 @@ pub async fn jobs(client: &mut Client) -> Result<Vec<v1::JobStatus>, ClientError
     Ok(client.list_jobs(v1::ListJobsRequest {}).await.map_err(from_status)?.into_inner().jobs)
 }
 
+/// One job's status, from this orchestrator or the store it shares with its peers.
+pub async fn job(client: &mut Client, id: &str) -> Result<v1::JobStatus, ClientError> {
+    let req = v1::GetJobRequest { job_id: id.to_string() };
+    Ok(client.get_job(req).await.map_err(from_status)?.into_inner())
+}
+
 /// All PNodes.
 pub async fn pnodes(client: &mut Client) -> Result<Vec<v1::PNodeInfo>, ClientError> {
     Ok(client.list_p_nodes(v1::ListPNodesRequest {}).await.map_err(from_status)?.into_inner().pnodes)

@@ -83,6 +83,22 @@ pub struct Leases {
     term: Duration,
 }
 
+/// The newest lease of `job` in `store`, whoever holds it (expired or not); `None` if it never
+/// had one.
+pub async fn holder(store: &dyn ObjectStore, job: &str) -> Result<Option<LeaseRecord>, StoreError> {
+    let names = store.list_refs(&format!("leases/{job}")).await?;
+    let Some(seq) = newest(&names) else { return Ok(None) };
+    let Some(hash) = store.get_ref(&ref_name(job, seq)).await? else { return Ok(None) };
+    let bytes = store.get(&hash).await?;
+    // An unreadable record cannot be renewed by anyone: it is treated as expired.
+    Ok(Some(serde_json::from_slice(&bytes).unwrap_or(LeaseRecord {
+        job: job.to_string(),
+        seq,
+        owner: String::new(),
+        expires_unix_ms: 0,
+    })))
+}
+
 impl Leases {
     /// Leases held as `owner` in `store`, each valid for `term` after its last renewal.
     pub fn new(store: std::sync::Arc<dyn ObjectStore>, owner: String, term: Duration) -> Leases {
@@ -100,17 +116,7 @@ impl Leases {
     }
 
     async fn newest_record(&self, job: &str) -> Result<Option<LeaseRecord>, StoreError> {
-        let names = self.store.list_refs(&format!("leases/{job}")).await?;
-        let Some(seq) = newest(&names) else { return Ok(None) };
-        let Some(hash) = self.store.get_ref(&ref_name(job, seq)).await? else { return Ok(None) };
-        let bytes = self.store.get(&hash).await?;
-        // An unreadable record cannot be renewed by anyone: it is treated as expired.
-        Ok(Some(serde_json::from_slice(&bytes).unwrap_or(LeaseRecord {
-            job: job.to_string(),
-            seq,
-            owner: String::new(),
-            expires_unix_ms: 0,
-        })))
+        holder(self.store.as_ref(), job).await
     }
 
     async fn write(&self, job: &str, seq: u64, now_ms: u64) -> Result<String, StoreError> {

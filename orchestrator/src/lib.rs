@@ -30,6 +30,7 @@ pub mod dashbench;
 pub mod dashboard;
 pub mod data;
 pub mod demo;
+pub mod elsewhere;
 pub mod events;
 pub mod export;
 pub mod job;

@@ -226,6 +226,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         heartbeat: cfg.heartbeat,
         telemetry: telemetry.clone(),
         data,
+        store: store.clone(),
         admission: std::sync::Arc::new(crate::admission::Admission {
             token: cfg.trusted_token.clone(),
             ..Default::default()

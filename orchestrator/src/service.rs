@@ -140,6 +140,8 @@ pub struct OrchestratorService {
     pub telemetry: crate::telemetry::Telemetry,
     /// The dataset packs published for jobs, which PNodes fetch.
     pub data: crate::data::DataCache,
+    /// The artifact store shared with peer orchestrators, which answers for their jobs.
+    pub store: Option<std::sync::Arc<dyn crate::artifacts::ObjectStore>>,
 }
 
 fn gone<E: std::fmt::Display>(e: E) -> Status {
@@ -573,8 +575,21 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::JobStatus>, Status> {
         self.access.as_reader(&req, "GetJob")?;
         let id = req.into_inner().job_id;
-        let s = self.jobs.send(Get(id.clone())).await.map_err(gone)?;
-        s.map(|s| Response::new(status_to_wire(&s))).ok_or_else(|| Status::not_found(format!("no job {id}")))
+        if let Some(s) = self.jobs.send(Get(id.clone())).await.map_err(gone)? {
+            return Ok(Response::new(status_to_wire(&s)));
+        }
+        let Some(store) = &self.store else { return Err(Status::not_found(format!("no job {id}"))) };
+        let found = crate::elsewhere::find(store.as_ref(), &id)
+            .await
+            .map_err(|e| Status::unavailable(format!("the shared artifact store: {e}")))?;
+        match found {
+            Some(crate::elsewhere::Elsewhere::Ended(s)) => Ok(Response::new(status_to_wire(&s))),
+            // Its status lives with its owner; the client is told where to ask.
+            Some(crate::elsewhere::Elsewhere::Running { owner }) => Err(Status::failed_precondition(format!(
+                "job {id} is running on orchestrator instance {owner:?}, which shares this store; ask it for live status"
+            ))),
+            None => Err(Status::not_found(format!("no job {id}"))),
+        }
     }
 
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {

@@ -40,8 +40,13 @@ fn survives_the_death_of_its_orchestrator(serve_args: &[&str], envs: &[(&str, &s
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
     mesh.wait_for_step(200, T).unwrap();
-    // The peer knows the job is held: it does not run it meanwhile.
+    // The peer knows the job is held: it does not run it meanwhile, and asked about it, it
+    // names the owner.
     assert_eq!(job_state(&peer_url, &job), None, "the peer runs a job the first orchestrator owns");
+    let asked = run(&["jobs", &job, "--orchestrator", &peer_url], T).unwrap();
+    let said = String::from_utf8_lossy(&asked.stderr);
+    assert_eq!(asked.status.code(), Some(2), "{said}");
+    assert!(said.contains("is running on orchestrator instance"), "{said}");
 
     mesh.kill_orchestrator();
     let killed = Instant::now();
@@ -62,6 +67,14 @@ fn survives_the_death_of_its_orchestrator(serve_args: &[&str], envs: &[(&str, &s
     .unwrap();
     assert_eq!(result["summary"]["status"], "succeeded", "{result}");
     assert_eq!(result["summary"]["params_sha256"], reference["params_sha256"], "taken over, the job drifted");
+
+    // An orchestrator that never held the job answers for it from the shared store.
+    let (_third, third_url) = mesh.start_peer_orchestrator().unwrap();
+    let out = run(&["jobs", &job, "--json", "--orchestrator", &third_url], T).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = last_json(&out.stdout).unwrap();
+    assert_eq!(status["state"], "succeeded", "{status}");
+    assert_eq!(status["summary"]["params_sha256"], reference["params_sha256"], "{status}");
 }
 
 #[test]
