@@ -106,7 +106,11 @@ impl HostTensor {
 
     /// A matrix as a rank-2 float tensor, moving its values.
     pub fn from_matrix(m: Matrix) -> HostTensor {
-        let shape = vec![m.rows(), m.cols()];
-        HostTensor::f32(shape, m.into_data())
+        HostTensor::f32(m.shape(), m.into_data())
+    }
+
+    /// A copy of a matrix as a rank-2 float tensor.
+    pub fn copy_of(m: &Matrix) -> HostTensor {
+        HostTensor::f32(m.shape(), m.data().to_vec())
     }
 }

@@ -87,6 +87,11 @@ impl Matrix {
         self.cols
     }
 
+    /// The shape as a host tensor names it: `[rows, cols]`.
+    pub fn shape(&self) -> Vec<usize> {
+        vec![self.rows, self.cols]
+    }
+
     /// The values, row by row.
     pub fn data(&self) -> &[f32] {
         &self.data

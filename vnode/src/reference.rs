@@ -243,10 +243,7 @@ impl Reference {
 
     /// Parameters of every node, by VNode id, in canonical order.
     pub fn params(&self) -> Vec<Vec<HostTensor>> {
-        self.params
-            .iter()
-            .map(|ps| ps.iter().map(|p| HostTensor::f32(vec![p.rows(), p.cols()], p.data().to_vec())).collect())
-            .collect()
+        self.params.iter().map(|ps| ps.iter().map(|p| HostTensor::copy_of(p)).collect()).collect()
     }
 }
 

@@ -453,11 +453,15 @@ impl VNode {
         }
         let mut tensors = Vec::new();
         let mut data = Vec::new();
-        let shapes: Vec<Vec<usize>> = self.current().iter().map(|p| vec![p.rows(), p.cols()]).collect();
+        let shapes: Vec<Vec<usize>> = self.current().iter().map(|p| p.shape()).collect();
         for (version, ps) in &self.versions {
             for (i, p) in ps.iter().enumerate() {
-                let shape = vec![p.rows(), p.cols()];
-                tensors.push(TensorEntry { role: TensorRole::Param, index: i, version: Some(*version), shape });
+                tensors.push(TensorEntry {
+                    role: TensorRole::Param,
+                    index: i,
+                    version: Some(*version),
+                    shape: p.shape(),
+                });
                 data.push(p.data().to_vec());
             }
         }
@@ -505,7 +509,7 @@ impl VNode {
             )));
         }
         let mut fresh = VNode::new(spec);
-        let shapes: Vec<Vec<usize>> = fresh.current().iter().map(|p| vec![p.rows(), p.cols()]).collect();
+        let shapes: Vec<Vec<usize>> = fresh.current().iter().map(|p| p.shape()).collect();
         let n = shapes.len();
         let mut versions: std::collections::BTreeMap<u64, Vec<Option<Arc<Matrix>>>> = Default::default();
         let (mut first, mut second) = (vec![None; n], vec![None; n]);
@@ -610,7 +614,7 @@ impl VNode {
 
     /// Current parameters in canonical order, on the host.
     pub fn params(&self) -> Vec<HostTensor> {
-        self.current().iter().map(|p| HostTensor::f32(vec![p.rows(), p.cols()], p.data().to_vec())).collect()
+        self.current().iter().map(|p| HostTensor::copy_of(p)).collect()
     }
 
     fn current(&self) -> &[Arc<Matrix>] {
