@@ -126,18 +126,22 @@ impl Senders {
     /// Accepts a VNode message from the orchestrator only if it is inference input: a `Forward`
     /// of phase `Infer` into a features port of a VNode of a job allocated here for serving.
     pub fn check_served_input(&self, job: &str, to: u32, msg: &Inbound) -> Result<(), SenderError> {
-        let refused = || SenderError::NotServedInput { job: job.into(), to };
         let graphs = self.graphs.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((_, graph, true)) = graphs.get(job) else { return Err(refused()) };
-        match msg {
-            Inbound::Forward { phase: dcnr_vnode::Phase::Infer, port, .. }
-                if graph.nodes.get(to as usize).and_then(|n| n.inputs.get(*port as usize))
-                    == Some(&Source::Features) =>
-            {
-                Ok(())
-            }
-            _ => Err(refused()),
+        match graphs.get(job) {
+            Some((_, graph, true)) if is_served_input(graph, to, msg) => Ok(()),
+            _ => Err(SenderError::NotServedInput { job: job.into(), to }),
         }
+    }
+}
+
+/// Whether `msg` to VNode `to` is inference input: a `Forward` of phase `Infer` into one of its
+/// features ports.
+fn is_served_input(graph: &ValidGraph, to: u32, msg: &Inbound) -> bool {
+    match msg {
+        Inbound::Forward { phase: dcnr_vnode::Phase::Infer, port, .. } => {
+            graph.nodes.get(to as usize).and_then(|n| n.inputs.get(*port as usize)) == Some(&Source::Features)
+        }
+        _ => false,
     }
 }
 
@@ -164,5 +168,24 @@ mod tests {
         assert_eq!(sending_vnode(&g, 1, &back), Some(2));
         let back = Inbound::Backward { mb: 0, from: (42, 0), tensor: t };
         assert_eq!(sending_vnode(&g, 1, &back), None);
+    }
+
+    #[test]
+    fn the_orchestrator_may_send_only_inference_input_into_features_ports() {
+        use dcnr_vnode::Phase;
+        let g = graph();
+        let t = dcnr_vnode::HostTensor::f32(vec![1, 1], vec![0.0]);
+        let fwd = |phase, port| Inbound::Forward { mb: 0, phase, port, tensor: t.clone() };
+        assert!(is_served_input(&g, 0, &fwd(Phase::Infer, 0)), "fc1 reads the features");
+        assert!(!is_served_input(&g, 0, &fwd(Phase::Train, 0)), "training input");
+        assert!(!is_served_input(&g, 0, &fwd(Phase::Eval, 0)), "evaluation input");
+        assert!(!is_served_input(&g, 1, &fwd(Phase::Infer, 0)), "act's input comes from fc1, not the orchestrator");
+        assert!(!is_served_input(&g, 3, &fwd(Phase::Infer, 1)), "the loss's labels port");
+        assert!(!is_served_input(&g, 0, &fwd(Phase::Infer, 7)), "no such port");
+        assert!(!is_served_input(&g, 99, &fwd(Phase::Infer, 0)), "no such vnode");
+        let back = Inbound::Backward { mb: 0, from: (1, 0), tensor: t.clone() };
+        assert!(!is_served_input(&g, 0, &back), "a gradient");
+        let sync = Inbound::Sync { mb: 0, from: 0, index: 0, tensor: t };
+        assert!(!is_served_input(&g, 0, &sync), "an averaging change");
     }
 }
