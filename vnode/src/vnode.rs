@@ -1069,17 +1069,10 @@ impl VNode {
         (0..self.spec.node.kind.ports().len()).map(|port| self.spec.node.sends_gradient(port)).collect()
     }
 
-    /// The kind's own inputs as matrices, with the rows they all share.
+    /// The kind's own inputs as matrices, once they agree on their rows (`layer::forward`
+    /// checks their count against the kind's ports).
     fn matrices(&self, mb: u64, inputs: Vec<HostTensor>) -> Result<Vec<Matrix>, VNodeError> {
         self.check_rows(mb, &inputs)?;
-        let ports = self.spec.node.kind.ports().len();
-        if inputs.len() != ports {
-            return Err(VNodeError::Shape {
-                vnode: self.id(),
-                mb,
-                detail: format!("{} inputs for {ports} ports", inputs.len()),
-            });
-        }
         inputs
             .into_iter()
             .map(|t| t.into_matrix().ok_or_else(|| self.backend("an input is not f32 [rows, width]".into())))
