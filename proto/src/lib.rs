@@ -12,6 +12,7 @@ pub mod v1 {
 
 pub mod identity;
 pub mod limits;
+pub mod relay;
 pub mod seal;
 pub mod shaping;
 pub mod tensor;

@@ -95,6 +95,17 @@ pub fn endpoint_as(
         },
         _ => return Err(EndpointError::Url(url.to_string())),
     };
+    let tls = match (relayed_target_of(url), tls) {
+        // Through a relay the certificate must name the PNode asked for, whatever the caller
+        // expected: the relay chose where the bytes went.
+        (Some(target), Some(_)) => match expect {
+            Expect::PNode(id) if *id != target => {
+                return Err(EndpointError::Scheme(format!("`{url}` reaches pnode {target}, not {expect}")));
+            }
+            _ => crate::tls::client_tls_for(security, &Expect::PNode(target))?,
+        },
+        (_, tls) => tls,
+    };
     let e = Endpoint::from_shared(url.to_string())
         .map_err(|_| EndpointError::Url(url.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -108,6 +119,12 @@ pub fn endpoint_as(
         None => e,
     };
     Ok(ClientEndpoint(e, LinkConnector { tls: tls.map(Arc::new) }))
+}
+
+/// The PNode a relayed endpoint URL reaches ([`crate::relay::relayed_url`]).
+fn relayed_target_of(url: &str) -> Option<String> {
+    let uri: Uri = url.parse().ok()?;
+    crate::relay::relayed_target(uri.path()).map(str::to_string)
 }
 
 /// An endpoint with the default unary deadline.
@@ -159,7 +176,10 @@ impl tonic::codegen::Service<Uri> for LinkConnector {
         let tls = self.tls.clone();
         Box::pin(async move {
             let (host, port) = host_port(&uri)?;
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let tcp = match crate::relay::relayed_target(uri.path()) {
+                Some(target) => crate::relay::dial(&host, port, target).await?,
+                None => tokio::net::TcpStream::connect((host.as_str(), port)).await?,
+            };
             tcp.set_nodelay(true)?;
             let stream = shaping::client_stream(tcp);
             Ok(TokioIo::new(match tls {
@@ -289,13 +309,36 @@ pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> impl tokio_stream::Stream<Item = Result<ServerStream, std::io::Error>> + Send + 'static {
+    incoming_with(listener, None, tls)
+}
+
+/// [`incoming`], also taking connections handed over by `relayed` (those a PNode behind NAT
+/// opened to its relay, [`crate::relay`]); they get the same TLS handshake.
+pub fn incoming_with(
+    listener: TcpListener,
+    mut relayed: Option<tokio::sync::mpsc::Receiver<TcpStream>>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> impl tokio_stream::Stream<Item = Result<ServerStream, std::io::Error>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<ServerStream>(64);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         loop {
             let Ok(permit) = permits.clone().acquire_owned().await else { return };
-            let (tcp, remote) = match listener.accept().await {
+            let next = async {
+                match relayed.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                Some(tcp) = next => {
+                    let remote = tcp.peer_addr();
+                    remote.map(|r| (tcp, r))
+                }
+            };
+            let (tcp, remote) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
