@@ -111,6 +111,13 @@ enum Command {
         /// job over after that.
         #[arg(long, env = "DCNR_LEASE_TERM_S", default_value_t = 5.0)]
         lease_term_s: f64,
+        /// Offer a relay on this address to PNodes that cannot accept connections (behind NAT):
+        /// their VNode traffic comes through it over connections they open (port 0 picks one).
+        #[arg(long, env = "DCNR_RELAY_LISTEN")]
+        relay_listen: Option<SocketAddr>,
+        /// `host:port` PNodes dial to reach the relay (default: the --relay-listen address).
+        #[arg(long, env = "DCNR_RELAY_ADVERTISE", requires = "relay_listen")]
+        relay_advertise: Option<String>,
     },
     /// Submit a job (an envelope, JSON or TOML, or a bare model graph) to a running orchestrator.
     Submit {
@@ -564,6 +571,8 @@ pub fn main(cli: Cli) -> ExitCode {
             dashboard_host,
             instance,
             lease_term_s,
+            relay_listen,
+            relay_advertise,
         } => runtime(async move {
             if !(0.3..=3600.0).contains(&lease_term_s) {
                 return fail(2, "--lease-term-s must be between 0.3 and 3600");
@@ -609,6 +618,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 dashboard_hosts: dashboard_host,
                 instance,
                 lease_term: Duration::from_secs_f64(lease_term_s),
+                relay: relay_listen.map(|listen| server::RelaySettings { listen, advertise: relay_advertise }),
             };
             let srv = match server::start(cfg).await {
                 Ok(s) => s,

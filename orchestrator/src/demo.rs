@@ -174,6 +174,7 @@ impl LocalMesh {
             dashboard_hosts: Vec::new(),
             instance: None,
             lease_term: Duration::from_secs(5),
+            relay: None,
             listen: "127.0.0.1:0".parse()?,
             data,
             heartbeat: Duration::from_millis(200),

@@ -41,6 +41,32 @@ pub struct Offer {
     pub cores: u32,
     /// Memory in bytes (0 = unknown, treated as unlimited).
     pub memory: u64,
+    /// Reached through a relay: every message takes an extra hop, so it ranks as a fifth of
+    /// its cores ([`RELAYED_WEIGHT`]).
+    pub relayed: bool,
+}
+
+/// What a relayed PNode's cores count for against a direct one's, in fifths (Petals scores
+/// relayed servers at 0.2x).
+pub const RELAYED_WEIGHT: u64 = 1;
+/// What a direct PNode's cores count for, in fifths.
+const DIRECT_WEIGHT: u64 = 5;
+
+impl Offer {
+    /// What `view` offers a placement: its cores and memory, and whether it is relayed.
+    pub fn of(view: &PNodeView) -> Offer {
+        Offer {
+            pnode: view.id.clone(),
+            cores: view.caps.cores,
+            memory: view.caps.memory_bytes,
+            relayed: view.reach.relayed_via.is_some(),
+        }
+    }
+
+    /// Its strength for ranking: cores, in fifths, a relayed PNode's counted at a fifth.
+    fn strength(&self) -> u64 {
+        u64::from(self.cores) * if self.relayed { RELAYED_WEIGHT } else { DIRECT_WEIGHT }
+    }
 }
 
 /// Why no placement exists.
@@ -76,6 +102,7 @@ pub struct Eligibility {
 /// job's `Share` of the mesh is counted over these.
 pub fn suitable(view: &PNodeView, req: &Eligibility) -> bool {
     view.health == Health::Healthy
+        && view.reach.reachable()
         && (req.target != Target::Gpu || !view.caps.gpu.is_empty())
         && req.class.as_ref().is_none_or(|c| *c == view.caps.determinism_class)
         && view.standing != Standing::Quarantined
@@ -125,19 +152,19 @@ pub fn demands(graph: &ValidGraph, root_seed: u64, in_flight: u32) -> Vec<Demand
         .collect()
 }
 
-/// Stronger first: more cores, then more memory, then by id so the order is total.
+/// Stronger first: more (weighted) cores, then more memory, then by id so the order is total.
 fn stronger(a: &Offer, b: &Offer) -> Ordering {
-    b.cores.cmp(&a.cores).then(b.memory.cmp(&a.memory)).then(a.pnode.cmp(&b.pnode))
+    b.strength().cmp(&a.strength()).then(b.memory.cmp(&a.memory)).then(a.pnode.cmp(&b.pnode))
 }
 
 /// The `k` strongest of `offers` (k >= 1), strongest first, in O(n) for k much smaller than n:
-/// selection on cores and memory alone, ids compared only among offers tied at the cut. (A
+/// selection on strength and memory alone, ids compared only among offers tied at the cut. (A
 /// mesh has few distinct core and memory sizes, so ids decide most comparisons of a plain sort;
 /// comparing them for every offer of every job cost more than the rest of placement.)
 fn strongest<'a>(offers: &[&'a Offer], k: usize) -> Vec<&'a Offer> {
     let mut ranked: Vec<&Offer> = offers.to_vec();
     if k < ranked.len() {
-        let size = |o: &Offer| (std::cmp::Reverse(o.cores), std::cmp::Reverse(o.memory));
+        let size = |o: &Offer| (std::cmp::Reverse(o.strength()), std::cmp::Reverse(o.memory));
         let cut = size(ranked.select_nth_unstable_by_key(k - 1, |o| size(o)).1);
         let (mut chosen, mut tied): (Vec<&Offer>, Vec<&Offer>) =
             ranked.iter().copied().filter(|o| size(o) <= cut).partition(|o| size(o) < cut);
@@ -290,7 +317,7 @@ mod tests {
         Demand { vnode, unit: vnode, group: 0, work, memory: 10 }
     }
     fn o(p: &str, cores: u32) -> Offer {
-        Offer { pnode: p.into(), cores, memory: 0 }
+        Offer { pnode: p.into(), cores, memory: 0, relayed: false }
     }
 
     #[test]
@@ -327,7 +354,7 @@ mod tests {
     #[test]
     fn memory_is_a_hard_limit_and_empty_inputs_fail() {
         let ds = [Demand { vnode: 0, unit: 0, group: 0, work: 1, memory: 100 }];
-        let off = [Offer { pnode: "a".into(), cores: 1, memory: 50 }];
+        let off = [Offer { pnode: "a".into(), cores: 1, memory: 50, relayed: false }];
         assert!(matches!(place(&ds, &off, 8), Err(PlacementError::Memory { .. })));
         assert_eq!(place::<Offer>(&ds, &[], 8), Err(PlacementError::NoPNodes));
         assert_eq!(place(&[], &off, 8), Err(PlacementError::NoVNodes));
@@ -340,9 +367,9 @@ mod tests {
             Demand { vnode: 1, unit: 1, group: 0, work: 1, memory: 100 },
         ];
         let off = [
-            Offer { pnode: "big-cpu".into(), cores: 32, memory: 50 },
-            Offer { pnode: "mid".into(), cores: 8, memory: 200 },
-            Offer { pnode: "small".into(), cores: 2, memory: 100 },
+            Offer { pnode: "big-cpu".into(), cores: 32, memory: 50, relayed: false },
+            Offer { pnode: "mid".into(), cores: 8, memory: 200, relayed: false },
+            Offer { pnode: "small".into(), cores: 2, memory: 100, relayed: false },
         ];
         let p = place(&ds, &off, 2).unwrap();
         assert_eq!(p, vec![(0, "mid".to_string()), (1, "small".to_string())]);
@@ -364,8 +391,10 @@ mod tests {
         assert_eq!(on, ["a", "a", "b", "b", "b", "b"]);
         // A unit too big for any PNode is split rather than refused.
         let big = |vnode: u32| Demand { vnode, unit: 0, group: 0, work: 1, memory: 60 };
-        let off =
-            [Offer { pnode: "a".into(), cores: 1, memory: 100 }, Offer { pnode: "b".into(), cores: 1, memory: 100 }];
+        let off = [
+            Offer { pnode: "a".into(), cores: 1, memory: 100, relayed: false },
+            Offer { pnode: "b".into(), cores: 1, memory: 100, relayed: false },
+        ];
         let p = place(&[big(0), big(1)], &off, 8).unwrap();
         assert_ne!(p[0].1, p[1].1);
     }
@@ -406,7 +435,7 @@ mod tests {
             let offers: Vec<Offer> = offers
                 .iter()
                 .enumerate()
-                .map(|(i, &(cores, gib))| Offer { pnode: format!("p{i}"), cores, memory: gib << 30 })
+                .map(|(i, &(cores, gib))| Offer { pnode: format!("p{i}"), cores, memory: gib << 30, relayed: false })
                 .collect();
             prop_assert_eq!(place(&ds, &offers, max).unwrap(), place_sorting_all(&ds, &offers, max));
         }

@@ -55,6 +55,25 @@ impl Health {
     }
 }
 
+/// How a PNode is reached, and what it offers others for reaching PNodes behind NAT.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Reach {
+    /// `host:port` of the relay it is reached through (it cannot accept connections); `None`
+    /// when reached directly.
+    pub relayed_via: Option<String>,
+    /// `host:port` of the relay it offers to PNodes behind NAT, if any.
+    pub relay_offer: Option<String>,
+    /// For a relayed PNode: its heartbeats say it listens at the relay (until then it gets no work).
+    pub relay_listening: bool,
+}
+
+impl Reach {
+    /// Whether others can reach it now: directly, or through a relay it listens at.
+    pub fn reachable(&self) -> bool {
+        self.relayed_via.is_none() || self.relay_listening
+    }
+}
+
 /// A PNode as the rest of the orchestrator sees it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PNodeView {
@@ -80,6 +99,8 @@ pub struct PNodeView {
     pub reputation: f64,
     /// Why it is quarantined, if it is.
     pub quarantine_reason: Option<String>,
+    /// Direct or relayed, and the relay it offers.
+    pub reach: Reach,
 }
 
 /// Heartbeat timing.
@@ -119,6 +140,8 @@ pub struct Registration {
     pub endpoint: String,
     /// What it offers.
     pub caps: Caps,
+    /// Direct or relayed (`relay_listening` is false until a heartbeat says so).
+    pub reach: Reach,
 }
 
 /// Why a registration was refused.
@@ -219,6 +242,7 @@ pub(crate) fn test_view(i: usize, health: Health) -> PNodeView {
         standing: crate::trust::Standing::New,
         reputation: 1.0,
         quarantine_reason: None,
+        reach: Reach::default(),
     }
 }
 
@@ -229,6 +253,22 @@ fn sync_trust(view: &mut PNodeView, trust: &TrustBook) {
         view.reputation = rep.score();
         view.quarantine_reason = rep.quarantined.clone();
     }
+}
+
+/// The relay a PNode behind NAT (`pnode`) is to listen at: `own` (this orchestrator's), else the
+/// relay offered by a healthy, directly reached PNode with the fewest relayed PNodes on it
+/// already (then by id); `None` when nobody offers one.
+pub fn choose_relay(own: Option<&str>, pnodes: &[PNodeView], pnode: &str) -> Option<String> {
+    if let Some(own) = own {
+        return Some(own.to_string());
+    }
+    let load = |relay: &str| pnodes.iter().filter(|p| p.reach.relayed_via.as_deref() == Some(relay)).count();
+    pnodes
+        .iter()
+        .filter(|p| p.id != pnode && p.health == Health::Healthy && p.reach.relayed_via.is_none())
+        .filter_map(|p| p.reach.relay_offer.as_deref().map(|r| (load(r), &p.id, r)))
+        .min()
+        .map(|(_, _, r)| r.to_string())
 }
 
 /// The registry's decisions as plain data: PNodes, their health judged from heartbeat times,
@@ -289,7 +329,12 @@ impl PNodeTable {
             .trust
             .admit(&reg.id, reg.trusted)
             .map_err(|reason| Refused::Quarantined { id: reg.id.clone(), reason })?;
-        let offer = Offer { pnode: reg.id.clone(), cores: reg.caps.cores, memory: reg.caps.memory_bytes };
+        let offer = Offer {
+            pnode: reg.id.clone(),
+            cores: reg.caps.cores,
+            memory: reg.caps.memory_bytes,
+            relayed: reg.reach.relayed_via.is_some(),
+        };
         let mut view = PNodeView {
             id: reg.id,
             name: reg.name,
@@ -302,6 +347,7 @@ impl PNodeTable {
             standing,
             reputation: 1.0,
             quarantine_reason: None,
+            reach: reg.reach,
         };
         sync_trust(&mut view, &self.trust);
         let host = self.host_key(&view.endpoint);
@@ -331,8 +377,9 @@ impl PNodeTable {
         (dead.len(), forgotten)
     }
 
-    /// A heartbeat from `id` at `now`, reporting the VNodes it hosts.
-    pub fn heartbeat(&mut self, id: &str, hosted_vnodes: u32, now: Duration) -> Beat {
+    /// A heartbeat from `id` at `now`, reporting the VNodes it hosts and, for a relayed PNode,
+    /// whether it listens at its relay.
+    pub fn heartbeat(&mut self, id: &str, hosted_vnodes: u32, relay_listening: bool, now: Duration) -> Beat {
         let Some(r) = self.records.get_mut(id) else { return Beat::Unknown };
         if r.health(&self.policy, now) == Health::Lost {
             // Once lost, its VNodes were relocated: it must join again with a clean slate, so a
@@ -342,6 +389,10 @@ impl PNodeTable {
         }
         r.last_seen = now;
         r.view.hosted_vnodes = hosted_vnodes;
+        if r.view.reach.relayed_via.is_some() && r.view.reach.relay_listening != relay_listening {
+            tracing::info!(pnode = %id, relay = ?r.view.reach.relayed_via, relay_listening, "relayed pnode's relay connection changed");
+            r.view.reach.relay_listening = relay_listening;
+        }
         Beat::Alive
     }
 
@@ -638,13 +689,15 @@ pub struct Heartbeat {
     pub id: String,
     /// VNodes it hosts.
     pub hosted_vnodes: u32,
+    /// A relayed PNode listens at its relay.
+    pub relay_listening: bool,
 }
 
 impl Handler<Heartbeat> for Registry {
     type Result = bool;
 
     fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> bool {
-        match self.table.heartbeat(&msg.id, msg.hosted_vnodes, self.clock.now()) {
+        match self.table.heartbeat(&msg.id, msg.hosted_vnodes, msg.relay_listening, self.clock.now()) {
             Beat::Alive => true,
             Beat::Unknown => false,
             Beat::Forgotten => {
@@ -777,6 +830,7 @@ mod tests {
                 gpu: String::new(),
                 determinism_class: "c1".into(),
             },
+            reach: Reach::default(),
         }
     }
 
@@ -792,13 +846,13 @@ mod tests {
         assert_eq!(health(&t, "a", 200), Some(Health::Suspect), "two intervals of silence");
         assert_eq!(health(&t, "a", 500), Some(Health::Lost), "the timeout");
         // A heartbeat before the timeout ends the silence.
-        assert_eq!(t.heartbeat("a", 3, 450 * MS), Beat::Alive);
+        assert_eq!(t.heartbeat("a", 3, false, 450 * MS), Beat::Alive);
         assert_eq!(health(&t, "a", 500), Some(Health::Healthy));
         assert_eq!(t.lookup("a", 500 * MS).map(|v| (v.health, v.hosted_vnodes)), Some((Health::Healthy, 3)));
         // A time before the last heartbeat is no silence, not a panic.
         assert_eq!(health(&t, "a", 10), Some(Health::Healthy));
         assert_eq!(health(&t, "nobody", 0), None);
-        assert_eq!(t.heartbeat("nobody", 0, Duration::ZERO), Beat::Unknown);
+        assert_eq!(t.heartbeat("nobody", 0, false, Duration::ZERO), Beat::Unknown);
     }
 
     #[test]
@@ -808,7 +862,7 @@ mod tests {
             t.register(reg(id, 1), Duration::ZERO).unwrap();
         }
         t.record_outcome("cheat", &Outcome::Invalid("wrong sum".into()));
-        assert_eq!(t.heartbeat("alive", 0, 400 * MS), Beat::Alive);
+        assert_eq!(t.heartbeat("alive", 0, false, 400 * MS), Beat::Alive);
         assert_eq!(t.evict_dead(700 * MS, 750 * MS), (0, 0), "nobody silent that long yet");
         assert_eq!(t.evict_dead(700 * MS, 450 * MS), (2, 1));
         assert!(t.lookup("alive", 700 * MS).is_some(), "a PNode heard from recently stays");
@@ -824,10 +878,10 @@ mod tests {
         t.register(reg("probed", 1), Duration::ZERO).unwrap();
         assert!(t.mark_lost("probed") && !t.mark_lost("probed"), "declared once");
         assert_eq!(health(&t, "probed", 1), Some(Health::Lost), "at once, whatever its heartbeats say");
-        assert_eq!(t.heartbeat("probed", 0, 2 * MS), Beat::Forgotten);
-        assert_eq!(t.heartbeat("silent", 0, 600 * MS), Beat::Forgotten, "lost by silence");
+        assert_eq!(t.heartbeat("probed", 0, false, 2 * MS), Beat::Forgotten);
+        assert_eq!(t.heartbeat("silent", 0, false, 600 * MS), Beat::Forgotten, "lost by silence");
         assert!(t.is_empty());
-        assert_eq!(t.heartbeat("silent", 0, 601 * MS), Beat::Unknown);
+        assert_eq!(t.heartbeat("silent", 0, false, 601 * MS), Beat::Unknown);
         t.register(reg("silent", 1), 700 * MS).unwrap();
         assert_eq!(health(&t, "silent", 701), Some(Health::Healthy));
     }

@@ -188,6 +188,7 @@ fn registration(i: usize, host: usize, p: &Plan) -> Registration {
             gpu: if p.gpu { "NVIDIA GeForce RTX 3060".into() } else { String::new() },
             determinism_class: p.class.into(),
         },
+        reach: Default::default(),
     }
 }
 
@@ -294,7 +295,7 @@ pub fn run(args: &ScaleBenchArgs) -> anyhow::Result<ScaleBenchReport> {
             if plans[i].silent {
                 continue;
             }
-            if table.heartbeat(id, 0, start + offset(i)) != Beat::Alive {
+            if table.heartbeat(id, 0, false, start + offset(i)) != Beat::Alive {
                 unknown += 1;
             }
             beats += 1;

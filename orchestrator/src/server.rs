@@ -54,6 +54,34 @@ pub struct ServerConfig {
     /// How long a job's lease lasts unrenewed: another orchestrator sharing the store takes the
     /// job over after this much silence.
     pub lease_term: Duration,
+    /// The relay this orchestrator offers PNodes behind NAT (None: none).
+    pub relay: Option<RelaySettings>,
+}
+
+/// Where a relay listens and how others reach it.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// Address to accept relay connections on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// `host:port` others dial (default: the address listened on).
+    pub advertise: Option<String>,
+}
+
+impl RelaySettings {
+    /// Binds and starts the relay on the current runtime; answers the address to advertise.
+    pub async fn start(&self) -> anyhow::Result<String> {
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("cannot listen for relay connections on {}", self.listen))?;
+        let local = listener.local_addr()?;
+        let advertised = self.advertise.clone().unwrap_or_else(|| local.to_string());
+        if !dcnr_proto::relay::is_relay_address(&advertised) {
+            anyhow::bail!("the relay address {advertised:?} is not host:port");
+        }
+        tokio::spawn(dcnr_mesh::relay::serve(listener, dcnr_mesh::relay::RelayLimits::default()));
+        tracing::info!(%local, %advertised, "relaying for pnodes behind NAT");
+        Ok(advertised)
+    }
 }
 
 /// How the orchestrator secures its links (docs/SECURITY.md).
@@ -219,6 +247,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         }
         None => None,
     };
+    let relay = match &cfg.relay {
+        Some(r) => Some(r.start().await?),
+        None => None,
+    };
     let svc = OrchestratorService {
         access: std::sync::Arc::new(access),
         registry: registry.clone(),
@@ -227,6 +259,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         telemetry: telemetry.clone(),
         data,
         store: store.clone(),
+        relay,
         admission: std::sync::Arc::new(crate::admission::Admission {
             token: cfg.trusted_token.clone(),
             ..Default::default()

@@ -142,7 +142,12 @@ pub struct OrchestratorService {
     pub data: crate::data::DataCache,
     /// The artifact store shared with peer orchestrators, which answers for their jobs.
     pub store: Option<std::sync::Arc<dyn crate::artifacts::ObjectStore>>,
+    /// `host:port` of the relay this orchestrator offers PNodes behind NAT, if it runs one.
+    pub relay: Option<String>,
 }
+
+/// How long the registration probe waits for a PNode's endpoint to accept a connection.
+const REACH_PROBE: Duration = Duration::from_secs(2);
 
 fn gone<E: std::fmt::Display>(e: E) -> Status {
     Status::unavailable(format!("orchestrator actor unavailable: {e}"))
@@ -212,6 +217,8 @@ fn pnode_to_wire(p: &PNodeView) -> v1::PNodeInfo {
         reputation: p.reputation,
         quarantine_reason: p.quarantine_reason.clone().unwrap_or_default(),
         public_key: p.public_key.clone(),
+        relayed_via: p.reach.relayed_via.clone().unwrap_or_default(),
+        relay_offer: p.reach.relay_offer.clone().unwrap_or_default(),
     }
 }
 
@@ -348,6 +355,19 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         if !url_ok || r.endpoint.len() > 512 || r.name.len() > 256 {
             return Err(Status::invalid_argument(format!("bad endpoint {:?} or name", bounded_text(r.endpoint))));
         }
+        if dcnr_proto::relay::has_path(&r.endpoint) {
+            // Relayed endpoints are assigned here; a claimed one could point at another PNode.
+            return Err(Status::invalid_argument(format!(
+                "endpoint {:?} has a path: advertise scheme://host:port",
+                bounded_text(r.endpoint)
+            )));
+        }
+        if !r.relay_offer.is_empty() && !dcnr_proto::relay::is_relay_address(&r.relay_offer) {
+            return Err(Status::invalid_argument(format!(
+                "relay offer {:?} is not host:port",
+                bounded_text(r.relay_offer)
+            )));
+        }
         if let Some(c) = &r.capabilities
             && [&c.arch, &c.os, &c.gpu, &c.determinism_class].iter().any(|s| s.len() > MAX_CAPABILITY_TEXT)
         {
@@ -373,6 +393,35 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             }
         };
         let id = dcnr_proto::identity::pnode_id(&key);
+        // Behind NAT, declared or found by a connection that does not get through: reached
+        // through a relay, over connections the PNode opens itself.
+        let direct = !r.behind_nat && dcnr_mesh::relay::accepts_connections(&r.endpoint, REACH_PROBE).await;
+        let relayed_via = if direct {
+            None
+        } else {
+            let pnodes = self.registry.send(ListPNodes).await.map_err(gone)?;
+            let relay = crate::registry::choose_relay(self.relay.as_deref(), &pnodes, &id).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "this pnode cannot be reached at {} and no relay is offered: run the orchestrator or a reachable \
+                     pnode with --relay-listen",
+                    bounded_text(r.endpoint.clone())
+                ))
+            })?;
+            tracing::info!(pnode = %id, declared = r.behind_nat, %relay, "pnode cannot accept connections; reached through a relay");
+            Some(relay)
+        };
+        let endpoint = match &relayed_via {
+            Some(relay) => {
+                let scheme = r.endpoint.split_once("://").map_or("https", |(s, _)| s);
+                dcnr_proto::relay::relayed_url(scheme, relay, &id)
+            }
+            None => r.endpoint,
+        };
+        let reach = crate::registry::Reach {
+            relayed_via: relayed_via.clone(),
+            relay_offer: (!r.relay_offer.is_empty() && direct).then_some(r.relay_offer),
+            relay_listening: false,
+        };
         let c = r.capabilities.unwrap_or_default();
         let caps = Caps {
             cores: c.cores.max(1),
@@ -387,8 +436,9 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             public_key: hex::encode(key),
             trusted,
             name: r.name,
-            endpoint: r.endpoint,
+            endpoint: endpoint.clone(),
             caps,
+            reach,
         });
         let id =
             self.registry.send(register).await.map_err(gone)?.map_err(|e| Status::permission_denied(e.to_string()))?;
@@ -400,6 +450,8 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             trusted,
             certificate_chain,
             certificate_expires_unix_ms,
+            relay: relayed_via.unwrap_or_default(),
+            endpoint,
         }))
     }
 
@@ -427,8 +479,11 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         self.access.as_pnode(&req, &req.get_ref().pnode_id, "Heartbeat")?;
         let r = req.into_inner();
         let id = r.pnode_id.clone();
-        let known =
-            self.registry.send(Heartbeat { id: r.pnode_id, hosted_vnodes: r.hosted_vnodes }).await.map_err(gone)?;
+        let known = self
+            .registry
+            .send(Heartbeat { id: r.pnode_id, hosted_vnodes: r.hosted_vnodes, relay_listening: r.relay_listening })
+            .await
+            .map_err(gone)?;
         let (mut certificate_chain, mut certificate_expires_unix_ms) = (Vec::new(), 0);
         if known && r.renew_certificate {
             let view = self.registry.send(Lookup(id.clone())).await.map_err(gone)?;

@@ -519,6 +519,7 @@ fn registration(id: &str, endpoint: &str) -> Registration {
         name: id.to_string(),
         endpoint: endpoint.to_string(),
         caps: sim_caps(),
+        reach: Default::default(),
     }
 }
 
@@ -823,7 +824,7 @@ impl<'a> World<'a> {
             return;
         }
         // While the orchestrator is down, heartbeats fail and the PNode keeps what it hosts.
-        if self.up && p.responsive(now) && self.registry.heartbeat(id, 0, now) != Beat::Alive {
+        if self.up && p.responsive(now) && self.registry.heartbeat(id, 0, false, now) != Beat::Alive {
             // Declared lost meanwhile: it registers anew with a clean slate.
             let (endpoint, leaving) = (p.endpoint.clone(), p.leaving);
             if let Some(p) = self.pnodes.get_mut(id) {

@@ -643,6 +643,7 @@ mod tests {
             standing: crate::trust::Standing::New,
             reputation: 0.0,
             quarantine_reason: None,
+            reach: Default::default(),
             id: id.into(),
             name: "<b>n</b>".into(),
             endpoint: "http://127.0.0.1:1".into(),

@@ -18,9 +18,21 @@ pub struct PnodeArgs {
     /// Address to serve VNode traffic on (port 0 picks a free port).
     #[arg(long, env = "DCNR_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
-    /// Address others use to reach this PNode, if not the listen address (e.g. behind NAT).
+    /// Address others use to reach this PNode, if not the listen address (e.g. a port
+    /// forwarded on a home router).
     #[arg(long, env = "DCNR_ADVERTISE")]
     pub advertise: Option<String>,
+    /// This PNode cannot accept connections (behind NAT or a firewall): be reached through a
+    /// relay over connections it opens itself. Without it the orchestrator finds out by trying
+    /// to connect to the advertised address.
+    #[arg(long, env = "DCNR_BEHIND_NAT")]
+    pub behind_nat: bool,
+    /// Offer a relay on this address to PNodes behind NAT (this PNode must be reachable).
+    #[arg(long, env = "DCNR_RELAY_LISTEN", conflicts_with = "behind_nat")]
+    pub relay_listen: Option<SocketAddr>,
+    /// `host:port` others dial to reach this PNode's relay (default: the --relay-listen address).
+    #[arg(long, env = "DCNR_RELAY_ADVERTISE", requires = "relay_listen")]
+    pub relay_advertise: Option<String>,
     /// Human-readable name shown by the orchestrator.
     #[arg(long, env = "DCNR_NAME", default_value = "pnode")]
     pub name: String,

@@ -53,8 +53,21 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         let at = metrics::start_pnode_exporter(addr).await?;
         tracing::info!(%at, "serving metrics at http://{at}/metrics");
     }
-    let given = args.clone();
-    let args = discover::choose(&args).await?;
+    let mut given = args.clone();
+    if let Some(listen) = args.relay_listen {
+        let relay = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen for relay connections on {listen}"))?;
+        let local = relay.local_addr()?;
+        let advertised = args.relay_advertise.clone().unwrap_or_else(|| local.to_string());
+        if !dcnr_proto::relay::is_relay_address(&advertised) {
+            anyhow::bail!("--relay-advertise {advertised:?} is not host:port");
+        }
+        tokio::spawn(dcnr_mesh::relay::serve(relay, dcnr_mesh::relay::RelayLimits::default()));
+        tracing::info!(%local, %advertised, "relaying for pnodes behind NAT");
+        given.relay_advertise = Some(advertised);
+    }
+    let args = discover::choose(&given).await?;
     let tls = pinning::setup(&args).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let endpoint = args.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
@@ -76,6 +89,8 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         certificate: tls.as_ref().map(|t| t.identity.clone()),
     };
     let identity = membership::register(&orchestrator, &args, &endpoint, &creds).await?;
+    let (relayed_tx, relayed_rx) = tokio::sync::mpsc::channel(64);
+    let relay = membership::RelayLink::new(relayed_tx, creds.key.clone());
     // Registration was anonymous; from now on every call presents the certificate it earned.
     let orchestrator = match tls {
         Some(_) => membership::OrchestratorLink::connect(&args.orchestrator, args.connect_timeout()).await?,
@@ -107,8 +122,8 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let server_tls = tls.as_ref().map(|t| t.server_config()).transpose()?;
     let senders = std::sync::Arc::new(senders::Senders::new(orchestrator.clone()));
     let mut server =
-        tokio::spawn(service::serve(listener, server_tls, host.clone(), router.clone(), datasets, senders));
-    let member = membership::Member { link: orchestrator.clone(), args: args.clone(), given, endpoint, creds };
+        tokio::spawn(service::serve(listener, relayed_rx, server_tls, host.clone(), router.clone(), datasets, senders));
+    let member = membership::Member { link: orchestrator.clone(), args: args.clone(), given, endpoint, creds, relay };
     let mut heartbeat = tokio::spawn(membership::heartbeat_loop(member, identity, host, router.clone()));
     tokio::select! {
         r = &mut server => return r.context("gRPC server task failed")?.context("gRPC server failed"),

@@ -218,6 +218,52 @@ pub struct Identity {
     pub trusted: bool,
     /// When the current certificate was installed and when it expires (None in plaintext mode).
     pub certificate: Option<(SystemTime, SystemTime)>,
+    /// The relay (`host:port`) to listen at, when the orchestrator cannot reach this PNode.
+    pub relay: Option<String>,
+}
+
+/// This PNode's listening at the relay the orchestrator assigned, if any: connections others
+/// open through it arrive on `conns`, and the gRPC server takes them as if accepted.
+pub struct RelayLink {
+    conns: mpsc::Sender<tokio::net::TcpStream>,
+    key: std::sync::Arc<crate::identity::NodeKey>,
+    current: Option<(String, dcnr_mesh::relay::Listener, tokio::task::JoinHandle<()>)>,
+}
+
+impl RelayLink {
+    /// Not listening anywhere yet; relayed connections will go to `conns`.
+    pub fn new(conns: mpsc::Sender<tokio::net::TcpStream>, key: std::sync::Arc<crate::identity::NodeKey>) -> RelayLink {
+        RelayLink { conns, key, current: None }
+    }
+
+    /// Listens at `relay` (stops listening at any other), or nowhere.
+    pub fn follow(&mut self, relay: Option<&str>) {
+        if self.current.as_ref().map(|c| c.0.as_str()) == relay {
+            return;
+        }
+        if let Some((_, _, task)) = self.current.take() {
+            task.abort();
+        }
+        if let Some(relay) = relay {
+            let key = self.key.clone();
+            let sign: dcnr_mesh::relay::NonceSigner =
+                std::sync::Arc::new(move |nonce| dcnr_proto::relay::sign_listen(key.signing(), nonce));
+            let (listener, task) =
+                dcnr_mesh::relay::listen(relay.to_string(), self.key.public(), sign, self.conns.clone());
+            self.current = Some((relay.to_string(), listener, task));
+        }
+    }
+
+    /// Whether it listens at its relay now (what heartbeats report).
+    pub fn listening(&self) -> bool {
+        self.current.as_ref().is_some_and(|c| c.1.is_ready())
+    }
+}
+
+impl Drop for RelayLink {
+    fn drop(&mut self) {
+        self.follow(None);
+    }
 }
 
 impl Identity {
@@ -280,6 +326,9 @@ pub async fn register(
         capabilities: Some(crate::capabilities::detect(args.cores, args.memory_mib)),
         nonce: challenge.into_inner().nonce,
         trusted_token: creds.token.clone(),
+        behind_nat: args.behind_nat,
+        // Set to the address the relay really listens at once it runs (`lib::run`).
+        relay_offer: args.relay_advertise.clone().unwrap_or_default(),
         ..Default::default()
     };
     dcnr_proto::identity::sign_registration(creds.key.signing(), &mut req);
@@ -294,11 +343,23 @@ pub async fn register(
         Some(slot) => Some(install(slot, &creds.key, resp.certificate_chain, resp.certificate_expires_unix_ms)?),
         None => None,
     };
+    let relay = match resp.relay.as_str() {
+        "" => None,
+        r if dcnr_proto::relay::is_relay_address(r) => Some(r.to_string()),
+        r => bail!(
+            "the orchestrator assigned a relay that is not host:port: {:?}",
+            r.chars().take(64).collect::<String>()
+        ),
+    };
+    if let Some(r) = &relay {
+        tracing::info!(relay = %r, "this pnode cannot be reached directly; it is reached through a relay");
+    }
     Ok(Identity {
         pnode_id: resp.pnode_id,
         heartbeat: Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(50))),
         trusted: resp.trusted,
         certificate,
+        relay,
     })
 }
 
@@ -309,8 +370,9 @@ pub async fn heartbeat_loop(
     host: Addr<Host>,
     router: Router,
 ) -> anyhow::Result<()> {
-    let Member { link, args, given, endpoint, creds } = member;
+    let Member { link, args, given, endpoint, creds, mut relay } = member;
     let mut identity = identity;
+    relay.follow(identity.relay.as_deref());
     let mut last_ok = Instant::now();
     let orphan = Duration::from_secs(args.orphan_timeout_s);
     let fail_over = crate::discover::can_fail_over(&given);
@@ -325,6 +387,7 @@ pub async fn heartbeat_loop(
             pnode_id: identity.pnode_id.clone(),
             hosted_vnodes: hosted,
             renew_certificate: renew,
+            relay_listening: relay.listening(),
         };
         match link.client().heartbeat(req).await {
             Ok(r) if r.get_ref().known => {
@@ -346,6 +409,7 @@ pub async fn heartbeat_loop(
                 let dropped = host.send(ReleaseAll).await.unwrap_or(0);
                 tracing::warn!(dropped, "orchestrator no longer knows this pnode; registering again");
                 identity = register(&link, &args, &endpoint, &creds).await?;
+                relay.follow(identity.relay.as_deref());
                 router.set_pnode_id(identity.pnode_id.clone());
                 last_ok = Instant::now();
             }
@@ -367,6 +431,7 @@ pub async fn heartbeat_loop(
                         "orchestrator unreachable; failing over"
                     );
                     identity = register(&link, &other, &endpoint, &creds).await?;
+                    relay.follow(identity.relay.as_deref());
                     router.set_pnode_id(identity.pnode_id.clone());
                     last_ok = Instant::now();
                 }
@@ -387,6 +452,8 @@ pub struct Member {
     pub endpoint: String,
     /// Its key, token and certificate slot.
     pub creds: Credentials,
+    /// Its listening at a relay, when it cannot be reached directly.
+    pub relay: RelayLink,
 }
 
 /// Heartbeat periods of silence after which a PNode given several orchestrators looks for another.

@@ -270,10 +270,12 @@ impl v1::p_node_server::PNode for PNodeService {
     }
 }
 
-/// Serves the `PNode` service on `listener` with Nagle off and explicit limits; with `tls`,
+/// Serves the `PNode` service on `listener`, and on the connections `relayed` hands over (those
+/// opened to it through a relay), with Nagle off and explicit limits; with `tls`,
 /// over TLS with every caller's certificate checked (None: plaintext, local development only).
 pub async fn serve(
     listener: TcpListener,
+    relayed: tokio::sync::mpsc::Receiver<tokio::net::TcpStream>,
     tls: Option<Arc<dcnr_proto::tls::ServerTls>>,
     host: Addr<Host>,
     router: Router,
@@ -281,7 +283,7 @@ pub async fn serve(
     senders: Arc<Senders>,
 ) -> Result<(), tonic::transport::Error> {
     let plaintext = tls.is_none();
-    let incoming = dcnr_proto::transport::incoming(listener, tls);
+    let incoming = dcnr_proto::transport::incoming_with(listener, Some(relayed), tls);
     let svc = PNodeServer::new(PNodeService { host, router, datasets, senders, plaintext })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -69,6 +69,8 @@ pub fn registration_payload(req: &v1::RegisterRequest) -> Vec<u8> {
     }
     // The token is a secret: only its hash enters the payload, which is never sent.
     put(&mut out, &Sha256::digest(req.trusted_token.as_bytes()));
+    out.push(u8::from(req.behind_nat));
+    put(&mut out, req.relay_offer.as_bytes());
     out
 }
 

@@ -383,7 +383,7 @@ pub fn refused_handshakes() -> u64 {
 }
 
 /// Host (without IPv6 brackets) and port of `uri`; the scheme's default port when none is given.
-fn host_port(uri: &Uri) -> std::io::Result<(String, u16)> {
+pub fn host_port(uri: &Uri) -> std::io::Result<(String, u16)> {
     let host = uri
         .host()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no host in `{uri}`")))?;

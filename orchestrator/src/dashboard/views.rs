@@ -267,6 +267,7 @@ mod tests {
             standing: crate::trust::Standing::New,
             reputation: 0.0,
             quarantine_reason: None,
+            reach: Default::default(),
             id: id.into(),
             name: format!("name-{id}"),
             endpoint: endpoint.into(),

@@ -744,10 +744,7 @@ impl JobCore {
         // Replicas of this job's segments need PNodes of their own: the share counts them all.
         let all_suitable = view.iter().filter(|p| placement::suitable(p, &rules)).count();
         let healthy: Vec<PNodeView> = view.into_iter().filter(|p| placement::eligible(p, &rules)).collect();
-        let offers: Vec<Offer> = healthy
-            .iter()
-            .map(|p| Offer { pnode: p.id.clone(), cores: p.caps.cores, memory: p.caps.memory_bytes })
-            .collect();
+        let offers: Vec<Offer> = healthy.iter().map(Offer::of).collect();
         // Too few PNodes, or too little memory on them, is waited out: capacity may come back.
         let why = if healthy.is_empty() || healthy.len() < req.min_pnodes {
             format!(

@@ -268,10 +268,7 @@ impl ServeCore {
     fn try_place(&mut self, view: Vec<PNodeView>, since: Duration) {
         let rules = Eligibility { exclude: self.excluded.clone(), ..Eligibility::default() };
         let healthy: Vec<PNodeView> = view.into_iter().filter(|p| placement::eligible(p, &rules)).collect();
-        let offers: Vec<Offer> = healthy
-            .iter()
-            .map(|p| Offer { pnode: p.id.clone(), cores: p.caps.cores, memory: p.caps.memory_bytes })
-            .collect();
+        let offers: Vec<Offer> = healthy.iter().map(Offer::of).collect();
         let demands = placement::demands(&self.graph, 0, 1);
         let why = match placement::place(&demands, &offers, offers.len().max(1)) {
             Ok(assignment) => return self.allocate(&healthy, assignment),
