@@ -776,7 +776,7 @@ pub fn main(cli: Cli) -> ExitCode {
                             "cores": caps.cores, "memory_bytes": caps.memory_bytes, "arch": caps.arch,
                             "hosted_vnodes": p.hosted_vnodes, "trusted": p.trusted, "standing": p.standing,
                             "reputation": p.reputation, "quarantine_reason": p.quarantine_reason,
-                            "public_key": p.public_key,
+                            "public_key": p.public_key, "relayed_via": p.relayed_via, "relay_offer": p.relay_offer,
                         })
                     })
                     .collect();
@@ -794,6 +794,12 @@ pub fn main(cli: Cli) -> ExitCode {
                     );
                     if !p.quarantine_reason.is_empty() {
                         println!("  quarantined: {}", p.quarantine_reason);
+                    }
+                    if !p.relayed_via.is_empty() {
+                        println!("  behind NAT: reached through the relay at {}", p.relayed_via);
+                    }
+                    if !p.relay_offer.is_empty() {
+                        println!("  offers a relay at {}", p.relay_offer);
                     }
                 }
             }

@@ -321,6 +321,21 @@ mod tests {
     }
 
     #[test]
+    fn a_relayed_pnode_counts_a_fifth_and_gets_the_lighter_run_or_none() {
+        let relayed = |p: &str, cores| Offer { relayed: true, ..o(p, cores) };
+        // Four relayed cores count as 4/5 of a core: below one direct core.
+        let ds = [d(0, 100), d(1, 10)];
+        let p = place(&ds, &[relayed("far", 4), o("near", 1)], 8).unwrap();
+        assert_eq!(p, vec![(0, "near".to_string()), (1, "far".to_string())], "the heavy run goes to the direct one");
+        // Ten relayed cores outrank one direct core (10/5 = 2 > 1).
+        let p = place(&ds, &[relayed("far", 10), o("near", 1)], 8).unwrap();
+        assert_eq!(p[0].1, "far");
+        // With one PNode to choose, a direct one of the same size wins.
+        let p = place(&ds, &[relayed("far", 2), o("near", 2)], 1).unwrap();
+        assert!(p.iter().all(|x| x.1 == "near"), "{p:?}");
+    }
+
+    #[test]
     fn each_pipeline_gets_pnodes_of_its_own_when_there_are_enough() {
         let copy =
             |g: u32| (0..6).map(move |i| Demand { vnode: g * 6 + i, unit: g * 6 + i, group: g, work: 10, memory: 10 });

@@ -900,6 +900,46 @@ mod tests {
     }
 
     #[test]
+    fn a_relayed_pnode_gets_work_only_while_it_listens_at_its_relay() {
+        let mut t = table();
+        let relayed = Reach { relayed_via: Some("10.0.0.9:7071".into()), ..Reach::default() };
+        t.register(Registration { reach: relayed, ..reg("nat", 1) }, Duration::ZERO).unwrap();
+        t.register(reg("bb", 1), Duration::ZERO).unwrap();
+        let offered = |t: &mut PNodeTable, at: u32| -> Vec<String> {
+            t.candidates(at * MS, &Eligibility::default()).offers.iter().map(|o| o.pnode.clone()).collect()
+        };
+        assert_eq!(offered(&mut t, 1), vec!["bb"], "not listening yet");
+        t.heartbeat("nat", 0, true, 100 * MS);
+        t.heartbeat("bb", 0, false, 100 * MS);
+        assert_eq!(offered(&mut t, 100), vec!["bb", "nat"]);
+        assert!(t.candidates(100 * MS, &Eligibility::default()).offers.iter().any(|o| o.relayed));
+        t.heartbeat("nat", 0, false, 200 * MS);
+        assert_eq!(offered(&mut t, 200), vec!["bb"], "its relay connection dropped");
+    }
+
+    #[test]
+    fn a_pnode_behind_nat_gets_the_orchestrators_relay_or_the_least_loaded_offered_one() {
+        let view = |i, offer: Option<&str>, via: Option<&str>, health| PNodeView {
+            reach: Reach {
+                relay_offer: offer.map(str::to_string),
+                relayed_via: via.map(str::to_string),
+                relay_listening: true,
+            },
+            ..test_view(i, health)
+        };
+        let pnodes = [
+            view(1, Some("r1:1"), None, Health::Healthy),
+            view(2, Some("r2:1"), None, Health::Healthy),
+            view(3, None, Some("r1:1"), Health::Healthy),
+            view(4, Some("r4:1"), None, Health::Lost),
+        ];
+        assert_eq!(choose_relay(Some("own:1"), &pnodes, "p9").as_deref(), Some("own:1"));
+        assert_eq!(choose_relay(None, &pnodes, "p9").as_deref(), Some("r2:1"), "r1 already carries p3");
+        assert_eq!(choose_relay(None, &pnodes, "p2").as_deref(), Some("r1:1"), "never its own relay");
+        assert_eq!(choose_relay(None, &pnodes[2..], "p9"), None, "only a lost pnode offers one");
+    }
+
+    #[test]
     fn a_quarantined_identity_is_refused_and_gets_no_work() {
         let mut t = table();
         t.register(reg("cheat", 1), Duration::ZERO).unwrap();

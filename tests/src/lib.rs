@@ -132,6 +132,8 @@ pub struct Mesh {
     /// Dashboard URL (ends in `/`) when `serve` was given `--dashboard`.
     pub dashboard: Option<String>,
     orchestrator: Proc,
+    /// The address PNodes listen on.
+    ip: String,
     pnodes: Vec<Proc>,
     serve_args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -146,13 +148,21 @@ impl Mesh {
     /// Like [`Mesh::start`], with extra `serve` flags and environment (e.g. an S3 store); the
     /// local artifact directory is used unless the flags name a `--store`.
     pub fn start_with(n: usize, serve_args: &[&str], envs: &[(&str, &str)]) -> Result<Mesh> {
+        Self::start_on("127.0.0.1", n, serve_args, envs)
+    }
+
+    /// Like [`Mesh::start_with`], with the orchestrator and the PNodes on `ip` (an address of
+    /// this machine, such as one end of a veth pair into a test's own network namespace).
+    pub fn start_on(ip: &str, n: usize, serve_args: &[&str], envs: &[(&str, &str)]) -> Result<Mesh> {
         let artifacts = tempfile::tempdir()?;
-        let (orchestrator, url, dashboard) = spawn_orchestrator("127.0.0.1:0", artifacts.path(), serve_args, envs)?;
+        let (orchestrator, url, dashboard) =
+            spawn_orchestrator(&format!("{ip}:0"), artifacts.path(), serve_args, envs)?;
         let mut mesh = Mesh {
             url,
             dashboard,
             artifacts,
             orchestrator,
+            ip: ip.to_string(),
             pnodes: Vec::new(),
             serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
             envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
@@ -342,7 +352,7 @@ fn spawn_orchestrator(
         });
         let line = rx.recv_timeout(Duration::from_secs(30)).context("orchestrator did not report its address")?;
         let url = line.rsplit(' ').next().unwrap_or_default().to_string();
-        if !url.starts_with("https://127.0.0.1:") {
+        if !url.starts_with(&format!("https://{}:", listen.rsplit_once(':').map_or("", |h| h.0))) {
             bail!("unexpected first line from orchestrator: {line}");
         }
         let dashboard = if serve_args.contains(&"--dashboard") {
@@ -374,11 +384,27 @@ impl Mesh {
     /// Starts one more PNode with extra flags, joining the orchestrators `orchestrator` names
     /// (a URL, a comma-separated list, or `dns:NAME`).
     pub fn add_pnode_joining(&mut self, orchestrator: &str, extra: &[&str]) -> Result<()> {
+        let listen = format!("{}:0", self.ip);
+        self.add_pnode_in(&[], orchestrator, &listen, extra)
+    }
+
+    /// Starts one more PNode listening on `listen`, its command line prefixed by `wrapper`
+    /// (e.g. `ip netns exec NS`, to run it in a network namespace of the test's own).
+    pub fn add_pnode_in(&mut self, wrapper: &[&str], orchestrator: &str, listen: &str, extra: &[&str]) -> Result<()> {
         // Named by index unless the caller names it.
         let name = format!("test-pnode-{}", self.pnodes.len());
         let naming: &[&str] = if extra.contains(&"--name") { &[] } else { &["--name", &name] };
-        let child = secure(&mut Command::new(bin("pnode")))
-            .args(["--orchestrator", orchestrator, "--listen", "127.0.0.1:0", "--orphan-timeout-s", "20"])
+        let pnode = bin("pnode");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&pnode);
+                c
+            }
+            None => Command::new(&pnode),
+        };
+        let child = secure(&mut cmd)
+            .args(["--orchestrator", orchestrator, "--listen", listen, "--orphan-timeout-s", "20"])
             .args(naming)
             .args(extra)
             .env("RUST_LOG", std::env::var("DCNR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
