@@ -113,3 +113,27 @@ fn pnodes_behind_nat_train_their_share_through_the_orchestrators_relay() {
         assert!(hosts.contains(id), "pnode {id} hosted nothing: {s}");
     }
 }
+
+#[test]
+fn a_reachable_pnode_relays_for_one_behind_nat_when_the_orchestrator_offers_no_relay() {
+    let a = Netns::behind_nat(2);
+    // No relay here: the direct PNode offers one.
+    let mut mesh = Mesh::start_on(&a.host, 0, &[], &[]).unwrap();
+    let url = mesh.url.clone();
+    mesh.add_pnode_with(&["--relay-listen", &format!("{}:0", a.host)]).unwrap();
+    mesh.wait_for_pnodes(1).unwrap();
+    let offer = mesh.pnodes().unwrap()[0]["relay_offer"].as_str().unwrap().to_string();
+    assert!(offer.starts_with(&format!("{}:", a.host)), "the direct pnode offers its relay: {offer:?}");
+    let in_a = ["ip", "netns", "exec", a.name.as_str()];
+    mesh.add_pnode_in(&in_a, &url, &format!("{}:0", a.inside), &["--behind-nat"]).unwrap();
+    mesh.wait_for_pnodes(2).unwrap();
+    let pnodes = mesh.pnodes().unwrap();
+    let nat = pnodes.iter().find(|p| p["name"] == "test-pnode-1").unwrap();
+    assert_eq!(nat["relayed_via"].as_str().unwrap(), offer, "{pnodes:?}");
+
+    let want = train_local("200");
+    let s = mesh.submit_wait(&fixture("tiny-mlp.toml"), &["--steps", "200"]).unwrap();
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(s["params_sha256"].as_str().unwrap(), want);
+    assert_eq!(s["pnodes"], 2, "both hosted vnodes: {s}");
+}
