@@ -4,7 +4,7 @@
 use dcnr_proto::shaping::link_bytes;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounter, Registry};
+use prometheus::{IntCounter, IntGauge, Registry};
 use std::sync::Mutex;
 
 /// The Prometheus text exposition format's content type.
@@ -27,7 +27,8 @@ pub fn register(r: &Registry, c: Box<dyn prometheus::core::Collector>) {
     }
 }
 
-/// The process's client-connection byte counters (`dcnr_proto::shaping`), as
+/// The process's client-connection byte counters (`dcnr_proto::shaping`) and its relay's
+/// counters (`crate::relay::RELAY`), the former as
 /// `dcnr_link_bytes_sent_total` and `dcnr_link_bytes_received_total`, read at scrape time.
 /// Every connection is counted by its client only, so summing these over all processes counts
 /// each byte on the wire once.
@@ -36,6 +37,11 @@ pub struct LinkBytesCollector {
     received: IntCounter,
     /// TLS handshakes this process's servers refused or that timed out.
     refused_handshakes: IntCounter,
+    /// This process's relay, if it runs one (`crate::relay::RELAY`).
+    relay_listening: IntGauge,
+    relay_spliced: IntCounter,
+    relay_refused: IntCounter,
+    relay_bytes: IntCounter,
     /// Two scrapes at once must not both add the same increase.
     catch_up: Mutex<()>,
 }
@@ -50,6 +56,22 @@ impl LinkBytesCollector {
                 "dcnr_tls_handshakes_refused_total",
                 "TLS handshakes this process's servers refused or that timed out.",
             )?,
+            relay_listening: IntGauge::new(
+                "dcnr_relay_listening",
+                "PNodes behind NAT listening at this process's relay.",
+            )?,
+            relay_spliced: IntCounter::new(
+                "dcnr_relay_connections_total",
+                "Connections this process's relay has relayed.",
+            )?,
+            relay_refused: IntCounter::new(
+                "dcnr_relay_refused_total",
+                "Connections this process's relay refused or that failed their handshake.",
+            )?,
+            relay_bytes: IntCounter::new(
+                "dcnr_relay_bytes_total",
+                "Bytes this process's relay copied, both directions, counted when a connection ends.",
+            )?,
             catch_up: Mutex::new(()),
         })
     }
@@ -57,7 +79,16 @@ impl LinkBytesCollector {
 
 impl Collector for LinkBytesCollector {
     fn desc(&self) -> Vec<&Desc> {
-        self.sent.desc().into_iter().chain(self.received.desc()).chain(self.refused_handshakes.desc()).collect()
+        self.sent
+            .desc()
+            .into_iter()
+            .chain(self.received.desc())
+            .chain(self.refused_handshakes.desc())
+            .chain(self.relay_listening.desc())
+            .chain(self.relay_spliced.desc())
+            .chain(self.relay_refused.desc())
+            .chain(self.relay_bytes.desc())
+            .collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -67,11 +98,25 @@ impl Collector for LinkBytesCollector {
         self.received.inc_by(now.received.saturating_sub(self.received.get()));
         let refused = dcnr_proto::transport::refused_handshakes();
         self.refused_handshakes.inc_by(refused.saturating_sub(self.refused_handshakes.get()));
+        let relay = &crate::relay::RELAY;
+        let read = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        self.relay_listening.set(i64::try_from(read(&relay.listeners)).unwrap_or(i64::MAX));
+        for (counter, now) in [
+            (&self.relay_spliced, read(&relay.spliced_total)),
+            (&self.relay_refused, read(&relay.refused_total)),
+            (&self.relay_bytes, read(&relay.bytes_total)),
+        ] {
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
         self.sent
             .collect()
             .into_iter()
             .chain(self.received.collect())
             .chain(self.refused_handshakes.collect())
+            .chain(self.relay_listening.collect())
+            .chain(self.relay_spliced.collect())
+            .chain(self.relay_refused.collect())
+            .chain(self.relay_bytes.collect())
             .collect()
     }
 }
@@ -97,6 +142,9 @@ mod tests {
             "# TYPE dcnr_link_bytes_sent_total counter",
             "# TYPE dcnr_link_bytes_received_total counter",
             "# TYPE dcnr_tls_handshakes_refused_total counter",
+            "# TYPE dcnr_relay_listening gauge",
+            "# TYPE dcnr_relay_connections_total counter",
+            "# TYPE dcnr_relay_bytes_total counter",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
