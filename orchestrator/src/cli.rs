@@ -118,6 +118,10 @@ enum Command {
         /// `host:port` PNodes dial to reach the relay (default: the --relay-listen address).
         #[arg(long, env = "DCNR_RELAY_ADVERTISE", requires = "relay_listen")]
         relay_advertise: Option<String>,
+        /// The URL other orchestrators sharing the store reach this one at, to forward requests
+        /// about the jobs it owns (default: https:// and the --listen address).
+        #[arg(long, env = "DCNR_ADVERTISE")]
+        advertise: Option<String>,
     },
     /// Submit a job (an envelope, JSON or TOML, or a bare model graph) to a running orchestrator.
     Submit {
@@ -573,9 +577,15 @@ pub fn main(cli: Cli) -> ExitCode {
             lease_term_s,
             relay_listen,
             relay_advertise,
+            advertise,
         } => runtime(async move {
             if !(0.3..=3600.0).contains(&lease_term_s) {
                 return fail(2, "--lease-term-s must be between 0.3 and 3600");
+            }
+            if let Some(a) = &advertise
+                && (!(a.starts_with("https://") || a.starts_with("http://")) || dcnr_proto::relay::has_path(a))
+            {
+                return fail(2, format!("--advertise {a:?} is not a URL like https://host:7070"));
             }
             let (trusted_token, trust) = match trust.resolve() {
                 Ok(t) => t,
@@ -619,6 +629,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 instance,
                 lease_term: Duration::from_secs_f64(lease_term_s),
                 relay: relay_listen.map(|listen| server::RelaySettings { listen, advertise: relay_advertise }),
+                advertise,
             };
             let srv = match server::start(cfg).await {
                 Ok(s) => s,

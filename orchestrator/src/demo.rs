@@ -175,6 +175,7 @@ impl LocalMesh {
             instance: None,
             lease_term: Duration::from_secs(5),
             relay: None,
+            advertise: None,
             listen: "127.0.0.1:0".parse()?,
             data,
             heartbeat: Duration::from_millis(200),

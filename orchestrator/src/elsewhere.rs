@@ -14,6 +14,8 @@ pub enum Elsewhere {
     Running {
         /// The instance holding its lease.
         owner: String,
+        /// Where that instance serves gRPC (empty if its lease does not say).
+        url: String,
     },
 }
 
@@ -31,10 +33,23 @@ pub async fn find(store: &dyn ObjectStore, job: &str) -> Result<Option<Elsewhere
         return Ok(Some(Elsewhere::Ended(Box::new(ended_status(record, summary)))));
     }
     if store.get_ref(&crate::checkpoints::active_ref(job)).await?.is_some() {
-        let owner = crate::lease::holder(store, job).await?.map(|l| l.owner).unwrap_or_default();
-        return Ok(Some(Elsewhere::Running { owner }));
+        let (owner, url) = crate::lease::holder(store, job).await?.map(|l| (l.owner, l.url)).unwrap_or_default();
+        return Ok(Some(Elsewhere::Running { owner, url }));
     }
     Ok(None)
+}
+
+/// Jobs the store marks as running (`active/<job>`), at most `limit`, in id order.
+pub async fn running(store: &dyn ObjectStore, limit: usize) -> Result<Vec<String>, StoreError> {
+    let mut ids: Vec<String> = store
+        .list_refs("active")
+        .await?
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("active/").map(str::to_string))
+        .collect();
+    ids.sort();
+    ids.truncate(limit);
+    Ok(ids)
 }
 
 /// The status of an ended job from its record and, when readable, its summary.
@@ -87,7 +102,7 @@ mod tests {
         let hash = store.put(b"{}".to_vec()).await.unwrap();
         store.set_ref(&crate::checkpoints::active_ref("job-2"), &hash).await.unwrap();
         match find(&store, "job-2").await.unwrap() {
-            Some(Elsewhere::Running { owner }) => assert_eq!(owner, ""),
+            Some(Elsewhere::Running { owner, url }) => assert_eq!((owner.as_str(), url.as_str()), ("", "")),
             other => panic!("{other:?}"),
         }
     }

@@ -22,6 +22,10 @@ pub struct LeaseRecord {
     pub owner: String,
     /// Wall-clock expiry, Unix milliseconds; renewed while the job runs.
     pub expires_unix_ms: u64,
+    /// Where the holder serves gRPC, so its peers can forward requests about the job (empty
+    /// from an orchestrator that did not say).
+    #[serde(default)]
+    pub url: String,
 }
 
 /// The sequence number a lease ref name carries (`leases/<job>/<seq>`).
@@ -81,6 +85,7 @@ pub struct Leases {
     store: std::sync::Arc<dyn ObjectStore>,
     owner: String,
     term: Duration,
+    url: String,
 }
 
 /// The newest lease of `job` in `store`, whoever holds it (expired or not); `None` if it never
@@ -96,13 +101,19 @@ pub async fn holder(store: &dyn ObjectStore, job: &str) -> Result<Option<LeaseRe
         seq,
         owner: String::new(),
         expires_unix_ms: 0,
+        url: String::new(),
     })))
 }
 
 impl Leases {
     /// Leases held as `owner` in `store`, each valid for `term` after its last renewal.
     pub fn new(store: std::sync::Arc<dyn ObjectStore>, owner: String, term: Duration) -> Leases {
-        Leases { store, owner, term }
+        Leases { store, owner, term, url: String::new() }
+    }
+
+    /// The same, naming `url` as where this instance serves (for peers forwarding requests).
+    pub fn serving_at(self, url: String) -> Leases {
+        Leases { url, ..self }
     }
 
     /// This instance's name.
@@ -125,6 +136,7 @@ impl Leases {
             seq,
             owner: self.owner.clone(),
             expires_unix_ms: now_ms.saturating_add(self.term.as_millis() as u64),
+            url: self.url.clone(),
         };
         self.store.put(serde_json::to_vec(&record).unwrap_or_default()).await
     }
@@ -175,7 +187,7 @@ mod tests {
     use std::sync::Arc;
 
     fn record(seq: u64, owner: &str, expires: u64) -> LeaseRecord {
-        LeaseRecord { job: "j".into(), seq, owner: owner.into(), expires_unix_ms: expires }
+        LeaseRecord { job: "j".into(), seq, owner: owner.into(), expires_unix_ms: expires, url: String::new() }
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub lease_term: Duration,
     /// The relay this orchestrator offers PNodes behind NAT (None: none).
     pub relay: Option<RelaySettings>,
+    /// The URL peers sharing the store reach this orchestrator at (None: the listen address).
+    pub advertise: Option<String>,
 }
 
 /// Where a relay listens and how others reach it.
@@ -227,7 +229,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         .with_telemetry(telemetry.clone());
     if let Some(store) = &store {
         tracing::info!(%instance, term = ?cfg.lease_term, "owning jobs through leases in the store");
-        jobs = jobs.with_leases(crate::lease::Leases::new(store.clone(), instance.clone(), cfg.lease_term));
+        let scheme = if ca.is_some() { "https" } else { "http" };
+        let url = cfg.advertise.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
+        jobs = jobs
+            .with_leases(crate::lease::Leases::new(store.clone(), instance.clone(), cfg.lease_term).serving_at(url));
     }
     let jobs = jobs.start();
     tokio::spawn(telemetry.clone().watch(registry.clone()));

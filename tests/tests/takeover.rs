@@ -40,13 +40,26 @@ fn survives_the_death_of_its_orchestrator(serve_args: &[&str], envs: &[(&str, &s
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
     mesh.wait_for_step(200, T).unwrap();
-    // The peer knows the job is held: it does not run it meanwhile, and asked about it, it
-    // names the owner.
-    assert_eq!(job_state(&peer_url, &job), None, "the peer runs a job the first orchestrator owns");
-    let asked = run(&["jobs", &job, "--orchestrator", &peer_url], T).unwrap();
-    let said = String::from_utf8_lossy(&asked.stderr);
-    assert_eq!(asked.status.code(), Some(2), "{said}");
-    assert!(said.contains("is running on orchestrator instance"), "{said}");
+    // The peer knows the job is held, and asked about it (one job, or the list, or a watch) it
+    // answers with the owner's live status, forwarded.
+    let asked = run(&["jobs", &job, "--json", "--orchestrator", &peer_url], T).unwrap();
+    assert!(asked.status.success(), "{}", String::from_utf8_lossy(&asked.stderr));
+    let live = last_json(&asked.stdout).unwrap();
+    assert_eq!(live["state"], "running", "{live}");
+    assert!(live["steps_done"].as_u64().unwrap() >= 200, "{live}");
+    let (state, done) = job_state(&peer_url, &job).expect("the peer lists the job its peer owns");
+    assert!(state == "running" && done >= 200, "{state} {done}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let event = rt.block_on(async {
+        let mut client = dcnr_tests::orchestrator_client(&peer_url).await.unwrap();
+        let req = dcnr_proto::v1::WatchJobRequest { job_id: job.clone() };
+        let mut events = client.watch_job(req).await.unwrap().into_inner();
+        tokio::time::timeout(Duration::from_secs(10), events.message()).await.unwrap().unwrap().unwrap()
+    });
+    assert!(
+        matches!(&event.body, Some(dcnr_proto::v1::job_event::Body::Progress(p)) if p.step > 0),
+        "the peer relays the owner's events: {event:?}"
+    );
 
     mesh.kill_orchestrator();
     let killed = Instant::now();
