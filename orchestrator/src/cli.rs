@@ -788,6 +788,7 @@ pub fn main(cli: Cli) -> ExitCode {
                             "hosted_vnodes": p.hosted_vnodes, "trusted": p.trusted, "standing": p.standing,
                             "reputation": p.reputation, "quarantine_reason": p.quarantine_reason,
                             "public_key": p.public_key, "relayed_via": p.relayed_via, "relay_offer": p.relay_offer,
+                            "unreachable": p.unreachable,
                         })
                     })
                     .collect();
@@ -808,6 +809,11 @@ pub fn main(cli: Cli) -> ExitCode {
                     }
                     if !p.relayed_via.is_empty() {
                         println!("  behind NAT: reached through the relay at {}", p.relayed_via);
+                    }
+                    if p.unreachable {
+                        println!(
+                            "  unreachable: gets no work (behind NAT with no relay, or not yet listening at its relay)"
+                        );
                     }
                     if !p.relay_offer.is_empty() {
                         println!("  offers a relay at {}", p.relay_offer);

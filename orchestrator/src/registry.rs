@@ -65,12 +65,18 @@ pub struct Reach {
     pub relay_offer: Option<String>,
     /// For a relayed PNode: its heartbeats say it listens at the relay (until then it gets no work).
     pub relay_listening: bool,
+    /// It cannot be reached directly and no relay was offered when it registered: it gets no
+    /// work (until it registers again when one is).
+    pub unreachable: bool,
 }
 
 impl Reach {
     /// Whether others can reach it now: directly, or through a relay it listens at.
     pub fn reachable(&self) -> bool {
-        self.relayed_via.is_none() || self.relay_listening
+        match self.relayed_via {
+            Some(_) => self.relay_listening,
+            None => !self.unreachable,
+        }
     }
 }
 
@@ -915,6 +921,9 @@ mod tests {
         assert!(t.candidates(100 * MS, &Eligibility::default()).offers.iter().any(|o| o.relayed));
         t.heartbeat("nat", 0, false, 200 * MS);
         assert_eq!(offered(&mut t, 200), vec!["bb"], "its relay connection dropped");
+        let stranded = Reach { unreachable: true, ..Reach::default() };
+        t.register(Registration { reach: stranded, ..reg("lost-behind-nat", 1) }, 200 * MS).unwrap();
+        assert_eq!(offered(&mut t, 200), vec!["bb"], "behind NAT with no relay");
     }
 
     #[test]
@@ -924,6 +933,7 @@ mod tests {
                 relay_offer: offer.map(str::to_string),
                 relayed_via: via.map(str::to_string),
                 relay_listening: true,
+                unreachable: false,
             },
             ..test_view(i, health)
         };

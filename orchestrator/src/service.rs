@@ -224,6 +224,7 @@ fn pnode_to_wire(p: &PNodeView) -> v1::PNodeInfo {
         public_key: p.public_key.clone(),
         relayed_via: p.reach.relayed_via.clone().unwrap_or_default(),
         relay_offer: p.reach.relay_offer.clone().unwrap_or_default(),
+        unreachable: !p.reach.reachable(),
     }
 }
 
@@ -405,15 +406,19 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             None
         } else {
             let pnodes = self.registry.send(ListPNodes).await.map_err(gone)?;
-            let relay = crate::registry::choose_relay(self.relay.as_deref(), &pnodes, &id).ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "this pnode cannot be reached at {} and no relay is offered: run the orchestrator or a reachable \
-                     pnode with --relay-listen",
-                    bounded_text(r.endpoint.clone())
-                ))
-            })?;
-            tracing::info!(pnode = %id, declared = r.behind_nat, %relay, "pnode cannot accept connections; reached through a relay");
-            Some(relay)
+            let relay = crate::registry::choose_relay(self.relay.as_deref(), &pnodes, &id);
+            match &relay {
+                Some(relay) => tracing::info!(
+                    pnode = %id, declared = r.behind_nat, %relay, "pnode cannot accept connections; reached through a relay"
+                ),
+                None => tracing::warn!(
+                    pnode = %id,
+                    endpoint = %bounded_text(r.endpoint.clone()),
+                    "pnode cannot accept connections and no relay is offered: it gets no work (run the orchestrator \
+                     or a reachable pnode with --relay-listen)"
+                ),
+            }
+            relay
         };
         let endpoint = match &relayed_via {
             Some(relay) => {
@@ -426,6 +431,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             relayed_via: relayed_via.clone(),
             relay_offer: (!r.relay_offer.is_empty() && direct).then_some(r.relay_offer),
             relay_listening: false,
+            unreachable: !direct && relayed_via.is_none(),
         };
         let c = r.capabilities.unwrap_or_default();
         let caps = Caps {
@@ -455,6 +461,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             trusted,
             certificate_chain,
             certificate_expires_unix_ms,
+            unreachable: !direct && relayed_via.is_none(),
             relay: relayed_via.unwrap_or_default(),
             endpoint,
         }))

@@ -354,6 +354,13 @@ pub async fn register(
     if let Some(r) = &relay {
         tracing::info!(relay = %r, "this pnode cannot be reached directly; it is reached through a relay");
     }
+    if resp.unreachable {
+        tracing::warn!(
+            %endpoint,
+            "the orchestrator cannot connect to this pnode and offers no relay: it gets no work. Open the port, \
+             set --advertise, or ask the operator for a relay"
+        );
+    }
     Ok(Identity {
         pnode_id: resp.pnode_id,
         heartbeat: Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(50))),
