@@ -39,6 +39,7 @@ pub mod lease;
 pub mod ledger;
 pub mod local;
 pub mod metrics;
+pub mod peers;
 pub mod placement;
 pub mod pnode_bin;
 pub mod predict;

@@ -247,6 +247,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
                 telemetry: telemetry.clone(),
                 hosts: std::sync::Arc::new(cfg.dashboard_hosts.clone()),
                 readers: dashboard_readers,
+                store: store.clone(),
             };
             Some(dashboard::start(at, state).await?)
         }

@@ -641,7 +641,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
 
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::JobStatus>, Status> {
         self.access.as_reader(&req, "GetJob")?;
-        let forwarded = req.metadata().contains_key(FORWARDED);
+        let forwarded = crate::peers::is_forwarded(req.metadata());
         let id = req.into_inner().job_id;
         if let Some(s) = self.jobs.send(Get(id.clone())).await.map_err(gone)? {
             return Ok(Response::new(status_to_wire(&s)));
@@ -655,7 +655,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             // Its status lives with its owner; the client is told where to ask.
             Some(crate::elsewhere::Elsewhere::Running { owner, url }) => {
                 if !forwarded && !url.is_empty() {
-                    match forward_get_job(&url, &id).await {
+                    match crate::peers::get_job(&url, &id).await {
                         Ok(s) => return Ok(Response::new(s)),
                         Err(e) => tracing::debug!(job = %id, %url, error = %e, "cannot forward to the job's owner"),
                     }
@@ -671,22 +671,12 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
 
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
         self.access.as_reader(&req, "ListJobs")?;
-        let forwarded = req.metadata().contains_key(FORWARDED);
+        let forwarded = crate::peers::is_forwarded(req.metadata());
         let all = self.jobs.send(List).await.map_err(gone)?;
         let mut jobs: Vec<v1::JobStatus> = all.iter().map(status_to_wire).collect();
         if let (Some(store), false) = (&self.store, forwarded) {
-            // Jobs running on peers sharing the store, with their owners' live status.
             let here: std::collections::BTreeSet<String> = jobs.iter().map(|j| j.job_id.clone()).collect();
-            let ids = crate::elsewhere::running(store.as_ref(), MAX_LISTED_ELSEWHERE).await.unwrap_or_default();
-            let lookups = ids.into_iter().filter(|id| !here.contains(id)).map(|id| async move {
-                match crate::elsewhere::find(store.as_ref(), &id).await {
-                    Ok(Some(crate::elsewhere::Elsewhere::Running { url, .. })) if !url.is_empty() => {
-                        forward_get_job(&url, &id).await.ok()
-                    }
-                    _ => None,
-                }
-            });
-            jobs.extend(futures::future::join_all(lookups).await.into_iter().flatten());
+            jobs.extend(crate::peers::running_elsewhere(store.as_ref(), &here).await);
         }
         Ok(Response::new(v1::ListJobsResponse { jobs }))
     }
@@ -708,7 +698,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
 
     async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<EventStream>, Status> {
         self.access.as_reader(&req, "WatchJob")?;
-        let forwarded = req.metadata().contains_key(FORWARDED);
+        let forwarded = crate::peers::is_forwarded(req.metadata());
         let id = req.into_inner().job_id;
         if let Some((status, rx)) = self.jobs.send(Watch(id.clone())).await.map_err(gone)? {
             return Ok(Response::new(watch_stream(id, status, rx)));
@@ -725,8 +715,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
                 Ok(Response::new(watch_stream(id, *s, rx)))
             }
             Some(crate::elsewhere::Elsewhere::Running { owner, url }) if !url.is_empty() => {
-                let mut client = peer_client(&url, None).await?;
-                let stream = client.watch_job(forwarded_request(v1::WatchJobRequest { job_id: id.clone() })).await;
+                let stream = crate::peers::watch_job(&url, &id).await;
                 let stream = stream.map_err(|e| {
                     Status::failed_precondition(format!(
                         "job {id} is running on orchestrator instance {owner:?} ({url}), which does not answer: {}",
@@ -750,46 +739,6 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let all = self.registry.send(ListPNodes).await.map_err(gone)?;
         Ok(Response::new(v1::ListPNodesResponse { pnodes: all.iter().map(pnode_to_wire).collect() }))
     }
-}
-
-/// Metadata key marking a request one orchestrator forwarded to another, which answers it
-/// from what it holds and never forwards it again.
-const FORWARDED: &str = "dcnr-forwarded";
-
-/// Most jobs running on peers that one `ListJobs` looks up.
-const MAX_LISTED_ELSEWHERE: usize = 64;
-
-/// Longest a forwarded unary request may take, connection included.
-const FORWARD_DEADLINE: Duration = Duration::from_secs(3);
-
-/// `msg` as a request marked forwarded.
-fn forwarded_request<T>(msg: T) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    req
-}
-
-/// A client of the peer orchestrator at `url`, which must prove to be an orchestrator of this
-/// mesh; connected within [`FORWARD_DEADLINE`].
-async fn peer_client(
-    url: &str,
-    deadline: Option<Duration>,
-) -> Result<v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel>, Status> {
-    let unavailable = |e: String| Status::unavailable(format!("the orchestrator at {url}: {e}"));
-    let endpoint = dcnr_proto::transport::endpoint(url, deadline, &dcnr_proto::tls::Expect::Orchestrator)
-        .map_err(|e| unavailable(e.to_string()))?;
-    let channel = tokio::time::timeout(FORWARD_DEADLINE, endpoint.connect())
-        .await
-        .map_err(|_| unavailable("no connection within 3 s".into()))?
-        .map_err(|e| unavailable(e.to_string()))?;
-    Ok(v1::orchestrator_client::OrchestratorClient::new(channel)
-        .max_decoding_message_size(dcnr_proto::limits::MAX_MESSAGE_BYTES))
-}
-
-/// The live status of `job` from its owner at `url`.
-async fn forward_get_job(url: &str, job: &str) -> Result<v1::JobStatus, Status> {
-    let mut client = peer_client(url, Some(FORWARD_DEADLINE)).await?;
-    Ok(client.get_job(forwarded_request(v1::GetJobRequest { job_id: job.to_string() })).await?.into_inner())
 }
 
 /// The event stream of one watcher: the current state first, then events until the job ends.

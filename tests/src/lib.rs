@@ -177,10 +177,15 @@ impl Mesh {
     /// Starts another orchestrator on a free port sharing this mesh's store, TLS directory and
     /// `serve` flags; returns it and its URL.
     pub fn start_peer_orchestrator(&self) -> Result<(Proc, String)> {
+        self.start_peer_orchestrator_with_dashboard().map(|(p, url, _)| (p, url))
+    }
+
+    /// Like [`Mesh::start_peer_orchestrator`]; also the peer's dashboard URL when the `serve`
+    /// flags ask for one.
+    pub fn start_peer_orchestrator_with_dashboard(&self) -> Result<(Proc, String, Option<String>)> {
         let args: Vec<&str> = self.serve_args.iter().map(String::as_str).collect();
         let envs: Vec<(&str, &str)> = self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let (p, url, _) = spawn_orchestrator("127.0.0.1:0", self.artifacts.path(), &args, &envs)?;
-        Ok((p, url))
+        spawn_orchestrator("127.0.0.1:0", self.artifacts.path(), &args, &envs)
     }
 
     /// Kills the orchestrator with SIGKILL (a crash).

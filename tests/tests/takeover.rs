@@ -25,10 +25,11 @@ fn survives_the_death_of_its_orchestrator(serve_args: &[&str], envs: &[(&str, &s
     assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
     let reference = last_json(&local.stdout).unwrap();
 
-    let mut args = vec!["--lease-term-s", "1"];
+    let mut args = vec!["--lease-term-s", "1", "--dashboard", "127.0.0.1:0"];
     args.extend_from_slice(serve_args);
     let mut mesh = Mesh::start_with(0, &args, envs).unwrap();
-    let (_peer, peer_url) = mesh.start_peer_orchestrator().unwrap();
+    let (_peer, peer_url, peer_dashboard) = mesh.start_peer_orchestrator_with_dashboard().unwrap();
+    let peer_dashboard = peer_dashboard.unwrap();
     let both = format!("{},{peer_url}", mesh.url);
     for _ in 0..3 {
         mesh.add_pnode_joining(&both, &[]).unwrap();
@@ -60,6 +61,13 @@ fn survives_the_death_of_its_orchestrator(serve_args: &[&str], envs: &[(&str, &s
         matches!(&event.body, Some(dcnr_proto::v1::job_event::Body::Progress(p)) if p.step > 0),
         "the peer relays the owner's events: {event:?}"
     );
+    // Its dashboard lists the job, and shows it, with the owner's live status.
+    let rows = dcnr_tests::get_json(&format!("{peer_dashboard}api/jobs")).unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["job_id"] == job.as_str()).cloned();
+    let row = row.unwrap_or_else(|| panic!("the peer's dashboard does not list {job}: {rows}"));
+    assert!(row["steps_done"].as_u64().unwrap() >= 200, "{row}");
+    let detail = dcnr_tests::get_json(&format!("{peer_dashboard}api/jobs/{job}")).unwrap();
+    assert_eq!(detail["job"]["state"], "running", "{detail}");
 
     mesh.kill_orchestrator();
     let killed = Instant::now();

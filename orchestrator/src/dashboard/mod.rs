@@ -54,6 +54,8 @@ pub struct DashState {
     pub hosts: std::sync::Arc<Vec<String>>,
     /// Maintainer tokens one of which every request must carry (None: reads are open).
     pub readers: Option<std::sync::Arc<Vec<crate::admission::TrustedToken>>>,
+    /// The store shared with peer orchestrators, whose running jobs it lists too.
+    pub store: Option<std::sync::Arc<dyn crate::artifacts::ObjectStore>>,
 }
 
 /// Cookie that carries the token after a first visit with `?token=`.
@@ -139,8 +141,40 @@ impl DashState {
         self.telemetry.events()
     }
 
+    /// This orchestrator's jobs, then those running on peers sharing the store (their owners'
+    /// live status).
     async fn jobs(&self) -> Result<Vec<JobStatus>, ApiError> {
-        self.jobs.send(List).await.map_err(unavailable)
+        let mut jobs = self.jobs.send(List).await.map_err(unavailable)?;
+        if let Some(store) = &self.store {
+            let here: std::collections::BTreeSet<String> = jobs.iter().map(|j| j.job_id.clone()).collect();
+            let elsewhere = crate::peers::running_elsewhere(store.as_ref(), &here).await;
+            jobs.extend(elsewhere.into_iter().map(crate::peers::status_from_wire));
+        }
+        Ok(jobs)
+    }
+
+    /// A job this orchestrator does not hold: ended (its record) or running on a peer (asked).
+    async fn elsewhere(&self, id: &str) -> Result<JobStatus, ApiError> {
+        let not_found = || ApiError(StatusCode::NOT_FOUND, format!("no job {id}"));
+        let Some(store) = &self.store else { return Err(not_found()) };
+        let found = crate::elsewhere::find(store.as_ref(), id)
+            .await
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("the shared artifact store: {e}")))?;
+        match found {
+            Some(crate::elsewhere::Elsewhere::Ended(s)) => Ok(*s),
+            Some(crate::elsewhere::Elsewhere::Running { owner, url }) => {
+                crate::peers::get_job(&url, id).await.map(crate::peers::status_from_wire).map_err(|e| {
+                    ApiError(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "job {id} runs on orchestrator {owner:?} ({url}), which does not answer: {}",
+                            e.message()
+                        ),
+                    )
+                })
+            }
+            None => Err(not_found()),
+        }
     }
 
     async fn pnodes(&self) -> Result<Vec<PNodeView>, ApiError> {
@@ -159,12 +193,10 @@ impl DashState {
     }
 
     async fn job(&self, id: &str, since: u64) -> Result<views::JobDetail, ApiError> {
-        let status = self
-            .jobs
-            .send(Get(id.to_string()))
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+        let status = match self.jobs.send(Get(id.to_string())).await.map_err(unavailable)? {
+            Some(s) => s,
+            None => self.elsewhere(id).await?,
+        };
         let pnodes = self.pnodes().await?;
         Ok(self.telemetry.read(|t| views::job_detail(&status, t.jobs.get(id), &pnodes, since)))
     }
