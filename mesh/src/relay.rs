@@ -291,8 +291,7 @@ async fn connect(state: &State, mut tcp: TcpStream, target: &str) -> Result<(), 
 /// Whether the server of endpoint `url` accepts a TCP connection within `within`: how an
 /// orchestrator finds that a registering PNode is behind NAT (a dropped or refused connection).
 pub async fn accepts_connections(url: &str, within: Duration) -> bool {
-    let Ok(uri) = url.parse::<tonic::transport::Uri>() else { return false };
-    let Ok((host, port)) = dcnr_proto::transport::host_port(&uri) else { return false };
+    let Some((host, port)) = dcnr_proto::transport::url_host_port(url) else { return false };
     matches!(tokio::time::timeout(within, TcpStream::connect((host.as_str(), port))).await, Ok(Ok(_)))
 }
 

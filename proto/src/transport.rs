@@ -382,8 +382,13 @@ pub fn refused_handshakes() -> u64 {
     REFUSED_HANDSHAKES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Host and port of the URL `url` (see [`host_port`]), or `None` if it does not parse.
+pub fn url_host_port(url: &str) -> Option<(String, u16)> {
+    host_port(&url.parse::<Uri>().ok()?).ok()
+}
+
 /// Host (without IPv6 brackets) and port of `uri`; the scheme's default port when none is given.
-pub fn host_port(uri: &Uri) -> std::io::Result<(String, u16)> {
+fn host_port(uri: &Uri) -> std::io::Result<(String, u16)> {
     let host = uri
         .host()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no host in `{uri}`")))?;
