@@ -228,12 +228,14 @@ pub struct RelayLink {
     conns: mpsc::Sender<tokio::net::TcpStream>,
     key: std::sync::Arc<crate::identity::NodeKey>,
     current: Option<(String, dcnr_mesh::relay::Listener, tokio::task::JoinHandle<()>)>,
+    /// Since when the relay it should listen at has not had it listening.
+    down_since: Option<Instant>,
 }
 
 impl RelayLink {
     /// Not listening anywhere yet; relayed connections will go to `conns`.
     pub fn new(conns: mpsc::Sender<tokio::net::TcpStream>, key: std::sync::Arc<crate::identity::NodeKey>) -> RelayLink {
-        RelayLink { conns, key, current: None }
+        RelayLink { conns, key, current: None, down_since: None }
     }
 
     /// Listens at `relay` (stops listening at any other), or nowhere.
@@ -244,6 +246,7 @@ impl RelayLink {
         if let Some((_, _, task)) = self.current.take() {
             task.abort();
         }
+        self.down_since = relay.map(|_| Instant::now());
         if let Some(relay) = relay {
             let key = self.key.clone();
             let sign: dcnr_mesh::relay::NonceSigner =
@@ -257,6 +260,15 @@ impl RelayLink {
     /// Whether it listens at its relay now (what heartbeats report).
     pub fn listening(&self) -> bool {
         self.current.as_ref().is_some_and(|c| c.1.is_ready())
+    }
+
+    /// How long it has had a relay it could not listen at (`None`: no relay, or listening).
+    pub fn lost_for(&mut self) -> Option<Duration> {
+        if self.current.is_none() || self.listening() {
+            self.down_since = None;
+            return None;
+        }
+        Some(self.down_since.get_or_insert_with(Instant::now).elapsed())
     }
 }
 
@@ -388,6 +400,17 @@ pub async fn heartbeat_loop(
         if !orphan.is_zero() && last_ok.elapsed() > orphan {
             bail!("the orchestrator has been unreachable for {:?}; exiting", orphan);
         }
+        if relay.lost_for().is_some_and(|d| d >= RELAY_GIVE_UP) {
+            // Nobody can reach this PNode while its relay is gone: ask for another. Its VNodes
+            // were unreachable too, and are relocated by their jobs.
+            let dropped = host.send(ReleaseAll).await.unwrap_or(0);
+            tracing::warn!(dropped, after = ?RELAY_GIVE_UP, "the relay is gone; registering again for another");
+            identity = register(&link, &args, &endpoint, &creds).await?;
+            relay.follow(identity.relay.as_deref());
+            router.set_pnode_id(identity.pnode_id.clone());
+            last_ok = Instant::now();
+            continue;
+        }
         let hosted = host.send(Count).await.unwrap_or(0) as u32;
         let renew = identity.wants_renewal(SystemTime::now());
         let req = v1::HeartbeatRequest {
@@ -462,6 +485,9 @@ pub struct Member {
     /// Its listening at a relay, when it cannot be reached directly.
     pub relay: RelayLink,
 }
+
+/// How long a PNode behind NAT waits for its relay to come back before asking for another.
+const RELAY_GIVE_UP: Duration = Duration::from_secs(5);
 
 /// Heartbeat periods of silence after which a PNode given several orchestrators looks for another.
 const FAIL_OVER_AFTER: u32 = 3;

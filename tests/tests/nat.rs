@@ -6,7 +6,7 @@
 //!
 //! Needs root (network namespaces, veth, iptables), as CI has; `.ci/run` installs iptables.
 
-use dcnr_tests::{Mesh, fixture, run};
+use dcnr_tests::{Mesh, fixture, run, wait_for};
 use std::process::Command;
 use std::time::Duration;
 
@@ -115,25 +115,48 @@ fn pnodes_behind_nat_train_their_share_through_the_orchestrators_relay() {
 }
 
 #[test]
-fn a_reachable_pnode_relays_for_one_behind_nat_when_the_orchestrator_offers_no_relay() {
+fn reachable_pnodes_relay_when_the_orchestrator_does_not_and_a_lost_relay_is_replaced() {
     let a = Netns::behind_nat(2);
-    // No relay here: the direct PNode offers one.
+    // No relay on the orchestrator: two direct PNodes offer one each.
     let mut mesh = Mesh::start_on(&a.host, 0, &[], &[]).unwrap();
     let url = mesh.url.clone();
-    mesh.add_pnode_with(&["--relay-listen", &format!("{}:0", a.host)]).unwrap();
-    mesh.wait_for_pnodes(1).unwrap();
-    let offer = mesh.pnodes().unwrap()[0]["relay_offer"].as_str().unwrap().to_string();
-    assert!(offer.starts_with(&format!("{}:", a.host)), "the direct pnode offers its relay: {offer:?}");
+    for _ in 0..2 {
+        mesh.add_pnode_with(&["--relay-listen", &format!("{}:0", a.host)]).unwrap();
+    }
+    mesh.wait_for_pnodes(2).unwrap();
     let in_a = ["ip", "netns", "exec", a.name.as_str()];
     mesh.add_pnode_in(&in_a, &url, &format!("{}:0", a.inside), &["--behind-nat"]).unwrap();
-    mesh.wait_for_pnodes(2).unwrap();
-    let pnodes = mesh.pnodes().unwrap();
-    let nat = pnodes.iter().find(|p| p["name"] == "test-pnode-1").unwrap();
-    assert_eq!(nat["relayed_via"].as_str().unwrap(), offer, "{pnodes:?}");
+    mesh.wait_for_pnodes(3).unwrap();
+    let offers = |mesh: &Mesh| -> Vec<(String, String)> {
+        let pnodes = mesh.pnodes().unwrap();
+        ["test-pnode-0", "test-pnode-1"]
+            .iter()
+            .map(|n| pnodes.iter().find(|p| p["name"] == *n).unwrap())
+            .map(|p| (p["name"].as_str().unwrap().to_string(), p["relay_offer"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let offers = offers(&mesh);
+    assert!(offers.iter().all(|(_, o)| o.starts_with(&format!("{}:", a.host))), "{offers:?}");
+    let relayed_via = |mesh: &Mesh| -> Option<String> {
+        let pnodes = mesh.pnodes().ok()?;
+        let p = pnodes.iter().find(|p| p["name"] == "test-pnode-2")?;
+        (p["health"] == "healthy" && p["unreachable"] == false).then(|| p["relayed_via"].as_str().unwrap().to_string())
+    };
+    let first =
+        wait_for("the pnode behind NAT to listen at a relay", Duration::from_secs(20), || relayed_via(&mesh)).unwrap();
+    let used = offers.iter().position(|(_, o)| *o == first).unwrap_or_else(|| panic!("{first} is none of {offers:?}"));
+
+    // The relaying PNode dies: the one behind NAT asks for, and gets, the other relay.
+    mesh.kill_pnode(used);
+    let other = &offers[1 - used].1;
+    wait_for("the pnode behind NAT to move to the other relay", Duration::from_secs(30), || {
+        relayed_via(&mesh).filter(|r| r == other)
+    })
+    .unwrap();
 
     let want = train_local("200");
     let s = mesh.submit_wait(&fixture("tiny-mlp.toml"), &["--steps", "200"]).unwrap();
     assert_eq!(s["status"], "succeeded", "{s}");
     assert_eq!(s["params_sha256"].as_str().unwrap(), want);
-    assert_eq!(s["pnodes"], 2, "both hosted vnodes: {s}");
+    assert_eq!(s["pnodes"], 2, "the surviving direct pnode and the one behind NAT: {s}");
 }
