@@ -288,6 +288,31 @@ async fn connect(state: &State, mut tcp: TcpStream, target: &str) -> Result<(), 
     Ok(())
 }
 
+/// Why a relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The address cannot be listened on.
+    #[error("cannot listen for relay connections on {0}: {1}")]
+    Bind(std::net::SocketAddr, std::io::Error),
+    /// The address to advertise is not `host:port`.
+    #[error("the relay address {0:?} is not host:port")]
+    Advertise(String),
+}
+
+/// Binds `listen` and runs a relay there (default limits) on the current runtime; answers the
+/// `host:port` to advertise: `advertise`, or the address bound.
+pub async fn start(listen: std::net::SocketAddr, advertise: Option<String>) -> Result<String, StartError> {
+    let listener = TcpListener::bind(listen).await.map_err(|e| StartError::Bind(listen, e))?;
+    let local = listener.local_addr().map_err(|e| StartError::Bind(listen, e))?;
+    let advertised = advertise.unwrap_or_else(|| local.to_string());
+    if !relay::is_relay_address(&advertised) {
+        return Err(StartError::Advertise(advertised));
+    }
+    tokio::spawn(serve(listener, RelayLimits::default()));
+    tracing::info!(%local, %advertised, "relaying for pnodes behind NAT");
+    Ok(advertised)
+}
+
 /// Whether the server of endpoint `url` accepts a TCP connection within `within`: how an
 /// orchestrator finds that a registering PNode is behind NAT (a dropped or refused connection).
 pub async fn accepts_connections(url: &str, within: Duration) -> bool {

@@ -72,17 +72,7 @@ pub struct RelaySettings {
 impl RelaySettings {
     /// Binds and starts the relay on the current runtime; answers the address to advertise.
     pub async fn start(&self) -> anyhow::Result<String> {
-        let listener = tokio::net::TcpListener::bind(self.listen)
-            .await
-            .with_context(|| format!("cannot listen for relay connections on {}", self.listen))?;
-        let local = listener.local_addr()?;
-        let advertised = self.advertise.clone().unwrap_or_else(|| local.to_string());
-        if !dcnr_proto::relay::is_relay_address(&advertised) {
-            anyhow::bail!("the relay address {advertised:?} is not host:port");
-        }
-        tokio::spawn(dcnr_mesh::relay::serve(listener, dcnr_mesh::relay::RelayLimits::default()));
-        tracing::info!(%local, %advertised, "relaying for pnodes behind NAT");
-        Ok(advertised)
+        Ok(dcnr_mesh::relay::start(self.listen, self.advertise.clone()).await?)
     }
 }
 

@@ -55,17 +55,7 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     }
     let mut given = args.clone();
     if let Some(listen) = args.relay_listen {
-        let relay = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen for relay connections on {listen}"))?;
-        let local = relay.local_addr()?;
-        let advertised = args.relay_advertise.clone().unwrap_or_else(|| local.to_string());
-        if !dcnr_proto::relay::is_relay_address(&advertised) {
-            anyhow::bail!("--relay-advertise {advertised:?} is not host:port");
-        }
-        tokio::spawn(dcnr_mesh::relay::serve(relay, dcnr_mesh::relay::RelayLimits::default()));
-        tracing::info!(%local, %advertised, "relaying for pnodes behind NAT");
-        given.relay_advertise = Some(advertised);
+        given.relay_advertise = Some(dcnr_mesh::relay::start(listen, args.relay_advertise.clone()).await?);
     }
     let args = discover::choose(&given).await?;
     let tls = pinning::setup(&args).await?;
