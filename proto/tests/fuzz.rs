@@ -7,6 +7,26 @@ use proptest::prelude::*;
 
 proptest! {
     #[test]
+    fn relay_lines_from_any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        use dcnr_proto::relay;
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut input = bytes.as_slice();
+        if let Ok(line) = rt.block_on(relay::read_line(&mut input)) {
+            // A line read is bounded, printable, and the bytes after it stay unread.
+            prop_assert!(line.len() < relay::MAX_LINE && line.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+            prop_assert_eq!(input.len(), bytes.len() - line.len() - 1);
+            if let Ok(hello) = relay::Hello::parse(&line) {
+                prop_assert_eq!(relay::Hello::parse(hello.line().trim_end()).ok(), Some(hello));
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let _ = relay::Hello::parse(&text);
+        let _ = relay::relayed_target(&text);
+        let _ = relay::is_relay_address(&text);
+        let _ = relay::has_path(&text);
+    }
+
+    #[test]
     fn tensors_from_any_bytes_decode_or_fail_cleanly(
         shape in proptest::collection::vec(any::<u64>(), 0..6),
         dtype in any::<i32>(),
