@@ -149,6 +149,7 @@ async fn dashboard_shows_live_curves_pnodes_and_placement_in_chromium() {
         pnode_ids.push(r[0].as_str().unwrap_or_default().to_string());
         let text = r[1].as_str().unwrap_or_default();
         assert!(text.contains("healthy"), "{text}");
+        assert!(text.contains("direct"), "reached directly, so said: {text}");
     }
     let names = js(
         c.clone(),

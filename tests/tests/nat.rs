@@ -76,7 +76,7 @@ fn pnodes_behind_nat_train_their_share_through_the_orchestrators_relay() {
     let a = Netns::behind_nat(0);
     let b = Netns::behind_nat(1);
     let relay = format!("{}:0", a.host);
-    let mut mesh = Mesh::start_on(&a.host, 1, &["--relay-listen", &relay], &[]).unwrap();
+    let mut mesh = Mesh::start_on(&a.host, 1, &["--relay-listen", &relay, "--dashboard", "127.0.0.1:0"], &[]).unwrap();
     let url = mesh.url.clone();
     // One says nothing and is found out by the orchestrator's probe; the other declares itself.
     let in_a = ["ip", "netns", "exec", a.name.as_str()];
@@ -99,6 +99,18 @@ fn pnodes_behind_nat_train_their_share_through_the_orchestrators_relay() {
             "{name} is reached through the orchestrator's relay: {pnodes:?}"
         );
         relayed.push(id);
+    }
+    // The dashboard shows how each is reached; a relayed one is reachable once its heartbeat
+    // says it listens at the relay.
+    let api = format!("{}api/pnodes", mesh.dashboard.clone().unwrap());
+    let rows = wait_for("every pnode to be reachable", Duration::from_secs(10), || {
+        let rows = dcnr_tests::get_json(&api).ok()?;
+        rows.as_array()?.iter().all(|r| r["reachable"] == true).then_some(rows)
+    })
+    .unwrap();
+    for r in rows.as_array().unwrap() {
+        let via = r["reach"]["relayed_via"].as_str().unwrap_or("");
+        assert_eq!(via.is_empty(), r["id"] == direct.as_str(), "{r}");
     }
 
     let want = train_local("300");

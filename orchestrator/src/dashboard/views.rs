@@ -109,6 +109,10 @@ pub struct PNodeRow {
     pub caps: Caps,
     /// Heartbeat health.
     pub health: Health,
+    /// Reached directly or through a relay, and the relay it offers.
+    pub reach: crate::registry::Reach,
+    /// Whether it can be reached now (directly, or listening at its relay).
+    pub reachable: bool,
     /// Trust state; none until replica verification exists.
     pub trust: Option<String>,
     /// VNodes it reported hosting.
@@ -243,6 +247,8 @@ pub fn pnode_rows(pnodes: &[PNodeView], tracks: &Tracks) -> Vec<PNodeRow> {
                 endpoint: p.endpoint.clone(),
                 caps: p.caps.clone(),
                 health: p.health,
+                reach: p.reach.clone(),
+                reachable: p.reach.reachable(),
                 trust: None,
                 hosted_vnodes: p.hosted_vnodes,
                 vnodes: hosted.remove(p.id.as_str()).unwrap_or_default(),

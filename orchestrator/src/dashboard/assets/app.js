@@ -90,10 +90,14 @@ function renderPNodes(pnodes) {
     const hosted = p.vnodes.length
       ? p.vnodes.map((v) => `${v.name} (${v.job})`).join(', ')
       : (p.hosted_vnodes ? `${p.hosted_vnodes} VNodes` : '–');
+    let reach = p.reach.relayed_via ? `relayed via ${p.reach.relayed_via}` : 'direct';
+    if (!p.reachable) reach = p.reach.relayed_via ? `${reach} (not listening)` : 'unreachable (no relay)';
+    if (p.reach.relay_offer) reach += `, relays at ${p.reach.relay_offer}`;
     return el('tr', { 'data-pnode': p.id },
       el('td', { text: p.id }),
       el('td', { text: p.name }),
       el('td', {}, el('span', { class: 'badge h-' + p.health, text: p.health })),
+      el('td', { class: 'wrap', text: reach }),
       el('td', { text: p.trust || 'n/a' }),
       el('td', { text: p.caps.cores }),
       el('td', { text: fmt.bytes(p.caps.memory_bytes) }),
