@@ -115,7 +115,7 @@ pub async fn serve(listener: TcpListener, limits: RelayLimits) {
 }
 
 /// Refuses with a reason the other side can read, then reports it.
-async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, why: String) -> Result<(), RelayError> {
+async fn refuse<T, W: AsyncWrite + Unpin>(w: &mut W, why: String) -> Result<T, RelayError> {
     let _ = relay::write_line(w, &format!("ERR {why}\n")).await;
     Err(RelayError::Refused(why))
 }
@@ -175,15 +175,15 @@ async fn admit_listener(
 ) -> Result<Option<(String, u64, mpsc::Receiver<[u8; TOKEN_BYTES]>)>, RelayError> {
     let mut nonce = [0u8; NONCE_BYTES];
     if getrandom::fill(&mut nonce).is_err() {
-        return refuse(tcp, "the relay has no randomness".into()).await.map(|_| None);
+        return refuse(tcp, "the relay has no randomness".into()).await;
     }
     relay::write_line(tcp, &format!("NONCE {}\n", hex::encode(nonce))).await?;
     let line = relay::read_line_timely(tcp).await?;
     let sig = line.strip_prefix("SIGN ").and_then(relay::hex_array::<64>);
-    let Some(sig) = sig else { return refuse(tcp, "expected SIGN <signature>".into()).await.map(|_| None) };
+    let Some(sig) = sig else { return refuse(tcp, "expected SIGN <signature>".into()).await };
     let id = match relay::verify_listen(&key, &nonce, &sig) {
         Ok(id) => id,
-        Err(e) => return refuse(tcp, e.to_string()).await.map(|_| None),
+        Err(e) => return refuse(tcp, e.to_string()).await,
     };
     let (open_tx, open_rx) = mpsc::channel(state.limits.pending);
     let serial = state.serial.fetch_add(1, Ordering::Relaxed);
@@ -197,7 +197,7 @@ async fn admit_listener(
         !full
     };
     if !admitted {
-        return refuse(tcp, format!("this relay serves {} pnodes already", state.limits.listeners)).await.map(|_| None);
+        return refuse(tcp, format!("this relay serves {} pnodes already", state.limits.listeners)).await;
     }
     relay::write_line(tcp, &format!("OK {id}\n")).await?;
     tracing::info!(pnode = %id, "relay: pnode listening");
