@@ -77,6 +77,8 @@ pub struct JobTable {
     lease_round: bool,
     serve_limits: ServeLimits,
     telemetry: Telemetry,
+    /// This orchestrator's instance id, named in allocations and releases.
+    instance: String,
 }
 
 impl JobTable {
@@ -104,7 +106,14 @@ impl JobTable {
             lease_round: false,
             serve_limits: ServeLimits::default(),
             telemetry: Telemetry::default(),
+            instance: String::new(),
         }
+    }
+
+    /// Names this orchestrator `instance` to the PNodes it allocates on.
+    pub fn with_instance(mut self, instance: String) -> JobTable {
+        self.instance = instance;
+        self
     }
 
     /// Owns jobs through `leases`, shared with other orchestrators using the same store.
@@ -297,9 +306,15 @@ impl JobTable {
             }
             Some(id) => id.clone(),
             None => {
-                let digest = hex::encode(sha2::Sha256::digest(
-                    serde_json::to_string(&resolved.envelope).unwrap_or_default().as_bytes(),
-                ));
+                let mut hasher = sha2::Sha256::new();
+                hasher.update(serde_json::to_string(&resolved.envelope).unwrap_or_default().as_bytes());
+                // Orchestrators sharing the store count jobs each on their own: their instance
+                // names keep one's ids apart from another's for the same submission.
+                if self.leases.is_some() {
+                    hasher.update(b"\ninstance ");
+                    hasher.update(self.instance.as_bytes());
+                }
+                let digest = hex::encode(hasher.finalize());
                 // Ids must be unique in this table and in the artifact store, which outlives
                 // orchestrator restarts.
                 loop {
@@ -368,6 +383,7 @@ impl JobTable {
             watchers: events.clone(),
             store: self.store.clone(),
             events: self.telemetry.events().clone(),
+            instance: self.instance.clone(),
         };
         let actor = JobActor::start_in_arbiter(&Arbiter::new().handle(), move |_| JobActor::new(spec, services, None));
         tracing::info!(job = %job_id, steps, "job submitted");
@@ -625,8 +641,9 @@ impl Handler<Infer> for JobTable {
             _ => {
                 let (job, limits, registry, jobs) =
                     (msg.job.clone(), self.serve_limits.clone(), self.registry.clone(), ctx.address());
+                let instance = self.instance.clone();
                 let a = ServeActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-                    ServeActor::new(job, store, limits, registry, jobs)
+                    ServeActor::new(job, store, limits, registry, jobs, instance)
                 });
                 self.serving.insert(msg.job.clone(), a.clone());
                 a

@@ -216,7 +216,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
     let telemetry = Telemetry::new(EventLog::default());
     let data = DataCache::new(cfg.data.clone());
     let mut jobs = JobTable::new(registry.clone(), data.clone(), cfg.jobs.clone(), store.clone(), recorded)
-        .with_telemetry(telemetry.clone());
+        .with_telemetry(telemetry.clone())
+        .with_instance(instance.clone());
     if let Some(store) = &store {
         tracing::info!(%instance, term = ?cfg.lease_term, "owning jobs through leases in the store");
         let scheme = if ca.is_some() { "https" } else { "http" };
@@ -256,6 +257,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<ServerHandle> {
         data,
         store: store.clone(),
         relay,
+        instance: instance.clone(),
         admission: std::sync::Arc::new(crate::admission::Admission {
             token: cfg.trusted_token.clone(),
             ..Default::default()

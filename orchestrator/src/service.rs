@@ -149,6 +149,8 @@ pub struct OrchestratorService {
     pub store: Option<std::sync::Arc<dyn crate::artifacts::ObjectStore>>,
     /// `host:port` of the relay this orchestrator offers PNodes behind NAT, if it runs one.
     pub relay: Option<String>,
+    /// This orchestrator's instance id, told to PNodes in the challenge.
+    pub instance: String,
 }
 
 /// How long the registration probe waits for a PNode's endpoint to accept a connection.
@@ -484,6 +486,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         Ok(Response::new(v1::ChallengeResponse {
             nonce: issued.to_vec(),
             ttl_ms: crate::admission::CHALLENGE_TTL.as_millis() as u32,
+            orchestrator_id: self.instance.clone(),
         }))
     }
 

@@ -272,11 +272,6 @@ impl Host {
         self.jobs.values().map(Vec::len).sum()
     }
 
-    fn release_all(&mut self) -> u32 {
-        let jobs: Vec<String> = self.jobs.keys().cloned().collect();
-        jobs.iter().map(|j| self.release(j)).sum()
-    }
-
     fn release(&mut self, job: &str) -> u32 {
         self.router.forget_job(job);
         let gone = self.jobs.remove(job).unwrap_or_default();
@@ -400,19 +395,6 @@ impl Handler<Release> for Host {
 
     fn handle(&mut self, msg: Release, _: &mut Context<Self>) -> u32 {
         self.release(&msg.0)
-    }
-}
-
-/// Stops every VNode of every job (the orchestrator no longer knows this PNode's work).
-#[derive(Message)]
-#[rtype(result = "u32")]
-pub struct ReleaseAll;
-
-impl Handler<ReleaseAll> for Host {
-    type Result = u32;
-
-    fn handle(&mut self, _: ReleaseAll, _: &mut Context<Self>) -> u32 {
-        self.release_all()
     }
 }
 

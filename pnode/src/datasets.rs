@@ -75,7 +75,6 @@ pub enum DatasetError {
 pub struct Datasets {
     dir: Option<PathBuf>,
     limit: u64,
-    link: OrchestratorLink,
     state: tokio::sync::Mutex<Held>,
 }
 
@@ -88,19 +87,19 @@ struct Held {
 
 impl Datasets {
     /// Packs cached under `data_dir/datasets` (memory only without a data dir), at most `limit`
-    /// bytes each, fetched through `link`.
-    pub fn new(data_dir: Option<&Path>, limit: u64, link: OrchestratorLink) -> Datasets {
+    /// bytes each.
+    pub fn new(data_dir: Option<&Path>, limit: u64) -> Datasets {
         Datasets {
             dir: data_dir.map(|d| d.join(CACHE_DIR)),
             limit,
-            link,
             state: tokio::sync::Mutex::new(Held::default()),
         }
     }
 
-    /// The decoded pack `sha256` of `bytes` bytes: already held, cached on disk, or fetched.
-    /// Concurrent calls wait for each other, so a pack is fetched once.
-    pub async fn obtain(&self, sha256: &str, bytes: u64) -> Result<Arc<Splits>, DatasetError> {
+    /// The decoded pack `sha256` of `bytes` bytes: already held, cached on disk, or fetched
+    /// through `link` (the orchestrator of the job that needs it). Concurrent calls wait for
+    /// each other, so a pack is fetched once.
+    pub async fn obtain(&self, sha256: &str, bytes: u64, link: &OrchestratorLink) -> Result<Arc<Splits>, DatasetError> {
         if !valid_address(sha256) {
             return Err(DatasetError::BadAddress(sha256.chars().take(80).collect()));
         }
@@ -116,7 +115,7 @@ impl Datasets {
         }
         let splits = match self.cached(sha256, bytes).await? {
             Some(s) => s,
-            None => self.fetch(sha256, bytes).await?,
+            None => self.fetch(sha256, bytes, link).await?,
         };
         let splits = Arc::new(splits);
         held.in_use.insert(sha256.to_string(), Arc::downgrade(&splits));
@@ -157,10 +156,9 @@ impl Datasets {
     }
 
     /// Fetches, checks and (with a data dir) caches the pack.
-    async fn fetch(&self, sha256: &str, bytes: u64) -> Result<Splits, DatasetError> {
+    async fn fetch(&self, sha256: &str, bytes: u64, link: &OrchestratorLink) -> Result<Splits, DatasetError> {
         tracing::info!(%sha256, bytes, "fetching a dataset pack from the orchestrator");
-        let data = self
-            .link
+        let data = link
             .fetch_dataset(sha256, bytes)
             .await
             .map_err(|source| DatasetError::Fetch { sha256: sha256.into(), source })?;

@@ -1,5 +1,5 @@
-//! Which orchestrator to join: the `--orchestrator` list resolved (`dcnr_mesh::discovery`),
-//! then the first candidate that answers (with TLS: completes a handshake, and presents the
+//! Which orchestrators to join: the `--orchestrator` list resolved (`dcnr_mesh::discovery`);
+//! first the first candidate that answers (with TLS: completes a handshake, and presents the
 //! pinned CA when a pin is known), retried until `--connect-timeout-s`.
 
 use crate::config::PnodeArgs;
@@ -10,51 +10,62 @@ use std::time::{Duration, Instant};
 /// `args` with `orchestrator` set to the chosen URL, and `ca_sha256` to the pin DNS published
 /// when neither `--ca` nor `--ca-sha256` was given. A single URL is used as it is.
 pub async fn choose(args: &PnodeArgs) -> anyhow::Result<PnodeArgs> {
-    choose_within(args, args.connect_timeout()).await
-}
-
-/// Whether the `--orchestrator` value can name more than one orchestrator (a list or a DNS
-/// name), so that a PNode whose orchestrator is gone may look for another.
-pub fn can_fail_over(args: &PnodeArgs) -> bool {
-    parse_sources(&args.orchestrator).is_ok_and(|s| !matches!(s.as_slice(), [Source::Url(_)]))
-}
-
-/// [`choose`], giving up after `patience`.
-pub async fn choose_within(args: &PnodeArgs, patience: Duration) -> anyhow::Result<PnodeArgs> {
+    let patience = args.connect_timeout();
     let sources = parse_sources(&args.orchestrator)?;
     if let [Source::Url(url)] = sources.as_slice() {
         return Ok(PnodeArgs { orchestrator: url.clone(), ..args.clone() });
     }
-    let scheme = if args.insecure_plaintext { "http" } else { "https" };
-    let discovery = Discovery::new(args.dns_server)?;
     let deadline = Instant::now() + patience;
     let mut wait = Duration::from_millis(100);
     loop {
         // Resolved afresh on every round: DNS may change while nothing answers.
-        let candidates = discovery.candidates(&sources, scheme).await;
-        match &candidates {
-            Ok(found) => {
-                tracing::debug!(candidates = ?found.iter().map(|c| &c.url).collect::<Vec<_>>(), "orchestrators found");
-                for c in found {
-                    let chosen = adopt(args, c);
-                    if answers(&chosen).await {
-                        tracing::info!(orchestrator = %c.url, pinned = chosen.ca_sha256.is_some(), "joining");
-                        return Ok(chosen);
-                    }
-                }
+        let why = match answering_first(args, &sources, true).await {
+            Ok(mut found) if !found.is_empty() => {
+                let chosen = found.swap_remove(0);
+                tracing::info!(orchestrator = %chosen.orchestrator, pinned = chosen.ca_sha256.is_some(), "joining");
+                return Ok(chosen);
             }
-            Err(e) => tracing::debug!(error = %e, "discovery failed; retrying"),
-        }
+            Ok(_) => "no candidate answered".to_string(),
+            Err(e) => e.to_string(),
+        };
         if Instant::now() + wait >= deadline {
-            let why = match candidates {
-                Ok(found) => format!("none of {} candidate(s) answered", found.len()),
-                Err(e) => e.to_string(),
-            };
             anyhow::bail!("no orchestrator reachable from `{}`: {why}", args.orchestrator);
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(2));
     }
+}
+
+/// Whether the `--orchestrator` value can name more than one orchestrator (a list or a DNS
+/// name), so that a PNode joins every one it names and looks them up again now and then.
+pub fn names_several(args: &PnodeArgs) -> bool {
+    parse_sources(&args.orchestrator).is_ok_and(|s| !matches!(s.as_slice(), [Source::Url(_)]))
+}
+
+/// Every orchestrator `args.orchestrator` names that answers now, as `args` to join it with
+/// (one lookup, no retries).
+pub async fn answering(args: &PnodeArgs) -> anyhow::Result<Vec<PnodeArgs>> {
+    let sources = parse_sources(&args.orchestrator)?;
+    answering_first(args, &sources, false).await
+}
+
+/// The candidates that answer, in discovery order; with `first_only`, stops at the first.
+async fn answering_first(args: &PnodeArgs, sources: &[Source], first_only: bool) -> anyhow::Result<Vec<PnodeArgs>> {
+    let scheme = if args.insecure_plaintext { "http" } else { "https" };
+    let discovery = Discovery::new(args.dns_server)?;
+    let found = discovery.candidates(sources, scheme).await?;
+    tracing::debug!(candidates = ?found.iter().map(|c| &c.url).collect::<Vec<_>>(), "orchestrators found");
+    let mut out = Vec::new();
+    for c in &found {
+        let chosen = adopt(args, c);
+        if answers(&chosen).await {
+            out.push(chosen);
+            if first_only {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn adopt(args: &PnodeArgs, c: &Candidate) -> PnodeArgs {

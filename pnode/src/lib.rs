@@ -1,7 +1,8 @@
 //! The PNode runtime: joins an orchestrator, hosts VNodes as actors, and moves their traffic.
 //!
 //! Module map: [`config`] (flags), [`identity`] (the key pair behind the PNode id),
-//! [`membership`] (signed registration and heartbeat), [`actors`] (the VNode actors and their
+//! [`membership`] (signed registration and heartbeat with every orchestrator named),
+//! [`orchestrators`] (which orchestrator each hosted job answers to), [`actors`] (the VNode actors and their
 //! host; inbound tensors pass the cheap checks first), [`datasets`] (the dataset packs VNodes
 //! build their data inputs from: fetched once, cached, shared), [`router`] (where an outbound
 //! message goes: a local actor or a remote PNode), [`fault`] (fault injection, a testing aid, hooked
@@ -24,6 +25,7 @@ pub use dcnr_vnode::fault;
 pub mod identity;
 pub mod membership;
 pub mod metrics;
+pub mod orchestrators;
 pub mod pinning;
 pub mod router;
 pub mod senders;
@@ -61,9 +63,6 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     let tls = pinning::setup(&args).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let endpoint = args.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
-    let orchestrator = membership::OrchestratorLink::connect(&args.orchestrator, args.connect_timeout())
-        .await
-        .with_context(|| format!("cannot reach orchestrator at {}", args.orchestrator))?;
     let key = match &args.data_dir {
         Some(dir) => identity::NodeKey::load_or_create(dir)?,
         None => {
@@ -78,15 +77,6 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         token: args.trusted_token()?,
         certificate: tls.as_ref().map(|t| t.identity.clone()),
     };
-    let identity = membership::register(&orchestrator, &args, &endpoint, &creds).await?;
-    let (relayed_tx, relayed_rx) = tokio::sync::mpsc::channel(64);
-    let relay = membership::RelayLink::new(relayed_tx, creds.key.clone());
-    // Registration was anonymous; from now on every call presents the certificate it earned.
-    let orchestrator = match tls {
-        Some(_) => membership::OrchestratorLink::connect(&args.orchestrator, args.connect_timeout()).await?,
-        None => orchestrator,
-    };
-    tracing::info!(pnode = %identity.pnode_id, trusted = identity.trusted, %endpoint, "registered with orchestrator");
     let fault = args.injector();
     if let Some(f) = &fault {
         tracing::warn!(
@@ -96,7 +86,8 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         );
     }
 
-    let router = router::Router::start(orchestrator.clone(), creds.key.clone(), fault);
+    let orchestrators = orchestrators::Orchestrators::new();
+    let router = router::Router::start(orchestrators.clone(), creds.key.clone(), fault);
     // Without --memory-mib, three quarters of physical memory: one allocation must not be able
     // to ask for more than the machine has.
     let memory_limit = match args.memory_mib {
@@ -104,37 +95,58 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         None => capabilities::detect(None, None).memory_bytes / 4 * 3,
     };
     let host = actors::Host::start_new(router.clone(), args.max_vnodes, memory_limit);
-    let datasets = std::sync::Arc::new(datasets::Datasets::new(
-        args.data_dir.as_deref(),
-        args.max_dataset_bytes(),
-        orchestrator.clone(),
-    ));
+    let (relayed_tx, relayed_rx) = tokio::sync::mpsc::channel(64);
+    let shared = membership::Shared {
+        given,
+        endpoint,
+        creds,
+        host: host.clone(),
+        router: router.clone(),
+        orchestrators: orchestrators.clone(),
+        relayed: relayed_tx,
+    };
+    // The first orchestrator is joined before anything is served, so a refusal ends the start.
+    let first = membership::join(&shared, args.clone(), args.connect_timeout()).await?;
+    let hosting = service::Hosting {
+        host,
+        router: router.clone(),
+        datasets: std::sync::Arc::new(datasets::Datasets::new(args.data_dir.as_deref(), args.max_dataset_bytes())),
+        senders: std::sync::Arc::new(senders::Senders::new(orchestrators.clone())),
+        orchestrators: orchestrators.clone(),
+    };
     let server_tls = tls.as_ref().map(|t| t.server_config()).transpose()?;
-    let senders = std::sync::Arc::new(senders::Senders::new(orchestrator.clone()));
-    let mut server =
-        tokio::spawn(service::serve(listener, relayed_rx, server_tls, host.clone(), router.clone(), datasets, senders));
-    let member = membership::Member { link: orchestrator.clone(), args: args.clone(), given, endpoint, creds, relay };
-    let mut heartbeat = tokio::spawn(membership::heartbeat_loop(member, identity, host, router.clone()));
+    let mut server = tokio::spawn(service::serve(listener, relayed_rx, server_tls, hosting));
+    let mut members = tokio::spawn(membership::keep_memberships(shared, first));
     tokio::select! {
         r = &mut server => return r.context("gRPC server task failed")?.context("gRPC server failed"),
-        r = &mut heartbeat => return r.context("heartbeat task failed")?,
+        r = &mut members => return r.context("membership task failed")?,
         _ = shutdown_signal() => {}
     }
-    // A graceful leave: the service keeps running while the orchestrator moves our VNodes away.
+    // A graceful leave: the service keeps running while the orchestrators move our VNodes away.
     let timeout = Duration::from_secs(args.drain_timeout_s);
     if !timeout.is_zero() {
-        tracing::info!("leaving: asking the orchestrator to move this pnode's VNodes");
+        tracing::info!("leaving: asking the orchestrators to move this pnode's VNodes");
         let id = router.pnode_id();
+        let drains = orchestrators.members().into_iter().map(|(instance, link)| {
+            let id = id.clone();
+            async move {
+                match link.drain(&id, timeout).await {
+                    Ok(0) => tracing::info!(%instance, "drained; no work is lost"),
+                    Ok(n) => {
+                        tracing::warn!(%instance, remaining = n, "drain timed out; the orchestrator will recover these VNodes")
+                    }
+                    Err(s) => {
+                        tracing::warn!(%instance, status = %s, "drain failed; the orchestrator will recover this pnode's VNodes")
+                    }
+                }
+            }
+        });
         tokio::select! {
-            r = orchestrator.drain(&id, timeout) => match r {
-                Ok(0) => tracing::info!("drained; no work is lost"),
-                Ok(n) => tracing::warn!(remaining = n, "drain timed out; the orchestrator will recover these VNodes"),
-                Err(s) => tracing::warn!(status = %s, "drain failed; the orchestrator will recover this pnode's VNodes"),
-            },
+            _ = futures::future::join_all(drains) => {}
             _ = shutdown_signal() => tracing::warn!("second signal: leaving without draining"),
         }
     }
-    heartbeat.abort();
+    members.abort();
     server.abort();
     tracing::info!("shutting down");
     Ok(())

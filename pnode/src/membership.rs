@@ -1,13 +1,16 @@
-//! Joining the orchestrator: registration with protocol version and capabilities, heartbeats,
-//! and the client calls a PNode makes to the orchestrator.
+//! Joining orchestrators: registration with protocol version and capabilities, heartbeats,
+//! membership of every orchestrator `--orchestrator` names ([`keep_memberships`]), and the
+//! client calls a PNode makes to an orchestrator.
 
-use crate::actors::{Count, Host, ReleaseAll};
+use crate::actors::{Count, Host, Release};
 use crate::config::PnodeArgs;
+use crate::orchestrators::Orchestrators;
 use crate::router::Router;
 use actix::Addr;
 use anyhow::{Context as _, bail};
 use dcnr_proto::limits::MAX_MESSAGE_BYTES;
 use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -212,6 +215,8 @@ impl FetchError {
 pub struct Identity {
     /// Id assigned at registration.
     pub pnode_id: String,
+    /// The orchestrator instance registered with.
+    pub orchestrator_id: String,
     /// Heartbeat period asked for by the orchestrator.
     pub heartbeat: Duration,
     /// Whether the orchestrator accepted the trusted-mode token.
@@ -314,29 +319,41 @@ pub struct Credentials {
     pub certificate: Option<std::sync::Arc<dcnr_proto::tls::CertSlot>>,
 }
 
-/// Registers this PNode, proving possession of its key by signing a fresh challenge. A refused
-/// protocol version, quarantined identity or wrong token is an error that says so.
+/// Registers this PNode with the orchestrator `link` reaches, proving possession of its key by
+/// signing a fresh challenge. The orchestrator's instance id (from the challenge) joins
+/// `orchestrators` before the registration is sent, so an allocation that follows it at once
+/// finds its orchestrator. A refused protocol version, quarantined identity or wrong token is a
+/// [`Refused`] error that says so.
 pub async fn register(
     link: &OrchestratorLink,
+    orchestrators: &Orchestrators,
     args: &PnodeArgs,
     endpoint: &str,
     creds: &Credentials,
 ) -> anyhow::Result<Identity> {
     let refused = |s: tonic::Status| match s.code() {
         tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
-            anyhow::anyhow!("registration refused: {}", s.message())
+            anyhow::Error::new(Refused(s.message().to_string()))
         }
         _ => anyhow::anyhow!("registration failed: {} ({:?})", s.message(), s.code()),
     };
     let public = creds.key.public();
     let challenge =
         link.client().challenge(v1::ChallengeRequest { public_key: public.to_vec() }).await.map_err(refused)?;
+    let challenge = challenge.into_inner();
+    let orchestrator_id = challenge.orchestrator_id;
+    if orchestrator_id.len() > MAX_INSTANCE_ID {
+        bail!("the orchestrator at {} sent an instance id of {} bytes", link.url(), orchestrator_id.len());
+    }
+    if !orchestrators.join(&orchestrator_id, &link.url(), link.clone()) {
+        bail!(Duplicate(orchestrator_id));
+    }
     let mut req = v1::RegisterRequest {
         protocol_version: args.protocol_version,
         name: args.name.clone(),
         endpoint: endpoint.to_string(),
         capabilities: Some(crate::capabilities::detect(args.cores, args.memory_mib)),
-        nonce: challenge.into_inner().nonce,
+        nonce: challenge.nonce,
         trusted_token: creds.token.clone(),
         behind_nat: args.behind_nat,
         // Set to the address the relay really listens at once it runs (`lib::run`).
@@ -375,6 +392,7 @@ pub async fn register(
     }
     Ok(Identity {
         pnode_id: resp.pnode_id,
+        orchestrator_id,
         heartbeat: Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(50))),
         trusted: resp.trusted,
         certificate,
@@ -382,36 +400,143 @@ pub async fn register(
     })
 }
 
-/// Heartbeats forever; registers again if the orchestrator has forgotten this PNode.
-pub async fn heartbeat_loop(
-    member: Member,
-    identity: Identity,
-    host: Addr<Host>,
-    router: Router,
+/// Longest orchestrator instance id accepted (it is kept and logged).
+const MAX_INSTANCE_ID: usize = 256;
+
+/// An orchestrator refused this PNode (protocol version, quarantine, token): no retry helps.
+#[derive(Debug, thiserror::Error)]
+#[error("registration refused: {0}")]
+pub struct Refused(pub String);
+
+/// The orchestrator is one this PNode is a member of already, through another URL.
+#[derive(Debug, thiserror::Error)]
+#[error("orchestrator instance {0:?} is a member already, through another URL")]
+pub struct Duplicate(pub String);
+
+/// What every membership of this PNode shares: who it is, where it is reached, what it hosts.
+#[derive(Clone)]
+pub struct Shared {
+    /// The flags as given (`--orchestrator` as a URL, a list or a DNS name).
+    pub given: PnodeArgs,
+    /// This PNode's advertised endpoint.
+    pub endpoint: String,
+    /// Its key, token and certificate slot.
+    pub creds: Credentials,
+    /// The VNode host.
+    pub host: Addr<Host>,
+    /// The router (told the id each registration confirms).
+    pub router: Router,
+    /// The orchestrators joined, and which one each job answers to.
+    pub orchestrators: Orchestrators,
+    /// Where connections accepted through a relay go (the gRPC server takes them).
+    pub relayed: mpsc::Sender<tokio::net::TcpStream>,
+}
+
+impl Shared {
+    /// Releases the VNodes of the jobs orchestrator `id` allocated here; how many there were.
+    async fn release_jobs_of(&self, id: &str) -> u32 {
+        let jobs = self.orchestrators.forget_jobs_of(id);
+        self.release(jobs).await
+    }
+
+    async fn release(&self, jobs: Vec<String>) -> u32 {
+        let mut dropped = 0;
+        for job in jobs {
+            dropped += self.host.send(Release(job)).await.unwrap_or(0);
+        }
+        dropped
+    }
+}
+
+/// One orchestrator this PNode has joined: where, and its registration there.
+pub struct Joined {
+    /// The flags, `--orchestrator` being this orchestrator's URL.
+    pub args: PnodeArgs,
+    /// The link to it.
+    pub link: OrchestratorLink,
+    /// The registration.
+    pub identity: Identity,
+}
+
+/// Joins the orchestrator `args.orchestrator` names: connects, registers, and (with TLS)
+/// connects again presenting the certificate just earned.
+pub async fn join(shared: &Shared, args: PnodeArgs, patience: Duration) -> anyhow::Result<Joined> {
+    let url = args.orchestrator.clone();
+    let link = OrchestratorLink::connect(&url, patience)
+        .await
+        .with_context(|| format!("cannot reach orchestrator at {url}"))?;
+    let fresh_certificate = shared.creds.certificate.as_ref().is_some_and(|slot| !slot.is_set());
+    let identity = match register(&link, &shared.orchestrators, &args, &shared.endpoint, &shared.creds).await {
+        Ok(i) => i,
+        Err(e) => {
+            if e.downcast_ref::<Duplicate>().is_none() {
+                let id = link_member_id(&shared.orchestrators, &url);
+                if let Some(id) = id {
+                    shared.orchestrators.leave(&id);
+                }
+            }
+            return Err(e);
+        }
+    };
+    // A first registration was anonymous; from now on every call presents the certificate.
+    if fresh_certificate {
+        link.switch_to(&url, patience).await?;
+    }
+    shared.router.set_pnode_id(identity.pnode_id.clone());
+    tracing::info!(
+        pnode = %identity.pnode_id,
+        orchestrator = %url,
+        instance = %identity.orchestrator_id,
+        trusted = identity.trusted,
+        endpoint = %shared.endpoint,
+        "registered with orchestrator"
+    );
+    Ok(Joined { args, link, identity })
+}
+
+/// The instance joined at `url`, if any.
+fn link_member_id(orchestrators: &Orchestrators, url: &str) -> Option<String> {
+    orchestrators.members().into_iter().find(|(_, l)| l.url() == url).map(|(id, _)| id)
+}
+
+/// How one membership stands, for the supervisor.
+#[derive(Default)]
+struct Standing {
+    /// When its orchestrator last answered a heartbeat (`None`: not yet).
+    last_ok: Option<Instant>,
+}
+
+/// Heartbeats with one orchestrator until it refuses this PNode (an error) or the task is
+/// aborted; registers again when it has forgotten this PNode, and gives up its jobs when it
+/// has been silent long enough for another orchestrator to take them over.
+async fn keep_membership(
+    shared: Shared,
+    joined: Joined,
+    standing: std::sync::Arc<std::sync::Mutex<Standing>>,
+    give_up_silent: bool,
 ) -> anyhow::Result<()> {
-    let Member { link, args, given, endpoint, creds, mut relay } = member;
-    let mut identity = identity;
+    let Joined { args, link, mut identity } = joined;
+    let mut relay = RelayLink::new(shared.relayed.clone(), shared.creds.key.clone());
     relay.follow(identity.relay.as_deref());
     let mut last_ok = Instant::now();
-    let orphan = Duration::from_secs(args.orphan_timeout_s);
-    let fail_over = crate::discover::can_fail_over(&given);
+    let mut released_silent = false;
+    // Heartbeats to a silent orchestrator back off, and its silence is logged once.
+    let mut wait = identity.heartbeat;
+    let mut failing = false;
+    let mark_ok = |at: Instant| standing.lock().unwrap_or_else(|p| p.into_inner()).last_ok = Some(at);
+    mark_ok(last_ok);
     loop {
-        tokio::time::sleep(identity.heartbeat).await;
-        if !orphan.is_zero() && last_ok.elapsed() > orphan {
-            bail!("the orchestrator has been unreachable for {:?}; exiting", orphan);
-        }
+        tokio::time::sleep(wait).await;
         if relay.lost_for().is_some_and(|d| d >= RELAY_GIVE_UP) {
-            // Nobody can reach this PNode while its relay is gone: ask for another. Its VNodes
-            // were unreachable too, and are relocated by their jobs.
-            let dropped = host.send(ReleaseAll).await.unwrap_or(0);
-            tracing::warn!(dropped, after = ?RELAY_GIVE_UP, "the relay is gone; registering again for another");
-            identity = register(&link, &args, &endpoint, &creds).await?;
+            // Nobody can reach this PNode for this orchestrator while its relay is gone: ask
+            // for another. Its VNodes were unreachable too, and are relocated by their jobs.
+            identity = register_again(&shared, &link, &args, &identity.orchestrator_id, "the relay is gone").await?;
             relay.follow(identity.relay.as_deref());
-            router.set_pnode_id(identity.pnode_id.clone());
             last_ok = Instant::now();
+            mark_ok(last_ok);
             continue;
         }
-        let hosted = host.send(Count).await.unwrap_or(0) as u32;
+        let hosted = shared.host.send(Count).await.unwrap_or(0) as u32;
         let renew = identity.wants_renewal(SystemTime::now());
         let req = v1::HeartbeatRequest {
             pnode_id: identity.pnode_id.clone(),
@@ -422,9 +547,15 @@ pub async fn heartbeat_loop(
         match link.client().heartbeat(req).await {
             Ok(r) if r.get_ref().known => {
                 last_ok = Instant::now();
+                mark_ok(last_ok);
+                released_silent = false;
+                wait = identity.heartbeat;
+                if std::mem::take(&mut failing) {
+                    tracing::info!(orchestrator = %link.url(), "the orchestrator answers again");
+                }
                 let r = r.into_inner();
-                if let (Some(slot), false) = (&creds.certificate, r.certificate_chain.is_empty()) {
-                    match install(slot, &creds.key, r.certificate_chain, r.certificate_expires_unix_ms) {
+                if let (Some(slot), false) = (&shared.creds.certificate, r.certificate_chain.is_empty()) {
+                    match install(slot, &shared.creds.key, r.certificate_chain, r.certificate_expires_unix_ms) {
                         Ok(validity) => {
                             identity.certificate = Some(validity);
                             tracing::info!("certificate renewed");
@@ -434,66 +565,177 @@ pub async fn heartbeat_loop(
                 }
             }
             Ok(_) => {
-                // The orchestrator restarted or declared this PNode lost: whatever it hosts was
-                // already given up and relocated, so it is dropped rather than left computing.
-                let dropped = host.send(ReleaseAll).await.unwrap_or(0);
-                tracing::warn!(dropped, "orchestrator no longer knows this pnode; registering again");
-                identity = register(&link, &args, &endpoint, &creds).await?;
+                // The orchestrator restarted or declared this PNode lost: what it placed here
+                // was already given up and relocated, so it is dropped rather than left computing.
+                identity =
+                    register_again(&shared, &link, &args, &identity.orchestrator_id, "the orchestrator forgot this pnode")
+                        .await?;
                 relay.follow(identity.relay.as_deref());
-                router.set_pnode_id(identity.pnode_id.clone());
                 last_ok = Instant::now();
+                mark_ok(last_ok);
+                released_silent = false;
+                (wait, failing) = (identity.heartbeat, false);
             }
             Err(s) => {
-                tracing::warn!(status = %s, "heartbeat failed");
+                if std::mem::replace(&mut failing, true) {
+                    tracing::debug!(orchestrator = %link.url(), status = %s, "heartbeat failed");
+                } else {
+                    tracing::warn!(orchestrator = %link.url(), status = %s, "heartbeat failed; retrying");
+                }
+                wait = (wait * 2).min(SILENT_HEARTBEAT.max(identity.heartbeat));
                 let silent = last_ok.elapsed();
-                if fail_over && silent >= (identity.heartbeat * FAIL_OVER_AFTER).max(MIN_FAIL_OVER) {
-                    let Ok(other) = crate::discover::choose_within(&given, FAIL_OVER_SEARCH).await else { continue };
-                    if other.orchestrator == link.url() {
-                        continue;
-                    }
-                    link.switch_to(&other.orchestrator, FAIL_OVER_SEARCH).await?;
+                if give_up_silent && !released_silent && silent >= (identity.heartbeat * FAIL_OVER_AFTER).max(MIN_FAIL_OVER)
+                {
                     // Its jobs are taken over by another orchestrator, which allocates them anew.
-                    let dropped = host.send(ReleaseAll).await.unwrap_or(0);
-                    tracing::warn!(
-                        from = ?silent,
-                        orchestrator = %other.orchestrator,
-                        dropped,
-                        "orchestrator unreachable; failing over"
-                    );
-                    identity = register(&link, &other, &endpoint, &creds).await?;
-                    relay.follow(identity.relay.as_deref());
-                    router.set_pnode_id(identity.pnode_id.clone());
-                    last_ok = Instant::now();
+                    let dropped = shared.release_jobs_of(&identity.orchestrator_id).await;
+                    tracing::warn!(from = ?silent, orchestrator = %link.url(), dropped, "orchestrator unreachable; its jobs are given up here");
+                    released_silent = true;
                 }
             }
         }
     }
 }
 
-/// Who this PNode is to the orchestrators: what [`heartbeat_loop`] registers and heartbeats with.
-pub struct Member {
-    /// The link to the orchestrator joined.
-    pub link: OrchestratorLink,
-    /// The flags, `--orchestrator` being the one joined.
-    pub args: PnodeArgs,
-    /// The flags as given (`--orchestrator` as a list or DNS name: where to fail over to).
-    pub given: PnodeArgs,
-    /// This PNode's advertised endpoint.
-    pub endpoint: String,
-    /// Its key, token and certificate slot.
-    pub creds: Credentials,
-    /// Its listening at a relay, when it cannot be reached directly.
-    pub relay: RelayLink,
+/// Releases what orchestrator `id` placed here, then registers with it again until it answers
+/// (a refusal is returned).
+async fn register_again(
+    shared: &Shared,
+    link: &OrchestratorLink,
+    args: &PnodeArgs,
+    id: &str,
+    why: &str,
+) -> anyhow::Result<Identity> {
+    let dropped = shared.release_jobs_of(id).await;
+    tracing::warn!(orchestrator = %link.url(), dropped, "{why}; registering again");
+    loop {
+        match register(link, &shared.orchestrators, args, &shared.endpoint, &shared.creds).await {
+            Ok(i) => return Ok(i),
+            Err(e) if e.downcast_ref::<Refused>().is_some() || e.downcast_ref::<Duplicate>().is_some() => {
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(orchestrator = %link.url(), error = %e, "registering again failed; retrying");
+                tokio::time::sleep(REREGISTER_WAIT).await;
+            }
+        }
+    }
 }
+
+/// A running membership.
+struct Membership {
+    id: String,
+    standing: std::sync::Arc<std::sync::Mutex<Standing>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Membership {
+    fn start(shared: &Shared, joined: Joined, give_up_silent: bool) -> Membership {
+        let standing = std::sync::Arc::new(std::sync::Mutex::new(Standing::default()));
+        let id = joined.identity.orchestrator_id.clone();
+        let task = tokio::spawn(keep_membership(shared.clone(), joined, standing.clone(), give_up_silent));
+        Membership { id, standing, task }
+    }
+
+    fn last_ok(&self) -> Option<Instant> {
+        self.standing.lock().unwrap_or_else(|p| p.into_inner()).last_ok
+    }
+}
+
+/// Keeps this PNode a member of every orchestrator `--orchestrator` names: `first` (joined by
+/// the caller) and, for a list or a DNS name, every other candidate that answers, re-resolved
+/// every [`RESOLVE_EVERY`], so orchestrators added later are joined too. A member that has left
+/// the candidates and fallen silent is dropped with its jobs. Returns an error when an
+/// orchestrator refuses this PNode, or when none has answered for `--orphan-timeout-s`.
+pub async fn keep_memberships(shared: Shared, first: Joined) -> anyhow::Result<()> {
+    let several = crate::discover::names_several(&shared.given);
+    let orphan = Duration::from_secs(shared.given.orphan_timeout_s);
+    let started = Instant::now();
+    let mut members: BTreeMap<String, Membership> = BTreeMap::new();
+    members.insert(first.args.orchestrator.clone(), Membership::start(&shared, first, several));
+    let mut next_resolve = Instant::now() + RESOLVE_EVERY.min(Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(SUPERVISE_EVERY).await;
+        // A refusal ends the PNode: it is quarantined or misconfigured, which no retry mends.
+        for m in members.values_mut() {
+            if m.task.is_finished() {
+                let task = std::mem::replace(&mut m.task, tokio::spawn(async { Ok(()) }));
+                match task.await {
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(())) => {}
+                    Err(e) => anyhow::bail!("a membership task failed: {e}"),
+                }
+            }
+        }
+        let newest_ok = members.values().filter_map(Membership::last_ok).max().unwrap_or(started);
+        if !orphan.is_zero() && newest_ok.elapsed() > orphan {
+            bail!("no orchestrator has answered for {:?}; exiting", orphan);
+        }
+        if !several || Instant::now() < next_resolve {
+            continue;
+        }
+        next_resolve = Instant::now() + RESOLVE_EVERY;
+        let candidates = match crate::discover::answering(&shared.given).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "discovery failed; keeping the orchestrators joined");
+                continue;
+            }
+        };
+        let urls: BTreeSet<String> = candidates.iter().map(|c| c.orchestrator.clone()).collect();
+        let gone: Vec<String> = members
+            .iter()
+            .filter(|(url, m)| !urls.contains(*url) && m.last_ok().is_none_or(|t| t.elapsed() >= FORGET_SILENT))
+            .map(|(url, _)| url.clone())
+            .collect();
+        for url in gone {
+            if let Some(m) = members.remove(&url) {
+                m.task.abort();
+                let jobs = shared.orchestrators.leave(&m.id);
+                let dropped = shared.release(jobs).await;
+                tracing::info!(orchestrator = %url, dropped, "left an orchestrator that is gone from discovery and silent");
+            }
+        }
+        for args in candidates {
+            if members.contains_key(&args.orchestrator) {
+                continue;
+            }
+            let url = args.orchestrator.clone();
+            match join(&shared, args, JOIN_PATIENCE).await {
+                Ok(joined) => {
+                    members.insert(url, Membership::start(&shared, joined, several));
+                }
+                Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
+                Err(e) => tracing::debug!(orchestrator = %url, error = %e, "not joined"),
+            }
+        }
+    }
+}
+
+/// How often the orchestrators a list or DNS name gives are looked up again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+
+/// How often the memberships are looked after.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(250);
+
+/// How long an orchestrator gone from discovery may be silent before this PNode leaves it.
+const FORGET_SILENT: Duration = Duration::from_secs(30);
+
+/// How long joining one more orchestrator may take.
+const JOIN_PATIENCE: Duration = Duration::from_secs(3);
+
+/// Wait between attempts to register again with an orchestrator that forgot this PNode.
+const REREGISTER_WAIT: Duration = Duration::from_secs(1);
+
+/// Longest wait between heartbeats to an orchestrator that does not answer.
+const SILENT_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// How long a PNode behind NAT waits for its relay to come back before asking for another.
 const RELAY_GIVE_UP: Duration = Duration::from_secs(5);
 
-/// Heartbeat periods of silence after which a PNode given several orchestrators looks for another.
+/// Heartbeat periods of silence after which a PNode given several orchestrators gives up the
+/// silent one's jobs (another takes them over).
 const FAIL_OVER_AFTER: u32 = 3;
 
 /// Least silence before failing over, whatever the heartbeat period.
 const MIN_FAIL_OVER: Duration = Duration::from_secs(1);
 
-/// How long one search for another orchestrator may take.
-const FAIL_OVER_SEARCH: Duration = Duration::from_secs(3);

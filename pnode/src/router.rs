@@ -3,7 +3,7 @@
 //! orchestrator once and caching the answer.
 
 use crate::actors::{Deliver, FeedInput};
-use crate::membership::OrchestratorLink;
+use crate::orchestrators::Orchestrators;
 use actix::Recipient;
 use dcnr_mesh::convert::{self, FeedRequest, Target};
 use dcnr_mesh::link::{Link, open_link};
@@ -99,17 +99,18 @@ pub struct Router {
 }
 
 impl Router {
-    /// Starts the egress and report tasks on the current tokio runtime.
+    /// Starts the egress and report tasks on the current tokio runtime; each job's Resolves
+    /// and reports go to the orchestrator that allocated it (`orchestrators`).
     pub fn start(
-        orchestrator: OrchestratorLink,
+        orchestrators: Orchestrators,
         key: Arc<crate::identity::NodeKey>,
         fault: Option<crate::fault::Injector>,
     ) -> Router {
         let (egress, egress_rx) = mpsc::unbounded_channel();
         let (reports, reports_rx) = mpsc::unbounded_channel();
-        tokio::spawn(egress_loop(egress_rx, orchestrator.clone(), key.clone()));
+        tokio::spawn(egress_loop(egress_rx, orchestrators.clone(), key.clone()));
         let pnode_id = key.pnode_id();
-        tokio::spawn(report_loop(reports_rx, orchestrator));
+        tokio::spawn(dispatch_reports(reports_rx, orchestrators));
         let inner = Inner {
             pnode_id: RwLock::new(pnode_id),
             stale: Default::default(),
@@ -292,7 +293,7 @@ fn seal_message(key: &crate::identity::NodeKey, m: &mut v1::VNodeMessage) {
 
 async fn egress_loop(
     mut rx: mpsc::UnboundedReceiver<Egress>,
-    orchestrator: OrchestratorLink,
+    orchestrators: Orchestrators,
     key: Arc<crate::identity::NodeKey>,
 ) {
     let mut locations: HashMap<VKey, String> = HashMap::new();
@@ -314,7 +315,7 @@ async fn egress_loop(
         let key = (m.job_id.clone(), m.to_vnode);
         let endpoint = match locations.get(&key) {
             Some(e) => e.clone(),
-            None => match orchestrator.resolve(&key.0, key.1).await {
+            None => match resolve(&orchestrators, &key.0, key.1).await {
                 Ok(e) => {
                     locations.insert(key.clone(), e.clone());
                     e
@@ -353,10 +354,38 @@ async fn egress_loop(
     }
 }
 
-async fn report_loop(mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>, orchestrator: OrchestratorLink) {
+/// Where VNode `vnode` of `job` is hosted, asked of the orchestrator the job answers to.
+async fn resolve(orchestrators: &Orchestrators, job: &str, vnode: u32) -> Result<String, tonic::Status> {
+    let Some((_, link)) = orchestrators.for_job(job) else {
+        return Err(tonic::Status::not_found("the job answers to no orchestrator this pnode is a member of"));
+    };
+    link.resolve(job, vnode).await
+}
+
+/// Sends each report to the orchestrator its job answers to, on one report stream per
+/// orchestrator; a report of a job that answers to none (released) is dropped.
+async fn dispatch_reports(mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>, orchestrators: Orchestrators) {
+    let mut streams: HashMap<String, mpsc::UnboundedSender<v1::VNodeReport>> = HashMap::new();
+    while let Some(r) = rx.recv().await {
+        let Some((id, link)) = orchestrators.for_job(&r.job_id) else {
+            tracing::debug!(job = %r.job_id, "report of a job no orchestrator here allocated; dropped");
+            continue;
+        };
+        streams.retain(|i, s| !s.is_closed() && orchestrators.is_member(i));
+        let stream = streams.entry(id).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(report_loop(rx, link));
+            tx
+        });
+        let _ = stream.send(r);
+    }
+}
+
+async fn report_loop(mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>, orchestrator: crate::membership::OrchestratorLink) {
     // A report that met a broken stream is sent first on the next one: losing it would leave
     // its step unfinished in the orchestrator's eyes.
     let mut unsent: Option<v1::VNodeReport> = None;
+    let mut wait = REPORT_RETRY;
     loop {
         let (tx, stream_rx) = mpsc::channel::<v1::VNodeReport>(4096);
         let call = {
@@ -373,17 +402,31 @@ async fn report_loop(mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>, orchestra
                 broken = true;
                 break;
             }
+            wait = REPORT_RETRY;
         }
         drop(tx);
         if let Ok(Err(status)) = call.await {
-            tracing::warn!(%status, "report stream to orchestrator failed; reconnecting");
+            // Said once per outage: an orchestrator that is down is retried quietly.
+            if wait == REPORT_RETRY {
+                tracing::warn!(orchestrator = %orchestrator.url(), %status, "report stream failed; reconnecting");
+            } else {
+                tracing::debug!(orchestrator = %orchestrator.url(), %status, "report stream failed again");
+            }
         }
-        if !broken {
+        // Nothing more will come for an orchestrator that is no longer joined: stop retrying it.
+        if !broken || rx.is_closed() {
             return;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(REPORT_RETRY_MAX);
     }
 }
+
+/// First wait before a broken report stream is opened again.
+const REPORT_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Longest wait between attempts to open a report stream.
+const REPORT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[cfg(test)]
 mod queue_tests {

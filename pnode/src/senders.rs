@@ -4,7 +4,7 @@
 //! is placed comes from the orchestrator (`Resolve`), cached, and asked again when the cached
 //! answer disagrees (a relocation this PNode took no part in).
 
-use crate::membership::OrchestratorLink;
+use crate::orchestrators::Orchestrators;
 use dcnr_model::ValidGraph;
 use dcnr_model::graph::Source;
 use dcnr_vnode::Inbound;
@@ -69,13 +69,13 @@ pub struct Senders {
     graphs: Mutex<HashMap<String, Hosted>>,
     /// (job, vnode) → (PNode id, when the orchestrator said so).
     placed: Mutex<HashMap<(String, u32), (String, Instant)>>,
-    orchestrator: OrchestratorLink,
+    orchestrators: Orchestrators,
 }
 
 impl Senders {
-    /// Nothing known yet; placements are asked of `orchestrator`.
-    pub fn new(orchestrator: OrchestratorLink) -> Senders {
-        Senders { graphs: Mutex::default(), placed: Mutex::default(), orchestrator }
+    /// Nothing known yet; placements are asked of the orchestrator each job answers to.
+    pub fn new(orchestrators: Orchestrators) -> Senders {
+        Senders { graphs: Mutex::default(), placed: Mutex::default(), orchestrators }
     }
 
     /// A job was (re)allocated here in `generation` with `graph`: what was known of its
@@ -115,7 +115,8 @@ impl Senders {
             Some((_, at)) if at.elapsed() < RESOLVE_AGAIN_AFTER => return Err(not_placed()),
             _ => {}
         }
-        let (pnode, _) = self.orchestrator.resolve_placement(job, from).await.map_err(|_| not_placed())?;
+        let (_, link) = self.orchestrators.for_job(job).ok_or_else(not_placed)?;
+        let (pnode, _) = link.resolve_placement(job, from).await.map_err(|_| not_placed())?;
         let ok = pnode == peer;
         self.placed.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (pnode, Instant::now()));
         if ok { Ok(()) } else { Err(not_placed()) }

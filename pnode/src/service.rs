@@ -5,6 +5,7 @@
 use crate::actors::{Alive, Allocate, Find, GetParams, Host, JobData, JobVNodes, Release, TakeSnapshot};
 use crate::datasets::Datasets;
 use crate::metrics::PNODE;
+use crate::orchestrators::Orchestrators;
 use crate::router::RouteError;
 use crate::router::{Evidence, Router};
 use crate::senders::Senders;
@@ -23,6 +24,20 @@ use tonic::{Request, Response, Status, Streaming};
 /// How long a VNode may take to answer a liveness probe before it counts as stuck.
 const VNODE_PROBE: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// What the `PNode` service hands its calls to.
+pub struct Hosting {
+    /// The VNode host.
+    pub host: Addr<Host>,
+    /// The router.
+    pub router: Router,
+    /// The dataset packs.
+    pub datasets: Arc<Datasets>,
+    /// Where the senders of VNode messages are placed.
+    pub senders: Arc<Senders>,
+    /// The orchestrators joined, and which one each job answers to.
+    pub orchestrators: Orchestrators,
+}
+
 /// The `PNode` gRPC service.
 pub struct PNodeService {
     host: Addr<Host>,
@@ -30,6 +45,7 @@ pub struct PNodeService {
     datasets: Arc<Datasets>,
     /// Where the senders of VNode messages are placed.
     senders: Arc<Senders>,
+    orchestrators: Orchestrators,
     /// Plaintext mode: no caller is authenticated and the checks below pass (local development).
     plaintext: bool,
 }
@@ -83,6 +99,9 @@ impl v1::p_node_server::PNode for PNodeService {
                 dcnr_model::graph::MAX_IN_FLIGHT
             )));
         }
+        // Whose job this is: its reports, Resolves and dataset go to that orchestrator.
+        let (orchestrator, link) =
+            self.orchestrators.member(&req.orchestrator_id).map_err(|e| Status::unavailable(e.to_string()))?;
         let train_samples = usize::try_from(req.train_samples)
             .map_err(|_| Status::invalid_argument("train_samples does not fit this machine"))?;
         if graph.pipelines() > 1 && train_samples == 0 {
@@ -121,7 +140,7 @@ impl v1::p_node_server::PNode for PNodeService {
                 )));
             }
             Some(_) => {
-                let splits = self.datasets.obtain(&req.dataset_sha256, req.dataset_bytes).await.map_err(|e| {
+                let splits = self.datasets.obtain(&req.dataset_sha256, req.dataset_bytes, &link).await.map_err(|e| {
                     Status::failed_precondition(format!("the job's dataset is not available here: {e}"))
                 })?;
                 let d = &graph.spec.data;
@@ -154,6 +173,7 @@ impl v1::p_node_server::PNode for PNodeService {
             .await
             .map_err(unavailable)?
             .map_err(Status::failed_precondition)?;
+        self.orchestrators.assign(&req.job_id, &orchestrator);
         self.senders.allocated(&req.job_id, req.generation, Arc::new(graph), req.serving);
         tracing::info!(job = %req.job_id, vnodes = n, generation = req.generation, "allocated VNodes");
         Ok(Response::new(v1::AllocateResponse { allocated: n }))
@@ -161,8 +181,14 @@ impl v1::p_node_server::PNode for PNodeService {
 
     async fn release(&self, req: Request<v1::ReleaseRequest>) -> Result<Response<v1::ReleaseResponse>, Status> {
         self.require_orchestrator(&req, "Release")?;
-        let job = req.into_inner().job_id;
+        let v1::ReleaseRequest { job_id: job, orchestrator_id } = req.into_inner();
+        if !self.orchestrators.may_release(&job, &orchestrator_id) {
+            // Another orchestrator has taken the job over and placed it here since.
+            tracing::info!(%job, from = %orchestrator_id, "not releasing a job another orchestrator allocated here");
+            return Ok(Response::new(v1::ReleaseResponse { released: 0 }));
+        }
         let released = self.host.send(Release(job.clone())).await.map_err(unavailable)?;
+        self.orchestrators.released(&job);
         self.senders.released(&job);
         tracing::info!(%job, released, "released VNodes");
         Ok(Response::new(v1::ReleaseResponse { released }))
@@ -277,14 +303,12 @@ pub async fn serve(
     listener: TcpListener,
     relayed: tokio::sync::mpsc::Receiver<tokio::net::TcpStream>,
     tls: Option<Arc<dcnr_proto::tls::ServerTls>>,
-    host: Addr<Host>,
-    router: Router,
-    datasets: Arc<Datasets>,
-    senders: Arc<Senders>,
+    hosting: Hosting,
 ) -> Result<(), tonic::transport::Error> {
     let plaintext = tls.is_none();
     let incoming = dcnr_proto::transport::incoming_with(listener, Some(relayed), tls);
-    let svc = PNodeServer::new(PNodeService { host, router, datasets, senders, plaintext })
+    let Hosting { host, router, datasets, senders, orchestrators } = hosting;
+    let svc = PNodeServer::new(PNodeService { host, router, datasets, senders, orchestrators, plaintext })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     dcnr_proto::transport::server().add_service(svc).serve_with_incoming(incoming).await

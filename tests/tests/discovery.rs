@@ -129,6 +129,13 @@ fn pnodes_follow_the_name_to_an_added_orchestrator_which_finishes_the_job() {
     // The second orchestrator is added to the name; then the first dies.
     drop(first);
     let _both = dns(dns_port, &[(port_of(&mesh.url), 0), (port_of(&b_url), 10)], &[pin]);
+    // The PNodes look the name up again and join the added orchestrator as well.
+    wait_for("the pnodes to join the added orchestrator", Duration::from_secs(30), || {
+        let out = run(&["pnodes", "--json", "--orchestrator", &b_url], T).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v.as_array()?.iter().filter(|p| p["health"] == "healthy").count() == 2).then_some(())
+    })
+    .unwrap();
     mesh.kill_orchestrator();
     wait_for("the job to finish on the added orchestrator", Duration::from_secs(120), || {
         job_state(&b_url, &job).filter(|(state, _)| state == "succeeded" || state == "failed")

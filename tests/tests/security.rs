@@ -40,7 +40,7 @@ async fn attack_pnode(endpoint: &str, who: &Caller, code: Code, job: &str) {
         code,
         &label("FetchParams"),
     );
-    refused(pn.release(v1::ReleaseRequest { job_id: job.into() }).await, code, &label("Release"));
+    refused(pn.release(v1::ReleaseRequest { job_id: job.into(), ..Default::default() }).await, code, &label("Release"));
     refused(pn.snapshot(v1::SnapshotRequest { job_id: job.into(), vnode: 0 }).await, code, &label("Snapshot"));
     let alloc = v1::AllocateRequest { job_id: job.into(), graph_json: "{}".into(), in_flight: 1, ..Default::default() };
     refused(pn.allocate(alloc).await, code, &label("Allocate"));

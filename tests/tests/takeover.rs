@@ -1,6 +1,7 @@
-//! Several orchestrators sharing one store: the one that owns a running job is SIGKILLed, the
-//! PNodes fail over to the other, which takes the job's lease once it lapses and finishes the
-//! job with `train-local`'s parameters. Over a directory store and over S3 (s3s-fs).
+//! Several orchestrators sharing one store: the one that owns a running job is SIGKILLed, and
+//! the other, which the PNodes joined too, takes the job's lease once it lapses and finishes the
+//! job with `train-local`'s parameters. Over a directory store and over S3 (s3s-fs). PNodes
+//! serve every orchestrator at once, and one orchestrator dying leaves the other's jobs alone.
 
 use dcnr_tests::{Mesh, S3Server, fixture, job_state, last_json, run, wait_for};
 use std::path::Path;
@@ -108,4 +109,81 @@ fn leases_in_s3_hand_a_job_over_the_same_way() {
     let s3 = S3Server::start(&["dcnr"]).unwrap();
     let args = ["--store", "s3://dcnr/ha", "--s3-endpoint", &s3.endpoint];
     survives_the_death_of_its_orchestrator(&args, &s3.env(), Some(&s3.root.path().join("dcnr/ha")));
+}
+
+/// The healthy PNodes the orchestrator at `url` lists.
+fn healthy_pnodes(url: &str) -> usize {
+    let out = run(&["pnodes", "--json", "--orchestrator", url], Duration::from_secs(10)).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array().map(|a| a.iter().filter(|p| p["health"] == "healthy").count()).unwrap_or(0)
+}
+
+#[test]
+fn pnodes_work_for_every_orchestrator_and_one_dying_leaves_the_others_jobs_alone() {
+    let model = fixture("tiny-mlp.toml");
+    let f = model.to_str().unwrap();
+    // The peer's own job is the longer one: it must outlast the other's takeover.
+    let (steps, longer) = ("3000", "9000");
+    let reference = |steps: &str| {
+        let local = run(&["train-local", f, "--steps", steps, "--json"], T).unwrap();
+        assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
+        last_json(&local.stdout).unwrap()["params_sha256"].clone()
+    };
+    let (reference, reference_longer) = (reference(steps), reference(longer));
+
+    let mut mesh = Mesh::start_with(0, &["--lease-term-s", "1"], &[]).unwrap();
+    let (_peer, peer_url) = mesh.start_peer_orchestrator().unwrap();
+    let both = format!("{},{peer_url}", mesh.url);
+    for _ in 0..3 {
+        mesh.add_pnode_joining(&both, &[]).unwrap();
+    }
+    // Every PNode is a member of both orchestrators at once.
+    mesh.wait_for_pnodes(3).unwrap();
+    wait_for("the peer to list every pnode", Duration::from_secs(30), || (healthy_pnodes(&peer_url) == 3).then_some(()))
+        .unwrap();
+
+    // One job on each orchestrator, on the same PNodes.
+    let submit = |url: &str, steps: &str| {
+        let out = run(&["submit", f, "--orchestrator", url, "--steps", steps], T).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (owned, peers) = (submit(&mesh.url, steps), submit(&peer_url, longer));
+    for (url, job) in [(&mesh.url, &owned), (&peer_url, &peers)] {
+        wait_for("both jobs to train", T, || job_state(url, job).filter(|(s, done)| s == "running" && *done >= 200))
+            .unwrap();
+    }
+    let status = |job: &str, url: &str| {
+        let out = run(&["jobs", job, "--json", "--orchestrator", url], T).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        last_json(&out.stdout).unwrap()
+    };
+    let hosts = |s: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        s["members"].as_array().unwrap().iter().flat_map(|p| p.as_array().unwrap().clone()).map(|v| v.to_string()).collect()
+    };
+    let before = status(&peers, &peer_url);
+    let shared = hosts(&status(&owned, &mesh.url)).intersection(&hosts(&before)).count();
+    assert!(shared > 0, "the two jobs share no pnode: {before}");
+
+    mesh.kill_orchestrator();
+    // The dead orchestrator's job moves to the peer; by then the PNodes have given up what the
+    // dead one placed on them, and the peer's own job is still training.
+    wait_for("the peer to take the job over", Duration::from_secs(30), || {
+        job_state(&peer_url, &owned).filter(|(state, done)| state == "running" && *done > 0)
+    })
+    .unwrap();
+    let (state, _) = job_state(&peer_url, &peers).unwrap();
+    assert_eq!(state, "running", "the peer's job ended before the takeover: the test proves nothing");
+    for (job, reference) in [(&owned, &reference), (&peers, &reference_longer)] {
+        wait_for("both jobs to finish on the peer", T, || {
+            job_state(&peer_url, job).filter(|(state, _)| state == "succeeded" || state == "failed")
+        })
+        .unwrap();
+        let result = wait_for("the job's record", Duration::from_secs(10), || mesh.result(job).ok()).unwrap();
+        assert_eq!(result["summary"]["status"], "succeeded", "{result}");
+        assert_eq!(&result["summary"]["params_sha256"], reference, "{job} drifted");
+    }
+    // The peer's own job never noticed: no VNode of it was dropped or moved.
+    let after = status(&peers, &peer_url);
+    assert_eq!(after["summary"]["recoveries"].as_array().map(Vec::len), Some(0), "{after}");
 }

@@ -37,6 +37,8 @@ pub struct JobServices {
     pub store: Option<Arc<dyn ObjectStore>>,
     /// The mesh's event log.
     pub events: EventLog,
+    /// This orchestrator's instance id, which allocations and releases name to PNodes.
+    pub instance: String,
 }
 
 /// The actor driving one job.
@@ -129,7 +131,8 @@ impl JobActor {
             }
             Effect::Release { endpoints, generation } => {
                 let job = self.job_id().to_string();
-                let fut = async move { pnodes::release_everywhere(&job, endpoints, true).await };
+                let instance = self.services.instance.clone();
+                let fut = async move { pnodes::release_everywhere(&job, &instance, endpoints, true).await };
                 ctx.spawn(fut.into_actor(self).map(move |_, act, ctx| act.input(ctx, Input::Released { generation })));
             }
             Effect::Allocate { generation, allocations } => {
@@ -163,6 +166,7 @@ impl JobActor {
                     train_samples: self.core.train_samples() as u64,
                     seal_messages: self.core.seals_messages(),
                     serving: false,
+                    orchestrator_id: self.services.instance.clone(),
                 };
                 ctx.spawn(pnodes::allocate_all(common, allocations).into_actor(self).map(move |result, act, ctx| {
                     act.input(ctx, Input::Allocated { generation, result });
@@ -284,6 +288,7 @@ impl JobActor {
         let uploads = std::mem::take(&mut self.uploads);
         let store = self.services.store.clone();
         let primary = matches!(self.core.spec().kind, JobKind::Primary);
+        let instance = self.services.instance.clone();
         let fut = async move {
             for u in uploads {
                 let _ = u.await;
@@ -304,7 +309,7 @@ impl JobActor {
             {
                 tracing::warn!(job = %job, error = %e, "cannot clear the job's active mark");
             }
-            pnodes::release_everywhere(&job, release, false).await;
+            pnodes::release_everywhere(&job, &instance, release, false).await;
         };
         ctx.wait(fut.into_actor(self).map(move |_, act, ctx| {
             // The job table announces the end, so a watcher never misses it.

@@ -63,6 +63,8 @@ pub struct AllocateCommon {
     pub seal_messages: bool,
     /// Serving a trained model: forward only, features sent inline, no dataset pack.
     pub serving: bool,
+    /// This orchestrator's instance id: the PNodes route the job's traffic back to it.
+    pub orchestrator_id: String,
 }
 
 /// A dataset pack as an allocation names it.
@@ -97,6 +99,7 @@ pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) 
             train_samples: common.train_samples,
             seal_messages: common.seal_messages,
             serving: common.serving,
+            orchestrator_id: common.orchestrator_id.clone(),
         };
         let deadline = allocate_deadline(dataset.map(|d| d.bytes));
         let (pnode, endpoint) = (a.pnode, a.endpoint);
@@ -118,11 +121,13 @@ pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) 
     futures::future::join_all(calls).await.into_iter().collect()
 }
 
-/// Stops a job's VNodes on the given PNodes, best effort; `brief` bounds each call.
-pub async fn release_everywhere(job: &str, endpoints: BTreeSet<String>, brief: bool) {
+/// Stops a job's VNodes on the given PNodes, best effort, where orchestrator `instance` placed
+/// them (a PNode keeps a placement another orchestrator has since made); `brief` bounds each call.
+pub async fn release_everywhere(job: &str, instance: &str, endpoints: BTreeSet<String>, brief: bool) {
     let calls = endpoints.into_iter().map(|e| async move {
         if let Ok(mut c) = pnode_client(&e, &Expect::AnyPNode) {
-            let mut req = tonic::Request::new(v1::ReleaseRequest { job_id: job.to_string() });
+            let release = v1::ReleaseRequest { job_id: job.to_string(), orchestrator_id: instance.to_string() };
+            let mut req = tonic::Request::new(release);
             if brief {
                 req.set_timeout(RELEASE_TIMEOUT);
             }

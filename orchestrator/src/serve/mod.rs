@@ -86,6 +86,8 @@ pub struct ServeActor {
     limits: ServeLimits,
     registry: Addr<Registry>,
     jobs: Addr<JobTable>,
+    /// This orchestrator's instance id, which allocations and releases name.
+    instance: String,
     links: DataLinks,
     waiting: HashMap<u64, Reply>,
     next_request: u64,
@@ -100,6 +102,7 @@ impl ServeActor {
         limits: ServeLimits,
         registry: Addr<Registry>,
         jobs: Addr<JobTable>,
+        instance: String,
     ) -> ServeActor {
         ServeActor {
             serving_id: serving_id(&job),
@@ -109,6 +112,7 @@ impl ServeActor {
             limits,
             registry,
             jobs,
+            instance,
             links: DataLinks::default(),
             waiting: HashMap::new(),
             next_request: 0,
@@ -190,8 +194,8 @@ impl ServeActor {
                 self.jobs.do_send(Placed { job_id: self.serving_id.clone(), locations });
             }
             Effect::Release { endpoints } => {
-                let id = self.serving_id.clone();
-                actix::spawn(async move { pnodes::release_everywhere(&id, endpoints, true).await });
+                let (id, instance) = (self.serving_id.clone(), self.instance.clone());
+                actix::spawn(async move { pnodes::release_everywhere(&id, &instance, endpoints, true).await });
             }
             Effect::Send { generation, mb, targets, inputs } => {
                 for t in &targets {
@@ -241,6 +245,7 @@ impl ServeActor {
             train_samples: 0,
             seal_messages: false,
             serving: true,
+            orchestrator_id: self.instance.clone(),
         }
     }
 }
