@@ -89,11 +89,7 @@ impl Datasets {
     /// Packs cached under `data_dir/datasets` (memory only without a data dir), at most `limit`
     /// bytes each.
     pub fn new(data_dir: Option<&Path>, limit: u64) -> Datasets {
-        Datasets {
-            dir: data_dir.map(|d| d.join(CACHE_DIR)),
-            limit,
-            state: tokio::sync::Mutex::new(Held::default()),
-        }
+        Datasets { dir: data_dir.map(|d| d.join(CACHE_DIR)), limit, state: tokio::sync::Mutex::new(Held::default()) }
     }
 
     /// The decoded pack `sha256` of `bytes` bytes: already held, cached on disk, or fetched

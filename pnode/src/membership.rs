@@ -567,9 +567,14 @@ async fn keep_membership(
             Ok(_) => {
                 // The orchestrator restarted or declared this PNode lost: what it placed here
                 // was already given up and relocated, so it is dropped rather than left computing.
-                identity =
-                    register_again(&shared, &link, &args, &identity.orchestrator_id, "the orchestrator forgot this pnode")
-                        .await?;
+                identity = register_again(
+                    &shared,
+                    &link,
+                    &args,
+                    &identity.orchestrator_id,
+                    "the orchestrator forgot this pnode",
+                )
+                .await?;
                 relay.follow(identity.relay.as_deref());
                 last_ok = Instant::now();
                 mark_ok(last_ok);
@@ -584,11 +589,15 @@ async fn keep_membership(
                 }
                 wait = (wait * 2).min(SILENT_HEARTBEAT.max(identity.heartbeat));
                 let silent = last_ok.elapsed();
-                if give_up_silent && !released_silent && silent >= (identity.heartbeat * FAIL_OVER_AFTER).max(MIN_FAIL_OVER)
+                if give_up_silent
+                    && !released_silent
+                    && silent >= (identity.heartbeat * FAIL_OVER_AFTER).max(MIN_FAIL_OVER)
                 {
                     // Its jobs are taken over by another orchestrator, which allocates them anew.
                     let dropped = shared.release_jobs_of(&identity.orchestrator_id).await;
-                    tracing::warn!(from = ?silent, orchestrator = %link.url(), dropped, "orchestrator unreachable; its jobs are given up here");
+                    if dropped > 0 {
+                        tracing::warn!(from = ?silent, orchestrator = %link.url(), dropped, "orchestrator unreachable; its VNodes here are given up");
+                    }
                     released_silent = true;
                 }
             }
@@ -738,4 +747,3 @@ const FAIL_OVER_AFTER: u32 = 3;
 
 /// Least silence before failing over, whatever the heartbeat period.
 const MIN_FAIL_OVER: Duration = Duration::from_secs(1);
-

@@ -107,7 +107,9 @@ impl<L: Clone> Orchestrators<L> {
         }
         match t.members.get(id) {
             Some((_, l)) => Ok((id.to_string(), l.clone())),
-            None => Err(RouteError::NotMember(id.to_string(), t.members.keys().cloned().collect::<Vec<_>>().join(", "))),
+            None => {
+                Err(RouteError::NotMember(id.to_string(), t.members.keys().cloned().collect::<Vec<_>>().join(", ")))
+            }
         }
     }
 

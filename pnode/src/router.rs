@@ -381,7 +381,10 @@ async fn dispatch_reports(mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>, orch
     }
 }
 
-async fn report_loop(mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>, orchestrator: crate::membership::OrchestratorLink) {
+async fn report_loop(
+    mut rx: mpsc::UnboundedReceiver<v1::VNodeReport>,
+    orchestrator: crate::membership::OrchestratorLink,
+) {
     // A report that met a broken stream is sent first on the next one: losing it would leave
     // its step unfinished in the orchestrator's eyes.
     let mut unsent: Option<v1::VNodeReport> = None;

@@ -140,9 +140,10 @@ impl v1::p_node_server::PNode for PNodeService {
                 )));
             }
             Some(_) => {
-                let splits = self.datasets.obtain(&req.dataset_sha256, req.dataset_bytes, &link).await.map_err(|e| {
-                    Status::failed_precondition(format!("the job's dataset is not available here: {e}"))
-                })?;
+                let splits =
+                    self.datasets.obtain(&req.dataset_sha256, req.dataset_bytes, &link).await.map_err(|e| {
+                        Status::failed_precondition(format!("the job's dataset is not available here: {e}"))
+                    })?;
                 let d = &graph.spec.data;
                 if splits.train.features() != d.feature_size || splits.classes > d.classes as u32 {
                     return Err(Status::invalid_argument(format!(

@@ -1,8 +1,8 @@
 //! Finding the orchestrator through DNS: a real DNS server (dnsmasq) on loopback publishes SRV
 //! and TXT records under `_dcnr._tcp.NAME`, and a `pnode --orchestrator dns:NAME` finds the
 //! orchestrator, pins its CA from the TXT record, passes over a dead candidate, notices a DNS
-//! change while it waits, refuses a CA other than the published one, and, when its orchestrator
-//! dies, follows the name to an orchestrator added to it since, which finishes the job.
+//! change while it waits, refuses a CA other than the published one, joins an orchestrator added
+//! to the name later, and, when the first dies, that one finishes the job.
 
 use dcnr_tests::{Mesh, Proc, bin, ca_file, fixture, free_port, job_state, last_json, run, secure, wait_for};
 use std::process::{Command, Stdio};
@@ -122,20 +122,22 @@ fn pnodes_follow_the_name_to_an_added_orchestrator_which_finishes_the_job() {
     let first = dns(dns_port, &[(port_of(&mesh.url), 0)], std::slice::from_ref(&pin));
     let _pnodes: Vec<Proc> = (0..2).map(|_| pnode(dns_port, &[])).collect();
     mesh.wait_for_pnodes(2).unwrap();
-    let out = run(&["submit", model.to_str().unwrap(), "--orchestrator", &mesh.url, "--steps", "3000"], T).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    mesh.wait_for_step(200, T).unwrap();
-    // The second orchestrator is added to the name; then the first dies.
+    // The second orchestrator is added to the name: the PNodes look it up again and join it
+    // as well, while still members of the first.
     drop(first);
     let _both = dns(dns_port, &[(port_of(&mesh.url), 0), (port_of(&b_url), 10)], &[pin]);
-    // The PNodes look the name up again and join the added orchestrator as well.
     wait_for("the pnodes to join the added orchestrator", Duration::from_secs(30), || {
         let out = run(&["pnodes", "--json", "--orchestrator", &b_url], T).ok()?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         (v.as_array()?.iter().filter(|p| p["health"] == "healthy").count() == 2).then_some(())
     })
     .unwrap();
+    mesh.wait_for_pnodes(2).unwrap();
+    // A job on the first; then the first dies.
+    let out = run(&["submit", model.to_str().unwrap(), "--orchestrator", &mesh.url, "--steps", "3000"], T).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    mesh.wait_for_step(200, T).unwrap();
     mesh.kill_orchestrator();
     wait_for("the job to finish on the added orchestrator", Duration::from_secs(120), || {
         job_state(&b_url, &job).filter(|(state, _)| state == "succeeded" || state == "failed")

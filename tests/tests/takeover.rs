@@ -139,8 +139,10 @@ fn pnodes_work_for_every_orchestrator_and_one_dying_leaves_the_others_jobs_alone
     }
     // Every PNode is a member of both orchestrators at once.
     mesh.wait_for_pnodes(3).unwrap();
-    wait_for("the peer to list every pnode", Duration::from_secs(30), || (healthy_pnodes(&peer_url) == 3).then_some(()))
-        .unwrap();
+    wait_for("the peer to list every pnode", Duration::from_secs(30), || {
+        (healthy_pnodes(&peer_url) == 3).then_some(())
+    })
+    .unwrap();
 
     // One job on each orchestrator, on the same PNodes.
     let submit = |url: &str, steps: &str| {
@@ -159,7 +161,13 @@ fn pnodes_work_for_every_orchestrator_and_one_dying_leaves_the_others_jobs_alone
         last_json(&out.stdout).unwrap()
     };
     let hosts = |s: &serde_json::Value| -> std::collections::BTreeSet<String> {
-        s["members"].as_array().unwrap().iter().flat_map(|p| p.as_array().unwrap().clone()).map(|v| v.to_string()).collect()
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p.as_array().unwrap().clone())
+            .map(|v| v.to_string())
+            .collect()
     };
     let before = status(&peers, &peer_url);
     let shared = hosts(&status(&owned, &mesh.url)).intersection(&hosts(&before)).count();
