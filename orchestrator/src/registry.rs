@@ -27,6 +27,12 @@ pub struct Caps {
     pub gpu: String,
     /// Nodes of the same class produce bit-identical results.
     pub determinism_class: String,
+    /// The GPU's matrix-product throughput measured by the PNode at start, GFLOP/s (0: none).
+    #[serde(default)]
+    pub gpu_gflops: u32,
+    /// The GPU's determinism class (backend, adapter, driver), empty without one.
+    #[serde(default)]
+    pub gpu_determinism_class: String,
 }
 
 /// Liveness judged from heartbeats.
@@ -835,6 +841,8 @@ mod tests {
                 os: "linux".into(),
                 gpu: String::new(),
                 determinism_class: "c1".into(),
+                gpu_gflops: 0,
+                gpu_determinism_class: String::new(),
             },
             reach: Reach::default(),
         }

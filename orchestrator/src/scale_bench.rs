@@ -187,6 +187,8 @@ fn registration(i: usize, host: usize, p: &Plan) -> Registration {
             os: "linux".into(),
             gpu: if p.gpu { "NVIDIA GeForce RTX 3060".into() } else { String::new() },
             determinism_class: p.class.into(),
+            gpu_gflops: if p.gpu { 12_000 } else { 0 },
+            gpu_determinism_class: String::new(),
         },
         reach: Default::default(),
     }

@@ -216,6 +216,8 @@ fn pnode_to_wire(p: &PNodeView) -> v1::PNodeInfo {
             os: p.caps.os.clone(),
             gpu: p.caps.gpu.clone(),
             determinism_class: p.caps.determinism_class.clone(),
+            gpu_gflops: f64::from(p.caps.gpu_gflops),
+            gpu_determinism_class: p.caps.gpu_determinism_class.clone(),
         }),
         health: p.health.name().into(),
         hosted_vnodes: p.hosted_vnodes,
@@ -377,7 +379,9 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             )));
         }
         if let Some(c) = &r.capabilities
-            && [&c.arch, &c.os, &c.gpu, &c.determinism_class].iter().any(|s| s.len() > MAX_CAPABILITY_TEXT)
+            && [&c.arch, &c.os, &c.gpu, &c.determinism_class, &c.gpu_determinism_class]
+                .iter()
+                .any(|s| s.len() > MAX_CAPABILITY_TEXT)
         {
             return Err(Status::invalid_argument(format!(
                 "capability strings are limited to {MAX_CAPABILITY_TEXT} bytes"
@@ -443,6 +447,13 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
             os: c.os,
             gpu: c.gpu,
             determinism_class: c.determinism_class,
+            // A peer's number: whatever it sends becomes a whole number in range.
+            gpu_gflops: if c.gpu_gflops.is_finite() {
+                c.gpu_gflops.clamp(0.0, f64::from(u32::MAX)).round() as u32
+            } else {
+                0
+            },
+            gpu_determinism_class: c.gpu_determinism_class,
         };
         let register = Register(Registration {
             id,

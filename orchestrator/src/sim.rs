@@ -507,6 +507,8 @@ pub(crate) fn sim_caps() -> Caps {
         os: "linux".into(),
         gpu: String::new(),
         determinism_class: "sim".into(),
+        gpu_gflops: 0,
+        gpu_determinism_class: String::new(),
     }
 }
 

@@ -654,6 +654,8 @@ mod tests {
                 os: "linux".into(),
                 gpu: String::new(),
                 determinism_class: "c".into(),
+                gpu_gflops: 0,
+                gpu_determinism_class: String::new(),
             },
             health,
             hosted_vnodes: 0,

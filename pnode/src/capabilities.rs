@@ -1,9 +1,10 @@
-//! What this machine offers: cores, memory, architecture, and its determinism class.
+//! What this machine offers: cores, memory, architecture, its determinism class, and a GPU.
 
 use dcnr_proto::v1::Capabilities;
 
-/// Capabilities of this machine, with the operator's overrides applied.
-pub fn detect(cores: Option<u32>, memory_mib: Option<u64>) -> Capabilities {
+/// Capabilities of this machine, with the operator's overrides applied and the GPU chosen at
+/// start (`gpu::choose`), if any.
+pub fn detect(cores: Option<u32>, memory_mib: Option<u64>, gpu: Option<&crate::gpu::Gpu>) -> Capabilities {
     let cores = cores.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
     let memory_bytes = memory_mib.map(|m| m * 1024 * 1024).unwrap_or_else(physical_memory);
     Capabilities {
@@ -11,8 +12,10 @@ pub fn detect(cores: Option<u32>, memory_mib: Option<u64>) -> Capabilities {
         memory_bytes,
         arch: std::env::consts::ARCH.into(),
         os: std::env::consts::OS.into(),
-        gpu: String::new(),
+        gpu: gpu.map(|g| g.description.clone()).unwrap_or_default(),
         determinism_class: determinism_class(),
+        gpu_gflops: gpu.map_or(0.0, |g| g.gflops),
+        gpu_determinism_class: gpu.map(|g| g.determinism_class.clone()).unwrap_or_default(),
     }
 }
 

@@ -4,12 +4,24 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The device a PNode offers (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// The CPU only.
+    Cpu,
+    /// A GPU, or no start.
+    Gpu,
+    /// A hardware GPU if one works, else the CPU.
+    Auto,
+}
+
 /// Flags of `pnode`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PnodeArgs {
     /// Orchestrator to join: a URL, or several comma-separated, or `dns:NAME` (the SRV records
     /// of `_dcnr._tcp.NAME` list orchestrators; a TXT record there may pin the CA with
-    /// `dcnr-ca-sha256=HEX`). The first that accepts a connection is joined.
+    /// `dcnr-ca-sha256=HEX`). Every one that answers is joined, and a list or name is looked up
+    /// again every few seconds.
     #[arg(long, env = "DCNR_ORCHESTRATOR", default_value = "https://127.0.0.1:7070")]
     pub orchestrator: String,
     /// DNS server for `dns:` names (default: this machine's resolver configuration).
@@ -33,6 +45,11 @@ pub struct PnodeArgs {
     /// `host:port` others dial to reach this PNode's relay (default: the --relay-listen address).
     #[arg(long, env = "DCNR_RELAY_ADVERTISE", requires = "relay_listen")]
     pub relay_advertise: Option<String>,
+    /// Which device to offer: `cpu`; `gpu` (a GPU adapter must work, or the PNode does not
+    /// start; a software one such as lavapipe counts); `auto` (a hardware GPU if one works,
+    /// else the CPU). A GPU needs a build with the cargo feature `gpu`.
+    #[arg(long, env = "DCNR_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
     /// Human-readable name shown by the orchestrator.
     #[arg(long, env = "DCNR_NAME", default_value = "pnode")]
     pub name: String,

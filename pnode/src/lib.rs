@@ -21,6 +21,7 @@ pub mod capabilities;
 pub mod config;
 pub mod datasets;
 pub mod discover;
+pub mod gpu;
 pub use dcnr_vnode::fault;
 pub mod identity;
 pub mod membership;
@@ -43,6 +44,17 @@ use tokio::net::TcpListener;
 /// System (see [`run_blocking`]).
 pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     discover::check(&args)?;
+    // The device first: a GPU asked for and missing ends the start before anything connects.
+    let gpu = gpu::choose(args.device)?;
+    match &gpu {
+        Some(g) => tracing::info!(
+            gpu = %g.description,
+            gflops = format!("{:.1}", g.gflops),
+            cpu_gflops = format!("{:.1}", g.host_gflops),
+            "offering a GPU"
+        ),
+        None => tracing::debug!("offering the CPU only"),
+    }
     // Before any connection opens: connections keep the settings they were opened with.
     let shape = args.link_shape()?;
     dcnr_proto::shaping::configure(shape)?;
@@ -77,6 +89,7 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         token: args.trusted_token()?,
         certificate: tls.as_ref().map(|t| t.identity.clone()),
     };
+    let capabilities = capabilities::detect(args.cores, args.memory_mib, gpu.as_ref());
     let fault = args.injector();
     if let Some(f) = &fault {
         tracing::warn!(
@@ -92,7 +105,7 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
     // to ask for more than the machine has.
     let memory_limit = match args.memory_mib {
         Some(m) => m.saturating_mul(1024 * 1024),
-        None => capabilities::detect(None, None).memory_bytes / 4 * 3,
+        None => capabilities::detect(None, None, None).memory_bytes / 4 * 3,
     };
     let host = actors::Host::start_new(router.clone(), args.max_vnodes, memory_limit);
     let (relayed_tx, relayed_rx) = tokio::sync::mpsc::channel(64);
@@ -104,6 +117,7 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         router: router.clone(),
         orchestrators: orchestrators.clone(),
         relayed: relayed_tx,
+        capabilities,
     };
     // The first orchestrator is joined before anything is served, so a refusal ends the start.
     let first = membership::join(&shared, args.clone(), args.connect_timeout()).await?;

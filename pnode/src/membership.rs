@@ -330,6 +330,7 @@ pub async fn register(
     args: &PnodeArgs,
     endpoint: &str,
     creds: &Credentials,
+    capabilities: &v1::Capabilities,
 ) -> anyhow::Result<Identity> {
     let refused = |s: tonic::Status| match s.code() {
         tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
@@ -352,7 +353,7 @@ pub async fn register(
         protocol_version: args.protocol_version,
         name: args.name.clone(),
         endpoint: endpoint.to_string(),
-        capabilities: Some(crate::capabilities::detect(args.cores, args.memory_mib)),
+        capabilities: Some(capabilities.clone()),
         nonce: challenge.nonce,
         trusted_token: creds.token.clone(),
         behind_nat: args.behind_nat,
@@ -430,6 +431,8 @@ pub struct Shared {
     pub orchestrators: Orchestrators,
     /// Where connections accepted through a relay go (the gRPC server takes them).
     pub relayed: mpsc::Sender<tokio::net::TcpStream>,
+    /// What this PNode advertises (detected once, at start).
+    pub capabilities: v1::Capabilities,
 }
 
 impl Shared {
@@ -466,7 +469,16 @@ pub async fn join(shared: &Shared, args: PnodeArgs, patience: Duration) -> anyho
         .await
         .with_context(|| format!("cannot reach orchestrator at {url}"))?;
     let fresh_certificate = shared.creds.certificate.as_ref().is_some_and(|slot| !slot.is_set());
-    let identity = match register(&link, &shared.orchestrators, &args, &shared.endpoint, &shared.creds).await {
+    let identity = match register(
+        &link,
+        &shared.orchestrators,
+        &args,
+        &shared.endpoint,
+        &shared.creds,
+        &shared.capabilities,
+    )
+    .await
+    {
         Ok(i) => i,
         Err(e) => {
             if e.downcast_ref::<Duplicate>().is_none() {
@@ -617,7 +629,7 @@ async fn register_again(
     let dropped = shared.release_jobs_of(id).await;
     tracing::warn!(orchestrator = %link.url(), dropped, "{why}; registering again");
     loop {
-        match register(link, &shared.orchestrators, args, &shared.endpoint, &shared.creds).await {
+        match register(link, &shared.orchestrators, args, &shared.endpoint, &shared.creds, &shared.capabilities).await {
             Ok(i) => return Ok(i),
             Err(e) if e.downcast_ref::<Refused>().is_some() || e.downcast_ref::<Duplicate>().is_some() => {
                 return Err(e);

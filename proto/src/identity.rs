@@ -71,6 +71,8 @@ pub fn registration_payload(req: &v1::RegisterRequest) -> Vec<u8> {
     put(&mut out, &Sha256::digest(req.trusted_token.as_bytes()));
     out.push(u8::from(req.behind_nat));
     put(&mut out, req.relay_offer.as_bytes());
+    out.extend_from_slice(&c.gpu_gflops.to_le_bytes());
+    put(&mut out, c.gpu_determinism_class.as_bytes());
     out
 }
 

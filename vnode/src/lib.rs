@@ -9,6 +9,8 @@ pub mod batches;
 pub mod checkpoint;
 pub mod compact;
 pub mod fault;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod host;
 pub mod kernels;
 pub mod layer;

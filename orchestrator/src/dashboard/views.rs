@@ -284,6 +284,8 @@ mod tests {
                 os: "linux".into(),
                 gpu: String::new(),
                 determinism_class: "flex".into(),
+                gpu_gflops: 0,
+                gpu_determinism_class: String::new(),
             },
             health,
             hosted_vnodes: 2,
