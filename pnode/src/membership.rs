@@ -481,11 +481,9 @@ pub async fn join(shared: &Shared, args: PnodeArgs, patience: Duration) -> anyho
     {
         Ok(i) => i,
         Err(e) => {
+            // A registration that failed after its challenge leaves no membership behind.
             if e.downcast_ref::<Duplicate>().is_none() {
-                let id = link_member_id(&shared.orchestrators, &url);
-                if let Some(id) = id {
-                    shared.orchestrators.leave(&id);
-                }
+                shared.orchestrators.leave_joined_at(&url);
             }
             return Err(e);
         }
@@ -504,11 +502,6 @@ pub async fn join(shared: &Shared, args: PnodeArgs, patience: Duration) -> anyho
         "registered with orchestrator"
     );
     Ok(Joined { args, link, identity })
-}
-
-/// The instance joined at `url`, if any.
-fn link_member_id(orchestrators: &Orchestrators, url: &str) -> Option<String> {
-    orchestrators.members().into_iter().find(|(_, l)| l.url() == url).map(|(id, _)| id)
 }
 
 /// How one membership stands, for the supervisor.

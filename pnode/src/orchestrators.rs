@@ -82,6 +82,12 @@ impl<L: Clone> Orchestrators<L> {
         Self::take_jobs(&mut t, id)
     }
 
+    /// Ends the membership joined at `url`, if any, as [`Orchestrators::leave`] does.
+    pub fn leave_joined_at(&self, url: &str) -> Vec<String> {
+        let id = self.read().members.iter().find(|(_, (u, _))| u == url).map(|(id, _)| id.clone());
+        id.map(|id| self.leave(&id)).unwrap_or_default()
+    }
+
     /// The jobs allocated by `id`, forgotten here, for release (`id` stays a member).
     pub fn forget_jobs_of(&self, id: &str) -> Vec<String> {
         Self::take_jobs(&mut self.write(), id)
@@ -172,6 +178,9 @@ mod tests {
         assert_eq!(t.for_job("j1").map(|(i, _)| i), Some("b".into()));
         assert_eq!(t.forget_jobs_of("b"), vec!["j1".to_string(), "j2".to_string()]);
         assert!(t.is_member("b"), "forgetting jobs keeps the membership");
+        t.assign("j4", "b");
+        assert_eq!(t.leave_joined_at("https://b:1"), vec!["j4".to_string()]);
+        assert!(t.members().is_empty());
     }
 
     #[test]
