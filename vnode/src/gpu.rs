@@ -41,7 +41,9 @@ impl Adapter {
 /// Every adapter wgpu finds, best first (discrete, integrated, virtual, then software).
 pub fn adapters() -> Vec<Adapter> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let found = std::panic::catch_unwind(|| pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all())));
+    let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+    }));
     let mut out: Vec<(u8, Adapter)> = found
         .unwrap_or_default()
         .iter()
@@ -116,19 +118,20 @@ pub fn bench(n: usize, rounds: u32) -> Result<GpuSpeed, GpuError> {
     let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let b: Vec<f32> = (0..n * n).map(|i| ((i * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect();
     let (a2, b2) = (a.clone(), b.clone());
-    let run = std::panic::catch_unwind(move || {
+    // Nothing the closure touches outlives it, so a panic leaves no broken state behind.
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let device = device();
         let x = Tensor::<2>::from_data(TensorData::new(a2, [n, n]), &device);
         let y = Tensor::<2>::from_data(TensorData::new(b2, [n, n]), &device);
-        let first = x.clone().matmul(y.clone()).into_data().to_vec::<f32>().unwrap_or_default();
+        let first = x.clone().matmul(y.clone()).into_data().try_to_vec::<f32>().unwrap_or_default();
         let start = Instant::now();
-        let mut last = Vec::new();
         for _ in 0..rounds.max(1) {
-            last = x.clone().matmul(y.clone()).into_data().to_vec::<f32>().unwrap_or_default();
+            // Reading the product back waits for the device to finish it.
+            drop(x.clone().matmul(y.clone()).into_data());
         }
-        (first, last.len(), start.elapsed())
-    });
-    let (product, _, took) = run.map_err(|p| GpuError::Backend(panic_text(p.as_ref())))?;
+        (first, start.elapsed())
+    }));
+    let (product, took) = run.map_err(|p| GpuError::Backend(panic_text(p.as_ref())))?;
     let host_start = Instant::now();
     let shape = || GpuError::Backend("a matrix of the wrong size".into());
     let (ha, hb) = (
