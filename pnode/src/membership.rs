@@ -523,13 +523,15 @@ async fn keep_membership(
     let Joined { args, link, mut identity } = joined;
     let mut relay = RelayLink::new(shared.relayed.clone(), shared.creds.key.clone());
     relay.follow(identity.relay.as_deref());
-    let mut last_ok = Instant::now();
     let mut released_silent = false;
     // Heartbeats to a silent orchestrator back off, and its silence is logged once.
     let mut wait = identity.heartbeat;
     let mut failing = false;
-    let mark_ok = |at: Instant| standing.lock().unwrap_or_else(|p| p.into_inner()).last_ok = Some(at);
-    mark_ok(last_ok);
+    // The one record of when the orchestrator last answered: the supervisor reads it too.
+    let mark_ok = || standing.lock().unwrap_or_else(|p| p.into_inner()).last_ok = Some(Instant::now());
+    let silent_for =
+        || standing.lock().unwrap_or_else(|p| p.into_inner()).last_ok.map(|t| t.elapsed()).unwrap_or_default();
+    mark_ok();
     loop {
         tokio::time::sleep(wait).await;
         if relay.lost_for().is_some_and(|d| d >= RELAY_GIVE_UP) {
@@ -537,8 +539,7 @@ async fn keep_membership(
             // for another. Its VNodes were unreachable too, and are relocated by their jobs.
             identity = register_again(&shared, &link, &args, &identity.orchestrator_id, "the relay is gone").await?;
             relay.follow(identity.relay.as_deref());
-            last_ok = Instant::now();
-            mark_ok(last_ok);
+            mark_ok();
             continue;
         }
         let hosted = shared.host.send(Count).await.unwrap_or(0) as u32;
@@ -551,8 +552,7 @@ async fn keep_membership(
         };
         match link.client().heartbeat(req).await {
             Ok(r) if r.get_ref().known => {
-                last_ok = Instant::now();
-                mark_ok(last_ok);
+                mark_ok();
                 released_silent = false;
                 wait = identity.heartbeat;
                 if std::mem::take(&mut failing) {
@@ -581,8 +581,7 @@ async fn keep_membership(
                 )
                 .await?;
                 relay.follow(identity.relay.as_deref());
-                last_ok = Instant::now();
-                mark_ok(last_ok);
+                mark_ok();
                 released_silent = false;
                 (wait, failing) = (identity.heartbeat, false);
             }
@@ -593,7 +592,7 @@ async fn keep_membership(
                     tracing::warn!(orchestrator = %link.url(), status = %s, "heartbeat failed; retrying");
                 }
                 wait = (wait * 2).min(SILENT_HEARTBEAT.max(identity.heartbeat));
-                let silent = last_ok.elapsed();
+                let silent = silent_for();
                 if give_up_silent
                     && !released_silent
                     && silent >= (identity.heartbeat * FAIL_OVER_AFTER).max(MIN_FAIL_OVER)
