@@ -412,6 +412,7 @@ fn trained_vnodes(envelope: &Envelope) -> anyhow::Result<(Vec<dcnr_vnode::VNodeS
             root_seed: r.root_seed,
             in_flight: 1,
             averaging: None,
+            compute: Default::default(),
         })
         .collect();
     let mut nodes: Vec<VNode> = specs.iter().cloned().map(VNode::new).collect();

@@ -204,6 +204,11 @@ enum Command {
         /// Print the summary as one JSON object on the last line.
         #[arg(long)]
         json: bool,
+        /// Compute on the best GPU adapter (burn-wgpu) instead of the host kernels: the
+        /// single-process baseline a GPU mesh is measured against. Needs a build with the
+        /// `gpu` feature (the default).
+        #[arg(long)]
+        gpu: bool,
     },
     /// Measure training throughput (reference vs meshes) and message latency side by side.
     Bench {
@@ -425,12 +430,16 @@ pub fn main(cli: Cli) -> ExitCode {
     let security = cli.security;
     crate::demo::set_plaintext_meshes(security.insecure_plaintext);
     match cli.command {
-        Command::TrainLocal { file, overrides, data, json } => {
+        Command::TrainLocal { file, overrides, data, json, gpu } => {
             let envelope = match client::load_job(&file, overrides) {
                 Ok(e) => e,
                 Err(e) => return client_fail(e),
             };
-            match crate::local::run(envelope, data, true) {
+            let compute = match crate::local::compute(gpu) {
+                Ok(c) => c,
+                Err(e) => return fail(2, format!("{e:#}")),
+            };
+            match crate::local::run_on(envelope, data, true, compute) {
                 Ok(s) => {
                     print_summary(&s, json);
                     summary_exit(&s)
@@ -788,7 +797,9 @@ pub fn main(cli: Cli) -> ExitCode {
                             "hosted_vnodes": p.hosted_vnodes, "trusted": p.trusted, "standing": p.standing,
                             "reputation": p.reputation, "quarantine_reason": p.quarantine_reason,
                             "public_key": p.public_key, "relayed_via": p.relayed_via, "relay_offer": p.relay_offer,
-                            "unreachable": p.unreachable,
+                            "unreachable": p.unreachable, "determinism_class": caps.determinism_class,
+                            "gpu": caps.gpu, "gpu_gflops": caps.gpu_gflops,
+                            "gpu_determinism_class": caps.gpu_determinism_class,
                         })
                     })
                     .collect();
@@ -817,6 +828,9 @@ pub fn main(cli: Cli) -> ExitCode {
                     }
                     if !p.relay_offer.is_empty() {
                         println!("  offers a relay at {}", p.relay_offer);
+                    }
+                    if let Some(c) = p.capabilities.as_ref().filter(|c| !c.gpu.is_empty()) {
+                        println!("  GPU: {} ({:.0} GFLOP/s)", c.gpu, c.gpu_gflops);
                     }
                 }
             }

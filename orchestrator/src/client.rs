@@ -3,7 +3,7 @@
 use crate::progress::Progress;
 use crate::summary::JobSummary;
 use dcnr_model::TrainingMode;
-use dcnr_model::envelope::Envelope;
+use dcnr_model::envelope::{Envelope, Target};
 use dcnr_proto::limits::{MAX_MESSAGE_BYTES, UNARY_TIMEOUT};
 use dcnr_proto::v1::{self, orchestrator_client::OrchestratorClient};
 use std::path::{Path, PathBuf};
@@ -228,6 +228,22 @@ pub struct Overrides {
     /// Steps each pipeline takes between averaging rounds. Default: the model file's.
     #[arg(long = "sync-every", env = "DCNR_SYNC_EVERY")]
     pub sync_every: Option<u64>,
+    /// PNodes the job may use: `cpu` (CPU PNodes, or the CPU of GPU PNodes), `gpu` (GPU PNodes
+    /// only, computing on their GPUs) or `any` (GPUs where there are some). Results agree bit
+    /// for bit only within one determinism class, and a GPU is its own class. Default: the
+    /// envelope's `[policy] target` (`any`).
+    #[arg(long, env = "DCNR_TARGET", value_parser = parse_target)]
+    pub target: Option<Target>,
+}
+
+/// `cpu`, `gpu` or `any`.
+fn parse_target(s: &str) -> Result<Target, String> {
+    match s {
+        "cpu" => Ok(Target::Cpu),
+        "gpu" => Ok(Target::Gpu),
+        "any" => Ok(Target::Any),
+        other => Err(format!("unknown target `{other}` (cpu, gpu, any)")),
+    }
 }
 
 /// `exact` or `local`.
@@ -260,6 +276,9 @@ impl Overrides {
         }
         if let Some(h) = self.sync_every {
             env.op.sync_every = Some(h);
+        }
+        if let Some(t) = self.target {
+            env.policy.target = t;
         }
     }
 }

@@ -14,8 +14,19 @@ use dcnr_vnode::rounds::RoundPlan;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Trains a job envelope (or bare graph) in this process and returns the summary.
+/// Trains a job envelope (or bare graph) in this process on the host kernels and returns the
+/// summary.
 pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> anyhow::Result<JobSummary> {
+    run_on(envelope, data, show_progress, dcnr_vnode::Compute::Host)
+}
+
+/// [`run`] computing where `compute` says.
+pub fn run_on(
+    envelope: Envelope,
+    data: Option<PathBuf>,
+    show_progress: bool,
+    compute: dcnr_vnode::Compute,
+) -> anyhow::Result<JobSummary> {
     let started = Instant::now();
     let resolved = envelope.resolve()?;
     let graph = resolved.graph;
@@ -43,7 +54,7 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
         ));
     }
     let mut reference =
-        Pipelines::new(&graph, graph.spec.optimizer, seed, splits.train.len()).map_err(|e| anyhow!(e))?;
+        Pipelines::new(&graph, graph.spec.optimizer, seed, splits.train.len()).map_err(|e| anyhow!(e))?.on(compute.clone());
     let batch = |set: &ImageSet, idx: &[usize]| crate::data::batch(set, idx, norm);
     let evaluate = |r: &Pipelines| -> anyhow::Result<(f64, f64)> {
         let (mut correct, mut loss, n) = (0u64, 0f64, splits.test.len());
@@ -98,6 +109,9 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
         .map(|ps| ps.into_iter().filter_map(|p| p.as_f32().map(<[f32]>::to_vec)).collect())
         .collect();
     let (all, each) = params_hashes(&params);
+    if let Some(why) = compute.failure() {
+        tracing::warn!(error = why, "the GPU failed during the run; the steps after it ran on the host");
+    }
     let digest = resolved.envelope.op.model_sha256.clone().unwrap_or_default();
     Ok(JobSummary {
         recoveries: Vec::new(),
@@ -119,4 +133,19 @@ pub fn run(envelope: Envelope, data: Option<PathBuf>, show_progress: bool) -> an
         pipelines,
         rounds: rounds.rounds_through(steps),
     })
+}
+
+/// What `train-local --gpu` computes on: the best GPU adapter, or the host without `gpu`.
+pub fn compute(gpu: bool) -> anyhow::Result<dcnr_vnode::Compute> {
+    if !gpu {
+        return Ok(dcnr_vnode::Compute::Host);
+    }
+    #[cfg(feature = "gpu")]
+    {
+        let adapter = dcnr_vnode::gpu::adapters().into_iter().next().ok_or(dcnr_vnode::gpu::GpuError::NoAdapter)?;
+        tracing::info!(gpu = %adapter.describe(), class = %adapter.determinism_class(), "training on a GPU");
+        Ok(dcnr_vnode::Compute::Gpu(dcnr_vnode::gpu::Gpu::open(adapter)))
+    }
+    #[cfg(not(feature = "gpu"))]
+    Err(anyhow!("--gpu: this orchestrator was built without GPU support (the `gpu` feature)"))
 }

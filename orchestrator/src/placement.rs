@@ -44,6 +44,8 @@ pub struct Offer {
     /// Reached through a relay: every message takes an extra hop, so it ranks as a fifth of
     /// its cores ([`RELAYED_WEIGHT`]).
     pub relayed: bool,
+    /// The GPU's measured throughput in GFLOP/s when the job computes on it, else 0.
+    pub gpu_gflops: u32,
 }
 
 /// What a relayed PNode's cores count for against a direct one's, in fifths (Petals scores
@@ -52,20 +54,30 @@ pub const RELAYED_WEIGHT: u64 = 1;
 /// What a direct PNode's cores count for, in fifths.
 const DIRECT_WEIGHT: u64 = 5;
 
+/// What one CPU core sustains on the VNode kernels' matrix products, in GFLOP/s: the rate at
+/// which a GPU's measured throughput counts as cores. (A PNode's own start-up benchmark puts one
+/// AVX-512 core here at 30 to 60 GFLOP/s and an AVX2 laptop core near 20.)
+pub const CORE_GFLOPS: u64 = 25;
+
 impl Offer {
-    /// What `view` offers a placement: its cores and memory, and whether it is relayed.
-    pub fn of(view: &PNodeView) -> Offer {
+    /// What `view` offers a job with `target`: its cores, its GPU's throughput when the job
+    /// computes on it, its memory, and whether it is relayed.
+    pub fn of(view: &PNodeView, target: Target) -> Offer {
         Offer {
             pnode: view.id.clone(),
             cores: view.caps.cores,
             memory: view.caps.memory_bytes,
             relayed: view.reach.relayed_via.is_some(),
+            gpu_gflops: if view.caps.computes_on_gpu(target) { view.caps.gpu_gflops } else { 0 },
         }
     }
 
-    /// Its strength for ranking: cores, in fifths, a relayed PNode's counted at a fifth.
+    /// Its strength for ranking, in fifths of a core: its cores, or its GPU counted as cores
+    /// at [`CORE_GFLOPS`] when that is more; a relayed PNode's counted at a fifth (the link
+    /// cost: every message takes an extra hop).
     fn strength(&self) -> u64 {
-        u64::from(self.cores) * if self.relayed { RELAYED_WEIGHT } else { DIRECT_WEIGHT }
+        let cores = u64::from(self.cores).max(u64::from(self.gpu_gflops) / CORE_GFLOPS);
+        cores * if self.relayed { RELAYED_WEIGHT } else { DIRECT_WEIGHT }
     }
 }
 
@@ -104,7 +116,7 @@ pub fn suitable(view: &PNodeView, req: &Eligibility) -> bool {
     view.health == Health::Healthy
         && view.reach.reachable()
         && (req.target != Target::Gpu || !view.caps.gpu.is_empty())
-        && req.class.as_ref().is_none_or(|c| *c == view.caps.determinism_class)
+        && req.class.as_ref().is_none_or(|c| c == view.caps.class_for(req.target))
         && view.standing != Standing::Quarantined
 }
 
@@ -140,6 +152,7 @@ pub fn demands(graph: &ValidGraph, root_seed: u64, in_flight: u32) -> Vec<Demand
                 root_seed,
                 in_flight,
                 averaging: None,
+                compute: Default::default(),
             };
             Demand {
                 vnode: id,
@@ -317,7 +330,7 @@ mod tests {
         Demand { vnode, unit: vnode, group: 0, work, memory: 10 }
     }
     fn o(p: &str, cores: u32) -> Offer {
-        Offer { pnode: p.into(), cores, memory: 0, relayed: false }
+        Offer { pnode: p.into(), cores, memory: 0, relayed: false, gpu_gflops: 0 }
     }
 
     #[test]
@@ -333,6 +346,22 @@ mod tests {
         // With one PNode to choose, a direct one of the same size wins.
         let p = place(&ds, &[relayed("far", 2), o("near", 2)], 1).unwrap();
         assert!(p.iter().all(|x| x.1 == "near"), "{p:?}");
+    }
+
+    #[test]
+    fn a_fast_gpu_outranks_cores_and_a_relayed_one_pays_for_its_link() {
+        let gpu = |p: &str, cores, gflops| Offer { gpu_gflops: gflops, ..o(p, cores) };
+        let ds = [d(0, 100), d(1, 10)];
+        // 2 cores and 1000 GFLOP/s (40 cores' worth) against 16 cores: the GPU takes the heavy run.
+        let p = place(&ds, &[o("cpu", 16), gpu("gpu", 2, 1000)], 8).unwrap();
+        assert_eq!(p, vec![(0, "gpu".to_string()), (1, "cpu".to_string())]);
+        // A GPU slower than the cores it sits beside counts as those cores: a lavapipe or an old
+        // integrated GPU does not outrank a big CPU.
+        let p = place(&ds, &[o("cpu", 16), gpu("gpu", 2, 100)], 8).unwrap();
+        assert_eq!(p[0].1, "cpu");
+        // Relayed, the same GPU counts a fifth: 40 cores' worth is 8, below 16 direct cores.
+        let p = place(&ds, &[o("cpu", 16), Offer { relayed: true, ..gpu("gpu", 2, 1000) }], 8).unwrap();
+        assert_eq!(p[0].1, "cpu");
     }
 
     #[test]
@@ -369,7 +398,7 @@ mod tests {
     #[test]
     fn memory_is_a_hard_limit_and_empty_inputs_fail() {
         let ds = [Demand { vnode: 0, unit: 0, group: 0, work: 1, memory: 100 }];
-        let off = [Offer { pnode: "a".into(), cores: 1, memory: 50, relayed: false }];
+        let off = [Offer { pnode: "a".into(), cores: 1, memory: 50, relayed: false, gpu_gflops: 0 }];
         assert!(matches!(place(&ds, &off, 8), Err(PlacementError::Memory { .. })));
         assert_eq!(place::<Offer>(&ds, &[], 8), Err(PlacementError::NoPNodes));
         assert_eq!(place(&[], &off, 8), Err(PlacementError::NoVNodes));
@@ -382,9 +411,9 @@ mod tests {
             Demand { vnode: 1, unit: 1, group: 0, work: 1, memory: 100 },
         ];
         let off = [
-            Offer { pnode: "big-cpu".into(), cores: 32, memory: 50, relayed: false },
-            Offer { pnode: "mid".into(), cores: 8, memory: 200, relayed: false },
-            Offer { pnode: "small".into(), cores: 2, memory: 100, relayed: false },
+            Offer { pnode: "big-cpu".into(), cores: 32, memory: 50, relayed: false, gpu_gflops: 0 },
+            Offer { pnode: "mid".into(), cores: 8, memory: 200, relayed: false, gpu_gflops: 0 },
+            Offer { pnode: "small".into(), cores: 2, memory: 100, relayed: false, gpu_gflops: 0 },
         ];
         let p = place(&ds, &off, 2).unwrap();
         assert_eq!(p, vec![(0, "mid".to_string()), (1, "small".to_string())]);
@@ -407,8 +436,8 @@ mod tests {
         // A unit too big for any PNode is split rather than refused.
         let big = |vnode: u32| Demand { vnode, unit: 0, group: 0, work: 1, memory: 60 };
         let off = [
-            Offer { pnode: "a".into(), cores: 1, memory: 100, relayed: false },
-            Offer { pnode: "b".into(), cores: 1, memory: 100, relayed: false },
+            Offer { pnode: "a".into(), cores: 1, memory: 100, relayed: false, gpu_gflops: 0 },
+            Offer { pnode: "b".into(), cores: 1, memory: 100, relayed: false, gpu_gflops: 0 },
         ];
         let p = place(&[big(0), big(1)], &off, 8).unwrap();
         assert_ne!(p[0].1, p[1].1);
@@ -450,7 +479,7 @@ mod tests {
             let offers: Vec<Offer> = offers
                 .iter()
                 .enumerate()
-                .map(|(i, &(cores, gib))| Offer { pnode: format!("p{i}"), cores, memory: gib << 30, relayed: false })
+                .map(|(i, &(cores, gib))| Offer { pnode: format!("p{i}"), cores, memory: gib << 30, relayed: false, gpu_gflops: 0 })
                 .collect();
             prop_assert_eq!(place(&ds, &offers, max).unwrap(), place_sorting_all(&ds, &offers, max));
         }

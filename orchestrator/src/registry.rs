@@ -35,6 +35,20 @@ pub struct Caps {
     pub gpu_determinism_class: String,
 }
 
+impl Caps {
+    /// Whether a job with `target` computes on this PNode's GPU: it has one and the target
+    /// allows it.
+    pub fn computes_on_gpu(&self, target: dcnr_model::envelope::Target) -> bool {
+        target != dcnr_model::envelope::Target::Cpu && !self.gpu.is_empty()
+    }
+
+    /// The determinism class of the work a job with `target` does here: the GPU's when it
+    /// computes on the GPU, the CPU's otherwise.
+    pub fn class_for(&self, target: dcnr_model::envelope::Target) -> &str {
+        if self.computes_on_gpu(target) { &self.gpu_determinism_class } else { &self.determinism_class }
+    }
+}
+
 /// Liveness judged from heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -346,6 +360,8 @@ impl PNodeTable {
             cores: reg.caps.cores,
             memory: reg.caps.memory_bytes,
             relayed: reg.reach.relayed_via.is_some(),
+            // The table ranks by cores; a job that computes on GPUs weighs them (`Offer::of`).
+            gpu_gflops: 0,
         };
         let mut view = PNodeView {
             id: reg.id,

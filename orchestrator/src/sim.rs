@@ -916,6 +916,7 @@ impl<'a> World<'a> {
                             root_seed: spec.root_seed,
                             in_flight: spec.in_flight,
                             averaging: dcnr_vnode::rounds::Averaging::of(&spec.graph, TRAIN),
+                            compute: Default::default(),
                         };
                         let v = if state.is_empty() { Ok(VNode::new(vspec)) } else { VNode::restore(vspec, &state) };
                         let v = v.map(|v| v.with_normalize(spec.graph.spec.data.normalize));

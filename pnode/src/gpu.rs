@@ -4,8 +4,10 @@
 use crate::config::DeviceChoice;
 
 /// A GPU that works here, and how fast it multiplies.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Gpu {
+    /// The GPU VNodes compute on when a job allows it.
+    pub compute: dcnr_vnode::Compute,
     /// `name (backend, type)`.
     pub description: String,
     /// Backend, adapter and driver: results are bit-identical only within one class.
@@ -58,6 +60,7 @@ pub fn choose(choice: DeviceChoice) -> Result<Option<Gpu>, GpuChoiceError> {
             };
             match gpu::bench(BENCH_SIDE, 4) {
                 Ok(speed) => Ok(Some(Gpu {
+                    compute: dcnr_vnode::Compute::Gpu(gpu::Gpu::open(adapter.clone())),
                     description: adapter.describe(),
                     determinism_class: adapter.determinism_class(),
                     gflops: speed.gflops,
@@ -81,13 +84,13 @@ mod tests {
 
     #[test]
     fn the_cpu_needs_no_gpu() {
-        assert_eq!(choose(DeviceChoice::Cpu).unwrap(), None);
+        assert!(choose(DeviceChoice::Cpu).unwrap().is_none());
     }
 
     #[cfg(not(feature = "gpu"))]
     #[test]
     fn without_the_feature_auto_is_the_cpu_and_gpu_says_how_to_get_one() {
-        assert_eq!(choose(DeviceChoice::Auto).unwrap(), None);
+        assert!(choose(DeviceChoice::Auto).unwrap().is_none());
         let e = choose(DeviceChoice::Gpu).unwrap_err().to_string();
         assert!(e.contains("--features gpu"), "{e}");
     }

@@ -40,6 +40,21 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// Says once, in the log and in `dcnr_pnode_gpu_working`, when the GPU offered fails: its
+/// VNodes then compute on the CPU and new GPU work is refused, so the orchestrator places it
+/// elsewhere.
+async fn watch_gpu(gpu: dcnr_vnode::Compute) {
+    metrics::PNODE.gpu_working.set(1);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(why) = gpu.failure() {
+            metrics::PNODE.gpu_working.set(0);
+            tracing::warn!(error = why, "the GPU failed: its VNodes compute on the CPU now, and new GPU work is refused");
+            return;
+        }
+    }
+}
+
 /// Runs a PNode until Ctrl-C/SIGTERM. Must run inside an actix
 /// System (see [`run_blocking`]).
 pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
@@ -127,8 +142,12 @@ pub async fn run(args: PnodeArgs) -> anyhow::Result<()> {
         datasets: std::sync::Arc::new(datasets::Datasets::new(args.data_dir.as_deref(), args.max_dataset_bytes())),
         senders: std::sync::Arc::new(senders::Senders::new(orchestrators.clone())),
         orchestrators: orchestrators.clone(),
+        gpu: gpu.as_ref().map(|g| g.compute.clone()).unwrap_or_default(),
     };
     let server_tls = tls.as_ref().map(|t| t.server_config()).transpose()?;
+    if let Some(g) = &gpu {
+        tokio::spawn(watch_gpu(g.compute.clone()));
+    }
     let mut server = tokio::spawn(service::serve(listener, relayed_rx, server_tls, hosting));
     let mut members = tokio::spawn(membership::keep_memberships(shared, first));
     tokio::select! {

@@ -61,6 +61,8 @@ pub struct PnodeMetrics {
     pub feeds_refused: IntCounter,
     /// Calls refused for want of a credential or permission, by RPC and gRPC code.
     pub rpc_refused: IntCounterVec,
+    /// 1 while the GPU offered works, 0 once it has failed or when none is offered.
+    pub gpu_working: IntGauge,
 }
 
 /// This process's PNode metrics.
@@ -123,6 +125,7 @@ pub static PNODE: LazyLock<PnodeMetrics> = LazyLock::new(|| {
             "Calls refused for want of a credential or permission, by RPC and gRPC code.",
             &["rpc", "code"],
         ),
+        gpu_working: gauge(&r, "dcnr_pnode_gpu_working", "1 while the GPU this PNode offers works."),
         registry: r,
     }
 });

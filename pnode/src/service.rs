@@ -36,6 +36,8 @@ pub struct Hosting {
     pub senders: Arc<Senders>,
     /// The orchestrators joined, and which one each job answers to.
     pub orchestrators: Orchestrators,
+    /// The GPU VNodes compute on when an allocation asks for it (`Host` if none is offered).
+    pub gpu: dcnr_vnode::Compute,
 }
 
 /// The `PNode` gRPC service.
@@ -46,6 +48,7 @@ pub struct PNodeService {
     /// Where the senders of VNode messages are placed.
     senders: Arc<Senders>,
     orchestrators: Orchestrators,
+    gpu: dcnr_vnode::Compute,
     /// Plaintext mode: no caller is authenticated and the checks below pass (local development).
     plaintext: bool,
 }
@@ -107,6 +110,18 @@ impl v1::p_node_server::PNode for PNodeService {
         if graph.pipelines() > 1 && train_samples == 0 {
             return Err(Status::invalid_argument("a job with several pipelines must name its train_samples"));
         }
+        // The orchestrator counts GPU VNodes in the GPU's determinism class, so a PNode without
+        // a working GPU refuses them rather than computing them on the CPU.
+        let compute = match (req.on_gpu, self.gpu.failure()) {
+            (false, _) => dcnr_vnode::Compute::Host,
+            (true, _) if matches!(self.gpu, dcnr_vnode::Compute::Host) => {
+                return Err(Status::failed_precondition("this pnode offers no GPU"));
+            }
+            (true, Some(why)) => {
+                return Err(Status::failed_precondition(format!("this pnode's GPU has failed: {why}")));
+            }
+            (true, None) => self.gpu.clone(),
+        };
         let specs = req
             .vnodes
             .iter()
@@ -122,6 +137,7 @@ impl v1::p_node_server::PNode for PNodeService {
                     root_seed: req.root_seed,
                     in_flight: req.in_flight,
                     averaging: dcnr_vnode::rounds::Averaging::of(&graph, train_samples),
+                    compute: compute.clone(),
                 };
                 Ok((spec, (!a.state.is_empty()).then(|| a.state.clone())))
             })
@@ -176,7 +192,7 @@ impl v1::p_node_server::PNode for PNodeService {
             .map_err(Status::failed_precondition)?;
         self.orchestrators.assign(&req.job_id, &orchestrator);
         self.senders.allocated(&req.job_id, req.generation, Arc::new(graph), req.serving);
-        tracing::info!(job = %req.job_id, vnodes = n, generation = req.generation, "allocated VNodes");
+        tracing::info!(job = %req.job_id, vnodes = n, generation = req.generation, on = compute.name(), "allocated VNodes");
         Ok(Response::new(v1::AllocateResponse { allocated: n }))
     }
 
@@ -308,8 +324,8 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let plaintext = tls.is_none();
     let incoming = dcnr_proto::transport::incoming_with(listener, Some(relayed), tls);
-    let Hosting { host, router, datasets, senders, orchestrators } = hosting;
-    let svc = PNodeServer::new(PNodeService { host, router, datasets, senders, orchestrators, plaintext })
+    let Hosting { host, router, datasets, senders, orchestrators, gpu } = hosting;
+    let svc = PNodeServer::new(PNodeService { host, router, datasets, senders, orchestrators, gpu, plaintext })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     dcnr_proto::transport::server().add_service(svc).serve_with_incoming(incoming).await

@@ -5,7 +5,9 @@
 //! device can panic inside the backend (no adapter after all, a lost device); the benchmark
 //! catches that and returns it as an error, so a bad GPU never takes the PNode down.
 
+use crate::layer::KernelError;
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// One GPU adapter.
@@ -42,7 +44,9 @@ impl Adapter {
 pub fn adapters() -> Vec<Adapter> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        // Vulkan, Metal, DX12 (or what WGPU_BACKEND names): the APIs burn-wgpu computes on.
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        pollster::block_on(instance.enumerate_adapters(backends))
     }));
     let mut out: Vec<(u8, Adapter)> = found
         .unwrap_or_default()
@@ -72,6 +76,71 @@ pub fn adapters() -> Vec<Adapter> {
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
     out.into_iter().map(|(_, a)| a).collect()
+}
+
+/// A GPU that VNodes compute on, shared by every VNode of the PNode. Its first failure (a
+/// lost device, an allocation it could not make, any panic inside the backend) is kept: from
+/// then on every pass on it fails at once with that reason, and the VNodes compute on the host.
+#[derive(Clone)]
+pub struct Gpu {
+    inner: Arc<GpuInner>,
+}
+
+struct GpuInner {
+    adapter: Adapter,
+    device: Device,
+    failure: OnceLock<String>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("adapter", &self.inner.adapter).field("failure", &self.failure()).finish()
+    }
+}
+
+impl Gpu {
+    /// The default adapter as burn-wgpu opens it (the best of [`adapters`]).
+    pub fn open(adapter: Adapter) -> Gpu {
+        Gpu { inner: Arc::new(GpuInner { adapter, device: device(), failure: OnceLock::new() }) }
+    }
+
+    /// The adapter it runs on.
+    pub fn adapter(&self) -> &Adapter {
+        &self.inner.adapter
+    }
+
+    /// Why it stopped being used, once it failed.
+    pub fn failure(&self) -> Option<&str> {
+        self.inner.failure.get().map(String::as_str)
+    }
+
+    /// Stops using it, for `why` (the first reason given is kept). Besides the failures `run`
+    /// catches, this is how an operator or a test takes a GPU out of service.
+    pub fn fail(&self, why: impl Into<String>) {
+        let _ = self.inner.failure.set(why.into());
+    }
+
+    /// `f` on the device, unless it has failed before; a failure of `f` (a device error or a
+    /// panic inside the backend) fails the GPU.
+    pub fn run<R>(&self, f: impl FnOnce(&Device) -> Result<R, KernelError>) -> Result<R, KernelError> {
+        if let Some(why) = self.failure() {
+            return Err(KernelError::Device(why.to_string()));
+        }
+        // A pass builds its tensors inside `f` and drops them there, so a panic leaves no
+        // half-written state behind on this side; the device is not used again.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&self.inner.device))) {
+            Ok(Err(KernelError::Device(why))) => {
+                self.fail(why.clone());
+                Err(KernelError::Device(why))
+            }
+            Ok(done) => done,
+            Err(p) => {
+                let why = panic_text(p.as_ref());
+                self.fail(why.clone());
+                Err(KernelError::Device(why))
+            }
+        }
+    }
 }
 
 /// Why the GPU could not be used.

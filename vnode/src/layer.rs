@@ -3,7 +3,8 @@
 
 use crate::kernels::{self, Matrix, ShapeError};
 use crate::seed::{Purpose, stream, stream_path, uniform};
-use crate::spatial;
+use crate::autodiff;
+use crate::compute::Compute;
 use dcnr_model::NodeKind;
 use dcnr_model::graph::{AuxHead, ValidNode};
 use rand_chacha::ChaCha20Rng;
@@ -173,9 +174,9 @@ pub enum KernelError {
         /// Labels given.
         labels: usize,
     },
-    /// The spatial kinds' backend refused a tensor.
-    #[error("spatial backend: {0}")]
-    Spatial(String),
+    /// The device a pass ran on failed or refused a tensor (the GPU is then given up).
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// What a training forward keeps for its backward, by kind.
@@ -194,8 +195,21 @@ enum Keep {
     Norm { xhat: Matrix, inv_std: Vec<f32> },
     /// concat: the width of its first input.
     Split(usize),
-    /// A spatial kind's recorded autodiff graph.
-    Spatial(Box<spatial::Tape>),
+    /// A spatial kind's recorded autodiff graph (on the host).
+    Tape(Box<autodiff::Tape>),
+    /// A pass recorded on a GPU, with what the host needs to redo it if the GPU fails before
+    /// the backward.
+    #[cfg(feature = "gpu")]
+    Device(Box<DeviceKept>),
+}
+
+/// A GPU forward's record, and its inputs and pass kept on the host for a fallback.
+#[cfg(feature = "gpu")]
+struct DeviceKept {
+    tape: autodiff::Tape,
+    gpu: crate::gpu::Gpu,
+    inputs: Vec<Matrix>,
+    pass: Pass,
 }
 
 /// A training forward's output and what its backward needs.
@@ -206,10 +220,51 @@ pub struct Forward {
     pub kept: Kept,
 }
 
-/// Forward of a non-loss node on `[batch, width]` inputs, one per port. `want_dx[port]` says
-/// which inputs' gradients the backward will be asked for (the spatial kinds record only
-/// those); in evaluation nothing is kept.
+/// Forward of a non-loss node on `[batch, width]` inputs, one per port, where `compute` says.
+/// `want_dx[port]` says which inputs' gradients the backward will be asked for (recorded passes
+/// track only those); in evaluation nothing is kept. A pass on a GPU that fails runs on the
+/// host instead, and the GPU is given up (`compute.failure()` then says why).
 pub fn forward(
+    compute: &Compute,
+    kind: NodeKind,
+    params: &[Arc<Matrix>],
+    inputs: Vec<Matrix>,
+    pass: Pass,
+    want_dx: &[bool],
+) -> Result<Forward, KernelError> {
+    #[cfg(feature = "gpu")]
+    if let Compute::Gpu(gpu) = compute
+        && autodiff::computes(kind)
+        && gpu.failure().is_none()
+    {
+        let train = matches!(pass, Pass::Train { .. });
+        let mask = match (kind, inputs.first()) {
+            (NodeKind::Dropout { rate }, Some(x)) if train && rate > 0.0 => {
+                Some(dropout_mask(rate, x.rows(), x.cols(), pass))
+            }
+            _ => None,
+        };
+        let run = |device: &burn::tensor::Device| {
+            autodiff::forward(kind, params, &inputs, mask.as_deref(), want_dx, train, device)
+        };
+        match gpu.run(run) {
+            Ok((output, Some(tape))) => {
+                let kept = DeviceKept { tape, gpu: gpu.clone(), inputs, pass };
+                return Ok(Forward { output, kept: Kept(Keep::Device(Box::new(kept))) });
+            }
+            Ok((output, None)) => return Ok(Forward { output, kept: Kept(Keep::Nothing) }),
+            // Computed on the host below.
+            Err(KernelError::Device(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    #[cfg(not(feature = "gpu"))]
+    let _ = compute;
+    host_forward(kind, params, inputs, pass, want_dx)
+}
+
+/// [`forward`] on the host kernels.
+fn host_forward(
     kind: NodeKind,
     params: &[Arc<Matrix>],
     inputs: Vec<Matrix>,
@@ -294,9 +349,10 @@ pub fn forward(
             done(y, Keep::Split(a))
         }
         NodeKind::Conv2d { .. } | NodeKind::MaxPool2d { .. } | NodeKind::AvgPool2d { .. } => {
-            let (y, tape) =
-                spatial::forward(kind, params, x, train && want_dx.first().copied().unwrap_or(false), train)?;
-            done(y, tape.map_or(Keep::Nothing, |t| Keep::Spatial(Box::new(t))))
+            let track = [train && want_dx.first().copied().unwrap_or(false)];
+            let device = autodiff::host_device();
+            let (y, tape) = autodiff::forward(kind, params, &[x], None, &track, train, &device)?;
+            done(y, tape.map_or(Keep::Nothing, |t| Keep::Tape(Box::new(t))))
         }
         // The values are the same row-major numbers; only the graph's view of them changes.
         NodeKind::Flatten | NodeKind::Reshape { .. } => done(x, Keep::Nothing),
@@ -315,6 +371,21 @@ pub fn backward(
     want_dx: &[bool],
 ) -> Result<(Vec<Matrix>, Vec<Option<Matrix>>), KernelError> {
     let want = |port: usize| want_dx.get(port).copied().unwrap_or(false);
+    #[cfg(feature = "gpu")]
+    if let Keep::Device(kept) = kept.0 {
+        let DeviceKept { tape, gpu, inputs, pass } = *kept;
+        return match gpu.run(|_| autodiff::backward(tape, &g)) {
+            Ok((grads, dxs)) => {
+                Ok((grads, dxs.into_iter().enumerate().map(|(port, dx)| dx.filter(|_| want(port))).collect()))
+            }
+            // The GPU failed between the forward and now: both passes again on the host.
+            Err(KernelError::Device(_)) => {
+                let redone = host_forward(kind, params, inputs, pass, want_dx)?;
+                backward(kind, params, redone.kept, g, want_dx)
+            }
+            Err(e) => Err(e),
+        };
+    }
     let one = |dx: Matrix| vec![want(0).then_some(dx)];
     match (kind, kept.0) {
         (NodeKind::Linear { .. }, Keep::Input(x)) => match params {
@@ -383,9 +454,9 @@ pub fn backward(
             let part = |cols, v| Matrix::new(rows, cols, v).ok_or(KernelError::Missing("split"));
             Ok((Vec::new(), vec![want(0).then_some(part(a, l)?), want(1).then_some(part(b, r)?)]))
         }
-        (NodeKind::Conv2d { .. } | NodeKind::MaxPool2d { .. } | NodeKind::AvgPool2d { .. }, Keep::Spatial(tape)) => {
-            let (grads, dx) = spatial::backward(*tape, g)?;
-            Ok((grads, vec![dx.filter(|_| want(0))]))
+        (NodeKind::Conv2d { .. } | NodeKind::MaxPool2d { .. } | NodeKind::AvgPool2d { .. }, Keep::Tape(tape)) => {
+            let (grads, dxs) = autodiff::backward(*tape, &g)?;
+            Ok((grads, vec![dxs.into_iter().next().flatten().filter(|_| want(0))]))
         }
         (NodeKind::Dropout { .. } | NodeKind::Flatten | NodeKind::Reshape { .. }, Keep::Nothing) => {
             Ok((Vec::new(), one(g)))

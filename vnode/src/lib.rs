@@ -5,9 +5,11 @@
 //! plain [`Inbound`] messages and returns [`Outbound`] ones; whoever hosts it (a PNode actor, a
 //! test, the single-process reference) moves them.
 
+pub mod autodiff;
 pub mod batches;
 pub mod checkpoint;
 pub mod compact;
+pub mod compute;
 pub mod fault;
 #[cfg(feature = "gpu")]
 pub mod gpu;
@@ -20,9 +22,9 @@ pub mod reference;
 pub mod rounds;
 pub mod sanity;
 pub mod seed;
-pub mod spatial;
 mod vnode;
 
+pub use compute::Compute;
 pub use host::{HostData, HostTensor};
 pub use vnode::{Inbound, Outbound, Phase, VNode, VNodeError, VNodeSpec};
 
@@ -34,7 +36,8 @@ pub const FEED_AHEAD: u64 = 32;
 /// The kernels VNode math runs on, as the determinism class names them: results agree bit for
 /// bit only between machines with the same kernels, architecture and SIMD features. Dense,
 /// element-wise and optimizer passes run on `gemm` and host code ([`kernels`]); the spatial
-/// kinds on burn's flex backend ([`spatial`]).
+/// kinds on burn's flex backend ([`autodiff`]). A VNode on a GPU is in its adapter's class
+/// instead ([`Compute`]).
 pub const KERNELS: &str = "gemm-0.19+flex-0.22";
 
 /// SHA-256 over f32 values as little-endian bytes: the canonical parameter and activation hash.

@@ -28,6 +28,8 @@ pub struct Reference {
     pipeline: u32,
     /// Training steps taken: the next step's number.
     steps: u64,
+    /// Where the math runs.
+    compute: crate::Compute,
 }
 
 /// What a node's forward left for its backward in a reference step.
@@ -56,7 +58,21 @@ impl Reference {
             graph.nodes.iter().map(|n| layer::to_params(&layer::init_node(n, root_seed)).unwrap_or_default()).collect();
         let recipe = graph.spec.training.recipe();
         let optimizers = params.iter().map(|p| Optimizer::new(optimizer, recipe, p.len())).collect();
-        Reference { graph: graph.clone(), params, optimizers, root_seed, pipeline: 0, steps: 0 }
+        Reference {
+            graph: graph.clone(),
+            params,
+            optimizers,
+            root_seed,
+            pipeline: 0,
+            steps: 0,
+            compute: crate::Compute::Host,
+        }
+    }
+
+    /// The same trainer computing where `compute` says (a GPU: the single-process baseline a
+    /// GPU mesh is measured against).
+    pub fn on(self, compute: crate::Compute) -> Reference {
+        Reference { compute, ..self }
     }
 
     /// The pass of node `origin` in the step being taken.
@@ -87,7 +103,7 @@ impl Reference {
                 node.layer_inputs().iter().map(matrix).collect::<Option<_>>().ok_or("input missing")?;
             let own = &self.params[id as usize];
             let own = &own[..layer::own_tensors(node.kind).min(own.len())];
-            let y = layer::forward(node.kind, own, ins, layer::Pass::Eval, &[]).map_err(|e| e.to_string())?;
+            let y = layer::forward(&self.compute, node.kind, own, ins, layer::Pass::Eval, &[]).map_err(|e| e.to_string())?;
             values[id as usize] = Some(HostTensor::from_matrix(y.output));
         }
         Err("graph has no loss".into())
@@ -147,7 +163,7 @@ impl Reference {
             let own = layer::own_tensors(node.kind).min(params.len());
             let pass = self.train_pass(node.origin);
             let forward =
-                layer::forward(node.kind, &params[..own], inputs, pass, &want_dx).map_err(|e| e.to_string())?;
+                layer::forward(&self.compute, node.kind, &params[..own], inputs, pass, &want_dx).map_err(|e| e.to_string())?;
             let head = match &node.aux {
                 Some(head) => {
                     let p =
@@ -280,6 +296,12 @@ impl Pipelines {
             .collect();
         let momentum = vec![Vec::new(); zero.nodes.len()];
         Ok(Pipelines { copies, averaging: crate::rounds::Averaging::of(graph, train_samples), anchor, momentum })
+    }
+
+    /// Every copy computing where `compute` says.
+    pub fn on(self, compute: crate::Compute) -> Pipelines {
+        let copies = self.copies.into_iter().map(|c| c.on(compute.clone())).collect();
+        Pipelines { copies, ..self }
     }
 
     /// Data-parallel copies.

@@ -57,6 +57,8 @@ pub struct VNodeSpec {
     pub in_flight: u32,
     /// With several pipelines: when this VNode's copies average, and the outer step.
     pub averaging: Option<crate::rounds::Averaging>,
+    /// Where its math runs.
+    pub compute: crate::Compute,
 }
 
 impl VNodeSpec {
@@ -1122,7 +1124,7 @@ impl VNode {
             step: mb,
         };
         let forward =
-            layer::forward(kind, &params[..own], xs, pass, &self.want_dx()).map_err(|e| self.kernel(mb, e))?;
+            layer::forward(&self.spec.compute, kind, &params[..own], xs, pass, &self.want_dx()).map_err(|e| self.kernel(mb, e))?;
         let head = match (self.spec.node.aux, labels) {
             (Some(head), Some(labels)) => {
                 let HostData::I32(labels) = &labels.data else {
@@ -1305,7 +1307,7 @@ impl VNode {
         let xs = self.matrices(mb, inputs)?;
         let current = self.current();
         let own = layer::own_tensors(self.spec.node.kind).min(current.len());
-        let y = layer::forward(self.spec.node.kind, &current[..own], xs, layer::Pass::Eval, &[])
+        let y = layer::forward(&self.spec.compute, self.spec.node.kind, &current[..own], xs, layer::Pass::Eval, &[])
             .map_err(|e| self.kernel(mb, e))?;
         self.emit_forward(mb, phase, HostTensor::from_matrix(y.output), out);
         Ok(())

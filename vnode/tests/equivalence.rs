@@ -83,6 +83,7 @@ fn spec(g: &ValidGraph, id: usize, in_flight: u32) -> VNodeSpec {
         root_seed: 9,
         in_flight,
         averaging: None,
+        compute: Default::default(),
     }
 }
 

@@ -85,6 +85,7 @@ fn spec(g: &ValidGraph, n: &dcnr_model::graph::ValidNode, in_flight: u32) -> VNo
         root_seed: 9,
         in_flight,
         averaging: Averaging::of(g, TRAIN),
+        compute: Default::default(),
     }
 }
 

@@ -83,6 +83,7 @@ fn vnodes(g: &ValidGraph, normalize: Option<Normalize>) -> Vec<VNode> {
                 root_seed: 9,
                 in_flight: 1,
                 averaging: None,
+                compute: Default::default(),
             });
             match normalize {
                 Some(n) => v.with_normalize(n),

@@ -165,6 +165,8 @@ pub struct Allocation {
     pub endpoint: String,
     /// (vnode, state bytes).
     pub vnodes: Vec<(u32, Vec<u8>)>,
+    /// Its VNodes compute on its GPU.
+    pub on_gpu: bool,
 }
 
 /// Something for the owner to do.
@@ -744,7 +746,7 @@ impl JobCore {
         // Replicas of this job's segments need PNodes of their own: the share counts them all.
         let all_suitable = view.iter().filter(|p| placement::suitable(p, &rules)).count();
         let healthy: Vec<PNodeView> = view.into_iter().filter(|p| placement::eligible(p, &rules)).collect();
-        let offers: Vec<Offer> = healthy.iter().map(Offer::of).collect();
+        let offers: Vec<Offer> = healthy.iter().map(|p| Offer::of(p, rules.target)).collect();
         // Too few PNodes, or too little memory on them, is waited out: capacity may come back.
         let why = if healthy.is_empty() || healthy.len() < req.min_pnodes {
             format!(
@@ -774,10 +776,12 @@ impl JobCore {
         for (v, p) in &assignment {
             groups.entry(p.clone()).or_default().push(*v);
         }
+        let target = self.spec.envelope.policy.target;
         let allocations = groups
             .into_iter()
             .map(|(pnode, vnodes)| Allocation {
                 endpoint: by_id.get(pnode.as_str()).map(|p| p.endpoint.clone()).unwrap_or_default(),
+                on_gpu: by_id.get(pnode.as_str()).is_some_and(|p| p.caps.computes_on_gpu(target)),
                 pnode,
                 vnodes: vnodes
                     .into_iter()
@@ -841,7 +845,7 @@ impl JobCore {
             });
             e.pnode = p.id.clone();
             e.endpoint = p.endpoint.clone();
-            e.determinism_class = p.caps.determinism_class.clone();
+            e.determinism_class = p.caps.class_for(self.spec.envelope.policy.target).to_string();
             // A placement from a rolled-back step replaces the ones after it: the list says
             // where each step that counts ran.
             let from = self.completed;

@@ -100,6 +100,7 @@ pub async fn allocate_all(common: AllocateCommon, allocations: Vec<Allocation>) 
             seal_messages: common.seal_messages,
             serving: common.serving,
             orchestrator_id: common.orchestrator_id.clone(),
+            on_gpu: a.on_gpu,
         };
         let deadline = allocate_deadline(dataset.map(|d| d.bytes));
         let (pnode, endpoint) = (a.pnode, a.endpoint);

@@ -282,14 +282,14 @@ impl JobCore {
         let exclude: BTreeSet<String> =
             if arbiter { seg.suspects.clone() } else { seg.digests.iter().flat_map(|d| d.pnodes()).collect() };
         let label = format!("replica {}", seg.started);
-        let classes: BTreeSet<&String> = seg.digests[0]
+        let classes: BTreeSet<String> = seg.digests[0]
             .pnodes()
             .iter()
             .filter_map(|p| self.replication.placed.get(p))
-            .map(|v| &v.caps.determinism_class)
+            .map(|v| v.caps.class_for(self.spec.envelope.policy.target).to_string())
             .collect();
         // A job spread over several classes has no single class to match; its replicas go anywhere.
-        let class = if classes.len() == 1 { classes.into_iter().next().cloned() } else { None };
+        let class = if classes.len() == 1 { classes.into_iter().next() } else { None };
         let mut spec = self.spec.clone();
         // The segment id keeps ids unique when a rolled-back range is checked again while an
         // older replica of it still runs.

@@ -15,6 +15,7 @@ use crate::job::core::{Allocation, FeedTarget, PNodeFailure, VNodeAt};
 use crate::placement::{self, Eligibility, Offer};
 use crate::registry::{Health, PNodeView};
 use dcnr_model::ValidGraph;
+use dcnr_model::envelope::Target;
 use dcnr_model::graph::Source;
 use dcnr_vnode::{HostData, HostTensor};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -268,7 +269,8 @@ impl ServeCore {
     fn try_place(&mut self, view: Vec<PNodeView>, since: Duration) {
         let rules = Eligibility { exclude: self.excluded.clone(), ..Eligibility::default() };
         let healthy: Vec<PNodeView> = view.into_iter().filter(|p| placement::eligible(p, &rules)).collect();
-        let offers: Vec<Offer> = healthy.iter().map(Offer::of).collect();
+        // Served models compute on CPUs: their VNodes answer one request at a time.
+        let offers: Vec<Offer> = healthy.iter().map(|p| Offer::of(p, Target::Cpu)).collect();
         let demands = placement::demands(&self.graph, 0, 1);
         let why = match placement::place(&demands, &offers, offers.len().max(1)) {
             Ok(assignment) => return self.allocate(&healthy, assignment),
@@ -292,6 +294,7 @@ impl ServeCore {
             .into_iter()
             .map(|(pnode, vnodes)| Allocation {
                 endpoint: endpoint(&pnode),
+                on_gpu: false,
                 vnodes: vnodes.into_iter().map(|v| (v, self.states.get(&v).cloned().unwrap_or_default())).collect(),
                 pnode,
             })

@@ -97,6 +97,7 @@ impl Model {
             root_seed: self.root_seed,
             in_flight: 1,
             averaging: None,
+            compute: Default::default(),
         }
     }
 

@@ -17,6 +17,7 @@ pub fn sgd_vnode(node: &ValidNode, root_seed: u64) -> VNode {
         root_seed,
         in_flight: 1,
         averaging: None,
+        compute: Default::default(),
     })
 }
 
