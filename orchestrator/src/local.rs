@@ -53,8 +53,9 @@ pub fn run_on(
             t.batch_size
         ));
     }
-    let mut reference =
-        Pipelines::new(&graph, graph.spec.optimizer, seed, splits.train.len()).map_err(|e| anyhow!(e))?.on(compute.clone());
+    let mut reference = Pipelines::new(&graph, graph.spec.optimizer, seed, splits.train.len())
+        .map_err(|e| anyhow!(e))?
+        .on(compute.clone());
     let batch = |set: &ImageSet, idx: &[usize]| crate::data::batch(set, idx, norm);
     let evaluate = |r: &Pipelines| -> anyhow::Result<(f64, f64)> {
         let (mut correct, mut loss, n) = (0u64, 0f64, splits.test.len());

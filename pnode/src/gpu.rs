@@ -34,6 +34,20 @@ pub enum GpuChoiceError {
 #[cfg(feature = "gpu")]
 const BENCH_SIDE: usize = 256;
 
+/// Whether this machine may have a GPU: on Linux, a device node of one (a DRM render node,
+/// NVIDIA's, AMD's compute node, WSL's). Without one, `auto` does not start Vulkan at all: a
+/// server with only a software driver installed then starts quickly and prints nothing.
+#[cfg(feature = "gpu")]
+fn may_have_gpu() -> bool {
+    if !cfg!(target_os = "linux") {
+        return true;
+    }
+    let render_node = std::fs::read_dir("/dev/dri")
+        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("renderD")))
+        .unwrap_or(false);
+    render_node || ["/dev/nvidia0", "/dev/kfd", "/dev/dxg"].iter().any(|p| std::path::Path::new(p).exists())
+}
+
 /// The GPU to offer for `choice`: `None` for the CPU. `auto` passes over software adapters,
 /// which are slower than the CPU kernels they would replace.
 pub fn choose(choice: DeviceChoice) -> Result<Option<Gpu>, GpuChoiceError> {
@@ -43,6 +57,8 @@ pub fn choose(choice: DeviceChoice) -> Result<Option<Gpu>, GpuChoiceError> {
         DeviceChoice::Gpu => Err(GpuChoiceError::NotBuilt),
         #[cfg(not(feature = "gpu"))]
         DeviceChoice::Auto => Ok(None),
+        #[cfg(feature = "gpu")]
+        DeviceChoice::Auto if !may_have_gpu() => Ok(None),
         #[cfg(feature = "gpu")]
         DeviceChoice::Gpu | DeviceChoice::Auto => {
             use dcnr_vnode::gpu;

@@ -49,7 +49,10 @@ async fn watch_gpu(gpu: dcnr_vnode::Compute) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Some(why) = gpu.failure() {
             metrics::PNODE.gpu_working.set(0);
-            tracing::warn!(error = why, "the GPU failed: its VNodes compute on the CPU now, and new GPU work is refused");
+            tracing::warn!(
+                error = why,
+                "the GPU failed: its VNodes compute on the CPU now, and new GPU work is refused"
+            );
             return;
         }
     }

@@ -43,9 +43,11 @@ pub fn maintainer_token() -> Result<String> {
     Ok(std::fs::read_to_string(tls_dir().join("maintainer.token"))?.trim().to_string())
 }
 
-/// Points a command of ours at the shared TLS directory and CA.
+/// Points a command of ours at the shared TLS directory and CA. The same private directory is
+/// its XDG runtime directory: without one, the Wayland client library that software Vulkan
+/// (lavapipe, in the GPU tests) loads prints an error for every Vulkan instance.
 pub fn secure(cmd: &mut Command) -> &mut Command {
-    cmd.env("DCNR_TLS_DIR", tls_dir()).env("DCNR_CA", ca_file())
+    cmd.env("DCNR_TLS_DIR", tls_dir()).env("DCNR_CA", ca_file()).env("XDG_RUNTIME_DIR", tls_dir())
 }
 
 /// Who a test's own gRPC client is.

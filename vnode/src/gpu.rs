@@ -218,7 +218,7 @@ pub fn bench(n: usize, rounds: u32) -> Result<GpuSpeed, GpuError> {
     // Sums of n products of values below 0.5: rounding differs by order of summation only.
     let tolerance = 1e-4 * n as f32;
     if let Some((index, (got, want))) =
-        product.iter().zip(want).enumerate().find(|(_, (g, w))| !((*g - *w).abs() <= tolerance))
+        product.iter().zip(want).enumerate().find(|(_, (g, w))| (*g - *w).abs().is_nan() || (*g - *w).abs() > tolerance)
     {
         return Err(GpuError::Wrong { index, got: *got, want: *want });
     }

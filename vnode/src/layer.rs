@@ -1,10 +1,10 @@
 //! The math of each node kind, shared by the VNodes and the single-process reference so both
 //! run exactly the same kernels in the same order.
 
-use crate::kernels::{self, Matrix, ShapeError};
-use crate::seed::{Purpose, stream, stream_path, uniform};
 use crate::autodiff;
 use crate::compute::Compute;
+use crate::kernels::{self, Matrix, ShapeError};
+use crate::seed::{Purpose, stream, stream_path, uniform};
 use dcnr_model::NodeKind;
 use dcnr_model::graph::{AuxHead, ValidNode};
 use rand_chacha::ChaCha20Rng;

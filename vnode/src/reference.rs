@@ -103,7 +103,8 @@ impl Reference {
                 node.layer_inputs().iter().map(matrix).collect::<Option<_>>().ok_or("input missing")?;
             let own = &self.params[id as usize];
             let own = &own[..layer::own_tensors(node.kind).min(own.len())];
-            let y = layer::forward(&self.compute, node.kind, own, ins, layer::Pass::Eval, &[]).map_err(|e| e.to_string())?;
+            let y = layer::forward(&self.compute, node.kind, own, ins, layer::Pass::Eval, &[])
+                .map_err(|e| e.to_string())?;
             values[id as usize] = Some(HostTensor::from_matrix(y.output));
         }
         Err("graph has no loss".into())
@@ -162,8 +163,8 @@ impl Reference {
             let params = &self.params[id as usize];
             let own = layer::own_tensors(node.kind).min(params.len());
             let pass = self.train_pass(node.origin);
-            let forward =
-                layer::forward(&self.compute, node.kind, &params[..own], inputs, pass, &want_dx).map_err(|e| e.to_string())?;
+            let forward = layer::forward(&self.compute, node.kind, &params[..own], inputs, pass, &want_dx)
+                .map_err(|e| e.to_string())?;
             let head = match &node.aux {
                 Some(head) => {
                     let p =

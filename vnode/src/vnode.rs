@@ -1123,8 +1123,8 @@ impl VNode {
             pipeline: self.spec.node.pipeline,
             step: mb,
         };
-        let forward =
-            layer::forward(&self.spec.compute, kind, &params[..own], xs, pass, &self.want_dx()).map_err(|e| self.kernel(mb, e))?;
+        let forward = layer::forward(&self.spec.compute, kind, &params[..own], xs, pass, &self.want_dx())
+            .map_err(|e| self.kernel(mb, e))?;
         let head = match (self.spec.node.aux, labels) {
             (Some(head), Some(labels)) => {
                 let HostData::I32(labels) = &labels.data else {

@@ -25,13 +25,18 @@ fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Matrix {
     Matrix::new(rows, cols, (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect()).unwrap()
 }
 
+/// Within 0.1% of the largest value: a GPU's erf, tanh and exp are approximations of their own
+/// (burn's gelu gradient on lavapipe is 0.4% off the host's at worst seen).
 fn assert_near(what: &str, got: &Matrix, want: &Matrix) {
     assert_eq!((got.rows(), got.cols()), (want.rows(), want.cols()), "{what}: shape");
     let scale = want.data().iter().fold(1.0f32, |m, w| m.max(w.abs()));
     for (i, (g, w)) in got.data().iter().zip(want.data()).enumerate() {
-        assert!((g - w).abs() <= 1e-4 * scale, "{what}[{i}]: gpu {g}, host {w}");
+        assert!((g - w).abs() <= 1e-3 * scale, "{what}[{i}]: gpu {g}, host {w}");
     }
 }
+
+/// (rows, cols) of each parameter tensor.
+type Shapes = Vec<(usize, usize)>;
 
 /// Every kind's forward and backward on the GPU against the host kernels.
 #[test]
@@ -40,7 +45,8 @@ fn every_kind_on_the_gpu_agrees_with_the_host_within_rounding() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let pass = Pass::Train { root_seed: 3, origin: 1, pipeline: 0, step: 7 };
     let rows = 4;
-    let cases: Vec<(NodeKind, usize, Vec<(usize, usize)>)> = vec![
+    // (kind, input width, parameter shapes)
+    let cases: Vec<(NodeKind, usize, Shapes)> = vec![
         (NodeKind::Linear { inputs: 6, outputs: 5 }, 6, vec![(6, 5), (1, 5)]),
         (NodeKind::Relu, 6, vec![]),
         (NodeKind::Tanh, 6, vec![]),
@@ -49,7 +55,11 @@ fn every_kind_on_the_gpu_agrees_with_the_host_within_rounding() {
         (NodeKind::Dropout { rate: 0.5 }, 6, vec![]),
         (NodeKind::Add, 6, vec![]),
         (NodeKind::Concat, 6, vec![]),
-        (NodeKind::Conv2d { channels: 2, kernel: 3, stride: 1, padding: 1, input: [1, 4, 4] }, 16, vec![(2, 9), (1, 2)]),
+        (
+            NodeKind::Conv2d { channels: 2, kernel: 3, stride: 1, padding: 1, input: [1, 4, 4] },
+            16,
+            vec![(2, 9), (1, 2)],
+        ),
         (NodeKind::MaxPool2d { kernel: 2, stride: 2, input: [2, 4, 4] }, 32, vec![]),
         (NodeKind::AvgPool2d { kernel: 2, stride: 2, input: [2, 4, 4] }, 32, vec![]),
     ];
