@@ -83,6 +83,20 @@ impl PNodeService {
     }
 }
 
+/// Where an allocation's VNodes compute: on `gpu` when it asks for the GPU, else on the host.
+/// The orchestrator counts GPU VNodes in the GPU's determinism class, so a PNode without a
+/// working GPU refuses them rather than computing them on its CPU.
+fn compute_for(on_gpu: bool, gpu: &dcnr_vnode::Compute) -> Result<dcnr_vnode::Compute, Status> {
+    match (on_gpu, gpu.failure()) {
+        (false, _) => Ok(dcnr_vnode::Compute::Host),
+        (true, _) if matches!(gpu, dcnr_vnode::Compute::Host) => {
+            Err(Status::failed_precondition("this pnode offers no GPU"))
+        }
+        (true, Some(why)) => Err(Status::failed_precondition(format!("this pnode's GPU has failed: {why}"))),
+        (true, None) => Ok(gpu.clone()),
+    }
+}
+
 fn unavailable<E: std::fmt::Display>(e: E) -> Status {
     Status::unavailable(format!("pnode host actor is gone: {e}"))
 }
@@ -110,18 +124,7 @@ impl v1::p_node_server::PNode for PNodeService {
         if graph.pipelines() > 1 && train_samples == 0 {
             return Err(Status::invalid_argument("a job with several pipelines must name its train_samples"));
         }
-        // The orchestrator counts GPU VNodes in the GPU's determinism class, so a PNode without
-        // a working GPU refuses them rather than computing them on the CPU.
-        let compute = match (req.on_gpu, self.gpu.failure()) {
-            (false, _) => dcnr_vnode::Compute::Host,
-            (true, _) if matches!(self.gpu, dcnr_vnode::Compute::Host) => {
-                return Err(Status::failed_precondition("this pnode offers no GPU"));
-            }
-            (true, Some(why)) => {
-                return Err(Status::failed_precondition(format!("this pnode's GPU has failed: {why}")));
-            }
-            (true, None) => self.gpu.clone(),
-        };
+        let compute = compute_for(req.on_gpu, &self.gpu)?;
         let specs = req
             .vnodes
             .iter()
@@ -383,5 +386,30 @@ mod tests {
         // Evaluation traffic is never sealed.
         let eval = convert::forward_message(&to, 9, dcnr_vnode::Phase::Eval, 0, &tensor);
         assert_eq!(evidence_of(&eval, &sender), Evidence::None);
+    }
+
+    #[test]
+    fn gpu_work_is_refused_without_a_working_gpu() {
+        use dcnr_vnode::Compute;
+        assert!(matches!(compute_for(false, &Compute::Host), Ok(Compute::Host)));
+        let e = compute_for(true, &Compute::Host).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("offers no GPU"), "{e}");
+    }
+
+    /// On lavapipe in CI.
+    #[cfg(feature = "gpu")]
+    #[test]
+    fn gpu_work_goes_to_a_working_gpu_and_is_refused_once_it_failed() {
+        use dcnr_vnode::Compute;
+        let adapter = dcnr_vnode::gpu::adapters().into_iter().next().expect("an adapter (lavapipe)");
+        let gpu = dcnr_vnode::gpu::Gpu::open(adapter);
+        let offered = Compute::Gpu(gpu.clone());
+        assert!(compute_for(true, &offered).unwrap().on_gpu());
+        assert!(matches!(compute_for(false, &offered), Ok(Compute::Host)));
+        gpu.fail("a rehearsed device loss");
+        let e = compute_for(true, &offered).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("a rehearsed device loss"), "{e}");
     }
 }

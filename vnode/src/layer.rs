@@ -236,12 +236,12 @@ pub fn forward(
     if let Compute::Gpu(gpu) = compute
         && autodiff::computes(kind)
         && gpu.failure().is_none()
+        // Dropout outside training passes its input on: nothing for a device to do.
+        && !(matches!(kind, NodeKind::Dropout { rate } if rate <= 0.0 || !matches!(pass, Pass::Train { .. })))
     {
         let train = matches!(pass, Pass::Train { .. });
         let mask = match (kind, inputs.first()) {
-            (NodeKind::Dropout { rate }, Some(x)) if train && rate > 0.0 => {
-                Some(dropout_mask(rate, x.rows(), x.cols(), pass))
-            }
+            (NodeKind::Dropout { rate }, Some(x)) => Some(dropout_mask(rate, x.rows(), x.cols(), pass)),
             _ => None,
         };
         let run = |device: &burn::tensor::Device| {
