@@ -1004,6 +1004,7 @@ mod tests {
         let mut gpu = reg("dddd", 0);
         gpu.caps.gpu = "rtx".into();
         gpu.caps.determinism_class = "c2".into();
+        gpu.caps.gpu_determinism_class = "wgpu/rtx".into();
         t.register(gpu, Duration::ZERO).unwrap();
         let ids = |t: &mut PNodeTable, req: &Eligibility| {
             let c = t.candidates(MS, req);
@@ -1014,6 +1015,14 @@ mod tests {
         assert_eq!(ids(&mut t, &gpus), (1, vec!["dddd".to_string()]));
         let class = Eligibility { class: Some("c1".into()), exclude: ["a".to_string()].into(), ..Default::default() };
         assert_eq!(ids(&mut t, &class), (3, vec!["bb".to_string(), "ccc".to_string()]), "excluded still count");
+        // A GPU PNode's work is in its GPU's class when the job computes there, else its CPU's:
+        // a replica of GPU work finds it by the one, of CPU work by the other.
+        let on_gpu = Eligibility { class: Some("wgpu/rtx".into()), ..Default::default() };
+        assert_eq!(ids(&mut t, &on_gpu), (1, vec!["dddd".to_string()]));
+        let on_cpu = Eligibility { target: Target::Cpu, class: Some("c2".into()), ..Default::default() };
+        assert_eq!(ids(&mut t, &on_cpu), (1, vec!["dddd".to_string()]));
+        let cpu_class_of_gpu_work = Eligibility { class: Some("c2".into()), ..Default::default() };
+        assert_eq!(ids(&mut t, &cpu_class_of_gpu_work).0, 0);
         let hosts = t.hosts_of(&["bb".to_string(), "nobody".to_string()].into());
         assert_eq!(hosts, ["10.0.0.2".to_string()].into());
         let replica = Eligibility { avoid_hosts: hosts, ..Default::default() };

@@ -497,6 +497,8 @@ pub fn mesh_changes(known: &HashMap<String, Health>, now: &[PNodeView]) -> Vec<N
             serde_json::json!({
                 "name": p.name, "endpoint": p.endpoint, "health": p.health, "cores": p.caps.cores,
                 "memory_bytes": p.caps.memory_bytes, "determinism_class": p.caps.determinism_class,
+                "gpu": p.caps.gpu, "gpu_gflops": p.caps.gpu_gflops,
+                "gpu_determinism_class": p.caps.gpu_determinism_class,
             })
         };
         let e = match (known.get(&p.id), p.health) {
